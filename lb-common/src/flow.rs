@@ -1,0 +1,158 @@
+//! The flow key and the one hash the data plane computes per packet.
+//!
+//! User space uses the same function to predict where a flow goes (tests,
+//! `lbctl`), and every balancer computes the same value for the same flow,
+//! which is what lets several balancers behind ECMP agree on a backend.
+
+use core::mem::size_of;
+
+/// A flow: the 5-tuple of a packet as it sits on the wire.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address words (network order, see the crate docs).
+    pub src: [u32; 4],
+    /// Destination address words.
+    pub dst: [u32; 4],
+    /// Source and destination port as the four bytes on the wire, read as one
+    /// native-endian word; see [`FlowKey::ports`].
+    pub ports: u32,
+    /// IP protocol.
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+impl FlowKey {
+    /// The `ports` word for host-order `sport` and `dport`.
+    #[inline]
+    pub const fn ports(sport: u16, dport: u16) -> u32 {
+        let s = sport.to_be_bytes();
+        let d = dport.to_be_bytes();
+        u32::from_ne_bytes([s[0], s[1], d[0], d[1]])
+    }
+
+    /// The destination port as it sits on the wire (network byte order).
+    #[inline(always)]
+    pub const fn dport_raw(&self) -> u16 {
+        let b = self.ports.to_ne_bytes();
+        u16::from_ne_bytes([b[2], b[3]])
+    }
+}
+
+const K: u64 = 0x9E37_79B9_7F4A_7C15;
+const SEED: u64 = 0x6C62_2D66_6C6F_7721;
+
+/// The murmur3 64-bit finaliser: a bijection with full avalanche.
+#[inline(always)]
+pub const fn mix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
+    h ^= h >> 33;
+    h
+}
+
+#[inline(always)]
+const fn absorb(h: u64, w: u64) -> u64 {
+    let h = (h ^ w).wrapping_mul(K);
+    h ^ (h >> 32)
+}
+
+#[inline(always)]
+const fn pair(a: u32, b: u32) -> u64 {
+    ((a as u64) << 32) | b as u64
+}
+
+/// Hash of a flow: fixed cost, no loops, no tables. The Maglev entry of a
+/// flow is `flow_hash(key) % M`.
+#[inline(always)]
+pub const fn flow_hash(k: &FlowKey) -> u32 {
+    let mut h = SEED ^ ((k.proto as u64) << 8 | k.family as u64);
+    h = absorb(h, pair(k.src[0], k.src[1]));
+    h = absorb(h, pair(k.src[2], k.src[3]));
+    h = absorb(h, pair(k.dst[0], k.dst[1]));
+    h = absorb(h, pair(k.dst[2], k.dst[3]));
+    h = absorb(h, k.ports as u64);
+    (mix64(h) >> 32) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_word_is_wire_order() {
+        assert_eq!(
+            FlowKey::ports(0x1234, 0xabcd).to_ne_bytes(),
+            [0x12, 0x34, 0xab, 0xcd]
+        );
+    }
+
+    #[test]
+    fn every_field_changes_the_hash() {
+        let base = FlowKey {
+            src: [1, 0, 0, 0],
+            dst: [2, 0, 0, 0],
+            ports: FlowKey::ports(1000, 80),
+            proto: 6,
+            family: 4,
+            _pad: [0; 2],
+        };
+        let h = flow_hash(&base);
+        let variants = [
+            FlowKey {
+                src: [3, 0, 0, 0],
+                ..base
+            },
+            FlowKey {
+                src: [1, 0, 0, 9],
+                ..base
+            },
+            FlowKey {
+                dst: [5, 0, 0, 0],
+                ..base
+            },
+            FlowKey {
+                dst: [2, 0, 7, 0],
+                ..base
+            },
+            FlowKey {
+                ports: FlowKey::ports(1001, 80),
+                ..base
+            },
+            FlowKey {
+                ports: FlowKey::ports(1000, 81),
+                ..base
+            },
+            FlowKey { proto: 17, ..base },
+            FlowKey { family: 6, ..base },
+        ];
+        for v in variants {
+            assert_ne!(flow_hash(&v), h, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn hash_spreads_sequential_ports_evenly() {
+        // 64 buckets, 64k flows differing only in the source port.
+        let mut buckets = [0u32; 64];
+        for p in 0..65536u32 {
+            let k = FlowKey {
+                src: [0x0a00_0001, 0, 0, 0],
+                dst: [0x0a00_0002, 0, 0, 0],
+                ports: FlowKey::ports(p as u16, 443),
+                proto: 6,
+                family: 4,
+                _pad: [0; 2],
+            };
+            buckets[(flow_hash(&k) % 64) as usize] += 1;
+        }
+        for b in buckets {
+            assert!((900..1150).contains(&b), "bucket {b} of expected 1024");
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Why the balancer gave a packet its verdict. Every packet the balancer sees
+//! counts exactly one reason, so the reason counters add up to the packets
+//! seen, and the verdict is a function of the reason (one table, below).
+
+/// XDP verdicts (`enum xdp_action` of the kernel UAPI).
+pub mod xdp_action {
+    pub const XDP_ABORTED: u32 = 0;
+    pub const XDP_DROP: u32 = 1;
+    pub const XDP_PASS: u32 = 2;
+    pub const XDP_TX: u32 = 3;
+    pub const XDP_REDIRECT: u32 = 4;
+}
+
+/// The outcome of one packet. Index of `LB_REASON_STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// Encapsulated towards its backend: `XDP_TX`.
+    Forwarded = 0,
+    /// Not IPv4 or IPv6 (ARP, LLDP, a second VLAN tag, ...): `XDP_PASS`.
+    NotIp = 1,
+    /// IP, but neither TCP nor UDP (ICMP, ...): `XDP_PASS`.
+    NotTcpUdp = 2,
+    /// TCP/UDP to an address, port and protocol that is no VIP: `XDP_PASS`.
+    NotVip = 3,
+    /// An IPv4 fragment: `XDP_PASS` (ports are unknown; never guess a backend).
+    Fragment = 4,
+    /// IPv6 with an extension header before L4: `XDP_PASS`.
+    Ipv6ExtHeader = 5,
+    /// Truncated or invalid L2/L3/L4 header: `XDP_DROP`.
+    Malformed = 6,
+    /// A VIP whose table has no backend (none configured, all weight 0): `XDP_DROP`.
+    NoBackend = 7,
+    /// The encapsulated packet would exceed the configured MTU: `XDP_DROP`.
+    TooBig = 8,
+    /// No route or neighbour towards the backend via the ingress interface: `XDP_DROP`.
+    FibFailed = 9,
+    /// No headroom for the outer header: `XDP_DROP`.
+    EncapFailed = 10,
+}
+
+/// Number of [`Reason`]s; size of the reason counter map.
+pub const REASON_COUNT: u32 = 11;
+
+impl Reason {
+    /// Every reason, in index order.
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Reason::Forwarded,
+        Reason::NotIp,
+        Reason::NotTcpUdp,
+        Reason::NotVip,
+        Reason::Fragment,
+        Reason::Ipv6ExtHeader,
+        Reason::Malformed,
+        Reason::NoBackend,
+        Reason::TooBig,
+        Reason::FibFailed,
+        Reason::EncapFailed,
+    ];
+
+    /// The verdict the balancer returns for a packet with this reason.
+    #[inline(always)]
+    pub const fn action(self) -> u32 {
+        match self {
+            Reason::Forwarded => xdp_action::XDP_TX,
+            Reason::NotIp
+            | Reason::NotTcpUdp
+            | Reason::NotVip
+            | Reason::Fragment
+            | Reason::Ipv6ExtHeader => xdp_action::XDP_PASS,
+            Reason::Malformed
+            | Reason::NoBackend
+            | Reason::TooBig
+            | Reason::FibFailed
+            | Reason::EncapFailed => xdp_action::XDP_DROP,
+        }
+    }
+
+    /// Label value used in metrics and CLI output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::Forwarded => "forwarded",
+            Reason::NotIp => "not_ip",
+            Reason::NotTcpUdp => "not_tcp_udp",
+            Reason::NotVip => "not_vip",
+            Reason::Fragment => "fragment",
+            Reason::Ipv6ExtHeader => "ipv6_ext_header",
+            Reason::Malformed => "malformed",
+            Reason::NoBackend => "no_backend",
+            Reason::TooBig => "too_big",
+            Reason::FibFailed => "fib_failed",
+            Reason::EncapFailed => "encap_failed",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_in_index_order() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
+
+    #[test]
+    fn no_reason_aborts() {
+        for r in Reason::ALL {
+            assert_ne!(r.action(), xdp_action::XDP_ABORTED, "{r:?}");
+        }
+    }
+}

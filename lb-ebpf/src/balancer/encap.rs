@@ -1,0 +1,178 @@
+//! Encapsulation towards the backend: IPIP / IPv6-in-IPv6 (and the mixed
+//! forms), Katran-compatible, with next-hop MACs from the kernel FIB.
+//!
+//! Output frame: `[Ethernet][802.1Q tag, if the input had one][outer IP]
+//! [the input's IP packet, untouched]`. The outer family is the backend's;
+//! the outer protocol says what is inside (4 = IPv4, 41 = IPv6).
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_FIB_LOOKUP_OUTPUT, bpf_fib_lookup},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head},
+    programs::XdpContext,
+};
+use lb_common::{
+    BackendInfo, DataplaneConfig, FAMILY_V4, FAMILY_V6, PROTO_IPIP, PROTO_IPV6, Reason,
+};
+use lb_ebpf::{
+    csum::ipv4_header_csum,
+    packet::{ptr_at_mut, write_u32_even},
+    parse::Packet,
+};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    vlan::VlanHdr,
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const OUTER_TTL: u8 = 64;
+/// IPv4 "don't fragment", network order. Oversized packets are dropped
+/// before encapsulation, so nothing we send needs fragmenting.
+const IPV4_DF: [u8; 2] = [0x40, 0x00];
+
+/// Length of the outer IP header for a backend of `family`.
+#[inline(always)]
+pub fn outer_len(backend: &BackendInfo) -> usize {
+    if backend.family == FAMILY_V4 {
+        Ipv4Hdr::LEN
+    } else {
+        Ipv6Hdr::LEN
+    }
+}
+
+/// Source and destination MAC of the next hop towards `backend`.
+///
+/// `BPF_FIB_LOOKUP_OUTPUT` looks the route up as the host itself would send
+/// the outer packet (it is ours: our source address), which also skips the
+/// "forwarding enabled" check of a forwarded lookup, and binds the result to
+/// the ingress interface: we transmit with `XDP_TX`, so a backend must be
+/// reachable through the interface the balancer is attached to.
+#[inline(always)]
+pub fn next_hop(
+    ctx: &XdpContext,
+    backend: &BackendInfo,
+    cfg: &DataplaneConfig,
+) -> Result<([u8; 6], [u8; 6]), Reason> {
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    if backend.family == FAMILY_V4 {
+        p.family = AF_INET;
+        p.l4_protocol = PROTO_IPIP;
+        p.__bindgen_anon_3.ipv4_src = cfg.src_v4;
+        p.__bindgen_anon_4.ipv4_dst = backend.addr[0];
+    } else {
+        p.family = AF_INET6;
+        p.l4_protocol = PROTO_IPV6;
+        p.__bindgen_anon_3.ipv6_src = cfg.src_v6;
+        p.__bindgen_anon_4.ipv6_dst = backend.addr;
+    }
+    let ifindex = ctx.ingress_ifindex() as u32;
+    p.ifindex = ifindex;
+    let rc = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut p,
+            size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    if rc != 0 || p.ifindex != ifindex {
+        return Err(Reason::FibFailed);
+    }
+    Ok((p.smac, p.dmac))
+}
+
+/// Prepends the outer header. On error the frame is unchanged or about to be
+/// dropped.
+#[inline(always)]
+pub fn encapsulate(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    backend: &BackendInfo,
+    cfg: &DataplaneConfig,
+    macs: ([u8; 6], [u8; 6]),
+    hash: u32,
+) -> Result<(), Reason> {
+    let outer = outer_len(backend);
+    // Keep the VLAN tag (if any) before the headroom moves.
+    let tci = if pkt.l2_len == EthHdr::LEN + VlanHdr::LEN {
+        let vlan: *mut VlanHdr = ptr_at_mut(ctx, EthHdr::LEN).ok_or(Reason::Malformed)?;
+        Some(unsafe { (*vlan).tci })
+    } else {
+        None
+    };
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer as i32)) } != 0 {
+        return Err(Reason::EncapFailed);
+    }
+    let outer_type = if backend.family == FAMILY_V4 {
+        EtherType::Ipv4 as u16
+    } else {
+        EtherType::Ipv6 as u16
+    };
+    // The verifier forgets every packet bound after adjust_head: re-check.
+    let eth: *mut EthHdr = ptr_at_mut(ctx, 0).ok_or(Reason::EncapFailed)?;
+    let (smac, dmac) = macs;
+    unsafe {
+        (*eth).dst_addr = dmac;
+        (*eth).src_addr = smac;
+    }
+    let l3 = match tci {
+        Some(tci) => {
+            let vlan: *mut VlanHdr = ptr_at_mut(ctx, EthHdr::LEN).ok_or(Reason::EncapFailed)?;
+            unsafe {
+                (*eth).ether_type = EtherType::Ieee8021q as u16;
+                (*vlan).tci = tci;
+                (*vlan).ether_type = outer_type;
+            }
+            EthHdr::LEN + VlanHdr::LEN
+        }
+        None => {
+            unsafe { (*eth).ether_type = outer_type };
+            EthHdr::LEN
+        }
+    };
+    let inner_proto = if pkt.flow.family == FAMILY_V6 {
+        PROTO_IPV6
+    } else {
+        PROTO_IPIP
+    };
+    if backend.family == FAMILY_V4 {
+        let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, l3).ok_or(Reason::EncapFailed)?;
+        unsafe {
+            (*ip).vihl = 0x45;
+            (*ip).tos = pkt.tos;
+            (*ip).tot_len = ((Ipv4Hdr::LEN + pkt.ip_len) as u16).to_be_bytes();
+            (*ip).id = [0, 0];
+            (*ip).frags = IPV4_DF;
+            (*ip).ttl = OUTER_TTL;
+            (*ip).proto = inner_proto;
+            (*ip).check = [0, 0];
+            write_u32_even((*ip).src_addr.as_mut_ptr(), cfg.src_v4);
+            write_u32_even((*ip).dst_addr.as_mut_ptr(), backend.addr[0]);
+            let sum = ipv4_header_csum(ip as *const u16);
+            (*ip).check = sum.to_ne_bytes();
+        }
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, l3).ok_or(Reason::EncapFailed)?;
+        // Version 6, the inner traffic class, and a flow label from the flow
+        // hash so ECMP and RSS on the way spread flows, not balancers.
+        let label = hash & 0x000f_ffff;
+        let vcf = (6u32 << 28) | ((pkt.tos as u32) << 20) | label;
+        unsafe {
+            (*ip).vcf = vcf.to_be_bytes();
+            (*ip).payload_len = (pkt.ip_len as u16).to_be_bytes();
+            (*ip).next_hdr = inner_proto;
+            (*ip).hop_limit = OUTER_TTL;
+            let src = (*ip).src_addr.as_mut_ptr();
+            let dst = (*ip).dst_addr.as_mut_ptr();
+            for i in 0..4 {
+                write_u32_even(src.add(i * 4), cfg.src_v6[i]);
+                write_u32_even(dst.add(i * 4), backend.addr[i]);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! The balancer object (`lb-xdp`): the XDP balancer, the MAC-swap floor and
+//! the benchmark wrapper.
+//!
+//! Data path, top to bottom: parse → classify (VIP lookup) → select (Maglev)
+//! → encapsulate (outer header, FIB next hop) → count. Each step returns the
+//! [`Reason`] that ends it; the entry point counts the reason and returns the
+//! verdict that belongs to it, so every packet counts exactly one reason and
+//! no path returns `XDP_ABORTED`. Nothing is logged on the data path.
+#![no_std]
+#![no_main]
+
+mod encap;
+mod maps;
+
+use aya_ebpf::{
+    bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
+};
+use lb_common::{
+    MAGLEV_CHUNK, NO_BACKEND, PROTO_IPIP, PROTO_IPV6, Reason, VipInfo, VipKey, flow_hash,
+};
+use lb_ebpf::{
+    packet::{frame_len, ptr_at, ptr_at_mut},
+    parse::{Packet, parse},
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr};
+
+use maps::*;
+
+/// The balancer.
+#[xdp]
+pub fn lb_balancer(ctx: XdpContext) -> u32 {
+    let reason = balance(&ctx);
+    count(&LB_REASON_STATS, reason as u32);
+    reason.action()
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> Reason {
+    match try_balance(ctx) {
+        Ok(()) => Reason::Forwarded,
+        Err(reason) => reason,
+    }
+}
+
+#[inline(always)]
+fn try_balance(ctx: &XdpContext) -> Result<(), Reason> {
+    let bytes = frame_len(ctx) as u64;
+    let pkt = parse(ctx)?;
+    let vip = lookup_vip(&pkt).ok_or(Reason::NotVip)?;
+    let cfg = LB_CONFIG.get(0).ok_or(Reason::NoBackend)?;
+
+    // The one hash of this packet: Maglev position and IPv6 flow label.
+    let hash = flow_hash(&pkt.flow);
+    if cfg.table_size == 0 {
+        // Never written by lbd; the check also spares a division-by-zero panic path.
+        return Err(Reason::NoBackend);
+    }
+    let pos = hash % cfg.table_size;
+    let chunk = LB_MAGLEV
+        .get(vip.table_chunk + pos / MAGLEV_CHUNK)
+        .ok_or(Reason::NoBackend)?;
+    // The mask keeps the index provably inside the chunk for the verifier.
+    let backend_id = chunk.backends[(pos % MAGLEV_CHUNK) as usize & (MAGLEV_CHUNK as usize - 1)];
+    if backend_id == NO_BACKEND {
+        return Err(Reason::NoBackend);
+    }
+    let backend = LB_BACKENDS.get(backend_id).ok_or(Reason::NoBackend)?;
+
+    if encap::outer_len(backend) + pkt.ip_len > cfg.mtu as usize {
+        return Err(Reason::TooBig);
+    }
+    let macs = encap::next_hop(ctx, backend, cfg)?;
+    encap::encapsulate(ctx, &pkt, backend, cfg, macs, hash)?;
+
+    count_traffic(&LB_VIP_STATS, vip.id, bytes);
+    count_traffic(&LB_BACKEND_STATS, backend_id, bytes);
+    Ok(())
+}
+
+/// The VIP for the packet's destination: exact port first, then port 0.
+#[inline(always)]
+fn lookup_vip(pkt: &Packet) -> Option<VipInfo> {
+    let mut key = VipKey {
+        addr: pkt.flow.dst,
+        port: pkt.flow.dport_raw(),
+        proto: pkt.flow.proto,
+        family: pkt.flow.family,
+    };
+    if let Some(v) = LB_VIPS.get_ptr(&key) {
+        return Some(unsafe { *v });
+    }
+    key.port = 0;
+    LB_VIPS.get_ptr(&key).map(|v| unsafe { *v })
+}
+
+/// The floor for benchmarks: the least an XDP forwarder does (swap MACs,
+/// transmit).
+#[xdp]
+pub fn lb_floor(ctx: XdpContext) -> u32 {
+    let Some(eth) = ptr_at_mut::<EthHdr>(&ctx, 0) else {
+        return xdp_action::XDP_DROP;
+    };
+    unsafe {
+        let dst = (*eth).dst_addr;
+        (*eth).dst_addr = (*eth).src_addr;
+        (*eth).src_addr = dst;
+    }
+    xdp_action::XDP_TX
+}
+
+/// Benchmark only (see `lb_common::BenchControl`): undoes what the previous
+/// iteration did to the frame, then tail-calls the program under test.
+#[xdp]
+pub fn lb_bench_wrap(ctx: XdpContext) -> u32 {
+    let Some(ctl) = LB_BENCH_CONTROL.get(0) else {
+        return xdp_action::XDP_DROP;
+    };
+    let l2_len = if ctl.l2_len as usize == EthHdr::LEN {
+        EthHdr::LEN
+    } else {
+        EthHdr::LEN + 4
+    };
+    if let Some(outer) = outer_header_len(&ctx, l2_len) {
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer as i32) } != 0 {
+            return xdp_action::XDP_DROP;
+        }
+        count(&LB_BENCH_STATS, 0);
+    }
+    // Write back the input's L2 header (the balancer rewrote the MACs).
+    let Some(l2) = ptr_at_mut::<[u8; EthHdr::LEN + 4]>(&ctx, 0) else {
+        return xdp_action::XDP_DROP;
+    };
+    unsafe {
+        for i in 0..EthHdr::LEN + 4 {
+            if i < l2_len {
+                (*l2)[i] = ctl.l2[i];
+            }
+        }
+        LB_BENCH_PROGS.tail_call(&ctx, ctl.target);
+    }
+    xdp_action::XDP_DROP
+}
+
+/// Length of the outer header of a frame the balancer encapsulated, if it is
+/// one: the L3 header after `l2_len` carries IPv4 or IPv6 inside.
+#[inline(always)]
+fn outer_header_len(ctx: &XdpContext, l2_len: usize) -> Option<usize> {
+    let first = ptr_at::<u8>(ctx, l2_len)?;
+    if unsafe { *first } >> 4 == 6 {
+        let ip = ptr_at::<Ipv6Hdr>(ctx, l2_len)?;
+        let next = unsafe { (*ip).next_hdr };
+        (next == PROTO_IPV6 || next == PROTO_IPIP).then_some(Ipv6Hdr::LEN)
+    } else {
+        let ip = ptr_at::<Ipv4Hdr>(ctx, l2_len)?;
+        let proto = unsafe { (*ip).proto };
+        (proto == PROTO_IPIP || proto == PROTO_IPV6).then_some(Ipv4Hdr::LEN)
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,70 @@
+//! The balancer's maps. Sizes here are defaults; `lbd` sets the real
+//! capacities from its config before loading (`EbpfLoader::set_max_entries`).
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, ProgramArray},
+};
+use lb_common::{
+    BackendInfo, BenchControl, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
+    DataplaneConfig, MaglevChunk, REASON_COUNT, TrafficCounters, VipInfo, VipKey, chunks_per_table,
+};
+
+/// No preallocation: replacing a value is an RCU swap (see `VipInfo`).
+#[map(name = "LB_VIPS")]
+pub static LB_VIPS: HashMap<VipKey, VipInfo> =
+    HashMap::with_max_entries(DEFAULT_MAX_VIPS, BPF_F_NO_PREALLOC);
+
+#[map(name = "LB_BACKENDS")]
+pub static LB_BACKENDS: Array<BackendInfo> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+/// Two tables (active and inactive) per VIP slot.
+#[map(name = "LB_MAGLEV")]
+pub static LB_MAGLEV: Array<MaglevChunk> = Array::with_max_entries(
+    DEFAULT_MAX_VIPS * 2 * chunks_per_table(DEFAULT_TABLE_SIZE),
+    0,
+);
+
+#[map(name = "LB_CONFIG")]
+pub static LB_CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "LB_VIP_STATS")]
+pub static LB_VIP_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+#[map(name = "LB_BACKEND_STATS")]
+pub static LB_BACKEND_STATS: PerCpuArray<TrafficCounters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map(name = "LB_REASON_STATS")]
+pub static LB_REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+
+#[map(name = "LB_BENCH_PROGS")]
+pub static LB_BENCH_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+#[map(name = "LB_BENCH_CONTROL")]
+pub static LB_BENCH_CONTROL: Array<BenchControl> = Array::with_max_entries(1, 0);
+
+#[map(name = "LB_BENCH_STATS")]
+pub static LB_BENCH_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Adds one packet of `bytes` to entry `index` of a traffic counter map.
+#[inline(always)]
+pub fn count_traffic(map: &PerCpuArray<TrafficCounters>, index: u32, bytes: u64) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        // Per-CPU value: no other CPU writes it, no atomics needed.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}
+
+/// Adds one to entry `index` of a per-CPU `u64` counter map.
+#[inline(always)]
+pub fn count(map: &PerCpuArray<u64>, index: u32) {
+    if let Some(c) = map.get_ptr_mut(index) {
+        unsafe { *c += 1 };
+    }
+}

@@ -1,0 +1,8 @@
+//! Packet code shared by the XDP programs: bounds-checked access, header
+//! parsing and checksums. No maps live here; each program binary owns its
+//! maps, so an object only carries the maps it uses.
+#![no_std]
+
+pub mod csum;
+pub mod packet;
+pub mod parse;

@@ -1,0 +1,181 @@
+//! Parsing of the headers the balancer looks at: Ethernet with at most one
+//! 802.1Q tag, IPv4 (any IHL) or IPv6, and the TCP/UDP ports.
+//!
+//! The result is a [`Packet`] or the [`Reason`] the packet is not one we
+//! forward. Reading stops as soon as the verdict is known, so non-IP traffic
+//! costs one header read.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
+use crate::packet::{frame_len, ptr_at, read_u32_even};
+
+const ETH_P_IPV4: u16 = EtherType::Ipv4 as u16;
+const ETH_P_IPV6: u16 = EtherType::Ipv6 as u16;
+const ETH_P_8021Q: u16 = EtherType::Ieee8021q as u16;
+
+/// IPv4 "more fragments" flag and fragment offset, host order.
+const IPV4_MF_OFFSET_MASK: u16 = 0x3fff;
+
+/// What the balancer needs to know about a TCP/UDP packet.
+pub struct Packet {
+    /// Bytes before the IP header: 14, or 18 with a VLAN tag.
+    pub l2_len: usize,
+    /// The IP packet's length from its header (Ethernet padding excluded).
+    pub ip_len: usize,
+    /// IPv4 TOS / IPv6 traffic class, copied to the outer header.
+    pub tos: u8,
+    /// The 5-tuple.
+    pub flow: FlowKey,
+}
+
+/// Parses the frame in `ctx`.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::Malformed)?;
+    let mut ether_type = unsafe { (*eth).ether_type };
+    let mut l2_len = EthHdr::LEN;
+    if ether_type == ETH_P_8021Q {
+        let vlan: *const VlanHdr = ptr_at(ctx, l2_len).ok_or(Reason::Malformed)?;
+        ether_type = unsafe { (*vlan).ether_type };
+        l2_len += VlanHdr::LEN;
+    }
+    match ether_type {
+        ETH_P_IPV4 => parse_ipv4(ctx, l2_len),
+        ETH_P_IPV6 => parse_ipv6(ctx, l2_len),
+        // Includes a second VLAN tag: we handle at most one.
+        _ => Err(Reason::NotIp),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Reason::Malformed)?;
+    let (vihl, tos, tot_len, frags, proto) = unsafe {
+        (
+            (*ip).vihl,
+            (*ip).tos,
+            u16::from_be_bytes((*ip).tot_len) as usize,
+            u16::from_be_bytes((*ip).frags),
+            (*ip).proto,
+        )
+    };
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl || l3 + tot_len > frame_len(ctx) {
+        return Err(Reason::Malformed);
+    }
+    if frags & IPV4_MF_OFFSET_MASK != 0 {
+        return Err(Reason::Fragment);
+    }
+    let l4_len = l4_header_len(proto)?;
+    if ihl + l4_len > tot_len {
+        return Err(Reason::Malformed);
+    }
+    let (src, dst) = unsafe {
+        (
+            read_u32_even((*ip).src_addr.as_ptr()),
+            read_u32_even((*ip).dst_addr.as_ptr()),
+        )
+    };
+    let ports = read_ports(ctx, l3 + ihl)?;
+    Ok(Packet {
+        l2_len: l3,
+        ip_len: tot_len,
+        tos,
+        flow: FlowKey {
+            src: [src, 0, 0, 0],
+            dst: [dst, 0, 0, 0],
+            ports,
+            proto,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        },
+    })
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(Reason::Malformed)?;
+    let (vcf0, vcf1, payload_len, next) = unsafe {
+        (
+            (*ip).vcf[0],
+            (*ip).vcf[1],
+            u16::from_be_bytes((*ip).payload_len) as usize,
+            (*ip).next_hdr,
+        )
+    };
+    let ip_len = Ipv6Hdr::LEN + payload_len;
+    if vcf0 >> 4 != 6 || l3 + ip_len > frame_len(ctx) {
+        return Err(Reason::Malformed);
+    }
+    if is_ipv6_extension(next) {
+        return Err(Reason::Ipv6ExtHeader);
+    }
+    let l4_len = l4_header_len(next)?;
+    if l4_len > payload_len {
+        return Err(Reason::Malformed);
+    }
+    let (src, dst) = unsafe {
+        (
+            read_addr6((*ip).src_addr.as_ptr()),
+            read_addr6((*ip).dst_addr.as_ptr()),
+        )
+    };
+    let ports = read_ports(ctx, l3 + Ipv6Hdr::LEN)?;
+    Ok(Packet {
+        l2_len: l3,
+        ip_len,
+        tos: (vcf0 << 4) | (vcf1 >> 4),
+        flow: FlowKey {
+            src,
+            dst,
+            ports,
+            proto: next,
+            family: FAMILY_V6,
+            _pad: [0; 2],
+        },
+    })
+}
+
+/// Length of the L4 header we require, or why we do not handle the protocol.
+#[inline(always)]
+fn l4_header_len(proto: u8) -> Result<usize, Reason> {
+    match proto {
+        PROTO_TCP => Ok(TcpHdr::LEN),
+        PROTO_UDP => Ok(UdpHdr::LEN),
+        _ => Err(Reason::NotTcpUdp),
+    }
+}
+
+/// IPv6 extension headers (RFC 8200 and the IANA list): hop-by-hop, routing,
+/// fragment, ESP, AH, destination options, mobility, HIP, shim6.
+#[inline(always)]
+fn is_ipv6_extension(next: u8) -> bool {
+    matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140)
+}
+
+/// Source and destination port as one word, as they sit on the wire.
+#[inline(always)]
+fn read_ports(ctx: &XdpContext, l4: usize) -> Result<u32, Reason> {
+    let p: *const [u8; 4] = ptr_at(ctx, l4).ok_or(Reason::Malformed)?;
+    Ok(unsafe { read_u32_even(p as *const u8) })
+}
+
+#[inline(always)]
+unsafe fn read_addr6(p: *const u8) -> [u32; 4] {
+    unsafe {
+        [
+            read_u32_even(p),
+            read_u32_even(p.add(4)),
+            read_u32_even(p.add(8)),
+            read_u32_even(p.add(12)),
+        ]
+    }
+}

@@ -1,0 +1,72 @@
+//! Reading the data plane's per-CPU counters, summed over CPUs.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use lb_common::{REASON_COUNT, Reason, TrafficCounters, map_name};
+
+use super::{Dataplane, DataplaneError, map_err};
+use crate::vip::VipAddr;
+
+/// A snapshot of every counter.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Packets per [`Reason`], by reason index.
+    pub reasons: [u64; REASON_COUNT as usize],
+    /// Forwarded packets and bytes per VIP.
+    pub vips: BTreeMap<VipAddr, TrafficCounters>,
+    /// Forwarded packets and bytes per VIP and backend.
+    pub backends: BTreeMap<(VipAddr, IpAddr), TrafficCounters>,
+}
+
+impl Counters {
+    /// Packets counted under `reason`.
+    pub fn reason(&self, reason: Reason) -> u64 {
+        self.reasons[reason as usize]
+    }
+
+    /// Packets seen: the sum over all reasons.
+    pub fn packets_seen(&self) -> u64 {
+        self.reasons.iter().sum()
+    }
+}
+
+fn sum(values: &aya::maps::PerCpuValues<TrafficCounters>) -> TrafficCounters {
+    values
+        .iter()
+        .fold(TrafficCounters::default(), |acc, c| TrafficCounters {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        })
+}
+
+impl Dataplane {
+    /// Reads every counter (one map lookup per VIP, backend and reason).
+    pub fn counters(&self) -> Result<Counters, DataplaneError> {
+        let mut c = Counters::default();
+        for r in Reason::ALL {
+            let v = self
+                .maps
+                .reason_stats
+                .get(&(r as u32), 0)
+                .map_err(map_err(map_name::REASON_STATS))?;
+            c.reasons[r as usize] = v.iter().sum();
+        }
+        for (addr, p) in &self.vips {
+            let v = self
+                .maps
+                .vip_stats
+                .get(&p.id, 0)
+                .map_err(map_err(map_name::VIP_STATS))?;
+            c.vips.insert(*addr, sum(&v));
+            for (baddr, (id, _)) in &p.backends {
+                let v = self
+                    .maps
+                    .backend_stats
+                    .get(id, 0)
+                    .map_err(map_err(map_name::BACKEND_STATS))?;
+                c.backends.insert((*addr, *baddr), sum(&v));
+            }
+        }
+        Ok(c)
+    }
+}

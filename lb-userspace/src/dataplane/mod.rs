@@ -1,0 +1,346 @@
+//! The data plane: loads the XDP object, attaches it, and keeps its maps in
+//! step with the desired VIPs. This is the only module that touches BPF maps
+//! and programs.
+//!
+//! Submodules: `vips` programs VIPs, backends and Maglev tables; `counters`
+//! reads the per-CPU counters; `bench` drives the benchmark wrapper.
+
+mod bench;
+mod counters;
+mod vips;
+
+use std::{collections::BTreeMap, collections::VecDeque, net::IpAddr};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
+    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use lb_common::{
+    BackendInfo, DataplaneConfig, MaglevChunk, TrafficCounters, VipInfo, VipKey, addr_words,
+    chunks_per_table, map_name, program_name,
+};
+
+pub use bench::BenchTarget;
+pub use counters::Counters;
+
+use crate::{config::BalancerSettings, maglev::MaglevTable, vip::VipAddr};
+
+/// The balancer object, built by `build.rs` from `lb-ebpf`.
+pub static BALANCER_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
+
+/// Why a data plane operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the XDP object failed (are you root? is the kernel 5.15 or newer?): {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the XDP object has no {kind} named {name}: object and lbd do not match")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("cannot attach to interface {iface} in {mode} mode: {source}")]
+    Attach {
+        iface: String,
+        mode: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("no room for VIP {vip}: all {max} VIP slots are in use (balancer.max_vips)")]
+    VipCapacity { vip: VipAddr, max: u32 },
+    #[error(
+        "no room for {needed} more backends: {free} of {max} backend slots are free (balancer.max_backends)"
+    )]
+    BackendCapacity {
+        needed: usize,
+        free: usize,
+        max: u32,
+    },
+    #[error("{setting} cannot change while lbd runs (was {old}, now {new}); restart lbd")]
+    FixedSetting {
+        setting: &'static str,
+        old: u32,
+        new: u32,
+    },
+    #[error("reading the number of CPUs: {0}")]
+    Cpus(String),
+    #[error("enabling forwarding on {iface} ({path}): {source}")]
+    Forwarding {
+        iface: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How to attach the balancer to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native (driver) mode if the driver supports it, generic otherwise.
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic (skb) mode: works everywhere, slower.
+    Skb,
+}
+
+/// A VIP as it is programmed in the maps.
+struct ProgrammedVip {
+    id: u32,
+    /// Which half of the VIP's two table slots is active (0 or 1).
+    active_half: u32,
+    /// When the active half last changed (see `vips::TABLE_GRACE`).
+    flipped_at: std::time::Instant,
+    /// Backend address → (backend id, weight).
+    backends: BTreeMap<IpAddr, (u32, u32)>,
+    table: MaglevTable,
+}
+
+struct Maps {
+    vips: HashMap<MapData, VipKey, VipInfo>,
+    backends: Array<MapData, BackendInfo>,
+    maglev: Array<MapData, MaglevChunk>,
+    config: Array<MapData, DataplaneConfig>,
+    vip_stats: PerCpuArray<MapData, TrafficCounters>,
+    backend_stats: PerCpuArray<MapData, TrafficCounters>,
+    reason_stats: PerCpuArray<MapData, u64>,
+}
+
+/// The loaded balancer and the state programmed into its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    maps: Maps,
+    settings: BalancerSettings,
+    vips: BTreeMap<VipAddr, ProgrammedVip>,
+    /// Free ids, reused oldest-freed first so an id a packet in flight may
+    /// still carry is reused as late as possible.
+    free_vip_ids: VecDeque<u32>,
+    free_backend_ids: VecDeque<u32>,
+    nr_cpus: usize,
+    link: Option<XdpLinkId>,
+}
+
+/// Turns on forwarding on `iface` for each family the balancer sends outer
+/// headers in (the families with a source address).
+///
+/// The kernel's FIB lookup from XDP answers "forwarding disabled" unless
+/// forwarding is on for the ingress interface, even for the output lookup
+/// the balancer does; without it every VIP packet would be dropped as
+/// `fib_failed`. Only this interface changes. Note that IPv6 forwarding makes
+/// the interface ignore router advertisements unless `accept_ra` is 2.
+/// Returns the sysctls it changed.
+pub fn enable_forwarding(
+    iface: &str,
+    settings: &BalancerSettings,
+) -> Result<Vec<String>, DataplaneError> {
+    let mut changed = Vec::new();
+    let families = [
+        (settings.source_v4.is_some(), "ipv4"),
+        (settings.source_v6.is_some(), "ipv6"),
+    ];
+    for (_, family) in families.iter().filter(|(used, _)| *used) {
+        let path = format!("/proc/sys/net/{family}/conf/{iface}/forwarding");
+        let err = |source| DataplaneError::Forwarding {
+            iface: iface.to_string(),
+            path: path.clone(),
+            source,
+        };
+        let now = std::fs::read_to_string(&path).map_err(err)?;
+        if now.trim() != "1" {
+            std::fs::write(&path, "1").map_err(err)?;
+            tracing::info!(iface, sysctl = %path, "enabled forwarding (the XDP FIB lookup needs it)");
+            changed.push(path);
+        }
+    }
+    Ok(changed)
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, DataplaneError> {
+    ebpf.take_map(name)
+        .ok_or(DataplaneError::Missing { kind: "map", name })
+}
+
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
+    ebpf.program_mut(name)
+        .ok_or(DataplaneError::Missing {
+            kind: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
+}
+
+impl Dataplane {
+    /// Loads the balancer object with map capacities from `settings`, loads
+    /// the balancer program (the kernel verifies it here) and writes the
+    /// global settings. Nothing is attached yet.
+    pub fn load(settings: &BalancerSettings) -> Result<Dataplane, DataplaneError> {
+        let maglev_chunks = settings.max_vips * 2 * chunks_per_table(settings.table_size);
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_name::VIPS, settings.max_vips)
+            .map_max_entries(map_name::VIP_STATS, settings.max_vips)
+            .map_max_entries(map_name::MAGLEV, maglev_chunks)
+            .map_max_entries(map_name::BACKENDS, settings.max_backends)
+            .map_max_entries(map_name::BACKEND_STATS, settings.max_backends)
+            .load(BALANCER_OBJECT)?;
+        let name = program_name::BALANCER;
+        xdp_program(&mut ebpf, name)?
+            .load()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+
+        macro_rules! typed {
+            ($name:expr) => {
+                take_map(&mut ebpf, $name)?
+                    .try_into()
+                    .map_err(map_err($name))?
+            };
+        }
+        let maps = Maps {
+            vips: typed!(map_name::VIPS),
+            backends: typed!(map_name::BACKENDS),
+            maglev: typed!(map_name::MAGLEV),
+            config: typed!(map_name::CONFIG),
+            vip_stats: typed!(map_name::VIP_STATS),
+            backend_stats: typed!(map_name::BACKEND_STATS),
+            reason_stats: typed!(map_name::REASON_STATS),
+        };
+        let nr_cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| DataplaneError::Cpus(format!("{what}: {e}")))?;
+        let mut dp = Dataplane {
+            ebpf,
+            maps,
+            settings: settings.clone(),
+            vips: BTreeMap::new(),
+            free_vip_ids: (0..settings.max_vips).collect(),
+            free_backend_ids: (0..settings.max_backends).collect(),
+            nr_cpus,
+            link: None,
+        };
+        dp.write_config()?;
+        Ok(dp)
+    }
+
+    /// The settings in effect.
+    pub fn settings(&self) -> &BalancerSettings {
+        &self.settings
+    }
+
+    /// Changes the settings that can change at run time (source addresses,
+    /// MTU). Capacities and the table size are fixed when the object loads.
+    pub fn set_settings(&mut self, settings: &BalancerSettings) -> Result<(), DataplaneError> {
+        let fixed = [
+            (
+                "balancer.maglev_table_size",
+                self.settings.table_size,
+                settings.table_size,
+            ),
+            (
+                "balancer.max_vips",
+                self.settings.max_vips,
+                settings.max_vips,
+            ),
+            (
+                "balancer.max_backends",
+                self.settings.max_backends,
+                settings.max_backends,
+            ),
+        ];
+        for (setting, old, new) in fixed {
+            if old != new {
+                return Err(DataplaneError::FixedSetting { setting, old, new });
+            }
+        }
+        self.settings = settings.clone();
+        self.write_config()
+    }
+
+    fn write_config(&mut self) -> Result<(), DataplaneError> {
+        let s = &self.settings;
+        let cfg = DataplaneConfig {
+            src_v4: s.source_v4.map_or(0, |a| addr_words(a.into()).1[0]),
+            src_v6: s.source_v6.map_or([0; 4], |a| addr_words(a.into()).1),
+            mtu: s.mtu,
+            table_size: s.table_size,
+            flags: 0,
+        };
+        self.maps
+            .config
+            .set(0, cfg, 0)
+            .map_err(map_err(map_name::CONFIG))
+    }
+
+    /// Attaches the balancer to `iface`; returns the mode in effect.
+    /// Enables forwarding on `iface` first (see [`enable_forwarding`]).
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, DataplaneError> {
+        enable_forwarding(iface, &self.settings)?;
+        let prog = xdp_program(&mut self.ebpf, program_name::BALANCER)?;
+        let attach = |prog: &mut Xdp, mode: AttachMode| {
+            let (flags, label) = match mode {
+                AttachMode::Native | AttachMode::Auto => (XdpMode::Driver, "native"),
+                AttachMode::Skb => (XdpMode::Skb, "skb"),
+            };
+            prog.attach(iface, flags)
+                .map_err(|source| DataplaneError::Attach {
+                    iface: iface.to_string(),
+                    mode: label,
+                    source,
+                })
+        };
+        let (link, used) = match mode {
+            AttachMode::Auto => match attach(prog, AttachMode::Native) {
+                Ok(link) => (link, AttachMode::Native),
+                Err(e) => {
+                    tracing::warn!(error = %e, "native XDP not available, falling back to generic (skb) mode");
+                    (attach(prog, AttachMode::Skb)?, AttachMode::Skb)
+                }
+            },
+            m => (attach(prog, m)?, m),
+        };
+        self.link = Some(link);
+        Ok(used)
+    }
+
+    /// Detaches the balancer (also happens when the `Dataplane` is dropped).
+    pub fn detach(&mut self) -> Result<(), DataplaneError> {
+        let name = program_name::BALANCER;
+        if let Some(link) = self.link.take() {
+            xdp_program(&mut self.ebpf, name)?
+                .detach(link)
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        Ok(())
+    }
+
+    /// The loaded balancer program (for `BPF_PROG_TEST_RUN`).
+    pub fn balancer(&mut self) -> Result<&mut Xdp, DataplaneError> {
+        xdp_program(&mut self.ebpf, program_name::BALANCER)
+    }
+
+    fn zero_per_cpu<T: aya::Pod + Default>(
+        map: &mut PerCpuArray<MapData, T>,
+        name: &'static str,
+        index: u32,
+        nr_cpus: usize,
+    ) -> Result<(), DataplaneError> {
+        let zeros = PerCpuValues::try_from(vec![T::default(); nr_cpus])
+            .expect("nr_cpus values, the count aya expects");
+        map.set(index, zeros, 0).map_err(map_err(name))
+    }
+}

@@ -1,0 +1,12 @@
+//! `lb`: the controller side of the XDP Maglev load balancer. The `lbd`
+//! binary is a thin shell around this library.
+//!
+//! - [`config`]: the TOML config file and its validation.
+//! - [`vip`]: the domain (VIPs, backends, protocols).
+//! - [`maglev`]: the weighted Maglev table builder (pure).
+//! - [`dataplane`]: the only module that talks to the kernel's BPF objects.
+
+pub mod config;
+pub mod dataplane;
+pub mod maglev;
+pub mod vip;

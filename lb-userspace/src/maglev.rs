@@ -1,0 +1,270 @@
+//! Weighted Maglev consistent hashing (Eisenbud et al., NSDI 2016).
+//!
+//! Each backend walks its own permutation of the table positions, given by
+//! an offset and a skip derived from its address, and claims the next free
+//! position on each of its turns. Weights decide how often a backend has a
+//! turn: every round each backend earns `weight` credit and takes a turn for
+//! every `max_weight` it has saved. Equal weights give the classic
+//! algorithm (every backend owns ⌊M/N⌋ or ⌈M/N⌉ entries); unequal weights
+//! give shares proportional to the weights, off by at most one turn per
+//! backend.
+//!
+//! Backends are sorted by address before the build, so the table depends
+//! only on the set of (address, weight) pairs: every balancer given the same
+//! config builds the same table. Integer arithmetic only, so no platform
+//! rounding can make two hosts disagree. Memory is O(M + N): the permutations
+//! are generated on the fly, never stored as an M x N matrix.
+
+use std::net::IpAddr;
+
+use lb_common::{NO_BACKEND, mix64};
+
+/// A backend as the builder sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevBackend {
+    /// The stable key: the backend's address.
+    pub addr: IpAddr,
+    /// Relative share; 0 = no entries.
+    pub weight: u32,
+    /// What the table stores for this backend (its data plane id).
+    pub id: u32,
+}
+
+/// A Maglev lookup table: position → backend id ([`NO_BACKEND`] when no
+/// backend has weight).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    entries: Vec<u32>,
+}
+
+struct Walker {
+    id: u32,
+    weight: u64,
+    credit: u64,
+    pos: u64,
+    skip: u64,
+}
+
+const OFFSET_SEED: u64 = 0x6d61_676c_6576_6f66;
+const SKIP_SEED: u64 = 0x6d61_676c_6576_736b;
+
+fn key_hash(addr: &IpAddr, seed: u64) -> u64 {
+    let octets = match addr {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    };
+    let hi = u64::from_be_bytes(octets[..8].try_into().expect("8 bytes"));
+    let lo = u64::from_be_bytes(octets[8..].try_into().expect("8 bytes"));
+    mix64(mix64(seed ^ hi) ^ lo)
+}
+
+impl MaglevTable {
+    /// Builds the table of `size` entries. `size` must be prime (so every
+    /// skip generates a full permutation) and larger than the number of
+    /// backends with weight; addresses must be unique.
+    pub fn build(backends: &[MaglevBackend], size: u32) -> MaglevTable {
+        let m = u64::from(size);
+        assert!(m >= 2, "Maglev table size {size} is too small");
+        let mut sorted: Vec<&MaglevBackend> = backends.iter().filter(|b| b.weight > 0).collect();
+        sorted.sort_by_key(|b| b.addr);
+        debug_assert!(
+            sorted.windows(2).all(|w| w[0].addr != w[1].addr),
+            "duplicate backend address"
+        );
+
+        let mut entries = vec![NO_BACKEND; size as usize];
+        if sorted.is_empty() {
+            return MaglevTable { entries };
+        }
+        let max_weight = sorted
+            .iter()
+            .map(|b| u64::from(b.weight))
+            .max()
+            .expect("non-empty");
+        let mut walkers: Vec<Walker> = sorted
+            .iter()
+            .map(|b| Walker {
+                id: b.id,
+                weight: u64::from(b.weight),
+                credit: 0,
+                pos: key_hash(&b.addr, OFFSET_SEED) % m,
+                skip: key_hash(&b.addr, SKIP_SEED) % (m - 1) + 1,
+            })
+            .collect();
+
+        let mut filled = 0u64;
+        loop {
+            for w in walkers.iter_mut() {
+                w.credit += w.weight;
+                if w.credit < max_weight {
+                    continue;
+                }
+                w.credit -= max_weight;
+                // Claim the next free position of this backend's permutation.
+                while entries[w.pos as usize] != NO_BACKEND {
+                    w.pos = (w.pos + w.skip) % m;
+                }
+                entries[w.pos as usize] = w.id;
+                w.pos = (w.pos + w.skip) % m;
+                filled += 1;
+                if filled == m {
+                    return MaglevTable { entries };
+                }
+            }
+        }
+    }
+
+    /// The backend id at each position.
+    pub fn entries(&self) -> &[u32] {
+        &self.entries
+    }
+
+    /// Number of positions owned by backend `id`.
+    pub fn share(&self, id: u32) -> usize {
+        self.entries.iter().filter(|&&e| e == id).count()
+    }
+}
+
+/// Whether `n` is prime (trial division; table sizes are at most ~2^24).
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n % 2 == 0 {
+        return n == 2;
+    }
+    let mut d = 3u32;
+    while u64::from(d) * u64::from(d) <= u64::from(n) {
+        if n % d == 0 {
+            return false;
+        }
+        d += 2;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    const M: u32 = 65537;
+
+    fn backends(weights: &[u32]) -> Vec<MaglevBackend> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| MaglevBackend {
+                addr: IpAddr::V4([10, (i >> 16) as u8, (i >> 8) as u8, i as u8].into()),
+                weight,
+                id: i as u32,
+            })
+            .collect()
+    }
+
+    fn counts(t: &MaglevTable) -> HashMap<u32, usize> {
+        let mut c = HashMap::new();
+        for &e in t.entries() {
+            *c.entry(e).or_default() += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn equal_weights_give_every_backend_floor_or_ceil_of_m_over_n() {
+        for n in [10usize, 100, 1000] {
+            let t = MaglevTable::build(&backends(&vec![1; n]), M);
+            let c = counts(&t);
+            assert_eq!(c.len(), n, "every backend owns entries (n={n})");
+            let (lo, hi) = (M as usize / n, (M as usize).div_ceil(n));
+            for (id, &k) in &c {
+                assert!(
+                    k == lo || k == hi,
+                    "n={n}: backend {id} owns {k}, expected {lo} or {hi}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn weights_one_two_three_give_proportional_shares() {
+        let t = MaglevTable::build(&backends(&[1, 2, 3]), M);
+        let c = counts(&t);
+        for (id, want) in [(0u32, 1.0 / 6.0), (1, 2.0 / 6.0), (2, 3.0 / 6.0)] {
+            let got = c[&id] as f64 / f64::from(M);
+            assert!(
+                (got - want).abs() < 0.005,
+                "backend {id}: share {got:.4}, want {want:.4}"
+            );
+        }
+    }
+
+    #[test]
+    fn large_and_uneven_weights_stay_proportional() {
+        let t = MaglevTable::build(&backends(&[100, 250, 1000, 65535]), M);
+        let c = counts(&t);
+        let total = 100.0 + 250.0 + 1000.0 + 65535.0;
+        for (id, w) in [(0u32, 100.0), (1, 250.0), (2, 1000.0), (3, 65535.0)] {
+            let got = c.get(&id).copied().unwrap_or(0) as f64 / f64::from(M);
+            assert!(
+                (got - w / total).abs() < 0.005,
+                "backend {id}: share {got:.4}"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_weight_gets_no_share() {
+        let t = MaglevTable::build(&backends(&[1, 0, 1]), M);
+        assert_eq!(t.share(1), 0);
+        assert_eq!(t.share(0) + t.share(2), M as usize);
+    }
+
+    #[test]
+    fn no_weight_at_all_gives_an_empty_table() {
+        for w in [vec![], vec![0, 0]] {
+            let t = MaglevTable::build(&backends(&w), M);
+            assert!(t.entries().iter().all(|&e| e == NO_BACKEND));
+        }
+    }
+
+    #[test]
+    fn removing_one_of_a_hundred_moves_few_other_entries() {
+        let all = backends(&vec![1; 100]);
+        let before = MaglevTable::build(&all, M);
+        let after = MaglevTable::build(&all[1..], M);
+        // Entries that belonged to a surviving backend but now belong to another.
+        let moved = before
+            .entries()
+            .iter()
+            .zip(after.entries())
+            .filter(|(b, a)| **b != 0 && b != a)
+            .count();
+        let limit = (f64::from(M) * 0.015) as usize;
+        assert!(
+            moved <= limit,
+            "{moved} entries moved among survivors, limit {limit}"
+        );
+        // And the removed backend's entries all went somewhere.
+        assert_eq!(after.share(0), 0);
+    }
+
+    #[test]
+    fn input_order_does_not_change_the_table() {
+        let mut bs = backends(&[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]);
+        let t1 = MaglevTable::build(&bs, M);
+        bs.reverse();
+        bs.swap(2, 7);
+        let t2 = MaglevTable::build(&bs, M);
+        assert_eq!(t1, t2);
+    }
+
+    #[test]
+    fn primes_are_recognised() {
+        assert!(is_prime(65537) && is_prime(2) && is_prime(7) && is_prime(16_777_213));
+        assert!(
+            !is_prime(65536) && !is_prime(1) && !is_prime(0) && !is_prime(65535) && !is_prime(9)
+        );
+    }
+}

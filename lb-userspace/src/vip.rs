@@ -1,0 +1,145 @@
+//! The balancer's domain: VIPs, their backends and weights.
+
+use std::{fmt, net::IpAddr, str::FromStr};
+
+use lb_common::{PROTO_TCP, PROTO_UDP, VipKey, addr_words};
+
+/// Transport protocol of a VIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(format!(
+                "unknown protocol {s:?} (expected \"tcp\" or \"udp\")"
+            )),
+        }
+    }
+}
+
+/// What identifies a VIP: destination address, port (0 = any) and protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipAddr {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl VipAddr {
+    /// The data plane's key for this VIP.
+    pub fn key(&self) -> VipKey {
+        let (family, addr) = addr_words(self.addr);
+        VipKey {
+            addr,
+            port: u16::from_ne_bytes(self.port.to_be_bytes()),
+            proto: self.protocol.number(),
+            family,
+        }
+    }
+}
+
+/// `203.0.113.10:443/tcp`, `[2001:db8::10]:443/tcp`.
+impl fmt::Display for VipAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.addr {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.protocol),
+        }
+    }
+}
+
+impl FromStr for VipAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (sock, proto) = s.rsplit_once('/').ok_or_else(|| {
+            format!("{s:?}: expected ADDRESS:PORT/PROTOCOL, e.g. 203.0.113.10:443/tcp")
+        })?;
+        let protocol = proto.parse()?;
+        let sock: std::net::SocketAddr = sock
+            .parse()
+            .map_err(|_| format!("{sock:?}: expected ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)"))?;
+        Ok(VipAddr {
+            addr: sock.ip(),
+            port: sock.port(),
+            protocol,
+        })
+    }
+}
+
+/// A backend of a VIP: where its share of flows is encapsulated to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Backend {
+    pub addr: IpAddr,
+    /// Relative share of new flows; 0 = none.
+    pub weight: u32,
+}
+
+/// A VIP and its backends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vip {
+    pub addr: VipAddr,
+    pub backends: Vec<Backend>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vip_addr_round_trips_through_text() {
+        for s in [
+            "203.0.113.10:443/tcp",
+            "[2001:db8::10]:53/udp",
+            "10.0.0.1:0/tcp",
+        ] {
+            let v: VipAddr = s.parse().unwrap();
+            assert_eq!(v.to_string(), s);
+        }
+    }
+
+    #[test]
+    fn vip_addr_rejects_what_is_not_one() {
+        for s in [
+            "203.0.113.10:443",
+            "203.0.113.10/tcp",
+            "x:1/tcp",
+            "1.2.3.4:1/sctp",
+            "1.2.3.4:70000/tcp",
+        ] {
+            assert!(s.parse::<VipAddr>().is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn key_port_is_network_order() {
+        let v: VipAddr = "10.0.0.1:443/tcp".parse().unwrap();
+        assert_eq!(v.key().port.to_ne_bytes(), 443u16.to_be_bytes());
+        assert_eq!(v.key().proto, 6);
+    }
+}

@@ -1,0 +1,247 @@
+//! Building test frames (with etherparse, independent of the code under
+//! test) and taking encapsulated output frames apart.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Result, bail, ensure};
+use etherparse::{
+    IpHeaders, IpNumber, Ipv4Header, Ipv4HeaderSlice, Ipv6Header, PacketBuilder, PacketBuilderStep,
+    VlanId,
+};
+use lb::vip::Protocol;
+use lb_common::{FlowKey, addr_words};
+
+/// Source MAC of every test client.
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0x1e, 0x00, 0x00, 0x01];
+
+/// A 5-tuple.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: Protocol,
+}
+
+impl Flow {
+    /// The data plane's key of this flow.
+    pub fn key(&self) -> FlowKey {
+        let (family, src) = addr_words(self.src);
+        let (_, dst) = addr_words(self.dst);
+        FlowKey {
+            src,
+            dst,
+            ports: FlowKey::ports(self.sport, self.dport),
+            proto: self.protocol.number(),
+            family,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// How to dress a flow's packet.
+#[derive(Clone, Debug, Default)]
+pub struct FrameSpec {
+    /// Destination MAC (the balancer's interface).
+    pub dst_mac: [u8; 6],
+    /// One 802.1Q tag with this VLAN id.
+    pub vlan: Option<u16>,
+    /// IPv4 options (a multiple of 4 bytes, at most 40).
+    pub ipv4_options: Vec<u8>,
+    /// L4 payload.
+    pub payload: Vec<u8>,
+}
+
+/// A frame of `flow` dressed as `spec`.
+pub fn build(flow: &Flow, spec: &FrameSpec) -> Vec<u8> {
+    let proto = match flow.protocol {
+        Protocol::Tcp => IpNumber::TCP,
+        Protocol::Udp => IpNumber::UDP,
+    };
+    let ip = match (flow.src, flow.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut h = Ipv4Header::new(0, 64, proto, s.octets(), d.octets()).expect("header");
+            h.options = spec
+                .ipv4_options
+                .as_slice()
+                .try_into()
+                .expect("options: a multiple of 4, at most 40 bytes");
+            IpHeaders::Ipv4(h, Default::default())
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => IpHeaders::Ipv6(
+            Ipv6Header {
+                traffic_class: 0,
+                flow_label: Default::default(),
+                payload_length: 0,
+                next_header: proto,
+                hop_limit: 64,
+                source: s.octets(),
+                destination: d.octets(),
+            },
+            Default::default(),
+        ),
+        _ => panic!("source and destination of a flow must be of one family"),
+    };
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, spec.dst_mac);
+    let step: PacketBuilderStep<IpHeaders> = match spec.vlan {
+        Some(v) => eth.single_vlan(VlanId::try_new(v).expect("vlan id")).ip(ip),
+        None => eth.ip(ip),
+    };
+    let mut out = Vec::new();
+    match flow.protocol {
+        Protocol::Tcp => step
+            .tcp(flow.sport, flow.dport, 1, 64240)
+            .write(&mut out, &spec.payload),
+        Protocol::Udp => step
+            .udp(flow.sport, flow.dport)
+            .write(&mut out, &spec.payload),
+    }
+    .expect("frame");
+    out
+}
+
+/// Length of the L2 header: 14, or 18 with an 802.1Q tag.
+pub fn l2_len(frame: &[u8]) -> usize {
+    if frame[12..14] == [0x81, 0x00] {
+        18
+    } else {
+        14
+    }
+}
+
+/// The IP packet inside a frame, by its own length field (padding excluded).
+pub fn ip_packet(frame: &[u8]) -> &[u8] {
+    let l3 = l2_len(frame);
+    let len = match frame[l3] >> 4 {
+        4 => u16::from_be_bytes([frame[l3 + 2], frame[l3 + 3]]) as usize,
+        6 => 40 + u16::from_be_bytes([frame[l3 + 4], frame[l3 + 5]]) as usize,
+        v => panic!("IP version {v}"),
+    };
+    &frame[l3..l3 + len]
+}
+
+/// The outer IP header of an encapsulated frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outer {
+    V4 {
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        proto: u8,
+        ttl: u8,
+        tot_len: u16,
+        checksum_ok: bool,
+        ihl: u8,
+    },
+    V6 {
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        next_header: u8,
+        hop_limit: u8,
+        payload_len: u16,
+    },
+}
+
+impl Outer {
+    /// Destination of the outer header: the backend.
+    pub fn dst(&self) -> IpAddr {
+        match self {
+            Outer::V4 { dst, .. } => (*dst).into(),
+            Outer::V6 { dst, .. } => (*dst).into(),
+        }
+    }
+
+    /// Source of the outer header: the balancer.
+    pub fn src(&self) -> IpAddr {
+        match self {
+            Outer::V4 { src, .. } => (*src).into(),
+            Outer::V6 { src, .. } => (*src).into(),
+        }
+    }
+}
+
+/// An encapsulated frame, taken apart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encapsulated {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    /// The 802.1Q TCI, if tagged.
+    pub vlan_tci: Option<u16>,
+    pub outer: Outer,
+    /// The packet inside, by the outer header's length.
+    pub inner: Vec<u8>,
+}
+
+/// Takes an IPIP / IPv6-in-IP frame apart, checking its lengths.
+pub fn parse_encapsulated(frame: &[u8]) -> Result<Encapsulated> {
+    ensure!(frame.len() >= 14, "frame of {} bytes", frame.len());
+    let mut l3 = 14;
+    let mut ether_type = u16::from_be_bytes([frame[12], frame[13]]);
+    let mut vlan_tci = None;
+    if ether_type == 0x8100 {
+        ensure!(frame.len() >= 18, "truncated VLAN tag");
+        vlan_tci = Some(u16::from_be_bytes([frame[14], frame[15]]));
+        ether_type = u16::from_be_bytes([frame[16], frame[17]]);
+        l3 = 18;
+    }
+    let ip = &frame[l3..];
+    let (outer, inner) = match ether_type {
+        0x0800 => {
+            let h = Ipv4HeaderSlice::from_slice(ip)?;
+            let header = h.to_header();
+            let tot_len = h.total_len();
+            ensure!(
+                ip.len() >= tot_len as usize,
+                "outer IPv4 length {tot_len} beyond frame"
+            );
+            let hl = h.slice().len();
+            (
+                Outer::V4 {
+                    src: h.source_addr(),
+                    dst: h.destination_addr(),
+                    proto: h.protocol().0,
+                    ttl: h.ttl(),
+                    tot_len,
+                    checksum_ok: header.calc_header_checksum() == h.header_checksum(),
+                    ihl: h.ihl(),
+                },
+                ip[hl..tot_len as usize].to_vec(),
+            )
+        }
+        0x86dd => {
+            ensure!(ip.len() >= 40, "truncated outer IPv6 header");
+            let payload_len = u16::from_be_bytes([ip[4], ip[5]]);
+            ensure!(
+                ip.len() >= 40 + payload_len as usize,
+                "outer IPv6 length beyond frame"
+            );
+            let mut src = [0u8; 16];
+            let mut dst = [0u8; 16];
+            src.copy_from_slice(&ip[8..24]);
+            dst.copy_from_slice(&ip[24..40]);
+            ensure!(ip[0] >> 4 == 6, "outer IPv6 version {}", ip[0] >> 4);
+            (
+                Outer::V6 {
+                    src: src.into(),
+                    dst: dst.into(),
+                    next_header: ip[6],
+                    hop_limit: ip[7],
+                    payload_len,
+                },
+                ip[40..40 + payload_len as usize].to_vec(),
+            )
+        }
+        t => bail!("outer ether type {t:#06x} is not IPv4 or IPv6"),
+    };
+    let mut dst_mac = [0u8; 6];
+    let mut src_mac = [0u8; 6];
+    dst_mac.copy_from_slice(&frame[..6]);
+    src_mac.copy_from_slice(&frame[6..12]);
+    Ok(Encapsulated {
+        dst_mac,
+        src_mac,
+        vlan_tci,
+        outer,
+        inner,
+    })
+}

@@ -1,0 +1,43 @@
+//! Test support for lb's integration tests and benchmarks: network
+//! namespaces, frame builders, and a packet lab that runs the balancer
+//! through `BPF_PROG_TEST_RUN` in a namespace of its own.
+//!
+//! Everything here needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN). A test
+//! that lacks it fails with a message saying so; it never passes silently.
+
+pub mod frames;
+pub mod netns;
+pub mod packet_lab;
+pub mod xdp;
+
+/// Fails the calling test unless it runs as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test needs root (BPF programs, network namespaces); run `cargo xtask test` as root"
+    );
+}
+
+/// A small deterministic generator (splitmix64), so every run of a test
+/// sends the same "random" flows.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn next_u32(&mut self) -> u32 {
+        (self.next_u64() >> 32) as u32
+    }
+
+    pub fn next_u16(&mut self) -> u16 {
+        (self.next_u64() >> 48) as u16
+    }
+}
