@@ -68,7 +68,7 @@ const fn pair(a: u32, b: u32) -> u64 {
 }
 
 /// Hash of a flow: fixed cost, no loops, no tables. The Maglev entry of a
-/// flow is `flow_hash(key) % M`.
+/// flow is [`maglev_position`] of it.
 #[inline(always)]
 pub const fn flow_hash(k: &FlowKey) -> u32 {
     let mut h = SEED ^ ((k.proto as u64) << 8 | k.family as u64);
@@ -80,9 +80,25 @@ pub const fn flow_hash(k: &FlowKey) -> u32 {
     (mix64(h) >> 32) as u32
 }
 
+/// The Maglev table position of a flow hash in a table of `size` entries:
+/// `hash * size / 2^32`, a uniform map onto `0..size` with a multiply and a
+/// shift instead of a division (which costs ~10 ns per packet).
+#[inline(always)]
+pub const fn maglev_position(hash: u32, size: u32) -> u32 {
+    ((hash as u64 * size as u64) >> 32) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maglev_position_stays_in_the_table() {
+        for size in [7u32, 65537, 16_777_213] {
+            assert_eq!(maglev_position(0, size), 0);
+            assert_eq!(maglev_position(u32::MAX, size), size - 1);
+        }
+    }
 
     #[test]
     fn ports_word_is_wire_order() {

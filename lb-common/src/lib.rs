@@ -16,7 +16,7 @@ mod flow;
 mod maps;
 mod reason;
 
-pub use flow::{FlowKey, flow_hash, mix64};
+pub use flow::{FlowKey, flow_hash, maglev_position, mix64};
 pub use maps::*;
 pub use reason::{REASON_COUNT, Reason, xdp_action};
 

@@ -18,6 +18,10 @@ pub mod map_name {
     pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
     /// `PerCpuArray<u64>` indexed by [`crate::Reason`].
     pub const REASON_STATS: &str = "LB_REASON_STATS";
+    /// `Array<u64>`: bitmap of VIP addresses, see [`super::vip_filter_slot`].
+    pub const VIP_FILTER: &str = "LB_VIP_FILTER";
+    /// `PerCpuArray<NextHop>` indexed by backend id: cached FIB results.
+    pub const NEXTHOPS: &str = "LB_NEXTHOPS";
     /// Benchmark only: `ProgramArray` the benchmark wrapper tail-calls into.
     pub const BENCH_PROGS: &str = "LB_BENCH_PROGS";
     /// Benchmark only: `Array<BenchControl>` with one entry.
@@ -48,6 +52,23 @@ pub const DEFAULT_TABLE_SIZE: u32 = 65537;
 pub const MAGLEV_CHUNK: u32 = 16;
 /// The Maglev entry of a table with no backend (every weight 0, or empty).
 pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Words (`u64`) in the VIP address filter: 65536 bits.
+pub const VIP_FILTER_WORDS: u32 = 1024;
+
+/// Word index and bit of the VIP address filter for an address.
+///
+/// The filter is a bitmap with a bit set for every VIP address (any port,
+/// any protocol). The data plane tests it before the VIP hash lookup, so
+/// traffic to other addresses passes after one inlined array read instead
+/// of two hash lookups. The slot is an xor-fold of the address words (no
+/// hash: a collision only costs the real lookup).
+#[inline(always)]
+pub const fn vip_filter_slot(addr: &[u32; 4]) -> (u32, u64) {
+    let w = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
+    let slot = (w ^ (w >> 16)) & 0xffff;
+    (slot >> 6, 1u64 << (slot & 63))
+}
 
 /// Number of `MaglevChunk`s one table of `table_size` entries occupies.
 #[inline]
@@ -132,10 +153,33 @@ pub struct DataplaneConfig {
     pub mtu: u32,
     /// Maglev table size M of every VIP.
     pub table_size: u32,
-    /// Reserved; 0 today.
+    /// Generation of the next-hop cache: a [`NextHop`] of another
+    /// generation is stale. Userspace bumps it at least every second and
+    /// whenever a backend id gets a new address. Never 0, so zeroed cache
+    /// entries are stale.
+    pub nexthop_gen: u32,
+    /// `CONFIG_*` flags.
     pub flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<DataplaneConfig>() == 32);
+const _: () = assert!(size_of::<DataplaneConfig>() == 40);
+
+/// `DataplaneConfig::flags`: look the next hop up for every packet (no
+/// cache). For measurements and diagnosis.
+pub const CONFIG_NO_NEXTHOP_CACHE: u32 = 1;
+
+/// A cached FIB result towards one backend, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// Our interface's MAC.
+    pub smac: [u8; 6],
+    /// The next hop's MAC.
+    pub dmac: [u8; 6],
+    /// `DataplaneConfig::nexthop_gen` when this was looked up.
+    pub generation: u32,
+}
+const _: () = assert!(size_of::<NextHop>() == 16);
 
 /// Packets and bytes (frame length as received, Ethernet header included).
 #[repr(C)]
@@ -176,5 +220,6 @@ mod pod {
     unsafe impl aya::Pod for DataplaneConfig {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for BenchControl {}
+    unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for crate::FlowKey {}
 }

@@ -4,8 +4,11 @@
 /// `check` field is zero. The header sits in packet memory at an even
 /// address, so it is summed as native 16-bit words; the ones' complement sum
 /// is byte-order independent and the result is stored back the same way.
+///
+/// # Safety
+/// `hdr` is even and 20 readable bytes follow it.
 #[inline(always)]
-pub fn ipv4_header_csum(hdr: *const u16) -> u16 {
+pub unsafe fn ipv4_header_csum(hdr: *const u16) -> u16 {
     let mut sum: u32 = 0;
     // Unrolled: a fixed ten words, no loop for the verifier to bound.
     unsafe {

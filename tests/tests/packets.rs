@@ -339,6 +339,11 @@ fn traffic_that_is_not_for_a_vip_passes_untouched() {
 
     for (what, frame, reason) in &frames {
         let r = lab.run(frame).unwrap();
+        assert_eq!(
+            reason.action(),
+            xdp_action::XDP_PASS,
+            "{what}: {reason:?} is a pass reason"
+        );
         assert_eq!(r.action, xdp_action::XDP_PASS, "{what}");
         assert_eq!(&r.frame, frame, "{what}: passes byte-identical");
     }
@@ -380,10 +385,261 @@ fn drops_have_their_reasons() {
     assert_eq!(lab.run(&too_big).unwrap().action, xdp_action::XDP_DROP);
     assert_eq!(lab.dp.counters().unwrap().reason(Reason::TooBig), 1);
 
-    // No neighbour towards the backend: the FIB lookup fails.
+    // No neighbour towards the backend: once the next-hop cache starts a
+    // new generation (lbd does every second), the FIB lookup fails.
     let backend = lab.dp.backend_for(&f.key()).unwrap();
     lab.forget_neighbour(backend).unwrap();
+    lab.dp.refresh_next_hops().unwrap();
     let frame = lab.frame(&f, FrameSpec::default());
     assert_eq!(lab.run(&frame).unwrap().action, xdp_action::XDP_DROP);
     assert_eq!(lab.dp.counters().unwrap().reason(Reason::FibFailed), 1);
+}
+
+/// The next hop comes from the FIB, is cached per CPU, and a new cache
+/// generation picks up a changed neighbour.
+#[test]
+fn next_hop_follows_the_neighbour_table_after_a_refresh() {
+    let mut lab = lab();
+    let mut rng = SplitMix(10);
+    let f = flow(&mut rng, false, "203.0.113.10", 80, Protocol::Tcp);
+    let frame = lab.frame(&f, FrameSpec::default());
+    let backend = assert_forwarded(&mut lab, &f, &frame);
+    let moved = "02:be:aa:bb:cc:dd";
+    lab.ns
+        .ip(&[
+            "neigh",
+            "replace",
+            &backend.to_string(),
+            "lladdr",
+            moved,
+            "dev",
+            "lb0",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+    // Same generation: the cached MAC.
+    let r = lab.run(&frame).unwrap();
+    assert_eq!(
+        parse_encapsulated(&r.frame).unwrap().dst_mac,
+        backend_mac(backend)
+    );
+    // New generation: the FIB's new answer.
+    lab.dp.refresh_next_hops().unwrap();
+    let r = lab.run(&frame).unwrap();
+    assert_eq!(
+        parse_encapsulated(&r.frame).unwrap().dst_mac,
+        [0x02, 0xbe, 0xaa, 0xbb, 0xcc, 0xdd]
+    );
+    // With the cache off, every packet asks the FIB.
+    lab.dp.set_nexthop_cache(false).unwrap();
+    lab.forget_neighbour(backend).unwrap();
+    assert_eq!(lab.run(&frame).unwrap().action, xdp_action::XDP_DROP);
+}
+
+/// Every prefix of a frame, from 14 bytes up to one byte short of the whole
+/// frame, is truncated somewhere in its headers or payload: it must get the
+/// reason the docs give (malformed → drop, or not_ip → pass for non-IP),
+/// never `XDP_ABORTED`, and count exactly once.
+#[test]
+fn every_truncation_gives_its_documented_verdict() {
+    let mut lab = lab();
+    let mut rng = SplitMix(7);
+    let payload = FrameSpec {
+        payload: vec![0x5a; 8],
+        ..Default::default()
+    };
+    let tagged = |vlan| FrameSpec {
+        vlan: Some(vlan),
+        ..payload.clone()
+    };
+    let with_options = FrameSpec {
+        ipv4_options: vec![1, 1, 1, 1, 1, 1, 1, 0],
+        ..payload.clone()
+    };
+    let v4_tcp = flow(&mut rng, false, "203.0.113.10", 80, Protocol::Tcp);
+    let v4_udp = flow(&mut rng, false, "203.0.113.10", 53, Protocol::Udp);
+    let v6_tcp = flow(&mut rng, true, "2001:db8:10::1", 443, Protocol::Tcp);
+    let v6_udp = flow(&mut rng, true, "2001:db8:10::1", 53, Protocol::Udp);
+    let mut arp = lab.frame(&v4_tcp, payload.clone());
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    let bases: Vec<(&str, Vec<u8>, Reason)> = vec![
+        (
+            "IPv4 TCP",
+            lab.frame(&v4_tcp, payload.clone()),
+            Reason::Malformed,
+        ),
+        (
+            "IPv4 UDP",
+            lab.frame(&v4_udp, payload.clone()),
+            Reason::Malformed,
+        ),
+        (
+            "IPv6 TCP",
+            lab.frame(&v6_tcp, payload.clone()),
+            Reason::Malformed,
+        ),
+        (
+            "IPv6 UDP",
+            lab.frame(&v6_udp, payload.clone()),
+            Reason::Malformed,
+        ),
+        (
+            "VLAN IPv4 TCP",
+            lab.frame(&v4_tcp, tagged(7)),
+            Reason::Malformed,
+        ),
+        (
+            "VLAN IPv6 UDP",
+            lab.frame(&v6_udp, tagged(8)),
+            Reason::Malformed,
+        ),
+        (
+            "IPv4 options TCP",
+            lab.frame(&v4_tcp, with_options),
+            Reason::Malformed,
+        ),
+        ("ARP", arp, Reason::NotIp),
+    ];
+    let mut expected = [0u64; lb_common::REASON_COUNT as usize];
+    for (what, frame, reason) in &bases {
+        for len in 14..frame.len() {
+            let r = lab.run(&frame[..len]).unwrap();
+            assert_ne!(
+                r.action,
+                xdp_action::XDP_ABORTED,
+                "{what} cut to {len} bytes"
+            );
+            assert_eq!(r.action, reason.action(), "{what} cut to {len} bytes");
+            expected[*reason as usize] += 1;
+            let got = lab.dp.counters().unwrap().reasons;
+            assert_eq!(
+                got, expected,
+                "{what} cut to {len} bytes counts one {reason:?}"
+            );
+        }
+        // The whole frame is fine.
+        let r = lab.run(frame).unwrap();
+        let whole = if *reason == Reason::NotIp {
+            Reason::NotIp
+        } else {
+            Reason::Forwarded
+        };
+        assert_eq!(r.action, whole.action(), "{what} whole");
+        expected[whole as usize] += 1;
+    }
+}
+
+/// A bad header that is complete is malformed too.
+#[test]
+fn invalid_headers_are_dropped_as_malformed() {
+    let mut lab = lab();
+    let mut rng = SplitMix(8);
+    let v4 = lab.frame(
+        &flow(&mut rng, false, "203.0.113.10", 80, Protocol::Tcp),
+        FrameSpec::default(),
+    );
+    let v6 = lab.frame(
+        &flow(&mut rng, true, "2001:db8:10::1", 443, Protocol::Tcp),
+        FrameSpec::default(),
+    );
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    let mut f = v4.clone();
+    f[14] = 0x44; // IHL 4 (< 5)
+    cases.push(("IHL below 5", f));
+    let mut f = v4.clone();
+    f[14] = 0x4f; // IHL 15: 60 bytes of header, longer than the packet
+    cases.push(("IHL beyond the packet", f));
+    let mut f = v4.clone();
+    f[14] = 0x65; // version 6 behind an IPv4 ether type
+    cases.push(("wrong IP version", f));
+    let mut f = v4.clone();
+    f[16..18].copy_from_slice(&2000u16.to_be_bytes());
+    cases.push(("IPv4 total length beyond the frame", f));
+    let mut f = v4.clone();
+    f[16..18].copy_from_slice(&30u16.to_be_bytes());
+    cases.push(("IPv4 total length shorter than the TCP header", f));
+    let mut f = v6.clone();
+    f[18..20].copy_from_slice(&4u16.to_be_bytes());
+    cases.push(("IPv6 payload shorter than the TCP header", f));
+    let mut f = v6.clone();
+    f[18..20].copy_from_slice(&3000u16.to_be_bytes());
+    cases.push(("IPv6 payload length beyond the frame", f));
+    for (what, frame) in &cases {
+        let r = lab.run(frame).unwrap();
+        assert_eq!(r.action, xdp_action::XDP_DROP, "{what}");
+    }
+    assert_eq!(
+        lab.dp.counters().unwrap().reason(Reason::Malformed),
+        cases.len() as u64
+    );
+}
+
+/// Per-VIP and per-backend packets and bytes equal exactly what was sent;
+/// the reasons add up to every frame.
+#[test]
+fn counters_equal_the_packets_and_bytes_sent() {
+    let mut lab = lab();
+    let mut rng = SplitMix(9);
+    let targets = [
+        ("203.0.113.10", 80, Protocol::Tcp, false),
+        ("2001:db8:10::1", 53, Protocol::Udp, true),
+    ];
+    let mut want_vip = std::collections::BTreeMap::new();
+    let mut want_backend = std::collections::BTreeMap::new();
+    let mut sent = 0u64;
+    for (dst, port, proto, v6) in targets {
+        for i in 0..200 {
+            let f = flow(&mut rng, v6, dst, port, proto);
+            let frame = lab.frame(
+                &f,
+                FrameSpec {
+                    payload: vec![0; i * 5],
+                    ..Default::default()
+                },
+            );
+            let backend = assert_forwarded(&mut lab, &f, &frame);
+            let vip = lb::vip::VipAddr {
+                addr: f.dst,
+                port,
+                protocol: proto,
+            };
+            let v = want_vip.entry(vip).or_insert((0u64, 0u64));
+            v.0 += 1;
+            v.1 += frame.len() as u64;
+            let b = want_backend.entry((vip, backend)).or_insert((0u64, 0u64));
+            b.0 += 1;
+            b.1 += frame.len() as u64;
+            sent += 1;
+        }
+    }
+    for i in 0..50 {
+        let f = flow(&mut rng, false, "198.51.100.1", 80 + i, Protocol::Tcp);
+        lab.run(&lab.frame(&f, FrameSpec::default())).unwrap();
+    }
+    let c = lab.dp.counters().unwrap();
+    for (vip, (packets, bytes)) in &want_vip {
+        assert_eq!(
+            (c.vips[vip].packets, c.vips[vip].bytes),
+            (*packets, *bytes),
+            "{vip}"
+        );
+    }
+    for (key, (packets, bytes)) in &want_backend {
+        assert_eq!(
+            (c.backends[key].packets, c.backends[key].bytes),
+            (*packets, *bytes),
+            "{key:?}"
+        );
+    }
+    let unused: u64 = c
+        .backends
+        .iter()
+        .filter(|(k, _)| !want_backend.contains_key(k))
+        .map(|(_, v)| v.packets)
+        .sum();
+    assert_eq!(unused, 0, "no other backend counted anything");
+    assert_eq!(c.reason(Reason::Forwarded), sent);
+    assert_eq!(c.reason(Reason::NotVip), 50);
+    assert_eq!(c.packets_seen(), sent + 50);
 }

@@ -1,1 +1,111 @@
-fn main() {}
+//! `cargo xtask`: what cargo alone cannot do. Installs prerequisites, runs
+//! the tests and benchmarks as root, and runs the balancer.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "lb's build, test and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and the tests need (idempotent).
+    Setup,
+    /// Set up, then run every test (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build and run `lbd` with the given arguments (needs root).
+    Run {
+        /// Arguments for `lbd`, e.g. `--config lb.toml --iface eth0`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run the benchmarks; figures go to target/bench/results.json.
+    Bench,
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "{what} needs root (BPF programs, network namespaces, package installs); run it as root"
+        );
+    }
+    Ok(())
+}
+
+/// Runs a command in the workspace root, failing if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => {
+            require_root("cargo xtask setup")?;
+            setup::setup()
+        }
+        Task::Test { args } => {
+            require_root("cargo xtask test")?;
+            setup::setup()?;
+            run(cargo().args(["test", "--no-fail-fast"]).args(&args))
+        }
+        Task::Run { args } => {
+            require_root("cargo xtask run")?;
+            setup::setup()?;
+            if args.is_empty() {
+                bail!("give lbd's arguments: cargo xtask run -- --config FILE --iface IF");
+            }
+            run(cargo().args(["build", "--release", "-p", "lb-userspace", "--bin", "lbd"]))?;
+            run(Command::new(root().join("target/release/lbd")).args(&args))
+        }
+        Task::Bench => {
+            require_root("cargo xtask bench")?;
+            setup::setup()?;
+            run(cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "lb-tests",
+                    "--bin",
+                    "lb-bench",
+                    "--",
+                ])
+                .arg(root().join("target/bench/results.json")))
+        }
+    }
+}

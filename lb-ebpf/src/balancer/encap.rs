@@ -14,8 +14,11 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BackendInfo, DataplaneConfig, FAMILY_V4, FAMILY_V6, PROTO_IPIP, PROTO_IPV6, Reason,
+    BackendInfo, CONFIG_NO_NEXTHOP_CACHE, DataplaneConfig, FAMILY_V4, FAMILY_V6, PROTO_IPIP,
+    PROTO_IPV6, Reason,
 };
+
+use crate::maps::LB_NEXTHOPS;
 use lb_ebpf::{
     csum::ipv4_header_csum,
     packet::{ptr_at_mut, write_u32_even},
@@ -44,7 +47,41 @@ pub fn outer_len(backend: &BackendInfo) -> usize {
     }
 }
 
-/// Source and destination MAC of the next hop towards `backend`.
+/// Source and destination MAC of the next hop towards backend `id`, from
+/// this CPU's cache of FIB results when it is of the current generation.
+///
+/// `bpf_fib_lookup` costs more than the rest of the forwarding path
+/// together; the cache makes it once per backend, CPU and generation.
+/// Userspace starts a new generation at least every second and whenever a
+/// backend id changes address, so a neighbour change reaches the data plane
+/// within a second (the kernel's own neighbour cache is staler than that).
+/// A failed lookup is not cached: the packet is dropped and the next one
+/// tries again.
+#[inline(always)]
+pub fn cached_next_hop(
+    ctx: &XdpContext,
+    id: u32,
+    backend: &BackendInfo,
+    cfg: &DataplaneConfig,
+) -> Result<([u8; 6], [u8; 6]), Reason> {
+    let cached = LB_NEXTHOPS.get_ptr_mut(id);
+    if let Some(nh) = cached {
+        let nh = unsafe { &mut *nh };
+        if nh.generation == cfg.nexthop_gen && cfg.flags & CONFIG_NO_NEXTHOP_CACHE == 0 {
+            return Ok((nh.smac, nh.dmac));
+        }
+        let (smac, dmac) = next_hop(ctx, backend, cfg)?;
+        // Per-CPU entry: nobody else writes it.
+        nh.smac = smac;
+        nh.dmac = dmac;
+        nh.generation = cfg.nexthop_gen;
+        return Ok((smac, dmac));
+    }
+    next_hop(ctx, backend, cfg)
+}
+
+/// Source and destination MAC of the next hop towards `backend`, from the
+/// kernel FIB and neighbour tables.
 ///
 /// `BPF_FIB_LOOKUP_OUTPUT` looks the route up as the host itself would send
 /// the outer packet (it is ours: our source address), which also skips the
@@ -52,7 +89,7 @@ pub fn outer_len(backend: &BackendInfo) -> usize {
 /// the ingress interface: we transmit with `XDP_TX`, so a backend must be
 /// reachable through the interface the balancer is attached to.
 #[inline(always)]
-pub fn next_hop(
+fn next_hop(
     ctx: &XdpContext,
     backend: &BackendInfo,
     cfg: &DataplaneConfig,

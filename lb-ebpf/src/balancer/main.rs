@@ -17,6 +17,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     MAGLEV_CHUNK, NO_BACKEND, PROTO_IPIP, PROTO_IPV6, Reason, VipInfo, VipKey, flow_hash,
+    maglev_position, vip_filter_slot,
 };
 use lb_ebpf::{
     packet::{frame_len, ptr_at, ptr_at_mut},
@@ -51,11 +52,7 @@ fn try_balance(ctx: &XdpContext) -> Result<(), Reason> {
 
     // The one hash of this packet: Maglev position and IPv6 flow label.
     let hash = flow_hash(&pkt.flow);
-    if cfg.table_size == 0 {
-        // Never written by lbd; the check also spares a division-by-zero panic path.
-        return Err(Reason::NoBackend);
-    }
-    let pos = hash % cfg.table_size;
+    let pos = maglev_position(hash, cfg.table_size);
     let chunk = LB_MAGLEV
         .get(vip.table_chunk + pos / MAGLEV_CHUNK)
         .ok_or(Reason::NoBackend)?;
@@ -69,7 +66,7 @@ fn try_balance(ctx: &XdpContext) -> Result<(), Reason> {
     if encap::outer_len(backend) + pkt.ip_len > cfg.mtu as usize {
         return Err(Reason::TooBig);
     }
-    let macs = encap::next_hop(ctx, backend, cfg)?;
+    let macs = encap::cached_next_hop(ctx, backend_id, backend, cfg)?;
     encap::encapsulate(ctx, &pkt, backend, cfg, macs, hash)?;
 
     count_traffic(&LB_VIP_STATS, vip.id, bytes);
@@ -78,8 +75,13 @@ fn try_balance(ctx: &XdpContext) -> Result<(), Reason> {
 }
 
 /// The VIP for the packet's destination: exact port first, then port 0.
+/// Addresses without any VIP stop at the filter (one array read).
 #[inline(always)]
 fn lookup_vip(pkt: &Packet) -> Option<VipInfo> {
+    let (word, bit) = vip_filter_slot(&pkt.flow.dst);
+    if LB_VIP_FILTER.get(word).is_none_or(|w| w & bit == 0) {
+        return None;
+    }
     let mut key = VipKey {
         addr: pkt.flow.dst,
         port: pkt.flow.dport_raw(),

@@ -1,5 +1,5 @@
 //! The balancer's maps. Sizes here are defaults; `lbd` sets the real
-//! capacities from its config before loading (`EbpfLoader::set_max_entries`).
+//! capacities from its config before loading (`EbpfLoader::map_max_entries`).
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -8,13 +8,21 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendInfo, BenchControl, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
-    DataplaneConfig, MaglevChunk, REASON_COUNT, TrafficCounters, VipInfo, VipKey, chunks_per_table,
+    DataplaneConfig, MaglevChunk, NextHop, REASON_COUNT, TrafficCounters, VIP_FILTER_WORDS,
+    VipInfo, VipKey, chunks_per_table,
 };
 
 /// No preallocation: replacing a value is an RCU swap (see `VipInfo`).
 #[map(name = "LB_VIPS")]
 pub static LB_VIPS: HashMap<VipKey, VipInfo> =
     HashMap::with_max_entries(DEFAULT_MAX_VIPS, BPF_F_NO_PREALLOC);
+
+#[map(name = "LB_VIP_FILTER")]
+pub static LB_VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
+
+#[map(name = "LB_NEXTHOPS")]
+pub static LB_NEXTHOPS: PerCpuArray<NextHop> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
 #[map(name = "LB_BACKENDS")]
 pub static LB_BACKENDS: Array<BackendInfo> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);

@@ -17,11 +17,11 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
-    BackendInfo, DataplaneConfig, MaglevChunk, TrafficCounters, VipInfo, VipKey, addr_words,
-    chunks_per_table, map_name, program_name,
+    BackendInfo, CONFIG_NO_NEXTHOP_CACHE, DataplaneConfig, MaglevChunk, TrafficCounters, VipInfo,
+    VipKey, addr_words, chunks_per_table, map_name, program_name,
 };
 
-pub use bench::BenchTarget;
+pub use bench::{BenchMaps, BenchTarget};
 pub use counters::Counters;
 
 use crate::{config::BalancerSettings, maglev::MaglevTable, vip::VipAddr};
@@ -114,6 +114,7 @@ struct Maps {
     backends: Array<MapData, BackendInfo>,
     maglev: Array<MapData, MaglevChunk>,
     config: Array<MapData, DataplaneConfig>,
+    vip_filter: Array<MapData, u64>,
     vip_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     reason_stats: PerCpuArray<MapData, u64>,
@@ -131,6 +132,9 @@ pub struct Dataplane {
     free_backend_ids: VecDeque<u32>,
     nr_cpus: usize,
     link: Option<XdpLinkId>,
+    /// Current next-hop cache generation (`DataplaneConfig::nexthop_gen`).
+    nexthop_gen: u32,
+    nexthop_cache: bool,
 }
 
 /// Turns on forwarding on `iface` for each family the balancer sends outer
@@ -199,6 +203,7 @@ impl Dataplane {
             .map_max_entries(map_name::MAGLEV, maglev_chunks)
             .map_max_entries(map_name::BACKENDS, settings.max_backends)
             .map_max_entries(map_name::BACKEND_STATS, settings.max_backends)
+            .map_max_entries(map_name::NEXTHOPS, settings.max_backends)
             .load(BALANCER_OBJECT)?;
         let name = program_name::BALANCER;
         xdp_program(&mut ebpf, name)?
@@ -217,6 +222,7 @@ impl Dataplane {
             backends: typed!(map_name::BACKENDS),
             maglev: typed!(map_name::MAGLEV),
             config: typed!(map_name::CONFIG),
+            vip_filter: typed!(map_name::VIP_FILTER),
             vip_stats: typed!(map_name::VIP_STATS),
             backend_stats: typed!(map_name::BACKEND_STATS),
             reason_stats: typed!(map_name::REASON_STATS),
@@ -232,6 +238,8 @@ impl Dataplane {
             free_backend_ids: (0..settings.max_backends).collect(),
             nr_cpus,
             link: None,
+            nexthop_gen: 1,
+            nexthop_cache: true,
         };
         dp.write_config()?;
         Ok(dp)
@@ -278,12 +286,33 @@ impl Dataplane {
             src_v6: s.source_v6.map_or([0; 4], |a| addr_words(a.into()).1),
             mtu: s.mtu,
             table_size: s.table_size,
-            flags: 0,
+            nexthop_gen: self.nexthop_gen,
+            flags: if self.nexthop_cache {
+                0
+            } else {
+                CONFIG_NO_NEXTHOP_CACHE
+            },
+            _pad: 0,
         };
         self.maps
             .config
             .set(0, cfg, 0)
             .map_err(map_err(map_name::CONFIG))
+    }
+
+    /// Starts a new next-hop cache generation: every CPU looks its next hops
+    /// up in the FIB again on its next packet to each backend. `lbd` calls
+    /// this every second, so neighbour changes take effect within a second.
+    pub fn refresh_next_hops(&mut self) -> Result<(), DataplaneError> {
+        self.nexthop_gen = self.nexthop_gen.checked_add(1).unwrap_or(1);
+        self.write_config()
+    }
+
+    /// Turns the next-hop cache off (a FIB lookup for every packet) or on.
+    /// For measurements and diagnosis.
+    pub fn set_nexthop_cache(&mut self, enabled: bool) -> Result<(), DataplaneError> {
+        self.nexthop_cache = enabled;
+        self.write_config()
     }
 
     /// Attaches the balancer to `iface`; returns the mode in effect.

@@ -14,6 +14,7 @@ use std::{
 
 use lb_common::{
     BackendInfo, MAGLEV_CHUNK, MaglevChunk, VipInfo, addr_words, chunks_per_table, map_name,
+    vip_filter_slot,
 };
 
 use super::{Dataplane, DataplaneError, ProgrammedVip, map_err};
@@ -184,6 +185,13 @@ impl Dataplane {
                 return Err(e);
             }
         }
+        // A reused id must not keep the next hop of its previous address.
+        if !fresh.is_empty()
+            && let Err(e) = self.refresh_next_hops()
+        {
+            give_back(self, &fresh);
+            return Err(e);
+        }
 
         let inputs: Vec<MaglevBackend> = next
             .iter()
@@ -207,6 +215,11 @@ impl Dataplane {
             flags: 0,
             _pad: 0,
         };
+        // The address filter first, so the VIP is never hidden behind it.
+        if let Err(e) = self.write_vip_filter(&vip.addr.addr, Some(vip.addr.addr)) {
+            give_back(self, &fresh);
+            return Err(e);
+        }
         // The flip.
         if let Err(e) = self
             .maps
@@ -240,6 +253,7 @@ impl Dataplane {
             Err(e) => return Err(map_err(map_name::VIPS)(e)),
         }
         let p = self.vips.remove(addr).expect("present");
+        self.write_vip_filter(&addr.addr, None)?;
         self.free_vip_ids.push_back(p.id);
         self.free_backend_ids
             .extend(p.backends.values().map(|(id, _)| *id));
@@ -261,7 +275,7 @@ impl Dataplane {
     /// port 0.
     pub fn backend_for(&self, flow: &lb_common::FlowKey) -> Option<IpAddr> {
         let (p, _) = self.vip_for_flow(flow)?;
-        let pos = lb_common::flow_hash(flow) % self.settings.table_size;
+        let pos = lb_common::maglev_position(lb_common::flow_hash(flow), self.settings.table_size);
         let id = p.table.entries()[pos as usize];
         p.backends
             .iter()
@@ -279,6 +293,28 @@ impl Dataplane {
                 .map(|(a, p)| (p, a))
         };
         find(port).or_else(|| find(0))
+    }
+
+    /// Rewrites the filter word that `addr` falls in from the programmed
+    /// VIPs' addresses, plus `extra`.
+    fn write_vip_filter(
+        &mut self,
+        addr: &IpAddr,
+        extra: Option<IpAddr>,
+    ) -> Result<(), DataplaneError> {
+        let (word, _) = vip_filter_slot(&addr_words(*addr).1);
+        let value = self
+            .vips
+            .keys()
+            .map(|v| v.addr)
+            .chain(extra)
+            .map(|a| vip_filter_slot(&addr_words(a).1))
+            .filter(|(w, _)| *w == word)
+            .fold(0u64, |acc, (_, bit)| acc | bit);
+        self.maps
+            .vip_filter
+            .set(word, value, 0)
+            .map_err(map_err(map_name::VIP_FILTER))
     }
 
     fn table_chunk(&self, vip_id: u32, half: u32) -> u32 {
