@@ -83,7 +83,7 @@ pub struct Problem {
 /// Why a config was rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {file}: {source}")]
+    #[error("cannot read config file {file}")]
     Read {
         file: String,
         source: std::io::Error,

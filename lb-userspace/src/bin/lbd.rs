@@ -1,7 +1,7 @@
 //! `lbd`: loads the XDP balancer, attaches it to an interface, programs the
 //! VIPs of the config file and runs until SIGINT or SIGTERM, then detaches.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
@@ -41,13 +41,23 @@ enum XdpModeArg {
     Skb,
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let args = Args::parse();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole cause chain on one line, no backtrace: this is for operators.
+            eprintln!("lbd: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<()> {
     let config = config::load(&args.config)?;
     if args.check {
         println!(

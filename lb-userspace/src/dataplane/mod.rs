@@ -33,26 +33,26 @@ pub static BALANCER_OBJECT: &[u8] =
 /// Why a data plane operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("loading the XDP object failed (are you root? is the kernel 5.15 or newer?): {0}")]
+    #[error("loading the XDP object failed (are you root? is the kernel 5.15 or newer?)")]
     Load(#[from] aya::EbpfError),
     #[error("the XDP object has no {kind} named {name}: object and lbd do not match")]
     Missing {
         kind: &'static str,
         name: &'static str,
     },
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
         #[source]
         source: MapError,
     },
-    #[error("program {name}: {source}")]
+    #[error("program {name}")]
     Program {
         name: &'static str,
         #[source]
         source: ProgramError,
     },
-    #[error("cannot attach to interface {iface} in {mode} mode: {source}")]
+    #[error("cannot attach to interface {iface} in {mode} mode")]
     Attach {
         iface: String,
         mode: &'static str,
@@ -77,7 +77,9 @@ pub enum DataplaneError {
     },
     #[error("reading the number of CPUs: {0}")]
     Cpus(String),
-    #[error("enabling forwarding on {iface} ({path}): {source}")]
+    #[error("interface {0} does not exist")]
+    NoInterface(String),
+    #[error("enabling forwarding on {iface} ({path})")]
     Forwarding {
         iface: String,
         path: String,
@@ -318,6 +320,11 @@ impl Dataplane {
     /// Attaches the balancer to `iface`; returns the mode in effect.
     /// Enables forwarding on `iface` first (see [`enable_forwarding`]).
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, DataplaneError> {
+        let name = std::ffi::CString::new(iface).map_err(|_| DataplaneError::NoInterface(iface.to_string()))?;
+        // SAFETY: a valid NUL-terminated string.
+        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+            return Err(DataplaneError::NoInterface(iface.to_string()));
+        }
         enable_forwarding(iface, &self.settings)?;
         let prog = xdp_program(&mut self.ebpf, program_name::BALANCER)?;
         let attach = |prog: &mut Xdp, mode: AttachMode| {
