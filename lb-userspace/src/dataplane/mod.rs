@@ -320,7 +320,8 @@ impl Dataplane {
     /// Attaches the balancer to `iface`; returns the mode in effect.
     /// Enables forwarding on `iface` first (see [`enable_forwarding`]).
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, DataplaneError> {
-        let name = std::ffi::CString::new(iface).map_err(|_| DataplaneError::NoInterface(iface.to_string()))?;
+        let name = std::ffi::CString::new(iface)
+            .map_err(|_| DataplaneError::NoInterface(iface.to_string()))?;
         // SAFETY: a valid NUL-terminated string.
         if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
             return Err(DataplaneError::NoInterface(iface.to_string()));
