@@ -18,7 +18,7 @@ mod reason;
 
 pub use flow::{FlowKey, flow_hash, maglev_position, mix64};
 pub use maps::*;
-pub use reason::{REASON_COUNT, Reason, xdp_action};
+pub use reason::{DECAP_REASON_COUNT, DecapReason, REASON_COUNT, Reason, xdp_action};
 
 use core::net::IpAddr;
 

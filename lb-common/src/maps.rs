@@ -30,6 +30,37 @@ pub mod map_name {
     pub const BENCH_STATS: &str = "LB_BENCH_STATS";
 }
 
+/// Names of the decapsulator object's maps.
+pub mod decap_map_name {
+    /// `HashMap<HostAddr, u8>`: outer destinations to decapsulate.
+    pub const ADDRS: &str = "LB_DECAP_ADDRS";
+    /// `PerCpuArray<u64>` indexed by [`crate::DecapReason`].
+    pub const STATS: &str = "LB_DECAP_STATS";
+}
+
+/// Names of the programs in the decapsulator object.
+pub mod decap_program_name {
+    /// Strips IPIP / IPv6-in-IP addressed to this host.
+    pub const DECAP: &str = "lb_decap";
+    /// `XDP_PASS` and nothing else: for the far end of a veth whose near end
+    /// transmits with `XDP_TX` in native mode (veth drops those frames unless
+    /// the peer runs an XDP program).
+    pub const PASS: &str = "lb_pass";
+}
+
+/// Capacity of the decapsulator's address map.
+pub const DECAP_MAX_ADDRS: u32 = 256;
+
+/// An address of this host (key of the decapsulator's address map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HostAddr {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<HostAddr>() == 20);
+
 /// Names of the programs in the balancer object.
 pub mod program_name {
     /// The balancer.
@@ -221,5 +252,6 @@ mod pod {
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for BenchControl {}
     unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for HostAddr {}
     unsafe impl aya::Pod for crate::FlowKey {}
 }

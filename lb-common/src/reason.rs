@@ -112,3 +112,50 @@ mod tests {
         }
     }
 }
+
+/// What the decapsulator did with a packet. Index of `LB_DECAP_STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DecapReason {
+    /// IPIP / IPv6-in-IP to this host: outer header removed, `XDP_PASS`.
+    Decapsulated = 0,
+    /// Not an IPIP / IPv6-in-IP packet: `XDP_PASS`, untouched.
+    NotTunnel = 1,
+    /// A tunnel packet to an address that is not this host's: `XDP_PASS`, untouched.
+    NotLocal = 2,
+    /// A tunnel packet to this host with a bad outer or inner header
+    /// (lengths, versions, an outer fragment): `XDP_DROP`.
+    Malformed = 3,
+}
+
+/// Number of [`DecapReason`]s.
+pub const DECAP_REASON_COUNT: u32 = 4;
+
+impl DecapReason {
+    /// Every reason, in index order.
+    pub const ALL: [DecapReason; DECAP_REASON_COUNT as usize] = [
+        DecapReason::Decapsulated,
+        DecapReason::NotTunnel,
+        DecapReason::NotLocal,
+        DecapReason::Malformed,
+    ];
+
+    /// The verdict for a packet with this reason.
+    #[inline(always)]
+    pub const fn action(self) -> u32 {
+        match self {
+            DecapReason::Malformed => xdp_action::XDP_DROP,
+            _ => xdp_action::XDP_PASS,
+        }
+    }
+
+    /// Label value used in metrics and logs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DecapReason::Decapsulated => "decapsulated",
+            DecapReason::NotTunnel => "not_tunnel",
+            DecapReason::NotLocal => "not_local",
+            DecapReason::Malformed => "malformed",
+        }
+    }
+}

@@ -17,9 +17,10 @@ use network_types::{
 
 use crate::packet::{frame_len, ptr_at, read_u32_even};
 
-const ETH_P_IPV4: u16 = EtherType::Ipv4 as u16;
-const ETH_P_IPV6: u16 = EtherType::Ipv6 as u16;
-const ETH_P_8021Q: u16 = EtherType::Ieee8021q as u16;
+/// Ether types as they sit in the header (network order read natively).
+pub const ETH_P_IPV4: u16 = EtherType::Ipv4 as u16;
+pub const ETH_P_IPV6: u16 = EtherType::Ipv6 as u16;
+pub const ETH_P_8021Q: u16 = EtherType::Ieee8021q as u16;
 
 /// IPv4 "more fragments" flag and fragment offset, host order.
 const IPV4_MF_OFFSET_MASK: u16 = 0x3fff;
@@ -36,17 +37,23 @@ pub struct Packet {
     pub flow: FlowKey,
 }
 
+/// Ether type of the L3 header and the L2 header's length (14, or 18 with
+/// one 802.1Q tag); `None` if the frame is too short for either.
+#[inline(always)]
+pub fn l2_header(ctx: &XdpContext) -> Option<(u16, usize)> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    let ether_type = unsafe { (*eth).ether_type };
+    if ether_type != ETH_P_8021Q {
+        return Some((ether_type, EthHdr::LEN));
+    }
+    let vlan: *const VlanHdr = ptr_at(ctx, EthHdr::LEN)?;
+    Some((unsafe { (*vlan).ether_type }, EthHdr::LEN + VlanHdr::LEN))
+}
+
 /// Parses the frame in `ctx`.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
-    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::Malformed)?;
-    let mut ether_type = unsafe { (*eth).ether_type };
-    let mut l2_len = EthHdr::LEN;
-    if ether_type == ETH_P_8021Q {
-        let vlan: *const VlanHdr = ptr_at(ctx, l2_len).ok_or(Reason::Malformed)?;
-        ether_type = unsafe { (*vlan).ether_type };
-        l2_len += VlanHdr::LEN;
-    }
+    let (ether_type, l2_len) = l2_header(ctx).ok_or(Reason::Malformed)?;
     match ether_type {
         ETH_P_IPV4 => parse_ipv4(ctx, l2_len),
         ETH_P_IPV6 => parse_ipv6(ctx, l2_len),

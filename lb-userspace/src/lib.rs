@@ -5,8 +5,10 @@
 //! - [`vip`]: the domain (VIPs, backends, protocols).
 //! - [`maglev`]: the weighted Maglev table builder (pure).
 //! - [`dataplane`]: the only module that talks to the kernel's BPF objects.
+//! - [`host`]: facts about the host (its addresses).
 
 pub mod config;
 pub mod dataplane;
+pub mod host;
 pub mod maglev;
 pub mod vip;

@@ -1,32 +1,48 @@
-//! `lbd`: loads the XDP balancer, attaches it to an interface, programs the
-//! VIPs of the config file and runs until SIGINT or SIGTERM, then detaches.
+//! `lbd`: the balancer daemon. Loads the XDP balancer, attaches it to an
+//! interface, programs the VIPs of the config file and runs until SIGINT or
+//! SIGTERM, then detaches. `lbd decap` runs the decapsulator on a backend.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb::{
     config,
-    dataplane::{AttachMode, Dataplane},
+    dataplane::{AttachMode, Dataplane, Decapsulator},
+    host,
 };
+use lb_common::DecapReason;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
+
+/// How often the data plane's cached next hops are looked up again.
+const NEXTHOP_REFRESH: Duration = Duration::from_secs(1);
+/// How often `lbd decap` re-reads the host's addresses (when not given).
+const ADDRESS_REFRESH: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(
     name = "lbd",
     version,
-    about = "XDP Maglev layer-4 load balancer daemon"
+    about = "XDP Maglev layer-4 load balancer daemon",
+    args_conflicts_with_subcommands = true
 )]
-struct Args {
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    balancer: BalancerArgs,
+}
+
+#[derive(Args)]
+struct BalancerArgs {
     /// Config file (TOML); see the README's config reference.
     #[arg(long, short)]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// Interface to attach the balancer to (required unless --check).
     #[arg(long, short)]
     iface: Option<String>,
-    /// XDP attach mode: native (driver), skb (generic), or auto (native if
-    /// the driver supports it).
+    /// XDP attach mode.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     xdp_mode: XdpModeArg,
     /// Validate the config, print a summary and exit.
@@ -34,11 +50,44 @@ struct Args {
     check: bool,
 }
 
+#[derive(Subcommand)]
+enum Command {
+    /// Run the decapsulator on a backend: strip the balancer's IPIP /
+    /// IPv6-in-IP headers so the backend needs no ipip module.
+    Decap(DecapArgs),
+}
+
+#[derive(Args)]
+struct DecapArgs {
+    /// Interface the balancer's packets arrive on.
+    #[arg(long, short)]
+    iface: String,
+    /// Outer destination address to decapsulate (repeat for several).
+    /// Default: every address of this host, re-read every 5 seconds.
+    #[arg(long = "address")]
+    addresses: Vec<IpAddr>,
+    /// XDP attach mode.
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    xdp_mode: XdpModeArg,
+}
+
+/// native: driver mode (fast); skb: generic mode (any interface, slower);
+/// auto: native, else skb with a warning.
 #[derive(Clone, Copy, ValueEnum)]
 enum XdpModeArg {
     Auto,
     Native,
     Skb,
+}
+
+impl From<XdpModeArg> for AttachMode {
+    fn from(m: XdpModeArg) -> AttachMode {
+        match m {
+            XdpModeArg::Auto => AttachMode::Auto,
+            XdpModeArg::Native => AttachMode::Native,
+            XdpModeArg::Skb => AttachMode::Skb,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -47,7 +96,12 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    match run(Args::parse()) {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Decap(args)) => run_decap(args),
+        None => run_balancer(cli.balancer),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // The whole cause chain on one line, no backtrace: this is for operators.
@@ -57,12 +111,39 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<()> {
-    let config = config::load(&args.config)?;
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+}
+
+/// Runs `tick` every `period` until SIGINT or SIGTERM.
+fn until_signal(period: Duration, mut tick: impl FnMut()) -> Result<()> {
+    runtime()?.block_on(async {
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut timer = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = int.recv() => break,
+                _ = term.recv() => break,
+                _ = timer.tick() => tick(),
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+fn run_balancer(args: BalancerArgs) -> Result<()> {
+    let Some(path) = args.config else {
+        bail!("--config FILE is required (see lbd --help)");
+    };
+    let config = config::load(&path)?;
     if args.check {
         println!(
             "{}: ok ({} VIPs, {} backends)",
-            args.config.display(),
+            path.display(),
             config.vips.len(),
             config.vips.iter().map(|v| v.backends.len()).sum::<usize>()
         );
@@ -73,39 +154,62 @@ fn run(args: Args) -> Result<()> {
             "--iface is required to run the balancer (or pass --check to only validate the config)"
         );
     };
-    let mode = match args.xdp_mode {
-        XdpModeArg::Auto => AttachMode::Auto,
-        XdpModeArg::Native => AttachMode::Native,
-        XdpModeArg::Skb => AttachMode::Skb,
-    };
 
     let mut dp = Dataplane::load(&config.balancer).context("loading the XDP balancer")?;
     dp.sync(&config.vips)
         .context("programming the VIPs from the config")?;
-    let used = dp.attach(&iface, mode)?;
+    let used = dp.attach(&iface, args.xdp_mode.into())?;
     info!(
         iface = %iface,
         mode = ?used,
         vips = config.vips.len(),
-        config = %args.config.display(),
+        config = %path.display(),
         "balancer attached"
     );
-
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?
-        .block_on(async {
-            let mut term =
-                signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-            tokio::select! {
-                r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
-                _ = term.recv() => {}
-            }
-            anyhow::Ok(())
-        })?;
-
+    until_signal(NEXTHOP_REFRESH, || {
+        // Neighbour changes reach the data plane's next-hop cache within this period.
+        if let Err(e) = dp.refresh_next_hops() {
+            tracing::warn!(error = %e, "refreshing the next-hop cache failed");
+        }
+    })?;
     info!(iface = %iface, "shutting down: detaching the balancer");
     dp.detach().context("detaching the balancer")?;
+    Ok(())
+}
+
+fn run_decap(args: DecapArgs) -> Result<()> {
+    let mut decap = Decapsulator::load().context("loading the XDP decapsulator")?;
+    let fixed = !args.addresses.is_empty();
+    let addresses = if fixed {
+        args.addresses.clone()
+    } else {
+        host::addresses().context("listing this host's addresses")?
+    };
+    decap.set_addresses(&addresses)?;
+    let used = decap.attach(&args.iface, args.xdp_mode.into())?;
+    info!(iface = %args.iface, mode = ?used, addresses = ?addresses, "decapsulator attached");
+    let mut current = addresses;
+    until_signal(ADDRESS_REFRESH, || {
+        if fixed {
+            return;
+        }
+        match host::addresses() {
+            Ok(now) if now != current => match decap.set_addresses(&now) {
+                Ok(()) => {
+                    info!(addresses = ?now, "host addresses changed");
+                    current = now;
+                }
+                Err(e) => tracing::warn!(error = %e, "updating the decapsulated addresses failed"),
+            },
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "listing this host's addresses failed"),
+        }
+    })?;
+    let counters = decap.counters()?;
+    let summary: Vec<String> = DecapReason::ALL
+        .iter()
+        .map(|r| format!("{}={}", r.name(), counters[*r as usize]))
+        .collect();
+    info!(iface = %args.iface, counters = %summary.join(" "), "shutting down: detaching the decapsulator");
     Ok(())
 }

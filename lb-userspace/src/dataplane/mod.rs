@@ -7,6 +7,7 @@
 
 mod bench;
 mod counters;
+mod decap;
 mod vips;
 
 use std::{collections::BTreeMap, collections::VecDeque, net::IpAddr};
@@ -23,6 +24,7 @@ use lb_common::{
 
 pub use bench::{BenchMaps, BenchTarget};
 pub use counters::Counters;
+pub use decap::{DECAP_OBJECT, Decapsulator, PassProgram};
 
 use crate::{config::BalancerSettings, maglev::MaglevTable, vip::VipAddr};
 
@@ -79,6 +81,8 @@ pub enum DataplaneError {
     Cpus(String),
     #[error("interface {0} does not exist")]
     NoInterface(String),
+    #[error("{count} addresses to decapsulate; the limit is {max}")]
+    TooManyAddresses { count: usize, max: u32 },
     #[error("enabling forwarding on {iface} ({path})")]
     Forwarding {
         iface: String,
@@ -172,6 +176,48 @@ pub fn enable_forwarding(
         }
     }
     Ok(changed)
+}
+
+fn check_interface(iface: &str) -> Result<(), DataplaneError> {
+    let missing = || DataplaneError::NoInterface(iface.to_string());
+    let name = std::ffi::CString::new(iface).map_err(|_| missing())?;
+    // SAFETY: a valid NUL-terminated string.
+    if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+        return Err(missing());
+    }
+    Ok(())
+}
+
+/// Attaches `prog` to `iface` in `mode` (`Auto`: native, else generic with a
+/// warning); returns the link and the mode in effect.
+fn attach_xdp(
+    prog: &mut Xdp,
+    iface: &str,
+    mode: AttachMode,
+) -> Result<(XdpLinkId, AttachMode), DataplaneError> {
+    check_interface(iface)?;
+    let attach = |prog: &mut Xdp, mode: AttachMode| {
+        let (flags, label) = match mode {
+            AttachMode::Native | AttachMode::Auto => (XdpMode::Driver, "native"),
+            AttachMode::Skb => (XdpMode::Skb, "skb"),
+        };
+        prog.attach(iface, flags)
+            .map_err(|source| DataplaneError::Attach {
+                iface: iface.to_string(),
+                mode: label,
+                source,
+            })
+    };
+    match mode {
+        AttachMode::Auto => match attach(prog, AttachMode::Native) {
+            Ok(link) => Ok((link, AttachMode::Native)),
+            Err(e) => {
+                tracing::warn!(iface, error = %e, "native XDP not available, falling back to generic (skb) mode");
+                Ok((attach(prog, AttachMode::Skb)?, AttachMode::Skb))
+            }
+        },
+        m => Ok((attach(prog, m)?, m)),
+    }
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -320,36 +366,10 @@ impl Dataplane {
     /// Attaches the balancer to `iface`; returns the mode in effect.
     /// Enables forwarding on `iface` first (see [`enable_forwarding`]).
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, DataplaneError> {
-        let name = std::ffi::CString::new(iface)
-            .map_err(|_| DataplaneError::NoInterface(iface.to_string()))?;
-        // SAFETY: a valid NUL-terminated string.
-        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
-            return Err(DataplaneError::NoInterface(iface.to_string()));
-        }
+        check_interface(iface)?;
         enable_forwarding(iface, &self.settings)?;
         let prog = xdp_program(&mut self.ebpf, program_name::BALANCER)?;
-        let attach = |prog: &mut Xdp, mode: AttachMode| {
-            let (flags, label) = match mode {
-                AttachMode::Native | AttachMode::Auto => (XdpMode::Driver, "native"),
-                AttachMode::Skb => (XdpMode::Skb, "skb"),
-            };
-            prog.attach(iface, flags)
-                .map_err(|source| DataplaneError::Attach {
-                    iface: iface.to_string(),
-                    mode: label,
-                    source,
-                })
-        };
-        let (link, used) = match mode {
-            AttachMode::Auto => match attach(prog, AttachMode::Native) {
-                Ok(link) => (link, AttachMode::Native),
-                Err(e) => {
-                    tracing::warn!(error = %e, "native XDP not available, falling back to generic (skb) mode");
-                    (attach(prog, AttachMode::Skb)?, AttachMode::Skb)
-                }
-            },
-            m => (attach(prog, m)?, m),
-        };
+        let (link, used) = attach_xdp(prog, iface, mode)?;
         self.link = Some(link);
         Ok(used)
     }
