@@ -64,10 +64,29 @@ impl Default for BalancerSettings {
     }
 }
 
+/// Default address of the Prometheus endpoint (`metrics.listen`).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9180";
+
+/// The Prometheus endpoint (`[metrics]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsSettings {
+    /// Where `/metrics` is served; `None` when disabled.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings {
+            listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+        }
+    }
+}
+
 /// A validated config.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub balancer: BalancerSettings,
+    pub metrics: MetricsSettings,
     pub vips: Vec<Vip>,
 }
 
@@ -124,7 +143,16 @@ struct RawConfig {
     #[serde(default)]
     balancer: RawBalancer,
     #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
     vip: Vec<RawVip>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    enabled: Option<bool>,
+    listen: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -222,8 +250,34 @@ impl Validator {
         }
     }
 
+    fn metrics(&mut self, raw: &RawMetrics) -> MetricsSettings {
+        let listen = match raw.listen.as_deref() {
+            None => MetricsSettings::default().listen,
+            Some(s) => {
+                match s.parse() {
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        self.problem(
+                        "metrics.listen",
+                        format!("{s:?} is not ADDRESS:PORT (e.g. \"127.0.0.1:9180\", \"[::1]:9180\")"),
+                    );
+                        None
+                    }
+                }
+            }
+        };
+        MetricsSettings {
+            listen: if raw.enabled == Some(false) {
+                None
+            } else {
+                listen
+            },
+        }
+    }
+
     fn config(&mut self, raw: &RawConfig) -> Config {
         let balancer = self.balancer(&raw.balancer);
+        let metrics = self.metrics(&raw.metrics);
         let mut vips = Vec::new();
         let mut seen = HashSet::new();
         let mut total_backends = 0usize;
@@ -282,7 +336,11 @@ impl Validator {
                 ),
             );
         }
-        Config { balancer, vips }
+        Config {
+            balancer,
+            metrics,
+            vips,
+        }
     }
 
     fn balancer(&mut self, raw: &RawBalancer) -> BalancerSettings {
@@ -593,6 +651,21 @@ mod tests {
         assert!(
             msg.contains("vip[0].port") && msg.contains("vip[0].protocol"),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn metrics_endpoint_defaults_can_be_changed_or_disabled() {
+        let c = parse(GOOD, "t").unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9180".parse().unwrap()));
+        let c = parse(&format!("[metrics]\nlisten = \"[::1]:9999\"\n{GOOD}"), "t").unwrap();
+        assert_eq!(c.metrics.listen, Some("[::1]:9999".parse().unwrap()));
+        let c = parse(&format!("[metrics]\nenabled = false\n{GOOD}"), "t").unwrap();
+        assert_eq!(c.metrics.listen, None);
+        assert_problem(
+            &format!("[metrics]\nlisten = \"localhost\"\n{GOOD}"),
+            "metrics.listen",
+            "localhost",
         );
     }
 

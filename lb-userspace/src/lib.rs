@@ -6,9 +6,13 @@
 //! - [`maglev`]: the weighted Maglev table builder (pure).
 //! - [`dataplane`]: the only module that talks to the kernel's BPF objects.
 //! - [`host`]: facts about the host (its addresses).
+//! - [`controller`]: the single owner of the data plane; other tasks send it requests.
+//! - [`metrics`]: `/metrics` in the Prometheus text format.
 
 pub mod config;
+pub mod controller;
 pub mod dataplane;
 pub mod host;
 pub mod maglev;
+pub mod metrics;
 pub mod vip;

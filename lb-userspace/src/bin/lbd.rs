@@ -8,15 +8,14 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb::{
     config,
+    controller::Controller,
     dataplane::{AttachMode, Dataplane, Decapsulator},
-    host,
+    host, metrics,
 };
 use lb_common::DecapReason;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
-/// How often the data plane's cached next hops are looked up again.
-const NEXTHOP_REFRESH: Duration = Duration::from_secs(1);
 /// How often `lbd decap` re-reads the host's addresses (when not given).
 const ADDRESS_REFRESH: Duration = Duration::from_secs(5);
 
@@ -118,21 +117,27 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the runtime")
 }
 
-/// Runs `tick` every `period` until SIGINT or SIGTERM.
-fn until_signal(period: Duration, mut tick: impl FnMut()) -> Result<()> {
-    runtime()?.block_on(async {
-        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let mut timer = tokio::time::interval(period);
-        loop {
-            tokio::select! {
-                _ = int.recv() => break,
-                _ = term.recv() => break,
-                _ = timer.tick() => tick(),
-            }
+/// SIGINT and SIGTERM, installed before anything is attached so a signal
+/// during start-up is not lost.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
         }
-        anyhow::Ok(())
-    })
+    }
 }
 
 fn run_balancer(args: BalancerArgs) -> Result<()> {
@@ -154,27 +159,44 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             "--iface is required to run the balancer (or pass --check to only validate the config)"
         );
     };
-
-    let mut dp = Dataplane::load(&config.balancer).context("loading the XDP balancer")?;
-    dp.sync(&config.vips)
-        .context("programming the VIPs from the config")?;
-    let used = dp.attach(&iface, args.xdp_mode.into())?;
-    info!(
-        iface = %iface,
-        mode = ?used,
-        vips = config.vips.len(),
-        config = %path.display(),
-        "balancer attached"
-    );
-    until_signal(NEXTHOP_REFRESH, || {
-        // Neighbour changes reach the data plane's next-hop cache within this period.
-        if let Err(e) = dp.refresh_next_hops() {
-            tracing::warn!(error = %e, "refreshing the next-hop cache failed");
+    runtime()?.block_on(async {
+        let mut signals = Signals::install()?;
+        let mut dp = Dataplane::load(&config.balancer).context("loading the XDP balancer")?;
+        dp.sync(&config.vips)
+            .context("programming the VIPs from the config")?;
+        let (mut controller, handle) = Controller::new(dp);
+        // Bind before attaching, so a bad address changes nothing.
+        let metrics_server = match config.metrics.listen {
+            Some(listen) => Some((
+                listen,
+                metrics::serve(listen, handle.clone())
+                    .await
+                    .with_context(|| format!("serving /metrics on {listen} (metrics.listen)"))?,
+            )),
+            None => None,
+        };
+        let used = controller
+            .dataplane_mut()
+            .attach(&iface, args.xdp_mode.into())?;
+        info!(
+            iface = %iface,
+            mode = ?used,
+            vips = config.vips.len(),
+            config = %path.display(),
+            "balancer attached"
+        );
+        if let Some((listen, server)) = metrics_server {
+            info!(%listen, "serving /metrics");
+            tokio::spawn(async move {
+                if let Err(e) = server.await {
+                    tracing::error!(error = %e, "the metrics endpoint failed");
+                }
+            });
         }
-    })?;
-    info!(iface = %iface, "shutting down: detaching the balancer");
-    dp.detach().context("detaching the balancer")?;
-    Ok(())
+        let mut dp = controller.run(signals.recv()).await;
+        info!(iface = %iface, "shutting down: detaching the balancer");
+        dp.detach().context("detaching the balancer")
+    })
 }
 
 fn run_decap(args: DecapArgs) -> Result<()> {
@@ -189,21 +211,26 @@ fn run_decap(args: DecapArgs) -> Result<()> {
     let used = decap.attach(&args.iface, args.xdp_mode.into())?;
     info!(iface = %args.iface, mode = ?used, addresses = ?addresses, "decapsulator attached");
     let mut current = addresses;
-    until_signal(ADDRESS_REFRESH, || {
-        if fixed {
-            return;
+    runtime()?.block_on(async {
+        let mut signals = Signals::install()?;
+        let mut timer = tokio::time::interval(ADDRESS_REFRESH);
+        loop {
+            tokio::select! {
+                _ = signals.recv() => break,
+                _ = timer.tick(), if !fixed => match host::addresses() {
+                    Ok(now) if now != current => match decap.set_addresses(&now) {
+                        Ok(()) => {
+                            info!(addresses = ?now, "host addresses changed");
+                            current = now;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "updating the decapsulated addresses failed"),
+                    },
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "listing this host's addresses failed"),
+                },
+            }
         }
-        match host::addresses() {
-            Ok(now) if now != current => match decap.set_addresses(&now) {
-                Ok(()) => {
-                    info!(addresses = ?now, "host addresses changed");
-                    current = now;
-                }
-                Err(e) => tracing::warn!(error = %e, "updating the decapsulated addresses failed"),
-            },
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "listing this host's addresses failed"),
-        }
+        anyhow::Ok(())
     })?;
     let counters = decap.counters()?;
     let summary: Vec<String> = DecapReason::ALL
