@@ -8,6 +8,7 @@
 //! - [`host`]: facts about the host (its addresses).
 //! - [`controller`]: the single owner of the data plane; other tasks send it requests.
 //! - [`metrics`]: `/metrics` in the Prometheus text format.
+//! - [`neighbours`]: keeps the kernel's neighbour entries towards backends resolved.
 
 pub mod config;
 pub mod controller;
@@ -15,4 +16,5 @@ pub mod dataplane;
 pub mod host;
 pub mod maglev;
 pub mod metrics;
+pub mod neighbours;
 pub mod vip;

@@ -6,6 +6,7 @@
 //! that lacks it fails with a message saying so; it never passes silently.
 
 pub mod frames;
+pub mod lab;
 pub mod netns;
 pub mod packet_lab;
 pub mod xdp;

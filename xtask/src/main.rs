@@ -1,6 +1,7 @@
 //! `cargo xtask`: what cargo alone cannot do. Installs prerequisites, runs
 //! the tests and benchmarks as root, and runs the balancer.
 
+mod lab;
 mod setup;
 
 use std::{
@@ -36,6 +37,18 @@ enum Task {
     },
     /// Set up, then run the benchmarks; figures go to target/bench/results.json.
     Bench,
+    /// Lab housekeeping.
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabAction {
+    /// Remove what crashed tests, demos or benchmarks left behind: network
+    /// namespaces named lbt-* (and the processes in them) and their temp dirs.
+    Clean,
 }
 
 /// The workspace root.
@@ -81,6 +94,8 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             require_root("cargo xtask test")?;
             setup::setup()?;
+            // The end-to-end tests run the real lbd binary.
+            run(cargo().args(["build", "-p", "lb-userspace", "--bins"]))?;
             run(cargo().args(["test", "--no-fail-fast"]).args(&args))
         }
         Task::Run { args } => {
@@ -91,6 +106,12 @@ fn main() -> Result<()> {
             }
             run(cargo().args(["build", "--release", "-p", "lb-userspace", "--bin", "lbd"]))?;
             run(Command::new(root().join("target/release/lbd")).args(&args))
+        }
+        Task::Lab {
+            action: LabAction::Clean,
+        } => {
+            require_root("cargo xtask lab clean")?;
+            lab::clean()
         }
         Task::Bench => {
             require_root("cargo xtask bench")?;

@@ -12,6 +12,8 @@ use crate::run;
 ///   bpf-linker against LLVM 22.
 /// - iproute2: `ip` for network namespaces, veths, addresses, neighbours.
 /// - procps: `sysctl`.
+/// - ethtool: the lab turns checksum offload off on its client veth.
+/// - wrk: the end-to-end benchmark's load generator.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -19,6 +21,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "iproute2",
     "procps",
+    "ethtool",
+    "wrk",
 ];
 
 fn step(name: &str) {

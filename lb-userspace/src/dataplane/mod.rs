@@ -138,6 +138,8 @@ pub struct Dataplane {
     free_backend_ids: VecDeque<u32>,
     nr_cpus: usize,
     link: Option<XdpLinkId>,
+    /// The interface attached to, once attached.
+    iface: Option<String>,
     /// Current next-hop cache generation (`DataplaneConfig::nexthop_gen`).
     nexthop_gen: u32,
     nexthop_cache: bool,
@@ -286,6 +288,7 @@ impl Dataplane {
             free_backend_ids: (0..settings.max_backends).collect(),
             nr_cpus,
             link: None,
+            iface: None,
             nexthop_gen: 1,
             nexthop_cache: true,
         };
@@ -371,7 +374,27 @@ impl Dataplane {
         let prog = xdp_program(&mut self.ebpf, program_name::BALANCER)?;
         let (link, used) = attach_xdp(prog, iface, mode)?;
         self.link = Some(link);
+        self.iface = Some(iface.to_string());
+        let backends: Vec<IpAddr> = self
+            .vips
+            .values()
+            .flat_map(|p| p.backends.keys().copied())
+            .collect();
+        self.manage_neighbours(&backends);
         Ok(used)
+    }
+
+    /// Keeps the neighbours towards `backends` resolved (see
+    /// [`crate::neighbours`]); failures are logged, not fatal: the affected
+    /// packets count as `fib_failed` until the entries resolve otherwise.
+    fn manage_neighbours(&self, backends: &[IpAddr]) {
+        let Some(iface) = &self.iface else { return };
+        if backends.is_empty() {
+            return;
+        }
+        if let Err(e) = crate::neighbours::manage(iface, backends) {
+            tracing::warn!(iface, error = %format!("{e:#}"), "cannot mark the backends' neighbours managed");
+        }
     }
 
     /// Detaches the balancer (also happens when the `Dataplane` is dropped).

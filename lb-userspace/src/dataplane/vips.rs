@@ -237,8 +237,14 @@ impl Dataplane {
                 self.free_backend_ids.push_back(*id);
             }
         }
+        let added: Vec<IpAddr> = next
+            .iter()
+            .filter(|(_, (id, _))| fresh.contains(id))
+            .map(|(a, _)| *a)
+            .collect();
         p.backends = next;
         p.table = table;
+        self.manage_neighbours(&added);
         Ok(())
     }
 

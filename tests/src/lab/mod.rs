@@ -1,0 +1,458 @@
+//! A lab of network namespaces with real traffic: a client, the balancer
+//! (running the real `lbd`), N backends (running `lbd decap` and HTTP/UDP
+//! services), all on one bridge. Used by the end-to-end tests, the demo
+//! (`cargo xtask run`) and the end-to-end benchmark.
+//!
+//! ```text
+//!   client ─┐                      10.201.0.0/24, fd00:201::/64
+//!   lb ─────┼── bridge (own netns)  client .2, lb .1, backend i .(10+i)
+//!   b1..bN ─┘                      VIPs 203.0.113.10, 2001:db8:10::1
+//! ```
+//!
+//! The client routes the VIPs via the balancer. Each backend has the VIPs on
+//! `lo` (with `arp_ignore=1`, `arp_announce=2`) and answers the client
+//! directly. The balancer runs in native XDP mode; its bridge-side veth peer
+//! runs an `XDP_PASS` program, without which veth drops native `XDP_TX`
+//! frames. Everything is torn down on drop (also on panic); namespaces are
+//! named `lbt-lab-*` so `cargo xtask lab clean` finds leftovers of a crash.
+
+pub mod client;
+pub mod servers;
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use lb::dataplane::PassProgram;
+
+use crate::{netns::Netns, require_root};
+
+/// The lab's IPv4 VIP.
+pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The lab's IPv6 VIP.
+pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 1);
+/// Where lbd serves `/metrics` inside the balancer namespace.
+pub const METRICS: &str = "127.0.0.1:9180";
+/// MTU of the balancer's and backends' links (the client's is 1500): room for
+/// the outer header, as the README recommends.
+const BACKEND_MTU: u32 = 1600;
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct LabSpec {
+    /// One backend per weight.
+    pub weights: Vec<u32>,
+    /// `lbd --xdp-mode` for the balancer: "native" (default) or "skb".
+    pub xdp_mode: &'static str,
+}
+
+impl LabSpec {
+    /// Backends with these weights, native XDP.
+    pub fn weights(weights: &[u32]) -> LabSpec {
+        LabSpec {
+            weights: weights.to_vec(),
+            xdp_mode: "native",
+        }
+    }
+}
+
+/// A backend host.
+pub struct LabBackend {
+    /// `b1`, `b2`, ...: what its services answer with.
+    pub name: String,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+    pub weight: u32,
+    pub ns: Netns,
+}
+
+/// A running lab. Drop tears it down.
+pub struct Lab {
+    processes: Vec<(String, Child)>,
+    services: Vec<servers::Services>,
+    _pass: PassProgram,
+    pub backends: Vec<LabBackend>,
+    pub client: Netns,
+    pub balancer: Netns,
+    switch: Netns,
+    dir: PathBuf,
+}
+
+/// The `lbd` binary next to the running executable (tests, demo and bench
+/// live in the same target directory as lbd).
+pub fn lbd_path() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe
+        .parent()
+        .context("executable without a directory")?
+        .to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let lbd = dir.join("lbd");
+    if !lbd.exists() {
+        bail!(
+            "{} not found: build it first (`cargo build -p lb-userspace --bins`, which `cargo xtask test` does)",
+            lbd.display()
+        );
+    }
+    Ok(lbd)
+}
+
+fn host_link(switch: &Netns, host: &Netns, port: &str, mtu: u32) -> Result<()> {
+    switch.ip(&[
+        "link",
+        "add",
+        port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        host.name(),
+    ])?;
+    switch.ip(&[
+        "link",
+        "set",
+        port,
+        "mtu",
+        &mtu.to_string(),
+        "master",
+        "br0",
+        "up",
+    ])?;
+    host.ip(&["link", "set", "eth0", "mtu", &mtu.to_string(), "up"])?;
+    Ok(())
+}
+
+/// IPv6 addresses usable at once (no duplicate address detection wait).
+fn no_dad(ns: &Netns) -> Result<()> {
+    ns.exec(
+        "sysctl",
+        &[
+            "-qw",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ],
+    )?;
+    Ok(())
+}
+
+/// lbd's config for the lab: both VIPs, HTTP and echo, over every backend.
+fn config(backends: &[LabBackend]) -> String {
+    let mut c = String::from(
+        "[balancer]\nsource_v4 = \"10.201.0.1\"\nsource_v6 = \"fd00:201::1\"\nmtu = 1600\nmax_vips = 8\nmax_backends = 64\n\n",
+    );
+    c += &format!("[metrics]\nlisten = \"{METRICS}\"\n\n");
+    for (vip, v6) in [(IpAddr::from(VIP_V4), false), (IpAddr::from(VIP_V6), true)] {
+        for (port, proto) in [(servers::HTTP_PORT, "tcp"), (servers::ECHO_PORT, "udp")] {
+            c += &format!(
+                "[[vip]]\naddress = \"{vip}\"\nport = {port}\nprotocol = \"{proto}\"\nbackends = [\n"
+            );
+            for b in backends {
+                let addr: IpAddr = if v6 { b.v6.into() } else { b.v4.into() };
+                c += &format!("  {{ address = \"{addr}\", weight = {} }},\n", b.weight);
+            }
+            c += "]\n\n";
+        }
+    }
+    c
+}
+
+impl Lab {
+    /// Builds the lab, starts lbd and the backends, and waits until traffic
+    /// flows.
+    pub fn start(spec: &LabSpec) -> Result<Lab> {
+        require_root();
+        let lbd = lbd_path()?;
+        let switch = Netns::new("lab-sw")?;
+        let client = Netns::new("lab-client")?;
+        let balancer = Netns::new("lab-lb")?;
+        let dir = std::env::temp_dir().join(balancer.name());
+        fs::create_dir_all(&dir)?;
+        for ns in [&switch, &client, &balancer] {
+            no_dad(ns)?;
+        }
+        switch.ip(&["link", "add", "br0", "type", "bridge"])?;
+        switch.ip(&["link", "set", "br0", "up"])?;
+
+        host_link(&switch, &client, "v-client", 1500)?;
+        // veth offloads checksums: the client's packets would carry only a
+        // partial TCP/UDP checksum, which a real NIC completes on the wire but
+        // XDP_TX on veth sends as is. Have the client compute them.
+        client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+        client.ip(&["addr", "add", "10.201.0.2/24", "dev", "eth0"])?;
+        client.ip(&["addr", "add", "fd00:201::2/64", "dev", "eth0"])?;
+        client.ip(&["route", "add", &format!("{VIP_V4}/32"), "via", "10.201.0.1"])?;
+        client.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{VIP_V6}/128"),
+            "via",
+            "fd00:201::1",
+        ])?;
+
+        host_link(&switch, &balancer, "v-lb", BACKEND_MTU)?;
+        balancer.ip(&["addr", "add", "10.201.0.1/24", "dev", "eth0"])?;
+        balancer.ip(&["addr", "add", "fd00:201::1/64", "dev", "eth0"])?;
+
+        let mut backends = Vec::new();
+        for (i, &weight) in spec.weights.iter().enumerate() {
+            let name = format!("b{}", i + 1);
+            let ns = Netns::new(&format!("lab-{name}"))?;
+            no_dad(&ns)?;
+            host_link(&switch, &ns, &format!("v-{name}"), BACKEND_MTU)?;
+            let v4 = Ipv4Addr::new(10, 201, 0, 11 + i as u8);
+            let v6 = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 11 + i as u16);
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0"])?;
+            ns.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
+            ns.ip(&["addr", "add", &format!("{VIP_V6}/128"), "dev", "lo"])?;
+            ns.exec(
+                "sysctl",
+                &[
+                    "-qw",
+                    "net.ipv4.conf.all.arp_ignore=1",
+                    "net.ipv4.conf.all.arp_announce=2",
+                    "net.ipv4.conf.eth0.arp_ignore=1",
+                    "net.ipv4.conf.eth0.arp_announce=2",
+                ],
+            )?;
+            backends.push(LabBackend {
+                name,
+                v4,
+                v6,
+                weight,
+                ns,
+            });
+        }
+
+        // veth delivers native XDP_TX only if the peer runs XDP.
+        let pass = {
+            let _inside = switch.enter()?;
+            PassProgram::attach("v-lb")
+                .context("attaching XDP_PASS to the balancer's bridge port")?
+        };
+
+        let mut lab = Lab {
+            processes: Vec::new(),
+            services: Vec::new(),
+            _pass: pass,
+            backends,
+            client,
+            balancer,
+            switch,
+            dir,
+        };
+        for b in &lab.backends {
+            lab.services.push(servers::start(
+                &b.ns,
+                &b.name,
+                &[VIP_V4.into(), VIP_V6.into()],
+            )?);
+        }
+        for i in 0..lab.backends.len() {
+            let log = lab.dir.join(format!("{}-decap.log", lab.backends[i].name));
+            let child = spawn_in(
+                &lab.backends[i].ns,
+                &lbd,
+                &["decap", "--iface", "eth0", "--xdp-mode", "native"],
+                &log,
+            )?;
+            lab.processes
+                .push((format!("{} lbd decap", lab.backends[i].name), child));
+        }
+        let config_path = lab.dir.join("lbd.toml");
+        fs::write(&config_path, config(&lab.backends))?;
+        let log = lab.dir.join("lbd.log");
+        let args = [
+            "--config",
+            config_path.to_str().context("temp path is UTF-8")?,
+            "--iface",
+            "eth0",
+            "--xdp-mode",
+            spec.xdp_mode,
+        ];
+        let child = spawn_in(&lab.balancer, &lbd, &args, &log)?;
+        lab.processes.push(("lbd".into(), child));
+        lab.wait_ready()?;
+        Ok(lab)
+    }
+
+    /// Waits for lbd's metrics, the decapsulators and the balancer's
+    /// neighbours; fails early with the logs if a process died.
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            self.check_alive()?;
+            let decaps_up = self.backends.iter().all(|b| {
+                b.ns.ip(&["link", "show", "eth0"])
+                    .is_ok_and(|s| s.contains("prog/xdp"))
+            });
+            let neighbours = self
+                .balancer
+                .ip(&["neigh", "show", "dev", "eth0"])
+                .unwrap_or_default();
+            let resolved = self.backends.iter().all(|b| {
+                [b.v4.to_string(), b.v6.to_string()].iter().all(|a| {
+                    neighbours
+                        .lines()
+                        .any(|l| l.split_whitespace().next() == Some(a) && l.contains("lladdr"))
+                })
+            });
+            if decaps_up && resolved && self.metrics().is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the lab did not come up in 20 s (decapsulators {decaps_up}, neighbours {resolved}); \
+                     balancer neighbours:\n{neighbours}logs:\n{}",
+                    self.logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        for (what, child) in &mut self.processes {
+            if let Some(status) = child.try_wait()? {
+                let what = what.clone();
+                bail!("{what} exited ({status}); logs:\n{}", self.logs());
+            }
+        }
+        Ok(())
+    }
+
+    /// Every log the lab's processes wrote.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                if e.path().extension().is_some_and(|x| x == "log") {
+                    out += &format!(
+                        "--- {}\n{}",
+                        e.path().display(),
+                        fs::read_to_string(e.path()).unwrap_or_default()
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// The VIP's HTTP service.
+    pub fn vip_http(&self, v6: bool) -> SocketAddr {
+        let ip: IpAddr = if v6 { VIP_V6.into() } else { VIP_V4.into() };
+        (ip, servers::HTTP_PORT).into()
+    }
+
+    /// The VIP's UDP echo service.
+    pub fn vip_echo(&self, v6: bool) -> SocketAddr {
+        let ip: IpAddr = if v6 { VIP_V6.into() } else { VIP_V4.into() };
+        (ip, servers::ECHO_PORT).into()
+    }
+
+    /// Runs `f` on a thread inside the client's namespace.
+    pub fn in_client<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        in_ns(&self.client, f)
+    }
+
+    /// lbd's `/metrics`, fetched inside the balancer's namespace.
+    pub fn metrics(&self) -> Result<String> {
+        in_ns(&self.balancer, || -> Result<String> {
+            let mut s = TcpStream::connect_timeout(&METRICS.parse()?, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+            if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+                bail!("metrics answered {}", head.lines().next().unwrap_or(""));
+            }
+            Ok(body.to_string())
+        })?
+    }
+
+    /// The value of the sample `name{labels}` in lbd's metrics (labels as
+    /// written by the exporter, e.g. `reason="forwarded"`), 0 if absent.
+    pub fn metric(&self, name: &str, labels: &str) -> Result<u64> {
+        Ok(metric_value(&self.metrics()?, name, labels))
+    }
+}
+
+/// The value of `name{labels}` in Prometheus text `text` (0 if absent).
+pub fn metric_value(text: &str, name: &str, labels: &str) -> u64 {
+    let want = if labels.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(k, _)| *k == want)
+        .and_then(|(_, v)| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// Runs `f` on a thread inside `ns`.
+pub fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> Result<T> {
+    thread::scope(|s| {
+        s.spawn(|| -> Result<T> {
+            let _inside = ns.enter()?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {} panicked", ns.name()))?
+    })
+}
+
+fn spawn_in(ns: &Netns, program: &PathBuf, args: &[&str], log: &PathBuf) -> Result<Child> {
+    let out = fs::File::create(log)?;
+    Command::new("ip")
+        .args(["netns", "exec", ns.name()])
+        .arg(program)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {} in {}", program.display(), ns.name()))
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // SIGTERM first so lbd detaches cleanly; SIGKILL if it hangs.
+        for (_, child) in &mut self.processes {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (_, child) in &mut self.processes {
+            while child.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.services.clear();
+        let _ = fs::remove_dir_all(&self.dir);
+        // The namespaces go when their fields drop.
+        let _ = &self.switch;
+    }
+}
