@@ -29,9 +29,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, build and run `lbd` with the given arguments (needs root).
+    /// Set up and build; with no arguments run the demo lab, with arguments
+    /// run `lbd` with them (needs root).
     Run {
-        /// Arguments for `lbd`, e.g. `--config lb.toml --iface eth0`.
+        /// Arguments for `lbd`, e.g. `-- --config lb.toml --iface eth0`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -101,11 +102,16 @@ fn main() -> Result<()> {
         Task::Run { args } => {
             require_root("cargo xtask run")?;
             setup::setup()?;
+            run(cargo().args(["build", "--release", "-p", "lb-userspace", "--bins"]))?;
+            // Ctrl-C goes to the whole foreground group: let the child (demo
+            // or lbd) clean up and exit, and wait for it.
+            // SAFETY: setting a signal disposition to "ignore".
+            unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
             if args.is_empty() {
-                bail!("give lbd's arguments: cargo xtask run -- --config FILE --iface IF");
+                run(cargo().args(["run", "--release", "-p", "lb-tests", "--bin", "lb-demo"]))
+            } else {
+                run(Command::new(root().join("target/release/lbd")).args(&args))
             }
-            run(cargo().args(["build", "--release", "-p", "lb-userspace", "--bin", "lbd"]))?;
-            run(Command::new(root().join("target/release/lbd")).args(&args))
         }
         Task::Lab {
             action: LabAction::Clean,
@@ -116,6 +122,8 @@ fn main() -> Result<()> {
         Task::Bench => {
             require_root("cargo xtask bench")?;
             setup::setup()?;
+            // The end-to-end benchmark runs the real lbd.
+            run(cargo().args(["build", "--release", "-p", "lb-userspace", "--bins"]))?;
             run(cargo()
                 .args([
                     "run",

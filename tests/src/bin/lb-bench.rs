@@ -29,6 +29,7 @@ use lb::{
 use lb_common::{DEFAULT_TABLE_SIZE, Reason, program_name, xdp_action};
 use lb_tests::{
     frames::{Flow, FrameSpec, l2_len},
+    lab::{Lab, LabSpec, servers as lab_servers},
     packet_lab::PacketLab,
     xdp::run_xdp,
 };
@@ -323,6 +324,100 @@ fn maglev_benchmarks(results: &mut BTreeMap<String, f64>) {
     }
 }
 
+/// Runs wrk in the lab's client namespace against `url`; returns requests
+/// per second and transfer in Gbit/s.
+fn wrk(lab: &Lab, url: &str, connections: u32, secs: u32) -> Result<(f64, f64)> {
+    let out = lab.client.exec(
+        "wrk",
+        &[
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{secs}s"),
+            url,
+        ],
+    )?;
+    let field = |name: &str| -> Result<&str> {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .map(str::trim)
+            .with_context(|| format!("wrk printed no {name:?}:\n{out}"))
+    };
+    let rps: f64 = field("Requests/sec:")?.parse()?;
+    let transfer = field("Transfer/sec:")?;
+    let (num, unit) = transfer.split_at(
+        transfer
+            .find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(transfer.len()),
+    );
+    let bytes = num.parse::<f64>()?
+        * match unit {
+            "B" => 1.0,
+            "KB" => 1024.0,
+            "MB" => 1024.0 * 1024.0,
+            "GB" => 1024.0 * 1024.0 * 1024.0,
+            u => bail!("unknown wrk unit {u:?}"),
+        };
+    if out.contains("Socket errors") || out.contains("Non-2xx") {
+        bail!("wrk saw errors against {url}:\n{out}");
+    }
+    Ok((rps, bytes * 8.0 / 1e9))
+}
+
+/// Real traffic through the lab: wrk through the VIP and straight to one
+/// backend, interleaved, median of three 4-second runs each.
+fn e2e_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
+    const REPS: usize = 3;
+    const SECS: u32 = 4;
+    let lab = Lab::start(&LabSpec::weights(&[1, 1, 2]))?;
+    let vip = format!("http://{}", lab.vip_http(false));
+    let direct = format!("http://{}:{}", lab.backends[0].v4, lab_servers::HTTP_PORT);
+    let big = "/bytes/1000000";
+    let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for _ in 0..REPS {
+        for (key, url) in [("vip", &vip), ("direct", &direct)] {
+            let (rps, _) = wrk(&lab, &format!("{url}/"), 32, SECS)?;
+            let (_, gbps) = wrk(&lab, &format!("{url}{big}"), 4, SECS)?;
+            samples
+                .entry(if key == "vip" {
+                    "vip_rps"
+                } else {
+                    "direct_rps"
+                })
+                .or_default()
+                .push(rps);
+            samples
+                .entry(if key == "vip" {
+                    "vip_gbps"
+                } else {
+                    "direct_gbps"
+                })
+                .or_default()
+                .push(gbps);
+        }
+    }
+    let m = |k: &str| median(samples[k].clone());
+    println!(
+        "End to end in the lab (wrk -t2, {SECS} s runs, median of {REPS}; VIP spreads over 3 backends, direct hits b1)"
+    );
+    println!(
+        "  small requests, 32 connections: VIP {:>9.0} req/s   direct {:>9.0} req/s   ratio {:.2}",
+        m("vip_rps"),
+        m("direct_rps"),
+        m("vip_rps") / m("direct_rps")
+    );
+    println!(
+        "  1 MB responses, 4 connections:  VIP {:>9.2} Gbit/s direct {:>9.2} Gbit/s ratio {:.2}",
+        m("vip_gbps"),
+        m("direct_gbps"),
+        m("vip_gbps") / m("direct_gbps")
+    );
+    println!("  target: the VIP reaches at least 0.90 of direct");
+    for k in ["vip_rps", "direct_rps", "vip_gbps", "direct_gbps"] {
+        results.insert(format!("e2e.{k}"), m(k));
+    }
+    Ok(())
+}
+
 fn merge(path: &PathBuf, results: &BTreeMap<String, f64>) -> Result<()> {
     let mut all: serde_json::Map<String, serde_json::Value> = match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text)
@@ -347,5 +442,6 @@ fn main() -> Result<()> {
     let mut results = BTreeMap::new();
     xdp_benchmarks(&mut results)?;
     maglev_benchmarks(&mut results);
+    e2e_benchmarks(&mut results)?;
     merge(&out, &results)
 }
