@@ -35,7 +35,7 @@ pub static BALANCER_OBJECT: &[u8] =
 /// Why a data plane operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("loading the XDP object failed (are you root? is the kernel 5.15 or newer?)")]
+    #[error("loading the XDP object failed (are you root? is the kernel 5.16 or newer?)")]
     Load(#[from] aya::EbpfError),
     #[error("the XDP object has no {kind} named {name}: object and lbd do not match")]
     Missing {
