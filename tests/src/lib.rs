@@ -21,6 +21,23 @@ pub fn require_root() {
     );
 }
 
+/// Pins the calling thread to `cpu`, so `BPF_PROG_TEST_RUN` runs on that
+/// CPU every time (for tests of per-CPU state).
+pub fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; pid 0 = this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            rc,
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// A small deterministic generator (splitmix64), so every run of a test
 /// sends the same "random" flows.
 pub struct SplitMix(pub u64);

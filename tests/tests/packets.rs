@@ -399,6 +399,8 @@ fn drops_have_their_reasons() {
 /// generation picks up a changed neighbour.
 #[test]
 fn next_hop_follows_the_neighbour_table_after_a_refresh() {
+    // The cache is per CPU: stay on one.
+    lb_tests::pin_to_cpu(0);
     let mut lab = lab();
     let mut rng = SplitMix(10);
     let f = flow(&mut rng, false, "203.0.113.10", 80, Protocol::Tcp);
