@@ -12,12 +12,18 @@
 //! plane never swaps bytes; user space converts once with [`addr_words`].
 #![no_std]
 
+mod balancer;
+mod conntrack;
+mod decap;
 mod flow;
-mod maps;
+mod names;
 mod reason;
 
+pub use balancer::*;
+pub use conntrack::{FLOW_EVENT_COUNT, FLOW_TOUCH_NS, FlowEntry, FlowEvent};
+pub use decap::{DECAP_MAX_ADDRS, HostAddr};
 pub use flow::{FlowKey, flow_hash, maglev_position, mix64};
-pub use maps::*;
+pub use names::{decap_map_name, decap_program_name, map_name, program_name};
 pub use reason::{DECAP_REASON_COUNT, DecapReason, REASON_COUNT, Reason, xdp_action};
 
 use core::net::IpAddr;
@@ -61,6 +67,24 @@ pub fn words_addr(family: u8, words: [u32; 4]) -> IpAddr {
         }
         IpAddr::V6(o.into())
     }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are `repr(C)`, made of integers only, and have no
+    // implicit padding (size asserts next to each pin their layout).
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for BackendInfo {}
+    unsafe impl aya::Pod for MaglevChunk {}
+    unsafe impl aya::Pod for DataplaneConfig {}
+    unsafe impl aya::Pod for NextHop {}
+    unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for BenchControl {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for HostAddr {}
 }
 
 #[cfg(test)]

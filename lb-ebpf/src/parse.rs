@@ -33,6 +33,8 @@ pub struct Packet {
     pub ip_len: usize,
     /// IPv4 TOS / IPv6 traffic class, copied to the outer header.
     pub tos: u8,
+    /// TCP flags (`TCP_RST`, ...); 0 for UDP.
+    pub tcp_flags: u8,
     /// The 5-tuple.
     pub flow: FlowKey,
 }
@@ -91,11 +93,12 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
             read_u32_even((*ip).dst_addr.as_ptr()),
         )
     };
-    let ports = read_ports(ctx, l3 + ihl)?;
+    let (ports, tcp_flags) = read_l4(ctx, l3 + ihl, proto)?;
     Ok(Packet {
         l2_len: l3,
         ip_len: tot_len,
         tos,
+        tcp_flags,
         flow: FlowKey {
             src: [src, 0, 0, 0],
             dst: [dst, 0, 0, 0],
@@ -135,11 +138,12 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
             read_addr6((*ip).dst_addr.as_ptr()),
         )
     };
-    let ports = read_ports(ctx, l3 + Ipv6Hdr::LEN)?;
+    let (ports, tcp_flags) = read_l4(ctx, l3 + Ipv6Hdr::LEN, next)?;
     Ok(Packet {
         l2_len: l3,
         ip_len,
         tos: (vcf0 << 4) | (vcf1 >> 4),
+        tcp_flags,
         flow: FlowKey {
             src,
             dst,
@@ -168,11 +172,24 @@ fn is_ipv6_extension(next: u8) -> bool {
     matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140)
 }
 
-/// Source and destination port as one word, as they sit on the wire.
+/// TCP flag RST in [`Packet::tcp_flags`].
+pub const TCP_RST: u8 = 0x04;
+/// TCP flag SYN in [`Packet::tcp_flags`].
+pub const TCP_SYN: u8 = 0x02;
+
+/// Source and destination port as one word, as they sit on the wire, and
+/// the TCP flags (0 for UDP). The whole L4 header must be in the frame.
 #[inline(always)]
-fn read_ports(ctx: &XdpContext, l4: usize) -> Result<u32, Reason> {
-    let p: *const [u8; 4] = ptr_at(ctx, l4).ok_or(Reason::Malformed)?;
-    Ok(unsafe { read_u32_even(p as *const u8) })
+fn read_l4(ctx: &XdpContext, l4: usize, proto: u8) -> Result<(u32, u8), Reason> {
+    if proto == PROTO_TCP {
+        let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Reason::Malformed)?;
+        // Byte 13 of the TCP header holds CWR..FIN.
+        let flags = unsafe { *(tcp as *const u8).add(13) };
+        Ok((unsafe { read_u32_even(tcp as *const u8) }, flags))
+    } else {
+        let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Reason::Malformed)?;
+        Ok((unsafe { read_u32_even(udp as *const u8) }, 0))
+    }
 }
 
 #[inline(always)]

@@ -11,16 +11,18 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
+    time::Duration,
 };
 
 use lb_common::{
-    DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE, MaglevChunk, chunks_per_table,
+    DEFAULT_FLOWS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE, MaglevChunk,
+    chunks_per_table,
 };
 use serde::Deserialize;
 
 use crate::{
     maglev::is_prime,
-    vip::{Backend, Protocol, Vip, VipAddr},
+    vip::{Backend, DownPolicy, Protocol, Vip, VipAddr},
 };
 
 /// Default MTU: the largest outer IP packet we send (`balancer.mtu`).
@@ -49,7 +51,18 @@ pub struct BalancerSettings {
     pub max_vips: u32,
     /// Backend slots (over all VIPs) the maps have room for.
     pub max_backends: u32,
+    /// Capacity of the connection table (`conntrack.size`).
+    pub flows: u32,
+    /// Idle time after which a TCP flow is scheduled anew.
+    pub tcp_idle: Duration,
+    /// Idle time after which a UDP flow is scheduled anew.
+    pub udp_idle: Duration,
 }
+
+/// Default TCP idle timeout of the connection table, seconds.
+pub const DEFAULT_TCP_IDLE_SECS: u32 = 3600;
+/// Default UDP idle timeout of the connection table, seconds.
+pub const DEFAULT_UDP_IDLE_SECS: u32 = 60;
 
 impl Default for BalancerSettings {
     fn default() -> Self {
@@ -60,6 +73,9 @@ impl Default for BalancerSettings {
             table_size: DEFAULT_TABLE_SIZE,
             max_vips: DEFAULT_MAX_VIPS,
             max_backends: DEFAULT_MAX_BACKENDS,
+            flows: DEFAULT_FLOWS,
+            tcp_idle: Duration::from_secs(DEFAULT_TCP_IDLE_SECS.into()),
+            udp_idle: Duration::from_secs(DEFAULT_UDP_IDLE_SECS.into()),
         }
     }
 }
@@ -143,9 +159,19 @@ struct RawConfig {
     #[serde(default)]
     balancer: RawBalancer,
     #[serde(default)]
+    conntrack: RawConntrack,
+    #[serde(default)]
     metrics: RawMetrics,
     #[serde(default)]
     vip: Vec<RawVip>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConntrack {
+    size: Option<i64>,
+    tcp_idle_timeout: Option<i64>,
+    udp_idle_timeout: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -172,6 +198,7 @@ struct RawVip {
     address: String,
     port: i64,
     protocol: String,
+    on_backend_down: Option<String>,
     #[serde(default)]
     backends: Vec<RawBackend>,
 }
@@ -275,8 +302,28 @@ impl Validator {
         }
     }
 
+    fn conntrack(&mut self, raw: &RawConntrack, b: &mut BalancerSettings) {
+        b.flows = self.int("conntrack.size", raw.size, DEFAULT_FLOWS, (1024, 1 << 28));
+        let secs = |v: &mut Self, field, value, default| {
+            Duration::from_secs(v.int(field, value, default, (1, 7 * 24 * 3600)).into())
+        };
+        b.tcp_idle = secs(
+            self,
+            "conntrack.tcp_idle_timeout",
+            raw.tcp_idle_timeout,
+            DEFAULT_TCP_IDLE_SECS,
+        );
+        b.udp_idle = secs(
+            self,
+            "conntrack.udp_idle_timeout",
+            raw.udp_idle_timeout,
+            DEFAULT_UDP_IDLE_SECS,
+        );
+    }
+
     fn config(&mut self, raw: &RawConfig) -> Config {
-        let balancer = self.balancer(&raw.balancer);
+        let mut balancer = self.balancer(&raw.balancer);
+        self.conntrack(&raw.conntrack, &mut balancer);
         let metrics = self.metrics(&raw.metrics);
         let mut vips = Vec::new();
         let mut seen = HashSet::new();
@@ -416,6 +463,7 @@ impl Validator {
             table_size,
             max_vips,
             max_backends,
+            ..BalancerSettings::default()
         }
     }
 
@@ -427,6 +475,14 @@ impl Validator {
             Err(e) => {
                 self.problem(format!("{path}.protocol"), e);
                 None
+            }
+        };
+        let on_backend_down = match raw.on_backend_down.as_deref().map(str::parse::<DownPolicy>) {
+            None => DownPolicy::default(),
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                self.problem(format!("{path}.on_backend_down"), e);
+                DownPolicy::default()
             }
         };
         let mut backends = Vec::new();
@@ -475,6 +531,7 @@ impl Validator {
                 protocol: protocol?,
             },
             backends,
+            on_backend_down,
         })
     }
 }
@@ -666,6 +723,40 @@ mod tests {
             &format!("[metrics]\nlisten = \"localhost\"\n{GOOD}"),
             "metrics.listen",
             "localhost",
+        );
+    }
+
+    #[test]
+    fn conntrack_settings_and_down_policy() {
+        let c = parse(GOOD, "t").unwrap();
+        assert_eq!(c.balancer.flows, DEFAULT_FLOWS);
+        assert_eq!(c.vips[0].on_backend_down, DownPolicy::Reschedule);
+        let t = format!(
+            "[conntrack]\nsize = 2048\nudp_idle_timeout = 5\n{}",
+            with("port = 80", "port = 80\non_backend_down = \"stick\"")
+        );
+        let c = parse(&t, "t").unwrap();
+        assert_eq!(c.balancer.flows, 2048);
+        assert_eq!(c.balancer.udp_idle, Duration::from_secs(5));
+        assert_eq!(
+            c.balancer.tcp_idle,
+            Duration::from_secs(DEFAULT_TCP_IDLE_SECS.into())
+        );
+        assert_eq!(c.vips[0].on_backend_down, DownPolicy::Stick);
+        assert_problem(
+            &format!("[conntrack]\nsize = 10\n{GOOD}"),
+            "conntrack.size",
+            "10 is out of range",
+        );
+        assert_problem(
+            &format!("[conntrack]\ntcp_idle_timeout = 0\n{GOOD}"),
+            "conntrack.tcp_idle_timeout",
+            "out of range",
+        );
+        assert_problem(
+            &with("port = 80", "port = 80\non_backend_down = \"drop\""),
+            "vip[0].on_backend_down",
+            "drop",
         );
     }
 

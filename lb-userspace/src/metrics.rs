@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use lb_common::Reason;
+use lb_common::{FlowEvent, Reason};
 use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
 
 use crate::{controller::ControllerHandle, dataplane::Counters};
@@ -29,6 +29,15 @@ pub fn render(c: &Counters) -> String {
     );
     for r in Reason::ALL {
         reasons.with_label_values(&[r.name()]).inc_by(c.reason(r));
+    }
+    let flows = counter_vec(
+        &registry,
+        "lb_conntrack_events_total",
+        "Connection-table events: hit, miss (scheduled), stale (scheduled again), insert_failed, reset (RST removed the entry).",
+        &["event"],
+    );
+    for e in FlowEvent::ALL {
+        flows.with_label_values(&[e.name()]).inc_by(c.flow(e));
     }
     let vip_packets = counter_vec(
         &registry,

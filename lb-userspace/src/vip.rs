@@ -100,11 +100,47 @@ pub struct Backend {
     pub weight: u32,
 }
 
+/// What happens to a flow whose backend health checks mark down.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum DownPolicy {
+    /// Schedule it again: it goes to a healthy backend (its connection
+    /// there will be reset by the new backend, but it fails fast).
+    #[default]
+    Reschedule,
+    /// Keep sending it to the down backend (for backends that are
+    /// "down" for new work but still finish what they have).
+    Stick,
+}
+
+impl fmt::Display for DownPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DownPolicy::Reschedule => "reschedule",
+            DownPolicy::Stick => "stick",
+        })
+    }
+}
+
+impl FromStr for DownPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "reschedule" => Ok(DownPolicy::Reschedule),
+            "stick" => Ok(DownPolicy::Stick),
+            _ => Err(format!(
+                "unknown policy {s:?} (expected \"reschedule\" or \"stick\")"
+            )),
+        }
+    }
+}
+
 /// A VIP and its backends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vip {
     pub addr: VipAddr,
     pub backends: Vec<Backend>,
+    /// What happens to established flows of a backend marked down.
+    pub on_backend_down: DownPolicy,
 }
 
 #[cfg(test)]

@@ -131,7 +131,7 @@ pub fn encapsulate(
     backend: &BackendInfo,
     cfg: &DataplaneConfig,
     macs: ([u8; 6], [u8; 6]),
-    hash: u32,
+    label: u32,
 ) -> Result<(), Reason> {
     let outer = outer_len(backend);
     // Keep the VLAN tag (if any) before the headroom moves.
@@ -196,8 +196,7 @@ pub fn encapsulate(
         let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, l3).ok_or(Reason::EncapFailed)?;
         // Version 6, the inner traffic class, and a flow label from the flow
         // hash so ECMP and RSS on the way spread flows, not balancers.
-        let label = hash & 0x000f_ffff;
-        let vcf = (6u32 << 28) | ((pkt.tos as u32) << 20) | label;
+        let vcf = (6u32 << 28) | ((pkt.tos as u32) << 20) | (label & 0x000f_ffff);
         unsafe {
             (*ip).vcf = vcf.to_be_bytes();
             (*ip).payload_len = (pkt.ip_len as u16).to_be_bytes();

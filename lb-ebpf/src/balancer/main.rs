@@ -1,14 +1,16 @@
 //! The balancer object (`lb-xdp`): the XDP balancer, the MAC-swap floor and
 //! the benchmark wrapper.
 //!
-//! Data path, top to bottom: parse → classify (VIP lookup) → select (Maglev)
-//! → encapsulate (outer header, FIB next hop) → count. Each step returns the
+//! Data path, top to bottom: parse → VIP address filter → connection table
+//! (hit: the recorded backend) → on a miss, VIP lookup and Maglev, and the
+//! choice is recorded → encapsulate (outer header, FIB next hop) → count. Each step returns the
 //! [`Reason`] that ends it; the entry point counts the reason and returns the
 //! verdict that belongs to it, so every packet counts exactly one reason and
 //! no path returns `XDP_ABORTED`. Nothing is logged on the data path.
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod encap;
 mod maps;
 
@@ -16,8 +18,8 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
 };
 use lb_common::{
-    MAGLEV_CHUNK, NO_BACKEND, PROTO_IPIP, PROTO_IPV6, Reason, VipInfo, VipKey, flow_hash,
-    maglev_position, vip_filter_slot,
+    BackendInfo, DataplaneConfig, FAMILY_V6, MAGLEV_CHUNK, NO_BACKEND, PROTO_IPIP, PROTO_IPV6,
+    Reason, VipInfo, VipKey, flow_hash, maglev_position, vip_filter_slot,
 };
 use lb_ebpf::{
     packet::{frame_len, ptr_at, ptr_at_mut},
@@ -47,10 +49,50 @@ fn balance(ctx: &XdpContext) -> Reason {
 fn try_balance(ctx: &XdpContext) -> Result<(), Reason> {
     let bytes = frame_len(ctx) as u64;
     let pkt = parse(ctx)?;
-    let vip = lookup_vip(&pkt).ok_or(Reason::NotVip)?;
+    // Addresses without any VIP stop here, after one array read.
+    let (word, bit) = vip_filter_slot(&pkt.flow.dst);
+    if LB_VIP_FILTER.get(word).is_none_or(|w| w & bit == 0) {
+        return Err(Reason::NotVip);
+    }
     let cfg = LB_CONFIG.get(0).ok_or(Reason::NoBackend)?;
+    let now = conntrack::now();
 
-    // The one hash of this packet: Maglev position and IPv6 flow label.
+    // An established flow needs no VIP lookup and no hash (unless the outer
+    // header is IPv6 and wants a flow label).
+    let (backend_id, backend, hash) = match conntrack::lookup(&pkt, cfg, now, || vip_flags(&pkt)) {
+        conntrack::Lookup::Hit(id, backend) => (id, backend, None),
+        conntrack::Lookup::Schedule => {
+            let (id, backend, hash) = schedule(&pkt, cfg)?;
+            conntrack::record(&pkt, id, backend, now);
+            (id, backend, Some(hash))
+        }
+    };
+
+    if encap::outer_len(backend) + pkt.ip_len > cfg.mtu as usize {
+        return Err(Reason::TooBig);
+    }
+    let macs = encap::cached_next_hop(ctx, backend_id, backend, cfg)?;
+    let label = if backend.family == FAMILY_V6 {
+        // The one hash of this packet (the scheduler's, if it ran).
+        hash.unwrap_or_else(|| flow_hash(&pkt.flow))
+    } else {
+        0
+    };
+    encap::encapsulate(ctx, &pkt, backend, cfg, macs, label)?;
+
+    count_traffic(&LB_VIP_STATS, backend.vip_id, bytes);
+    count_traffic(&LB_BACKEND_STATS, backend_id, bytes);
+    Ok(())
+}
+
+/// A new flow's backend: the VIP's Maglev table at the flow hash's position.
+/// Returns the backend id, the backend and the hash.
+#[inline(always)]
+fn schedule(
+    pkt: &Packet,
+    cfg: &DataplaneConfig,
+) -> Result<(u32, &'static BackendInfo, u32), Reason> {
+    let vip = lookup_vip(pkt).ok_or(Reason::NotVip)?;
     let hash = flow_hash(&pkt.flow);
     let pos = maglev_position(hash, cfg.table_size);
     let chunk = LB_MAGLEV
@@ -62,26 +104,12 @@ fn try_balance(ctx: &XdpContext) -> Result<(), Reason> {
         return Err(Reason::NoBackend);
     }
     let backend = LB_BACKENDS.get(backend_id).ok_or(Reason::NoBackend)?;
-
-    if encap::outer_len(backend) + pkt.ip_len > cfg.mtu as usize {
-        return Err(Reason::TooBig);
-    }
-    let macs = encap::cached_next_hop(ctx, backend_id, backend, cfg)?;
-    encap::encapsulate(ctx, &pkt, backend, cfg, macs, hash)?;
-
-    count_traffic(&LB_VIP_STATS, vip.id, bytes);
-    count_traffic(&LB_BACKEND_STATS, backend_id, bytes);
-    Ok(())
+    Ok((backend_id, backend, hash))
 }
 
 /// The VIP for the packet's destination: exact port first, then port 0.
-/// Addresses without any VIP stop at the filter (one array read).
 #[inline(always)]
 fn lookup_vip(pkt: &Packet) -> Option<VipInfo> {
-    let (word, bit) = vip_filter_slot(&pkt.flow.dst);
-    if LB_VIP_FILTER.get(word).is_none_or(|w| w & bit == 0) {
-        return None;
-    }
     let mut key = VipKey {
         addr: pkt.flow.dst,
         port: pkt.flow.dport_raw(),
@@ -93,6 +121,12 @@ fn lookup_vip(pkt: &Packet) -> Option<VipInfo> {
     }
     key.port = 0;
     LB_VIPS.get_ptr(&key).map(|v| unsafe { *v })
+}
+
+/// The flags of the packet's VIP (0 if it has none any more).
+#[inline(always)]
+fn vip_flags(pkt: &Packet) -> u32 {
+    lookup_vip(pkt).map_or(0, |v| v.flags)
 }
 
 /// The floor for benchmarks: the least an XDP forwarder does (swap MACs,

@@ -4,12 +4,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
-    BackendInfo, BenchControl, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
-    DataplaneConfig, MaglevChunk, NextHop, REASON_COUNT, TrafficCounters, VIP_FILTER_WORDS,
-    VipInfo, VipKey, chunks_per_table,
+    BackendInfo, BenchControl, DEFAULT_FLOWS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
+    DEFAULT_TABLE_SIZE, DataplaneConfig, FLOW_EVENT_COUNT, FlowEntry, FlowKey, MaglevChunk,
+    NextHop, REASON_COUNT, TrafficCounters, VIP_FILTER_WORDS, VipInfo, VipKey, chunks_per_table,
 };
 
 /// No preallocation: replacing a value is an RCU swap (see `VipInfo`).
@@ -19,6 +19,15 @@ pub static LB_VIPS: HashMap<VipKey, VipInfo> =
 
 #[map(name = "LB_VIP_FILTER")]
 pub static LB_VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
+
+/// The connection table (see `lb_common::FlowEntry`). LRU maps are always
+/// preallocated: memory is fixed at load time.
+#[map(name = "LB_FLOWS")]
+pub static LB_FLOWS: LruHashMap<FlowKey, FlowEntry> =
+    LruHashMap::with_max_entries(DEFAULT_FLOWS, 0);
+
+#[map(name = "LB_FLOW_STATS")]
+pub static LB_FLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FLOW_EVENT_COUNT, 0);
 
 #[map(name = "LB_NEXTHOPS")]
 pub static LB_NEXTHOPS: PerCpuArray<NextHop> =

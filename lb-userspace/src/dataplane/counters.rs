@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use lb_common::{REASON_COUNT, Reason, TrafficCounters, map_name};
+use lb_common::{FLOW_EVENT_COUNT, FlowEvent, REASON_COUNT, Reason, TrafficCounters, map_name};
 
 use super::{Dataplane, DataplaneError, map_err};
 use crate::vip::VipAddr;
@@ -16,12 +16,19 @@ pub struct Counters {
     pub vips: BTreeMap<VipAddr, TrafficCounters>,
     /// Forwarded packets and bytes per VIP and backend.
     pub backends: BTreeMap<(VipAddr, IpAddr), TrafficCounters>,
+    /// Connection-table events, by [`FlowEvent`] index.
+    pub flows: [u64; FLOW_EVENT_COUNT as usize],
 }
 
 impl Counters {
     /// Packets counted under `reason`.
     pub fn reason(&self, reason: Reason) -> u64 {
         self.reasons[reason as usize]
+    }
+
+    /// Connection-table events of one kind.
+    pub fn flow(&self, event: FlowEvent) -> u64 {
+        self.flows[event as usize]
     }
 
     /// Packets seen: the sum over all reasons.
@@ -51,6 +58,14 @@ impl Dataplane {
                 .map_err(map_err(map_name::REASON_STATS))?;
             c.reasons[r as usize] = v.iter().sum();
         }
+        for e in FlowEvent::ALL {
+            let v = self
+                .maps
+                .flow_stats
+                .get(&(e as u32), 0)
+                .map_err(map_err(map_name::FLOW_STATS))?;
+            c.flows[e as usize] = v.iter().sum();
+        }
         for (addr, p) in &self.vips {
             let v = self
                 .maps
@@ -58,11 +73,11 @@ impl Dataplane {
                 .get(&p.id, 0)
                 .map_err(map_err(map_name::VIP_STATS))?;
             c.vips.insert(*addr, sum(&v));
-            for (baddr, (id, _)) in &p.backends {
+            for (baddr, b) in &p.backends {
                 let v = self
                     .maps
                     .backend_stats
-                    .get(id, 0)
+                    .get(&b.id, 0)
                     .map_err(map_err(map_name::BACKEND_STATS))?;
                 c.backends.insert((*addr, *baddr), sum(&v));
             }

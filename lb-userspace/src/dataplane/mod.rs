@@ -18,8 +18,8 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
-    BackendInfo, CONFIG_NO_NEXTHOP_CACHE, DataplaneConfig, MaglevChunk, TrafficCounters, VipInfo,
-    VipKey, addr_words, chunks_per_table, map_name, program_name,
+    BackendInfo, CONFIG_NO_NEXTHOP_CACHE, DataplaneConfig, LAYOUT_VERSION, MaglevChunk,
+    TrafficCounters, VipInfo, VipKey, addr_words, chunks_per_table, map_name, program_name,
 };
 
 pub use bench::{BenchMaps, BenchTarget};
@@ -81,6 +81,10 @@ pub enum DataplaneError {
     Cpus(String),
     #[error("interface {0} does not exist")]
     NoInterface(String),
+    #[error("no VIP {0}")]
+    UnknownVip(VipAddr),
+    #[error("VIP {vip} has no backend {backend}")]
+    UnknownBackend { vip: VipAddr, backend: IpAddr },
     #[error("{count} addresses to decapsulate; the limit is {max}")]
     TooManyAddresses { count: usize, max: u32 },
     #[error("enabling forwarding on {iface} ({path})")]
@@ -106,13 +110,23 @@ pub enum AttachMode {
 /// A VIP as it is programmed in the maps.
 struct ProgrammedVip {
     id: u32,
+    /// `VIP_*` flags as written.
+    flags: u32,
     /// Which half of the VIP's two table slots is active (0 or 1).
     active_half: u32,
     /// When the active half last changed (see `vips::TABLE_GRACE`).
     flipped_at: std::time::Instant,
-    /// Backend address → (backend id, weight).
-    backends: BTreeMap<IpAddr, (u32, u32)>,
+    backends: BTreeMap<IpAddr, ProgrammedBackend>,
     table: MaglevTable,
+}
+
+/// A backend of a VIP as programmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ProgrammedBackend {
+    id: u32,
+    weight: u32,
+    /// Health checks say it is down: out of the table, flagged in the map.
+    down: bool,
 }
 
 struct Maps {
@@ -121,6 +135,7 @@ struct Maps {
     maglev: Array<MapData, MaglevChunk>,
     config: Array<MapData, DataplaneConfig>,
     vip_filter: Array<MapData, u64>,
+    flow_stats: PerCpuArray<MapData, u64>,
     vip_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     reason_stats: PerCpuArray<MapData, u64>,
@@ -132,14 +147,18 @@ pub struct Dataplane {
     maps: Maps,
     settings: BalancerSettings,
     vips: BTreeMap<VipAddr, ProgrammedVip>,
-    /// Free ids, reused oldest-freed first so an id a packet in flight may
-    /// still carry is reused as late as possible.
+    /// Free ids, reused oldest-freed first; backend ids with the time they
+    /// were freed (see `vips::TABLE_GRACE`).
     free_vip_ids: VecDeque<u32>,
-    free_backend_ids: VecDeque<u32>,
+    free_backend_ids: VecDeque<(u32, std::time::Instant)>,
+    /// `BackendInfo::incarnation` last given out, per backend id.
+    incarnations: Vec<u32>,
     nr_cpus: usize,
     link: Option<XdpLinkId>,
     /// The interface attached to, once attached.
     iface: Option<String>,
+    /// Its index (0 before attaching).
+    ifindex: u32,
     /// Current next-hop cache generation (`DataplaneConfig::nexthop_gen`).
     nexthop_gen: u32,
     nexthop_cache: bool,
@@ -180,14 +199,15 @@ pub fn enable_forwarding(
     Ok(changed)
 }
 
-fn check_interface(iface: &str) -> Result<(), DataplaneError> {
+/// The index of interface `iface`.
+fn interface_index(iface: &str) -> Result<u32, DataplaneError> {
     let missing = || DataplaneError::NoInterface(iface.to_string());
     let name = std::ffi::CString::new(iface).map_err(|_| missing())?;
     // SAFETY: a valid NUL-terminated string.
-    if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
-        return Err(missing());
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(missing()),
+        index => Ok(index),
     }
-    Ok(())
 }
 
 /// Attaches `prog` to `iface` in `mode` (`Auto`: native, else generic with a
@@ -197,7 +217,7 @@ fn attach_xdp(
     iface: &str,
     mode: AttachMode,
 ) -> Result<(XdpLinkId, AttachMode), DataplaneError> {
-    check_interface(iface)?;
+    interface_index(iface)?;
     let attach = |prog: &mut Xdp, mode: AttachMode| {
         let (flags, label) = match mode {
             AttachMode::Native | AttachMode::Auto => (XdpMode::Driver, "native"),
@@ -254,6 +274,7 @@ impl Dataplane {
             .map_max_entries(map_name::BACKENDS, settings.max_backends)
             .map_max_entries(map_name::BACKEND_STATS, settings.max_backends)
             .map_max_entries(map_name::NEXTHOPS, settings.max_backends)
+            .map_max_entries(map_name::FLOWS, settings.flows)
             .load(BALANCER_OBJECT)?;
         let name = program_name::BALANCER;
         xdp_program(&mut ebpf, name)?
@@ -273,6 +294,7 @@ impl Dataplane {
             maglev: typed!(map_name::MAGLEV),
             config: typed!(map_name::CONFIG),
             vip_filter: typed!(map_name::VIP_FILTER),
+            flow_stats: typed!(map_name::FLOW_STATS),
             vip_stats: typed!(map_name::VIP_STATS),
             backend_stats: typed!(map_name::BACKEND_STATS),
             reason_stats: typed!(map_name::REASON_STATS),
@@ -285,10 +307,14 @@ impl Dataplane {
             settings: settings.clone(),
             vips: BTreeMap::new(),
             free_vip_ids: (0..settings.max_vips).collect(),
-            free_backend_ids: (0..settings.max_backends).collect(),
+            free_backend_ids: (0..settings.max_backends)
+                .map(|id| (id, std::time::Instant::now() - vips::TABLE_GRACE))
+                .collect(),
+            incarnations: vec![0; settings.max_backends as usize],
             nr_cpus,
             link: None,
             iface: None,
+            ifindex: 0,
             nexthop_gen: 1,
             nexthop_cache: true,
         };
@@ -343,7 +369,11 @@ impl Dataplane {
             } else {
                 CONFIG_NO_NEXTHOP_CACHE
             },
+            layout_version: LAYOUT_VERSION,
+            ifindex: self.ifindex,
             _pad: 0,
+            tcp_idle_ns: s.tcp_idle.as_nanos() as u64,
+            udp_idle_ns: s.udp_idle.as_nanos() as u64,
         };
         self.maps
             .config
@@ -369,8 +399,9 @@ impl Dataplane {
     /// Attaches the balancer to `iface`; returns the mode in effect.
     /// Enables forwarding on `iface` first (see [`enable_forwarding`]).
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, DataplaneError> {
-        check_interface(iface)?;
+        self.ifindex = interface_index(iface)?;
         enable_forwarding(iface, &self.settings)?;
+        self.write_config()?;
         let prog = xdp_program(&mut self.ebpf, program_name::BALANCER)?;
         let (link, used) = attach_xdp(prog, iface, mode)?;
         self.link = Some(link);

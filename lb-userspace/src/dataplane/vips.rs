@@ -13,21 +13,31 @@ use std::{
 };
 
 use lb_common::{
-    BackendInfo, MAGLEV_CHUNK, MaglevChunk, VipInfo, addr_words, chunks_per_table, map_name,
-    vip_filter_slot,
+    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, MAGLEV_CHUNK, MaglevChunk, VIP_STICK_WHEN_DOWN,
+    VipInfo, addr_words, chunks_per_table, map_name, vip_filter_slot,
 };
 
-use super::{Dataplane, DataplaneError, ProgrammedVip, map_err};
+use super::{Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
 use crate::{
     maglev::{MaglevBackend, MaglevTable},
-    vip::{Vip, VipAddr},
+    vip::{DownPolicy, Vip, VipAddr},
 };
 
-/// How long a table slot stays untouched after it stopped being active. A
-/// packet that read the old `VipInfo` just before the flip finishes with the
-/// old table within microseconds (XDP runs to completion under RCU); 10 ms
-/// is a wide margin.
-const TABLE_GRACE: Duration = Duration::from_millis(10);
+/// Id placeholder of a backend that has none yet.
+const UNASSIGNED: u32 = u32::MAX;
+
+fn vip_flags(policy: DownPolicy) -> u32 {
+    match policy {
+        DownPolicy::Reschedule => 0,
+        DownPolicy::Stick => VIP_STICK_WHEN_DOWN,
+    }
+}
+
+/// How long a table slot stays untouched after it stopped being active, and
+/// a freed backend id unused. A packet that read the old `VipInfo` just
+/// before the flip finishes with the old table within microseconds (XDP
+/// runs to completion under RCU); 10 ms is a wide margin.
+pub(super) const TABLE_GRACE: Duration = Duration::from_millis(10);
 
 impl Dataplane {
     /// Makes the maps hold exactly `vips`: removes VIPs not in the list and
@@ -64,188 +74,257 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Adds `vip` or brings it up to date (backends, weights). Unchanged
-    /// VIPs are left alone.
+    /// Adds `vip` or brings it up to date (backends, weights, policy).
+    /// Unchanged VIPs are left alone; backends keep their health state.
     pub fn set_vip(&mut self, vip: &Vip) -> Result<(), DataplaneError> {
-        let wanted: BTreeMap<IpAddr, u32> =
-            vip.backends.iter().map(|b| (b.addr, b.weight)).collect();
-        if let Some(p) = self.vips.get(&vip.addr)
-            && p.backends
-                .iter()
-                .map(|(a, (_, w))| (*a, *w))
-                .eq(wanted.iter().map(|(a, w)| (*a, *w)))
-        {
+        let existing = self.vips.get(&vip.addr);
+        let wanted: BTreeMap<IpAddr, ProgrammedBackend> = vip
+            .backends
+            .iter()
+            .map(|b| {
+                let current = existing.and_then(|p| p.backends.get(&b.addr));
+                let backend = ProgrammedBackend {
+                    id: current.map_or(UNASSIGNED, |c| c.id),
+                    weight: b.weight,
+                    down: current.is_some_and(|c| c.down),
+                };
+                (b.addr, backend)
+            })
+            .collect();
+        let flags = vip_flags(vip.on_backend_down);
+        if existing.is_some_and(|p| p.backends == wanted && p.flags == flags) {
             return Ok(());
         }
+        self.apply(vip.addr, flags, wanted)
+    }
 
-        // Capacity first, so a failure leaves everything as it was.
-        let existing = self.vips.get(&vip.addr);
-        let new_backends = wanted
-            .keys()
-            .filter(|a| existing.is_none_or(|p| !p.backends.contains_key(a)))
-            .count();
-        if new_backends > self.free_backend_ids.len() {
+    /// Marks a backend of a VIP down (health checks failed) or up again. A
+    /// down backend leaves the Maglev table, so new flows avoid it; its
+    /// established flows follow the VIP's `on_backend_down` policy.
+    pub fn set_backend_down(
+        &mut self,
+        vip: &VipAddr,
+        backend: IpAddr,
+        down: bool,
+    ) -> Result<(), DataplaneError> {
+        let p = self.vips.get(vip).ok_or(DataplaneError::UnknownVip(*vip))?;
+        let mut wanted = p.backends.clone();
+        let b = wanted
+            .get_mut(&backend)
+            .ok_or(DataplaneError::UnknownBackend { vip: *vip, backend })?;
+        if b.down == down {
+            return Ok(());
+        }
+        b.down = down;
+        let flags = p.flags;
+        self.apply(*vip, flags, wanted)
+    }
+
+    /// Programs one VIP to hold exactly `wanted` (ids of existing backends
+    /// filled in, new ones `UNASSIGNED`). Order: backend entries, then the
+    /// new table into the inactive half, then the address filter, then the
+    /// flip; only then are removed backends retired. A failure before the
+    /// flip leaves the data plane as it was.
+    fn apply(
+        &mut self,
+        addr: VipAddr,
+        flags: u32,
+        mut wanted: BTreeMap<IpAddr, ProgrammedBackend>,
+    ) -> Result<(), DataplaneError> {
+        let existing = self.vips.get(&addr);
+        let fresh_count = wanted.values().filter(|b| b.id == UNASSIGNED).count();
+        if fresh_count > self.free_backend_ids.len() {
             return Err(DataplaneError::BackendCapacity {
-                needed: new_backends,
+                needed: fresh_count,
                 free: self.free_backend_ids.len(),
                 max: self.settings.max_backends,
             });
         }
         if existing.is_none() && self.free_vip_ids.is_empty() {
             return Err(DataplaneError::VipCapacity {
-                vip: vip.addr,
+                vip: addr,
                 max: self.settings.max_vips,
             });
         }
-
-        let is_new = existing.is_none();
-        let mut programmed = match self.vips.remove(&vip.addr) {
-            Some(p) => p,
+        let (vip_id, half) = match existing {
+            Some(p) => {
+                let since = p.flipped_at.elapsed();
+                if since < TABLE_GRACE {
+                    thread::sleep(TABLE_GRACE - since);
+                }
+                (p.id, 1 - p.active_half)
+            }
             None => {
-                let id = self.free_vip_ids.pop_front().expect("checked above");
-                if let Err(e) = Self::zero_per_cpu(
+                let id = *self.free_vip_ids.front().expect("checked above");
+                Self::zero_per_cpu(
                     &mut self.maps.vip_stats,
                     map_name::VIP_STATS,
                     id,
                     self.nr_cpus,
-                ) {
-                    self.free_vip_ids.push_front(id);
-                    return Err(e);
-                }
-                ProgrammedVip {
-                    id,
-                    // The first table goes into half 0; "active" half 1 is unused.
-                    active_half: 1,
-                    flipped_at: Instant::now() - TABLE_GRACE,
-                    backends: BTreeMap::new(),
-                    table: MaglevTable::build(&[], 2),
-                }
+                )?;
+                (id, 0)
             }
         };
-        // `program_vip` changes `programmed` only once the flip succeeded.
-        let result = self.program_vip(vip, &wanted, &mut programmed);
-        if result.is_err() && is_new {
-            self.free_vip_ids.push_front(programmed.id);
-        } else {
-            self.vips.insert(vip.addr, programmed);
+
+        // New ids, and the backend entries that change.
+        let mut fresh = Vec::new();
+        for b in wanted.values_mut().filter(|b| b.id == UNASSIGNED) {
+            b.id = self.take_backend_id();
+            self.incarnations[b.id as usize] = self.incarnations[b.id as usize].wrapping_add(1);
+            fresh.push(b.id);
         }
-        result
+        let result = self.write_vip(addr, vip_id, half, flags, &wanted, &fresh);
+        let table = match result {
+            Ok(table) => table,
+            Err(e) => {
+                for id in fresh.into_iter().rev() {
+                    self.free_backend_ids
+                        .push_front((id, Instant::now() - TABLE_GRACE));
+                }
+                return Err(e);
+            }
+        };
+
+        // Flipped: retire what is gone.
+        let previous = match self.vips.remove(&addr) {
+            Some(p) => p.backends,
+            None => {
+                self.free_vip_ids.pop_front();
+                BTreeMap::new()
+            }
+        };
+        for (baddr, b) in &previous {
+            if !wanted.contains_key(baddr) {
+                self.retire_backend(b.id);
+            }
+        }
+        let added: Vec<IpAddr> = wanted
+            .iter()
+            .filter(|(_, b)| fresh.contains(&b.id))
+            .map(|(a, _)| *a)
+            .collect();
+        self.vips.insert(
+            addr,
+            ProgrammedVip {
+                id: vip_id,
+                flags,
+                active_half: half,
+                flipped_at: Instant::now(),
+                backends: wanted,
+                table,
+            },
+        );
+        self.manage_neighbours(&added);
+        Ok(())
     }
 
-    fn program_vip(
+    /// Everything up to and including the flip; returns the new table.
+    fn write_vip(
         &mut self,
-        vip: &Vip,
-        wanted: &BTreeMap<IpAddr, u32>,
-        p: &mut ProgrammedVip,
-    ) -> Result<(), DataplaneError> {
-        // Ids for new backends; existing ones keep theirs (and their counters).
-        let mut next: BTreeMap<IpAddr, (u32, u32)> = BTreeMap::new();
-        let mut fresh = Vec::new();
-        for (&addr, &weight) in wanted {
-            let id = match p.backends.get(&addr) {
-                Some(&(id, _)) => id,
-                None => {
-                    let id = self.free_backend_ids.pop_front().expect("capacity checked");
-                    fresh.push(id);
-                    id
-                }
-            };
-            next.insert(addr, (id, weight));
-        }
-        let give_back = |dp: &mut Dataplane, fresh: &[u32]| {
-            for &id in fresh.iter().rev() {
-                dp.free_backend_ids.push_front(id);
-            }
-        };
-        for (&addr, &(id, _)) in &next {
-            if !fresh.contains(&id) {
+        addr: VipAddr,
+        vip_id: u32,
+        half: u32,
+        flags: u32,
+        wanted: &BTreeMap<IpAddr, ProgrammedBackend>,
+        fresh: &[u32],
+    ) -> Result<MaglevTable, DataplaneError> {
+        let old = self
+            .vips
+            .get(&addr)
+            .map(|p| p.backends.clone())
+            .unwrap_or_default();
+        for (&baddr, b) in wanted {
+            let changed = old.get(&baddr).is_none_or(|o| o.down != b.down);
+            if !changed && !fresh.contains(&b.id) {
                 continue;
             }
-            let (family, words) = addr_words(addr);
-            let info = BackendInfo {
-                addr: words,
-                family,
-                _pad: [0; 3],
-            };
-            let written = self
-                .maps
-                .backends
-                .set(id, info, 0)
-                .map_err(map_err(map_name::BACKENDS))
-                .and_then(|()| {
-                    Self::zero_per_cpu(
-                        &mut self.maps.backend_stats,
-                        map_name::BACKEND_STATS,
-                        id,
-                        self.nr_cpus,
-                    )
-                });
-            if let Err(e) = written {
-                give_back(self, &fresh);
-                return Err(e);
+            self.write_backend(b.id, baddr, vip_id, b.down)?;
+            if fresh.contains(&b.id) {
+                Self::zero_per_cpu(
+                    &mut self.maps.backend_stats,
+                    map_name::BACKEND_STATS,
+                    b.id,
+                    self.nr_cpus,
+                )?;
             }
         }
         // A reused id must not keep the next hop of its previous address.
-        if !fresh.is_empty()
-            && let Err(e) = self.refresh_next_hops()
-        {
-            give_back(self, &fresh);
-            return Err(e);
+        if !fresh.is_empty() {
+            self.refresh_next_hops()?;
         }
-
-        let inputs: Vec<MaglevBackend> = next
+        let inputs: Vec<MaglevBackend> = wanted
             .iter()
-            .map(|(&addr, &(id, weight))| MaglevBackend { addr, weight, id })
+            .filter(|(_, b)| !b.down)
+            .map(|(&addr, b)| MaglevBackend {
+                addr,
+                weight: b.weight,
+                id: b.id,
+            })
             .collect();
         let table = MaglevTable::build(&inputs, self.settings.table_size);
+        let first_chunk = self.table_chunk(vip_id, half);
+        self.write_table(first_chunk, &table)?;
+        // The address filter first, so the VIP is never hidden behind it.
+        self.write_vip_filter(&addr.addr, Some(addr.addr))?;
+        let info = VipInfo {
+            id: vip_id,
+            table_chunk: first_chunk,
+            flags,
+            _pad: 0,
+        };
+        // The flip.
+        self.maps
+            .vips
+            .insert(addr.key(), info, 0)
+            .map_err(map_err(map_name::VIPS))?;
+        Ok(table)
+    }
 
-        let half = 1 - p.active_half;
-        let since = p.flipped_at.elapsed();
+    fn write_backend(
+        &mut self,
+        id: u32,
+        addr: IpAddr,
+        vip_id: u32,
+        down: bool,
+    ) -> Result<(), DataplaneError> {
+        let (family, words) = addr_words(addr);
+        let info = BackendInfo {
+            addr: words,
+            family,
+            flags: BACKEND_ALLOCATED | if down { BACKEND_DOWN } else { 0 },
+            _pad: [0; 2],
+            vip_id,
+            incarnation: self.incarnations[id as usize],
+            _pad2: 0,
+        };
+        self.maps
+            .backends
+            .set(id, info, 0)
+            .map_err(map_err(map_name::BACKENDS))
+    }
+
+    /// The oldest free backend id, once it has been free for `TABLE_GRACE`
+    /// (a packet still holding it has finished by then).
+    fn take_backend_id(&mut self) -> u32 {
+        let (id, freed_at) = self.free_backend_ids.pop_front().expect("capacity checked");
+        let since = freed_at.elapsed();
         if since < TABLE_GRACE {
             thread::sleep(TABLE_GRACE - since);
         }
-        let first_chunk = self.table_chunk(p.id, half);
-        if let Err(e) = self.write_table(first_chunk, &table) {
-            give_back(self, &fresh);
-            return Err(e);
-        }
-        let info = VipInfo {
-            id: p.id,
-            table_chunk: first_chunk,
-            flags: 0,
-            _pad: 0,
+        id
+    }
+
+    /// Marks a backend id free in the map (its connection-table entries turn
+    /// stale) and queues it for reuse.
+    fn retire_backend(&mut self, id: u32) {
+        let info = BackendInfo {
+            incarnation: self.incarnations[id as usize],
+            ..BackendInfo::default()
         };
-        // The address filter first, so the VIP is never hidden behind it.
-        if let Err(e) = self.write_vip_filter(&vip.addr.addr, Some(vip.addr.addr)) {
-            give_back(self, &fresh);
-            return Err(e);
+        if let Err(e) = self.maps.backends.set(id, info, 0) {
+            tracing::warn!(id, error = %e, "clearing a removed backend's entry failed");
         }
-        // The flip.
-        if let Err(e) = self
-            .maps
-            .vips
-            .insert(vip.addr.key(), info, 0)
-            .map_err(map_err(map_name::VIPS))
-        {
-            give_back(self, &fresh);
-            return Err(e);
-        }
-        p.active_half = half;
-        p.flipped_at = Instant::now();
-        for (addr, (id, _)) in &p.backends {
-            if !next.contains_key(addr) {
-                self.free_backend_ids.push_back(*id);
-            }
-        }
-        let added: Vec<IpAddr> = next
-            .iter()
-            .filter(|(_, (id, _))| fresh.contains(id))
-            .map(|(a, _)| *a)
-            .collect();
-        p.backends = next;
-        p.table = table;
-        self.manage_neighbours(&added);
-        Ok(())
+        self.free_backend_ids.push_back((id, Instant::now()));
     }
 
     /// Removes a VIP; its packets pass to the host stack from now on.
@@ -261,8 +340,9 @@ impl Dataplane {
         let p = self.vips.remove(addr).expect("present");
         self.write_vip_filter(&addr.addr, None)?;
         self.free_vip_ids.push_back(p.id);
-        self.free_backend_ids
-            .extend(p.backends.values().map(|(id, _)| *id));
+        for b in p.backends.values() {
+            self.retire_backend(b.id);
+        }
         Ok(())
     }
 
@@ -283,10 +363,7 @@ impl Dataplane {
         let (p, _) = self.vip_for_flow(flow)?;
         let pos = lb_common::maglev_position(lb_common::flow_hash(flow), self.settings.table_size);
         let id = p.table.entries()[pos as usize];
-        p.backends
-            .iter()
-            .find(|(_, (bid, _))| *bid == id)
-            .map(|(a, _)| *a)
+        p.backends.iter().find(|(_, b)| b.id == id).map(|(a, _)| *a)
     }
 
     fn vip_for_flow(&self, flow: &lb_common::FlowKey) -> Option<(&ProgrammedVip, &VipAddr)> {

@@ -1,75 +1,11 @@
-//! Keys, values, names and default capacities of the balancer's BPF maps.
+//! Keys, values and capacities of the balancer's maps.
 
 use core::mem::size_of;
 
-/// Names of the balancer object's maps, as userspace looks them up.
-pub mod map_name {
-    /// `HashMap<VipKey, VipInfo>`: the VIPs (no prealloc, see [`super::VipInfo`]).
-    pub const VIPS: &str = "LB_VIPS";
-    /// `Array<BackendInfo>` indexed by backend id.
-    pub const BACKENDS: &str = "LB_BACKENDS";
-    /// `Array<MaglevChunk>`: every VIP's two Maglev tables, in chunks.
-    pub const MAGLEV: &str = "LB_MAGLEV";
-    /// `Array<DataplaneConfig>` with one entry.
-    pub const CONFIG: &str = "LB_CONFIG";
-    /// `PerCpuArray<TrafficCounters>` indexed by VIP id.
-    pub const VIP_STATS: &str = "LB_VIP_STATS";
-    /// `PerCpuArray<TrafficCounters>` indexed by backend id.
-    pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
-    /// `PerCpuArray<u64>` indexed by [`crate::Reason`].
-    pub const REASON_STATS: &str = "LB_REASON_STATS";
-    /// `Array<u64>`: bitmap of VIP addresses, see [`super::vip_filter_slot`].
-    pub const VIP_FILTER: &str = "LB_VIP_FILTER";
-    /// `PerCpuArray<NextHop>` indexed by backend id: cached FIB results.
-    pub const NEXTHOPS: &str = "LB_NEXTHOPS";
-    /// Benchmark only: `ProgramArray` the benchmark wrapper tail-calls into.
-    pub const BENCH_PROGS: &str = "LB_BENCH_PROGS";
-    /// Benchmark only: `Array<BenchControl>` with one entry.
-    pub const BENCH_CONTROL: &str = "LB_BENCH_CONTROL";
-    /// Benchmark only: `PerCpuArray<u64>`, frames the wrapper restored.
-    pub const BENCH_STATS: &str = "LB_BENCH_STATS";
-}
-
-/// Names of the decapsulator object's maps.
-pub mod decap_map_name {
-    /// `HashMap<HostAddr, u8>`: outer destinations to decapsulate.
-    pub const ADDRS: &str = "LB_DECAP_ADDRS";
-    /// `PerCpuArray<u64>` indexed by [`crate::DecapReason`].
-    pub const STATS: &str = "LB_DECAP_STATS";
-}
-
-/// Names of the programs in the decapsulator object.
-pub mod decap_program_name {
-    /// Strips IPIP / IPv6-in-IP addressed to this host.
-    pub const DECAP: &str = "lb_decap";
-    /// `XDP_PASS` and nothing else: for the far end of a veth whose near end
-    /// transmits with `XDP_TX` in native mode (veth drops those frames unless
-    /// the peer runs an XDP program).
-    pub const PASS: &str = "lb_pass";
-}
-
-/// Capacity of the decapsulator's address map.
-pub const DECAP_MAX_ADDRS: u32 = 256;
-
-/// An address of this host (key of the decapsulator's address map).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct HostAddr {
-    pub addr: [u32; 4],
-    pub family: u8,
-    pub _pad: [u8; 3],
-}
-const _: () = assert!(size_of::<HostAddr>() == 20);
-
-/// Names of the programs in the balancer object.
-pub mod program_name {
-    /// The balancer.
-    pub const BALANCER: &str = "lb_balancer";
-    /// The floor for benchmarks: swap MACs, `XDP_TX`.
-    pub const FLOOR: &str = "lb_floor";
-    /// Benchmark only: restores the input frame, then tail-calls.
-    pub const BENCH_WRAP: &str = "lb_bench_wrap";
-}
+/// Version of the layout of the balancer's maps and the meaning of their
+/// fields. A restarted `lbd` adopts pinned maps only of the same version;
+/// bump it with any change to a type in this module or to a map's kind.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Default number of VIPs the maps have room for (`balancer.max_vips`).
 pub const DEFAULT_MAX_VIPS: u32 = 64;
@@ -77,6 +13,8 @@ pub const DEFAULT_MAX_VIPS: u32 = 64;
 pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
 /// Default Maglev table size M; prime.
 pub const DEFAULT_TABLE_SIZE: u32 = 65537;
+/// Default capacity of the connection table (`conntrack.size`).
+pub const DEFAULT_FLOWS: u32 = 1_048_576;
 
 /// Maglev entries per map value. Array map values are padded to 8 bytes, so
 /// one `u32` per value would waste half the memory; 16 fill a cache line.
@@ -90,10 +28,10 @@ pub const VIP_FILTER_WORDS: u32 = 1024;
 /// Word index and bit of the VIP address filter for an address.
 ///
 /// The filter is a bitmap with a bit set for every VIP address (any port,
-/// any protocol). The data plane tests it before the VIP hash lookup, so
-/// traffic to other addresses passes after one inlined array read instead
-/// of two hash lookups. The slot is an xor-fold of the address words (no
-/// hash: a collision only costs the real lookup).
+/// any protocol). The data plane tests it before any hash lookup, so traffic
+/// to other addresses passes after one inlined array read. The slot is an
+/// xor-fold of the address words (no hash: a collision only costs the real
+/// lookup).
 #[inline(always)]
 pub const fn vip_filter_slot(addr: &[u32; 4]) -> (u32, u64) {
     let w = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
@@ -124,6 +62,10 @@ pub struct VipKey {
 }
 const _: () = assert!(size_of::<VipKey>() == 20);
 
+/// `VipInfo::flags`: keep sending a flow to its backend while health checks
+/// say the backend is down (default: re-schedule it).
+pub const VIP_STICK_WHEN_DOWN: u32 = 1;
+
 /// Value of the VIP map.
 ///
 /// The map is created without preallocation, so replacing a value is an RCU
@@ -137,24 +79,40 @@ pub struct VipInfo {
     pub id: u32,
     /// First `MaglevChunk` of the active table.
     pub table_chunk: u32,
-    /// Reserved for per-VIP options; 0 today.
+    /// `VIP_*` flags.
     pub flags: u32,
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<VipInfo>() == 16);
 
-/// Value of the backend map, indexed by backend id (one id per VIP and
-/// backend address pair, so counters are per VIP and backend).
+/// `BackendInfo::flags`: the id belongs to a backend (freed ids have 0).
+pub const BACKEND_ALLOCATED: u8 = 1;
+/// `BackendInfo::flags`: health checks say the backend is down.
+pub const BACKEND_DOWN: u8 = 2;
+
+/// Value of the backend map, indexed by backend id. One id per VIP and
+/// backend address pair, so counters are per VIP and backend.
+///
+/// `incarnation` grows each time the id is given to a (VIP, address) pair;
+/// a connection-table entry remembers it, so an entry made for an earlier
+/// owner of the id is recognised as stale instead of misdirecting a flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendInfo {
     /// Address words of the backend (the outer destination).
     pub addr: [u32; 4],
-    /// `FAMILY_V4` (IPIP outer header) or `FAMILY_V6` (IPv6 outer header).
+    /// `FAMILY_V4` (IPv4 outer header) or `FAMILY_V6` (IPv6 outer header).
     pub family: u8,
-    pub _pad: [u8; 3],
+    /// `BACKEND_*` flags.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// Id of the VIP this backend belongs to.
+    pub vip_id: u32,
+    /// See above.
+    pub incarnation: u32,
+    pub _pad2: u32,
 }
-const _: () = assert!(size_of::<BackendInfo>() == 20);
+const _: () = assert!(size_of::<BackendInfo>() == 32);
 
 /// A run of [`MAGLEV_CHUNK`] Maglev table entries (backend ids).
 #[repr(C)]
@@ -171,6 +129,10 @@ impl Default for MaglevChunk {
         }
     }
 }
+
+/// `DataplaneConfig::flags`: look the next hop up for every packet (no
+/// cache). For measurements and diagnosis.
+pub const CONFIG_NO_NEXTHOP_CACHE: u32 = 1;
 
 /// The data plane's global settings (single entry of the config map).
 #[repr(C)]
@@ -191,13 +153,17 @@ pub struct DataplaneConfig {
     pub nexthop_gen: u32,
     /// `CONFIG_*` flags.
     pub flags: u32,
+    /// [`LAYOUT_VERSION`] of the `lbd` that wrote the maps.
+    pub layout_version: u32,
+    /// Interface the balancer is attached to (0 before the first attach).
+    pub ifindex: u32,
     pub _pad: u32,
+    /// Idle time after which a TCP connection-table entry is stale.
+    pub tcp_idle_ns: u64,
+    /// Idle time after which a UDP connection-table entry is stale.
+    pub udp_idle_ns: u64,
 }
-const _: () = assert!(size_of::<DataplaneConfig>() == 40);
-
-/// `DataplaneConfig::flags`: look the next hop up for every packet (no
-/// cache). For measurements and diagnosis.
-pub const CONFIG_NO_NEXTHOP_CACHE: u32 = 1;
+const _: () = assert!(size_of::<DataplaneConfig>() == 64);
 
 /// A cached FIB result towards one backend, per CPU.
 #[repr(C)]
@@ -238,20 +204,3 @@ pub struct BenchControl {
     pub l2: [u8; 20],
 }
 const _: () = assert!(size_of::<BenchControl>() == 28);
-
-#[cfg(feature = "user")]
-mod pod {
-    use super::*;
-    // SAFETY: all of these are `repr(C)`, made of integers only, and have no
-    // implicit padding (the size asserts above pin their layout).
-    unsafe impl aya::Pod for VipKey {}
-    unsafe impl aya::Pod for VipInfo {}
-    unsafe impl aya::Pod for BackendInfo {}
-    unsafe impl aya::Pod for MaglevChunk {}
-    unsafe impl aya::Pod for DataplaneConfig {}
-    unsafe impl aya::Pod for TrafficCounters {}
-    unsafe impl aya::Pod for BenchControl {}
-    unsafe impl aya::Pod for NextHop {}
-    unsafe impl aya::Pod for HostAddr {}
-    unsafe impl aya::Pod for crate::FlowKey {}
-}

@@ -1,0 +1,78 @@
+//! Names of the maps and programs in the two objects, as userspace looks
+//! them up (the eBPF side declares them with the same strings).
+
+/// Maps of the balancer object (`lb-xdp`).
+pub mod map_name {
+    /// `HashMap<VipKey, VipInfo>`: the VIPs (no prealloc, see `VipInfo`).
+    pub const VIPS: &str = "LB_VIPS";
+    /// `Array<BackendInfo>` indexed by backend id.
+    pub const BACKENDS: &str = "LB_BACKENDS";
+    /// `Array<MaglevChunk>`: every VIP's two Maglev tables, in chunks.
+    pub const MAGLEV: &str = "LB_MAGLEV";
+    /// `Array<DataplaneConfig>` with one entry.
+    pub const CONFIG: &str = "LB_CONFIG";
+    /// `Array<u64>`: bitmap of VIP addresses, see `vip_filter_slot`.
+    pub const VIP_FILTER: &str = "LB_VIP_FILTER";
+    /// `LruHashMap<FlowKey, FlowEntry>`: the connection table.
+    pub const FLOWS: &str = "LB_FLOWS";
+    /// `PerCpuArray<NextHop>` indexed by backend id: cached FIB results.
+    pub const NEXTHOPS: &str = "LB_NEXTHOPS";
+    /// `PerCpuArray<TrafficCounters>` indexed by VIP id.
+    pub const VIP_STATS: &str = "LB_VIP_STATS";
+    /// `PerCpuArray<TrafficCounters>` indexed by backend id.
+    pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
+    /// `PerCpuArray<u64>` indexed by `Reason`.
+    pub const REASON_STATS: &str = "LB_REASON_STATS";
+    /// `PerCpuArray<u64>` indexed by `FlowEvent`.
+    pub const FLOW_STATS: &str = "LB_FLOW_STATS";
+    /// Benchmark only: `ProgramArray` the benchmark wrapper tail-calls into.
+    pub const BENCH_PROGS: &str = "LB_BENCH_PROGS";
+    /// Benchmark only: `Array<BenchControl>` with one entry.
+    pub const BENCH_CONTROL: &str = "LB_BENCH_CONTROL";
+    /// Benchmark only: `PerCpuArray<u64>`, frames the wrapper restored.
+    pub const BENCH_STATS: &str = "LB_BENCH_STATS";
+
+    /// The maps that hold the balancer's state: pinned, so a restarted `lbd`
+    /// adopts them (the benchmark's maps are not state).
+    pub const STATE: [&str; 11] = [
+        VIPS,
+        BACKENDS,
+        MAGLEV,
+        CONFIG,
+        VIP_FILTER,
+        FLOWS,
+        NEXTHOPS,
+        VIP_STATS,
+        BACKEND_STATS,
+        REASON_STATS,
+        FLOW_STATS,
+    ];
+}
+
+/// Programs of the balancer object.
+pub mod program_name {
+    /// The balancer.
+    pub const BALANCER: &str = "lb_balancer";
+    /// The floor for benchmarks: swap MACs, `XDP_TX`.
+    pub const FLOOR: &str = "lb_floor";
+    /// Benchmark only: restores the input frame, then tail-calls.
+    pub const BENCH_WRAP: &str = "lb_bench_wrap";
+}
+
+/// Maps of the decapsulator object (`lb-decap`).
+pub mod decap_map_name {
+    /// `HashMap<HostAddr, u8>`: outer destinations to decapsulate.
+    pub const ADDRS: &str = "LB_DECAP_ADDRS";
+    /// `PerCpuArray<u64>` indexed by `DecapReason`.
+    pub const STATS: &str = "LB_DECAP_STATS";
+}
+
+/// Programs of the decapsulator object.
+pub mod decap_program_name {
+    /// Strips IPIP / IPv6-in-IP addressed to this host.
+    pub const DECAP: &str = "lb_decap";
+    /// `XDP_PASS` and nothing else: for the far end of a veth whose near end
+    /// transmits with `XDP_TX` in native mode (veth drops those frames unless
+    /// the peer runs an XDP program).
+    pub const PASS: &str = "lb_pass";
+}
