@@ -74,22 +74,13 @@ impl PacketLab {
             "lb0",
             "nodad",
         ])?;
-        for b in config.vips.iter().flat_map(|v| &v.backends) {
-            if in_lab_subnet(b.addr) {
-                let mac = format_mac(backend_mac(b.addr));
-                ns.ip(&[
-                    "neigh",
-                    "replace",
-                    &b.addr.to_string(),
-                    "lladdr",
-                    &mac,
-                    "dev",
-                    "lb0",
-                    "nud",
-                    "permanent",
-                ])?;
-            }
-        }
+        let in_lab: Vec<IpAddr> = config
+            .vips
+            .iter()
+            .flat_map(|v| &v.backends)
+            .map(|b| b.addr)
+            .filter(|a| in_lab_subnet(*a))
+            .collect();
         let ifindex = ns.ifindex("lb0")?;
         let if_mac = ns.mac("lb0")?;
         let inside = ns.enter()?;
@@ -97,13 +88,35 @@ impl PacketLab {
         dataplane::enable_forwarding("lb0", &config.balancer)?;
         let mut dp = Dataplane::load(&config.balancer).context("loading the balancer")?;
         dp.sync(&config.vips).context("programming the VIPs")?;
-        Ok(PacketLab {
+        let lab = PacketLab {
             dp,
             ifindex,
             if_mac,
             _inside: inside,
             ns,
-        })
+        };
+        for addr in in_lab {
+            lab.add_neighbour(addr)?;
+        }
+        Ok(lab)
+    }
+
+    /// Adds a permanent neighbour entry for `addr` (with [`backend_mac`]),
+    /// for backends added after the lab started.
+    pub fn add_neighbour(&self, addr: IpAddr) -> Result<()> {
+        let mac = format_mac(backend_mac(addr));
+        self.ns.ip(&[
+            "neigh",
+            "replace",
+            &addr.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            "lb0",
+            "nud",
+            "permanent",
+        ])?;
+        Ok(())
     }
 
     /// Removes the neighbour entry of `addr`, so the FIB lookup towards it fails.
