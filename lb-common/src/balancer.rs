@@ -133,6 +133,9 @@ impl Default for MaglevChunk {
 /// `DataplaneConfig::flags`: look the next hop up for every packet (no
 /// cache). For measurements and diagnosis.
 pub const CONFIG_NO_NEXTHOP_CACHE: u32 = 1;
+/// `DataplaneConfig::flags`: the program is attached in generic (skb) mode.
+/// Informational, for a restarted `lbd` adopting the attachment.
+pub const CONFIG_ATTACHED_SKB: u32 = 2;
 
 /// The data plane's global settings (single entry of the config map).
 #[repr(C)]

@@ -7,7 +7,10 @@ use std::{future::Future, time::Duration};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::dataplane::{Counters, Dataplane};
+use crate::{
+    config::Config,
+    dataplane::{Counters, Dataplane},
+};
 
 /// How often the data plane's cached next hops are looked up again, and so
 /// the longest a neighbour change takes to reach the data plane.
@@ -15,6 +18,7 @@ pub const NEXTHOP_REFRESH: Duration = Duration::from_secs(1);
 
 enum Request {
     Counters(oneshot::Sender<Result<Counters, String>>),
+    Apply(Box<Config>, oneshot::Sender<Result<(), String>>),
 }
 
 /// A cheap, cloneable way to ask the controller for things.
@@ -38,6 +42,22 @@ impl ControllerHandle {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Request::Counters(tx))
+            .await
+            .map_err(|_| ControllerError::Stopped)?;
+        rx.await
+            .map_err(|_| ControllerError::Stopped)?
+            .map_err(ControllerError::Dataplane)
+    }
+}
+
+impl ControllerHandle {
+    /// Applies a new config as a diff: settings that can change, then the
+    /// VIPs (removed, added, changed). Capacity is checked before anything
+    /// changes.
+    pub async fn apply(&self, config: Config) -> Result<(), ControllerError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Request::Apply(Box::new(config), tx))
             .await
             .map_err(|_| ControllerError::Stopped)?;
         rx.await
@@ -87,6 +107,14 @@ impl Controller {
         match req {
             Request::Counters(reply) => {
                 let _ = reply.send(self.dp.counters().map_err(|e| format!("{e:#}")));
+            }
+            Request::Apply(config, reply) => {
+                let result = self
+                    .dp
+                    .set_settings(&config.balancer)
+                    .and_then(|()| self.dp.sync(&config.vips))
+                    .map_err(|e| format!("{e:#}"));
+                let _ = reply.send(result);
             }
         }
     }

@@ -114,6 +114,11 @@ impl MaglevTable {
         }
     }
 
+    /// A table with these entries (one read back from the data plane).
+    pub fn from_entries(entries: Vec<u32>) -> MaglevTable {
+        MaglevTable { entries }
+    }
+
     /// The backend id at each position.
     pub fn entries(&self) -> &[u32] {
         &self.entries

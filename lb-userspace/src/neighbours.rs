@@ -84,24 +84,34 @@ pub fn next_hop(iface: &str, addr: IpAddr) -> Result<IpAddr, NeighbourError> {
     Ok(hop.parse().unwrap_or(addr))
 }
 
-/// Marks the next hops of `backends` on `iface` managed (see the module docs).
-pub fn manage(iface: &str, backends: &[IpAddr]) -> Result<(), NeighbourError> {
+/// Marks the next hops of `backends` on `iface` managed (see the module
+/// docs). Every backend is tried; the failures are returned.
+pub fn manage(iface: &str, backends: &[IpAddr]) -> Vec<(IpAddr, NeighbourError)> {
+    let mut failures = Vec::new();
     let mut hops: Vec<IpAddr> = Vec::new();
     for b in backends {
-        let hop = next_hop(iface, *b)?;
-        if !hops.contains(&hop) {
-            hops.push(hop);
+        match next_hop(iface, *b) {
+            Ok(hop) if !hops.contains(&hop) => hops.push(hop),
+            Ok(_) => {}
+            Err(e) => failures.push((*b, e)),
         }
     }
     for hop in hops {
-        let h = hop.to_string();
-        let existing: Vec<Neighbour> = json(&["-j", "neigh", "show", &h, "dev", iface])?;
-        let fixed = existing
-            .iter()
-            .any(|n| n.state.iter().any(|s| s == "PERMANENT" || s == "NOARP"));
-        if !fixed {
-            ip(&["neigh", "replace", &h, "dev", iface, "managed"])?;
+        if let Err(e) = manage_one(iface, hop) {
+            failures.push((hop, e));
         }
+    }
+    failures
+}
+
+fn manage_one(iface: &str, hop: IpAddr) -> Result<(), NeighbourError> {
+    let h = hop.to_string();
+    let existing: Vec<Neighbour> = json(&["-j", "neigh", "show", &h, "dev", iface])?;
+    let fixed = existing
+        .iter()
+        .any(|n| n.state.iter().any(|s| s == "PERMANENT" || s == "NOARP"));
+    if !fixed {
+        ip(&["neigh", "replace", &h, "dev", iface, "managed"])?;
     }
     Ok(())
 }

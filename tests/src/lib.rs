@@ -38,6 +38,18 @@ pub fn pin_to_cpu(cpu: usize) {
     }
 }
 
+/// Raises this process's open-file limit to `n` (tests that hold many
+/// connections open).
+pub fn raise_fd_limit(n: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: a valid rlimit; as root the hard limit may be raised.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
+}
+
 /// A small deterministic generator (splitmix64), so every run of a test
 /// sends the same "random" flows.
 pub struct SplitMix(pub u64);

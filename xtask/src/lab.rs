@@ -1,6 +1,7 @@
 //! `cargo xtask lab clean`: removes leftovers of lab runs that could not
 //! clean up (killed with SIGKILL, machine crash). Every namespace the tests,
-//! the demo and the benchmarks create is named `lbt-*`.
+//! the demo and the benchmarks create is named `lbt-*`, and so is every
+//! pinned lbd instance under /sys/fs/bpf.
 
 use std::process::Command;
 
@@ -29,6 +30,20 @@ pub fn clean() -> Result<()> {
         let _ = Command::new("ip").args(["netns", "del", name]).status();
         println!("removed network namespace {name}");
     }
+    // lbd leaves its state pinned on exit; labs name their instance lbt-*.
+    let mut pinned = 0;
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(PREFIX) {
+                for f in std::fs::read_dir(entry.path())?.flatten() {
+                    let _ = std::fs::remove_file(f.path());
+                }
+                let _ = std::fs::remove_dir(entry.path());
+                println!("removed pinned balancer state {}", entry.path().display());
+                pinned += 1;
+            }
+        }
+    }
     let mut dirs = 0;
     for entry in std::fs::read_dir(std::env::temp_dir())?.flatten() {
         if entry.file_name().to_string_lossy().starts_with(PREFIX) {
@@ -37,7 +52,7 @@ pub fn clean() -> Result<()> {
         }
     }
     println!(
-        "lab clean: {} namespaces, {dirs} temp directories removed",
+        "lab clean: {} namespaces, {pinned} pinned balancer states, {dirs} temp directories removed",
         names.len()
     );
     Ok(())

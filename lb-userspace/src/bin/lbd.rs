@@ -8,8 +8,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb::{
     config,
-    controller::Controller,
-    dataplane::{AttachMode, Dataplane, Decapsulator},
+    controller::{Controller, ControllerHandle},
+    dataplane::{AttachMode, Dataplane, Decapsulator, pinning},
     host, metrics,
 };
 use lb_common::DecapReason;
@@ -47,6 +47,32 @@ struct BalancerArgs {
     /// Validate the config, print a summary and exit.
     #[arg(long)]
     check: bool,
+    /// Name of this balancer's state under /sys/fs/bpf/ (maps and the XDP
+    /// link are pinned there; a restarted lbd adopts them).
+    #[arg(long, default_value = "lb", value_parser = parse_instance)]
+    instance: String,
+    /// Remove the instance's pinned state (detaching the balancer) and exit.
+    #[arg(long)]
+    cleanup: bool,
+    /// Pin nothing: the balancer detaches and its state goes when lbd exits.
+    #[arg(long)]
+    no_pin: bool,
+}
+
+/// Instance names become directory names: keep them plain.
+fn parse_instance(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('.')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'"
+        ))
+    }
 }
 
 #[derive(Subcommand)]
@@ -141,6 +167,17 @@ impl Signals {
 }
 
 fn run_balancer(args: BalancerArgs) -> Result<()> {
+    let dir = pinning::instance_dir(&args.instance);
+    if args.cleanup {
+        let removed =
+            pinning::cleanup(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        println!(
+            "{}: removed {} pinned objects",
+            dir.display(),
+            removed.len()
+        );
+        return Ok(());
+    }
     let Some(path) = args.config else {
         bail!("--config FILE is required (see lbd --help)");
     };
@@ -161,9 +198,16 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
     };
     runtime()?.block_on(async {
         let mut signals = Signals::install()?;
-        let mut dp = Dataplane::load(&config.balancer).context("loading the XDP balancer")?;
-        dp.sync(&config.vips)
-            .context("programming the VIPs from the config")?;
+        let mut dp = if args.no_pin {
+            Dataplane::load(&config.balancer)
+        } else {
+            Dataplane::load_pinned(&config.balancer, &dir)
+        }
+        .context("loading the XDP balancer")?;
+        if dp.adopted() {
+            info!(dir = %dir.display(), "adopting the running balancer's state (flows, counters, attachment)");
+        }
+        dp.sync(&config.vips).context("programming the VIPs from the config")?;
         let (mut controller, handle) = Controller::new(dp);
         // Bind before attaching, so a bad address changes nothing.
         let metrics_server = match config.metrics.listen {
@@ -175,15 +219,15 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             )),
             None => None,
         };
-        let used = controller
-            .dataplane_mut()
-            .attach(&iface, args.xdp_mode.into())?;
+        let adopted = controller.dataplane_mut().adopted();
+        let used = controller.dataplane_mut().attach(&iface, args.xdp_mode.into())?;
         info!(
             iface = %iface,
             mode = ?used,
             vips = config.vips.len(),
             config = %path.display(),
-            "balancer attached"
+            "{}",
+            if adopted { "balancer program replaced on the existing attachment" } else { "balancer attached" }
         );
         if let Some((listen, server)) = metrics_server {
             info!(%listen, "serving /metrics");
@@ -193,10 +237,44 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
                 }
             });
         }
+        tokio::spawn(reload_on_sighup(path.clone(), handle.clone()));
         let mut dp = controller.run(signals.recv()).await;
-        info!(iface = %iface, "shutting down: detaching the balancer");
-        dp.detach().context("detaching the balancer")
+        match dp.pin_dir() {
+            Some(dir) => info!(
+                dir = %dir.display(),
+                "shutting down; the balancer keeps running from its pinned state \
+                 (a restarted lbd adopts it; lbd --cleanup --instance {} removes it)",
+                args.instance
+            ),
+            None => {
+                info!(iface = %iface, "shutting down: detaching the balancer");
+                dp.detach().context("detaching the balancer")?;
+            }
+        }
+        Ok(())
     })
+}
+
+/// Reloads the config file on SIGHUP and applies it as a diff. A config
+/// with any problem is rejected whole and nothing changes.
+async fn reload_on_sighup(path: PathBuf, handle: ControllerHandle) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler: config reloads are off");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match config::load(&path) {
+            Ok(config) => match handle.apply(config).await {
+                Ok(()) => info!(config = %path.display(), "config reloaded and applied"),
+                Err(e) => {
+                    tracing::error!(config = %path.display(), error = %e, "applying the reloaded config failed")
+                }
+            },
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "config not reloaded; nothing changed")
+            }
+        }
+    }
 }
 
 fn run_decap(args: DecapArgs) -> Result<()> {

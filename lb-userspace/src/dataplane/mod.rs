@@ -8,18 +8,28 @@
 mod bench;
 mod counters;
 mod decap;
+pub mod pinning;
 mod vips;
 
-use std::{collections::BTreeMap, collections::VecDeque, net::IpAddr};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues},
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{
-    BackendInfo, CONFIG_NO_NEXTHOP_CACHE, DataplaneConfig, LAYOUT_VERSION, MaglevChunk,
-    TrafficCounters, VipInfo, VipKey, addr_words, chunks_per_table, map_name, program_name,
+    BackendInfo, CONFIG_ATTACHED_SKB, CONFIG_NO_NEXTHOP_CACHE, DataplaneConfig, LAYOUT_VERSION,
+    MaglevChunk, TrafficCounters, VipInfo, VipKey, addr_words, chunks_per_table, map_name,
+    program_name,
 };
 
 pub use bench::{BenchMaps, BenchTarget};
@@ -81,6 +91,37 @@ pub enum DataplaneError {
     Cpus(String),
     #[error("interface {0} does not exist")]
     NoInterface(String),
+    #[error("cannot create the pin directory {dir} (is bpffs mounted on /sys/fs/bpf?)")]
+    PinDir {
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Incompatible(#[from] pinning::Incompatible),
+    #[error(
+        "the pinned balancer is attached to interface index {pinned}, not to {iface} (index {asked}); \
+         run lbd --cleanup first to move it"
+    )]
+    AttachedElsewhere {
+        pinned: u32,
+        iface: String,
+        asked: u32,
+    },
+    #[error("pinning the XDP link to {path}")]
+    PinLink {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "taking over the pinned XDP link {path} failed (was its interface deleted? run lbd --cleanup)"
+    )]
+    AdoptLink {
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("no VIP {0}")]
     UnknownVip(VipAddr),
     #[error("VIP {vip} has no backend {backend}")]
@@ -159,6 +200,14 @@ pub struct Dataplane {
     iface: Option<String>,
     /// Its index (0 before attaching).
     ifindex: u32,
+    /// Where the state is pinned (None: not pinned).
+    pin_dir: Option<PathBuf>,
+    /// The attachment, when pinned.
+    pinned_link: Option<PinnedLink>,
+    /// The maps were adopted from a previous lbd.
+    adopted: bool,
+    /// Attached in generic (skb) mode.
+    attached_skb: bool,
     /// Current next-hop cache generation (`DataplaneConfig::nexthop_gen`).
     nexthop_gen: u32,
     nexthop_cache: bool,
@@ -264,18 +313,69 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp
 impl Dataplane {
     /// Loads the balancer object with map capacities from `settings`, loads
     /// the balancer program (the kernel verifies it here) and writes the
-    /// global settings. Nothing is attached yet.
+    /// global settings. Nothing is attached yet, and nothing is pinned: the
+    /// state goes when the `Dataplane` is dropped.
     pub fn load(settings: &BalancerSettings) -> Result<Dataplane, DataplaneError> {
+        Self::open(settings, None)
+    }
+
+    /// As [`Dataplane::load`], with the state pinned in `dir` (see
+    /// [`pinning`]): state already pinned there is checked and adopted
+    /// ([`Dataplane::adopted`]), otherwise new maps are created and pinned.
+    pub fn load_pinned(
+        settings: &BalancerSettings,
+        dir: &Path,
+    ) -> Result<Dataplane, DataplaneError> {
+        Self::open(settings, Some(dir))
+    }
+
+    fn open(
+        settings: &BalancerSettings,
+        pin_dir: Option<&Path>,
+    ) -> Result<Dataplane, DataplaneError> {
+        if pin_dir.is_some() {
+            let mounted = pinning::ensure_bpffs().map_err(|source| DataplaneError::PinDir {
+                dir: pinning::BPFFS_ROOT.to_string(),
+                source,
+            })?;
+            if mounted {
+                tracing::info!(
+                    path = pinning::BPFFS_ROOT,
+                    "mounted a BPF filesystem (none was mounted)"
+                );
+            }
+        }
+        let adopt = match pin_dir {
+            Some(dir) if pinning::has_state(dir) => {
+                pinning::check_compatible(dir, settings)?;
+                true
+            }
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir {
+                    dir: dir.display().to_string(),
+                    source,
+                })?;
+                false
+            }
+            None => false,
+        };
+        let pins: Vec<(&str, PathBuf)> = pin_dir
+            .map(|dir| map_name::STATE.iter().map(|m| (*m, dir.join(m))).collect())
+            .unwrap_or_default();
         let maglev_chunks = settings.max_vips * 2 * chunks_per_table(settings.table_size);
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(map_name::VIPS, settings.max_vips)
             .map_max_entries(map_name::VIP_STATS, settings.max_vips)
             .map_max_entries(map_name::MAGLEV, maglev_chunks)
             .map_max_entries(map_name::BACKENDS, settings.max_backends)
             .map_max_entries(map_name::BACKEND_STATS, settings.max_backends)
             .map_max_entries(map_name::NEXTHOPS, settings.max_backends)
-            .map_max_entries(map_name::FLOWS, settings.flows)
-            .load(BALANCER_OBJECT)?;
+            .map_max_entries(map_name::FLOWS, settings.flows);
+        for (name, path) in &pins {
+            loader.map_pin_path(*name, path.as_path());
+        }
+        let mut ebpf = loader.load(BALANCER_OBJECT)?;
         let name = program_name::BALANCER;
         xdp_program(&mut ebpf, name)?
             .load()
@@ -317,9 +417,27 @@ impl Dataplane {
             ifindex: 0,
             nexthop_gen: 1,
             nexthop_cache: true,
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            pinned_link: None,
+            adopted: adopt,
+            attached_skb: false,
         };
+        if adopt {
+            dp.recover()?;
+            dp.nexthop_gen = dp.nexthop_gen.wrapping_add(1).max(1);
+        }
         dp.write_config()?;
         Ok(dp)
+    }
+
+    /// Whether this data plane adopted state a previous `lbd` pinned.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Where the state is pinned, if it is.
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
     }
 
     /// The settings in effect.
@@ -368,6 +486,10 @@ impl Dataplane {
                 0
             } else {
                 CONFIG_NO_NEXTHOP_CACHE
+            } | if self.attached_skb {
+                CONFIG_ATTACHED_SKB
+            } else {
+                0
             },
             layout_version: LAYOUT_VERSION,
             ifindex: self.ifindex,
@@ -398,14 +520,62 @@ impl Dataplane {
 
     /// Attaches the balancer to `iface`; returns the mode in effect.
     /// Enables forwarding on `iface` first (see [`enable_forwarding`]).
+    ///
+    /// Pinned: a pinned link (from a previous `lbd`) gets this process's
+    /// program in one atomic replace, keeping its mode; there is no moment
+    /// without a program. Otherwise the new link is pinned.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, DataplaneError> {
-        self.ifindex = interface_index(iface)?;
+        let ifindex = interface_index(iface)?;
         enable_forwarding(iface, &self.settings)?;
-        self.write_config()?;
+        let link_pin = self.pin_dir.as_ref().map(|d| d.join(pinning::LINK_PIN));
         let prog = xdp_program(&mut self.ebpf, program_name::BALANCER)?;
-        let (link, used) = attach_xdp(prog, iface, mode)?;
-        self.link = Some(link);
+        let used = match &link_pin {
+            Some(path) if path.exists() => {
+                if self.ifindex != 0 && self.ifindex != ifindex {
+                    return Err(DataplaneError::AttachedElsewhere {
+                        pinned: self.ifindex,
+                        iface: iface.to_string(),
+                        asked: ifindex,
+                    });
+                }
+                let adopt_err =
+                    |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::AdoptLink {
+                        path: path.display().to_string(),
+                        source: e,
+                    };
+                let pinned = PinnedLink::from_pin(path).map_err(|e| adopt_err(e.into()))?;
+                let link =
+                    XdpLink::try_from(FdLink::from(pinned)).map_err(|e| adopt_err(e.into()))?;
+                self.link = Some(prog.attach_to_link(link).map_err(|e| adopt_err(e.into()))?);
+                // The mode of the existing attachment, which stays.
+                if self.attached_skb {
+                    AttachMode::Skb
+                } else {
+                    AttachMode::Native
+                }
+            }
+            _ => {
+                let (link, used) = attach_xdp(prog, iface, mode)?;
+                match &link_pin {
+                    Some(path) => {
+                        let pin_err =
+                            |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::PinLink {
+                                path: path.display().to_string(),
+                                source: e,
+                            };
+                        let link = prog.take_link(link).map_err(|e| pin_err(e.into()))?;
+                        let fd = FdLink::try_from(link).map_err(|e| pin_err(e.into()))?;
+                        self.pinned_link = Some(fd.pin(path).map_err(|e| pin_err(e.into()))?);
+                    }
+                    None => self.link = Some(link),
+                }
+                self.attached_skb = used == AttachMode::Skb;
+                used
+            }
+        };
         self.iface = Some(iface.to_string());
+        self.ifindex = ifindex;
+        self.write_config()?;
         let backends: Vec<IpAddr> = self
             .vips
             .values()
@@ -413,6 +583,18 @@ impl Dataplane {
             .collect();
         self.manage_neighbours(&backends);
         Ok(used)
+    }
+
+    /// Detaches the balancer (also happens when an unpinned `Dataplane` is
+    /// dropped). A pinned balancer is removed with [`pinning::cleanup`].
+    pub fn detach(&mut self) -> Result<(), DataplaneError> {
+        let name = program_name::BALANCER;
+        if let Some(link) = self.link.take() {
+            xdp_program(&mut self.ebpf, name)?
+                .detach(link)
+                .map_err(|source| DataplaneError::Program { name, source })?;
+        }
+        Ok(())
     }
 
     /// Keeps the neighbours towards `backends` resolved (see
@@ -423,20 +605,9 @@ impl Dataplane {
         if backends.is_empty() {
             return;
         }
-        if let Err(e) = crate::neighbours::manage(iface, backends) {
-            tracing::warn!(iface, error = %format!("{e:#}"), "cannot mark the backends' neighbours managed");
+        for (addr, e) in crate::neighbours::manage(iface, backends) {
+            tracing::warn!(iface, %addr, error = %format!("{e:#}"), "cannot mark the neighbour towards a backend managed");
         }
-    }
-
-    /// Detaches the balancer (also happens when the `Dataplane` is dropped).
-    pub fn detach(&mut self) -> Result<(), DataplaneError> {
-        let name = program_name::BALANCER;
-        if let Some(link) = self.link.take() {
-            xdp_program(&mut self.ebpf, name)?
-                .detach(link)
-                .map_err(|source| DataplaneError::Program { name, source })?;
-        }
-        Ok(())
     }
 
     /// The loaded balancer program (for `BPF_PROG_TEST_RUN`).

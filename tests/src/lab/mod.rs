@@ -23,14 +23,15 @@ use std::{
     fs,
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::Mutex,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use lb::dataplane::PassProgram;
+use lb::dataplane::{PassProgram, pinning};
 
 use crate::{netns::Netns, require_root};
 
@@ -73,9 +74,22 @@ pub struct LabBackend {
     pub ns: Netns,
 }
 
+/// The lab's processes.
+struct Procs {
+    lbd: Child,
+    decaps: Vec<(String, Child)>,
+}
+
 /// A running lab. Drop tears it down.
 pub struct Lab {
-    processes: Vec<(String, Child)>,
+    /// lbd and the decapsulators, behind a lock so lbd can be restarted
+    /// while clients run.
+    procs: Mutex<Procs>,
+    lbd_bin: PathBuf,
+    lbd_args: Vec<String>,
+    /// lbd's pinned state: /sys/fs/bpf/<instance>.
+    instance: String,
+    config_path: PathBuf,
     services: Vec<servers::Services>,
     _pass: PassProgram,
     pub backends: Vec<LabBackend>,
@@ -146,20 +160,23 @@ fn no_dad(ns: &Netns) -> Result<()> {
     Ok(())
 }
 
-/// lbd's config for the lab: both VIPs, HTTP and echo, over every backend.
-fn config(backends: &[LabBackend]) -> String {
+/// lbd's config for the lab: both VIPs, HTTP and echo, over the backends
+/// that have a weight (`None`: not in the config).
+fn config(backends: &[LabBackend], weights: &[Option<u32>]) -> String {
     let mut c = String::from(
         "[balancer]\nsource_v4 = \"10.201.0.1\"\nsource_v6 = \"fd00:201::1\"\nmtu = 1600\nmax_vips = 8\nmax_backends = 64\n\n",
     );
+    c += "[conntrack]\nsize = 65536\n\n";
     c += &format!("[metrics]\nlisten = \"{METRICS}\"\n\n");
     for (vip, v6) in [(IpAddr::from(VIP_V4), false), (IpAddr::from(VIP_V6), true)] {
         for (port, proto) in [(servers::HTTP_PORT, "tcp"), (servers::ECHO_PORT, "udp")] {
             c += &format!(
                 "[[vip]]\naddress = \"{vip}\"\nport = {port}\nprotocol = \"{proto}\"\nbackends = [\n"
             );
-            for b in backends {
+            for (b, w) in backends.iter().zip(weights) {
+                let Some(w) = w else { continue };
                 let addr: IpAddr = if v6 { b.v6.into() } else { b.v4.into() };
-                c += &format!("  {{ address = \"{addr}\", weight = {} }},\n", b.weight);
+                c += &format!("  {{ address = \"{addr}\", weight = {w} }},\n");
             }
             c += "]\n\n";
         }
@@ -243,9 +260,69 @@ impl Lab {
                 .context("attaching XDP_PASS to the balancer's bridge port")?
         };
 
-        let mut lab = Lab {
-            processes: Vec::new(),
-            services: Vec::new(),
+        let config_path = dir.join("lbd.toml");
+        let weights: Vec<Option<u32>> = backends.iter().map(|b| Some(b.weight)).collect();
+        fs::write(&config_path, config(&backends, &weights))?;
+        let instance = balancer.name().to_string();
+        let lbd_args: Vec<String> = [
+            "--config",
+            config_path.to_str().context("temp path is UTF-8")?,
+            "--iface",
+            "eth0",
+            "--xdp-mode",
+            spec.xdp_mode,
+            "--instance",
+            &instance,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+
+        let mut services = Vec::new();
+        for b in &backends {
+            services.push(servers::start(
+                &b.ns,
+                &b.name,
+                &[VIP_V4.into(), VIP_V6.into()],
+            )?);
+        }
+        // Children started so far are killed if a later start fails.
+        let mut processes: Vec<(String, Child)> = Vec::new();
+        let kill_all = |processes: &mut Vec<(String, Child)>| {
+            for (_, c) in processes.iter_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        };
+        for b in &backends {
+            let log = dir.join(format!("{}-decap.log", b.name));
+            let args = ["decap", "--iface", "eth0", "--xdp-mode", "native"];
+            match spawn_in(&b.ns, &lbd, &args, &log) {
+                Ok(c) => processes.push((format!("{} lbd decap", b.name), c)),
+                Err(e) => {
+                    kill_all(&mut processes);
+                    return Err(e);
+                }
+            }
+        }
+        let args: Vec<&str> = lbd_args.iter().map(String::as_str).collect();
+        let lbd_child = match spawn_in(&balancer, &lbd, &args, &dir.join("lbd.log")) {
+            Ok(c) => c,
+            Err(e) => {
+                kill_all(&mut processes);
+                return Err(e);
+            }
+        };
+        let lab = Lab {
+            procs: Mutex::new(Procs {
+                lbd: lbd_child,
+                decaps: processes,
+            }),
+            lbd_bin: lbd,
+            lbd_args,
+            instance,
+            config_path,
+            services,
             _pass: pass,
             backends,
             client,
@@ -253,44 +330,80 @@ impl Lab {
             switch,
             dir,
         };
-        for b in &lab.backends {
-            lab.services.push(servers::start(
-                &b.ns,
-                &b.name,
-                &[VIP_V4.into(), VIP_V6.into()],
-            )?);
-        }
-        for i in 0..lab.backends.len() {
-            let log = lab.dir.join(format!("{}-decap.log", lab.backends[i].name));
-            let child = spawn_in(
-                &lab.backends[i].ns,
-                &lbd,
-                &["decap", "--iface", "eth0", "--xdp-mode", "native"],
-                &log,
-            )?;
-            lab.processes
-                .push((format!("{} lbd decap", lab.backends[i].name), child));
-        }
-        let config_path = lab.dir.join("lbd.toml");
-        fs::write(&config_path, config(&lab.backends))?;
-        let log = lab.dir.join("lbd.log");
-        let args = [
-            "--config",
-            config_path.to_str().context("temp path is UTF-8")?,
-            "--iface",
-            "eth0",
-            "--xdp-mode",
-            spec.xdp_mode,
-        ];
-        let child = spawn_in(&lab.balancer, &lbd, &args, &log)?;
-        lab.processes.push(("lbd".into(), child));
         lab.wait_ready()?;
         Ok(lab)
     }
 
+    /// Rewrites lbd's config with these backends (`None`: not in the
+    /// config) and reloads it (SIGHUP); returns once lbd applied it.
+    pub fn set_backends(&self, weights: &[Option<u32>]) -> Result<()> {
+        fs::write(&self.config_path, config(&self.backends, weights))?;
+        let before = self.log_count("config reloaded and applied");
+        let pid = self.procs.lock().expect("lab lock").lbd.id() as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGHUP) };
+        self.wait_for(
+            |lab| lab.log_count("config reloaded and applied") > before,
+            "lbd to apply the new config",
+        )
+    }
+
+    /// Stops lbd (SIGTERM: the balancer keeps running from its pinned
+    /// state) and starts it again; returns once the new lbd adopted the
+    /// state and serves metrics.
+    pub fn restart_lbd(&self) -> Result<()> {
+        let before = self.log_count("balancer program replaced on the existing attachment");
+        {
+            let mut procs = self.procs.lock().expect("lab lock");
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(procs.lbd.id() as i32, libc::SIGTERM) };
+            let status = procs.lbd.wait()?;
+            if !status.success() {
+                drop(procs);
+                bail!(
+                    "lbd exited with {status} on SIGTERM; logs:\n{}",
+                    self.logs()
+                );
+            }
+            let args: Vec<&str> = self.lbd_args.iter().map(String::as_str).collect();
+            procs.lbd = spawn_in(
+                &self.balancer,
+                &self.lbd_bin,
+                &args,
+                &self.dir.join("lbd.log"),
+            )?;
+        }
+        self.wait_for(
+            |lab| {
+                lab.log_count("balancer program replaced on the existing attachment") > before
+                    && lab.metrics().is_ok()
+            },
+            "the restarted lbd to adopt the balancer",
+        )
+    }
+
+    fn log_count(&self, needle: &str) -> usize {
+        fs::read_to_string(self.dir.join("lbd.log"))
+            .unwrap_or_default()
+            .matches(needle)
+            .count()
+    }
+
+    fn wait_for(&self, done: impl Fn(&Lab) -> bool, what: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !done(self) {
+            self.check_alive()?;
+            if Instant::now() > deadline {
+                bail!("timed out waiting for {what}; logs:\n{}", self.logs());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     /// Waits for lbd's metrics, the decapsulators and the balancer's
     /// neighbours; fails early with the logs if a process died.
-    fn wait_ready(&mut self) -> Result<()> {
+    fn wait_ready(&self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             self.check_alive()?;
@@ -323,10 +436,16 @@ impl Lab {
         }
     }
 
-    fn check_alive(&mut self) -> Result<()> {
-        for (what, child) in &mut self.processes {
+    fn check_alive(&self) -> Result<()> {
+        let mut procs = self.procs.lock().expect("lab lock");
+        if let Some(status) = procs.lbd.try_wait()? {
+            drop(procs);
+            bail!("lbd exited ({status}); logs:\n{}", self.logs());
+        }
+        for (what, child) in procs.decaps.iter_mut() {
             if let Some(status) = child.try_wait()? {
                 let what = what.clone();
+                drop(procs);
                 bail!("{what} exited ({status}); logs:\n{}", self.logs());
             }
         }
@@ -417,30 +536,50 @@ pub fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> Result<T> {
     })
 }
 
-fn spawn_in(ns: &Netns, program: &PathBuf, args: &[&str], log: &PathBuf) -> Result<Child> {
-    let out = fs::File::create(log)?;
-    Command::new("ip")
-        .args(["netns", "exec", ns.name()])
-        .arg(program)
-        .args(args)
+/// Starts `program` inside `ns`. Only the network namespace is entered
+/// (`setns` before exec), not a new mount namespace as `ip netns exec` does:
+/// lbd must see the host's BPF filesystem to pin and adopt its state.
+fn spawn_in(ns: &Netns, program: &Path, args: &[&str], log: &Path) -> Result<Child> {
+    use std::os::{fd::AsRawFd, unix::process::CommandExt};
+    let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let netns = fs::File::open(format!("/run/netns/{}", ns.name()))?;
+    let fd = netns.as_raw_fd();
+    let mut cmd = Command::new(program);
+    cmd.args(args)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
-        .stderr(out)
+        .stderr(out);
+    // SAFETY: setns is async-signal-safe; `fd` stays open until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
         .spawn()
-        .with_context(|| format!("starting {} in {}", program.display(), ns.name()))
+        .with_context(|| format!("starting {} in {}", program.display(), ns.name()))?;
+    drop(netns);
+    Ok(child)
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        // SIGTERM first so lbd detaches cleanly; SIGKILL if it hangs.
-        for (_, child) in &mut self.processes {
+        // SIGTERM first so every process ends cleanly; SIGKILL if one hangs.
+        let procs = self.procs.get_mut().unwrap_or_else(|e| e.into_inner());
+        let children: Vec<&mut Child> = std::iter::once(&mut procs.lbd)
+            .chain(procs.decaps.iter_mut().map(|(_, c)| c))
+            .collect();
+        for child in &children {
             // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        for (_, child) in &mut self.processes {
+        for child in children {
             while child.try_wait().ok().flatten().is_none() {
                 if Instant::now() > deadline {
                     let _ = child.kill();
@@ -450,6 +589,8 @@ impl Drop for Lab {
                 thread::sleep(Duration::from_millis(20));
             }
         }
+        // lbd leaves its state pinned on exit (for a restart): remove it.
+        let _ = pinning::cleanup(&pinning::instance_dir(&self.instance));
         self.services.clear();
         let _ = fs::remove_dir_all(&self.dir);
         // The namespaces go when their fields drop.

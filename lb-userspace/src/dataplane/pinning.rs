@@ -1,0 +1,352 @@
+//! Hitless restart: the balancer's maps and its XDP link are pinned under
+//! `/sys/fs/bpf/<instance>/`. A restarted `lbd` adopts them — the program on
+//! the existing link is replaced atomically, nothing is detached, the
+//! connection table keeps every flow — after checking that the pinned maps
+//! have exactly the layout this `lbd` expects. `lbd --cleanup` removes the
+//! directory, which detaches the program.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, Map, MapData, MapInfo, MapType};
+use lb_common::{
+    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FlowEntry, FlowKey,
+    LAYOUT_VERSION, MaglevChunk, NextHop, PROTO_TCP, PROTO_UDP, TrafficCounters, VipInfo, VipKey,
+    chunks_per_table, map_name, words_addr,
+};
+
+use super::{Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
+use crate::{
+    config::BalancerSettings,
+    maglev::MaglevTable,
+    vip::{Protocol, VipAddr},
+};
+
+/// Root of the pinned state of all instances.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+/// File name of the pinned XDP link inside an instance's directory.
+pub const LINK_PIN: &str = "link";
+
+/// The directory of instance `name`.
+pub fn instance_dir(name: &str) -> PathBuf {
+    Path::new(BPFFS_ROOT).join(name)
+}
+
+/// Why pinned state cannot be adopted.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the state pinned in {dir} does not fit this lbd: {what}. Adopting it would corrupt it; \
+     run `lbd --cleanup` for this instance (drops every tracked flow) or start the lbd that made it"
+)]
+pub struct Incompatible {
+    pub dir: String,
+    pub what: String,
+}
+
+/// The maps a state directory must hold, with their kernel shape for these
+/// settings: (name, type, key size, value size, capacity).
+fn expected(settings: &BalancerSettings) -> [(&'static str, MapType, usize, usize, u32); 11] {
+    use std::mem::size_of;
+    let chunks = settings.max_vips * 2 * chunks_per_table(settings.table_size);
+    [
+        (
+            map_name::VIPS,
+            MapType::Hash,
+            size_of::<VipKey>(),
+            size_of::<VipInfo>(),
+            settings.max_vips,
+        ),
+        (
+            map_name::BACKENDS,
+            MapType::Array,
+            4,
+            size_of::<BackendInfo>(),
+            settings.max_backends,
+        ),
+        (
+            map_name::MAGLEV,
+            MapType::Array,
+            4,
+            size_of::<MaglevChunk>(),
+            chunks,
+        ),
+        (
+            map_name::CONFIG,
+            MapType::Array,
+            4,
+            size_of::<DataplaneConfig>(),
+            1,
+        ),
+        (
+            map_name::VIP_FILTER,
+            MapType::Array,
+            4,
+            8,
+            lb_common::VIP_FILTER_WORDS,
+        ),
+        (
+            map_name::FLOWS,
+            MapType::LruHash,
+            size_of::<FlowKey>(),
+            size_of::<FlowEntry>(),
+            settings.flows,
+        ),
+        (
+            map_name::NEXTHOPS,
+            MapType::PerCpuArray,
+            4,
+            size_of::<NextHop>(),
+            settings.max_backends,
+        ),
+        (
+            map_name::VIP_STATS,
+            MapType::PerCpuArray,
+            4,
+            size_of::<TrafficCounters>(),
+            settings.max_vips,
+        ),
+        (
+            map_name::BACKEND_STATS,
+            MapType::PerCpuArray,
+            4,
+            size_of::<TrafficCounters>(),
+            settings.max_backends,
+        ),
+        (
+            map_name::REASON_STATS,
+            MapType::PerCpuArray,
+            4,
+            8,
+            lb_common::REASON_COUNT,
+        ),
+        (
+            map_name::FLOW_STATS,
+            MapType::PerCpuArray,
+            4,
+            8,
+            lb_common::FLOW_EVENT_COUNT,
+        ),
+    ]
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Makes sure a BPF filesystem is mounted on [`BPFFS_ROOT`], mounting one if
+/// not (as systemd does at boot; some minimal hosts and containers do not).
+/// Returns whether it mounted one.
+pub fn ensure_bpffs() -> std::io::Result<bool> {
+    let root = std::ffi::CString::new(BPFFS_ROOT).expect("no NUL");
+    // SAFETY: statfs fills the zeroed struct; the path is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(root.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(false);
+    }
+    let fstype = std::ffi::CString::new("bpf").expect("no NUL");
+    // SAFETY: valid NUL-terminated strings, no data.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            root.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(true)
+}
+
+/// Whether `dir` holds pinned state at all.
+pub fn has_state(dir: &Path) -> bool {
+    map_name::STATE.iter().any(|m| dir.join(m).exists())
+}
+
+/// Checks that the state pinned in `dir` is complete and has exactly the
+/// layout these settings and this build expect (map kinds, key and value
+/// sizes, capacities, and `LAYOUT_VERSION`).
+pub fn check_compatible(dir: &Path, settings: &BalancerSettings) -> Result<(), DataplaneError> {
+    let fail = |what: String| {
+        DataplaneError::Incompatible(Incompatible {
+            dir: dir.display().to_string(),
+            what,
+        })
+    };
+    for (name, kind, key, value, max) in expected(settings) {
+        let path = dir.join(name);
+        if !path.exists() {
+            return Err(fail(format!("map {name} is missing")));
+        }
+        let info = MapInfo::from_pin(&path)
+            .map_err(|e| fail(format!("map {name} cannot be read: {e}")))?;
+        let got_kind = info
+            .map_type()
+            .map_err(|e| fail(format!("map {name}: {e}")))?;
+        if got_kind != kind {
+            return Err(fail(format!(
+                "map {name} is a {got_kind:?} map, expected {kind:?}"
+            )));
+        }
+        if (info.key_size() as usize, info.value_size() as usize) != (key, value) {
+            return Err(fail(format!(
+                "map {name} has {}-byte keys and {}-byte values, expected {key} and {value}",
+                info.key_size(),
+                info.value_size()
+            )));
+        }
+        if info.max_entries() != max {
+            return Err(fail(format!(
+                "map {name} holds {} entries, the config asks for {max} (capacities and \
+                 maglev_table_size cannot change across a restart)",
+                info.max_entries()
+            )));
+        }
+    }
+    let config =
+        read_config(dir).map_err(|e| fail(format!("the config map cannot be read: {e}")))?;
+    if config.layout_version != LAYOUT_VERSION {
+        return Err(fail(format!(
+            "it was written with map layout version {}, this lbd uses {LAYOUT_VERSION}",
+            config.layout_version
+        )));
+    }
+    Ok(())
+}
+
+fn read_config(dir: &Path) -> Result<DataplaneConfig, aya::maps::MapError> {
+    let data = MapData::from_pin(dir.join(map_name::CONFIG))?;
+    let array: Array<MapData, DataplaneConfig> = Map::Array(data).try_into()?;
+    array.get(&0, 0)
+}
+
+/// Removes instance directory `dir` and everything pinned in it; the XDP
+/// program detaches once no process holds its link. Returns what it removed.
+pub fn cleanup(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    if !dir.exists() {
+        return Ok(removed);
+    }
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        fs::remove_file(&path)?;
+        removed.push(path);
+    }
+    fs::remove_dir(dir)?;
+    Ok(removed)
+}
+
+impl Dataplane {
+    /// Rebuilds what this process knows from the adopted maps: VIPs with
+    /// their ids, flags and active table halves; backends (from the backend
+    /// map, which records each id's VIP, address and health); id
+    /// incarnations; the next-hop generation. Weights are not recorded in
+    /// the maps: they read as unknown until the config is applied (which
+    /// rebuilds every table, to the same content if nothing changed).
+    pub(super) fn recover(&mut self) -> Result<(), DataplaneError> {
+        let cfg = self
+            .maps
+            .config
+            .get(&0, 0)
+            .map_err(map_err(map_name::CONFIG))?;
+        self.nexthop_gen = cfg.nexthop_gen.max(1);
+        self.nexthop_cache = cfg.flags & lb_common::CONFIG_NO_NEXTHOP_CACHE == 0;
+        self.attached_skb = cfg.flags & lb_common::CONFIG_ATTACHED_SKB != 0;
+        self.ifindex = cfg.ifindex;
+
+        let mut by_vip: BTreeMap<u32, BTreeMap<IpAddr, ProgrammedBackend>> = BTreeMap::new();
+        for id in 0..self.settings.max_backends {
+            let b = self
+                .maps
+                .backends
+                .get(&id, 0)
+                .map_err(map_err(map_name::BACKENDS))?;
+            self.incarnations[id as usize] = b.incarnation;
+            if b.flags & BACKEND_ALLOCATED == 0 {
+                continue;
+            }
+            by_vip.entry(b.vip_id).or_default().insert(
+                words_addr(b.family, b.addr),
+                ProgrammedBackend {
+                    id,
+                    weight: UNKNOWN_WEIGHT,
+                    down: b.flags & BACKEND_DOWN != 0,
+                },
+            );
+        }
+
+        let per_table = chunks_per_table(self.settings.table_size);
+        let entries: Vec<(VipKey, VipInfo)> =
+            self.maps.vips.iter().filter_map(Result::ok).collect();
+        let mut used_vips = Vec::new();
+        for (key, info) in entries {
+            let protocol = match key.proto {
+                PROTO_TCP => Protocol::Tcp,
+                PROTO_UDP => Protocol::Udp,
+                p => {
+                    tracing::warn!(proto = p, "ignoring a pinned VIP with an unknown protocol");
+                    continue;
+                }
+            };
+            let addr = VipAddr {
+                addr: words_addr(key.family, key.addr),
+                port: u16::from_be_bytes(key.port.to_ne_bytes()),
+                protocol,
+            };
+            let active_half = info.table_chunk / per_table - 2 * info.id;
+            let mut entries = Vec::with_capacity(self.settings.table_size as usize);
+            for c in 0..per_table {
+                let chunk = self
+                    .maps
+                    .maglev
+                    .get(&(info.table_chunk + c), 0)
+                    .map_err(map_err(map_name::MAGLEV))?;
+                entries.extend_from_slice(&chunk.backends);
+            }
+            entries.truncate(self.settings.table_size as usize);
+            used_vips.push(info.id);
+            self.vips.insert(
+                addr,
+                ProgrammedVip {
+                    id: info.id,
+                    flags: info.flags,
+                    active_half,
+                    flipped_at: std::time::Instant::now(),
+                    backends: by_vip.remove(&info.id).unwrap_or_default(),
+                    table: MaglevTable::from_entries(entries),
+                },
+            );
+        }
+        // Backends whose VIP is gone: clear their entries; their ids stay free.
+        for b in by_vip.values().flat_map(|m| m.values()) {
+            let cleared = BackendInfo {
+                incarnation: self.incarnations[b.id as usize],
+                ..BackendInfo::default()
+            };
+            self.maps
+                .backends
+                .set(b.id, cleared, 0)
+                .map_err(map_err(map_name::BACKENDS))?;
+        }
+        let used_backends: Vec<u32> = self
+            .vips
+            .values()
+            .flat_map(|p| p.backends.values().map(|b| b.id))
+            .collect();
+        self.free_vip_ids.retain(|id| !used_vips.contains(id));
+        self.free_backend_ids
+            .retain(|(id, _)| !used_backends.contains(id));
+        Ok(())
+    }
+}
+
+/// Weight of a recovered backend until the config says (the maps do not
+/// record weights).
+pub(super) const UNKNOWN_WEIGHT: u32 = u32::MAX;
