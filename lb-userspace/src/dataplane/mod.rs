@@ -373,7 +373,7 @@ impl Dataplane {
             .map_max_entries(map_name::NEXTHOPS, settings.max_backends)
             .map_max_entries(map_name::FLOWS, settings.flows);
         for (name, path) in &pins {
-            loader.map_pin_path(*name, path.as_path());
+            loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(BALANCER_OBJECT)?;
         let name = program_name::BALANCER;
