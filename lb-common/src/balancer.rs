@@ -5,7 +5,13 @@ use core::mem::size_of;
 /// Version of the layout of the balancer's maps and the meaning of their
 /// fields. A restarted `lbd` adopts pinned maps only of the same version;
 /// bump it with any change to a type in this module or to a map's kind.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
+
+/// Creation flags of the VIP map: `BPF_F_NO_PREALLOC` (see [`VipInfo`]).
+pub const VIPS_MAP_FLAGS: u32 = 1;
+/// Creation flags of the connection table: `BPF_F_NO_COMMON_LRU` (an LRU
+/// list per CPU).
+pub const FLOWS_MAP_FLAGS: u32 = 2;
 
 /// Default number of VIPs the maps have room for (`balancer.max_vips`).
 pub const DEFAULT_MAX_VIPS: u32 = 64;
@@ -205,5 +211,9 @@ pub struct BenchControl {
     pub l2_len: u32,
     /// The input frame's L2 header.
     pub l2: [u8; 20],
+    /// If not 0: offset of four bytes of the source address, which the
+    /// wrapper overwrites with a counter every iteration, so every packet is
+    /// a new flow.
+    pub seq_offset: u32,
 }
-const _: () = assert!(size_of::<BenchControl>() == 28);
+const _: () = assert!(size_of::<BenchControl>() == 32);

@@ -176,6 +176,8 @@ fn is_ipv6_extension(next: u8) -> bool {
 pub const TCP_RST: u8 = 0x04;
 /// TCP flag SYN in [`Packet::tcp_flags`].
 pub const TCP_SYN: u8 = 0x02;
+/// TCP flag ACK in [`Packet::tcp_flags`].
+pub const TCP_ACK: u8 = 0x10;
 
 /// Source and destination port as one word, as they sit on the wire, and
 /// the TCP flags (0 for UDP). The whole L4 header must be in the frame.

@@ -328,3 +328,39 @@ fn flows_of_a_down_backend_follow_the_vips_policy() {
         assert_ne!(b.to_string(), "10.200.0.21");
     }
 }
+
+/// A SYN opens a new connection: it is scheduled afresh (no lookup), and
+/// the rest of that connection follows it.
+#[test]
+fn a_syn_starts_a_new_connection_on_the_current_table() {
+    let mut lab = lab();
+    let fs = flows(9, 200, "203.0.113.10", 80, Protocol::Tcp);
+    let first = route(&mut lab, &fs);
+    lab.dp
+        .set_vip(&tcp_vip(&[
+            ("10.200.0.11", 100),
+            ("10.200.0.12", 100),
+            ("10.200.0.13", 100),
+            ("10.200.0.14", 300),
+        ]))
+        .unwrap();
+    let mut moved = 0;
+    for (f, old) in fs.iter().zip(&first) {
+        let mut syn = lab.frame(f, FrameSpec::default());
+        syn[14 + 20 + 13] = 0x02;
+        let r = lab.run(&syn).unwrap();
+        let now = parse_encapsulated(&r.frame).unwrap().outer.dst();
+        assert_eq!(
+            Some(now),
+            lab.dp.backend_for(&f.key()),
+            "the SYN follows the current table"
+        );
+        assert_eq!(
+            send(&mut lab, f, FrameSpec::default()),
+            now,
+            "the connection stays where its SYN went"
+        );
+        moved += usize::from(now != *old);
+    }
+    assert!(moved > 20, "the table change moved {moved} of 200 flows");
+}

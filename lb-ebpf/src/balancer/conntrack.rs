@@ -6,7 +6,7 @@ use lb_common::{
     BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FLOW_TOUCH_NS, FlowEntry,
     FlowEvent, PROTO_TCP, VIP_STICK_WHEN_DOWN,
 };
-use lb_ebpf::parse::{Packet, TCP_RST};
+use lb_ebpf::parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN};
 
 use crate::maps::{LB_BACKENDS, LB_FLOW_STATS, LB_FLOWS, count};
 
@@ -26,6 +26,10 @@ pub fn now() -> u64 {
 
 /// Looks the packet's flow up. A TCP RST ends its flow: the entry goes
 /// (the RST itself still reaches the backend).
+///
+/// A TCP SYN (without ACK) opens a new connection: it skips the lookup and
+/// is scheduled, and its entry replaces any old one of the same 5-tuple (a
+/// reused port). That saves a hash lookup on the costliest path.
 #[inline(always)]
 pub fn lookup(
     pkt: &Packet,
@@ -33,6 +37,10 @@ pub fn lookup(
     now: u64,
     vip_flags: impl FnOnce() -> u32,
 ) -> Lookup {
+    if pkt.flow.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        count(&LB_FLOW_STATS, FlowEvent::Miss as u32);
+        return Lookup::Schedule;
+    }
     let Some(e) = LB_FLOWS.get_ptr_mut(&pkt.flow) else {
         count(&LB_FLOW_STATS, FlowEvent::Miss as u32);
         return Lookup::Schedule;

@@ -172,8 +172,21 @@ pub fn lb_bench_wrap(ctx: XdpContext) -> u32 {
                 (*l2)[i] = ctl.l2[i];
             }
         }
-        LB_BENCH_PROGS.tail_call(&ctx, ctl.target);
     }
+    // A new flow every iteration: a counter in the source address.
+    if ctl.seq_offset != 0 {
+        // The mask bounds the offset for the verifier (headers end before 128).
+        let Some(src) = ptr_at_mut::<[u8; 4]>(&ctx, ctl.seq_offset as usize & 0x7f) else {
+            return xdp_action::XDP_DROP;
+        };
+        if let Some(seq) = LB_BENCH_STATS.get_ptr_mut(1) {
+            unsafe {
+                *seq += 1;
+                *src = (*seq as u32).to_be_bytes();
+            }
+        }
+    }
+    unsafe { LB_BENCH_PROGS.tail_call(&ctx, ctl.target) };
     xdp_action::XDP_DROP
 }
 

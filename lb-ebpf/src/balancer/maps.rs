@@ -2,29 +2,32 @@
 //! capacities from its config before loading (`EbpfLoader::map_max_entries`).
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
     BackendInfo, BenchControl, DEFAULT_FLOWS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-    DEFAULT_TABLE_SIZE, DataplaneConfig, FLOW_EVENT_COUNT, FlowEntry, FlowKey, MaglevChunk,
-    NextHop, REASON_COUNT, TrafficCounters, VIP_FILTER_WORDS, VipInfo, VipKey, chunks_per_table,
+    DEFAULT_TABLE_SIZE, DataplaneConfig, FLOW_EVENT_COUNT, FLOWS_MAP_FLAGS, FlowEntry, FlowKey,
+    MaglevChunk, NextHop, REASON_COUNT, TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipInfo,
+    VipKey, chunks_per_table,
 };
 
 /// No preallocation: replacing a value is an RCU swap (see `VipInfo`).
 #[map(name = "LB_VIPS")]
 pub static LB_VIPS: HashMap<VipKey, VipInfo> =
-    HashMap::with_max_entries(DEFAULT_MAX_VIPS, BPF_F_NO_PREALLOC);
+    HashMap::with_max_entries(DEFAULT_MAX_VIPS, VIPS_MAP_FLAGS);
 
 #[map(name = "LB_VIP_FILTER")]
 pub static LB_VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
 
 /// The connection table (see `lb_common::FlowEntry`). LRU maps are always
-/// preallocated: memory is fixed at load time.
+/// preallocated: memory is fixed at load time. Each CPU keeps its own LRU
+/// list (`FLOWS_MAP_FLAGS`): inserting a new flow never takes a lock
+/// shared with other CPUs; the capacity is split evenly over the CPUs
+/// (RSS keeps a flow on one CPU).
 #[map(name = "LB_FLOWS")]
 pub static LB_FLOWS: LruHashMap<FlowKey, FlowEntry> =
-    LruHashMap::with_max_entries(DEFAULT_FLOWS, 0);
+    LruHashMap::with_max_entries(DEFAULT_FLOWS, FLOWS_MAP_FLAGS);
 
 #[map(name = "LB_FLOW_STATS")]
 pub static LB_FLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FLOW_EVENT_COUNT, 0);
@@ -63,8 +66,9 @@ pub static LB_BENCH_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
 #[map(name = "LB_BENCH_CONTROL")]
 pub static LB_BENCH_CONTROL: Array<BenchControl> = Array::with_max_entries(1, 0);
 
+/// Entry 0: frames the wrapper restored; entry 1: its new-flow sequence.
 #[map(name = "LB_BENCH_STATS")]
-pub static LB_BENCH_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+pub static LB_BENCH_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
 /// Adds one packet of `bytes` to entry `index` of a traffic counter map.
 #[inline(always)]

@@ -73,11 +73,21 @@ pub struct BenchMaps {
 impl BenchMaps {
     /// Sets the wrapper's target and the L2 header (14 or 18 bytes) it writes
     /// back before every iteration.
-    pub fn set(&mut self, target: BenchTarget, l2: &[u8]) -> Result<(), DataplaneError> {
+    ///
+    /// With `seq_offset` (the offset of the last four bytes of the source
+    /// address), every iteration gets a new source: every packet is a new
+    /// flow.
+    pub fn set(
+        &mut self,
+        target: BenchTarget,
+        l2: &[u8],
+        seq_offset: Option<usize>,
+    ) -> Result<(), DataplaneError> {
         let mut ctl = BenchControl {
             target: target as u32,
             l2_len: l2.len() as u32,
             l2: [0; 20],
+            seq_offset: seq_offset.unwrap_or(0) as u32,
         };
         ctl.l2[..l2.len()].copy_from_slice(l2);
         self.control

@@ -14,8 +14,9 @@ use std::{
 
 use aya::maps::{Array, Map, MapData, MapInfo, MapType};
 use lb_common::{
-    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FlowEntry, FlowKey,
-    LAYOUT_VERSION, MaglevChunk, NextHop, PROTO_TCP, PROTO_UDP, TrafficCounters, VipInfo, VipKey,
+    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FLOW_EVENT_COUNT,
+    FLOWS_MAP_FLAGS, FlowEntry, FlowKey, LAYOUT_VERSION, MaglevChunk, NextHop, PROTO_TCP,
+    PROTO_UDP, REASON_COUNT, TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipInfo, VipKey,
     chunks_per_table, map_name, words_addr,
 };
 
@@ -47,88 +48,118 @@ pub struct Incompatible {
     pub what: String,
 }
 
-/// The maps a state directory must hold, with their kernel shape for these
-/// settings: (name, type, key size, value size, capacity).
-fn expected(settings: &BalancerSettings) -> [(&'static str, MapType, usize, usize, u32); 11] {
+/// The kernel shape a pinned map must have.
+struct Shape {
+    name: &'static str,
+    kind: MapType,
+    key: usize,
+    value: usize,
+    max: u32,
+    flags: u32,
+}
+
+/// The maps a state directory must hold, shaped for these settings.
+fn expected(settings: &BalancerSettings) -> [Shape; 11] {
     use std::mem::size_of;
-    let chunks = settings.max_vips * 2 * chunks_per_table(settings.table_size);
+    let shape = |name, kind, key, value, max, flags| Shape {
+        name,
+        kind,
+        key,
+        value,
+        max,
+        flags,
+    };
+    let (vips, backends) = (settings.max_vips, settings.max_backends);
+    let chunks = vips * 2 * chunks_per_table(settings.table_size);
+    let counters = size_of::<TrafficCounters>();
     [
-        (
+        shape(
             map_name::VIPS,
             MapType::Hash,
             size_of::<VipKey>(),
             size_of::<VipInfo>(),
-            settings.max_vips,
+            vips,
+            VIPS_MAP_FLAGS,
         ),
-        (
+        shape(
             map_name::BACKENDS,
             MapType::Array,
             4,
             size_of::<BackendInfo>(),
-            settings.max_backends,
+            backends,
+            0,
         ),
-        (
+        shape(
             map_name::MAGLEV,
             MapType::Array,
             4,
             size_of::<MaglevChunk>(),
             chunks,
+            0,
         ),
-        (
+        shape(
             map_name::CONFIG,
             MapType::Array,
             4,
             size_of::<DataplaneConfig>(),
             1,
+            0,
         ),
-        (
+        shape(
             map_name::VIP_FILTER,
             MapType::Array,
             4,
             8,
-            lb_common::VIP_FILTER_WORDS,
+            VIP_FILTER_WORDS,
+            0,
         ),
-        (
+        shape(
             map_name::FLOWS,
             MapType::LruHash,
             size_of::<FlowKey>(),
             size_of::<FlowEntry>(),
             settings.flows,
+            FLOWS_MAP_FLAGS,
         ),
-        (
+        shape(
             map_name::NEXTHOPS,
             MapType::PerCpuArray,
             4,
             size_of::<NextHop>(),
-            settings.max_backends,
+            backends,
+            0,
         ),
-        (
+        shape(
             map_name::VIP_STATS,
             MapType::PerCpuArray,
             4,
-            size_of::<TrafficCounters>(),
-            settings.max_vips,
+            counters,
+            vips,
+            0,
         ),
-        (
+        shape(
             map_name::BACKEND_STATS,
             MapType::PerCpuArray,
             4,
-            size_of::<TrafficCounters>(),
-            settings.max_backends,
+            counters,
+            backends,
+            0,
         ),
-        (
+        shape(
             map_name::REASON_STATS,
             MapType::PerCpuArray,
             4,
             8,
-            lb_common::REASON_COUNT,
+            REASON_COUNT,
+            0,
         ),
-        (
+        shape(
             map_name::FLOW_STATS,
             MapType::PerCpuArray,
             4,
             8,
-            lb_common::FLOW_EVENT_COUNT,
+            FLOW_EVENT_COUNT,
+            0,
         ),
     ]
 }
@@ -180,7 +211,15 @@ pub fn check_compatible(dir: &Path, settings: &BalancerSettings) -> Result<(), D
             what,
         })
     };
-    for (name, kind, key, value, max) in expected(settings) {
+    for Shape {
+        name,
+        kind,
+        key,
+        value,
+        max,
+        flags,
+    } in expected(settings)
+    {
         let path = dir.join(name);
         if !path.exists() {
             return Err(fail(format!("map {name} is missing")));
@@ -200,6 +239,12 @@ pub fn check_compatible(dir: &Path, settings: &BalancerSettings) -> Result<(), D
                 "map {name} has {}-byte keys and {}-byte values, expected {key} and {value}",
                 info.key_size(),
                 info.value_size()
+            )));
+        }
+        if info.map_flags() != flags {
+            return Err(fail(format!(
+                "map {name} has flags {:#x}, expected {flags:#x}",
+                info.map_flags()
             )));
         }
         if info.max_entries() != max {
