@@ -2,7 +2,7 @@
 //! interface, programs the VIPs of the config file and runs until SIGINT or
 //! SIGTERM, then detaches. `lbd decap` runs the decapsulator on a backend.
 
-use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{io::IsTerminal, net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -117,6 +117,7 @@ impl From<XdpModeArg> for AttachMode {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
