@@ -10,7 +10,7 @@ use std::{
     collections::HashSet,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -22,7 +22,7 @@ use serde::Deserialize;
 
 use crate::{
     maglev::is_prime,
-    vip::{Backend, DownPolicy, Protocol, Vip, VipAddr},
+    vip::{Backend, DownPolicy, Protocol, Scheduler, Vip, VipAddr},
 };
 
 /// Default MTU: the largest outer IP packet we send (`balancer.mtu`).
@@ -98,11 +98,26 @@ impl Default for MetricsSettings {
     }
 }
 
+/// The control API (`[api]`). Paths left out get per-instance defaults
+/// from `lbd`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApiSettings {
+    /// Unix socket of the API (mode 0600).
+    pub socket: Option<PathBuf>,
+    /// Also serve the API on this TCP address (bearer tokens required).
+    pub tcp_listen: Option<std::net::SocketAddr>,
+    /// Tokens for the TCP API: lines `NAME TOKEN`.
+    pub token_file: Option<PathBuf>,
+    /// Where every accepted change is recorded (JSON lines).
+    pub audit_log: Option<PathBuf>,
+}
+
 /// A validated config.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub balancer: BalancerSettings,
     pub metrics: MetricsSettings,
+    pub api: ApiSettings,
     pub vips: Vec<Vip>,
 }
 
@@ -163,7 +178,18 @@ struct RawConfig {
     #[serde(default)]
     metrics: RawMetrics,
     #[serde(default)]
+    api: RawApi,
+    #[serde(default)]
     vip: Vec<RawVip>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    socket: Option<String>,
+    tcp_listen: Option<String>,
+    token_file: Option<String>,
+    audit_log: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -198,6 +224,7 @@ struct RawVip {
     address: String,
     port: i64,
     protocol: String,
+    scheduler: Option<String>,
     on_backend_down: Option<String>,
     #[serde(default)]
     backends: Vec<RawBackend>,
@@ -208,6 +235,232 @@ struct RawVip {
 struct RawBackend {
     address: String,
     weight: Option<i64>,
+    #[serde(default)]
+    drained: bool,
+}
+
+/// Validates a config as a whole (the checks that span VIPs: duplicates,
+/// capacities, source addresses per family), e.g. after an API change.
+/// Problems are reported with the same field paths as in a file.
+pub fn validate(config: &Config) -> Result<(), Vec<Problem>> {
+    let mut v = Validator::default();
+    let mut seen = HashSet::new();
+    let (mut need_v4, mut need_v6) = (None, None);
+    let mut total = 0usize;
+    for (i, vip) in config.vips.iter().enumerate() {
+        let path = format!("vip[{i}]");
+        if !seen.insert(vip.addr) {
+            v.problem(&path, format!("duplicate VIP {}", vip.addr));
+        }
+        let mut addrs = HashSet::new();
+        for (j, b) in vip.backends.iter().enumerate() {
+            let bpath = format!("{path}.backends[{j}]");
+            if !addrs.insert(b.addr) {
+                v.problem(
+                    format!("{bpath}.address"),
+                    format!("duplicate backend {} in this VIP", b.addr),
+                );
+            }
+            if b.weight > MAX_WEIGHT {
+                v.problem(
+                    format!("{bpath}.weight"),
+                    format!("{} is out of range 0..={MAX_WEIGHT}", b.weight),
+                );
+            }
+            let slot = if b.addr.is_ipv4() {
+                &mut need_v4
+            } else {
+                &mut need_v6
+            };
+            slot.get_or_insert(bpath);
+        }
+        if vip.backends.len() >= config.balancer.table_size as usize {
+            v.problem(
+                format!("{path}.backends"),
+                format!(
+                    "{} backends do not fit a Maglev table of {} entries",
+                    vip.backends.len(),
+                    config.balancer.table_size
+                ),
+            );
+        }
+        total += vip.backends.len();
+    }
+    if config.vips.len() > config.balancer.max_vips as usize {
+        v.problem(
+            "vip",
+            format!(
+                "{} VIPs but balancer.max_vips is {}",
+                config.vips.len(),
+                config.balancer.max_vips
+            ),
+        );
+    }
+    if total > config.balancer.max_backends as usize {
+        v.problem(
+            "vip",
+            format!(
+                "{total} backends in all but balancer.max_backends is {}",
+                config.balancer.max_backends
+            ),
+        );
+    }
+    if let (Some(user), None) = (need_v4, config.balancer.source_v4) {
+        v.problem(
+            "balancer.source_v4",
+            format!("missing: {user} is an IPv4 backend and needs an IPv4 outer source address"),
+        );
+    }
+    if let (Some(user), None) = (need_v6, config.balancer.source_v6) {
+        v.problem(
+            "balancer.source_v6",
+            format!("missing: {user} is an IPv6 backend and needs an IPv6 outer source address"),
+        );
+    }
+    if v.problems.is_empty() {
+        Ok(())
+    } else {
+        Err(v.problems)
+    }
+}
+
+/// Writes `vips` into the config file at `path` in place of its `[[vip]]`
+/// tables, keeping everything else (other sections, comments outside the
+/// VIPs) as it was. The write is atomic: a temp file in the same directory,
+/// fsync, rename, fsync of the directory. The file's permissions are kept.
+pub fn save_vips(path: &Path, vips: &[Vip]) -> std::io::Result<()> {
+    use std::io::Write;
+    use toml_edit::{Array, ArrayOfTables, DocumentMut, InlineTable, Item, Table, value};
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let text = std::fs::read_to_string(path)?;
+    let mut doc: DocumentMut = text
+        .parse()
+        .map_err(|e: toml_edit::TomlError| invalid(e.to_string()))?;
+    let mut tables = ArrayOfTables::new();
+    for v in vips {
+        let mut t = Table::new();
+        t["address"] = value(v.addr.addr.to_string());
+        t["port"] = value(i64::from(v.addr.port));
+        t["protocol"] = value(v.addr.protocol.to_string());
+        if v.scheduler != Scheduler::default() {
+            t["scheduler"] = value(v.scheduler.to_string());
+        }
+        if v.on_backend_down != DownPolicy::default() {
+            t["on_backend_down"] = value(v.on_backend_down.to_string());
+        }
+        let mut backends = Array::new();
+        for b in &v.backends {
+            let mut it = InlineTable::new();
+            it.insert("address", b.addr.to_string().into());
+            it.insert("weight", i64::from(b.weight).into());
+            if b.drained {
+                it.insert("drained", true.into());
+            }
+            backends.push(it);
+        }
+        for item in backends.iter_mut() {
+            item.decor_mut().set_prefix("\n  ");
+        }
+        backends.set_trailing("\n");
+        backends.set_trailing_comma(true);
+        t["backends"] = value(backends);
+        tables.push(t);
+    }
+    doc["vip"] = Item::ArrayOfTables(tables);
+
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| invalid(format!("{} is not a file", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let perms = std::fs::metadata(path)?.permissions();
+    let mut f = std::fs::File::create(&tmp)?;
+    f.set_permissions(perms)?;
+    f.write_all(doc.to_string().as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// A JSON request body into `T`; a syntax or type error names the field
+/// it happened at (`body` when it is the document itself).
+fn from_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Vec<Problem>> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        vec![Problem {
+            field: if path == "." { "body".into() } else { path },
+            message: e.into_inner().to_string(),
+        }]
+    })
+}
+
+/// A VIP from an API request body (the fields of a `[[vip]]` table, as
+/// JSON), checked like a config file's; field names have no `vip[i].`.
+pub fn vip_from_json(body: &[u8], balancer: &BalancerSettings) -> Result<Vip, Vec<Problem>> {
+    let raw: RawVip = from_json(body)?;
+    let mut v = Validator::default();
+    let vip = v.vip("", &raw, balancer);
+    match vip {
+        Some(vip) if v.problems.is_empty() => Ok(vip),
+        _ => Err(v.problems),
+    }
+}
+
+/// A backend from an API request body (`address`, `weight`, `drained`).
+pub fn backend_from_json(body: &[u8]) -> Result<Backend, Vec<Problem>> {
+    let raw: RawBackend = from_json(body)?;
+    let mut v = Validator::default();
+    let b = v.backend("", &raw);
+    match b {
+        Some(b) if v.problems.is_empty() => Ok(b),
+        _ => Err(v.problems),
+    }
+}
+
+/// A change to one backend (`weight`, `drained`), from an API request body.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendPatch {
+    pub weight: Option<u32>,
+    pub drained: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackendPatch {
+    weight: Option<i64>,
+    drained: Option<bool>,
+}
+
+/// A [`BackendPatch`] from an API request body.
+pub fn backend_patch_from_json(body: &[u8]) -> Result<BackendPatch, Vec<Problem>> {
+    let raw: RawBackendPatch = from_json(body)?;
+    let mut v = Validator::default();
+    let weight = raw
+        .weight
+        .map(|w| v.int("weight", Some(w), 0, (0, MAX_WEIGHT)));
+    if raw.weight.is_none() && raw.drained.is_none() {
+        v.problem(
+            "body",
+            "nothing to change: give \"weight\" and/or \"drained\"",
+        );
+    }
+    if v.problems.is_empty() {
+        Ok(BackendPatch {
+            weight,
+            drained: raw.drained,
+        })
+    } else {
+        Err(v.problems)
+    }
 }
 
 /// Reads and validates the config file at `path`.
@@ -235,6 +488,15 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
             file: file.to_string(),
             problems: v.problems,
         })
+    }
+}
+
+/// `path.name`, or `name` at the top level.
+fn join(path: &str, name: &str) -> String {
+    if path.is_empty() {
+        name.to_string()
+    } else {
+        format!("{path}.{name}")
     }
 }
 
@@ -321,10 +583,43 @@ impl Validator {
         );
     }
 
+    fn api(&mut self, raw: &RawApi) -> ApiSettings {
+        let tcp_listen = raw.tcp_listen.as_deref().and_then(|s| match s.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem("api.tcp_listen", format!("{s:?} is not ADDRESS:PORT"));
+                None
+            }
+        });
+        if raw.tcp_listen.is_some() && raw.token_file.is_none() {
+            self.problem(
+                "api.token_file",
+                "missing: api.tcp_listen is set and the TCP API only serves requests with a bearer token",
+            );
+        }
+        let path = |v: &mut Self, field: &str, s: &Option<String>| {
+            s.as_deref().and_then(|p| {
+                if p.is_empty() || !p.starts_with('/') {
+                    v.problem(field, format!("{p:?} is not an absolute path"));
+                    None
+                } else {
+                    Some(PathBuf::from(p))
+                }
+            })
+        };
+        ApiSettings {
+            socket: path(self, "api.socket", &raw.socket),
+            tcp_listen,
+            token_file: path(self, "api.token_file", &raw.token_file),
+            audit_log: path(self, "api.audit_log", &raw.audit_log),
+        }
+    }
+
     fn config(&mut self, raw: &RawConfig) -> Config {
         let mut balancer = self.balancer(&raw.balancer);
         self.conntrack(&raw.conntrack, &mut balancer);
         let metrics = self.metrics(&raw.metrics);
+        let api = self.api(&raw.api);
         let mut vips = Vec::new();
         let mut seen = HashSet::new();
         let mut total_backends = 0usize;
@@ -386,6 +681,7 @@ impl Validator {
         Config {
             balancer,
             metrics,
+            api,
             vips,
         }
     }
@@ -468,55 +764,48 @@ impl Validator {
     }
 
     fn vip(&mut self, path: &str, raw: &RawVip, balancer: &BalancerSettings) -> Option<Vip> {
-        let addr = self.addr(&format!("{path}.address"), &raw.address);
-        let port = self.int(&format!("{path}.port"), Some(raw.port), 0, (0, 65535)) as u16;
+        let addr = self.addr(&join(path, "address"), &raw.address);
+        let port = self.int(&join(path, "port"), Some(raw.port), 0, (0, 65535)) as u16;
         let protocol = match raw.protocol.parse::<Protocol>() {
             Ok(p) => Some(p),
             Err(e) => {
-                self.problem(format!("{path}.protocol"), e);
+                self.problem(join(path, "protocol"), e);
                 None
+            }
+        };
+        let scheduler = match raw.scheduler.as_deref().map(str::parse::<Scheduler>) {
+            None => Scheduler::default(),
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                self.problem(join(path, "scheduler"), e);
+                Scheduler::default()
             }
         };
         let on_backend_down = match raw.on_backend_down.as_deref().map(str::parse::<DownPolicy>) {
             None => DownPolicy::default(),
             Some(Ok(p)) => p,
             Some(Err(e)) => {
-                self.problem(format!("{path}.on_backend_down"), e);
+                self.problem(join(path, "on_backend_down"), e);
                 DownPolicy::default()
             }
         };
         let mut backends = Vec::new();
         let mut seen = HashSet::new();
         for (j, rb) in raw.backends.iter().enumerate() {
-            let bpath = format!("{path}.backends[{j}]");
-            let baddr = self.addr(&format!("{bpath}.address"), &rb.address);
-            if let Some(a) = baddr
-                && a.is_loopback()
-            {
-                self.problem(
-                    format!("{bpath}.address"),
-                    format!("{a} is a loopback address"),
-                );
-            }
-            let weight = self.int(
-                &format!("{bpath}.weight"),
-                rb.weight,
-                DEFAULT_WEIGHT,
-                (0, MAX_WEIGHT),
-            );
-            if let Some(a) = baddr {
-                if !seen.insert(a) {
+            let bpath = join(path, &format!("backends[{j}]"));
+            if let Some(b) = self.backend(&bpath, rb) {
+                if !seen.insert(b.addr) {
                     self.problem(
-                        format!("{bpath}.address"),
-                        format!("duplicate backend {a} in this VIP"),
+                        join(&bpath, "address"),
+                        format!("duplicate backend {} in this VIP", b.addr),
                     );
                 }
-                backends.push(Backend { addr: a, weight });
+                backends.push(b);
             }
         }
         if backends.len() >= balancer.table_size as usize {
             self.problem(
-                format!("{path}.backends"),
+                join(path, "backends"),
                 format!(
                     "{} backends do not fit a Maglev table of {} entries (use at least 100 entries per backend)",
                     backends.len(),
@@ -530,8 +819,29 @@ impl Validator {
                 port,
                 protocol: protocol?,
             },
+            scheduler,
             backends,
             on_backend_down,
+        })
+    }
+
+    fn backend(&mut self, path: &str, raw: &RawBackend) -> Option<Backend> {
+        let addr = self.addr(&join(path, "address"), &raw.address);
+        if let Some(a) = addr
+            && a.is_loopback()
+        {
+            self.problem(join(path, "address"), format!("{a} is a loopback address"));
+        }
+        let weight = self.int(
+            &join(path, "weight"),
+            raw.weight,
+            DEFAULT_WEIGHT,
+            (0, MAX_WEIGHT),
+        );
+        Some(Backend {
+            addr: addr?,
+            weight,
+            drained: raw.drained,
         })
     }
 }
@@ -757,6 +1067,40 @@ mod tests {
             &with("port = 80", "port = 80\non_backend_down = \"drop\""),
             "vip[0].on_backend_down",
             "drop",
+        );
+    }
+
+    #[test]
+    fn saved_vips_read_back_the_same_and_the_rest_stays() {
+        let dir = std::env::temp_dir().join(format!("lb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lbd.toml");
+        let text = format!("# operator's comment\n{GOOD}");
+        std::fs::write(&path, &text).unwrap();
+        let mut c = parse(&text, "t").unwrap();
+        c.vips[0].backends[0].drained = true;
+        c.vips[0].on_backend_down = DownPolicy::Stick;
+        c.vips.remove(1);
+        save_vips(&path, &c.vips).unwrap();
+        let saved = std::fs::read_to_string(&path).unwrap();
+        assert!(saved.starts_with("# operator's comment"), "{saved}");
+        assert_eq!(parse(&saved, "t").unwrap(), c, "{saved}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn api_settings_need_a_token_file_for_tcp() {
+        let c = parse(&format!("[api]\nsocket = \"/run/x.sock\"\n{GOOD}"), "t").unwrap();
+        assert_eq!(c.api.socket, Some(PathBuf::from("/run/x.sock")));
+        assert_problem(
+            &format!("[api]\ntcp_listen = \"127.0.0.1:9181\"\n{GOOD}"),
+            "api.token_file",
+            "bearer token",
+        );
+        assert_problem(
+            &format!("[api]\nsocket = \"relative.sock\"\n{GOOD}"),
+            "api.socket",
+            "absolute",
         );
     }
 

@@ -74,6 +74,30 @@ impl fmt::Display for VipAddr {
     }
 }
 
+impl VipAddr {
+    /// The VIP as one URL path segment: `ADDRESS-PORT-PROTOCOL`, e.g.
+    /// `203.0.113.10-443-tcp`, `2001:db8::10-443-tcp`.
+    pub fn path_segment(&self) -> String {
+        format!("{}-{}-{}", self.addr, self.port, self.protocol)
+    }
+
+    /// Parses [`VipAddr::path_segment`].
+    pub fn from_path_segment(s: &str) -> Result<VipAddr, String> {
+        let bad = || format!("{s:?}: expected ADDRESS-PORT-PROTOCOL, e.g. 203.0.113.10-443-tcp");
+        let (rest, proto) = s.rsplit_once('-').ok_or_else(bad)?;
+        let (addr, port) = rest.rsplit_once('-').ok_or_else(bad)?;
+        Ok(VipAddr {
+            addr: addr
+                .parse()
+                .map_err(|_| format!("{addr:?} is not an IPv4 or IPv6 address"))?,
+            port: port
+                .parse()
+                .map_err(|_| format!("{port:?} is not a port (0..=65535)"))?,
+            protocol: proto.parse()?,
+        })
+    }
+}
+
 impl FromStr for VipAddr {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -98,6 +122,25 @@ pub struct Backend {
     pub addr: IpAddr,
     /// Relative share of new flows; 0 = none.
     pub weight: u32,
+    /// Drained: no new flows (its established flows continue); `weight` is
+    /// kept for when it is undrained.
+    pub drained: bool,
+}
+
+impl Backend {
+    /// A backend in service with `weight`.
+    pub fn new(addr: IpAddr, weight: u32) -> Backend {
+        Backend {
+            addr,
+            weight,
+            drained: false,
+        }
+    }
+
+    /// The weight the Maglev table is built with: 0 while drained.
+    pub fn effective_weight(&self) -> u32 {
+        if self.drained { 0 } else { self.weight }
+    }
 }
 
 /// What happens to a flow whose backend health checks mark down.
@@ -134,10 +177,38 @@ impl FromStr for DownPolicy {
     }
 }
 
+/// How a VIP spreads new flows over its backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Scheduler {
+    /// Weighted Maglev consistent hashing of the 5-tuple.
+    #[default]
+    Maglev,
+}
+
+impl fmt::Display for Scheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Scheduler::Maglev => "maglev",
+        })
+    }
+}
+
+impl FromStr for Scheduler {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "maglev" => Ok(Scheduler::Maglev),
+            _ => Err(format!("unknown scheduler {s:?} (available: \"maglev\")")),
+        }
+    }
+}
+
 /// A VIP and its backends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vip {
     pub addr: VipAddr,
+    /// How new flows are spread.
+    pub scheduler: Scheduler,
     pub backends: Vec<Backend>,
     /// What happens to established flows of a backend marked down.
     pub on_backend_down: DownPolicy,
@@ -170,6 +241,15 @@ mod tests {
         ] {
             assert!(s.parse::<VipAddr>().is_err(), "{s}");
         }
+    }
+
+    #[test]
+    fn path_segments_round_trip() {
+        for s in ["203.0.113.10:443/tcp", "[2001:db8::10]:53/udp"] {
+            let v: VipAddr = s.parse().unwrap();
+            assert_eq!(VipAddr::from_path_segment(&v.path_segment()).unwrap(), v);
+        }
+        assert!(VipAddr::from_path_segment("203.0.113.10-99999-tcp").is_err());
     }
 
     #[test]

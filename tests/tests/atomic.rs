@@ -14,7 +14,7 @@ use std::{
 
 use lb::{
     maglev::{MaglevBackend, MaglevTable},
-    vip::{Backend, DownPolicy, Protocol, Vip, VipAddr},
+    vip::{Backend, DownPolicy, Protocol, Scheduler, Vip, VipAddr},
 };
 use lb_common::{DEFAULT_TABLE_SIZE, flow_hash, maglev_position, xdp_action};
 use lb_tests::{
@@ -55,12 +55,10 @@ fn vip(addr: &str, backends: &[&str]) -> Vip {
         },
         backends: backends
             .iter()
-            .map(|a| Backend {
-                addr: a.parse().unwrap(),
-                weight: 100,
-            })
+            .map(|a| Backend::new(a.parse().unwrap(), 100))
             .collect(),
         on_backend_down: DownPolicy::Reschedule,
+        scheduler: Scheduler::Maglev,
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr, thread, time::Duration};
 
-use lb::vip::{Backend, DownPolicy, Protocol, Vip, VipAddr};
+use lb::vip::{Backend, DownPolicy, Protocol, Scheduler, Vip, VipAddr};
 use lb_common::{FlowEvent, xdp_action};
 use lb_tests::{
     SplitMix,
@@ -84,12 +84,10 @@ fn vip(
         },
         backends: backends
             .iter()
-            .map(|(a, w)| Backend {
-                addr: a.parse().unwrap(),
-                weight: *w,
-            })
+            .map(|(a, w)| Backend::new(a.parse().unwrap(), *w))
             .collect(),
         on_backend_down: policy,
+        scheduler: Scheduler::Maglev,
     }
 }
 

@@ -85,7 +85,7 @@ impl Dataplane {
                 let current = existing.and_then(|p| p.backends.get(&b.addr));
                 let backend = ProgrammedBackend {
                     id: current.map_or(UNASSIGNED, |c| c.id),
-                    weight: b.weight,
+                    weight: b.effective_weight(),
                     down: current.is_some_and(|c| c.down),
                 };
                 (b.addr, backend)
