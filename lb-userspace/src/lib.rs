@@ -1,7 +1,11 @@
 //! `lb`: the controller side of the XDP Maglev load balancer. The `lbd`
 //! binary is a thin shell around this library.
 //!
+//! - [`api`]: the control API (HTTP/JSON under /v1) that `lbctl` talks to.
 //! - [`config`]: the TOML config file and its validation.
+//! - [`change`]: run-time changes to the desired state (the API's verbs).
+//! - [`audit`]: the audit log of change requests.
+//! - [`client`]: a client of the API (for `lbctl` and tests).
 //! - [`vip`]: the domain (VIPs, backends, protocols).
 //! - [`maglev`]: the weighted Maglev table builder (pure).
 //! - [`dataplane`]: the only module that talks to the kernel's BPF objects.
@@ -10,6 +14,10 @@
 //! - [`metrics`]: `/metrics` in the Prometheus text format.
 //! - [`neighbours`]: keeps the kernel's neighbour entries towards backends resolved.
 
+pub mod api;
+pub mod audit;
+pub mod change;
+pub mod client;
 pub mod config;
 pub mod controller;
 pub mod dataplane;

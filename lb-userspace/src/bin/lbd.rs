@@ -7,6 +7,8 @@ use std::{io::IsTerminal, net::IpAddr, path::PathBuf, process::ExitCode, time::D
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb::{
+    api,
+    audit::AuditLog,
     config,
     controller::{Controller, ControllerHandle},
     dataplane::{AttachMode, Dataplane, Decapsulator, pinning},
@@ -209,8 +211,10 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             info!(dir = %dir.display(), "adopting the running balancer's state (flows, counters, attachment)");
         }
         dp.sync(&config.vips).context("programming the VIPs from the config")?;
-        let (mut controller, handle) = Controller::new(dp);
-        // Bind before attaching, so a bad address changes nothing.
+        let audit_path = config.api.audit_log.clone().unwrap_or_else(|| api::default_audit_log(&args.instance));
+        let audit = AuditLog::open(&audit_path).with_context(|| format!("opening the audit log {}", audit_path.display()))?;
+        let (mut controller, handle) = Controller::new(dp, config.clone(), Some(path.clone()), Some(audit));
+        // Bind everything before attaching, so a bad address changes nothing.
         let metrics_server = match config.metrics.listen {
             Some(listen) => Some((
                 listen,
@@ -219,6 +223,22 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
                     .with_context(|| format!("serving /metrics on {listen} (metrics.listen)"))?,
             )),
             None => None,
+        };
+        let socket = config.api.socket.clone().unwrap_or_else(|| api::default_socket(&args.instance));
+        let unix_api = api::serve_unix(&socket, handle.clone())
+            .await
+            .with_context(|| format!("serving the API on {} (api.socket)", socket.display()))?;
+        let tcp_api = match (config.api.tcp_listen, &config.api.token_file) {
+            (Some(listen), Some(tokens)) => {
+                let tokens = api::Tokens::load(tokens).map_err(anyhow::Error::msg).context("loading api.token_file")?;
+                Some((
+                    listen,
+                    api::serve_tcp(listen, tokens, handle.clone())
+                        .await
+                        .with_context(|| format!("serving the API on {listen} (api.tcp_listen)"))?,
+                ))
+            }
+            _ => None,
         };
         let adopted = controller.dataplane_mut().adopted();
         let used = controller.dataplane_mut().attach(&iface, args.xdp_mode.into())?;
@@ -238,8 +258,23 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
                 }
             });
         }
+        info!(socket = %socket.display(), audit_log = %audit_path.display(), "serving the API");
+        tokio::spawn(async move {
+            if let Err(e) = unix_api.await {
+                tracing::error!(error = %e, "the API socket failed");
+            }
+        });
+        if let Some((listen, server)) = tcp_api {
+            info!(%listen, "serving the API over TCP (bearer tokens)");
+            tokio::spawn(async move {
+                if let Err(e) = server.await {
+                    tracing::error!(error = %e, "the TCP API failed");
+                }
+            });
+        }
         tokio::spawn(reload_on_sighup(path.clone(), handle.clone()));
         let mut dp = controller.run(signals.recv()).await;
+        let _ = std::fs::remove_file(&socket);
         match dp.pin_dir() {
             Some(dir) => info!(
                 dir = %dir.display(),
@@ -265,7 +300,7 @@ async fn reload_on_sighup(path: PathBuf, handle: ControllerHandle) {
     };
     while hup.recv().await.is_some() {
         match config::load(&path) {
-            Ok(config) => match handle.apply(config).await {
+            Ok(config) => match handle.apply(config, "signal:SIGHUP").await {
                 Ok(()) => info!(config = %path.display(), "config reloaded and applied"),
                 Err(e) => {
                     tracing::error!(config = %path.display(), error = %e, "applying the reloaded config failed")

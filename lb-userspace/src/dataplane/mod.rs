@@ -161,6 +161,20 @@ struct ProgrammedVip {
     table: MaglevTable,
 }
 
+/// A backend as the data plane has it, for views.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackendState {
+    pub addr: IpAddr,
+    /// Health checks say it is down.
+    pub down: bool,
+    /// The weight its table share was built with (0: drained or down).
+    pub weight_in_table: u32,
+    /// Maglev table entries it owns.
+    pub table_entries: usize,
+    /// Its share of the table, 0..=1.
+    pub table_share: f64,
+}
+
 /// A backend of a VIP as programmed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ProgrammedBackend {

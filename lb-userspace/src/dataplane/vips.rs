@@ -17,7 +17,7 @@ use lb_common::{
     VipInfo, addr_words, chunks_per_table, map_name, vip_filter_slot,
 };
 
-use super::{Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
+use super::{BackendState, Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
 use crate::{
     maglev::{MaglevBackend, MaglevTable},
     vip::{DownPolicy, Vip, VipAddr},
@@ -349,6 +349,32 @@ impl Dataplane {
     /// The VIPs as programmed.
     pub fn vips(&self) -> impl Iterator<Item = &VipAddr> {
         self.vips.keys()
+    }
+
+    /// The backends of a VIP as programmed: health, weight in the table and
+    /// share of the table.
+    pub fn backend_states(&self, addr: &VipAddr) -> Option<Vec<BackendState>> {
+        let p = self.vips.get(addr)?;
+        let size = p.table.entries().len().max(1);
+        let mut owned: BTreeMap<u32, usize> = BTreeMap::new();
+        for e in p.table.entries() {
+            *owned.entry(*e).or_default() += 1;
+        }
+        Some(
+            p.backends
+                .iter()
+                .map(|(a, b)| {
+                    let entries = owned.get(&b.id).copied().unwrap_or(0);
+                    BackendState {
+                        addr: *a,
+                        down: b.down,
+                        weight_in_table: if b.down { 0 } else { b.weight },
+                        table_entries: entries,
+                        table_share: entries as f64 / size as f64,
+                    }
+                })
+                .collect(),
+        )
     }
 
     /// The active Maglev table of a VIP.

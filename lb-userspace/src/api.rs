@@ -1,0 +1,648 @@
+//! The control API: HTTP/JSON under `/v1`, on a Unix socket (mode 0600;
+//! the caller is identified by its peer credentials) and, optionally, on a
+//! TCP address where every request needs `Authorization: Bearer TOKEN` (the
+//! caller is the token's name). Every change goes to the controller, which
+//! applies one at a time.
+//!
+//! Resources (`VIP` in a path is `ADDRESS-PORT-PROTOCOL`, e.g.
+//! `203.0.113.10-443-tcp`; `ADDR` a backend address):
+//!
+//! | method | path | what |
+//! | --- | --- | --- |
+//! | GET | /v1/status | summary |
+//! | GET | /v1/stats | every counter |
+//! | GET, POST | /v1/vips | list; create (body: a `[[vip]]` table as JSON) |
+//! | GET, DELETE | /v1/vips/VIP | show; delete |
+//! | GET, POST | /v1/vips/VIP/backends | list; add (`address`, `weight`, `drained`) |
+//! | GET, PATCH, DELETE | /v1/vips/VIP/backends/ADDR | show; change `weight` / `drained`; remove |
+//!
+//! Errors are JSON `{"error": "...", "problems": [{"field", "message"}]}`:
+//! 400 for bad input (the field is named), 401 without a valid token, 404
+//! for an unknown VIP, backend or endpoint, 409 for a duplicate, 413 for a
+//! body over 64 KiB, 422 for a change the config cannot take (capacity,
+//! missing source address), 500 if persisting or programming failed (then
+//! nothing changed).
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use axum::{
+    Extension, Json, Router,
+    body::Bytes,
+    extract::{
+        ConnectInfo, DefaultBodyLimit, Path as UrlPath, Request, State, rejection::BytesRejection,
+    },
+    http::{StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+    serve::IncomingStream,
+};
+use lb_common::{FlowEvent, Reason};
+use serde::Serialize;
+use tokio::net::UnixListener;
+
+use crate::{
+    change::{Change, ChangeError},
+    config::{self, Problem},
+    controller::{ControllerError, ControllerHandle, Snapshot},
+    dataplane::BackendState,
+    vip::{Backend, Vip, VipAddr},
+};
+
+/// Largest request body.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// Who made a request.
+#[derive(Clone, Debug)]
+pub struct Caller(pub String);
+
+/// An API error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    problems: Vec<Problem>,
+}
+
+#[derive(Serialize)]
+struct ProblemView<'a> {
+    field: &'a str,
+    message: &'a str,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    problems: Vec<ProblemView<'a>>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            problems: Vec::new(),
+        }
+    }
+
+    fn input(problems: Vec<Problem>) -> ApiError {
+        let message = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.field, p.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message,
+            problems,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: &self.message,
+            problems: self
+                .problems
+                .iter()
+                .map(|p| ProblemView {
+                    field: &p.field,
+                    message: &p.message,
+                })
+                .collect(),
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<ControllerError> for ApiError {
+    fn from(e: ControllerError) -> ApiError {
+        let status = match &e {
+            ControllerError::Rejected(
+                ChangeError::UnknownVip(_) | ChangeError::UnknownBackend { .. },
+            ) => StatusCode::NOT_FOUND,
+            ControllerError::Rejected(
+                ChangeError::DuplicateVip(_) | ChangeError::DuplicateBackend { .. },
+            ) => StatusCode::CONFLICT,
+            ControllerError::Rejected(ChangeError::Invalid { problems }) => {
+                return ApiError {
+                    status: StatusCode::UNPROCESSABLE_ENTITY,
+                    message: e.to_string(),
+                    problems: problems.clone(),
+                };
+            }
+            ControllerError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            ControllerError::Persist { .. } | ControllerError::Dataplane(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn body(b: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    b.map_err(|e| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body: {e} (the limit is {BODY_LIMIT} bytes)"),
+        )
+    })
+}
+
+fn vip_param(s: &str) -> ApiResult<VipAddr> {
+    VipAddr::from_path_segment(s).map_err(|e| {
+        ApiError::input(vec![Problem {
+            field: "vip".into(),
+            message: e,
+        }])
+    })
+}
+
+fn backend_param(s: &str) -> ApiResult<IpAddr> {
+    s.parse().map_err(|_| {
+        ApiError::input(vec![Problem {
+            field: "backend".into(),
+            message: format!("{s:?} is not an IPv4 or IPv6 address"),
+        }])
+    })
+}
+
+/// A backend as the API shows it.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct BackendView {
+    pub address: IpAddr,
+    /// Configured weight.
+    pub weight: u32,
+    pub drained: bool,
+    /// "up" or "down" (health checks).
+    pub health: &'static str,
+    /// The weight its table share is built with (0 while drained or down).
+    pub weight_in_effect: u32,
+    /// Maglev table entries it owns, and their share of the table.
+    pub table_entries: usize,
+    pub table_share: f64,
+}
+
+/// A VIP as the API shows it.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct VipView {
+    /// `ADDRESS:PORT/PROTOCOL`.
+    pub vip: String,
+    /// The VIP in URL paths.
+    pub id: String,
+    pub address: IpAddr,
+    pub port: u16,
+    pub protocol: String,
+    pub scheduler: String,
+    pub on_backend_down: String,
+    pub backends: Vec<BackendView>,
+}
+
+fn backend_view(b: &Backend, state: Option<&BackendState>) -> BackendView {
+    BackendView {
+        address: b.addr,
+        weight: b.weight,
+        drained: b.drained,
+        health: if state.is_some_and(|s| s.down) {
+            "down"
+        } else {
+            "up"
+        },
+        weight_in_effect: state.map_or(0, |s| s.weight_in_table),
+        table_entries: state.map_or(0, |s| s.table_entries),
+        table_share: state.map_or(0.0, |s| s.table_share),
+    }
+}
+
+fn vip_view(v: &Vip, snap: &Snapshot) -> VipView {
+    let states = snap.backends.get(&v.addr);
+    VipView {
+        vip: v.addr.to_string(),
+        id: v.addr.path_segment(),
+        address: v.addr.addr,
+        port: v.addr.port,
+        protocol: v.addr.protocol.to_string(),
+        scheduler: v.scheduler.to_string(),
+        on_backend_down: v.on_backend_down.to_string(),
+        backends: v
+            .backends
+            .iter()
+            .map(|b| backend_view(b, states.and_then(|s| s.iter().find(|s| s.addr == b.addr))))
+            .collect(),
+    }
+}
+
+/// `GET /v1/status`.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct StatusView {
+    pub version: &'static str,
+    pub uptime_seconds: u64,
+    pub adopted: bool,
+    pub vips: usize,
+    pub backends: usize,
+    pub backends_down: usize,
+    pub packets_forwarded: u64,
+    pub packets_passed: u64,
+    pub packets_dropped: u64,
+}
+
+/// `GET /v1/stats`.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct StatsView {
+    /// Packets per reason.
+    pub reasons: BTreeMap<&'static str, u64>,
+    /// Connection-table events.
+    pub conntrack: BTreeMap<&'static str, u64>,
+    pub vips: Vec<TrafficView>,
+    pub backends: Vec<TrafficView>,
+}
+
+/// Forwarded packets and bytes of a VIP, or of a VIP's backend.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct TrafficView {
+    pub vip: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backend: Option<IpAddr>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+async fn status(State(h): State<ControllerHandle>) -> ApiResult<Json<StatusView>> {
+    let snap = h.snapshot().await?;
+    let c = h.counters().await?;
+    let sum = |action: u32| {
+        Reason::ALL
+            .iter()
+            .filter(|r| r.action() == action)
+            .map(|r| c.reason(*r))
+            .sum()
+    };
+    Ok(Json(StatusView {
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_seconds: snap.uptime.as_secs(),
+        adopted: snap.adopted,
+        vips: snap.config.vips.len(),
+        backends: snap.config.vips.iter().map(|v| v.backends.len()).sum(),
+        backends_down: snap.backends.values().flatten().filter(|b| b.down).count(),
+        packets_forwarded: sum(lb_common::xdp_action::XDP_TX),
+        packets_passed: sum(lb_common::xdp_action::XDP_PASS),
+        packets_dropped: sum(lb_common::xdp_action::XDP_DROP),
+    }))
+}
+
+async fn stats(State(h): State<ControllerHandle>) -> ApiResult<Json<StatsView>> {
+    let c = h.counters().await?;
+    Ok(Json(StatsView {
+        reasons: Reason::ALL
+            .iter()
+            .map(|r| (r.name(), c.reason(*r)))
+            .collect(),
+        conntrack: FlowEvent::ALL
+            .iter()
+            .map(|e| (e.name(), c.flow(*e)))
+            .collect(),
+        vips: c
+            .vips
+            .iter()
+            .map(|(v, t)| TrafficView {
+                vip: v.to_string(),
+                backend: None,
+                packets: t.packets,
+                bytes: t.bytes,
+            })
+            .collect(),
+        backends: c
+            .backends
+            .iter()
+            .map(|((v, b), t)| TrafficView {
+                vip: v.to_string(),
+                backend: Some(*b),
+                packets: t.packets,
+                bytes: t.bytes,
+            })
+            .collect(),
+    }))
+}
+
+async fn list_vips(State(h): State<ControllerHandle>) -> ApiResult<Json<Vec<VipView>>> {
+    let snap = h.snapshot().await?;
+    Ok(Json(
+        snap.config
+            .vips
+            .iter()
+            .map(|v| vip_view(v, &snap))
+            .collect(),
+    ))
+}
+
+async fn create_vip(
+    State(h): State<ControllerHandle>,
+    Extension(caller): Extension<Caller>,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<VipView>)> {
+    let b = body(b)?;
+    let snap = h.snapshot().await?;
+    let vip = config::vip_from_json(&b, &snap.config.balancer).map_err(ApiError::input)?;
+    let addr = vip.addr;
+    h.change(Change::add_vip(vip), &caller.0).await?;
+    Ok((StatusCode::CREATED, Json(show(&h, &addr).await?)))
+}
+
+async fn show(h: &ControllerHandle, addr: &VipAddr) -> ApiResult<VipView> {
+    let snap = h.snapshot().await?;
+    let v = snap
+        .config
+        .vips
+        .iter()
+        .find(|v| v.addr == *addr)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no VIP {addr}")))?;
+    Ok(vip_view(v, &snap))
+}
+
+async fn get_vip(
+    State(h): State<ControllerHandle>,
+    UrlPath(vip): UrlPath<String>,
+) -> ApiResult<Json<VipView>> {
+    Ok(Json(show(&h, &vip_param(&vip)?).await?))
+}
+
+async fn delete_vip(
+    State(h): State<ControllerHandle>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(vip): UrlPath<String>,
+) -> ApiResult<StatusCode> {
+    h.change(
+        Change::RemoveVip {
+            vip: vip_param(&vip)?,
+        },
+        &caller.0,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_backends(
+    State(h): State<ControllerHandle>,
+    UrlPath(vip): UrlPath<String>,
+) -> ApiResult<Json<Vec<BackendView>>> {
+    Ok(Json(show(&h, &vip_param(&vip)?).await?.backends))
+}
+
+async fn add_backend(
+    State(h): State<ControllerHandle>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(vip): UrlPath<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<BackendView>)> {
+    let vip = vip_param(&vip)?;
+    let backend = config::backend_from_json(&body(b)?).map_err(ApiError::input)?;
+    h.change(Change::add_backend(vip, backend), &caller.0)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(find_backend(&h, &vip, backend.addr).await?),
+    ))
+}
+
+async fn find_backend(h: &ControllerHandle, vip: &VipAddr, addr: IpAddr) -> ApiResult<BackendView> {
+    show(h, vip)
+        .await?
+        .backends
+        .into_iter()
+        .find(|b| b.address == addr)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("VIP {vip} has no backend {addr}"),
+            )
+        })
+}
+
+async fn get_backend(
+    State(h): State<ControllerHandle>,
+    UrlPath((vip, addr)): UrlPath<(String, String)>,
+) -> ApiResult<Json<BackendView>> {
+    Ok(Json(
+        find_backend(&h, &vip_param(&vip)?, backend_param(&addr)?).await?,
+    ))
+}
+
+async fn update_backend(
+    State(h): State<ControllerHandle>,
+    Extension(caller): Extension<Caller>,
+    UrlPath((vip, addr)): UrlPath<(String, String)>,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<BackendView>> {
+    let (vip, addr) = (vip_param(&vip)?, backend_param(&addr)?);
+    let patch = config::backend_patch_from_json(&body(b)?).map_err(ApiError::input)?;
+    let change = Change::UpdateBackend {
+        vip,
+        backend: addr,
+        weight: patch.weight,
+        drained: patch.drained,
+    };
+    h.change(change, &caller.0).await?;
+    Ok(Json(find_backend(&h, &vip, addr).await?))
+}
+
+async fn delete_backend(
+    State(h): State<ControllerHandle>,
+    Extension(caller): Extension<Caller>,
+    UrlPath((vip, addr)): UrlPath<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let change = Change::RemoveBackend {
+        vip: vip_param(&vip)?,
+        backend: backend_param(&addr)?,
+    };
+    h.change(change, &caller.0).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no such endpoint (see /v1/vips, /v1/status, /v1/stats)",
+    )
+}
+
+/// The routes, without authentication (each listener adds its own).
+fn routes(handle: ControllerHandle) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/stats", get(stats))
+        .route("/v1/vips", get(list_vips).post(create_vip))
+        .route("/v1/vips/{vip}", get(get_vip).delete(delete_vip))
+        .route(
+            "/v1/vips/{vip}/backends",
+            get(list_backends).post(add_backend),
+        )
+        .route(
+            "/v1/vips/{vip}/backends/{addr}",
+            get(get_backend)
+                .patch(update_backend)
+                .delete(delete_backend),
+        )
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(handle)
+}
+
+/// The peer of a Unix socket connection.
+#[derive(Clone, Debug)]
+struct UnixPeer(String);
+
+impl axum::extract::connect_info::Connected<IncomingStream<'_, UnixListener>> for UnixPeer {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        UnixPeer(match stream.io().peer_cred() {
+            Ok(c) => format!("uid={} pid={}", c.uid(), c.pid().unwrap_or(0)),
+            Err(_) => "unix:unknown".into(),
+        })
+    }
+}
+
+async fn unix_caller(
+    ConnectInfo(peer): ConnectInfo<UnixPeer>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    req.extensions_mut().insert(Caller(peer.0));
+    next.run(req).await
+}
+
+/// Bearer tokens of the TCP API: token → name.
+#[derive(Clone, Default)]
+pub struct Tokens(Arc<BTreeMap<String, String>>);
+
+impl Tokens {
+    /// Reads a token file: one `NAME TOKEN` per line; blank lines and lines
+    /// starting with `#` are skipped.
+    pub fn load(path: &Path) -> Result<Tokens, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let mut map = BTreeMap::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(name), Some(token), None) if token.len() >= 16 => {
+                    map.insert(token.to_string(), name.to_string());
+                }
+                _ => {
+                    return Err(format!(
+                        "{} line {}: expected NAME TOKEN (a token of at least 16 characters)",
+                        path.display(),
+                        n + 1
+                    ));
+                }
+            }
+        }
+        if map.is_empty() {
+            return Err(format!("{} holds no token", path.display()));
+        }
+        Ok(Tokens(Arc::new(map)))
+    }
+}
+
+async fn bearer_caller(State(tokens): State<Tokens>, mut req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compare against every token, in time independent of where they differ.
+    let name = given.and_then(|g| {
+        tokens.0.iter().fold(None, |found, (token, name)| {
+            if constant_eq(token.as_bytes(), g.as_bytes()) {
+                Some(name)
+            } else {
+                found
+            }
+        })
+    });
+    match name {
+        Some(name) => {
+            req.extensions_mut().insert(Caller(format!("token:{name}")));
+            next.run(req).await
+        }
+        None => {
+            let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "a valid bearer token is required")
+                .into_response();
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                "Bearer".parse().expect("valid header"),
+            );
+            r
+        }
+    }
+}
+
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Binds the Unix socket at `path` (mode 0600; a stale socket file is
+/// replaced, a live one is an error) and returns the server future.
+pub async fn serve_unix(
+    path: &Path,
+    handle: ControllerHandle,
+) -> std::io::Result<impl Future<Output = std::io::Result<()>> + use<>> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "{} is in use by another process (another lbd?)",
+                    path.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let app = routes(handle).layer(middleware::from_fn(unix_caller));
+    Ok(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<UnixPeer>(),
+        )
+        .await
+    })
+}
+
+/// Binds `listen` for the token-protected TCP API and returns the server.
+pub async fn serve_tcp(
+    listen: SocketAddr,
+    tokens: Tokens,
+    handle: ControllerHandle,
+) -> std::io::Result<impl Future<Output = std::io::Result<()>> + use<>> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let app = routes(handle).layer(middleware::from_fn_with_state(tokens, bearer_caller));
+    Ok(async move { axum::serve(listener, app).await })
+}
+
+/// Default socket path of an instance.
+pub fn default_socket(instance: &str) -> PathBuf {
+    PathBuf::from(format!("/run/lb/{instance}.sock"))
+}
+
+/// Default audit log of an instance.
+pub fn default_audit_log(instance: &str) -> PathBuf {
+    PathBuf::from(format!("/var/log/lb/{instance}-audit.log"))
+}

@@ -1,0 +1,538 @@
+//! `lbctl`: the command line for a running `lbd`, over its control API.
+//!
+//! Tables for people by default, `--json` for scripts. Exit codes: 0 done,
+//! 2 usage error, 3 request refused by lbd (bad input, unknown VIP or
+//! backend, ...), 4 lbd not reachable, 5 lbd failed to apply the change,
+//! 1 anything else. Failures print one line on stderr.
+
+use std::{
+    io::IsTerminal,
+    net::IpAddr,
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use lb::{
+    client::{ClientError, Endpoint, Response},
+    vip::{DownPolicy, Scheduler, VipAddr},
+};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+#[command(
+    name = "lbctl",
+    version,
+    about = "Control a running lbd: VIPs, backends, status, counters"
+)]
+struct Cli {
+    #[command(flatten)]
+    target: Target,
+    /// Print JSON (the API's answer) instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Target {
+    /// lbd instance whose Unix socket (/run/lb/NAME.sock) to use.
+    #[arg(long, global = true, default_value = "lb")]
+    instance: String,
+    /// The API's Unix socket (overrides --instance).
+    #[arg(long, global = true, env = "LBCTL_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Use the TCP API at HOST:PORT instead (needs --token-file).
+    #[arg(long, global = true, env = "LBCTL_URL", requires = "token_file")]
+    url: Option<String>,
+    /// File holding the bearer token for --url.
+    #[arg(long, global = true, env = "LBCTL_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Summary: VIPs, backends, packets.
+    Status,
+    /// Counters: packets by reason, connection table, per VIP and backend.
+    Stats {
+        /// Refresh until interrupted, showing rates.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between refreshes with --watch.
+        #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+        interval: f64,
+    },
+    /// VIPs: list, show, add, remove.
+    #[command(subcommand)]
+    Vip(VipCommand),
+    /// Backends of a VIP: list, add, remove, weight, drain, undrain.
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    Man,
+}
+
+#[derive(Subcommand)]
+enum VipCommand {
+    /// List the VIPs.
+    List,
+    /// Show a VIP and its backends.
+    Show { vip: VipAddr },
+    /// Add a VIP, e.g. `lbctl vip add 203.0.113.10:443/tcp --backend 10.0.0.11=100`.
+    Add {
+        /// ADDRESS:PORT/PROTOCOL (IPv6 as [ADDRESS]:PORT/PROTOCOL; port 0 = any).
+        vip: VipAddr,
+        #[arg(long, default_value = "maglev")]
+        scheduler: Scheduler,
+        /// Established flows of a backend marked down: reschedule or stick.
+        #[arg(long, default_value = "reschedule")]
+        on_backend_down: DownPolicy,
+        /// A backend, ADDRESS or ADDRESS=WEIGHT (repeat for several).
+        #[arg(long = "backend", value_parser = parse_backend)]
+        backends: Vec<(IpAddr, u32)>,
+    },
+    /// Remove a VIP (its traffic then passes to the host).
+    Remove { vip: VipAddr },
+}
+
+#[derive(Subcommand)]
+enum BackendCommand {
+    /// List a VIP's backends: health, weight in effect, table share.
+    List { vip: VipAddr },
+    /// Add a backend to a VIP.
+    Add {
+        vip: VipAddr,
+        address: IpAddr,
+        #[arg(long, default_value_t = 100)]
+        weight: u32,
+        /// Add it drained (no new flows until undrained).
+        #[arg(long)]
+        drained: bool,
+    },
+    /// Remove a backend (its flows are scheduled anew).
+    Remove { vip: VipAddr, address: IpAddr },
+    /// Set a backend's weight (0..=65535).
+    Weight {
+        vip: VipAddr,
+        address: IpAddr,
+        weight: u32,
+    },
+    /// Drain: no new flows; established flows continue.
+    Drain { vip: VipAddr, address: IpAddr },
+    /// Undrain: back to its weight.
+    Undrain { vip: VipAddr, address: IpAddr },
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.1..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: seconds between 0.1 and 3600")),
+    }
+}
+
+fn parse_backend(s: &str) -> Result<(IpAddr, u32), String> {
+    let (addr, weight) = match s.split_once('=') {
+        Some((a, w)) => (
+            a,
+            w.parse()
+                .map_err(|_| format!("{w:?} is not a weight (0..=65535)"))?,
+        ),
+        None => (s, 100),
+    };
+    Ok((
+        addr.parse()
+            .map_err(|_| format!("{addr:?} is not an IP address"))?,
+        weight,
+    ))
+}
+
+/// How a command ended.
+enum Failure {
+    Refused(String),
+    Unreachable(String),
+    DaemonFailed(String),
+    Other(String),
+}
+
+impl Failure {
+    fn code(&self) -> u8 {
+        match self {
+            Failure::Refused(_) => 3,
+            Failure::Unreachable(_) => 4,
+            Failure::DaemonFailed(_) => 5,
+            Failure::Other(_) => 1,
+        }
+    }
+}
+
+struct Ctl {
+    endpoint: Endpoint,
+    json: bool,
+}
+
+impl Ctl {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
+        let body = body.map(|b| serde_json::to_vec(&b).expect("JSON"));
+        let r: Response = self
+            .endpoint
+            .request(method, path, body.as_deref())
+            .map_err(|e| match e {
+                ClientError::Unreachable { .. } => Failure::Unreachable(e.to_string()),
+                ClientError::Protocol(_) => Failure::Other(e.to_string()),
+            })?;
+        match r.status {
+            200..=299 => Ok(if r.body.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&r.body)
+                    .map_err(|e| Failure::Other(format!("lbd answered with bad JSON: {e}")))?
+            }),
+            400..=499 => Err(Failure::Refused(r.error_message())),
+            _ => Err(Failure::DaemonFailed(r.error_message())),
+        }
+    }
+
+    fn print(&self, v: &Value, human: impl FnOnce(&Value) -> String) {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(v).expect("JSON"));
+        } else {
+            print!("{}", human(v));
+        }
+    }
+}
+
+fn vip_path(v: &VipAddr) -> String {
+    format!("/v1/vips/{}", v.path_segment())
+}
+
+fn backend_path(v: &VipAddr, a: &IpAddr) -> String {
+    format!("{}/backends/{a}", vip_path(v))
+}
+
+/// Left-aligned columns.
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut l = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        l.truncate(l.trim_end().len());
+        l + "\n"
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out += &line(r);
+    }
+    out
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match &v[k] {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn backend_rows(backends: &Value) -> Vec<Vec<String>> {
+    backends
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| {
+            vec![
+                s(b, "address"),
+                s(b, "weight"),
+                if b["drained"] == Value::Bool(true) {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+                s(b, "health"),
+                s(b, "weight_in_effect"),
+                format!("{:.1}%", b["table_share"].as_f64().unwrap_or(0.0) * 100.0),
+            ]
+        })
+        .collect()
+}
+
+const BACKEND_HEADER: [&str; 6] = [
+    "BACKEND",
+    "WEIGHT",
+    "DRAINED",
+    "HEALTH",
+    "IN EFFECT",
+    "TABLE SHARE",
+];
+
+fn stats_text(v: &Value, previous: Option<(&Value, f64)>) -> String {
+    let rate = |path: &dyn Fn(&Value) -> u64| match previous {
+        Some((p, secs)) => format!("{:.0}/s", path(v).saturating_sub(path(p)) as f64 / secs),
+        None => String::new(),
+    };
+    let mut out = String::new();
+    let reasons: Vec<Vec<String>> = v["reasons"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, n)| {
+            let key = k.clone();
+            vec![
+                k.clone(),
+                n.to_string(),
+                rate(&|x: &Value| x["reasons"][&key].as_u64().unwrap_or(0)),
+            ]
+        })
+        .collect();
+    out += &table(&["REASON", "PACKETS", "RATE"], reasons);
+    out += "\n";
+    let ct: Vec<Vec<String>> = v["conntrack"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(k, n)| vec![k.clone(), n.to_string()])
+        .collect();
+    out += &table(&["CONNTRACK", "EVENTS"], ct);
+    out += "\n";
+    let rows: Vec<Vec<String>> = v["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, b)| {
+            vec![
+                s(b, "vip"),
+                s(b, "backend"),
+                s(b, "packets"),
+                s(b, "bytes"),
+                rate(&|x: &Value| x["backends"][i]["packets"].as_u64().unwrap_or(0)),
+            ]
+        })
+        .collect();
+    out += &table(&["VIP", "BACKEND", "PACKETS", "BYTES", "RATE"], rows);
+    out
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let endpoint = match (&cli.target.url, &cli.target.token_file) {
+        (Some(url), Some(file)) => {
+            let token = std::fs::read_to_string(file)
+                .map_err(|e| Failure::Other(format!("reading {}: {e}", file.display())))?;
+            Endpoint::Tcp {
+                addr: url
+                    .trim_start_matches("http://")
+                    .trim_end_matches('/')
+                    .to_string(),
+                token: token.trim().to_string(),
+            }
+        }
+        _ => Endpoint::Unix(
+            cli.target
+                .socket
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("/run/lb/{}.sock", cli.target.instance))),
+        ),
+    };
+    let ctl = Ctl {
+        endpoint,
+        json: cli.json,
+    };
+    match cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "lbctl", &mut std::io::stdout());
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map_err(|e| Failure::Other(e.to_string()))?;
+        }
+        Command::Status => {
+            let v = ctl.call("GET", "/v1/status", None)?;
+            ctl.print(&v, |v| {
+                table(
+                    &[
+                        "VIPS",
+                        "BACKENDS",
+                        "DOWN",
+                        "FORWARDED",
+                        "PASSED",
+                        "DROPPED",
+                        "UPTIME",
+                    ],
+                    vec![vec![
+                        s(v, "vips"),
+                        s(v, "backends"),
+                        s(v, "backends_down"),
+                        s(v, "packets_forwarded"),
+                        s(v, "packets_passed"),
+                        s(v, "packets_dropped"),
+                        format!("{}s", s(v, "uptime_seconds")),
+                    ]],
+                )
+            });
+        }
+        Command::Stats { watch: false, .. } => {
+            let v = ctl.call("GET", "/v1/stats", None)?;
+            ctl.print(&v, |v| stats_text(v, None));
+        }
+        Command::Stats {
+            watch: true,
+            interval,
+        } => {
+            let mut previous: Option<(Value, Instant)> = None;
+            loop {
+                let v = ctl.call("GET", "/v1/stats", None)?;
+                if ctl.json {
+                    println!("{}", serde_json::to_string(&v).expect("JSON"));
+                } else {
+                    let prev = previous
+                        .as_ref()
+                        .map(|(p, t)| (p, t.elapsed().as_secs_f64()));
+                    let clear = if std::io::stdout().is_terminal() {
+                        "\x1b[2J\x1b[H"
+                    } else {
+                        ""
+                    };
+                    print!("{clear}{}", stats_text(&v, prev));
+                    println!();
+                }
+                previous = Some((v, Instant::now()));
+                std::thread::sleep(Duration::from_secs_f64(interval));
+            }
+        }
+        Command::Vip(VipCommand::List) => {
+            let v = ctl.call("GET", "/v1/vips", None)?;
+            ctl.print(&v, |v| {
+                let rows = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|x| {
+                        vec![
+                            s(x, "vip"),
+                            s(x, "scheduler"),
+                            x["backends"].as_array().map_or(0, Vec::len).to_string(),
+                            s(x, "on_backend_down"),
+                        ]
+                    })
+                    .collect();
+                table(&["VIP", "SCHEDULER", "BACKENDS", "ON BACKEND DOWN"], rows)
+            });
+        }
+        Command::Vip(VipCommand::Show { vip }) => {
+            let v = ctl.call("GET", &vip_path(&vip), None)?;
+            ctl.print(&v, |v| {
+                format!(
+                    "VIP {}  scheduler {}  on backend down: {}\n{}",
+                    s(v, "vip"),
+                    s(v, "scheduler"),
+                    s(v, "on_backend_down"),
+                    table(&BACKEND_HEADER, backend_rows(&v["backends"]))
+                )
+            });
+        }
+        Command::Vip(VipCommand::Add {
+            vip,
+            scheduler,
+            on_backend_down,
+            backends,
+        }) => {
+            let body = json!({
+                "address": vip.addr.to_string(),
+                "port": vip.port,
+                "protocol": vip.protocol.to_string(),
+                "scheduler": scheduler.to_string(),
+                "on_backend_down": on_backend_down.to_string(),
+                "backends": backends.iter().map(|(a, w)| json!({"address": a.to_string(), "weight": w})).collect::<Vec<_>>(),
+            });
+            let v = ctl.call("POST", "/v1/vips", Some(body))?;
+            ctl.print(&v, |v| format!("added VIP {}\n", s(v, "vip")));
+        }
+        Command::Vip(VipCommand::Remove { vip }) => {
+            ctl.call("DELETE", &vip_path(&vip), None)?;
+            ctl.print(&json!({"removed": vip.to_string()}), |_| {
+                format!("removed VIP {vip}\n")
+            });
+        }
+        Command::Backend(BackendCommand::List { vip }) => {
+            let v = ctl.call("GET", &format!("{}/backends", vip_path(&vip)), None)?;
+            ctl.print(&v, |v| table(&BACKEND_HEADER, backend_rows(v)));
+        }
+        Command::Backend(BackendCommand::Add {
+            vip,
+            address,
+            weight,
+            drained,
+        }) => {
+            let body =
+                json!({"address": address.to_string(), "weight": weight, "drained": drained});
+            let v = ctl.call("POST", &format!("{}/backends", vip_path(&vip)), Some(body))?;
+            ctl.print(&v, |_| format!("added backend {address} to {vip}\n"));
+        }
+        Command::Backend(BackendCommand::Remove { vip, address }) => {
+            ctl.call("DELETE", &backend_path(&vip, &address), None)?;
+            ctl.print(&json!({"removed": address.to_string()}), |_| {
+                format!("removed backend {address} from {vip}\n")
+            });
+        }
+        Command::Backend(BackendCommand::Weight {
+            vip,
+            address,
+            weight,
+        }) => {
+            let v = ctl.call(
+                "PATCH",
+                &backend_path(&vip, &address),
+                Some(json!({"weight": weight})),
+            )?;
+            ctl.print(&v, |_| {
+                format!("backend {address} of {vip}: weight {weight}\n")
+            });
+        }
+        Command::Backend(BackendCommand::Drain { vip, address }) => {
+            let v = ctl.call(
+                "PATCH",
+                &backend_path(&vip, &address),
+                Some(json!({"drained": true})),
+            )?;
+            ctl.print(&v, |_| format!("backend {address} of {vip}: drained\n"));
+        }
+        Command::Backend(BackendCommand::Undrain { vip, address }) => {
+            let v = ctl.call(
+                "PATCH",
+                &backend_path(&vip, &address),
+                Some(json!({"drained": false})),
+            )?;
+            ctl.print(&v, |_| format!("backend {address} of {vip}: undrained\n"));
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            let (Failure::Refused(m)
+            | Failure::Unreachable(m)
+            | Failure::DaemonFailed(m)
+            | Failure::Other(m)) = &f;
+            eprintln!("lbctl: {m}");
+            ExitCode::from(f.code())
+        }
+    }
+}
