@@ -397,7 +397,12 @@ fn from_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Vec<Problem
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         vec![Problem {
-            field: if path == "." { "body".into() } else { path },
+            // Syntax errors have no path ("?"), errors of the document "."
+            field: if path == "." || path.contains('?') {
+                "body".into()
+            } else {
+                path
+            },
             message: e.into_inner().to_string(),
         }]
     })

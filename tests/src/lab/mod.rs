@@ -41,6 +41,10 @@ pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 1);
 /// Where lbd serves `/metrics` inside the balancer namespace.
 pub const METRICS: &str = "127.0.0.1:9180";
+/// Where lbd serves the TCP API inside the balancer namespace.
+pub const API_TCP: &str = "127.0.0.1:9181";
+/// The bearer token of the lab's TCP API (name `lab`).
+pub const API_TOKEN: &str = "lab-token-0123456789abcdef";
 /// MTU of the balancer's and backends' links (the client's is 1500): room for
 /// the outer header, as the README recommends.
 const BACKEND_MTU: u32 = 1600;
@@ -102,6 +106,11 @@ pub struct Lab {
 /// The `lbd` binary next to the running executable (tests, demo and bench
 /// live in the same target directory as lbd).
 pub fn lbd_path() -> Result<PathBuf> {
+    binary_path("lbd")
+}
+
+/// A binary of lb-userspace (`lbd`, `lbctl`) next to the running executable.
+pub fn binary_path(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let mut dir = exe
         .parent()
@@ -110,14 +119,14 @@ pub fn lbd_path() -> Result<PathBuf> {
     if dir.ends_with("deps") {
         dir.pop();
     }
-    let lbd = dir.join("lbd");
-    if !lbd.exists() {
+    let bin = dir.join(name);
+    if !bin.exists() {
         bail!(
             "{} not found: build it first (`cargo build -p lb-userspace --bins`, which `cargo xtask test` does)",
-            lbd.display()
+            bin.display()
         );
     }
-    Ok(lbd)
+    Ok(bin)
 }
 
 fn host_link(switch: &Netns, host: &Netns, port: &str, mtu: u32) -> Result<()> {
@@ -162,12 +171,18 @@ fn no_dad(ns: &Netns) -> Result<()> {
 
 /// lbd's config for the lab: both VIPs, HTTP and echo, over the backends
 /// that have a weight (`None`: not in the config).
-fn config(backends: &[LabBackend], weights: &[Option<u32>]) -> String {
+fn config(dir: &Path, backends: &[LabBackend], weights: &[Option<u32>]) -> String {
     let mut c = String::from(
         "[balancer]\nsource_v4 = \"10.201.0.1\"\nsource_v6 = \"fd00:201::1\"\nmtu = 1600\nmax_vips = 8\nmax_backends = 64\n\n",
     );
     c += "[conntrack]\nsize = 65536\n\n";
     c += &format!("[metrics]\nlisten = \"{METRICS}\"\n\n");
+    c += &format!(
+        "[api]\nsocket = \"{}\"\naudit_log = \"{}\"\ntcp_listen = \"{API_TCP}\"\ntoken_file = \"{}\"\n\n",
+        dir.join("api.sock").display(),
+        dir.join("audit.log").display(),
+        dir.join("tokens").display()
+    );
     for (vip, v6) in [(IpAddr::from(VIP_V4), false), (IpAddr::from(VIP_V6), true)] {
         for (port, proto) in [(servers::HTTP_PORT, "tcp"), (servers::ECHO_PORT, "udp")] {
             c += &format!(
@@ -262,7 +277,8 @@ impl Lab {
 
         let config_path = dir.join("lbd.toml");
         let weights: Vec<Option<u32>> = backends.iter().map(|b| Some(b.weight)).collect();
-        fs::write(&config_path, config(&backends, &weights))?;
+        fs::write(dir.join("tokens"), format!("lab {API_TOKEN}\n"))?;
+        fs::write(&config_path, config(&dir, &backends, &weights))?;
         let instance = balancer.name().to_string();
         let lbd_args: Vec<String> = [
             "--config",
@@ -337,7 +353,10 @@ impl Lab {
     /// Rewrites lbd's config with these backends (`None`: not in the
     /// config) and reloads it (SIGHUP); returns once lbd applied it.
     pub fn set_backends(&self, weights: &[Option<u32>]) -> Result<()> {
-        fs::write(&self.config_path, config(&self.backends, weights))?;
+        fs::write(
+            &self.config_path,
+            config(&self.dir, &self.backends, weights),
+        )?;
         let before = self.log_count("config reloaded and applied");
         let pid = self.procs.lock().expect("lab lock").lbd.id() as i32;
         // SAFETY: kill(2) on our own child's pid.
@@ -450,6 +469,21 @@ impl Lab {
             }
         }
         Ok(())
+    }
+
+    /// The API's Unix socket.
+    pub fn api_socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+
+    /// lbd's config file (lbd persists API changes into it).
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The audit log.
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.join("audit.log")
     }
 
     /// Every log the lab's processes wrote.
