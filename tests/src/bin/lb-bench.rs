@@ -8,7 +8,7 @@
 //! the reason counters must show that every iteration took the intended
 //! path, or the benchmark fails.
 //!
-//! Usage: lb-bench RESULTS_JSON [xdp|maglev|e2e]... — runs the groups named
+//! Usage: lb-bench RESULTS_JSON [xdp|maglev|e2e|api]... — runs the groups named
 //! (all by default), prints a table and merges the figures into
 //! RESULTS_JSON (a flat object of dotted keys).
 
@@ -23,6 +23,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use lb::{
+    client::Endpoint,
     dataplane::{BenchMaps, BenchTarget},
     maglev::{MaglevBackend, MaglevTable},
     vip::Protocol,
@@ -494,6 +495,51 @@ fn e2e_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
     Ok(())
 }
 
+/// Control API: changes per second (adding and removing a backend, each
+/// answered once it is in the maps) and their latency.
+fn api_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
+    const CHANGES: usize = 200;
+    let lab = Lab::start(&LabSpec::weights(&[1, 1]))?;
+    let api = Endpoint::Unix(lab.api_socket());
+    let path = "/v1/vips/203.0.113.10-80-tcp/backends";
+    let mut latencies = Vec::with_capacity(CHANGES);
+    let start = Instant::now();
+    for i in 0..CHANGES {
+        let t = Instant::now();
+        let r = if i % 2 == 0 {
+            api.request(
+                "POST",
+                path,
+                Some(br#"{"address": "10.201.0.40", "weight": 100}"#),
+            )?
+        } else {
+            api.request("DELETE", &format!("{path}/10.201.0.40"), None)?
+        };
+        ensure!(
+            r.status < 300,
+            "change {i}: {} {}",
+            r.status,
+            r.error_message()
+        );
+        latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let per_s = CHANGES as f64 / start.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let p = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "Control API, {CHANGES} changes (add/remove a backend; each answered once the maps hold it, config persisted)"
+    );
+    println!(
+        "  {per_s:.0} changes/s   request to map: p50 {:.2} ms, p99 {:.2} ms",
+        p(0.5),
+        p(0.99)
+    );
+    results.insert("api.changes_per_s".into(), per_s);
+    results.insert("api.change_to_map_ms_p50".into(), p(0.5));
+    results.insert("api.change_to_map_ms_p99".into(), p(0.99));
+    Ok(())
+}
+
 fn merge(path: &PathBuf, results: &BTreeMap<String, f64>) -> Result<()> {
     let mut all: serde_json::Map<String, serde_json::Value> = match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text)
@@ -514,7 +560,7 @@ fn merge(path: &PathBuf, results: &BTreeMap<String, f64>) -> Result<()> {
 fn main() -> Result<()> {
     let mut args = std::env::args_os().skip(1);
     let Some(out) = args.next().map(PathBuf::from) else {
-        bail!("usage: lb-bench RESULTS_JSON [xdp|maglev|e2e]...");
+        bail!("usage: lb-bench RESULTS_JSON [xdp|maglev|e2e|api]...");
     };
     let groups: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
     let run = |g: &str| groups.is_empty() || groups.iter().any(|x| x == g);
@@ -527,6 +573,9 @@ fn main() -> Result<()> {
     }
     if run("e2e") {
         e2e_benchmarks(&mut results)?;
+    }
+    if run("api") {
+        api_benchmarks(&mut results)?;
     }
     merge(&out, &results)
 }
