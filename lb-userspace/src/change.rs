@@ -47,6 +47,28 @@ pub enum Change {
     },
 }
 
+/// Indexes of VIP `vip` and its backend `backend` in `c`.
+fn backend_index(
+    c: &Config,
+    vip: &VipAddr,
+    backend: &IpAddr,
+) -> Result<(usize, usize), ChangeError> {
+    let i = c
+        .vips
+        .iter()
+        .position(|v| v.addr == *vip)
+        .ok_or(ChangeError::UnknownVip(*vip))?;
+    let j = c.vips[i]
+        .backends
+        .iter()
+        .position(|b| b.addr == *backend)
+        .ok_or(ChangeError::UnknownBackend {
+            vip: *vip,
+            backend: *backend,
+        })?;
+    Ok((i, j))
+}
+
 fn display<S: serde::Serializer>(v: &VipAddr, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
 }
@@ -126,15 +148,8 @@ impl Change {
                 });
             }
             Change::RemoveBackend { vip, backend } => {
-                let i = find(&mut next, vip)?;
-                let v = &mut next.vips[i];
-                let j = v.backends.iter().position(|b| b.addr == *backend).ok_or(
-                    ChangeError::UnknownBackend {
-                        vip: *vip,
-                        backend: *backend,
-                    },
-                )?;
-                v.backends.remove(j);
+                let (i, j) = backend_index(&next, vip, backend)?;
+                next.vips[i].backends.remove(j);
             }
             Change::UpdateBackend {
                 vip,
@@ -142,15 +157,8 @@ impl Change {
                 weight,
                 drained,
             } => {
-                let i = find(&mut next, vip)?;
-                let b = next.vips[i]
-                    .backends
-                    .iter_mut()
-                    .find(|b| b.addr == *backend)
-                    .ok_or(ChangeError::UnknownBackend {
-                        vip: *vip,
-                        backend: *backend,
-                    })?;
+                let (i, j) = backend_index(&next, vip, backend)?;
+                let b = &mut next.vips[i].backends[j];
                 if let Some(w) = weight {
                     b.weight = *w;
                 }
