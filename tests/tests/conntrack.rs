@@ -119,6 +119,17 @@ fn route(lab: &mut PacketLab, flows: &[Flow]) -> Vec<IpAddr> {
         .collect()
 }
 
+/// Adds a heavy fourth backend: Maglev now sends many flows elsewhere.
+fn reweigh(lab: &mut PacketLab) {
+    let backends = [
+        ("10.200.0.11", 100),
+        ("10.200.0.12", 100),
+        ("10.200.0.13", 100),
+        ("10.200.0.14", 300),
+    ];
+    lab.dp.set_vip(&tcp_vip(&backends)).unwrap();
+}
+
 fn tcp_vip(backends: &[(&str, u32)]) -> Vip {
     vip(
         "203.0.113.10",
@@ -225,14 +236,7 @@ fn a_reset_ends_the_flow_entry() {
     let mut lab = lab();
     let fs = flows(4, 100, "203.0.113.10", 80, Protocol::Tcp);
     let first = route(&mut lab, &fs);
-    lab.dp
-        .set_vip(&tcp_vip(&[
-            ("10.200.0.11", 100),
-            ("10.200.0.12", 100),
-            ("10.200.0.13", 100),
-            ("10.200.0.14", 300),
-        ]))
-        .unwrap();
+    reweigh(&mut lab);
     // The RST itself still goes to the recorded backend...
     for (f, b) in fs.iter().zip(&first) {
         let mut frame = lab.frame(f, FrameSpec::default());
@@ -334,14 +338,7 @@ fn a_syn_starts_a_new_connection_on_the_current_table() {
     let mut lab = lab();
     let fs = flows(9, 200, "203.0.113.10", 80, Protocol::Tcp);
     let first = route(&mut lab, &fs);
-    lab.dp
-        .set_vip(&tcp_vip(&[
-            ("10.200.0.11", 100),
-            ("10.200.0.12", 100),
-            ("10.200.0.13", 100),
-            ("10.200.0.14", 300),
-        ]))
-        .unwrap();
+    reweigh(&mut lab);
     let mut moved = 0;
     for (f, old) in fs.iter().zip(&first) {
         let mut syn = lab.frame(f, FrameSpec::default());
