@@ -57,6 +57,32 @@ use crate::{
 /// Largest request body.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
+/// API requests answered, by outcome: 2xx, 4xx, 5xx (for metrics).
+static REQUESTS: [std::sync::atomic::AtomicU64; 3] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 3];
+
+/// API requests answered so far: (outcome, count) for `ok`, `refused`
+/// (4xx, including refused authentication) and `failed` (5xx).
+pub fn request_counts() -> [(&'static str, u64); 3] {
+    use std::sync::atomic::Ordering::Relaxed;
+    [
+        ("ok", REQUESTS[0].load(Relaxed)),
+        ("refused", REQUESTS[1].load(Relaxed)),
+        ("failed", REQUESTS[2].load(Relaxed)),
+    ]
+}
+
+async fn count_requests(req: Request, next: Next) -> Response {
+    let r = next.run(req).await;
+    let i = match r.status().as_u16() {
+        500.. => 2,
+        400.. => 1,
+        _ => 0,
+    };
+    REQUESTS[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    r
+}
+
 /// Who made a request.
 #[derive(Clone, Debug)]
 pub struct Caller(pub String);
@@ -616,7 +642,9 @@ pub async fn serve_unix(
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    let app = routes(handle).layer(middleware::from_fn(unix_caller));
+    let app = routes(handle)
+        .layer(middleware::from_fn(unix_caller))
+        .layer(middleware::from_fn(count_requests));
     Ok(async move {
         axum::serve(
             listener,
@@ -633,7 +661,9 @@ pub async fn serve_tcp(
     handle: ControllerHandle,
 ) -> std::io::Result<impl Future<Output = std::io::Result<()>> + use<>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    let app = routes(handle).layer(middleware::from_fn_with_state(tokens, bearer_caller));
+    let app = routes(handle)
+        .layer(middleware::from_fn_with_state(tokens, bearer_caller))
+        .layer(middleware::from_fn(count_requests));
     Ok(async move { axum::serve(listener, app).await })
 }
 

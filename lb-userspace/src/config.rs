@@ -118,6 +118,9 @@ pub struct Config {
     pub balancer: BalancerSettings,
     pub metrics: MetricsSettings,
     pub api: ApiSettings,
+    /// `[log] level`: a `tracing` filter (`info`, `debug`,
+    /// `lb=debug,info`, ...); `RUST_LOG` wins over it.
+    pub log_level: Option<String>,
     pub vips: Vec<Vip>,
 }
 
@@ -180,7 +183,15 @@ struct RawConfig {
     #[serde(default)]
     api: RawApi,
     #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
     vip: Vec<RawVip>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -625,6 +636,15 @@ impl Validator {
         self.conntrack(&raw.conntrack, &mut balancer);
         let metrics = self.metrics(&raw.metrics);
         let api = self.api(&raw.api);
+        let log_level = raw.log.level.clone();
+        if let Some(level) = &log_level
+            && let Err(e) = tracing_subscriber::EnvFilter::try_new(level)
+        {
+            self.problem(
+                "log.level",
+                format!("{level:?} is not a log filter (e.g. \"info\", \"lb=debug,info\"): {e}"),
+            );
+        }
         let mut vips = Vec::new();
         let mut seen = HashSet::new();
         let mut total_backends = 0usize;
@@ -687,6 +707,7 @@ impl Validator {
             balancer,
             metrics,
             api,
+            log_level,
             vips,
         }
     }
@@ -1106,6 +1127,17 @@ mod tests {
             &format!("[api]\nsocket = \"relative.sock\"\n{GOOD}"),
             "api.socket",
             "absolute",
+        );
+    }
+
+    #[test]
+    fn log_level_is_a_checked_filter() {
+        let c = parse(&format!("[log]\nlevel = \"lb=debug,info\"\n{GOOD}"), "t").unwrap();
+        assert_eq!(c.log_level.as_deref(), Some("lb=debug,info"));
+        assert_problem(
+            &format!("[log]\nlevel = \"lb=loud\"\n{GOOD}"),
+            "log.level",
+            "lb=loud",
         );
     }
 

@@ -23,7 +23,7 @@ use crate::{
     audit::AuditLog,
     change::{Change, ChangeError},
     config::{self, Config},
-    dataplane::{BackendState, Counters, Dataplane},
+    dataplane::{BackendState, Counters, Dataplane, MapUsage},
     vip::VipAddr,
 };
 
@@ -57,8 +57,21 @@ pub enum ControllerError {
     Dataplane(String),
 }
 
+/// Everything the metrics endpoint exports, read in one request.
+#[derive(Clone, Debug)]
+pub struct Scrape {
+    pub counters: Counters,
+    pub snapshot: Snapshot,
+    /// Tables built per VIP since this process started.
+    pub rebuilds: BTreeMap<VipAddr, u64>,
+    pub usage: MapUsage,
+    /// How long reading the maps took.
+    pub read_time: Duration,
+}
+
 enum Request {
     Counters(oneshot::Sender<Result<Counters, String>>),
+    Scrape(oneshot::Sender<Result<Scrape, String>>),
     Snapshot(oneshot::Sender<Snapshot>),
     Change(Change, String, oneshot::Sender<Result<(), ControllerError>>),
     Apply(
@@ -97,6 +110,13 @@ impl ControllerHandle {
     /// The desired state and what is programmed.
     pub async fn snapshot(&self) -> Result<Snapshot, ControllerError> {
         self.ask(Request::Snapshot).await
+    }
+
+    /// What the metrics endpoint exports.
+    pub async fn scrape(&self) -> Result<Scrape, ControllerError> {
+        self.ask(Request::Scrape)
+            .await?
+            .map_err(ControllerError::Dataplane)
     }
 
     /// Makes `change` on behalf of `caller` (recorded in the audit log).
@@ -180,18 +200,18 @@ impl Controller {
                 let _ = reply.send(self.dp.counters().map_err(|e| format!("{e:#}")));
             }
             Request::Snapshot(reply) => {
-                let backends = self
-                    .config
-                    .vips
-                    .iter()
-                    .filter_map(|v| Some((v.addr, self.dp.backend_states(&v.addr)?)))
-                    .collect();
-                let _ = reply.send(Snapshot {
-                    config: self.config.clone(),
-                    backends,
-                    uptime: self.started.elapsed(),
-                    adopted: self.dp.adopted(),
+                let _ = reply.send(self.snapshot());
+            }
+            Request::Scrape(reply) => {
+                let started = Instant::now();
+                let result = self.dp.counters().map(|counters| Scrape {
+                    counters,
+                    snapshot: self.snapshot(),
+                    rebuilds: self.dp.rebuilds(),
+                    usage: self.dp.usage(),
+                    read_time: started.elapsed(),
                 });
+                let _ = reply.send(result.map_err(|e| format!("{e:#}")));
             }
             Request::Change(change, caller, reply) => {
                 let result = change
@@ -221,6 +241,21 @@ impl Controller {
                 );
                 let _ = reply.send(result);
             }
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let backends = self
+            .config
+            .vips
+            .iter()
+            .filter_map(|v| Some((v.addr, self.dp.backend_states(&v.addr)?)))
+            .collect();
+        Snapshot {
+            config: self.config.clone(),
+            backends,
+            uptime: self.started.elapsed(),
+            adopted: self.dp.adopted(),
         }
     }
 

@@ -17,6 +17,7 @@ mod maps;
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
 };
+use aya_log_ebpf::debug;
 use lb_common::{
     BackendInfo, DataplaneConfig, FAMILY_V6, MAGLEV_CHUNK, NO_BACKEND, PROTO_IPIP, PROTO_IPV6,
     Reason, VipInfo, VipKey, flow_hash, maglev_position, vip_filter_slot,
@@ -34,6 +35,14 @@ use maps::*;
 pub fn lb_balancer(ctx: XdpContext) -> u32 {
     let reason = balance(&ctx);
     count(&LB_REASON_STATS, reason as u32);
+    // Diagnosis only: compiled in, but `AYA_LOG_LEVEL` is 0 (off) unless
+    // lbd runs at debug level, and then every packet pays for a record.
+    debug!(
+        &ctx,
+        "reason {} (lb_common::Reason), verdict {}",
+        reason as u32,
+        reason.action()
+    );
     reason.action()
 }
 

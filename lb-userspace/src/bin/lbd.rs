@@ -11,7 +11,7 @@ use lb::{
     audit::AuditLog,
     config,
     controller::{Controller, ControllerHandle},
-    dataplane::{AttachMode, Dataplane, Decapsulator, pinning},
+    dataplane::{AttachMode, Dataplane, Decapsulator, LoadOptions, pinning},
     host, metrics,
 };
 use lb_common::DecapReason;
@@ -117,16 +117,24 @@ impl From<XdpModeArg> for AttachMode {
     }
 }
 
-fn main() -> ExitCode {
+/// Logs to stderr: `RUST_LOG` if set, else `level` (the config's), else info.
+fn init_logging(level: Option<&str>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level.unwrap_or("info")))
+        .unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(filter)
         .init();
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Command::Decap(args)) => run_decap(args),
+        Some(Command::Decap(args)) => {
+            init_logging(None);
+            run_decap(args)
+        }
         None => run_balancer(cli.balancer),
     };
     match result {
@@ -172,6 +180,7 @@ impl Signals {
 fn run_balancer(args: BalancerArgs) -> Result<()> {
     let dir = pinning::instance_dir(&args.instance);
     if args.cleanup {
+        init_logging(None);
         let removed =
             pinning::cleanup(&dir).with_context(|| format!("removing {}", dir.display()))?;
         println!(
@@ -185,6 +194,7 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
         bail!("--config FILE is required (see lbd --help)");
     };
     let config = config::load(&path)?;
+    init_logging(config.log_level.as_deref());
     if args.check {
         println!(
             "{}: ok ({} VIPs, {} backends)",
@@ -201,12 +211,17 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
     };
     runtime()?.block_on(async {
         let mut signals = Signals::install()?;
-        let mut dp = if args.no_pin {
-            Dataplane::load(&config.balancer)
-        } else {
-            Dataplane::load_pinned(&config.balancer, &dir)
+        // At debug level for the XDP target, the program logs every packet.
+        let xdp_debug_log = tracing::enabled!(target: "lb_xdp", tracing::Level::DEBUG);
+        let options = LoadOptions {
+            pin_dir: (!args.no_pin).then(|| dir.clone()),
+            xdp_debug_log,
+        };
+        let mut dp = Dataplane::open(&config.balancer, &options).context("loading the XDP balancer")?;
+        if let Some(logger) = dp.take_xdp_logger() {
+            info!("XDP debug log on: one record per packet (target lb_xdp)");
+            tokio::spawn(forward_xdp_log(logger));
         }
-        .context("loading the XDP balancer")?;
         if dp.adopted() {
             info!(dir = %dir.display(), "adopting the running balancer's state (flows, counters, attachment)");
         }
@@ -289,6 +304,26 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Hands the XDP program's log records to the log (as they arrive).
+async fn forward_xdp_log(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer's fd, which stays open and
+    // the same for as long as the AsyncFd (which owns the logger) lives.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = registered else {
+        tracing::error!("cannot poll the XDP log");
+        return;
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else {
+            return;
+        };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
 }
 
 /// Reloads the config file on SIGHUP and applies it as a diff. A config

@@ -122,6 +122,8 @@ pub enum DataplaneError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("setting up the XDP program's log: {0}")]
+    Log(String),
     #[error("no VIP {0}")]
     UnknownVip(VipAddr),
     #[error("VIP {vip} has no backend {backend}")]
@@ -159,6 +161,30 @@ struct ProgrammedVip {
     flipped_at: std::time::Instant,
     backends: BTreeMap<IpAddr, ProgrammedBackend>,
     table: MaglevTable,
+    /// Tables built for this VIP by this process (metrics).
+    rebuilds: u64,
+}
+
+/// How to load the balancer.
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Pin the state here (see [`pinning`]); `None`: nothing is pinned.
+    pub pin_dir: Option<PathBuf>,
+    /// Compile in the XDP program's debug log (one record per packet, for
+    /// diagnosis; read with [`Dataplane::take_xdp_logger`]).
+    pub xdp_debug_log: bool,
+}
+
+/// How full the maps are (metrics).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapUsage {
+    pub vips: u32,
+    pub vips_capacity: u32,
+    pub backends: u32,
+    pub backends_capacity: u32,
+    /// The connection table's capacity (the kernel does not count its
+    /// entries cheaply).
+    pub flows_capacity: u32,
 }
 
 /// A backend as the data plane has it, for views.
@@ -222,6 +248,8 @@ pub struct Dataplane {
     adopted: bool,
     /// Attached in generic (skb) mode.
     attached_skb: bool,
+    /// The XDP program's log records, when debug logging is on.
+    xdp_logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Current next-hop cache generation (`DataplaneConfig::nexthop_gen`).
     nexthop_gen: u32,
     nexthop_cache: bool,
@@ -330,7 +358,7 @@ impl Dataplane {
     /// global settings. Nothing is attached yet, and nothing is pinned: the
     /// state goes when the `Dataplane` is dropped.
     pub fn load(settings: &BalancerSettings) -> Result<Dataplane, DataplaneError> {
-        Self::open(settings, None)
+        Self::open(settings, &LoadOptions::default())
     }
 
     /// As [`Dataplane::load`], with the state pinned in `dir` (see
@@ -340,13 +368,19 @@ impl Dataplane {
         settings: &BalancerSettings,
         dir: &Path,
     ) -> Result<Dataplane, DataplaneError> {
-        Self::open(settings, Some(dir))
+        let options = LoadOptions {
+            pin_dir: Some(dir.to_path_buf()),
+            ..LoadOptions::default()
+        };
+        Self::open(settings, &options)
     }
 
-    fn open(
+    /// Loads the balancer as `options` say (see [`Dataplane::load`]).
+    pub fn open(
         settings: &BalancerSettings,
-        pin_dir: Option<&Path>,
+        options: &LoadOptions,
     ) -> Result<Dataplane, DataplaneError> {
+        let pin_dir = options.pin_dir.as_deref();
         if pin_dir.is_some() {
             let mounted = pinning::ensure_bpffs().map_err(|source| DataplaneError::PinDir {
                 dir: pinning::BPFFS_ROOT.to_string(),
@@ -389,7 +423,23 @@ impl Dataplane {
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
+        // The program's log statements are dead code unless asked for: the
+        // level is a read-only global the verifier sees as a constant.
+        let log_level = if options.xdp_debug_log {
+            aya_log::Level::Debug as u8
+        } else {
+            0
+        };
+        loader.override_global(aya_log::LEVEL, &log_level, true);
         let mut ebpf = loader.load(BALANCER_OBJECT)?;
+        let xdp_logger = if options.xdp_debug_log {
+            Some(
+                aya_log::EbpfLogger::init(&mut ebpf)
+                    .map_err(|e| DataplaneError::Log(e.to_string()))?,
+            )
+        } else {
+            None
+        };
         let name = program_name::BALANCER;
         xdp_program(&mut ebpf, name)?
             .load()
@@ -435,6 +485,7 @@ impl Dataplane {
             pinned_link: None,
             adopted: adopt,
             attached_skb: false,
+            xdp_logger,
         };
         if adopt {
             dp.recover()?;
@@ -447,6 +498,29 @@ impl Dataplane {
     /// Whether this data plane adopted state a previous `lbd` pinned.
     pub fn adopted(&self) -> bool {
         self.adopted
+    }
+
+    /// The XDP program's log reader, when loaded with `xdp_debug_log`. The
+    /// owner polls it (it is readable when records wait) and calls `flush`,
+    /// which hands the records to the `log` crate.
+    pub fn take_xdp_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.xdp_logger.take()
+    }
+
+    /// How full the maps are.
+    pub fn usage(&self) -> MapUsage {
+        MapUsage {
+            vips: self.vips.len() as u32,
+            vips_capacity: self.settings.max_vips,
+            backends: self.vips.values().map(|p| p.backends.len() as u32).sum(),
+            backends_capacity: self.settings.max_backends,
+            flows_capacity: self.settings.flows,
+        }
+    }
+
+    /// Tables built per VIP since this process started.
+    pub fn rebuilds(&self) -> BTreeMap<VipAddr, u64> {
+        self.vips.iter().map(|(a, p)| (*a, p.rebuilds)).collect()
     }
 
     /// Where the state is pinned, if it is.

@@ -366,6 +366,7 @@ impl Dataplane {
                     flipped_at: std::time::Instant::now(),
                     backends: by_vip.remove(&info.id).unwrap_or_default(),
                     table: MaglevTable::from_entries(entries),
+                    rebuilds: 0,
                 },
             );
         }

@@ -186,11 +186,11 @@ impl Dataplane {
         };
 
         // Flipped: retire what is gone.
-        let previous = match self.vips.remove(&addr) {
-            Some(p) => p.backends,
+        let (previous, rebuilds) = match self.vips.remove(&addr) {
+            Some(p) => (p.backends, p.rebuilds),
             None => {
                 self.free_vip_ids.pop_front();
-                BTreeMap::new()
+                (BTreeMap::new(), 0)
             }
         };
         for (baddr, b) in &previous {
@@ -212,8 +212,10 @@ impl Dataplane {
                 flipped_at: Instant::now(),
                 backends: wanted,
                 table,
+                rebuilds: rebuilds + 1,
             },
         );
+        tracing::debug!(vip = %addr, rebuilds = rebuilds + 1, "Maglev table rebuilt and switched in");
         self.manage_neighbours(&added);
         Ok(())
     }
