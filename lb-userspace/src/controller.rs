@@ -23,7 +23,8 @@ use crate::{
     audit::AuditLog,
     change::{Change, ChangeError},
     config::{self, Config},
-    dataplane::{BackendState, Counters, Dataplane, MapUsage},
+    dataplane::{BackendState, Counters, Dataplane, DataplaneError, MapUsage},
+    diff,
     vip::VipAddr,
 };
 
@@ -42,6 +43,23 @@ pub struct Snapshot {
     pub uptime: Duration,
     /// Whether the data plane was adopted from a previous lbd.
     pub adopted: bool,
+}
+
+impl Snapshot {
+    /// `config` with its backends as `dp` has them programmed.
+    pub fn read(dp: &Dataplane, config: &Config, uptime: Duration) -> Snapshot {
+        let backends = config
+            .vips
+            .iter()
+            .filter_map(|v| Some((v.addr, dp.backend_states(&v.addr)?)))
+            .collect();
+        Snapshot {
+            config: config.clone(),
+            backends,
+            uptime,
+            adopted: dp.adopted(),
+        }
+    }
 }
 
 /// Why a change failed.
@@ -67,6 +85,20 @@ pub struct Scrape {
     pub usage: MapUsage,
     /// How long reading the maps took.
     pub read_time: Duration,
+}
+
+impl Scrape {
+    /// Reads the data plane's counters and state for one scrape.
+    pub fn read(dp: &Dataplane, snapshot: Snapshot) -> Result<Scrape, DataplaneError> {
+        let started = Instant::now();
+        Ok(Scrape {
+            counters: dp.counters()?,
+            snapshot,
+            rebuilds: dp.rebuilds(),
+            usage: dp.usage(),
+            read_time: started.elapsed(),
+        })
+    }
 }
 
 enum Request {
@@ -203,30 +235,25 @@ impl Controller {
                 let _ = reply.send(self.snapshot());
             }
             Request::Scrape(reply) => {
-                let started = Instant::now();
-                let result = self.dp.counters().map(|counters| Scrape {
-                    counters,
-                    snapshot: self.snapshot(),
-                    rebuilds: self.dp.rebuilds(),
-                    usage: self.dp.usage(),
-                    read_time: started.elapsed(),
-                });
+                let result = Scrape::read(&self.dp, self.snapshot());
                 let _ = reply.send(result.map_err(|e| format!("{e:#}")));
             }
             Request::Change(change, caller, reply) => {
+                let _cause = tracing::info_span!("change", cause = ?caller).entered();
                 let result = change
                     .apply_to(&self.config)
                     .map_err(ControllerError::from)
                     .and_then(|next| self.commit(next, true));
                 self.audit(&caller, &change, &result);
                 if let Err(e) = &result {
-                    tracing::info!(%caller, error = %e, "change refused");
+                    tracing::info!(error = %e, "change refused");
                 } else {
-                    tracing::info!(%caller, change = ?change_summary(&change), "change applied");
+                    tracing::info!(change = ?change_summary(&change), "change applied");
                 }
                 let _ = reply.send(result);
             }
             Request::Apply(config, caller, reply) => {
+                let _cause = tracing::info_span!("change", cause = ?caller).entered();
                 let result = self
                     .dp
                     .set_settings(&config.balancer)
@@ -245,18 +272,7 @@ impl Controller {
     }
 
     fn snapshot(&self) -> Snapshot {
-        let backends = self
-            .config
-            .vips
-            .iter()
-            .filter_map(|v| Some((v.addr, self.dp.backend_states(&v.addr)?)))
-            .collect();
-        Snapshot {
-            config: self.config.clone(),
-            backends,
-            uptime: self.started.elapsed(),
-            adopted: self.dp.adopted(),
-        }
+        Snapshot::read(&self.dp, &self.config, self.started.elapsed())
     }
 
     /// Makes `next` the desired state: persisted first (if `persist`), then
@@ -280,6 +296,9 @@ impl Controller {
                 tracing::error!(error = %format!("{again:#}"), "restoring the data plane failed");
             }
             return Err(ControllerError::Dataplane(format!("{e:#}")));
+        }
+        for change in diff::diff(&self.config.vips, &next.vips) {
+            change.log();
         }
         self.config = next;
         Ok(())

@@ -4,6 +4,7 @@
 //! - [`api`]: the control API (HTTP/JSON under /v1) that `lbctl` talks to.
 //! - [`config`]: the TOML config file and its validation.
 //! - [`change`]: run-time changes to the desired state (the API's verbs).
+//! - [`diff`]: what changed between two desired states, for the log.
 //! - [`audit`]: the audit log of change requests.
 //! - [`client`]: a client of the API (for `lbctl` and tests).
 //! - [`vip`]: the domain (VIPs, backends, protocols).
@@ -21,6 +22,7 @@ pub mod client;
 pub mod config;
 pub mod controller;
 pub mod dataplane;
+pub mod diff;
 pub mod host;
 pub mod maglev;
 pub mod metrics;

@@ -9,6 +9,7 @@ pub mod frames;
 pub mod lab;
 pub mod netns;
 pub mod packet_lab;
+pub mod prom;
 pub mod xdp;
 
 /// Fails the calling test unless it runs as root.

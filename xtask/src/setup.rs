@@ -14,6 +14,8 @@ use crate::run;
 /// - procps: `sysctl`.
 /// - ethtool: the lab turns checksum offload off on its client veth.
 /// - wrk: the end-to-end benchmark's load generator.
+/// - prometheus: its `promtool` checks the exporter's format and the
+///   example scrape config in the tests.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -23,6 +25,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "procps",
     "ethtool",
     "wrk",
+    "prometheus",
 ];
 
 fn step(name: &str) {

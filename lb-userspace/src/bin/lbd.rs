@@ -225,7 +225,13 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
         if dp.adopted() {
             info!(dir = %dir.display(), "adopting the running balancer's state (flows, counters, attachment)");
         }
-        dp.sync(&config.vips).context("programming the VIPs from the config")?;
+        {
+            let _cause = tracing::info_span!("change", cause = "startup").entered();
+            dp.sync(&config.vips).context("programming the VIPs from the config")?;
+            for change in lb::diff::diff(&[], &config.vips) {
+                change.log();
+            }
+        }
         let audit_path = config.api.audit_log.clone().unwrap_or_else(|| api::default_audit_log(&args.instance));
         let audit = AuditLog::open(&audit_path).with_context(|| format!("opening the audit log {}", audit_path.display()))?;
         let (mut controller, handle) = Controller::new(dp, config.clone(), Some(path.clone()), Some(audit));

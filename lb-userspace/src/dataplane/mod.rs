@@ -558,6 +558,9 @@ impl Dataplane {
                 return Err(DataplaneError::FixedSetting { setting, old, new });
             }
         }
+        if self.settings != *settings {
+            tracing::info!(from = ?self.settings, to = ?settings, "balancer settings changed");
+        }
         self.settings = settings.clone();
         self.write_config()
     }

@@ -203,6 +203,7 @@ impl Dataplane {
             .filter(|(_, b)| fresh.contains(&b.id))
             .map(|(a, _)| *a)
             .collect();
+        let in_table = wanted.values().filter(|b| b.weight > 0 && !b.down).count();
         self.vips.insert(
             addr,
             ProgrammedVip {
@@ -215,7 +216,12 @@ impl Dataplane {
                 rebuilds: rebuilds + 1,
             },
         );
-        tracing::debug!(vip = %addr, rebuilds = rebuilds + 1, "Maglev table rebuilt and switched in");
+        tracing::info!(
+            vip = %addr,
+            backends = in_table,
+            rebuilds = rebuilds + 1,
+            "Maglev table rebuilt and switched in"
+        );
         self.manage_neighbours(&added);
         Ok(())
     }

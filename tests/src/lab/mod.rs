@@ -357,6 +357,11 @@ impl Lab {
             &self.config_path,
             config(&self.dir, &self.backends, weights),
         )?;
+        self.reload()
+    }
+
+    /// Makes lbd reload its config file (SIGHUP); returns once lbd applied it.
+    pub fn reload(&self) -> Result<()> {
         let before = self.log_count("config reloaded and applied");
         let pid = self.procs.lock().expect("lab lock").lbd.id() as i32;
         // SAFETY: kill(2) on our own child's pid.
@@ -402,10 +407,7 @@ impl Lab {
     }
 
     fn log_count(&self, needle: &str) -> usize {
-        fs::read_to_string(self.dir.join("lbd.log"))
-            .unwrap_or_default()
-            .matches(needle)
-            .count()
+        self.lbd_log().matches(needle).count()
     }
 
     fn wait_for(&self, done: impl Fn(&Lab) -> bool, what: &str) -> Result<()> {
@@ -484,6 +486,11 @@ impl Lab {
     /// The audit log.
     pub fn audit_log(&self) -> PathBuf {
         self.dir.join("audit.log")
+    }
+
+    /// lbd's log so far.
+    pub fn lbd_log(&self) -> String {
+        fs::read_to_string(self.dir.join("lbd.log")).unwrap_or_default()
     }
 
     /// Every log the lab's processes wrote.
