@@ -128,6 +128,15 @@ impl MaglevTable {
     pub fn share(&self, id: u32) -> usize {
         self.entries.iter().filter(|&&e| e == id).count()
     }
+
+    /// Number of positions each backend id owns (one pass over the table).
+    pub fn counts(&self) -> std::collections::HashMap<u32, usize> {
+        let mut out = std::collections::HashMap::new();
+        for e in &self.entries {
+            *out.entry(*e).or_default() += 1;
+        }
+        out
+    }
 }
 
 /// Whether `n` is prime (trial division; table sizes are at most ~2^24).

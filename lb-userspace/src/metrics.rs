@@ -24,191 +24,215 @@ use std::{net::SocketAddr, time::Duration};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use lb_common::{FlowEvent, Reason};
-use prometheus::{Encoder, Gauge, GaugeVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    TextEncoder,
+    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+};
 
 use crate::controller::{ControllerHandle, Scrape};
 
 /// Longest a scrape may take before it is answered with a 503.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 
-struct Families {
-    registry: Registry,
-}
+/// The families of one scrape, built directly in the `prometheus` crate's
+/// data model and encoded with its text encoder. (Registering a metric
+/// vector per scrape and setting every series through it costs several
+/// microseconds a series, too much for 10,000 backends.)
+#[derive(Default)]
+struct Families(Vec<MetricFamily>);
 
 impl Families {
-    fn counters(&self, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-        let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-        self.registry
-            .register(Box::new(c.clone()))
-            .expect("unique metric name");
-        c
+    fn family(&mut self, name: &str, help: &str, kind: MetricType) -> &mut Vec<Metric> {
+        let mut f = MetricFamily::default();
+        f.set_name(name.to_string());
+        f.set_help(help.to_string());
+        f.set_field_type(kind);
+        self.0.push(f);
+        self.0.last_mut().expect("just pushed").mut_metric()
     }
 
-    fn gauges(&self, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
-        let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-        self.registry
-            .register(Box::new(g.clone()))
-            .expect("unique metric name");
-        g
+    fn counters(&mut self, name: &str, help: &str) -> &mut Vec<Metric> {
+        self.family(name, help, MetricType::COUNTER)
     }
+
+    fn gauges(&mut self, name: &str, help: &str) -> &mut Vec<Metric> {
+        self.family(name, help, MetricType::GAUGE)
+    }
+
+    fn encode(mut self) -> String {
+        // The encoder refuses a family without samples (no VIPs yet).
+        self.0.retain(|f| !f.get_metric().is_empty());
+        let mut out = String::new();
+        TextEncoder::new()
+            .encode_utf8(&self.0, &mut out)
+            .expect("families with names and samples encode");
+        out
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<LabelPair> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let mut l = LabelPair::default();
+            l.set_name(k.to_string());
+            l.set_value(v.to_string());
+            l
+        })
+        .collect()
+}
+
+fn counter(pairs: &[(&str, &str)], value: u64) -> Metric {
+    let mut m = Metric::from_label(labels(pairs));
+    let mut c = Counter::default();
+    c.set_value(value as f64);
+    m.set_counter(c);
+    m
+}
+
+fn gauge(pairs: &[(&str, &str)], value: f64) -> Metric {
+    let mut m = Metric::from_label(labels(pairs));
+    let mut g = Gauge::default();
+    g.set_value(value);
+    m.set_gauge(g);
+    m
 }
 
 /// A scrape in the Prometheus text format; `api` are the API request
 /// counts by outcome.
 pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
-    let f = Families {
-        registry: Registry::new(),
-    };
+    let mut f = Families::default();
     let c = &s.counters;
-    let reasons = f.counters(
+    let m = f.counters(
         "lb_packets_total",
         "Packets seen by the XDP balancer, by the reason for their verdict (forwarded, or why passed or dropped).",
-        &["reason"],
     );
     for r in Reason::ALL {
-        reasons.with_label_values(&[r.name()]).inc_by(c.reason(r));
+        m.push(counter(&[("reason", r.name())], c.reason(r)));
     }
-    let flows = f.counters(
+    let m = f.counters(
         "lb_conntrack_events_total",
         "Connection-table events: miss (a new flow, scheduled), hit, stale (scheduled again), insert_failed, reset (RST removed the entry).",
-        &["event"],
     );
     for e in FlowEvent::ALL {
-        flows.with_label_values(&[e.name()]).inc_by(c.flow(e));
+        m.push(counter(&[("event", e.name())], c.flow(e)));
     }
-    let vip_packets = f.counters(
-        "lb_vip_packets_total",
-        "Packets forwarded per VIP.",
-        &["vip"],
-    );
-    let vip_bytes = f.counters(
+    let vips: Vec<(String, _)> = c.vips.iter().map(|(v, t)| (v.to_string(), t)).collect();
+    let m = f.counters("lb_vip_packets_total", "Packets forwarded per VIP.");
+    for (vip, t) in &vips {
+        m.push(counter(&[("vip", vip)], t.packets));
+    }
+    let m = f.counters(
         "lb_vip_bytes_total",
         "Bytes forwarded per VIP, as received (Ethernet header included).",
-        &["vip"],
     );
-    for (vip, t) in &c.vips {
-        let vip = vip.to_string();
-        vip_packets.with_label_values(&[&vip]).inc_by(t.packets);
-        vip_bytes.with_label_values(&[&vip]).inc_by(t.bytes);
+    for (vip, t) in &vips {
+        m.push(counter(&[("vip", vip)], t.bytes));
     }
-    let be_packets = f.counters(
+    let backends: Vec<([String; 2], _)> = c
+        .backends
+        .iter()
+        .map(|((v, b), t)| ([b.to_string(), v.to_string()], t))
+        .collect();
+    let m = f.counters(
         "lb_backend_packets_total",
         "Packets forwarded per VIP and backend.",
-        &["vip", "backend"],
     );
-    let be_bytes = f.counters(
+    for ([backend, vip], t) in &backends {
+        m.push(counter(&[("backend", backend), ("vip", vip)], t.packets));
+    }
+    let m = f.counters(
         "lb_backend_bytes_total",
         "Bytes forwarded per VIP and backend, as received.",
-        &["vip", "backend"],
     );
-    for ((vip, backend), t) in &c.backends {
-        let labels = [vip.to_string(), backend.to_string()];
-        be_packets.with_label_values(&labels).inc_by(t.packets);
-        be_bytes.with_label_values(&labels).inc_by(t.bytes);
+    for ([backend, vip], t) in &backends {
+        m.push(counter(&[("backend", backend), ("vip", vip)], t.bytes));
     }
-    let rebuilds = f.counters(
+    let m = f.counters(
         "lb_maglev_rebuilds_total",
         "Maglev tables built and switched in, per VIP, since lbd started.",
-        &["vip"],
     );
     for (vip, n) in &s.rebuilds {
-        rebuilds.with_label_values(&[&vip.to_string()]).inc_by(*n);
+        m.push(counter(&[("vip", &vip.to_string())], *n));
     }
-    let up = f.gauges(
-        "lb_backend_up",
-        "1 if the backend is up (health checks), 0 if down.",
-        &["vip", "backend"],
-    );
-    let drained = f.gauges(
-        "lb_backend_drained",
-        "1 if the backend is drained (no new flows).",
-        &["vip", "backend"],
-    );
-    let weight = f.gauges(
-        "lb_backend_weight",
-        "Configured weight of the backend.",
-        &["vip", "backend"],
-    );
-    let in_effect = f.gauges(
-        "lb_backend_weight_in_effect",
-        "Weight the backend's table share is built with (0 while drained or down).",
-        &["vip", "backend"],
-    );
-    let share = f.gauges(
-        "lb_backend_table_share_ratio",
-        "Share of the VIP's Maglev table the backend owns (0..1).",
-        &["vip", "backend"],
-    );
+
+    // Per backend as configured, with its state as programmed.
+    let mut rows = Vec::new();
     for v in &s.snapshot.config.vips {
         let states = s.snapshot.backends.get(&v.addr);
+        let vip = v.addr.to_string();
         for b in &v.backends {
-            let labels = [v.addr.to_string(), b.addr.to_string()];
             let state = states.and_then(|st| st.iter().find(|x| x.addr == b.addr));
-            up.with_label_values(&labels)
-                .set(if state.is_some_and(|x| x.down) {
-                    0.0
-                } else {
-                    1.0
-                });
-            drained
-                .with_label_values(&labels)
-                .set(if b.drained { 1.0 } else { 0.0 });
-            weight.with_label_values(&labels).set(f64::from(b.weight));
-            in_effect
-                .with_label_values(&labels)
-                .set(state.map_or(0.0, |x| f64::from(x.weight_in_table)));
-            share
-                .with_label_values(&labels)
-                .set(state.map_or(0.0, |x| x.table_share));
+            rows.push((b.addr.to_string(), vip.clone(), b, state));
         }
     }
-    let requests = f.counters(
+    type Row<'a> = (
+        String,
+        String,
+        &'a crate::vip::Backend,
+        Option<&'a crate::dataplane::BackendState>,
+    );
+    let mut per_backend = |name: &str, help: &str, value: &dyn Fn(&Row) -> f64| {
+        let m = f.gauges(name, help);
+        for row in &rows {
+            m.push(gauge(&[("backend", &row.0), ("vip", &row.1)], value(row)));
+        }
+    };
+    per_backend(
+        "lb_backend_up",
+        "1 if the backend is up (health checks), 0 if down.",
+        &|(_, _, _, st)| if st.is_some_and(|x| x.down) { 0.0 } else { 1.0 },
+    );
+    per_backend(
+        "lb_backend_drained",
+        "1 if the backend is drained (no new flows).",
+        &|(_, _, b, _)| if b.drained { 1.0 } else { 0.0 },
+    );
+    per_backend(
+        "lb_backend_weight",
+        "Configured weight of the backend.",
+        &|(_, _, b, _)| f64::from(b.weight),
+    );
+    per_backend(
+        "lb_backend_weight_in_effect",
+        "Weight the backend's table share is built with (0 while drained or down).",
+        &|(_, _, _, st)| st.map_or(0.0, |x| f64::from(x.weight_in_table)),
+    );
+    per_backend(
+        "lb_backend_table_share_ratio",
+        "Share of the VIP's Maglev table the backend owns (0..1).",
+        &|(_, _, _, st)| st.map_or(0.0, |x| x.table_share),
+    );
+
+    let m = f.counters(
         "lb_api_requests_total",
         "Control API requests, by outcome: ok, refused (4xx), failed (5xx).",
-        &["outcome"],
     );
     for (outcome, n) in api {
-        requests.with_label_values(&[outcome]).inc_by(*n);
+        m.push(counter(&[("outcome", outcome)], *n));
     }
-    let capacity = f.gauges(
+    let u = &s.usage;
+    let m = f.gauges(
         "lb_map_capacity",
         "Capacity of the balancer's maps: vips, backends, flows.",
-        &["map"],
     );
-    let entries = f.gauges(
-        "lb_map_entries",
-        "Entries in use: vips, backends.",
-        &["map"],
-    );
-    let u = &s.usage;
-    capacity
-        .with_label_values(&["vips"])
-        .set(f64::from(u.vips_capacity));
-    capacity
-        .with_label_values(&["backends"])
-        .set(f64::from(u.backends_capacity));
-    capacity
-        .with_label_values(&["flows"])
-        .set(f64::from(u.flows_capacity));
-    entries.with_label_values(&["vips"]).set(f64::from(u.vips));
-    entries
-        .with_label_values(&["backends"])
-        .set(f64::from(u.backends));
-    let read = Gauge::with_opts(Opts::new(
+    for (map, n) in [
+        ("vips", u.vips_capacity),
+        ("backends", u.backends_capacity),
+        ("flows", u.flows_capacity),
+    ] {
+        m.push(gauge(&[("map", map)], f64::from(n)));
+    }
+    let m = f.gauges("lb_map_entries", "Entries in use: vips, backends.");
+    for (map, n) in [("vips", u.vips), ("backends", u.backends)] {
+        m.push(gauge(&[("map", map)], f64::from(n)));
+    }
+    f.gauges(
         "lb_exporter_read_seconds",
         "Time this scrape took to read the data plane's maps.",
-    ))
-    .expect("valid metric definition");
-    read.set(s.read_time.as_secs_f64());
-    f.registry
-        .register(Box::new(read))
-        .expect("unique metric name");
-
-    let mut out = Vec::new();
-    TextEncoder::new()
-        .encode(&f.registry.gather(), &mut out)
-        .expect("encoding to a Vec cannot fail");
-    String::from_utf8(out).expect("the text format is UTF-8")
+    )
+    .push(gauge(&[], s.read_time.as_secs_f64()));
+    f.encode()
 }
 
 async fn metrics(State(handle): State<ControllerHandle>) -> impl IntoResponse {

@@ -17,7 +17,7 @@ fn lab(weights: &[u32]) -> Lab {
 }
 
 fn forwarded(lab: &Lab) -> u64 {
-    lab.metric("lb_packets_total", "reason=\"forwarded\"")
+    lab.metric("lb_packets_total", &[("reason", "forwarded")])
         .unwrap()
 }
 
@@ -47,7 +47,7 @@ fn http_through_the_vip_is_answered_directly_by_the_backends() {
         "SYN, request and ACKs of every connection were forwarded"
     );
     assert_eq!(
-        lab.metric("lb_packets_total", "reason=\"not_vip\"")
+        lab.metric("lb_packets_total", &[("reason", "not_vip")])
             .unwrap(),
         0,
         "no reply crossed the balancer"
@@ -60,7 +60,7 @@ fn http_through_the_vip_is_answered_directly_by_the_backends() {
         "encap_failed",
     ] {
         assert_eq!(
-            lab.metric("lb_packets_total", &format!("reason=\"{reason}\""))
+            lab.metric("lb_packets_total", &[("reason", reason)])
                 .unwrap(),
             0,
             "{reason}"

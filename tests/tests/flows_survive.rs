@@ -111,7 +111,7 @@ fn restarting_lbd_breaks_no_connection() {
     let lab = Lab::start(&LabSpec::weights(&[1, 1, 2])).unwrap();
     let addr = lab.vip_http(false);
     let forwarded_before = lab
-        .metric("lb_packets_total", "reason=\"forwarded\"")
+        .metric("lb_packets_total", &[("reason", "forwarded")])
         .unwrap();
     let stop = AtomicBool::new(false);
     let (new_ok, new_failed) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -164,7 +164,7 @@ fn restarting_lbd_breaks_no_connection() {
     );
     assert!(new_ok.load(Ordering::Relaxed) > 100);
     let forwarded_after = lab
-        .metric("lb_packets_total", "reason=\"forwarded\"")
+        .metric("lb_packets_total", &[("reason", "forwarded")])
         .unwrap();
     assert!(
         forwarded_after > forwarded_before,

@@ -37,7 +37,10 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, then run the benchmarks; figures go to target/bench/results.json.
-    Bench,
+    Bench {
+        /// Groups to run (xdp, maglev, e2e, api, metrics); all by default.
+        groups: Vec<String>,
+    },
     /// Lab housekeeping.
     Lab {
         #[command(subcommand)]
@@ -119,7 +122,7 @@ fn main() -> Result<()> {
             require_root("cargo xtask lab clean")?;
             lab::clean()
         }
-        Task::Bench => {
+        Task::Bench { groups } => {
             require_root("cargo xtask bench")?;
             setup::setup()?;
             // The end-to-end benchmark runs the real lbd.
@@ -134,7 +137,8 @@ fn main() -> Result<()> {
                     "lb-bench",
                     "--",
                 ])
-                .arg(root().join("target/bench/results.json")))
+                .arg(root().join("target/bench/results.json"))
+                .args(groups))
         }
     }
 }

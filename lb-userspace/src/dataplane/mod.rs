@@ -161,6 +161,9 @@ struct ProgrammedVip {
     flipped_at: std::time::Instant,
     backends: BTreeMap<IpAddr, ProgrammedBackend>,
     table: MaglevTable,
+    /// Positions of `table` per backend id, counted once per table (views
+    /// and every scrape read them).
+    table_counts: std::collections::HashMap<u32, usize>,
     /// Tables built for this VIP by this process (metrics).
     rebuilds: u64,
 }

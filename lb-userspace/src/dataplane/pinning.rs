@@ -357,6 +357,7 @@ impl Dataplane {
             }
             entries.truncate(self.settings.table_size as usize);
             used_vips.push(info.id);
+            let table = MaglevTable::from_entries(entries);
             self.vips.insert(
                 addr,
                 ProgrammedVip {
@@ -365,7 +366,8 @@ impl Dataplane {
                     active_half,
                     flipped_at: std::time::Instant::now(),
                     backends: by_vip.remove(&info.id).unwrap_or_default(),
-                    table: MaglevTable::from_entries(entries),
+                    table_counts: table.counts(),
+                    table,
                     rebuilds: 0,
                 },
             );

@@ -212,6 +212,7 @@ impl Dataplane {
                 active_half: half,
                 flipped_at: Instant::now(),
                 backends: wanted,
+                table_counts: table.counts(),
                 table,
                 rebuilds: rebuilds + 1,
             },
@@ -364,15 +365,11 @@ impl Dataplane {
     pub fn backend_states(&self, addr: &VipAddr) -> Option<Vec<BackendState>> {
         let p = self.vips.get(addr)?;
         let size = p.table.entries().len().max(1);
-        let mut owned: BTreeMap<u32, usize> = BTreeMap::new();
-        for e in p.table.entries() {
-            *owned.entry(*e).or_default() += 1;
-        }
         Some(
             p.backends
                 .iter()
                 .map(|(a, b)| {
-                    let entries = owned.get(&b.id).copied().unwrap_or(0);
+                    let entries = p.table_counts.get(&b.id).copied().unwrap_or(0);
                     BackendState {
                         addr: *a,
                         down: b.down,

@@ -8,7 +8,7 @@
 //! the reason counters must show that every iteration took the intended
 //! path, or the benchmark fails.
 //!
-//! Usage: lb-bench RESULTS_JSON [xdp|maglev|e2e|api]... — runs the groups named
+//! Usage: lb-bench RESULTS_JSON [xdp|maglev|e2e|api|metrics]... — runs the groups named
 //! (all by default), prints a table and merges the figures into
 //! RESULTS_JSON (a flat object of dotted keys).
 
@@ -24,6 +24,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use lb::{
     client::Endpoint,
+    controller::{Scrape, Snapshot},
     dataplane::{BenchMaps, BenchTarget},
     maglev::{MaglevBackend, MaglevTable},
     vip::Protocol,
@@ -540,6 +541,82 @@ fn api_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
     Ok(())
 }
 
+/// A config of `vips` VIPs with `backends` backends each (outside the
+/// packet lab's subnet: no neighbour entries needed, none are used).
+fn scale_config(vips: usize, backends: usize) -> String {
+    let mut c = format!(
+        "[balancer]\nsource_v4 = \"10.200.0.1\"\nmax_vips = {}\nmax_backends = {}\n\n[conntrack]\nsize = 65536\n\n",
+        vips.next_power_of_two(),
+        vips * backends
+    );
+    for v in 0..vips {
+        c += &format!(
+            "[[vip]]\naddress = \"198.18.{}.{}\"\nport = 443\nprotocol = \"tcp\"\nbackends = [\n",
+            v / 250,
+            v % 250 + 1
+        );
+        for b in 0..backends {
+            let i = v * backends + b;
+            c += &format!("  {{ address = \"10.1.{}.{}\" }},\n", i / 250, i % 250 + 1);
+        }
+        c += "]\n";
+    }
+    c
+}
+
+/// CPU time this thread has used.
+fn thread_cpu() -> std::time::Duration {
+    // SAFETY: clock_gettime fills the timespec it is given.
+    let ts = unsafe {
+        let mut ts: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+        ts
+    };
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// One `/metrics` scrape as lbd answers it (read the maps, render the text),
+/// without the HTTP round trip: wall time and CPU time, medians of 21.
+fn metrics_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
+    println!("/metrics scrape (read every per-CPU counter map, render the text): median of 21");
+    let mut measured = Vec::new();
+    for (vips, backends) in [(1usize, 1usize), (100, 100)] {
+        let toml = scale_config(vips, backends);
+        let config = lb::config::parse(&toml, "bench config")?;
+        let lab = PacketLab::new(&toml)?;
+        let mut wall = Vec::new();
+        let mut cpu = Vec::new();
+        let mut size = 0;
+        for _ in 0..21 {
+            let (t, c) = (Instant::now(), thread_cpu());
+            let snapshot = Snapshot::read(&lab.dp, &config, std::time::Duration::ZERO);
+            let text = lb::metrics::render(
+                &Scrape::read(&lab.dp, snapshot)?,
+                &lb::api::request_counts(),
+            );
+            wall.push(t.elapsed().as_secs_f64() * 1000.0);
+            cpu.push((thread_cpu() - c).as_secs_f64() * 1000.0);
+            size = text.len();
+            std::hint::black_box(text);
+        }
+        let (ms, cpu_ms) = (median(wall), median(cpu));
+        println!(
+            "  {vips:>3} VIPs x {backends:>3} backends: {ms:>8.2} ms wall, {cpu_ms:>8.2} ms CPU, {:>6.0} KiB of text",
+            size as f64 / 1024.0
+        );
+        measured.push((vips, backends, ms, cpu_ms));
+    }
+    let (_, _, base_ms, _) = measured[0];
+    let (v, b, ms, cpu_ms) = measured[1];
+    println!(
+        "  baseline: 1 VIP x 1 backend above ({base_ms:.2} ms); the data plane pays nothing (reads are from user space); lbd answers 503 past 5 s"
+    );
+    results.insert(format!("metrics.scrape_ms.v{v}_b{b}"), ms);
+    results.insert(format!("metrics.scrape_cpu_ms.v{v}_b{b}"), cpu_ms);
+    results.insert("metrics.scrape_ms.v1_b1".into(), base_ms);
+    Ok(())
+}
+
 fn merge(path: &PathBuf, results: &BTreeMap<String, f64>) -> Result<()> {
     let mut all: serde_json::Map<String, serde_json::Value> = match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text)
@@ -560,7 +637,7 @@ fn merge(path: &PathBuf, results: &BTreeMap<String, f64>) -> Result<()> {
 fn main() -> Result<()> {
     let mut args = std::env::args_os().skip(1);
     let Some(out) = args.next().map(PathBuf::from) else {
-        bail!("usage: lb-bench RESULTS_JSON [xdp|maglev|e2e|api]...");
+        bail!("usage: lb-bench RESULTS_JSON [xdp|maglev|e2e|api|metrics]...");
     };
     let groups: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
     let run = |g: &str| groups.is_empty() || groups.iter().any(|x| x == g);
@@ -576,6 +653,9 @@ fn main() -> Result<()> {
     }
     if run("api") {
         api_benchmarks(&mut results)?;
+    }
+    if run("metrics") {
+        metrics_benchmarks(&mut results)?;
     }
     merge(&out, &results)
 }

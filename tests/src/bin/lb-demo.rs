@@ -15,7 +15,7 @@ use std::{
 
 use anyhow::Result;
 use lb_common::Reason;
-use lb_tests::lab::{Lab, LabSpec, VIP_V4, VIP_V6, client::http_get, metric_value, servers};
+use lb_tests::lab::{Lab, LabSpec, VIP_V4, VIP_V6, client::http_get, servers};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -115,10 +115,10 @@ fn live_view(lab: &Lab, tally: &Mutex<Tally>) {
             ]
             .iter()
             .map(|(addr, vip)| {
-                metric_value(
+                metric(
                     &metrics,
                     "lb_backend_packets_total",
-                    &format!("backend=\"{addr}\",vip=\"{vip}:80/tcp\""),
+                    &[("backend", addr), ("vip", &format!("{vip}:80/tcp"))],
                 )
             })
             .sum();
@@ -130,13 +130,9 @@ fn live_view(lab: &Lab, tally: &Mutex<Tally>) {
         out += &format!(
             "failed requests: {failures}\n\ndata plane (lbd /metrics, packets by reason):\n"
         );
-        let forwarded = metric_value(&metrics, "lb_packets_total", "reason=\"forwarded\"");
+        let forwarded = metric(&metrics, "lb_packets_total", &[("reason", "forwarded")]);
         for r in Reason::ALL {
-            let v = metric_value(
-                &metrics,
-                "lb_packets_total",
-                &format!("reason=\"{}\"", r.name()),
-            );
+            let v = metric(&metrics, "lb_packets_total", &[("reason", r.name())]);
             let extra = if r == Reason::Forwarded {
                 format!(
                     "   ({:.0}/s)",
@@ -152,4 +148,9 @@ fn live_view(lab: &Lab, tally: &Mutex<Tally>) {
         last_answers = answers;
         last_forwarded = forwarded;
     }
+}
+
+/// The value of `name` with exactly `labels` in the scrape `text`, 0 if absent.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    lb_tests::prom::value(text, name, labels).unwrap_or(0.0) as u64
 }

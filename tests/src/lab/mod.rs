@@ -543,26 +543,11 @@ impl Lab {
         })?
     }
 
-    /// The value of the sample `name{labels}` in lbd's metrics (labels as
-    /// written by the exporter, e.g. `reason="forwarded"`), 0 if absent.
-    pub fn metric(&self, name: &str, labels: &str) -> Result<u64> {
-        Ok(metric_value(&self.metrics()?, name, labels))
+    /// The value of the sample `name` with exactly `labels` in lbd's
+    /// metrics, 0 if absent.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<u64> {
+        Ok(crate::prom::value(&self.metrics()?, name, labels).unwrap_or(0.0) as u64)
     }
-}
-
-/// The value of `name{labels}` in Prometheus text `text` (0 if absent).
-pub fn metric_value(text: &str, name: &str, labels: &str) -> u64 {
-    let want = if labels.is_empty() {
-        name.to_string()
-    } else {
-        format!("{name}{{{labels}}}")
-    };
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .find(|(k, _)| *k == want)
-        .and_then(|(_, v)| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
 }
 
 /// Runs `f` on a thread inside `ns`.
