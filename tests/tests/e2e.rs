@@ -162,8 +162,8 @@ fn udp_flows_each_reach_one_backend() {
 #[test]
 fn generic_xdp_mode_forwards_as_well() {
     let lab = Lab::start(&LabSpec {
-        weights: vec![1, 1],
         xdp_mode: "skb",
+        ..LabSpec::weights(&[1, 1])
     })
     .expect("lab");
     let addr = lab.vip_http(false);

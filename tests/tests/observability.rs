@@ -470,6 +470,43 @@ fn lab_scrape_counts_every_datagram_and_byte_and_passes_promtool() {
     assert_eq!(delta("lb_conntrack_events_total", &[("event", "hit")]), 80);
     assert!(prom::value(&after, "lb_exporter_read_seconds", &[]).unwrap() < 5.0);
     prom::check_metrics(&after).unwrap();
+    assert!(
+        !lab.lbd_log().contains(XDP_RECORD),
+        "at the default level the XDP program logs nothing"
+    );
+}
+
+/// What the XDP program logs for every packet at debug level.
+const XDP_RECORD: &str = "(lb_common::Reason), verdict";
+
+/// With `lb_xdp` at debug, the XDP program logs every packet (its reason
+/// and verdict) through aya-log into lbd's log.
+#[test]
+fn xdp_debug_log_reports_every_packet_when_asked_for() {
+    let lab = Lab::start(&LabSpec {
+        log: "lb_xdp=debug,info",
+        ..LabSpec::weights(&[1])
+    })
+    .unwrap();
+    assert!(
+        lab.lbd_log().contains("XDP debug log on"),
+        "{}",
+        lab.lbd_log()
+    );
+    let addr = lab.vip_echo(false);
+    lab.in_client(move || echo_flow(addr, &[10, 20, 30]))
+        .unwrap();
+    // A forwarded packet: reason 0, verdict XDP_TX (3).
+    let forwarded = format!("reason 0 {XDP_RECORD} 3");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while lab.lbd_log().matches(&forwarded).count() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no XDP record of the 3 datagrams; log:\n{}",
+            lab.lbd_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Every state change is logged once at info with its cause: start-up,

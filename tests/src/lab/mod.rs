@@ -56,6 +56,8 @@ pub struct LabSpec {
     pub weights: Vec<u32>,
     /// `lbd --xdp-mode` for the balancer: "native" (default) or "skb".
     pub xdp_mode: &'static str,
+    /// lbd's `RUST_LOG` ("info" by default).
+    pub log: &'static str,
 }
 
 impl LabSpec {
@@ -64,6 +66,7 @@ impl LabSpec {
         LabSpec {
             weights: weights.to_vec(),
             xdp_mode: "native",
+            log: "info",
         }
     }
 }
@@ -91,6 +94,8 @@ pub struct Lab {
     procs: Mutex<Procs>,
     lbd_bin: PathBuf,
     lbd_args: Vec<String>,
+    /// lbd's `RUST_LOG`.
+    lbd_log: &'static str,
     /// lbd's pinned state: /sys/fs/bpf/<instance>.
     instance: String,
     config_path: PathBuf,
@@ -313,7 +318,7 @@ impl Lab {
         for b in &backends {
             let log = dir.join(format!("{}-decap.log", b.name));
             let args = ["decap", "--iface", "eth0", "--xdp-mode", "native"];
-            match spawn_in(&b.ns, &lbd, &args, &log) {
+            match spawn_in(&b.ns, &lbd, &args, &log, "info") {
                 Ok(c) => processes.push((format!("{} lbd decap", b.name), c)),
                 Err(e) => {
                     kill_all(&mut processes);
@@ -322,7 +327,7 @@ impl Lab {
             }
         }
         let args: Vec<&str> = lbd_args.iter().map(String::as_str).collect();
-        let lbd_child = match spawn_in(&balancer, &lbd, &args, &dir.join("lbd.log")) {
+        let lbd_child = match spawn_in(&balancer, &lbd, &args, &dir.join("lbd.log"), spec.log) {
             Ok(c) => c,
             Err(e) => {
                 kill_all(&mut processes);
@@ -336,6 +341,7 @@ impl Lab {
             }),
             lbd_bin: lbd,
             lbd_args,
+            lbd_log: spec.log,
             instance,
             config_path,
             services,
@@ -395,6 +401,7 @@ impl Lab {
                 &self.lbd_bin,
                 &args,
                 &self.dir.join("lbd.log"),
+                self.lbd_log,
             )?;
         }
         self.wait_for(
@@ -565,14 +572,20 @@ pub fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> Result<T> {
 /// Starts `program` inside `ns`. Only the network namespace is entered
 /// (`setns` before exec), not a new mount namespace as `ip netns exec` does:
 /// lbd must see the host's BPF filesystem to pin and adopt its state.
-fn spawn_in(ns: &Netns, program: &Path, args: &[&str], log: &Path) -> Result<Child> {
+fn spawn_in(
+    ns: &Netns,
+    program: &Path,
+    args: &[&str],
+    log: &Path,
+    rust_log: &str,
+) -> Result<Child> {
     use std::os::{fd::AsRawFd, unix::process::CommandExt};
     let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
     let netns = fs::File::open(format!("/run/netns/{}", ns.name()))?;
     let fd = netns.as_raw_fd();
     let mut cmd = Command::new(program);
     cmd.args(args)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", rust_log)
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
