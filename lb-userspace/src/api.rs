@@ -15,10 +15,12 @@
 //! | GET, DELETE | /v1/vips/VIP | show; delete |
 //! | GET, POST | /v1/vips/VIP/backends | list; add (`address`, `weight`, `drained`) |
 //! | GET, PATCH, DELETE | /v1/vips/VIP/backends/ADDR | show; change `weight` / `drained`; remove |
+//! | POST | /v1/backends/ADDR/load | a node's load report (ORCA-shaped JSON, see [`LoadBody`]) |
 //!
 //! Errors are JSON `{"error": "...", "problems": [{"field", "message"}]}`:
 //! 400 for bad input (the field is named), 401 without a valid token, 404
-//! for an unknown VIP, backend or endpoint, 409 for a duplicate, 413 for a
+//! for an unknown VIP, backend or endpoint, 409 for a duplicate (or a load
+//! report for a backend whose VIPs do not follow load), 413 for a
 //! body over 64 KiB, 422 for a change the config cannot take (capacity,
 //! missing source address), 500 if persisting or programming failed (then
 //! nothing changed).
@@ -164,6 +166,8 @@ impl From<ControllerError> for ApiError {
                     problems: problems.clone(),
                 };
             }
+            ControllerError::NotFound(_) => StatusCode::NOT_FOUND,
+            ControllerError::Refused(_) => StatusCode::CONFLICT,
             ControllerError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
             ControllerError::Persist { .. } | ControllerError::Dataplane(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -209,13 +213,54 @@ pub struct BackendView {
     /// Configured weight.
     pub weight: u32,
     pub drained: bool,
-    /// "up" or "down" (health checks).
+    /// "up" or "down" (health checks; "up" when not checked).
     pub health: &'static str,
-    /// The weight its table share is built with (0 while drained or down).
-    pub weight_in_effect: u32,
+    /// Whether health checks run for it.
+    pub checked: bool,
+    /// Seconds since its health last changed (or checks started).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_since_seconds: Option<u64>,
+    /// Up/down changes since lbd started.
+    pub health_transitions: u64,
+    /// Why the last failed check failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// The weight its table share is built with, in units of `weight`
+    /// (0 while drained or down; less than `weight` while loaded or
+    /// ramping up).
+    pub weight_in_effect: f64,
+    /// Share of its weight load and slow start leave it, 0.05..=1.
+    pub load_factor: f64,
+    /// Ramping up (slow start).
+    pub ramping: bool,
+    /// Its load, if its VIP follows load and it reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadView>,
     /// Maglev table entries it owns, and their share of the table.
     pub table_entries: usize,
     pub table_share: f64,
+}
+
+/// A node's load as the API shows it.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct LoadView {
+    /// Requests waiting.
+    pub queue: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running: Option<f64>,
+    /// KV-cache use, 0..=1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_cache: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub utilization: Option<f64>,
+    /// Smoothed pressure (1 = at its limits).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pressure: Option<f64>,
+    /// `scrape` or `push`.
+    pub source: &'static str,
+    /// `vllm`, `sglang`, `triton`, `tgi` or `orca`.
+    pub reporter: &'static str,
+    pub age_seconds: f64,
 }
 
 /// A VIP as the API shows it.
@@ -230,20 +275,55 @@ pub struct VipView {
     pub protocol: String,
     pub scheduler: String,
     pub on_backend_down: String,
+    pub on_all_down: String,
+    pub slow_start_seconds: f64,
+    /// Whether any backend is health-checked.
+    pub health_checks: bool,
+    /// Whether any backend's weight follows its load.
+    pub load_aware: bool,
+    /// Every healthy backend is at its load limit: base weights in use.
+    pub saturated: bool,
+    /// Every backend is down.
+    pub all_down: bool,
     pub backends: Vec<BackendView>,
 }
 
-fn backend_view(b: &Backend, state: Option<&BackendState>) -> BackendView {
+fn backend_view(
+    b: &Backend,
+    state: Option<&BackendState>,
+    steer: Option<&crate::steering::BackendView>,
+) -> BackendView {
+    let health = steer.and_then(|s| s.health.as_ref());
+    let now = std::time::Instant::now();
     BackendView {
         address: b.addr,
         weight: b.weight,
         drained: b.drained,
-        health: if state.is_some_and(|s| s.down) {
+        health: if health.map_or(state.is_some_and(|s| s.down), |h| !h.up) {
             "down"
         } else {
             "up"
         },
-        weight_in_effect: state.map_or(0, |s| s.weight_in_table),
+        checked: health.is_some(),
+        health_since_seconds: health.map(|h| now.saturating_duration_since(h.since).as_secs()),
+        health_transitions: health.map_or(0, |h| h.transitions),
+        last_error: health.and_then(|h| h.last_error.clone()),
+        weight_in_effect: state.map_or(0.0, |s| s.weight_in_effect),
+        load_factor: steer.map_or(1.0, |s| s.factor),
+        ramping: steer.is_some_and(|s| s.ramping),
+        load: steer.and_then(|s| {
+            let r = s.load.as_ref()?;
+            Some(LoadView {
+                queue: r.queue,
+                running: r.running,
+                kv_cache: r.kv,
+                utilization: r.utilization,
+                pressure: s.pressure,
+                source: r.source.name(),
+                reporter: r.reporter,
+                age_seconds: now.saturating_duration_since(r.at).as_secs_f64(),
+            })
+        }),
         table_entries: state.map_or(0, |s| s.table_entries),
         table_share: state.map_or(0.0, |s| s.table_share),
     }
@@ -251,6 +331,7 @@ fn backend_view(b: &Backend, state: Option<&BackendState>) -> BackendView {
 
 fn vip_view(v: &Vip, snap: &Snapshot) -> VipView {
     let states = snap.backends.get(&v.addr);
+    let steer = snap.steering.get(&v.addr);
     VipView {
         vip: v.addr.to_string(),
         id: v.addr.path_segment(),
@@ -259,10 +340,22 @@ fn vip_view(v: &Vip, snap: &Snapshot) -> VipView {
         protocol: v.addr.protocol.to_string(),
         scheduler: v.scheduler.to_string(),
         on_backend_down: v.on_backend_down.to_string(),
+        on_all_down: v.on_all_down.to_string(),
+        slow_start_seconds: v.slow_start.as_secs_f64(),
+        health_checks: v.backends.iter().any(|b| v.health_check(b).is_some()),
+        load_aware: v.backends.iter().any(|b| v.load_policy(b).is_some()),
+        saturated: steer.is_some_and(|s| s.vip.saturated),
+        all_down: steer.is_some_and(|s| s.vip.all_down),
         backends: v
             .backends
             .iter()
-            .map(|b| backend_view(b, states.and_then(|s| s.iter().find(|s| s.addr == b.addr))))
+            .map(|b| {
+                backend_view(
+                    b,
+                    states.and_then(|s| s.iter().find(|s| s.addr == b.addr)),
+                    steer.and_then(|s| s.backends.get(&b.addr)),
+                )
+            })
             .collect(),
     }
 }
@@ -276,6 +369,10 @@ pub struct StatusView {
     pub vips: usize,
     pub backends: usize,
     pub backends_down: usize,
+    /// VIPs whose healthy backends are all at their load limit.
+    pub vips_saturated: usize,
+    /// VIPs whose backends are all down.
+    pub vips_all_down: usize,
     pub packets_forwarded: u64,
     pub packets_passed: u64,
     pub packets_dropped: u64,
@@ -318,7 +415,14 @@ async fn status(State(h): State<ControllerHandle>) -> ApiResult<Json<StatusView>
         adopted: snap.adopted,
         vips: snap.config.vips.len(),
         backends: snap.config.vips.iter().map(|v| v.backends.len()).sum(),
-        backends_down: snap.backends.values().flatten().filter(|b| b.down).count(),
+        backends_down: snap
+            .steering
+            .values()
+            .flat_map(|v| v.backends.values())
+            .filter(|b| b.health.as_ref().is_some_and(|h| !h.up))
+            .count(),
+        vips_saturated: snap.steering.values().filter(|v| v.vip.saturated).count(),
+        vips_all_down: snap.steering.values().filter(|v| v.vip.all_down).count(),
         packets_forwarded: sum(lb_common::xdp_action::XDP_TX),
         packets_passed: sum(lb_common::xdp_action::XDP_PASS),
         packets_dropped: sum(lb_common::xdp_action::XDP_DROP),
@@ -431,11 +535,12 @@ async fn add_backend(
 ) -> ApiResult<(StatusCode, Json<BackendView>)> {
     let vip = vip_param(&vip)?;
     let backend = config::backend_from_json(&body(b)?).map_err(ApiError::input)?;
+    let addr = backend.addr;
     h.change(Change::add_backend(vip, backend), &caller.0)
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(find_backend(&h, &vip, backend.addr).await?),
+        Json(find_backend(&h, &vip, addr).await?),
     ))
 }
 
@@ -493,6 +598,133 @@ async fn delete_backend(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `POST /v1/backends/ADDR/load`: a node's load, shaped like an ORCA load
+/// report (`xds.data.orca.v3.OrcaLoadReport` as JSON). What steers:
+/// `named_metrics.queue` (or `num_requests_waiting`): requests waiting;
+/// `named_metrics.kv_cache` (or `kv_cache_usage`): KV-cache use, 0..=1;
+/// `application_utilization`: 1 = saturated. `named_metrics.running` (or
+/// `num_requests_running`), `rps_fractional`, `eps` and the other ORCA
+/// fields are accepted and shown, not steered by. `ttl` (seconds): how long
+/// the report counts (default: the VIP's `load.stale_after`).
+#[derive(serde::Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBody {
+    pub cpu_utilization: Option<f64>,
+    pub mem_utilization: Option<f64>,
+    pub application_utilization: Option<f64>,
+    pub rps_fractional: Option<f64>,
+    pub qps: Option<f64>,
+    pub eps: Option<f64>,
+    pub utilization: Option<BTreeMap<String, f64>>,
+    pub request_cost: Option<BTreeMap<String, f64>>,
+    pub named_metrics: Option<BTreeMap<String, f64>>,
+    pub ttl: Option<f64>,
+}
+
+/// Most entries of one of a load report's maps.
+const MAX_LOAD_ENTRIES: usize = 64;
+
+/// A validated load report from an ORCA-shaped body, or the problems with
+/// it (each naming its field).
+pub fn load_report_from_json(
+    body: &[u8],
+    now: std::time::Instant,
+) -> Result<crate::steering::LoadReport, Vec<Problem>> {
+    let b: LoadBody = config::from_json(body)?;
+    let mut problems = Vec::new();
+    let check = |problems: &mut Vec<Problem>, field: String, v: f64, max: f64| {
+        if !v.is_finite() || v < 0.0 || v > max {
+            problems.push(Problem {
+                field,
+                message: format!("{v} is out of range 0..={max}"),
+            });
+        }
+    };
+    for (name, v, max) in [
+        ("cpu_utilization", b.cpu_utilization, 1e6),
+        ("mem_utilization", b.mem_utilization, 1e6),
+        ("application_utilization", b.application_utilization, 1e6),
+        ("rps_fractional", b.rps_fractional, 1e12),
+        ("qps", b.qps, 1e12),
+        ("eps", b.eps, 1e12),
+        ("ttl", b.ttl, 3600.0),
+    ] {
+        if let Some(v) = v {
+            check(&mut problems, name.to_string(), v, max);
+        }
+    }
+    for (name, map) in [
+        ("utilization", &b.utilization),
+        ("request_cost", &b.request_cost),
+        ("named_metrics", &b.named_metrics),
+    ] {
+        let Some(map) = map else { continue };
+        if map.len() > MAX_LOAD_ENTRIES {
+            problems.push(Problem {
+                field: name.into(),
+                message: format!("{} entries; at most {MAX_LOAD_ENTRIES}", map.len()),
+            });
+        }
+        for (k, v) in map {
+            let max = if name == "named_metrics" && (k == "kv_cache" || k == "kv_cache_usage") {
+                1.0
+            } else {
+                1e12
+            };
+            check(&mut problems, format!("{name}.{k}"), *v, max);
+        }
+    }
+    if b.ttl == Some(0.0) {
+        problems.push(Problem {
+            field: "ttl".into(),
+            message: "0 s: the report would never count".into(),
+        });
+    }
+    let named = b.named_metrics.unwrap_or_default();
+    let pick = |keys: [&str; 2]| keys.iter().find_map(|k| named.get(*k).copied());
+    let queue = pick(["queue", "num_requests_waiting"]);
+    let kv = pick(["kv_cache", "kv_cache_usage"]);
+    if queue.is_none() && kv.is_none() && b.application_utilization.is_none() {
+        problems.push(Problem {
+            field: "body".into(),
+            message: "nothing to steer by: give named_metrics.queue, named_metrics.kv_cache or application_utilization".into(),
+        });
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(crate::steering::LoadReport {
+        queue: queue.unwrap_or(0.0),
+        running: pick(["running", "num_requests_running"]),
+        kv,
+        utilization: b.application_utilization,
+        source: crate::steering::LoadSource::Push,
+        reporter: "orca",
+        at: now,
+        ttl: b.ttl.map(std::time::Duration::from_secs_f64),
+    })
+}
+
+async fn push_load(
+    State(h): State<ControllerHandle>,
+    UrlPath(addr): UrlPath<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<StatusCode> {
+    let node = backend_param(&addr)?;
+    let report = load_report_from_json(&body(b)?, std::time::Instant::now());
+    match report {
+        Ok(r) => {
+            h.push_load(node, Some(r)).await?;
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Err(problems) => {
+            // Counted; changes nothing.
+            let _ = h.push_load(node, None).await;
+            Err(ApiError::input(problems))
+        }
+    }
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -517,6 +749,7 @@ fn routes(handle: ControllerHandle) -> Router {
                 .patch(update_backend)
                 .delete(delete_backend),
         )
+        .route("/v1/backends/{addr}/load", axum::routing::post(push_load))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(handle)

@@ -13,7 +13,7 @@ use crate::{
 };
 
 /// A change to the desired state.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "change", rename_all = "snake_case")]
 pub enum Change {
     AddVip {
@@ -32,6 +32,8 @@ pub enum Change {
         backend: IpAddr,
         weight: u32,
         drained: bool,
+        #[serde(skip)]
+        spec: Backend,
     },
     RemoveBackend {
         #[serde(serialize_with = "display")]
@@ -104,6 +106,7 @@ impl Change {
             backend: backend.addr,
             weight: backend.weight,
             drained: backend.drained,
+            spec: backend,
         }
     }
 
@@ -128,10 +131,7 @@ impl Change {
                 next.vips.remove(i);
             }
             Change::AddBackend {
-                vip,
-                backend,
-                weight,
-                drained,
+                vip, backend, spec, ..
             } => {
                 let i = find(&mut next, vip)?;
                 let v = &mut next.vips[i];
@@ -141,11 +141,7 @@ impl Change {
                         backend: *backend,
                     });
                 }
-                v.backends.push(Backend {
-                    addr: *backend,
-                    weight: *weight,
-                    drained: *drained,
-                });
+                v.backends.push(spec.clone());
             }
             Change::RemoveBackend { vip, backend } => {
                 let (i, j) = backend_index(&next, vip, backend)?;

@@ -22,6 +22,7 @@ use serde::Deserialize;
 
 use crate::{
     maglev::is_prime,
+    policy::{AllDownPolicy, HealthConfig, LoadConfig},
     vip::{Backend, DownPolicy, Protocol, Scheduler, Vip, VipAddr},
 };
 
@@ -113,7 +114,7 @@ pub struct ApiSettings {
 }
 
 /// A validated config.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub balancer: BalancerSettings,
     pub metrics: MetricsSettings,
@@ -237,6 +238,10 @@ struct RawVip {
     protocol: String,
     scheduler: Option<String>,
     on_backend_down: Option<String>,
+    on_all_down: Option<String>,
+    slow_start: Option<RawNumber>,
+    health: Option<RawHealth>,
+    load: Option<RawLoad>,
     #[serde(default)]
     backends: Vec<RawBackend>,
 }
@@ -248,6 +253,51 @@ struct RawBackend {
     weight: Option<i64>,
     #[serde(default)]
     drained: bool,
+    health: Option<RawHealth>,
+    load: Option<RawLoad>,
+}
+
+/// A number as TOML or JSON has it: `5` or `0.5`.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(untagged)]
+enum RawNumber {
+    Int(i64),
+    Float(f64),
+}
+
+impl RawNumber {
+    fn get(self) -> f64 {
+        match self {
+            RawNumber::Int(i) => i as f64,
+            RawNumber::Float(f) => f,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    check: Option<String>,
+    port: Option<i64>,
+    path: Option<String>,
+    interval: Option<RawNumber>,
+    timeout: Option<RawNumber>,
+    rise: Option<i64>,
+    fall: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLoad {
+    metrics_port: Option<i64>,
+    metrics_path: Option<String>,
+    scrape_interval: Option<RawNumber>,
+    scrape_timeout: Option<RawNumber>,
+    queue_limit: Option<RawNumber>,
+    kv_limit: Option<RawNumber>,
+    min_factor: Option<RawNumber>,
+    recovery: Option<RawNumber>,
+    stale_after: Option<RawNumber>,
 }
 
 /// Validates a config as a whole (the checks that span VIPs: duplicates,
@@ -359,6 +409,12 @@ pub fn save_vips(path: &Path, vips: &[Vip]) -> std::io::Result<()> {
         if v.on_backend_down != DownPolicy::default() {
             t["on_backend_down"] = value(v.on_backend_down.to_string());
         }
+        if v.on_all_down != AllDownPolicy::default() {
+            t["on_all_down"] = value(v.on_all_down.to_string());
+        }
+        if !v.slow_start.is_zero() {
+            t["slow_start"] = value(seconds_value(v.slow_start));
+        }
         let mut backends = Array::new();
         for b in &v.backends {
             let mut it = InlineTable::new();
@@ -366,6 +422,12 @@ pub fn save_vips(path: &Path, vips: &[Vip]) -> std::io::Result<()> {
             it.insert("weight", i64::from(b.weight).into());
             if b.drained {
                 it.insert("drained", true.into());
+            }
+            if !b.health.is_empty() {
+                it.insert("health", health_table(&b.health).into());
+            }
+            if !b.load.is_empty() {
+                it.insert("load", load_table(&b.load).into());
             }
             backends.push(it);
         }
@@ -375,6 +437,12 @@ pub fn save_vips(path: &Path, vips: &[Vip]) -> std::io::Result<()> {
         backends.set_trailing("\n");
         backends.set_trailing_comma(true);
         t["backends"] = value(backends);
+        if let Some(h) = &v.health {
+            t["health"] = Item::Table(health_table(h).into_table());
+        }
+        if let Some(l) = &v.load {
+            t["load"] = Item::Table(load_table(l).into_table());
+        }
         tables.push(t);
     }
     doc["vip"] = Item::ArrayOfTables(tables);
@@ -401,9 +469,77 @@ pub fn save_vips(path: &Path, vips: &[Vip]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Seconds as TOML writes them: `2`, or `0.5` when fractional.
+fn seconds_value(d: Duration) -> toml_edit::Value {
+    if d.subsec_nanos() == 0 {
+        (d.as_secs() as i64).into()
+    } else {
+        d.as_secs_f64().into()
+    }
+}
+
+fn health_table(h: &HealthConfig) -> toml_edit::InlineTable {
+    let mut t = toml_edit::InlineTable::new();
+    if let Some(c) = h.check {
+        t.insert("check", c.to_string().into());
+    }
+    if let Some(p) = h.port {
+        t.insert("port", i64::from(p).into());
+    }
+    if let Some(p) = &h.path {
+        t.insert("path", p.as_str().into());
+    }
+    if let Some(d) = h.interval {
+        t.insert("interval", seconds_value(d));
+    }
+    if let Some(d) = h.timeout {
+        t.insert("timeout", seconds_value(d));
+    }
+    if let Some(n) = h.rise {
+        t.insert("rise", i64::from(n).into());
+    }
+    if let Some(n) = h.fall {
+        t.insert("fall", i64::from(n).into());
+    }
+    t
+}
+
+fn load_table(l: &LoadConfig) -> toml_edit::InlineTable {
+    let mut t = toml_edit::InlineTable::new();
+    if let Some(p) = l.metrics_port {
+        t.insert("metrics_port", i64::from(p).into());
+    }
+    if let Some(p) = &l.metrics_path {
+        t.insert("metrics_path", p.as_str().into());
+    }
+    for (name, d) in [
+        ("scrape_interval", l.scrape_interval),
+        ("scrape_timeout", l.scrape_timeout),
+    ] {
+        if let Some(d) = d {
+            t.insert(name, seconds_value(d));
+        }
+    }
+    for (name, x) in [
+        ("queue_limit", l.queue_limit),
+        ("kv_limit", l.kv_limit),
+        ("min_factor", l.min_factor),
+    ] {
+        if let Some(x) = x {
+            t.insert(name, x.into());
+        }
+    }
+    for (name, d) in [("recovery", l.recovery), ("stale_after", l.stale_after)] {
+        if let Some(d) = d {
+            t.insert(name, seconds_value(d));
+        }
+    }
+    t
+}
+
 /// A JSON request body into `T`; a syntax or type error names the field
 /// it happened at (`body` when it is the document itself).
-fn from_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Vec<Problem>> {
+pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Vec<Problem>> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -551,6 +687,140 @@ impl Validator {
             Err(_) => {
                 self.problem(field, format!("{value:?} is not an IPv4 or IPv6 address"));
                 None
+            }
+        }
+    }
+
+    /// A number in `range`, inclusive.
+    fn number(&mut self, field: &str, value: Option<RawNumber>, range: (f64, f64)) -> Option<f64> {
+        let v = value?.get();
+        if !v.is_finite() || v < range.0 || v > range.1 {
+            self.problem(
+                field,
+                format!("{v} is out of range {}..={}", range.0, range.1),
+            );
+            return None;
+        }
+        Some(v)
+    }
+
+    /// Seconds (`2`, `0.5`) in `range`.
+    fn seconds(
+        &mut self,
+        field: &str,
+        value: Option<RawNumber>,
+        range: (f64, f64),
+    ) -> Option<Duration> {
+        self.number(field, value, range)
+            .map(Duration::from_secs_f64)
+    }
+
+    /// An HTTP request path: starts with `/`, printable ASCII without
+    /// spaces, at most 1024 bytes.
+    fn url_path(&mut self, field: &str, value: &Option<String>) -> Option<String> {
+        let p = value.as_ref()?;
+        if !p.starts_with('/') || p.len() > 1024 || !p.bytes().all(|b| b.is_ascii_graphic()) {
+            self.problem(
+                field,
+                format!("{p:?} is not a URL path (starts with '/', printable ASCII, no spaces, at most 1024 bytes)"),
+            );
+            return None;
+        }
+        Some(p.clone())
+    }
+
+    fn port(&mut self, field: &str, value: Option<i64>) -> Option<u16> {
+        value.map(|_| self.int(field, value, 0, (1, 65535)) as u16)
+    }
+
+    fn health(&mut self, path: &str, raw: &RawHealth) -> HealthConfig {
+        let check = raw.check.as_deref().and_then(|c| match c.parse() {
+            Ok(k) => Some(k),
+            Err(e) => {
+                self.problem(join(path, "check"), e);
+                None
+            }
+        });
+        let count = |v: &mut Self, name: &str, value: Option<i64>| {
+            value.map(|_| v.int(&join(path, name), value, 1, (1, 100)))
+        };
+        HealthConfig {
+            check,
+            port: self.port(&join(path, "port"), raw.port),
+            path: self.url_path(&join(path, "path"), &raw.path),
+            interval: self.seconds(&join(path, "interval"), raw.interval, (0.1, 3600.0)),
+            timeout: self.seconds(&join(path, "timeout"), raw.timeout, (0.05, 60.0)),
+            rise: count(self, "rise", raw.rise),
+            fall: count(self, "fall", raw.fall),
+        }
+    }
+
+    fn load(&mut self, path: &str, raw: &RawLoad) -> LoadConfig {
+        LoadConfig {
+            metrics_port: self.port(&join(path, "metrics_port"), raw.metrics_port),
+            metrics_path: self.url_path(&join(path, "metrics_path"), &raw.metrics_path),
+            scrape_interval: self.seconds(
+                &join(path, "scrape_interval"),
+                raw.scrape_interval,
+                (0.1, 3600.0),
+            ),
+            scrape_timeout: self.seconds(
+                &join(path, "scrape_timeout"),
+                raw.scrape_timeout,
+                (0.05, 60.0),
+            ),
+            queue_limit: self.number(&join(path, "queue_limit"), raw.queue_limit, (0.1, 1e6)),
+            kv_limit: self.number(&join(path, "kv_limit"), raw.kv_limit, (0.01, 1.0)),
+            min_factor: self.number(&join(path, "min_factor"), raw.min_factor, (0.05, 1.0)),
+            recovery: self.seconds(&join(path, "recovery"), raw.recovery, (0.0, 3600.0)),
+            stale_after: self.seconds(&join(path, "stale_after"), raw.stale_after, (0.1, 86400.0)),
+        }
+    }
+
+    /// Checks the merged health and load settings of every backend of `vip`
+    /// (what only shows once VIP defaults and backend fields combine).
+    fn vip_policies(&mut self, path: &str, vip: &Vip) {
+        let vip_health = vip.health.clone().unwrap_or_default();
+        let vip_load = vip.load.clone().unwrap_or_default();
+        let mut checked = (false, false);
+        for (j, b) in vip.backends.iter().enumerate() {
+            let where_ = |own: bool, table: &str| {
+                if own {
+                    join(path, &format!("backends[{j}].{table}"))
+                } else {
+                    join(path, table)
+                }
+            };
+            if vip.health.is_some() || !b.health.is_empty() {
+                let own = !b.health.is_empty();
+                if let Err((field, message)) = b.health.over(&vip_health).resolve(vip.addr.port)
+                    && (own || !checked.0)
+                {
+                    self.problem(join(&where_(own, "health"), field), message);
+                    checked.0 |= !own;
+                }
+            }
+            if vip.load.is_some() || !b.load.is_empty() {
+                let own = !b.load.is_empty();
+                if let Err((field, message)) = b.load.over(&vip_load).resolve()
+                    && (own || !checked.1)
+                {
+                    self.problem(join(&where_(own, "load"), field), message);
+                    checked.1 |= !own;
+                }
+            }
+        }
+        // A VIP without backends: its defaults alone.
+        if vip.backends.is_empty() {
+            if let Some(h) = &vip.health
+                && let Err((field, message)) = h.resolve(vip.addr.port)
+            {
+                self.problem(join(&join(path, "health"), field), message);
+            }
+            if let Some(l) = &vip.load
+                && let Err((field, message)) = l.resolve()
+            {
+                self.problem(join(&join(path, "load"), field), message);
             }
         }
     }
@@ -815,6 +1085,22 @@ impl Validator {
                 DownPolicy::default()
             }
         };
+        let on_all_down = match raw.on_all_down.as_deref().map(str::parse::<AllDownPolicy>) {
+            None => AllDownPolicy::default(),
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                self.problem(join(path, "on_all_down"), e);
+                AllDownPolicy::default()
+            }
+        };
+        let slow_start = self
+            .seconds(&join(path, "slow_start"), raw.slow_start, (0.0, 3600.0))
+            .unwrap_or(Duration::ZERO);
+        let health = raw
+            .health
+            .as_ref()
+            .map(|h| self.health(&join(path, "health"), h));
+        let load = raw.load.as_ref().map(|l| self.load(&join(path, "load"), l));
         let mut backends = Vec::new();
         let mut seen = HashSet::new();
         for (j, rb) in raw.backends.iter().enumerate() {
@@ -839,7 +1125,7 @@ impl Validator {
                 ),
             );
         }
-        Some(Vip {
+        let vip = Vip {
             addr: VipAddr {
                 addr: addr?,
                 port,
@@ -848,7 +1134,13 @@ impl Validator {
             scheduler,
             backends,
             on_backend_down,
-        })
+            on_all_down,
+            slow_start,
+            health,
+            load,
+        };
+        self.vip_policies(path, &vip);
+        Some(vip)
     }
 
     fn backend(&mut self, path: &str, raw: &RawBackend) -> Option<Backend> {
@@ -864,10 +1156,22 @@ impl Validator {
             DEFAULT_WEIGHT,
             (0, MAX_WEIGHT),
         );
+        let health = raw
+            .health
+            .as_ref()
+            .map(|h| self.health(&join(path, "health"), h))
+            .unwrap_or_default();
+        let load = raw
+            .load
+            .as_ref()
+            .map(|l| self.load(&join(path, "load"), l))
+            .unwrap_or_default();
         Some(Backend {
             addr: addr?,
             weight,
             drained: raw.drained,
+            health,
+            load,
         })
     }
 }
@@ -1110,6 +1414,145 @@ mod tests {
         save_vips(&path, &c.vips).unwrap();
         let saved = std::fs::read_to_string(&path).unwrap();
         assert!(saved.starts_with("# operator's comment"), "{saved}");
+        assert_eq!(parse(&saved, "t").unwrap(), c, "{saved}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    const POLICIES: &str = r#"
+        [balancer]
+        source_v4 = "192.0.2.1"
+
+        [[vip]]
+        address = "203.0.113.10"
+        port = 8000
+        protocol = "tcp"
+        on_all_down = "drop"
+        slow_start = 30
+        backends = [
+            { address = "10.0.0.11", weight = 1 },
+            { address = "10.0.0.12", weight = 1, health = { port = 8001 }, load = { metrics_port = 9001 } },
+        ]
+        [vip.health]
+        check = "http"
+        path = "/health"
+        interval = 0.5
+        timeout = 0.25
+        rise = 2
+        fall = 3
+        [vip.load]
+        metrics_port = 9000
+        queue_limit = 8
+        kv_limit = 0.9
+        recovery = 2.5
+    "#;
+
+    #[test]
+    fn health_and_load_tables_merge_per_backend() {
+        use crate::policy::{CheckKind, ScrapeTarget};
+        let c = parse(POLICIES, "t").unwrap();
+        let v = &c.vips[0];
+        assert_eq!(v.on_all_down, AllDownPolicy::Drop);
+        assert_eq!(v.slow_start, Duration::from_secs(30));
+        let h0 = v.health_check(&v.backends[0]).unwrap();
+        let h1 = v.health_check(&v.backends[1]).unwrap();
+        assert_eq!(
+            (h0.kind, h0.port, h0.path.as_str()),
+            (CheckKind::Http, 8000, "/health")
+        );
+        assert_eq!(h0.interval, Duration::from_millis(500));
+        assert_eq!(h1.port, 8001, "the backend's own port");
+        let l0 = v.load_policy(&v.backends[0]).unwrap();
+        let l1 = v.load_policy(&v.backends[1]).unwrap();
+        assert_eq!((l0.queue_limit, l0.kv_limit), (8.0, 0.9));
+        assert_eq!(l0.recovery, Duration::from_millis(2500));
+        assert_eq!(
+            l1.scrape,
+            Some(ScrapeTarget {
+                port: 9001,
+                path: "/metrics".into(),
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_millis(800),
+            })
+        );
+        // Without the tables: no checks, static weights.
+        let g = parse(GOOD, "t").unwrap();
+        assert!(g.vips[0].health_check(&g.vips[0].backends[0]).is_none());
+        assert!(g.vips[0].load_policy(&g.vips[0].backends[0]).is_none());
+    }
+
+    #[test]
+    fn bad_health_and_load_settings_are_named() {
+        let bad = |from: &str, to: &str, field: &str, needle: &str| {
+            assert!(POLICIES.contains(from), "{from}");
+            assert_problem(&POLICIES.replacen(from, to, 1), field, needle);
+        };
+        bad(
+            "check = \"http\"",
+            "check = \"icmp\"",
+            "vip[0].health.check",
+            "icmp",
+        );
+        bad(
+            "interval = 0.5",
+            "interval = 0",
+            "vip[0].health.interval",
+            "out of range",
+        );
+        bad(
+            "timeout = 0.25",
+            "timeout = 1",
+            "vip[0].health.timeout",
+            "longer than the interval",
+        );
+        bad("rise = 2", "rise = 0", "vip[0].health.rise", "out of range");
+        bad(
+            "path = \"/health\"",
+            "path = \"health\"",
+            "vip[0].health.path",
+            "not a URL path",
+        );
+        bad(
+            "{ port = 8001 }",
+            "{ port = 70000 }",
+            "vip[0].backends[1].health.port",
+            "out of range",
+        );
+        bad(
+            "kv_limit = 0.9",
+            "kv_limit = 1.5",
+            "vip[0].load.kv_limit",
+            "out of range",
+        );
+        bad(
+            "queue_limit = 8",
+            "queue_limit = -1",
+            "vip[0].load.queue_limit",
+            "out of range",
+        );
+        bad(
+            "on_all_down = \"drop\"",
+            "on_all_down = \"panic\"",
+            "vip[0].on_all_down",
+            "panic",
+        );
+        bad(
+            "slow_start = 30",
+            "slow_start = 7200",
+            "vip[0].slow_start",
+            "out of range",
+        );
+        bad("port = 8000", "port = 0", "vip[0].health.port", "port 0");
+    }
+
+    #[test]
+    fn policies_survive_saving() {
+        let dir = std::env::temp_dir().join(format!("lb-config-policies-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lbd.toml");
+        std::fs::write(&path, POLICIES).unwrap();
+        let c = parse(POLICIES, "t").unwrap();
+        save_vips(&path, &c.vips).unwrap();
+        let saved = std::fs::read_to_string(&path).unwrap();
         assert_eq!(parse(&saved, "t").unwrap(), c, "{saved}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -1,6 +1,6 @@
 //! The single owner of the balancer's state. It holds the desired config
 //! and the [`Dataplane`]; every other task (the API, the metrics endpoint,
-//! the SIGHUP reload; later health checks and load feedback) talks to it
+//! the SIGHUP reload, the health checks and load scrapes) talks to it
 //! through a [`ControllerHandle`], so changes are applied one at a time and
 //! never interleave, and no lock is held across an await.
 //!
@@ -8,10 +8,16 @@
 //! whole, persisted to the config file (atomically), and only then
 //! programmed into the data plane; if programming fails the file is put
 //! back. Every change request is recorded in the audit log.
+//!
+//! Health checks and load scrapes run as tasks of their own, one per
+//! checked backend of a VIP and one per scraped node, and send their
+//! results here; [`Steering`] turns them into table weights, applied at
+//! once for health changes and at most once a second per VIP for load.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap, HashSet},
     future::Future,
+    net::IpAddr,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -25,7 +31,10 @@ use crate::{
     config::{self, Config},
     dataplane::{BackendState, Counters, Dataplane, DataplaneError, MapUsage},
     diff,
-    vip::VipAddr,
+    policy::{HealthCheck, ScrapeTarget},
+    probe::{self, ScrapeError},
+    steering::{BackendView, LoadReport, Plan, Steering, VipView},
+    vip::{Vip, VipAddr},
 };
 
 /// How often the data plane's cached next hops are looked up again, and so
@@ -43,6 +52,27 @@ pub struct Snapshot {
     pub uptime: Duration,
     /// Whether the data plane was adopted from a previous lbd.
     pub adopted: bool,
+    /// Health and load of every VIP's backends (empty without a controller).
+    pub steering: BTreeMap<VipAddr, SteeringView>,
+    /// Health checks and load reports so far.
+    pub probes: ProbeStats,
+}
+
+/// A VIP's health and load, for views.
+#[derive(Clone, Debug, Default)]
+pub struct SteeringView {
+    pub vip: VipView,
+    pub backends: BTreeMap<IpAddr, BackendView>,
+}
+
+/// Counts of health checks and load reports since lbd started.
+#[derive(Clone, Debug, Default)]
+pub struct ProbeStats {
+    pub checks_ok: u64,
+    pub checks_failed: u64,
+    /// Load reports by (source, outcome): `accepted`, `invalid`,
+    /// `unknown_format`, `failed` (no answer), `unknown_backend`, `no_policy`.
+    pub reports: BTreeMap<(&'static str, &'static str), u64>,
 }
 
 impl Snapshot {
@@ -58,6 +88,8 @@ impl Snapshot {
             backends,
             uptime,
             adopted: dp.adopted(),
+            steering: BTreeMap::new(),
+            probes: ProbeStats::default(),
         }
     }
 }
@@ -73,6 +105,10 @@ pub enum ControllerError {
     Persist { path: String, message: String },
     #[error("{0}")]
     Dataplane(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Everything the metrics endpoint exports, read in one request.
@@ -105,10 +141,31 @@ enum Request {
     Counters(oneshot::Sender<Result<Counters, String>>),
     Scrape(oneshot::Sender<Result<Scrape, String>>),
     Snapshot(oneshot::Sender<Snapshot>),
-    Change(Change, String, oneshot::Sender<Result<(), ControllerError>>),
+    Change(
+        Box<Change>,
+        String,
+        oneshot::Sender<Result<(), ControllerError>>,
+    ),
     Apply(
         Box<Config>,
         String,
+        oneshot::Sender<Result<(), ControllerError>>,
+    ),
+    /// A health check's result.
+    Health {
+        vip: VipAddr,
+        backend: IpAddr,
+        result: Result<(), String>,
+    },
+    /// A load scrape's result.
+    Scraped {
+        node: IpAddr,
+        result: Box<Result<LoadReport, ScrapeError>>,
+    },
+    /// A load report pushed to the API.
+    Push(
+        IpAddr,
+        Option<Box<LoadReport>>,
         oneshot::Sender<Result<(), ControllerError>>,
     ),
 }
@@ -153,7 +210,7 @@ impl ControllerHandle {
 
     /// Makes `change` on behalf of `caller` (recorded in the audit log).
     pub async fn change(&self, change: Change, caller: &str) -> Result<(), ControllerError> {
-        self.ask(|tx| Request::Change(change, caller.to_string(), tx))
+        self.ask(|tx| Request::Change(Box::new(change), caller.to_string(), tx))
             .await?
     }
 
@@ -162,6 +219,39 @@ impl ControllerHandle {
     pub async fn apply(&self, config: Config, caller: &str) -> Result<(), ControllerError> {
         self.ask(|tx| Request::Apply(Box::new(config), caller.to_string(), tx))
             .await?
+    }
+
+    /// Records a load report `node` pushed (validated already; `None`: it
+    /// was invalid, only counted). Refused when `node` is no backend, or
+    /// none of its VIPs follows load.
+    pub async fn push_load(
+        &self,
+        node: IpAddr,
+        report: Option<LoadReport>,
+    ) -> Result<(), ControllerError> {
+        self.ask(|tx| Request::Push(node, report.map(Box::new), tx))
+            .await?
+    }
+}
+
+/// How often steering looks at load and slow start.
+const STEERING_TICK: Duration = Duration::from_millis(250);
+
+/// The health-check and scrape tasks; aborted when dropped.
+#[derive(Default)]
+struct Probes {
+    checks: HashMap<(VipAddr, IpAddr), (HealthCheck, tokio::task::AbortHandle)>,
+    scrapes: HashMap<IpAddr, (ScrapeTarget, tokio::task::AbortHandle)>,
+}
+
+impl Drop for Probes {
+    fn drop(&mut self) {
+        for (_, h) in self.checks.values() {
+            h.abort();
+        }
+        for (_, h) in self.scrapes.values() {
+            h.abort();
+        }
     }
 }
 
@@ -174,6 +264,13 @@ pub struct Controller {
     config_path: Option<PathBuf>,
     audit: Option<AuditLog>,
     started: Instant,
+    /// For the probe tasks to send their results.
+    tx: mpsc::Sender<Request>,
+    steering: Steering,
+    probes: Probes,
+    stats: ProbeStats,
+    /// Whether each scraped node's last scrape worked (to log changes once).
+    scrape_ok: HashMap<IpAddr, bool>,
 }
 
 #[derive(Serialize)]
@@ -190,7 +287,21 @@ impl Controller {
         config_path: Option<PathBuf>,
         audit: Option<AuditLog>,
     ) -> (Controller, ControllerHandle) {
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mpsc::channel(256);
+        let mut steering = Steering::new();
+        // Health as the data plane has it (a previous lbd's, when adopted).
+        let down: HashSet<(VipAddr, IpAddr)> = config
+            .vips
+            .iter()
+            .flat_map(|v| {
+                dp.backend_states(&v.addr)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|b| b.down)
+                    .map(move |b| (v.addr, b.addr))
+            })
+            .collect();
+        steering.reconcile(&config.vips, Instant::now(), |v, b| down.contains(&(*v, b)));
         let controller = Controller {
             dp,
             rx,
@@ -198,6 +309,11 @@ impl Controller {
             config_path,
             audit,
             started: Instant::now(),
+            tx: tx.clone(),
+            steering,
+            probes: Probes::default(),
+            stats: ProbeStats::default(),
+            scrape_ok: HashMap::new(),
         };
         (controller, ControllerHandle { tx })
     }
@@ -211,6 +327,9 @@ impl Controller {
     /// completes; returns the data plane.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Dataplane {
         let mut refresh = tokio::time::interval(NEXTHOP_REFRESH);
+        let mut steer = tokio::time::interval(STEERING_TICK);
+        steer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.start_probes();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -220,10 +339,110 @@ impl Controller {
                         tracing::warn!(error = %e, "refreshing the next-hop cache failed");
                     }
                 }
+                _ = steer.tick() => self.steer_all(),
                 Some(req) = self.rx.recv() => self.handle(req),
             }
         }
+        self.probes = Probes::default();
         self.dp
+    }
+
+    /// Starts the checks and scrapes the config asks for, stops those it no
+    /// longer does; unchanged ones keep running.
+    fn start_probes(&mut self) {
+        let mut checks = HashMap::new();
+        let mut scrapes: HashMap<IpAddr, ScrapeTarget> = HashMap::new();
+        for v in &self.config.vips {
+            for b in &v.backends {
+                if let Some(c) = v.health_check(b) {
+                    checks.insert((v.addr, b.addr), c);
+                }
+                if let Some(t) = v.load_policy(b).and_then(|p| p.scrape) {
+                    // One scrape per node: its first VIP's target.
+                    scrapes.entry(b.addr).or_insert(t);
+                }
+            }
+        }
+        let probes = &mut self.probes;
+        probes.checks.retain(|k, (c, h)| {
+            let keep = checks.get(k) == Some(c);
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        probes.scrapes.retain(|k, (t, h)| {
+            let keep = scrapes.get(k) == Some(t);
+            if !keep {
+                h.abort();
+            }
+            keep
+        });
+        for ((vip, backend), check) in checks {
+            if probes.checks.contains_key(&(vip, backend)) {
+                continue;
+            }
+            let task = tokio::spawn(health_task(self.tx.clone(), vip, backend, check.clone()));
+            probes
+                .checks
+                .insert((vip, backend), (check, task.abort_handle()));
+        }
+        for (node, target) in scrapes {
+            if probes.scrapes.contains_key(&node) {
+                continue;
+            }
+            let task = tokio::spawn(scrape_task(self.tx.clone(), node, target.clone()));
+            probes.scrapes.insert(node, (target, task.abort_handle()));
+        }
+    }
+
+    /// Applies what steering wants for every VIP (load and slow start are
+    /// rate-limited inside).
+    fn steer_all(&mut self) {
+        let vips = self.config.vips.clone();
+        for v in &vips {
+            self.steer(v, "load", false);
+        }
+    }
+
+    /// Applies steering's plan for `vip`, if it has one now.
+    fn steer(&mut self, vip: &Vip, cause: &str, force: bool) {
+        let now = Instant::now();
+        let before = self.steering.vip_view(&vip.addr);
+        let plan = self.steering.plan(vip, now, force);
+        let after = self.steering.vip_view(&vip.addr);
+        if after.saturated != before.saturated {
+            if after.saturated {
+                tracing::warn!(vip = %vip.addr, "saturated: every healthy backend is at its load limit; base weights in use");
+            } else {
+                tracing::info!(vip = %vip.addr, "no longer saturated");
+            }
+        }
+        if after.all_down != before.all_down {
+            if after.all_down {
+                tracing::warn!(vip = %vip.addr, policy = %vip.on_all_down, "every backend is down");
+            } else {
+                tracing::info!(vip = %vip.addr, "a backend is up again");
+            }
+        }
+        let Some(plan) = plan else { return };
+        let _cause = tracing::info_span!("change", cause = %cause).entered();
+        match self.dp.set_vip_targets(vip, &plan.targets) {
+            Ok(()) => {
+                self.steering.applied(&vip.addr, &plan, now);
+                if !plan.factors.is_empty() {
+                    let changes: Vec<String> = plan
+                        .factors
+                        .iter()
+                        .map(|(b, from, to)| format!("{b} {from:.2}->{to:.2}"))
+                        .collect();
+                    tracing::info!(vip = %vip.addr, changes = %changes.join(", "), "weights follow load and slow start");
+                }
+            }
+            Err(e) => {
+                tracing::error!(vip = %vip.addr, error = %format!("{e:#}"), "applying new weights failed")
+            }
+        }
     }
 
     fn handle(&mut self, req: Request) {
@@ -252,6 +471,43 @@ impl Controller {
                 }
                 let _ = reply.send(result);
             }
+            Request::Health {
+                vip,
+                backend,
+                result,
+            } => self.health_result(vip, backend, result),
+            Request::Scraped { node, result } => self.scraped(node, *result),
+            Request::Push(_, None, reply) => {
+                *self.stats.reports.entry(("push", "invalid")).or_default() += 1;
+                let _ = reply.send(Ok(()));
+            }
+            Request::Push(node, Some(report), reply) => {
+                let result = if !self.steering.knows(node) {
+                    Err((
+                        "unknown_backend",
+                        ControllerError::NotFound(format!("{node} is no backend of any VIP")),
+                    ))
+                } else if !self.config.vips.iter().any(|v| {
+                    v.backends
+                        .iter()
+                        .any(|b| b.addr == node && v.load_policy(b).is_some())
+                }) {
+                    Err((
+                        "no_policy",
+                        ControllerError::Refused(format!(
+                            "no VIP of backend {node} follows load: give the VIP a [vip.load] table"
+                        )),
+                    ))
+                } else {
+                    Ok(())
+                };
+                let outcome = result.as_ref().map_or_else(|(o, _)| *o, |()| "accepted");
+                *self.stats.reports.entry(("push", outcome)).or_default() += 1;
+                if result.is_ok() {
+                    self.steering.load_report(node, *report);
+                }
+                let _ = reply.send(result.map_err(|(_, e)| e));
+            }
             Request::Apply(config, caller, reply) => {
                 let _cause = tracing::info_span!("change", cause = ?caller).entered();
                 let result = self
@@ -272,7 +528,83 @@ impl Controller {
     }
 
     fn snapshot(&self) -> Snapshot {
-        Snapshot::read(&self.dp, &self.config, self.started.elapsed())
+        let mut snap = Snapshot::read(&self.dp, &self.config, self.started.elapsed());
+        for v in &self.config.vips {
+            snap.steering.insert(
+                v.addr,
+                SteeringView {
+                    vip: self.steering.vip_view(&v.addr),
+                    backends: v
+                        .backends
+                        .iter()
+                        .filter_map(|b| Some((b.addr, self.steering.backend_view(v, b.addr)?)))
+                        .collect(),
+                },
+            );
+        }
+        snap.probes = self.stats.clone();
+        snap
+    }
+
+    fn scraped(&mut self, node: IpAddr, result: Result<LoadReport, ScrapeError>) {
+        let ok = result.is_ok();
+        let outcome = match &result {
+            Ok(_) => "accepted",
+            Err(e) => e.outcome(),
+        };
+        *self.stats.reports.entry(("scrape", outcome)).or_default() += 1;
+        let was_ok = self.scrape_ok.insert(node, ok);
+        match result {
+            Ok(report) => {
+                if was_ok == Some(false) {
+                    tracing::info!(%node, "load scrapes work again");
+                }
+                self.steering.load_report(node, report);
+            }
+            Err(e) if was_ok != Some(false) => tracing::warn!(
+                %node, outcome, error = e.message(),
+                "load scrape failed; the node's last report ages out (logged again when scrapes work)"
+            ),
+            Err(e) => tracing::debug!(%node, outcome, error = e.message(), "load scrape failed"),
+        }
+    }
+
+    fn health_result(&mut self, vip: VipAddr, backend: IpAddr, result: Result<(), String>) {
+        if result.is_ok() {
+            self.stats.checks_ok += 1;
+        } else {
+            self.stats.checks_failed += 1;
+        }
+        let Some(v) = self.config.vips.iter().find(|v| v.addr == vip).cloned() else {
+            return;
+        };
+        let error = result.as_ref().err().cloned();
+        let Some(up) = self
+            .steering
+            .health_result(&v, backend, result, Instant::now())
+        else {
+            return;
+        };
+        let check = v
+            .backends
+            .iter()
+            .find(|b| b.addr == backend)
+            .and_then(|b| v.health_check(b));
+        {
+            let _cause = tracing::info_span!("change", cause = "health check").entered();
+            match (up, check) {
+                (true, Some(c)) => tracing::info!(
+                    %vip, %backend,
+                    "backend up: {} checks passed in a row", c.rise
+                ),
+                (false, Some(c)) => tracing::info!(
+                    %vip, %backend, error = error.as_deref().unwrap_or(""),
+                    "backend down: {} checks failed in a row", c.fall
+                ),
+                _ => {}
+            }
+        }
+        self.steer(&v, "health check", false);
     }
 
     /// Makes `next` the desired state: persisted first (if `persist`), then
@@ -285,14 +617,15 @@ impl Controller {
                 message: e.to_string(),
             })?;
         }
-        if let Err(e) = self.dp.sync(&next.vips) {
+        if let Err(e) = self.program(&next.vips) {
             if let Some(path) = &path
                 && let Err(undo) = config::save_vips(path, &self.config.vips)
             {
                 tracing::error!(path = %path.display(), error = %undo, "putting the config file back failed");
             }
             // Bring the data plane back to the previous desired state.
-            if let Err(again) = self.dp.sync(&self.config.vips) {
+            let old = self.config.vips.clone();
+            if let Err(again) = self.program(&old) {
                 tracing::error!(error = %format!("{again:#}"), "restoring the data plane failed");
             }
             return Err(ControllerError::Dataplane(format!("{e:#}")));
@@ -301,6 +634,23 @@ impl Controller {
             change.log();
         }
         self.config = next;
+        self.start_probes();
+        Ok(())
+    }
+
+    /// Programs `vips` with the weights steering wants for them.
+    fn program(&mut self, vips: &[Vip]) -> Result<(), DataplaneError> {
+        let now = Instant::now();
+        self.steering.reconcile(vips, now, |_, _| false);
+        let plans: BTreeMap<VipAddr, Plan> = vips
+            .iter()
+            .filter_map(|v| Some((v.addr, self.steering.plan(v, now, true)?)))
+            .collect();
+        let targets = plans.iter().map(|(a, p)| (*a, p.targets.clone())).collect();
+        self.dp.sync_targets(vips, &targets)?;
+        for (a, p) in &plans {
+            self.steering.applied(a, p, now);
+        }
         Ok(())
     }
 
@@ -320,6 +670,51 @@ impl Controller {
             tracing::error!(error = %e, "writing the audit log failed");
         }
     }
+}
+
+/// Checks `backend` every `check.interval` and sends the results, until
+/// aborted or the controller stops. Checks of different backends start
+/// spread over the interval.
+async fn health_task(tx: mpsc::Sender<Request>, vip: VipAddr, backend: IpAddr, check: HealthCheck) {
+    tokio::time::sleep(spread(&(vip, backend), check.interval)).await;
+    let mut tick = tokio::time::interval(check.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let result = probe::check(backend, &check).await;
+        let sent = tx
+            .send(Request::Health {
+                vip,
+                backend,
+                result,
+            })
+            .await;
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+/// Scrapes `node`'s load every `target.interval` and sends the results.
+async fn scrape_task(tx: mpsc::Sender<Request>, node: IpAddr, target: ScrapeTarget) {
+    tokio::time::sleep(spread(&node, target.interval)).await;
+    let mut tick = tokio::time::interval(target.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let result = Box::new(probe::scrape(node, &target).await);
+        if tx.send(Request::Scraped { node, result }).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A fixed offset within `interval` for `key`, so that many probes do not
+/// all fire at once.
+fn spread(key: &impl std::hash::Hash, interval: Duration) -> Duration {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
+    interval.mul_f64((h % 1000) as f64 / 1000.0)
 }
 
 fn change_summary(change: &Change) -> String {

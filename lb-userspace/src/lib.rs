@@ -14,6 +14,11 @@
 //! - [`controller`]: the single owner of the data plane; other tasks send it requests.
 //! - [`metrics`]: `/metrics` in the Prometheus text format.
 //! - [`neighbours`]: keeps the kernel's neighbour entries towards backends resolved.
+//! - [`policy`]: per-VIP health-check, load, slow-start and all-down policies.
+//! - [`promtext`]: a parser of the Prometheus text exposition format.
+//! - [`probe`]: health checks and load scrapes of backends (async I/O).
+//! - [`steering`]: health-check results and load reports to table weights (pure).
+//! - [`engines`]: an inference server's load (queue, running, KV cache) from its scrape.
 
 pub mod api;
 pub mod audit;
@@ -23,8 +28,13 @@ pub mod config;
 pub mod controller;
 pub mod dataplane;
 pub mod diff;
+pub mod engines;
 pub mod host;
 pub mod maglev;
 pub mod metrics;
 pub mod neighbours;
+pub mod policy;
+pub mod probe;
+pub mod promtext;
+pub mod steering;
 pub mod vip;

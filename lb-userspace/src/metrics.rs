@@ -160,49 +160,161 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
     let mut rows = Vec::new();
     for v in &s.snapshot.config.vips {
         let states = s.snapshot.backends.get(&v.addr);
+        let steer = s.snapshot.steering.get(&v.addr);
         let vip = v.addr.to_string();
         for b in &v.backends {
             let state = states.and_then(|st| st.iter().find(|x| x.addr == b.addr));
-            rows.push((b.addr.to_string(), vip.clone(), b, state));
+            let view = steer.and_then(|x| x.backends.get(&b.addr));
+            rows.push(Row {
+                backend: b.addr.to_string(),
+                vip: vip.clone(),
+                config: b,
+                state,
+                steer: view,
+            });
         }
     }
-    type Row<'a> = (
-        String,
-        String,
-        &'a crate::vip::Backend,
-        Option<&'a crate::dataplane::BackendState>,
-    );
-    let mut per_backend = |name: &str, help: &str, value: &dyn Fn(&Row) -> f64| {
+    struct Row<'a> {
+        backend: String,
+        vip: String,
+        config: &'a crate::vip::Backend,
+        state: Option<&'a crate::dataplane::BackendState>,
+        steer: Option<&'a crate::steering::BackendView>,
+    }
+    let mut per_backend = |name: &str, help: &str, value: &dyn Fn(&Row) -> Option<f64>| {
         let m = f.gauges(name, help);
         for row in &rows {
-            m.push(gauge(&[("backend", &row.0), ("vip", &row.1)], value(row)));
+            if let Some(x) = value(row) {
+                m.push(gauge(&[("backend", &row.backend), ("vip", &row.vip)], x));
+            }
         }
     };
+    fn health<'a>(r: &Row<'a>) -> Option<&'a crate::steering::Health> {
+        r.steer.and_then(|x| x.health.as_ref())
+    }
     per_backend(
         "lb_backend_up",
-        "1 if the backend is up (health checks), 0 if down.",
-        &|(_, _, _, st)| if st.is_some_and(|x| x.down) { 0.0 } else { 1.0 },
+        "1 if the backend is up (health checks; 1 when not checked), 0 if down.",
+        &|r| {
+            let down = health(r).map_or(r.state.is_some_and(|x| x.down), |h| !h.up);
+            Some(if down { 0.0 } else { 1.0 })
+        },
     );
     per_backend(
         "lb_backend_drained",
         "1 if the backend is drained (no new flows).",
-        &|(_, _, b, _)| if b.drained { 1.0 } else { 0.0 },
+        &|r| Some(if r.config.drained { 1.0 } else { 0.0 }),
     );
     per_backend(
         "lb_backend_weight",
         "Configured weight of the backend.",
-        &|(_, _, b, _)| f64::from(b.weight),
+        &|r| Some(f64::from(r.config.weight)),
     );
     per_backend(
         "lb_backend_weight_in_effect",
-        "Weight the backend's table share is built with (0 while drained or down).",
-        &|(_, _, _, st)| st.map_or(0.0, |x| f64::from(x.weight_in_table)),
+        "Weight the backend's table share is built with, in units of the configured weight (0 while drained or down; less while loaded or ramping up).",
+        &|r| Some(r.state.map_or(0.0, |x| x.weight_in_effect)),
     );
     per_backend(
         "lb_backend_table_share_ratio",
         "Share of the VIP's Maglev table the backend owns (0..1).",
-        &|(_, _, _, st)| st.map_or(0.0, |x| x.table_share),
+        &|r| Some(r.state.map_or(0.0, |x| x.table_share)),
     );
+    per_backend(
+        "lb_backend_load_factor",
+        "Share of its weight that load and slow start leave the backend (0.05..1).",
+        &|r| Some(r.steer.map_or(1.0, |x| x.factor)),
+    );
+    per_backend(
+        "lb_backend_load_pressure",
+        "Smoothed load pressure of the backend (1 = at its queue or KV-cache limit), for VIPs that follow load.",
+        &|r| r.steer.and_then(|x| x.pressure),
+    );
+    let m = f.counters(
+        "lb_backend_health_transitions_total",
+        "Times health checks took the backend down or brought it up, since lbd started.",
+    );
+    for r in &rows {
+        if let Some(h) = health(r) {
+            m.push(counter(
+                &[("backend", &r.backend), ("vip", &r.vip)],
+                h.transitions,
+            ));
+        }
+    }
+    // Per node: its latest load report (a node in several VIPs once).
+    let mut nodes = std::collections::BTreeMap::new();
+    for r in &rows {
+        if let Some(l) = r.steer.and_then(|x| x.load.as_ref()) {
+            nodes.insert(r.backend.clone(), l);
+        }
+    }
+    let now = std::time::Instant::now();
+    type NodeValue<'a> = &'a dyn Fn(&crate::steering::LoadReport) -> Option<f64>;
+    let node_gauges: [(&str, &str, NodeValue); 4] = [
+        (
+            "lb_backend_load_queue",
+            "Requests waiting on the node, as it last reported.",
+            &|l| Some(l.queue),
+        ),
+        (
+            "lb_backend_load_running",
+            "Requests running on the node, as it last reported.",
+            &|l| l.running,
+        ),
+        (
+            "lb_backend_load_kv_cache_ratio",
+            "KV-cache use of the node (0..1), as it last reported.",
+            &|l| l.kv,
+        ),
+        (
+            "lb_backend_load_report_age_seconds",
+            "Age of the node's last load report.",
+            &|l| Some(now.saturating_duration_since(l.at).as_secs_f64()),
+        ),
+    ];
+    for (name, help, value) in node_gauges {
+        let m = f.gauges(name, help);
+        for (backend, l) in &nodes {
+            if let Some(x) = value(l) {
+                m.push(gauge(&[("backend", backend)], x));
+            }
+        }
+    }
+    let steering: Vec<(String, &crate::steering::VipView)> = s
+        .snapshot
+        .steering
+        .iter()
+        .map(|(a, v)| (a.to_string(), &v.vip))
+        .collect();
+    let m = f.gauges(
+        "lb_vip_saturated",
+        "1 while every healthy backend of the VIP is at its load limit (base weights in use).",
+    );
+    for (vip, v) in &steering {
+        m.push(gauge(&[("vip", vip)], if v.saturated { 1.0 } else { 0.0 }));
+    }
+    let m = f.gauges(
+        "lb_vip_all_backends_down",
+        "1 while every backend of the VIP is down (see on_all_down).",
+    );
+    for (vip, v) in &steering {
+        m.push(gauge(&[("vip", vip)], if v.all_down { 1.0 } else { 0.0 }));
+    }
+    let p = &s.snapshot.probes;
+    let m = f.counters(
+        "lb_health_checks_total",
+        "Health checks run, by result: ok, failed.",
+    );
+    m.push(counter(&[("result", "ok")], p.checks_ok));
+    m.push(counter(&[("result", "failed")], p.checks_failed));
+    let m = f.counters(
+        "lb_load_reports_total",
+        "Load reports by source (scrape, push) and outcome: accepted; invalid, unknown_format, failed (no answer), unknown_backend, no_policy (ignored, weights unchanged).",
+    );
+    for ((source, outcome), n) in &p.reports {
+        m.push(counter(&[("outcome", outcome), ("source", source)], *n));
+    }
 
     let m = f.counters(
         "lb_api_requests_total",

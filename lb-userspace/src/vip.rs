@@ -1,8 +1,10 @@
 //! The balancer's domain: VIPs, their backends and weights.
 
-use std::{fmt, net::IpAddr, str::FromStr};
+use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
 
 use lb_common::{PROTO_TCP, PROTO_UDP, VipKey, addr_words};
+
+use crate::policy::{AllDownPolicy, HealthCheck, HealthConfig, LoadConfig, LoadPolicy};
 
 /// Transport protocol of a VIP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -117,7 +119,7 @@ impl FromStr for VipAddr {
 }
 
 /// A backend of a VIP: where its share of flows is encapsulated to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Backend {
     pub addr: IpAddr,
     /// Relative share of new flows; 0 = none.
@@ -125,6 +127,10 @@ pub struct Backend {
     /// Drained: no new flows (its established flows continue); `weight` is
     /// kept for when it is undrained.
     pub drained: bool,
+    /// Fields of the VIP's health check this backend overrides.
+    pub health: HealthConfig,
+    /// Fields of the VIP's load policy this backend overrides.
+    pub load: LoadConfig,
 }
 
 impl Backend {
@@ -134,6 +140,8 @@ impl Backend {
             addr,
             weight,
             drained: false,
+            health: HealthConfig::default(),
+            load: LoadConfig::default(),
         }
     }
 
@@ -204,7 +212,7 @@ impl FromStr for Scheduler {
 }
 
 /// A VIP and its backends.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Vip {
     pub addr: VipAddr,
     /// How new flows are spread.
@@ -212,6 +220,51 @@ pub struct Vip {
     pub backends: Vec<Backend>,
     /// What happens to established flows of a backend marked down.
     pub on_backend_down: DownPolicy,
+    /// What happens when every backend is down.
+    pub on_all_down: AllDownPolicy,
+    /// Time a new or recovered backend takes to ramp up to its full
+    /// weight; zero: no ramp.
+    pub slow_start: Duration,
+    /// `[vip.health]`: health checks for the backends (defaults for their
+    /// own `health` fields); `None`: no checks unless a backend has some.
+    pub health: Option<HealthConfig>,
+    /// `[vip.load]`: load-aware weights (defaults for the backends' own
+    /// `load` fields); `None`: static weights unless a backend has some.
+    pub load: Option<LoadConfig>,
+}
+
+impl Vip {
+    /// A VIP with these backends and default policies.
+    pub fn new(addr: VipAddr, backends: Vec<Backend>) -> Vip {
+        Vip {
+            addr,
+            scheduler: Scheduler::default(),
+            backends,
+            on_backend_down: DownPolicy::default(),
+            on_all_down: AllDownPolicy::default(),
+            slow_start: Duration::ZERO,
+            health: None,
+            load: None,
+        }
+    }
+
+    /// The health check of backend `b`, if it is checked.
+    pub fn health_check(&self, b: &Backend) -> Option<HealthCheck> {
+        if self.health.is_none() && b.health.is_empty() {
+            return None;
+        }
+        let base = self.health.clone().unwrap_or_default();
+        b.health.over(&base).resolve(self.addr.port).ok()
+    }
+
+    /// The load policy of backend `b`, if its weight follows its load.
+    pub fn load_policy(&self, b: &Backend) -> Option<LoadPolicy> {
+        if self.load.is_none() && b.load.is_empty() {
+            return None;
+        }
+        let base = self.load.clone().unwrap_or_default();
+        b.load.over(&base).resolve().ok()
+    }
 }
 
 #[cfg(test)]

@@ -95,8 +95,8 @@ fn every_resource_answers_and_changes_apply() {
     assert_eq!(r.status, 200, "{}", r.error_message());
     let b = get(&e, &format!("/v1/vips/{VIP}/backends/10.201.0.13"));
     assert_eq!(
-        (b["weight_in_effect"].as_u64(), b["table_share"].as_f64()),
-        (Some(0), Some(0.0))
+        (b["weight_in_effect"].as_f64(), b["table_share"].as_f64()),
+        (Some(0.0), Some(0.0))
     );
     let r = call(
         &e,

@@ -14,7 +14,7 @@ use std::{
 
 use lb::{
     maglev::{MaglevBackend, MaglevTable},
-    vip::{Backend, DownPolicy, Protocol, Scheduler, Vip, VipAddr},
+    vip::{Backend, Protocol, Vip, VipAddr},
 };
 use lb_common::{DEFAULT_TABLE_SIZE, flow_hash, maglev_position, xdp_action};
 use lb_tests::{
@@ -47,19 +47,17 @@ const SET_A: [&str; 3] = ["10.200.0.11", "10.200.0.12", "10.200.0.13"];
 const SET_B: [&str; 4] = ["10.200.0.14", "10.200.0.15", "10.200.0.16", "10.200.0.12"];
 
 fn vip(addr: &str, backends: &[&str]) -> Vip {
-    Vip {
-        addr: VipAddr {
+    Vip::new(
+        VipAddr {
             addr: addr.parse().unwrap(),
             port: 80,
             protocol: Protocol::Tcp,
         },
-        backends: backends
+        backends
             .iter()
             .map(|a| Backend::new(a.parse().unwrap(), 100))
             .collect(),
-        on_backend_down: DownPolicy::Reschedule,
-        scheduler: Scheduler::Maglev,
-    }
+    )
 }
 
 /// The address a complete table of `set` gives each flow.

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr, thread, time::Duration};
 
-use lb::vip::{Backend, DownPolicy, Protocol, Scheduler, Vip, VipAddr};
+use lb::vip::{Backend, DownPolicy, Protocol, Vip, VipAddr};
 use lb_common::{FlowEvent, xdp_action};
 use lb_tests::{
     SplitMix,
@@ -77,17 +77,18 @@ fn vip(
     policy: DownPolicy,
 ) -> Vip {
     Vip {
-        addr: VipAddr {
-            addr: addr.parse().unwrap(),
-            port,
-            protocol,
-        },
-        backends: backends
-            .iter()
-            .map(|(a, w)| Backend::new(a.parse().unwrap(), *w))
-            .collect(),
         on_backend_down: policy,
-        scheduler: Scheduler::Maglev,
+        ..Vip::new(
+            VipAddr {
+                addr: addr.parse().unwrap(),
+                port,
+                protocol,
+            },
+            backends
+                .iter()
+                .map(|(a, w)| Backend::new(a.parse().unwrap(), *w))
+                .collect(),
+        )
     }
 }
 

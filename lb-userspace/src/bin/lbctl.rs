@@ -261,20 +261,60 @@ fn backend_rows(backends: &Value) -> Vec<Vec<String>> {
                 } else {
                     "no".into()
                 },
-                s(b, "health"),
-                s(b, "weight_in_effect"),
+                health_text(b),
+                format!("{:.2}", b["weight_in_effect"].as_f64().unwrap_or(0.0)),
+                load_text(b),
                 format!("{:.1}%", b["table_share"].as_f64().unwrap_or(0.0) * 100.0),
             ]
         })
         .collect()
 }
 
-const BACKEND_HEADER: [&str; 6] = [
+/// `up`, `down`, or `-` when not checked; with the transition count.
+fn health_text(b: &Value) -> String {
+    if b["checked"] != Value::Bool(true) {
+        return format!("{} (unchecked)", s(b, "health"));
+    }
+    match b["health_transitions"].as_u64().unwrap_or(0) {
+        0 => s(b, "health"),
+        n => format!("{} ({n} changes)", s(b, "health")),
+    }
+}
+
+/// Queue, KV-cache use and the share of its weight load leaves it.
+fn load_text(b: &Value) -> String {
+    let mut parts = Vec::new();
+    if let Some(l) = b.get("load").filter(|l| l.is_object()) {
+        parts.push(format!("queue {}", l["queue"].as_f64().unwrap_or(0.0)));
+        if let Some(kv) = l["kv_cache"].as_f64() {
+            parts.push(format!("kv {:.0}%", kv * 100.0));
+        }
+        parts.push(format!(
+            "{:.0}s old",
+            l["age_seconds"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    if b["ramping"] == Value::Bool(true) {
+        parts.push("ramping up".into());
+    }
+    let factor = b["load_factor"].as_f64().unwrap_or(1.0);
+    if factor < 1.0 {
+        parts.push(format!("x{factor:.2}"));
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+const BACKEND_HEADER: [&str; 7] = [
     "BACKEND",
     "WEIGHT",
     "DRAINED",
     "HEALTH",
     "IN EFFECT",
+    "LOAD",
     "TABLE SHARE",
 ];
 
@@ -367,6 +407,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         "VIPS",
                         "BACKENDS",
                         "DOWN",
+                        "SATURATED",
                         "FORWARDED",
                         "PASSED",
                         "DROPPED",
@@ -376,6 +417,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                         s(v, "vips"),
                         s(v, "backends"),
                         s(v, "backends_down"),
+                        s(v, "vips_saturated"),
                         s(v, "packets_forwarded"),
                         s(v, "packets_passed"),
                         s(v, "packets_dropped"),
@@ -435,11 +477,23 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Vip(VipCommand::Show { vip }) => {
             let v = ctl.call("GET", &vip_path(&vip), None)?;
             ctl.print(&v, |v| {
+                let mut flags = Vec::new();
+                if v["saturated"] == Value::Bool(true) {
+                    flags.push("SATURATED: every healthy backend is at its load limit, base weights in use");
+                }
+                if v["all_down"] == Value::Bool(true) {
+                    flags.push("ALL BACKENDS DOWN");
+                }
                 format!(
-                    "VIP {}  scheduler {}  on backend down: {}\n{}",
+                    "VIP {}  scheduler {}  on backend down: {}  on all down: {}  slow start: {}s  health checks: {}  load-aware: {}\n{}{}",
                     s(v, "vip"),
                     s(v, "scheduler"),
                     s(v, "on_backend_down"),
+                    s(v, "on_all_down"),
+                    s(v, "slow_start_seconds"),
+                    if v["health_checks"] == Value::Bool(true) { "yes" } else { "no" },
+                    if v["load_aware"] == Value::Bool(true) { "yes" } else { "no" },
+                    flags.iter().map(|f| format!("{f}\n")).collect::<String>(),
                     table(&BACKEND_HEADER, backend_rows(&v["backends"]))
                 )
             });

@@ -196,8 +196,11 @@ pub struct BackendState {
     pub addr: IpAddr,
     /// Health checks say it is down.
     pub down: bool,
-    /// The weight its table share was built with (0: drained or down).
+    /// The weight its table share was built with (0: drained or down):
+    /// configured weight × level (see [`crate::steering::FULL`]).
     pub weight_in_table: u32,
+    /// The same in units of the configured weight: `weight_in_table / FULL`.
+    pub weight_in_effect: f64,
     /// Maglev table entries it owns.
     pub table_entries: usize,
     /// Its share of the table, 0..=1.

@@ -20,6 +20,7 @@ use lb_common::{
 use super::{BackendState, Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
 use crate::{
     maglev::{MaglevBackend, MaglevTable},
+    steering::{FULL, Target},
     vip::{DownPolicy, Vip, VipAddr},
 };
 
@@ -41,9 +42,20 @@ pub(super) const TABLE_GRACE: Duration = Duration::from_millis(10);
 
 impl Dataplane {
     /// Makes the maps hold exactly `vips`: removes VIPs not in the list and
-    /// adds or updates the rest. Capacity is checked first, so a set that
-    /// does not fit changes nothing.
+    /// adds or updates the rest, every backend at its full weight
+    /// (`weight × FULL`) and with the health it has. Capacity is checked
+    /// first, so a set that does not fit changes nothing.
     pub fn sync(&mut self, vips: &[Vip]) -> Result<(), DataplaneError> {
+        self.sync_targets(vips, &BTreeMap::new())
+    }
+
+    /// [`Dataplane::sync`] with the backends of the VIPs in `targets` as
+    /// steering wants them (weight and health); other VIPs as `sync` does.
+    pub fn sync_targets(
+        &mut self,
+        vips: &[Vip],
+        targets: &BTreeMap<VipAddr, BTreeMap<IpAddr, Target>>,
+    ) -> Result<(), DataplaneError> {
         if vips.len() > self.settings.max_vips as usize {
             let vip = vips[self.settings.max_vips as usize].addr;
             return Err(DataplaneError::VipCapacity {
@@ -69,24 +81,42 @@ impl Dataplane {
             self.remove_vip(&addr)?;
         }
         for vip in vips {
-            self.set_vip(vip)?;
+            match targets.get(&vip.addr) {
+                Some(t) => self.set_vip_targets(vip, t)?,
+                None => self.set_vip(vip)?,
+            }
         }
         Ok(())
     }
 
-    /// Adds `vip` or brings it up to date (backends, weights, policy).
-    /// Unchanged VIPs are left alone; backends keep their health state.
+    /// Adds `vip` or brings it up to date (backends, weights, policy), every
+    /// backend at its full weight. Unchanged VIPs are left alone; backends
+    /// keep their health state.
     pub fn set_vip(&mut self, vip: &Vip) -> Result<(), DataplaneError> {
+        self.set_vip_targets(vip, &BTreeMap::new())
+    }
+
+    /// Adds `vip` or brings it up to date, its backends as in `targets`
+    /// (backends missing there: full weight, health as they have it).
+    pub fn set_vip_targets(
+        &mut self,
+        vip: &Vip,
+        targets: &BTreeMap<IpAddr, Target>,
+    ) -> Result<(), DataplaneError> {
         let existing = self.vips.get(&vip.addr);
         let wanted: BTreeMap<IpAddr, ProgrammedBackend> = vip
             .backends
             .iter()
             .map(|b| {
                 let current = existing.and_then(|p| p.backends.get(&b.addr));
+                let target = targets.get(&b.addr).copied().unwrap_or(Target {
+                    weight: b.effective_weight() * FULL,
+                    down: current.is_some_and(|c| c.down),
+                });
                 let backend = ProgrammedBackend {
                     id: current.map_or(UNASSIGNED, |c| c.id),
-                    weight: b.effective_weight(),
-                    down: current.is_some_and(|c| c.down),
+                    weight: target.weight,
+                    down: target.down,
                 };
                 (b.addr, backend)
             })
@@ -374,6 +404,11 @@ impl Dataplane {
                         addr: *a,
                         down: b.down,
                         weight_in_table: if b.down { 0 } else { b.weight },
+                        weight_in_effect: if b.down {
+                            0.0
+                        } else {
+                            f64::from(b.weight) / f64::from(FULL)
+                        },
                         table_entries: entries,
                         table_share: entries as f64 / size as f64,
                     }
