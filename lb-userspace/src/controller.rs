@@ -151,10 +151,10 @@ enum Request {
         String,
         oneshot::Sender<Result<(), ControllerError>>,
     ),
-    /// A health check's result.
+    /// A health check's result (for every VIP that checks `backend` so).
     Health {
-        vip: VipAddr,
         backend: IpAddr,
+        check: Box<HealthCheck>,
         result: Result<(), String>,
     },
     /// A load scrape's result.
@@ -240,13 +240,15 @@ const STEERING_TICK: Duration = Duration::from_millis(250);
 /// The health-check and scrape tasks; aborted when dropped.
 #[derive(Default)]
 struct Probes {
-    checks: HashMap<(VipAddr, IpAddr), (HealthCheck, tokio::task::AbortHandle)>,
+    /// One per backend address and check: VIPs that check a backend the
+    /// same way share the checks (and see the same results).
+    checks: HashMap<(IpAddr, HealthCheck), tokio::task::AbortHandle>,
     scrapes: HashMap<IpAddr, (ScrapeTarget, tokio::task::AbortHandle)>,
 }
 
 impl Drop for Probes {
     fn drop(&mut self) {
-        for (_, h) in self.checks.values() {
+        for h in self.checks.values() {
             h.abort();
         }
         for (_, h) in self.scrapes.values() {
@@ -350,12 +352,12 @@ impl Controller {
     /// Starts the checks and scrapes the config asks for, stops those it no
     /// longer does; unchanged ones keep running.
     fn start_probes(&mut self) {
-        let mut checks = HashMap::new();
+        let mut checks = HashSet::new();
         let mut scrapes: HashMap<IpAddr, ScrapeTarget> = HashMap::new();
         for v in &self.config.vips {
             for b in &v.backends {
                 if let Some(c) = v.health_check(b) {
-                    checks.insert((v.addr, b.addr), c);
+                    checks.insert((b.addr, c));
                 }
                 if let Some(t) = v.load_policy(b).and_then(|p| p.scrape) {
                     // One scrape per node: its first VIP's target.
@@ -364,8 +366,8 @@ impl Controller {
             }
         }
         let probes = &mut self.probes;
-        probes.checks.retain(|k, (c, h)| {
-            let keep = checks.get(k) == Some(c);
+        probes.checks.retain(|k, h| {
+            let keep = checks.contains(k);
             if !keep {
                 h.abort();
             }
@@ -378,14 +380,12 @@ impl Controller {
             }
             keep
         });
-        for ((vip, backend), check) in checks {
-            if probes.checks.contains_key(&(vip, backend)) {
+        for (backend, check) in checks {
+            if probes.checks.contains_key(&(backend, check.clone())) {
                 continue;
             }
-            let task = tokio::spawn(health_task(self.tx.clone(), vip, backend, check.clone()));
-            probes
-                .checks
-                .insert((vip, backend), (check, task.abort_handle()));
+            let task = tokio::spawn(health_task(self.tx.clone(), backend, check.clone()));
+            probes.checks.insert((backend, check), task.abort_handle());
         }
         for (node, target) in scrapes {
             if probes.scrapes.contains_key(&node) {
@@ -472,10 +472,10 @@ impl Controller {
                 let _ = reply.send(result);
             }
             Request::Health {
-                vip,
                 backend,
+                check,
                 result,
-            } => self.health_result(vip, backend, result),
+            } => self.health_result(backend, &check, result),
             Request::Scraped { node, result } => self.scraped(node, *result),
             Request::Push(_, None, reply) => {
                 *self.stats.reports.entry(("push", "invalid")).or_default() += 1;
@@ -569,42 +569,42 @@ impl Controller {
         }
     }
 
-    fn health_result(&mut self, vip: VipAddr, backend: IpAddr, result: Result<(), String>) {
+    fn health_result(&mut self, backend: IpAddr, check: &HealthCheck, result: Result<(), String>) {
         if result.is_ok() {
             self.stats.checks_ok += 1;
         } else {
             self.stats.checks_failed += 1;
         }
-        let Some(v) = self.config.vips.iter().find(|v| v.addr == vip).cloned() else {
-            return;
-        };
         let error = result.as_ref().err().cloned();
-        let Some(up) = self
-            .steering
-            .health_result(&v, backend, result, Instant::now())
-        else {
-            return;
-        };
-        let check = v
-            .backends
+        let vips: Vec<Vip> = self
+            .config
+            .vips
             .iter()
-            .find(|b| b.addr == backend)
-            .and_then(|b| v.health_check(b));
-        {
-            let _cause = tracing::info_span!("change", cause = "health check").entered();
-            match (up, check) {
-                (true, Some(c)) => tracing::info!(
-                    %vip, %backend,
-                    "backend up: {} checks passed in a row", c.rise
-                ),
-                (false, Some(c)) => tracing::info!(
-                    %vip, %backend, error = error.as_deref().unwrap_or(""),
-                    "backend down: {} checks failed in a row", c.fall
-                ),
-                _ => {}
+            .filter(|v| {
+                v.backends
+                    .iter()
+                    .any(|b| b.addr == backend && v.health_check(b).as_ref() == Some(check))
+            })
+            .cloned()
+            .collect();
+        let now = Instant::now();
+        for v in &vips {
+            let Some(up) = self.steering.health_result(v, backend, result.clone(), now) else {
+                continue;
+            };
+            {
+                let _cause = tracing::info_span!("change", cause = "health check").entered();
+                if up {
+                    tracing::info!(vip = %v.addr, %backend, "backend up: {} checks passed in a row", check.rise);
+                } else {
+                    tracing::info!(
+                        vip = %v.addr, %backend, error = error.as_deref().unwrap_or(""),
+                        "backend down: {} checks failed in a row", check.fall
+                    );
+                }
             }
+            self.steer(v, "health check", false);
         }
-        self.steer(&v, "health check", false);
     }
 
     /// Makes `next` the desired state: persisted first (if `persist`), then
@@ -675,8 +675,8 @@ impl Controller {
 /// Checks `backend` every `check.interval` and sends the results, until
 /// aborted or the controller stops. Checks of different backends start
 /// spread over the interval.
-async fn health_task(tx: mpsc::Sender<Request>, vip: VipAddr, backend: IpAddr, check: HealthCheck) {
-    tokio::time::sleep(spread(&(vip, backend), check.interval)).await;
+async fn health_task(tx: mpsc::Sender<Request>, backend: IpAddr, check: HealthCheck) {
+    tokio::time::sleep(spread(&(backend, &check), check.interval)).await;
     let mut tick = tokio::time::interval(check.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -684,8 +684,8 @@ async fn health_task(tx: mpsc::Sender<Request>, vip: VipAddr, backend: IpAddr, c
         let result = probe::check(backend, &check).await;
         let sent = tx
             .send(Request::Health {
-                vip,
                 backend,
+                check: Box::new(check.clone()),
                 result,
             })
             .await;

@@ -108,6 +108,26 @@ const TRT_KV_MAX: Family = Family::with(TRT_BLOCKS, TRT_BLOCK_TYPE, "max");
 const TGI_QUEUE: Family = Family::all("tgi_queue_size");
 const TGI_RUNNING: Family = Family::all("tgi_batch_current_size");
 
+/// Whether [`extract`] reads samples of metric `name` (for
+/// [`crate::promtext::parse_filtered`]).
+pub fn wanted(name: &str) -> bool {
+    [
+        VLLM_WAITING.name,
+        VLLM_RUNNING.name,
+        VLLM_KV.name,
+        VLLM_KV_OLD.name,
+        SGLANG_QUEUE.name,
+        SGLANG_RUNNING.name,
+        SGLANG_KV.name,
+        TRITON_PENDING.name,
+        TRT_REQUESTS,
+        TRT_BLOCKS,
+        TGI_QUEUE.name,
+        TGI_RUNNING.name,
+    ]
+    .contains(&name)
+}
+
 /// The load an inference server reports in one scrape.
 pub fn extract(samples: &[Sample]) -> Result<EngineLoad, ExtractError> {
     if VLLM_WAITING.present(samples) {

@@ -102,7 +102,8 @@ pub async fn scrape(addr: IpAddr, t: &ScrapeTarget) -> Result<LoadReport, Scrape
 pub fn load_from_text(body: &[u8], at: Instant) -> Result<LoadReport, ScrapeError> {
     let text =
         std::str::from_utf8(body).map_err(|e| ScrapeError::Invalid(format!("not UTF-8: {e}")))?;
-    let samples = promtext::parse(text).map_err(|e| ScrapeError::Invalid(e.to_string()))?;
+    let samples = promtext::parse_filtered(text, engines::wanted)
+        .map_err(|e| ScrapeError::Invalid(e.to_string()))?;
     let load = engines::extract(&samples).map_err(|e| match e {
         engines::ExtractError::Unknown => ScrapeError::UnknownFormat(e.to_string()),
         other => ScrapeError::Invalid(other.to_string()),
@@ -307,7 +308,7 @@ mod tests {
             "unknown_format"
         );
         assert_eq!(
-            load_from_text(b"not prometheus {{{\n", Instant::now())
+            load_from_text(b"<html>not prometheus</html>\n", Instant::now())
                 .unwrap_err()
                 .outcome(),
             "invalid"

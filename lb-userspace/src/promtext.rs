@@ -92,11 +92,19 @@ const TYPES: [&str; 9] = [
 
 /// Parses a whole text, returning its samples in order.
 pub fn parse(text: &str) -> Result<Vec<Sample>, ParseError> {
+    parse_filtered(text, |_| true)
+}
+
+/// Like [`parse`], but returns only the samples whose metric name `keep`
+/// accepts. Other sample lines are checked up to their metric name and not
+/// read further: a scrape of an inference server is mostly histograms the
+/// caller does not need, and reading them would be most of the cost.
+pub fn parse_filtered(text: &str, keep: impl Fn(&str) -> bool) -> Result<Vec<Sample>, ParseError> {
     let mut samples = Vec::new();
     for (index, raw) in text.split('\n').enumerate() {
         let line = index + 1;
         let content = raw.strip_suffix('\r').unwrap_or(raw);
-        let sample = parse_line(content).map_err(|message| ParseError { line, message })?;
+        let sample = parse_line(content, &keep).map_err(|message| ParseError { line, message })?;
         if let Some(sample) = sample {
             if samples.len() == MAX_SAMPLES {
                 return Err(ParseError {
@@ -114,7 +122,7 @@ pub fn parse(text: &str) -> Result<Vec<Sample>, ParseError> {
 
 /// One line (without its line ending): a sample, or `None` for a blank line
 /// or a comment.
-fn parse_line(line: &str) -> Result<Option<Sample>, String> {
+fn parse_line(line: &str, keep: &impl Fn(&str) -> bool) -> Result<Option<Sample>, String> {
     let mut cur = Cursor::new(line);
     cur.skip_blanks();
     match cur.peek() {
@@ -124,7 +132,17 @@ fn parse_line(line: &str) -> Result<Option<Sample>, String> {
             parse_comment(&mut cur)?;
             Ok(None)
         }
-        Some(_) => parse_sample(&mut cur).map(Some),
+        Some(_) => {
+            let mut ahead = Cursor {
+                line: cur.line,
+                pos: cur.pos,
+            };
+            let name = ahead.metric_name();
+            if !name.is_empty() && !keep(name) {
+                return Ok(None);
+            }
+            parse_sample(&mut cur).map(Some)
+        }
     }
 }
 
@@ -518,7 +536,7 @@ impl<'a> Cursor<'a> {
         self.name(is_label_name_start, is_label_name_char)
     }
 
-    fn name(&mut self, start: fn(char) -> bool, rest: fn(char) -> bool) -> &'a str {
+    fn name(&mut self, start: impl Fn(char) -> bool, rest: impl Fn(char) -> bool) -> &'a str {
         let begin = self.pos;
         if self.peek().is_some_and(start) {
             self.bump();
@@ -1028,6 +1046,23 @@ python_gc_objects_collected_total{generation="0"} 8731.0
             "expected a metric name after \"# HELP\", found '{'",
         );
         fails("# HELP m.x help\n", 1, "found '.'");
+    }
+
+    #[test]
+    fn filtered_parsing_reads_only_the_kept_families() {
+        let text = "a 1\nb{x=\"1\"} 2\nb_junk{{{ not read\na{y=\"2\"} 3\n";
+        let s = parse_filtered(text, |n| n == "a").unwrap();
+        assert_eq!(s.iter().map(|s| s.value).collect::<Vec<_>>(), [1.0, 3.0]);
+        assert!(
+            parse(text).is_err(),
+            "unfiltered, the junk line is an error"
+        );
+        assert!(
+            parse_filtered("a 1\n!bad 2\n", |n| n == "a").is_err(),
+            "a line without a metric name is still an error"
+        );
+        let e = parse_filtered("a{y=} 1\n", |n| n == "a").unwrap_err();
+        assert_eq!(e.line, 1, "kept lines are read in full");
     }
 
     #[test]

@@ -38,7 +38,7 @@ enum Task {
     },
     /// Set up, then run the benchmarks; figures go to target/bench/results.json.
     Bench {
-        /// Groups to run (xdp, maglev, e2e, api, metrics); all by default.
+        /// Groups to run (xdp, maglev, e2e, api, metrics, load); all by default.
         groups: Vec<String>,
     },
     /// Lab housekeeping.

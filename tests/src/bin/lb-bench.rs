@@ -8,7 +8,7 @@
 //! the reason counters must show that every iteration took the intended
 //! path, or the benchmark fails.
 //!
-//! Usage: lb-bench RESULTS_JSON [xdp|maglev|e2e|api|metrics]... — runs the groups named
+//! Usage: lb-bench RESULTS_JSON [xdp|maglev|e2e|api|metrics|load]... — runs the groups named
 //! (all by default), prints a table and merges the figures into
 //! RESULTS_JSON (a flat object of dotted keys).
 
@@ -617,6 +617,201 @@ fn metrics_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
     Ok(())
 }
 
+/// A vLLM `/metrics` page as a busy server shows it: the families lbd
+/// reads and the histograms it skips (about 40 KB).
+fn vllm_page(waiting: f64) -> String {
+    let mut page = lb_tests::lab::servers::vllm_metrics(waiting, 0.4);
+    for family in [
+        "vllm:time_to_first_token_seconds",
+        "vllm:time_per_output_token_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:request_queue_time_seconds",
+        "vllm:request_prefill_time_seconds",
+        "vllm:request_decode_time_seconds",
+    ] {
+        page += &format!("# HELP {family} Histogram.\n# TYPE {family} histogram\n");
+        for engine in 0..2 {
+            let labels =
+                format!("engine=\"{engine}\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"");
+            for (i, le) in [
+                "0.001", "0.005", "0.01", "0.02", "0.04", "0.06", "0.08", "0.1", "0.25", "0.5",
+                "0.75", "1.0", "2.5", "5.0", "7.5", "10.0", "20.0", "40.0", "80.0", "+Inf",
+            ]
+            .iter()
+            .enumerate()
+            {
+                page += &format!(
+                    "{family}_bucket{{{labels},le=\"{le}\"}} {}\n",
+                    1000 * (i + 1)
+                );
+            }
+            page +=
+                &format!("{family}_sum{{{labels}}} 12345.678\n{family}_count{{{labels}}} 20000\n");
+        }
+    }
+    page
+}
+
+/// Serves `page` as HTTP/1.0 answers on 127.0.0.1 (threads of its own, so
+/// their CPU time is not the measured thread's).
+fn serve_page(
+    page: std::sync::Arc<std::sync::RwLock<std::sync::Arc<String>>>,
+) -> Result<std::net::SocketAddr> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let listener = std::sync::Arc::new(listener);
+    for _ in 0..2 {
+        let (l, page) = (listener.clone(), page.clone());
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { continue };
+                let mut buf = [0u8; 1024];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body: std::sync::Arc<String> = page.read().unwrap().clone();
+                let _ = write!(
+                    c,
+                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+    }
+    Ok(addr)
+}
+
+/// One load cycle for 1,000 backends (10 VIPs x 100) as lbd runs it: a
+/// scrape of every node (HTTP GET, parse, read the engine's families),
+/// steering, and the table rebuilds the new weights cause (the loads change
+/// every cycle, so every VIP's table is rebuilt: the worst case). CPU time
+/// of the thread doing it; the baseline is the same cycle's HTTP fetches
+/// alone.
+fn load_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
+    use lb::{
+        policy::{LoadConfig, ScrapeTarget},
+        steering::Steering,
+        vip::{Backend, Vip, VipAddr},
+    };
+    const VIPS: usize = 10;
+    const PER_VIP: usize = 100;
+    const CYCLES: usize = 7;
+    let pages = [
+        std::sync::Arc::new(vllm_page(1.0)),
+        std::sync::Arc::new(vllm_page(20.0)),
+    ];
+    let page = std::sync::Arc::new(std::sync::RwLock::new(pages[0].clone()));
+
+    let toml = scale_config(VIPS, PER_VIP);
+    let mut lab = PacketLab::new(&toml)?;
+    // This thread is in the lab's namespace now: the nodes' server too.
+    lab.ns.ip(&["link", "set", "lo", "up"])?;
+    let server = serve_page(page.clone())?;
+    let target = ScrapeTarget {
+        port: server.port(),
+        path: "/metrics".into(),
+        interval: std::time::Duration::from_secs(1),
+        timeout: std::time::Duration::from_secs(2),
+    };
+    let vips: Vec<Vip> = lb::config::parse(&toml, "bench config")?
+        .vips
+        .into_iter()
+        .map(|v| Vip {
+            load: Some(LoadConfig::default()),
+            ..Vip::new(
+                VipAddr { ..v.addr },
+                v.backends
+                    .iter()
+                    .map(|b| Backend::new(b.addr, b.weight))
+                    .collect(),
+            )
+        })
+        .collect();
+    let mut steering = Steering::new();
+    let t0 = Instant::now();
+    steering.reconcile(&vips, t0, |_, _| false);
+    for v in &vips {
+        let plan = steering.plan(v, t0, true).context("a first plan")?;
+        lab.dp.set_vip_targets(v, &plan.targets)?;
+        steering.applied(&v.addr, &plan, t0);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let loopback: IpAddr = [127, 0, 0, 1].into();
+    let mut full = Vec::new();
+    let mut fetch_only = Vec::new();
+    let mut rebuilt = 0;
+    for cycle in 0..CYCLES {
+        // The nodes' load: a different tenth of them queued every cycle.
+        let c = thread_cpu();
+        for bytes in rt.block_on(async {
+            let mut out = Vec::new();
+            for _ in 0..VIPS * PER_VIP {
+                out.push(
+                    lb::probe::http_get(
+                        (loopback, target.port).into(),
+                        "/metrics",
+                        target.timeout,
+                        lb::probe::MAX_SCRAPE,
+                    )
+                    .await,
+                );
+            }
+            out
+        }) {
+            std::hint::black_box(bytes.map_err(anyhow::Error::msg)?);
+        }
+        fetch_only.push((thread_cpu() - c).as_secs_f64() * 1000.0);
+
+        let now = t0 + std::time::Duration::from_secs(2 * (cycle as u64 + 1));
+        let c = thread_cpu();
+        let mut n = 0;
+        for v in &vips {
+            for b in &v.backends {
+                let queued = (n + cycle) % 10 == 0;
+                *page.write().unwrap() = pages[usize::from(queued)].clone();
+                n += 1;
+                let report = rt
+                    .block_on(lb::probe::scrape(loopback, &target))
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                steering.load_report(b.addr, lb::steering::LoadReport { at: now, ..report });
+            }
+        }
+        for v in &vips {
+            if let Some(plan) = steering.plan(v, now, false) {
+                lab.dp.set_vip_targets(v, &plan.targets)?;
+                steering.applied(&v.addr, &plan, now);
+                rebuilt += 1;
+            }
+        }
+        full.push((thread_cpu() - c).as_secs_f64() * 1000.0);
+    }
+    ensure!(
+        rebuilt >= VIPS * (CYCLES - 1),
+        "the weights changed every cycle ({rebuilt} rebuilds)"
+    );
+    let (cycle_ms, fetch_ms) = (median(full), median(fetch_only));
+    println!(
+        "Load feedback, {} backends ({VIPS} VIPs x {PER_VIP}), a {} KB vLLM page each: median of {CYCLES} cycles",
+        VIPS * PER_VIP,
+        vllm_page(1.0).len() / 1024
+    );
+    println!(
+        "  scrape + parse + steer + rebuild every table: {cycle_ms:8.1} ms CPU per cycle ({:.1} us per backend)",
+        cycle_ms * 1000.0 / (VIPS * PER_VIP) as f64
+    );
+    println!("  baseline, the HTTP fetches alone:             {fetch_ms:8.1} ms CPU per cycle");
+    results.insert("load.cycle_cpu_ms.n1000".into(), cycle_ms);
+    results.insert("load.fetch_cpu_ms.n1000".into(), fetch_ms);
+    Ok(())
+}
+
 fn merge(path: &PathBuf, results: &BTreeMap<String, f64>) -> Result<()> {
     let mut all: serde_json::Map<String, serde_json::Value> = match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text)
@@ -637,7 +832,7 @@ fn merge(path: &PathBuf, results: &BTreeMap<String, f64>) -> Result<()> {
 fn main() -> Result<()> {
     let mut args = std::env::args_os().skip(1);
     let Some(out) = args.next().map(PathBuf::from) else {
-        bail!("usage: lb-bench RESULTS_JSON [xdp|maglev|e2e|api|metrics]...");
+        bail!("usage: lb-bench RESULTS_JSON [xdp|maglev|e2e|api|metrics|load]...");
     };
     let groups: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
     let run = |g: &str| groups.is_empty() || groups.iter().any(|x| x == g);
@@ -656,6 +851,9 @@ fn main() -> Result<()> {
     }
     if run("metrics") {
         metrics_benchmarks(&mut results)?;
+    }
+    if run("load") {
+        load_benchmarks(&mut results)?;
     }
     merge(&out, &results)
 }

@@ -58,6 +58,9 @@ pub struct LabSpec {
     pub xdp_mode: &'static str,
     /// lbd's `RUST_LOG` ("info" by default).
     pub log: &'static str,
+    /// TOML appended to every `[[vip]]` of lbd's config (e.g. a
+    /// `[vip.health]` table).
+    pub vip_extra: String,
 }
 
 impl LabSpec {
@@ -67,6 +70,7 @@ impl LabSpec {
             weights: weights.to_vec(),
             xdp_mode: "native",
             log: "info",
+            vip_extra: String::new(),
         }
     }
 }
@@ -96,6 +100,8 @@ pub struct Lab {
     lbd_args: Vec<String>,
     /// lbd's `RUST_LOG`.
     lbd_log: &'static str,
+    /// See [`LabSpec::vip_extra`].
+    vip_extra: String,
     /// lbd's pinned state: /sys/fs/bpf/<instance>.
     instance: String,
     config_path: PathBuf,
@@ -176,7 +182,7 @@ fn no_dad(ns: &Netns) -> Result<()> {
 
 /// lbd's config for the lab: both VIPs, HTTP and echo, over the backends
 /// that have a weight (`None`: not in the config).
-fn config(dir: &Path, backends: &[LabBackend], weights: &[Option<u32>]) -> String {
+fn config(dir: &Path, backends: &[LabBackend], weights: &[Option<u32>], vip_extra: &str) -> String {
     let mut c = String::from(
         "[balancer]\nsource_v4 = \"10.201.0.1\"\nsource_v6 = \"fd00:201::1\"\nmtu = 1600\nmax_vips = 8\nmax_backends = 64\n\n",
     );
@@ -198,7 +204,12 @@ fn config(dir: &Path, backends: &[LabBackend], weights: &[Option<u32>]) -> Strin
                 let addr: IpAddr = if v6 { b.v6.into() } else { b.v4.into() };
                 c += &format!("  {{ address = \"{addr}\", weight = {w} }},\n");
             }
-            c += "]\n\n";
+            c += "]\n";
+            if !vip_extra.is_empty() {
+                c += vip_extra;
+                c += "\n";
+            }
+            c += "\n";
         }
     }
     c
@@ -283,7 +294,10 @@ impl Lab {
         let config_path = dir.join("lbd.toml");
         let weights: Vec<Option<u32>> = backends.iter().map(|b| Some(b.weight)).collect();
         fs::write(dir.join("tokens"), format!("lab {API_TOKEN}\n"))?;
-        fs::write(&config_path, config(&dir, &backends, &weights))?;
+        fs::write(
+            &config_path,
+            config(&dir, &backends, &weights, &spec.vip_extra),
+        )?;
         let instance = balancer.name().to_string();
         let lbd_args: Vec<String> = [
             "--config",
@@ -342,6 +356,7 @@ impl Lab {
             lbd_bin: lbd,
             lbd_args,
             lbd_log: spec.log,
+            vip_extra: spec.vip_extra.clone(),
             instance,
             config_path,
             services,
@@ -361,7 +376,7 @@ impl Lab {
     pub fn set_backends(&self, weights: &[Option<u32>]) -> Result<()> {
         fs::write(
             &self.config_path,
-            config(&self.dir, &self.backends, weights),
+            config(&self.dir, &self.backends, weights, &self.vip_extra),
         )?;
         self.reload()
     }
@@ -493,6 +508,11 @@ impl Lab {
     /// The audit log.
     pub fn audit_log(&self) -> PathBuf {
         self.dir.join("audit.log")
+    }
+
+    /// What backend `i`'s HTTP service does (health, metrics, port).
+    pub fn control(&self, i: usize) -> &servers::Control {
+        &self.services[i].control
     }
 
     /// lbd's log so far.

@@ -1,12 +1,17 @@
 //! The services a lab backend runs: HTTP/1.1 that answers with the backend's
 //! name (or N bytes for `/bytes/N`), and a UDP echo that prefixes its name.
 //! Threads inside the backend's namespace; they stop when the lab drops.
+//!
+//! What health checks and load scrapes see is up to the test ([`Control`]):
+//! `/health` answers 200, 503, or each in turn; `/metrics` answers a text
+//! the test sets (vLLM's format, say) or an error status; and the HTTP
+//! service can be stopped (its port closed) and started again.
 
 use std::{
     io::{BufRead, BufReader, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread::{self, JoinHandle},
@@ -25,10 +30,103 @@ pub const ECHO_PORT: u16 = 9000;
 /// Largest body `/bytes/N` serves.
 const MAX_BODY: usize = 1 << 30;
 
+/// What `/health` answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HealthMode {
+    /// 200.
+    Up,
+    /// 503.
+    Down,
+    /// 200 and 503 in turn, request by request (per client address).
+    Flapping,
+}
+
+/// What a backend's HTTP service does, set by the test.
+pub struct Control {
+    /// The HTTP port is open (connections are accepted).
+    http_up: AtomicBool,
+    /// The mode, and for `Flapping` what each client saw last.
+    health: Mutex<(HealthMode, std::collections::HashMap<IpAddr, bool>)>,
+    /// `/metrics`: `Ok(text)` answers 200 with it, `Err(status)` that status.
+    metrics: Mutex<Result<String, u16>>,
+}
+
+impl Control {
+    fn new() -> Control {
+        Control {
+            http_up: AtomicBool::new(true),
+            health: Mutex::new((HealthMode::Up, Default::default())),
+            metrics: Mutex::new(Err(404)),
+        }
+    }
+
+    /// Opens or closes the HTTP port (closed: connections are refused).
+    pub fn set_http_up(&self, up: bool) {
+        self.http_up.store(up, Ordering::SeqCst);
+    }
+
+    pub fn set_health(&self, mode: HealthMode) {
+        *self.health.lock().unwrap() = (mode, Default::default());
+    }
+
+    /// `/metrics` answers `text`.
+    pub fn set_metrics(&self, text: &str) {
+        *self.metrics.lock().unwrap() = Ok(text.to_string());
+    }
+
+    /// `/metrics` answers `status` without a body.
+    pub fn set_metrics_status(&self, status: u16) {
+        *self.metrics.lock().unwrap() = Err(status);
+    }
+
+    /// `/metrics` answers as a vLLM server with `waiting` requests queued
+    /// (split over two engines) and KV-cache use `kv`.
+    pub fn set_vllm(&self, waiting: f64, kv: f64) {
+        self.set_metrics(&vllm_metrics(waiting, kv));
+    }
+
+    /// The status of `/health` for a request from `client`.
+    fn health_status(&self, client: IpAddr) -> u16 {
+        let mut h = self.health.lock().unwrap();
+        match h.0 {
+            HealthMode::Up => 200,
+            HealthMode::Down => 503,
+            HealthMode::Flapping => {
+                let failed = h.1.entry(client).or_insert(false);
+                *failed = !*failed;
+                if *failed { 503 } else { 200 }
+            }
+        }
+    }
+}
+
+/// A vLLM `/metrics` page (v0.10-style names, two engines).
+pub fn vllm_metrics(waiting: f64, kv: f64) -> String {
+    let half = waiting / 2.0;
+    format!(
+        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
+         # TYPE vllm:num_requests_waiting gauge\n\
+         vllm:num_requests_waiting{{engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"}} {half}\n\
+         vllm:num_requests_waiting{{engine=\"1\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"}} {half}\n\
+         # HELP vllm:num_requests_running Number of requests in model execution batches.\n\
+         # TYPE vllm:num_requests_running gauge\n\
+         vllm:num_requests_running{{engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"}} 4\n\
+         vllm:num_requests_running{{engine=\"1\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"}} 4\n\
+         # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n\
+         # TYPE vllm:kv_cache_usage_perc gauge\n\
+         vllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"}} {kv}\n\
+         vllm:kv_cache_usage_perc{{engine=\"1\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"}} {kv}\n\
+         # HELP vllm:prompt_tokens_total Number of prefill tokens processed.\n\
+         # TYPE vllm:prompt_tokens_total counter\n\
+         vllm:prompt_tokens_total{{engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"}} 123456\n"
+    )
+}
+
 /// Running services of one backend.
 pub struct Services {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    pub control: Arc<Control>,
 }
 
 impl Drop for Services {
@@ -48,11 +146,10 @@ impl Drop for Services {
 /// server return: the backend answers in the VIP's name).
 pub fn start(ns: &Netns, name: &str, vips: &[IpAddr]) -> Result<Services> {
     let stop = Arc::new(AtomicBool::new(false));
+    let control = Arc::new(Control::new());
     let (tcp, udps) = {
         let _inside = ns.enter()?;
-        let any: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, HTTP_PORT).into();
-        let tcp = TcpListener::bind(any).context("binding the HTTP port")?;
-        tcp.set_nonblocking(true)?;
+        let tcp = http_listener()?;
         let mut udps = Vec::new();
         for vip in vips {
             let udp = UdpSocket::bind(SocketAddr::from((*vip, ECHO_PORT)))
@@ -62,23 +159,58 @@ pub fn start(ns: &Netns, name: &str, vips: &[IpAddr]) -> Result<Services> {
         }
         (tcp, udps)
     };
+    // The HTTP thread binds again after a stop: it lives in the namespace.
+    let netns = std::fs::File::open(format!("/run/netns/{}", ns.name()))?;
     let mut threads = Vec::new();
-    let (n, s) = (name.to_string(), stop.clone());
-    threads.push(thread::spawn(move || http_accept(tcp, &n, &s)));
+    let (n, s, c) = (name.to_string(), stop.clone(), control.clone());
+    threads.push(thread::spawn(move || {
+        // SAFETY: setns on this thread with a namespace fd we own.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&netns), libc::CLONE_NEWNET) } != 0
+        {
+            return;
+        }
+        http_accept(tcp, &n, &s, &c)
+    }));
     for udp in udps {
         let (n, s) = (name.to_string(), stop.clone());
         threads.push(thread::spawn(move || echo(udp, &n, &s)));
     }
-    Ok(Services { stop, threads })
+    Ok(Services {
+        stop,
+        threads,
+        control,
+    })
 }
 
-fn http_accept(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>) {
+fn http_listener() -> Result<TcpListener> {
+    let any: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, HTTP_PORT).into();
+    let tcp = TcpListener::bind(any).context("binding the HTTP port")?;
+    tcp.set_nonblocking(true)?;
+    Ok(tcp)
+}
+
+fn http_accept(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>, control: &Arc<Control>) {
+    let mut listener = Some(listener);
     while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
+        let up = control.http_up.load(Ordering::SeqCst);
+        if !up {
+            // Closed: connections are refused.
+            listener = None;
+            thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        if listener.is_none() {
+            listener = http_listener().ok();
+        }
+        let Some(l) = &listener else {
+            thread::sleep(Duration::from_millis(5));
+            continue;
+        };
+        match l.accept() {
             Ok((conn, _)) => {
-                let (n, s) = (name.to_string(), stop.clone());
+                let (n, s, c) = (name.to_string(), stop.clone(), control.clone());
                 thread::spawn(move || {
-                    let _ = http_serve(conn, &n, &s);
+                    let _ = http_serve(conn, &n, &s, &c);
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -91,7 +223,13 @@ fn http_accept(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>) {
 
 /// Serves requests on one connection until the client closes it, asks to
 /// close, or the lab stops.
-fn http_serve(conn: TcpStream, name: &str, stop: &AtomicBool) -> std::io::Result<()> {
+fn http_serve(
+    conn: TcpStream,
+    name: &str,
+    stop: &AtomicBool,
+    control: &Control,
+) -> std::io::Result<()> {
+    let peer = conn.peer_addr()?.ip().to_canonical();
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(Duration::from_millis(200)))?;
     conn.set_nodelay(true)?;
@@ -135,16 +273,27 @@ fn http_serve(conn: TcpStream, name: &str, stop: &AtomicBool) -> std::io::Result
                 close = true;
             }
         }
-        let body = match path
-            .strip_prefix("/bytes/")
-            .and_then(|n| n.parse::<usize>().ok())
-        {
-            Some(n) => vec![b'x'; n.min(MAX_BODY)],
-            None => format!("{name}\n").into_bytes(),
+        let (status, body) = match path.as_str() {
+            "/health" => (
+                control.health_status(peer),
+                format!("{name}\n").into_bytes(),
+            ),
+            "/metrics" => match &*control.metrics.lock().unwrap() {
+                Ok(text) => (200, text.clone().into_bytes()),
+                Err(status) => (*status, Vec::new()),
+            },
+            _ => match path
+                .strip_prefix("/bytes/")
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                Some(n) => (200, vec![b'x'; n.min(MAX_BODY)]),
+                None => (200, format!("{name}\n").into_bytes()),
+            },
         };
         write!(
             writer,
-            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nX-Backend: {name}\r\nContent-Type: text/plain\r\n{}\r\n",
+            "HTTP/1.1 {status} {}\r\nContent-Length: {}\r\nX-Backend: {name}\r\nContent-Type: text/plain\r\n{}\r\n",
+            if status == 200 { "OK" } else { "Not OK" },
             body.len(),
             if close { "Connection: close\r\n" } else { "" }
         )?;
