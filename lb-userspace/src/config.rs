@@ -1447,6 +1447,13 @@ mod tests {
     "#;
 
     #[test]
+    fn the_example_config_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/lbd.toml");
+        let c = load(Path::new(path)).unwrap();
+        assert!(c.vips[0].health.is_some() && c.vips[0].load.is_some());
+    }
+
+    #[test]
     fn health_and_load_tables_merge_per_backend() {
         use crate::policy::{CheckKind, ScrapeTarget};
         let c = parse(POLICIES, "t").unwrap();

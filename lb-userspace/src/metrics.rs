@@ -14,7 +14,14 @@
 //!   `hit`, `stale`, `insert_failed`, `reset`.
 //! - `lb_maglev_rebuilds_total{vip}`: tables built and switched in.
 //! - `lb_backend_up`, `lb_backend_drained`, `lb_backend_weight`,
-//!   `lb_backend_weight_in_effect`, `lb_backend_table_share_ratio{vip,backend}`.
+//!   `lb_backend_weight_in_effect`, `lb_backend_table_share_ratio`,
+//!   `lb_backend_load_factor`, `lb_backend_load_pressure`,
+//!   `lb_backend_health_transitions_total{vip,backend}`.
+//! - `lb_backend_load_queue`, `lb_backend_load_running`,
+//!   `lb_backend_load_kv_cache_ratio`, `lb_backend_load_report_age_seconds{backend}`:
+//!   each node's last load report.
+//! - `lb_vip_saturated`, `lb_vip_all_backends_down{vip}`.
+//! - `lb_health_checks_total{result}`, `lb_load_reports_total{source,outcome}`.
 //! - `lb_api_requests_total{outcome}`: `ok`, `refused`, `failed`.
 //! - `lb_map_capacity{map}`, `lb_map_entries{map}` (`vips`, `backends`;
 //!   `flows` capacity only: the kernel does not count LRU entries cheaply).
@@ -30,6 +37,40 @@ use prometheus::{
 };
 
 use crate::controller::{ControllerHandle, Scrape};
+
+/// Every family `/metrics` can export (a family without samples, such as
+/// the load gauges of a balancer without `[vip.load]`, is left out of a
+/// scrape). The dashboard test checks its queries against this list; a
+/// unit test keeps it equal to what a fully populated scrape exports.
+pub const FAMILIES: &[&str] = &[
+    "lb_packets_total",
+    "lb_conntrack_events_total",
+    "lb_vip_packets_total",
+    "lb_vip_bytes_total",
+    "lb_backend_packets_total",
+    "lb_backend_bytes_total",
+    "lb_maglev_rebuilds_total",
+    "lb_backend_up",
+    "lb_backend_drained",
+    "lb_backend_weight",
+    "lb_backend_weight_in_effect",
+    "lb_backend_table_share_ratio",
+    "lb_backend_load_factor",
+    "lb_backend_load_pressure",
+    "lb_backend_health_transitions_total",
+    "lb_backend_load_queue",
+    "lb_backend_load_running",
+    "lb_backend_load_kv_cache_ratio",
+    "lb_backend_load_report_age_seconds",
+    "lb_vip_saturated",
+    "lb_vip_all_backends_down",
+    "lb_health_checks_total",
+    "lb_load_reports_total",
+    "lb_api_requests_total",
+    "lb_map_capacity",
+    "lb_map_entries",
+    "lb_exporter_read_seconds",
+];
 
 /// Longest a scrape may take before it is answered with a 503.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -379,4 +420,110 @@ pub async fn serve(
         .with_state(handle);
     let listener = tokio::net::TcpListener::bind(listen).await?;
     Ok(async move { axum::serve(listener, app).await })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::{BTreeMap, BTreeSet},
+        net::IpAddr,
+        time::{Duration, Instant},
+    };
+
+    use lb_common::TrafficCounters;
+
+    use super::*;
+    use crate::{
+        config,
+        controller::{ProbeStats, Snapshot, SteeringView},
+        dataplane::{BackendState, Counters, MapUsage},
+        steering::{LoadReport, LoadSource, Steering},
+    };
+
+    #[test]
+    fn families_lists_what_a_full_scrape_exports() {
+        let config = config::parse(
+            r#"
+            [balancer]
+            source_v4 = "10.0.0.254"
+            [[vip]]
+            address = "203.0.113.1"
+            port = 80
+            protocol = "tcp"
+            backends = [ { address = "10.0.0.1" } ]
+            [vip.health]
+            check = "tcp"
+            [vip.load]
+            metrics_port = 8000
+            "#,
+            "t",
+        )
+        .unwrap();
+        let v = config.vips[0].clone();
+        let b: IpAddr = "10.0.0.1".parse().unwrap();
+        let now = Instant::now();
+        let mut st = Steering::new();
+        st.reconcile(&config.vips, now, |_, _| false);
+        st.load_report(
+            b,
+            LoadReport {
+                queue: 1.0,
+                running: Some(2.0),
+                kv: Some(0.5),
+                utilization: None,
+                source: LoadSource::Scrape,
+                reporter: "vllm",
+                at: now,
+                ttl: None,
+            },
+        );
+        st.plan(&v, now, true).unwrap();
+        let mut counters = Counters::default();
+        counters.vips.insert(v.addr, TrafficCounters::default());
+        counters
+            .backends
+            .insert((v.addr, b), TrafficCounters::default());
+        let snapshot = Snapshot {
+            config: config.clone(),
+            backends: BTreeMap::from([(
+                v.addr,
+                vec![BackendState {
+                    addr: b,
+                    down: false,
+                    weight_in_table: 2000,
+                    weight_in_effect: 100.0,
+                    table_entries: 65537,
+                    table_share: 1.0,
+                }],
+            )]),
+            uptime: Duration::ZERO,
+            adopted: false,
+            steering: BTreeMap::from([(
+                v.addr,
+                SteeringView {
+                    vip: st.vip_view(&v.addr),
+                    backends: BTreeMap::from([(b, st.backend_view(&v, b).unwrap())]),
+                },
+            )]),
+            probes: ProbeStats {
+                reports: BTreeMap::from([(("scrape", "accepted"), 1)]),
+                ..Default::default()
+            },
+        };
+        let scrape = Scrape {
+            counters,
+            snapshot,
+            rebuilds: BTreeMap::from([(v.addr, 1)]),
+            usage: MapUsage::default(),
+            read_time: Duration::ZERO,
+        };
+        let text = render(&scrape, &[("ok", 0)]);
+        let exported: BTreeSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert_eq!(exported, FAMILIES.iter().copied().collect::<BTreeSet<_>>());
+        assert_eq!(FAMILIES.len(), exported.len(), "no name twice");
+    }
 }
