@@ -71,7 +71,8 @@ pub struct ProbeStats {
     pub checks_ok: u64,
     pub checks_failed: u64,
     /// Load reports by (source, outcome): `accepted`, `invalid`,
-    /// `unknown_format`, `failed` (no answer), `unknown_backend`, `no_policy`.
+    /// `unknown_format`, `failed` (no answer), `unknown_backend`,
+    /// `no_policy`, and `stale` (accepted, then too old before a newer one).
     pub reports: BTreeMap<(&'static str, &'static str), u64>,
 }
 
@@ -399,10 +400,12 @@ impl Controller {
     /// Applies what steering wants for every VIP (load and slow start are
     /// rate-limited inside).
     fn steer_all(&mut self) {
-        let vips = self.config.vips.clone();
+        // `steer` does not read the config: lend the VIPs out, no copy.
+        let vips = std::mem::take(&mut self.config.vips);
         for v in &vips {
             self.steer(v, "load", false);
         }
+        self.config.vips = vips;
     }
 
     /// Applies steering's plan for `vip`, if it has one now.
@@ -543,6 +546,9 @@ impl Controller {
             );
         }
         snap.probes = self.stats.clone();
+        for (source, n) in self.steering.stale_reports() {
+            snap.probes.reports.insert((source.name(), "stale"), *n);
+        }
         snap
     }
 

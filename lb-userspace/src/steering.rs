@@ -213,6 +213,10 @@ pub struct Plan {
 pub struct Steering {
     vips: BTreeMap<VipAddr, VipSteer>,
     nodes: HashMap<IpAddr, LoadReport>,
+    /// Nodes whose last report went stale (counted once per report).
+    stale_nodes: std::collections::HashSet<IpAddr>,
+    /// Reports that went stale before a newer one came, by source.
+    stale_reports: BTreeMap<LoadSource, u64>,
     started: bool,
 }
 
@@ -297,6 +301,13 @@ impl Steering {
     /// Records a node's load (for every VIP it is a backend of).
     pub fn load_report(&mut self, node: IpAddr, report: LoadReport) {
         self.nodes.insert(node, report);
+        self.stale_nodes.remove(&node);
+    }
+
+    /// Load reports that went stale (their node sent no newer one in
+    /// time), by source.
+    pub fn stale_reports(&self) -> &BTreeMap<LoadSource, u64> {
+        &self.stale_reports
     }
 
     /// Whether `node` is a backend of any VIP.
@@ -310,6 +321,17 @@ impl Steering {
     /// [`MIN_REBUILD_INTERVAL`]. `force` (a config change) always returns
     /// the plan. Call [`Steering::applied`] once the data plane holds it.
     pub fn plan(&mut self, vip: &Vip, now: Instant, force: bool) -> Option<Plan> {
+        // Reports that just went stale: counted once, then ignored.
+        for b in &vip.backends {
+            let (Some(policy), Some(r)) = (vip.load_policy(b), self.nodes.get(&b.addr)) else {
+                continue;
+            };
+            if now.saturating_duration_since(r.at) > r.ttl.unwrap_or(policy.stale_after)
+                && self.stale_nodes.insert(b.addr)
+            {
+                *self.stale_reports.entry(r.source).or_default() += 1;
+            }
+        }
         let nodes = &self.nodes;
         let state = self.vips.get_mut(&vip.addr)?;
         // Pressure, per backend with a load policy.
@@ -697,6 +719,11 @@ mod tests {
             }
         }
         assert_eq!(last, Some(vec![20, 20]));
+        assert_eq!(
+            s.stale_reports().get(&LoadSource::Push),
+            Some(&1),
+            "counted once"
+        );
     }
 
     #[test]

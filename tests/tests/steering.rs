@@ -103,6 +103,7 @@ fn a_node_with_ten_times_the_queue_gets_at_most_a_tenth_and_recovers() {
     thread::sleep(Duration::from_secs(3)); // three scrape intervals
     let loaded = spread(&lab, 400);
     let b4 = loaded.get("b4").copied().unwrap_or(0);
+    eprintln!("queued b4: {b4} of 400 new connections ({loaded:?})");
     assert!(
         b4 * 10 <= 400,
         "b4 got {b4} of 400 new connections: {loaded:?}"
@@ -128,6 +129,7 @@ fn a_node_with_ten_times_the_queue_gets_at_most_a_tenth_and_recovers() {
     });
     let after = spread(&lab, 400);
     let b4 = after.get("b4").copied().unwrap_or(0);
+    eprintln!("recovered b4: {b4} of 400 new connections ({after:?})");
     assert!(b4 >= 60, "b4 got {b4} of 400 after recovering: {after:?}");
     assert!(
         lab.lbd_log().contains("weights follow load"),
@@ -161,6 +163,13 @@ fn stale_metrics_fall_back_to_base_weights() {
     )
     .unwrap_or(0.0);
     assert!(failed >= 1.0, "failed scrapes are counted");
+    let stale = prom::value(
+        &m,
+        "lb_load_reports_total",
+        &[("source", "scrape"), ("outcome", "stale")],
+    );
+    // b2's IPv4 and IPv6 addresses are two nodes to lbd: one stale report each.
+    assert_eq!(stale, Some(2.0), "the reports that went stale are counted");
 }
 
 #[test]
@@ -239,6 +248,7 @@ fn a_stopped_backend_leaves_the_table_in_time_and_others_are_unaffected() {
     let took = wait_for(&lab, 10, "the stopped backend to be down", |lab| {
         backend(lab, victim)["health"] == "down"
     });
+    eprintln!("the stopped backend was down after {took:?}");
     // fall x interval + 1 s.
     assert!(
         took <= Duration::from_millis(3 * 500 + 1000),
@@ -475,6 +485,11 @@ fn bad_pushed_reports_are_refused_and_change_nothing_and_stale_ones_decay() {
         factor(lab, 1) == 1.0
     });
     assert_eq!(reports(&lab, "push", "accepted"), 1.0);
+    assert_eq!(
+        reports(&lab, "push", "stale"),
+        1.0,
+        "the stale report is counted"
+    );
 }
 
 #[test]
