@@ -5,7 +5,7 @@ use core::mem::size_of;
 /// Version of the layout of the balancer's maps and the meaning of their
 /// fields. A restarted `lbd` adopts pinned maps only of the same version;
 /// bump it with any change to a type in this module or to a map's kind.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Creation flags of the VIP map: `BPF_F_NO_PREALLOC` (see [`VipInfo`]).
 pub const VIPS_MAP_FLAGS: u32 = 1;
@@ -71,6 +71,21 @@ const _: () = assert!(size_of::<VipKey>() == 20);
 /// `VipInfo::flags`: keep sending a flow to its backend while health checks
 /// say the backend is down (default: re-schedule it).
 pub const VIP_STICK_WHEN_DOWN: u32 = 1;
+/// `VipInfo::flags`: the bits that say how new flows are scheduled.
+pub const VIP_SCHED_MASK: u32 = 0xf0;
+/// Scheduler: the 5-tuple hash into the Maglev table.
+pub const VIP_SCHED_MAGLEV: u32 = 0x00;
+/// Scheduler: the source's hash (address, optionally port) into the Maglev
+/// table: every flow of a client to one backend.
+pub const VIP_SCHED_MAGLEV_SRC: u32 = 0x10;
+/// Scheduler: the VIP's table holds a smooth weighted round-robin sequence,
+/// walked by a per-CPU position ([`WRR`](crate::map_name::WRR_POS)).
+pub const VIP_SCHED_WRR: u32 = 0x20;
+/// Scheduler: two Maglev positions from the flow hash; the backend with the
+/// lower load score wins.
+pub const VIP_SCHED_LEAST_LOAD: u32 = 0x30;
+/// `VipInfo::flags`, with [`VIP_SCHED_MAGLEV_SRC`]: hash the source port too.
+pub const VIP_HASH_SRC_PORT: u32 = 0x100;
 
 /// Value of the VIP map.
 ///
@@ -187,14 +202,16 @@ pub struct NextHop {
 }
 const _: () = assert!(size_of::<NextHop>() == 16);
 
-/// Packets and bytes (frame length as received, Ethernet header included).
+/// Packets and bytes (frame length as received, Ethernet header included)
+/// forwarded, and new flows scheduled.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrafficCounters {
     pub packets: u64,
     pub bytes: u64,
+    pub flows: u64,
 }
-const _: () = assert!(size_of::<TrafficCounters>() == 16);
+const _: () = assert!(size_of::<TrafficCounters>() == 24);
 
 /// Benchmark only: what the benchmark wrapper restores and where it jumps.
 ///

@@ -80,6 +80,29 @@ pub const fn flow_hash(k: &FlowKey) -> u32 {
     (mix64(h) >> 32) as u32
 }
 
+/// Hash of a flow's source: its address, and with `with_port` its source
+/// port. Every flow of one client (to any port of any VIP with this
+/// scheduler) hashes the same, so it reaches the same backend.
+#[inline(always)]
+pub const fn source_hash(k: &FlowKey, with_port: bool) -> u32 {
+    let mut h = SEED ^ 0x5352_4300 ^ k.family as u64;
+    h = absorb(h, pair(k.src[0], k.src[1]));
+    h = absorb(h, pair(k.src[2], k.src[3]));
+    if with_port {
+        let p = k.ports.to_ne_bytes();
+        h = absorb(h, u16::from_ne_bytes([p[0], p[1]]) as u64);
+    }
+    (mix64(h) >> 32) as u32
+}
+
+/// The hash of a flow's second choice (least-load): the halves of `hash`
+/// swapped, so its position (taken from the high bits) comes from the bits
+/// the first one did not use.
+#[inline(always)]
+pub const fn second_choice(hash: u32) -> u32 {
+    hash.rotate_left(16)
+}
+
 /// The Maglev table position of a flow hash in a table of `size` entries:
 /// `hash * size / 2^32`, a uniform map onto `0..size` with a multiply and a
 /// shift instead of a division (which costs ~10 ns per packet).
@@ -98,6 +121,42 @@ mod tests {
             assert_eq!(maglev_position(0, size), 0);
             assert_eq!(maglev_position(u32::MAX, size), size - 1);
         }
+    }
+
+    #[test]
+    fn source_hash_ignores_all_but_the_source() {
+        let a = FlowKey {
+            src: [7, 0, 0, 0],
+            dst: [2, 0, 0, 0],
+            ports: FlowKey::ports(1000, 80),
+            proto: 6,
+            family: 4,
+            _pad: [0; 2],
+        };
+        let other_dst = FlowKey {
+            dst: [3, 0, 0, 0],
+            ports: FlowKey::ports(1000, 443),
+            proto: 17,
+            ..a
+        };
+        let other_sport = FlowKey {
+            ports: FlowKey::ports(1001, 80),
+            ..a
+        };
+        assert_eq!(source_hash(&a, false), source_hash(&other_dst, false));
+        assert_eq!(source_hash(&a, false), source_hash(&other_sport, false));
+        assert_eq!(source_hash(&a, true), source_hash(&other_dst, true));
+        assert_ne!(source_hash(&a, true), source_hash(&other_sport, true));
+        assert_ne!(
+            source_hash(&a, false),
+            source_hash(
+                &FlowKey {
+                    src: [8, 0, 0, 0],
+                    ..a
+                },
+                false
+            )
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ mod reason;
 pub use balancer::*;
 pub use conntrack::{FLOW_EVENT_COUNT, FLOW_TOUCH_NS, FlowEntry, FlowEvent};
 pub use decap::{DECAP_MAX_ADDRS, HostAddr};
-pub use flow::{FlowKey, flow_hash, maglev_position, mix64};
+pub use flow::{FlowKey, flow_hash, maglev_position, mix64, second_choice, source_hash};
 pub use names::{decap_map_name, decap_program_name, map_name, program_name};
 pub use reason::{DECAP_REASON_COUNT, DecapReason, REASON_COUNT, Reason, xdp_action};
 

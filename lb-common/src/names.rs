@@ -25,6 +25,12 @@ pub mod map_name {
     pub const REASON_STATS: &str = "LB_REASON_STATS";
     /// `PerCpuArray<u64>` indexed by `FlowEvent`.
     pub const FLOW_STATS: &str = "LB_FLOW_STATS";
+    /// `PerCpuArray<u32>` indexed by VIP id: each CPU's position in the
+    /// VIP's weighted round-robin sequence.
+    pub const WRR_POS: &str = "LB_WRR_POS";
+    /// `Array<u32>` indexed by backend id: load scores for least-load (lower
+    /// is less loaded).
+    pub const SCORES: &str = "LB_SCORES";
     /// Benchmark only: `ProgramArray` the benchmark wrapper tail-calls into.
     pub const BENCH_PROGS: &str = "LB_BENCH_PROGS";
     /// Benchmark only: `Array<BenchControl>` with one entry.
@@ -34,7 +40,7 @@ pub mod map_name {
 
     /// The maps that hold the balancer's state: pinned, so a restarted `lbd`
     /// adopts them (the benchmark's maps are not state).
-    pub const STATE: [&str; 11] = [
+    pub const STATE: [&str; 13] = [
         VIPS,
         BACKENDS,
         MAGLEV,
@@ -46,6 +52,8 @@ pub mod map_name {
         BACKEND_STATS,
         REASON_STATS,
         FLOW_STATS,
+        WRR_POS,
+        SCORES,
     ];
 }
 

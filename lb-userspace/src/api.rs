@@ -12,7 +12,7 @@
 //! | GET | /v1/status | summary |
 //! | GET | /v1/stats | every counter |
 //! | GET, POST | /v1/vips | list; create (body: a `[[vip]]` table as JSON) |
-//! | GET, DELETE | /v1/vips/VIP | show; delete |
+//! | GET, PATCH, DELETE | /v1/vips/VIP | show; change `scheduler`, `hash_fields`, `on_backend_down`, `on_all_down`, `slow_start`; delete |
 //! | GET, POST | /v1/vips/VIP/backends | list; add (`address`, `weight`, `drained`) |
 //! | GET, PATCH, DELETE | /v1/vips/VIP/backends/ADDR | show; change `weight` / `drained`; remove |
 //! | POST | /v1/backends/ADDR/load | a node's load report (ORCA-shaped JSON, see [`LoadBody`]) |
@@ -233,6 +233,9 @@ pub struct BackendView {
     pub load_factor: f64,
     /// Ramping up (slow start).
     pub ramping: bool,
+    /// Least-load score (lower: less loaded), for VIPs with that scheduler.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub score: Option<u32>,
     /// Its load, if its VIP follows load and it reported.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load: Option<LoadView>,
@@ -274,6 +277,9 @@ pub struct VipView {
     pub port: u16,
     pub protocol: String,
     pub scheduler: String,
+    /// `maglev-src` only: `address` or `address-port`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash_fields: Option<&'static str>,
     pub on_backend_down: String,
     pub on_all_down: String,
     pub slow_start_seconds: f64,
@@ -311,6 +317,7 @@ fn backend_view(
         weight_in_effect: state.map_or(0.0, |s| s.weight_in_effect),
         load_factor: steer.map_or(1.0, |s| s.factor),
         ramping: steer.is_some_and(|s| s.ramping),
+        score: steer.and_then(|s| s.score),
         load: steer.and_then(|s| {
             let r = s.load.as_ref()?;
             Some(LoadView {
@@ -339,6 +346,7 @@ fn vip_view(v: &Vip, snap: &Snapshot) -> VipView {
         port: v.addr.port,
         protocol: v.addr.protocol.to_string(),
         scheduler: v.scheduler.to_string(),
+        hash_fields: v.scheduler.hash_fields(),
         on_backend_down: v.on_backend_down.to_string(),
         on_all_down: v.on_all_down.to_string(),
         slow_start_seconds: v.slow_start.as_secs_f64(),
@@ -503,6 +511,25 @@ async fn get_vip(
     UrlPath(vip): UrlPath<String>,
 ) -> ApiResult<Json<VipView>> {
     Ok(Json(show(&h, &vip_param(&vip)?).await?))
+}
+
+async fn update_vip(
+    State(h): State<ControllerHandle>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(vip): UrlPath<String>,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<VipView>> {
+    let vip = vip_param(&vip)?;
+    let patch = config::vip_patch_from_json(&body(b)?).map_err(ApiError::input)?;
+    h.change(
+        Change::UpdateVip {
+            vip,
+            patch: crate::change::Patch(patch),
+        },
+        &caller.0,
+    )
+    .await?;
+    Ok(Json(show(&h, &vip).await?))
 }
 
 async fn delete_vip(
@@ -738,7 +765,10 @@ fn routes(handle: ControllerHandle) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/stats", get(stats))
         .route("/v1/vips", get(list_vips).post(create_vip))
-        .route("/v1/vips/{vip}", get(get_vip).delete(delete_vip))
+        .route(
+            "/v1/vips/{vip}",
+            get(get_vip).patch(update_vip).delete(delete_vip),
+        )
         .route(
             "/v1/vips/{vip}/backends",
             get(list_backends).post(add_backend),

@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::{
-    config::{self, Config, Problem},
-    vip::{Backend, Vip, VipAddr},
+    config::{self, Config, Problem, VipPatch},
+    vip::{Backend, Scheduler, Vip, VipAddr},
 };
 
 /// A change to the desired state.
@@ -25,6 +25,14 @@ pub enum Change {
     RemoveVip {
         #[serde(serialize_with = "display")]
         vip: VipAddr,
+    },
+    /// New settings of a VIP (its scheduler, policies); established flows
+    /// keep their backends.
+    UpdateVip {
+        #[serde(serialize_with = "display")]
+        vip: VipAddr,
+        #[serde(flatten)]
+        patch: Patch,
     },
     AddBackend {
         #[serde(serialize_with = "display")]
@@ -73,6 +81,31 @@ fn backend_index(
 
 fn display<S: serde::Serializer>(v: &VipAddr, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(v)
+}
+
+/// A [`VipPatch`] as the audit log records it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Patch(#[serde(serialize_with = "patch_fields")] pub VipPatch);
+
+fn patch_fields<S: serde::Serializer>(p: &VipPatch, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(None)?;
+    if let Some(x) = p.scheduler {
+        m.serialize_entry("scheduler", &x.to_string())?;
+    }
+    if let Some(x) = p.hash_port {
+        m.serialize_entry("hash_fields", if x { "address-port" } else { "address" })?;
+    }
+    if let Some(x) = p.on_backend_down {
+        m.serialize_entry("on_backend_down", &x.to_string())?;
+    }
+    if let Some(x) = p.on_all_down {
+        m.serialize_entry("on_all_down", &x.to_string())?;
+    }
+    if let Some(x) = p.slow_start {
+        m.serialize_entry("slow_start", &x.as_secs_f64())?;
+    }
+    m.end()
 }
 
 /// Why a change was refused. Nothing changed.
@@ -129,6 +162,40 @@ impl Change {
             Change::RemoveVip { vip } => {
                 let i = find(&mut next, vip)?;
                 next.vips.remove(i);
+            }
+            Change::UpdateVip {
+                vip,
+                patch: Patch(p),
+            } => {
+                let i = find(&mut next, vip)?;
+                let v = &mut next.vips[i];
+                if let Some(x) = p.scheduler {
+                    v.scheduler = x;
+                }
+                if let Some(port) = p.hash_port {
+                    match &mut v.scheduler {
+                        Scheduler::MaglevSrc { with_port } => *with_port = port,
+                        other => {
+                            return Err(ChangeError::Invalid {
+                                problems: vec![Problem {
+                                    field: "hash_fields".into(),
+                                    message: format!(
+                                        "only the \"maglev-src\" scheduler hashes by source, not \"{other}\""
+                                    ),
+                                }],
+                            });
+                        }
+                    }
+                }
+                if let Some(x) = p.on_backend_down {
+                    v.on_backend_down = x;
+                }
+                if let Some(x) = p.on_all_down {
+                    v.on_all_down = x;
+                }
+                if let Some(x) = p.slow_start {
+                    v.slow_start = x;
+                }
             }
             Change::AddBackend {
                 vip, backend, spec, ..

@@ -237,6 +237,7 @@ struct RawVip {
     port: i64,
     protocol: String,
     scheduler: Option<String>,
+    hash_fields: Option<String>,
     on_backend_down: Option<String>,
     on_all_down: Option<String>,
     slow_start: Option<RawNumber>,
@@ -405,6 +406,9 @@ pub fn save_vips(path: &Path, vips: &[Vip]) -> std::io::Result<()> {
         t["protocol"] = value(v.addr.protocol.to_string());
         if v.scheduler != Scheduler::default() {
             t["scheduler"] = value(v.scheduler.to_string());
+        }
+        if v.scheduler == (Scheduler::MaglevSrc { with_port: true }) {
+            t["hash_fields"] = value("address-port");
         }
         if v.on_backend_down != DownPolicy::default() {
             t["on_backend_down"] = value(v.on_backend_down.to_string());
@@ -575,6 +579,76 @@ pub fn backend_from_json(body: &[u8]) -> Result<Backend, Vec<Problem>> {
     match b {
         Some(b) if v.problems.is_empty() => Ok(b),
         _ => Err(v.problems),
+    }
+}
+
+/// A change to a VIP's settings (not its backends), from an API request body.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct VipPatch {
+    pub scheduler: Option<Scheduler>,
+    /// `hash_fields`: `Some(true)` for "address-port".
+    pub hash_port: Option<bool>,
+    pub on_backend_down: Option<DownPolicy>,
+    pub on_all_down: Option<AllDownPolicy>,
+    pub slow_start: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVipPatch {
+    scheduler: Option<String>,
+    hash_fields: Option<String>,
+    on_backend_down: Option<String>,
+    on_all_down: Option<String>,
+    slow_start: Option<RawNumber>,
+}
+
+/// A [`VipPatch`] from an API request body; the VIP's own checks (e.g.
+/// `hash_fields` only with `maglev-src`) happen when it is applied.
+pub fn vip_patch_from_json(body: &[u8]) -> Result<VipPatch, Vec<Problem>> {
+    let raw: RawVipPatch = from_json(body)?;
+    let mut v = Validator::default();
+    fn parse<T: std::str::FromStr<Err = String>>(
+        v: &mut Validator,
+        field: &str,
+        value: &Option<String>,
+    ) -> Option<T> {
+        value.as_deref().and_then(|s| match s.parse() {
+            Ok(x) => Some(x),
+            Err(e) => {
+                v.problem(field, e);
+                None
+            }
+        })
+    }
+    let patch = VipPatch {
+        scheduler: parse(&mut v, "scheduler", &raw.scheduler),
+        hash_port: match raw.hash_fields.as_deref() {
+            None => None,
+            Some("address") => Some(false),
+            Some("address-port") => Some(true),
+            Some(f) => {
+                v.problem(
+                    "hash_fields",
+                    format!("{f:?} is not \"address\" or \"address-port\""),
+                );
+                None
+            }
+        },
+        on_backend_down: parse(&mut v, "on_backend_down", &raw.on_backend_down),
+        on_all_down: parse(&mut v, "on_all_down", &raw.on_all_down),
+        slow_start: v.seconds("slow_start", raw.slow_start, (0.0, 3600.0)),
+    };
+    if patch == VipPatch::default() && v.problems.is_empty() {
+        v.problem(
+            "body",
+            "nothing to change: give scheduler, hash_fields, on_backend_down, on_all_down and/or slow_start",
+        );
+    }
+    if v.problems.is_empty() {
+        Ok(patch)
+    } else {
+        Err(v.problems)
     }
 }
 
@@ -1069,7 +1143,7 @@ impl Validator {
                 None
             }
         };
-        let scheduler = match raw.scheduler.as_deref().map(str::parse::<Scheduler>) {
+        let mut scheduler = match raw.scheduler.as_deref().map(str::parse::<Scheduler>) {
             None => Scheduler::default(),
             Some(Ok(s)) => s,
             Some(Err(e)) => {
@@ -1077,6 +1151,20 @@ impl Validator {
                 Scheduler::default()
             }
         };
+        match (raw.hash_fields.as_deref(), &mut scheduler) {
+            (None, _) => {}
+            (Some(f @ ("address" | "address-port")), Scheduler::MaglevSrc { with_port }) => {
+                *with_port = f == "address-port";
+            }
+            (Some("address" | "address-port"), other) => self.problem(
+                join(path, "hash_fields"),
+                format!("only the \"maglev-src\" scheduler hashes by source, not \"{other}\""),
+            ),
+            (Some(f), _) => self.problem(
+                join(path, "hash_fields"),
+                format!("{f:?} is not \"address\" or \"address-port\""),
+            ),
+        }
         let on_backend_down = match raw.on_backend_down.as_deref().map(str::parse::<DownPolicy>) {
             None => DownPolicy::default(),
             Some(Ok(p)) => p,
@@ -1543,12 +1631,59 @@ mod tests {
             "panic",
         );
         bad(
+            "on_all_down = \"drop\"",
+            "scheduler = \"rr\"",
+            "vip[0].scheduler",
+            "least-load",
+        );
+        bad(
+            "on_all_down = \"drop\"",
+            "hash_fields = \"address\"",
+            "vip[0].hash_fields",
+            "only the \"maglev-src\" scheduler",
+        );
+        bad(
+            "on_all_down = \"drop\"",
+            "scheduler = \"maglev-src\"\nhash_fields = \"port\"",
+            "vip[0].hash_fields",
+            "\"port\" is not",
+        );
+        bad(
             "slow_start = 30",
             "slow_start = 7200",
             "vip[0].slow_start",
             "out of range",
         );
         bad("port = 8000", "port = 0", "vip[0].health.port", "port 0");
+    }
+
+    #[test]
+    fn schedulers_parse_and_survive_saving() {
+        let dir = std::env::temp_dir().join(format!("lb-config-sched-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lbd.toml");
+        for (text, want) in [
+            ("scheduler = \"maglev\"", Scheduler::Maglev),
+            (
+                "scheduler = \"maglev-src\"",
+                Scheduler::MaglevSrc { with_port: false },
+            ),
+            (
+                "scheduler = \"maglev-src\"\nhash_fields = \"address-port\"",
+                Scheduler::MaglevSrc { with_port: true },
+            ),
+            ("scheduler = \"wrr\"", Scheduler::Wrr),
+            ("scheduler = \"least-load\"", Scheduler::LeastLoad),
+        ] {
+            let config = GOOD.replacen("port = 80", &format!("port = 80\n{text}"), 1);
+            let c = parse(&config, "t").unwrap();
+            assert_eq!(c.vips[0].scheduler, want, "{text}");
+            std::fs::write(&path, &config).unwrap();
+            save_vips(&path, &c.vips).unwrap();
+            let saved = parse(&std::fs::read_to_string(&path).unwrap(), "t").unwrap();
+            assert_eq!(saved.vips[0].scheduler, want, "{text}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

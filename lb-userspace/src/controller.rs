@@ -34,7 +34,7 @@ use crate::{
     policy::{HealthCheck, ScrapeTarget},
     probe::{self, ScrapeError},
     steering::{BackendView, LoadReport, Plan, Steering, VipView},
-    vip::{Vip, VipAddr},
+    vip::{Scheduler, Vip, VipAddr},
 };
 
 /// How often the data plane's cached next hops are looked up again, and so
@@ -404,8 +404,22 @@ impl Controller {
         let vips = std::mem::take(&mut self.config.vips);
         for v in &vips {
             self.steer(v, "load", false);
+            if v.scheduler == Scheduler::LeastLoad {
+                self.update_scores(v);
+            }
         }
         self.config.vips = vips;
+    }
+
+    /// Writes the least-load scores of `vip` that changed.
+    fn update_scores(&mut self, vip: &Vip) {
+        let result = self.dp.backend_flows(&vip.addr).and_then(|flows| {
+            let scores = self.steering.scores(vip, Instant::now(), flows);
+            self.dp.set_scores(&vip.addr, &scores)
+        });
+        if let Err(e) = result {
+            tracing::warn!(vip = %vip.addr, error = %format!("{e:#}"), "updating least-load scores failed");
+        }
     }
 
     /// Applies steering's plan for `vip`, if it has one now.
@@ -657,6 +671,8 @@ impl Controller {
         for (a, p) in &plans {
             self.steering.applied(a, p, now);
         }
+        // New backends start with score 0 in the data plane: write all anew.
+        self.steering.forget_scores();
         Ok(())
     }
 

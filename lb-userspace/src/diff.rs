@@ -76,13 +76,43 @@ pub fn diff(old: &[Vip], new: &[Vip]) -> Vec<StateChange> {
                 to: v.scheduler.to_string(),
             });
         }
-        if was.on_backend_down != v.on_backend_down {
-            out.push(StateChange::VipSetting {
-                vip: *addr,
-                setting: "on_backend_down",
-                from: was.on_backend_down.to_string(),
-                to: v.on_backend_down.to_string(),
-            });
+        let settings = [
+            (
+                "hash_fields",
+                was.scheduler.hash_fields().unwrap_or("-").to_string(),
+                v.scheduler.hash_fields().unwrap_or("-").to_string(),
+            ),
+            (
+                "on_backend_down",
+                was.on_backend_down.to_string(),
+                v.on_backend_down.to_string(),
+            ),
+            (
+                "on_all_down",
+                was.on_all_down.to_string(),
+                v.on_all_down.to_string(),
+            ),
+            (
+                "slow_start",
+                format!("{}s", was.slow_start.as_secs_f64()),
+                format!("{}s", v.slow_start.as_secs_f64()),
+            ),
+            (
+                "health",
+                format!("{:?}", was.health),
+                format!("{:?}", v.health),
+            ),
+            ("load", format!("{:?}", was.load), format!("{:?}", v.load)),
+        ];
+        for (setting, from, to) in settings {
+            if from != to {
+                out.push(StateChange::VipSetting {
+                    vip: *addr,
+                    setting,
+                    from,
+                    to,
+                });
+            }
         }
         backends(*addr, &was.backends, &v.backends, &mut out);
     }

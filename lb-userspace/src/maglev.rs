@@ -114,6 +114,46 @@ impl MaglevTable {
         }
     }
 
+    /// A smooth weighted round-robin sequence of `size` entries, for the
+    /// `wrr` scheduler (the data plane walks it, one entry per new flow).
+    /// Each backend gets entries in proportion to its weight (largest
+    /// remainder, ties to the lower address), spread evenly: its `k`-th of
+    /// `n` entries sits at virtual time `(k + 1/2) / n`, and the sequence is
+    /// the entries in virtual-time order. Any window of the sequence holds
+    /// each backend's share to within an entry or two; no backend gets a
+    /// burst.
+    pub fn smooth_wrr(backends: &[MaglevBackend], size: u32) -> MaglevTable {
+        let mut sorted: Vec<&MaglevBackend> = backends.iter().filter(|b| b.weight > 0).collect();
+        sorted.sort_by_key(|b| b.addr);
+        if sorted.is_empty() {
+            return MaglevTable {
+                entries: vec![NO_BACKEND; size as usize],
+            };
+        }
+        let total: u64 = sorted.iter().map(|b| u64::from(b.weight)).sum();
+        let m = u64::from(size);
+        let mut counts: Vec<u64> = sorted
+            .iter()
+            .map(|b| m * u64::from(b.weight) / total)
+            .collect();
+        let mut by_remainder: Vec<usize> = (0..sorted.len()).collect();
+        by_remainder.sort_by_key(|&i| std::cmp::Reverse(m * u64::from(sorted[i].weight) % total));
+        let short = m - counts.iter().sum::<u64>();
+        for &i in by_remainder.iter().take(short as usize) {
+            counts[i] += 1;
+        }
+        let mut slots: Vec<(f64, usize)> = Vec::with_capacity(size as usize);
+        for (i, &n) in counts.iter().enumerate() {
+            for k in 0..n {
+                slots.push(((k as f64 + 0.5) / n as f64, i));
+            }
+        }
+        slots.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        MaglevTable {
+            entries: slots.into_iter().map(|(_, i)| sorted[i].id).collect(),
+        }
+    }
+
     /// A table with these entries (one read back from the data plane).
     pub fn from_entries(entries: Vec<u32>) -> MaglevTable {
         MaglevTable { entries }
@@ -159,6 +199,42 @@ pub fn is_prime(n: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn smooth_wrr_keeps_the_weights_in_every_window() {
+        let backends: Vec<MaglevBackend> = [1u32, 2, 3]
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| MaglevBackend {
+                addr: IpAddr::from([10, 0, 0, i as u8 + 1]),
+                weight: w,
+                id: i as u32,
+            })
+            .collect();
+        let t = MaglevTable::smooth_wrr(&backends, 65537);
+        assert_eq!(t.entries().len(), 65537);
+        let total: Vec<usize> = (0..3).map(|id| t.share(id)).collect();
+        assert_eq!(total.iter().sum::<usize>(), 65537);
+        for (id, w) in [(0, 1.0), (1, 2.0), (2, 3.0)] {
+            let want = 65537.0 * w / 6.0;
+            assert!((total[id] as f64 - want).abs() <= 1.0, "{id}: {total:?}");
+        }
+        // Any 60 consecutive new flows: 10, 20 and 30 of them, give or take 2.
+        for start in (0..65000).step_by(997) {
+            let window = &t.entries()[start..start + 60];
+            for (id, want) in [(0u32, 10i64), (1, 20), (2, 30)] {
+                let got = window.iter().filter(|&&e| e == id).count() as i64;
+                assert!(
+                    (got - want).abs() <= 2,
+                    "window at {start}: backend {id} got {got}"
+                );
+            }
+        }
+        // Without weight: no backend.
+        let none = MaglevTable::smooth_wrr(&[], 7);
+        assert!(none.entries().iter().all(|&e| e == NO_BACKEND));
+    }
+
     use std::collections::HashMap;
 
     use super::*;

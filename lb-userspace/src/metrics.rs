@@ -56,6 +56,7 @@ pub const FAMILIES: &[&str] = &[
     "lb_backend_weight_in_effect",
     "lb_backend_table_share_ratio",
     "lb_backend_load_factor",
+    "lb_backend_least_load_score",
     "lb_backend_load_pressure",
     "lb_backend_health_transitions_total",
     "lb_backend_load_queue",
@@ -267,6 +268,11 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
         &|r| Some(r.steer.map_or(1.0, |x| x.factor)),
     );
     per_backend(
+        "lb_backend_least_load_score",
+        "Least-load score of the backend (1000 x (requests reported + new flows in the last second) / weight), for least-load VIPs.",
+        &|r| r.steer.and_then(|x| x.score).map(f64::from),
+    );
+    per_backend(
         "lb_backend_load_pressure",
         "Smoothed load pressure of the backend (1 = at its queue or KV-cache limit), for VIPs that follow load.",
         &|r| r.steer.and_then(|x| x.pressure),
@@ -450,6 +456,7 @@ mod tests {
             address = "203.0.113.1"
             port = 80
             protocol = "tcp"
+            scheduler = "least-load"
             backends = [ { address = "10.0.0.1" } ]
             [vip.health]
             check = "tcp"
@@ -478,6 +485,7 @@ mod tests {
             },
         );
         st.plan(&v, now, true).unwrap();
+        st.scores(&v, now, BTreeMap::from([(b, 3)]));
         let mut counters = Counters::default();
         counters.vips.insert(v.addr, TrafficCounters::default());
         counters

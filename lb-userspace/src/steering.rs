@@ -43,6 +43,8 @@ use crate::{
 pub const FULL: u32 = 20;
 /// Least time between two load-driven table changes of one VIP.
 pub const MIN_REBUILD_INTERVAL: Duration = Duration::from_secs(1);
+/// Least-load counts the new flows sent to a backend over this window.
+pub const SCORE_WINDOW: Duration = Duration::from_secs(1);
 /// Smallest level change that load or slow start applies at once
 /// (hysteresis).
 pub const HYSTERESIS: u32 = 2;
@@ -173,6 +175,10 @@ struct VipSteer {
     all_down: bool,
     last_change: Option<Instant>,
     applied: Option<BTreeMap<IpAddr, Target>>,
+    /// Least-load: samples of each backend's new-flow counter, oldest first.
+    flow_samples: std::collections::VecDeque<(Instant, BTreeMap<IpAddr, u64>)>,
+    /// Least-load: the scores last handed out.
+    scores: BTreeMap<IpAddr, u32>,
 }
 
 /// A backend as steering sees it, for views (API, metrics, `lbctl`).
@@ -189,6 +195,8 @@ pub struct BackendView {
     pub factor: f64,
     /// Whether it is ramping up (slow start).
     pub ramping: bool,
+    /// Its least-load score, for VIPs with that scheduler.
+    pub score: Option<u32>,
 }
 
 /// A VIP as steering sees it.
@@ -490,6 +498,73 @@ impl Steering {
         Some(Plan { targets, factors })
     }
 
+    /// Least-load scores of `vip`'s backends that changed since the last
+    /// call, from `flows` (each backend's new-flow counter now) and the
+    /// nodes' load reports:
+    ///
+    /// `score = 1000 × (reported + recent) / weight`, where `reported` is
+    /// the node's requests waiting plus running from a fresh report (0
+    /// without one) and `recent` the new flows sent to it in the last
+    /// [`SCORE_WINDOW`]: what it has, plus what is on its way and not yet in
+    /// a report. Lower is less loaded; backends out of the table get none.
+    pub fn scores(
+        &mut self,
+        vip: &Vip,
+        now: Instant,
+        flows: BTreeMap<IpAddr, u64>,
+    ) -> BTreeMap<IpAddr, u32> {
+        let Some(state) = self.vips.get_mut(&vip.addr) else {
+            return BTreeMap::new();
+        };
+        state.flow_samples.push_back((now, flows));
+        while state
+            .flow_samples
+            .get(1)
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) >= SCORE_WINDOW)
+        {
+            state.flow_samples.pop_front();
+        }
+        let (oldest, newest) = (
+            &state.flow_samples[0].1,
+            &state.flow_samples[state.flow_samples.len() - 1].1,
+        );
+        let mut changed = BTreeMap::new();
+        for b in &vip.backends {
+            let weight = b.effective_weight();
+            if weight == 0 {
+                continue;
+            }
+            let recent = newest
+                .get(&b.addr)
+                .zip(oldest.get(&b.addr))
+                .map_or(0, |(n, o)| n.saturating_sub(*o)) as f64;
+            let reported = match (vip.load_policy(b), self.nodes.get(&b.addr)) {
+                (Some(policy), Some(r))
+                    if now.saturating_duration_since(r.at)
+                        <= r.ttl.unwrap_or(policy.stale_after) =>
+                {
+                    r.queue + r.running.unwrap_or(0.0)
+                }
+                _ => 0.0,
+            };
+            let score =
+                (1000.0 * (reported + recent) / f64::from(weight)).min(f64::from(u32::MAX)) as u32;
+            if state.scores.get(&b.addr) != Some(&score) {
+                state.scores.insert(b.addr, score);
+                changed.insert(b.addr, score);
+            }
+        }
+        changed
+    }
+
+    /// Forgets the scores handed out, so the next [`Steering::scores`]
+    /// returns every one (after the data plane reset some).
+    pub fn forget_scores(&mut self) {
+        for v in self.vips.values_mut() {
+            v.scores.clear();
+        }
+    }
+
     /// Records that the data plane holds `plan` for `vip` since `now`.
     pub fn applied(&mut self, vip: &VipAddr, plan: &Plan, now: Instant) {
         if let Some(state) = self.vips.get_mut(vip) {
@@ -500,7 +575,8 @@ impl Steering {
 
     /// The view of `backend` in `vip`.
     pub fn backend_view(&self, vip: &Vip, backend: IpAddr) -> Option<BackendView> {
-        let s = self.vips.get(&vip.addr)?.backends.get(&backend)?;
+        let state = self.vips.get(&vip.addr)?;
+        let s = state.backends.get(&backend)?;
         let b = vip.backends.iter().find(|b| b.addr == backend)?;
         Some(BackendView {
             health: s.health.clone(),
@@ -508,6 +584,7 @@ impl Steering {
             pressure: vip.load_policy(b).map(|_| s.smoothed),
             factor: f64::from(s.level) / f64::from(FULL),
             ramping: s.ramp_from.is_some(),
+            score: state.scores.get(&backend).copied(),
         })
     }
 
@@ -774,6 +851,51 @@ mod tests {
         assert_eq!(seen.last(), Some(&20));
         assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
         assert!(seen.len() >= 5, "ramps in steps: {seen:?}");
+    }
+
+    #[test]
+    fn least_load_scores_count_reports_and_recent_flows_per_weight() {
+        let mut v = vip(
+            "scheduler = \"least-load\"\n[vip.load]\nstale_after = 10\n",
+            3,
+        );
+        v.backends[2].weight = 2;
+        let t0 = Instant::now();
+        let mut s = start(&v, t0);
+        let flows =
+            |a: u64, b: u64, c: u64| BTreeMap::from([(addr(1), a), (addr(2), b), (addr(3), c)]);
+        assert_eq!(
+            s.scores(&v, t0, flows(0, 0, 0)),
+            BTreeMap::from([(addr(1), 0), (addr(2), 0), (addr(3), 0)])
+        );
+        s.load_report(
+            addr(1),
+            LoadReport {
+                running: Some(3.0),
+                ..report(2.0, t0)
+            },
+        );
+        let t1 = t0 + Duration::from_millis(500);
+        // b1: 2 waiting + 3 running; b2: 10 new flows in the window; b3: 10
+        // new flows at weight 2.
+        let got = s.scores(&v, t1, flows(0, 10, 10));
+        assert_eq!(
+            got,
+            BTreeMap::from([(addr(1), 5000), (addr(2), 10000), (addr(3), 5000)])
+        );
+        assert_eq!(
+            s.scores(&v, t1, flows(0, 10, 10)),
+            BTreeMap::new(),
+            "only changes"
+        );
+        // A second later the flows are out of the window; the report is
+        // still fresh.
+        let t2 = t1 + Duration::from_millis(1500);
+        let got = s.scores(&v, t2, flows(0, 10, 10));
+        assert_eq!(got, BTreeMap::from([(addr(2), 0), (addr(3), 0)]));
+        // Stale: the report no longer counts.
+        let got = s.scores(&v, t0 + Duration::from_secs(11), flows(0, 10, 10));
+        assert_eq!(got, BTreeMap::from([(addr(1), 0)]));
     }
 
     #[test]

@@ -185,18 +185,44 @@ impl FromStr for DownPolicy {
     }
 }
 
-/// How a VIP spreads new flows over its backends.
+/// How a VIP spreads new flows over its backends (see docs/schedulers.md).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Scheduler {
     /// Weighted Maglev consistent hashing of the 5-tuple.
     #[default]
     Maglev,
+    /// Maglev on a hash of the client's address (and, with `with_port`, its
+    /// source port): every flow of one client reaches one backend.
+    MaglevSrc { with_port: bool },
+    /// Smooth weighted round robin over new flows.
+    Wrr,
+    /// Power of two choices: of two Maglev positions of the flow, the
+    /// backend with the lower load score.
+    LeastLoad,
+}
+
+impl Scheduler {
+    /// Every scheduler name, for messages.
+    pub const NAMES: &str = "\"maglev\", \"maglev-src\", \"wrr\", \"least-load\"";
+
+    /// What `hash_fields` says for this scheduler (`None`: not hashed by
+    /// source).
+    pub fn hash_fields(self) -> Option<&'static str> {
+        match self {
+            Scheduler::MaglevSrc { with_port: false } => Some("address"),
+            Scheduler::MaglevSrc { with_port: true } => Some("address-port"),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Scheduler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Scheduler::Maglev => "maglev",
+            Scheduler::MaglevSrc { .. } => "maglev-src",
+            Scheduler::Wrr => "wrr",
+            Scheduler::LeastLoad => "least-load",
         })
     }
 }
@@ -206,7 +232,13 @@ impl FromStr for Scheduler {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "maglev" => Ok(Scheduler::Maglev),
-            _ => Err(format!("unknown scheduler {s:?} (available: \"maglev\")")),
+            "maglev-src" => Ok(Scheduler::MaglevSrc { with_port: false }),
+            "wrr" => Ok(Scheduler::Wrr),
+            "least-load" => Ok(Scheduler::LeastLoad),
+            _ => Err(format!(
+                "unknown scheduler {s:?} (available: {})",
+                Scheduler::NAMES
+            )),
         }
     }
 }

@@ -368,3 +368,119 @@ fn the_tcp_api_needs_a_token_and_the_socket_is_for_root_only() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("Permission denied"));
 }
+
+/// A VIP's scheduler and policies change through the API and `lbctl vip
+/// set`; a kept-alive connection keeps its backend through every change.
+#[test]
+fn vip_settings_change_and_established_connections_stay() {
+    let lab = Lab::start(&LabSpec::weights(&[1, 1, 1])).unwrap();
+    let e = api(&lab);
+    let path = format!("/v1/vips/{VIP}");
+    let addr = lab.vip_http(false);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (first_tx, first_rx) = std::sync::mpsc::channel::<String>();
+    let client = lab.client.name().to_string();
+    let keeper = std::thread::spawn(move || -> Result<usize, String> {
+        let ns = std::fs::File::open(format!("/run/netns/{client}")).unwrap();
+        // SAFETY: this thread enters the client's namespace for good.
+        assert_eq!(
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) },
+            0
+        );
+        let mut conn = lb_tests::lab::client::HttpConn::connect(addr).map_err(|e| e.to_string())?;
+        let (name, _) = conn.get("/").map_err(|e| e.to_string())?;
+        first_tx.send(name.clone()).unwrap();
+        let mut n = 0;
+        while rx.try_recv().is_err() {
+            let (again, _) = conn.get("/").map_err(|e| format!("request {n}: {e}"))?;
+            if again != name {
+                return Err(format!("moved from {name} to {again}"));
+            }
+            n += 1;
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(n)
+    });
+    first_rx.recv().unwrap();
+
+    let r = call(&e, "PATCH", &path, Some(r#"{"scheduler": "wrr"}"#));
+    assert_eq!(r.status, 200, "{}", r.error_message());
+    assert_eq!(get(&e, &path)["scheduler"], "wrr");
+    let r = call(
+        &e,
+        "PATCH",
+        &path,
+        Some(r#"{"hash_fields": "address-port"}"#),
+    );
+    assert_eq!(r.status, 422, "hash_fields without maglev-src");
+    assert!(
+        r.error_message().contains("hash_fields"),
+        "{}",
+        r.error_message()
+    );
+    let r = call(
+        &e,
+        "PATCH",
+        &path,
+        Some(r#"{"scheduler": "maglev-src", "hash_fields": "address-port", "slow_start": 10}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.error_message());
+    let v = get(&e, &path);
+    assert_eq!(
+        (
+            v["scheduler"].as_str(),
+            v["hash_fields"].as_str(),
+            v["slow_start_seconds"].as_f64()
+        ),
+        (Some("maglev-src"), Some("address-port"), Some(10.0))
+    );
+    for (body, status, field) in [
+        ("{}", 400, "body"),
+        (r#"{"scheduler": "rr"}"#, 400, "scheduler"),
+        (r#"{"hash_fields": "port"}"#, 400, "hash_fields"),
+        (r#"{"slow_start": -1}"#, 400, "slow_start"),
+        (r#"{"weight": 3}"#, 400, "weight"),
+    ] {
+        let r = call(&e, "PATCH", &path, Some(body));
+        assert_eq!(r.status, status, "{body}: {}", r.error_message());
+        assert!(
+            r.error_message().contains(field),
+            "{body}: {}",
+            r.error_message()
+        );
+    }
+    let o = lbctl(
+        &lab,
+        &[
+            "vip",
+            "set",
+            "203.0.113.10:80/tcp",
+            "--scheduler",
+            "least-load",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(get(&e, &path)["scheduler"], "least-load");
+    let saved = std::fs::read_to_string(lab.config_path()).unwrap();
+    assert!(
+        saved.contains("scheduler = \"least-load\""),
+        "persisted: {saved}"
+    );
+    assert!(
+        std::fs::read_to_string(lab.audit_log())
+            .unwrap()
+            .contains("\"change\":\"update_vip\""),
+        "audited"
+    );
+    // New connections are still answered under the new scheduler.
+    let answers: Vec<String> = lab
+        .in_client(move || (0..30).map(|_| http_get(addr).unwrap()).collect())
+        .unwrap();
+    assert_eq!(answers.len(), 30);
+    tx.send(()).unwrap();
+    let n = keeper
+        .join()
+        .unwrap()
+        .expect("the kept connection never moved");
+    assert!(n > 5, "{n} requests on the kept connection");
+}

@@ -529,3 +529,43 @@ fn bad_scrapes_are_ignored_with_a_counter() {
     );
     assert!(reports(&lab, "scrape", "unknown_format") >= 1.0);
 }
+
+/// Least-load: a node that reports a long queue gets few new connections
+/// (only those whose two choices are both it).
+#[test]
+fn least_load_sends_new_connections_away_from_a_busy_node() {
+    let lab = lab(
+        &[1, 1, 1],
+        "scheduler = \"least-load\"\n[vip.load]\nstale_after = 60\n",
+    );
+    let b2 = lab.backends[1].v4.to_string();
+    let (got, v) = api(
+        &lab,
+        "POST",
+        &format!("/v1/backends/{b2}/load"),
+        Some("{\"named_metrics\": {\"queue\": 200, \"running\": 8}}"),
+    );
+    assert_eq!(got, 204, "{v}");
+    wait_for(&lab, 5, "b2's score", |lab| {
+        backend(lab, 1)["score"]
+            .as_u64()
+            .is_some_and(|s| s >= 200_000)
+    });
+    let addr = lab.vip_http(false);
+    let names: Vec<String> = lab
+        .in_client(move || {
+            (0..150)
+                .map(|_| {
+                    thread::sleep(Duration::from_millis(10));
+                    http_get(addr).unwrap()
+                })
+                .collect()
+        })
+        .unwrap();
+    let to_b2 = names.iter().filter(|n| *n == "b2").count();
+    eprintln!("least-load: the busy node got {to_b2} of 150 new connections");
+    assert!(to_b2 * 5 < 150, "b2 got {to_b2} of 150");
+    let m = lab.metrics().unwrap();
+    let label = [("backend", b2.as_str()), ("vip", VIP_LABEL)];
+    assert!(prom::value(&m, "lb_backend_least_load_score", &label).unwrap() >= 200_000.0);
+}

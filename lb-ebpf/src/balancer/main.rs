@@ -2,8 +2,8 @@
 //! the benchmark wrapper.
 //!
 //! Data path, top to bottom: parse → VIP address filter → connection table
-//! (hit: the recorded backend) → on a miss, VIP lookup and Maglev, and the
-//! choice is recorded → encapsulate (outer header, FIB next hop) → count. Each step returns the
+//! (hit: the recorded backend) → on a miss, VIP lookup and the VIP's
+//! scheduler (Maglev by default), and the choice is recorded → encapsulate (outer header, FIB next hop) → count. Each step returns the
 //! [`Reason`] that ends it; the entry point counts the reason and returns the
 //! verdict that belongs to it, so every packet counts exactly one reason and
 //! no path returns `XDP_ABORTED`. Nothing is logged on the data path.
@@ -20,7 +20,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use lb_common::{
     BackendInfo, DataplaneConfig, FAMILY_V6, MAGLEV_CHUNK, NO_BACKEND, PROTO_IPIP, PROTO_IPV6,
-    Reason, VipInfo, VipKey, flow_hash, maglev_position, vip_filter_slot,
+    Reason, VIP_HASH_SRC_PORT, VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK,
+    VIP_SCHED_WRR, VipInfo, VipKey, flow_hash, maglev_position, second_choice, source_hash,
+    vip_filter_slot,
 };
 use lb_ebpf::{
     packet::{frame_len, ptr_at, ptr_at_mut},
@@ -68,14 +70,15 @@ fn try_balance(ctx: &XdpContext) -> Result<(), Reason> {
 
     // An established flow needs no VIP lookup and no hash (unless the outer
     // header is IPv6 and wants a flow label).
-    let (backend_id, backend, hash) = match conntrack::lookup(&pkt, cfg, now, || vip_flags(&pkt)) {
-        conntrack::Lookup::Hit(id, backend) => (id, backend, None),
-        conntrack::Lookup::Schedule => {
-            let (id, backend, hash) = schedule(&pkt, cfg)?;
-            conntrack::record(&pkt, id, backend, now);
-            (id, backend, Some(hash))
-        }
-    };
+    let (backend_id, backend, hash, new_flow) =
+        match conntrack::lookup(&pkt, cfg, now, || vip_flags(&pkt)) {
+            conntrack::Lookup::Hit(id, backend) => (id, backend, None, 0),
+            conntrack::Lookup::Schedule => {
+                let (id, backend, hash) = schedule(&pkt, cfg)?;
+                conntrack::record(&pkt, id, backend, now);
+                (id, backend, hash, 1)
+            }
+        };
 
     if encap::outer_len(backend) + pkt.ip_len > cfg.mtu as usize {
         return Err(Reason::TooBig);
@@ -89,31 +92,77 @@ fn try_balance(ctx: &XdpContext) -> Result<(), Reason> {
     };
     encap::encapsulate(ctx, &pkt, backend, cfg, macs, label)?;
 
-    count_traffic(&LB_VIP_STATS, backend.vip_id, bytes);
-    count_traffic(&LB_BACKEND_STATS, backend_id, bytes);
+    count_traffic(&LB_VIP_STATS, backend.vip_id, bytes, new_flow);
+    count_traffic(&LB_BACKEND_STATS, backend_id, bytes, new_flow);
     Ok(())
 }
 
-/// A new flow's backend: the VIP's Maglev table at the flow hash's position.
-/// Returns the backend id, the backend and the hash.
+/// A new flow's backend, by the VIP's scheduler (see `lb_common::VIP_SCHED_*`).
+/// Returns the backend id, the backend and the flow hash if it was computed
+/// (the IPv6 outer header's flow label reuses it).
 #[inline(always)]
 fn schedule(
     pkt: &Packet,
     cfg: &DataplaneConfig,
-) -> Result<(u32, &'static BackendInfo, u32), Reason> {
+) -> Result<(u32, &'static BackendInfo, Option<u32>), Reason> {
     let vip = lookup_vip(pkt).ok_or(Reason::NotVip)?;
-    let hash = flow_hash(&pkt.flow);
-    let pos = maglev_position(hash, cfg.table_size);
+    let sched = vip.flags & VIP_SCHED_MASK;
+    let (pos, hash) = if sched == VIP_SCHED_WRR {
+        (wrr_position(vip.id, cfg.table_size), None)
+    } else if sched == VIP_SCHED_MAGLEV_SRC {
+        let h = source_hash(&pkt.flow, vip.flags & VIP_HASH_SRC_PORT != 0);
+        (maglev_position(h, cfg.table_size), None)
+    } else {
+        let h = flow_hash(&pkt.flow);
+        (maglev_position(h, cfg.table_size), Some(h))
+    };
+    let mut backend_id = table_entry(&vip, pos)?;
+    if sched == VIP_SCHED_LEAST_LOAD
+        && let Some(h) = hash
+    {
+        // Power of two choices: the second position from the same hash.
+        let other = table_entry(&vip, maglev_position(second_choice(h), cfg.table_size))?;
+        if score(other) < score(backend_id) {
+            backend_id = other;
+        }
+    }
+    let backend = LB_BACKENDS.get(backend_id).ok_or(Reason::NoBackend)?;
+    Ok((backend_id, backend, hash))
+}
+
+/// The backend id at position `pos` of the VIP's active table.
+#[inline(always)]
+fn table_entry(vip: &VipInfo, pos: u32) -> Result<u32, Reason> {
     let chunk = LB_MAGLEV
         .get(vip.table_chunk + pos / MAGLEV_CHUNK)
         .ok_or(Reason::NoBackend)?;
     // The mask keeps the index provably inside the chunk for the verifier.
-    let backend_id = chunk.backends[(pos % MAGLEV_CHUNK) as usize & (MAGLEV_CHUNK as usize - 1)];
-    if backend_id == NO_BACKEND {
+    let id = chunk.backends[(pos % MAGLEV_CHUNK) as usize & (MAGLEV_CHUNK as usize - 1)];
+    if id == NO_BACKEND {
         return Err(Reason::NoBackend);
     }
-    let backend = LB_BACKENDS.get(backend_id).ok_or(Reason::NoBackend)?;
-    Ok((backend_id, backend, hash))
+    Ok(id)
+}
+
+/// This CPU's next position in a weighted-round-robin VIP's table (the
+/// table holds the sequence; each CPU walks it from its own offset).
+#[inline(always)]
+fn wrr_position(vip_id: u32, size: u32) -> u32 {
+    let Some(p) = LB_WRR_POS.get_ptr_mut(vip_id) else {
+        return 0;
+    };
+    // SAFETY: a per-CPU value: no other CPU touches it.
+    unsafe {
+        let pos = if *p >= size { 0 } else { *p };
+        *p = pos + 1;
+        pos
+    }
+}
+
+/// A backend's load score (least-load); 0 when none was written.
+#[inline(always)]
+fn score(backend_id: u32) -> u32 {
+    LB_SCORES.get(backend_id).copied().unwrap_or(0)
 }
 
 /// The VIP for the packet's destination: exact port first, then port 0.

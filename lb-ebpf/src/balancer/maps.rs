@@ -60,6 +60,14 @@ pub static LB_BACKEND_STATS: PerCpuArray<TrafficCounters> =
 #[map(name = "LB_REASON_STATS")]
 pub static LB_REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
 
+/// Each CPU's position in a weighted-round-robin VIP's sequence, per VIP id.
+#[map(name = "LB_WRR_POS")]
+pub static LB_WRR_POS: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_MAX_VIPS, 0);
+
+/// Load scores for least-load, per backend id (lower: less loaded).
+#[map(name = "LB_SCORES")]
+pub static LB_SCORES: Array<u32> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
 #[map(name = "LB_BENCH_PROGS")]
 pub static LB_BENCH_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
@@ -70,14 +78,16 @@ pub static LB_BENCH_CONTROL: Array<BenchControl> = Array::with_max_entries(1, 0)
 #[map(name = "LB_BENCH_STATS")]
 pub static LB_BENCH_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
-/// Adds one packet of `bytes` to entry `index` of a traffic counter map.
+/// Adds one packet of `bytes` (and `new_flow`: 1 if it started a flow) to
+/// entry `index` of a traffic counter map.
 #[inline(always)]
-pub fn count_traffic(map: &PerCpuArray<TrafficCounters>, index: u32, bytes: u64) {
+pub fn count_traffic(map: &PerCpuArray<TrafficCounters>, index: u32, bytes: u64, new_flow: u64) {
     if let Some(c) = map.get_ptr_mut(index) {
         // Per-CPU value: no other CPU writes it, no atomics needed.
         unsafe {
             (*c).packets += 1;
             (*c).bytes += bytes;
+            (*c).flows += new_flow;
         }
     }
 }

@@ -87,14 +87,38 @@ enum VipCommand {
     Add {
         /// ADDRESS:PORT/PROTOCOL (IPv6 as [ADDRESS]:PORT/PROTOCOL; port 0 = any).
         vip: VipAddr,
+        /// maglev, maglev-src, wrr or least-load.
         #[arg(long, default_value = "maglev")]
         scheduler: Scheduler,
+        /// maglev-src: hash `address` (default) or `address-port`.
+        #[arg(long)]
+        hash_fields: Option<String>,
         /// Established flows of a backend marked down: reschedule or stick.
         #[arg(long, default_value = "reschedule")]
         on_backend_down: DownPolicy,
         /// A backend, ADDRESS or ADDRESS=WEIGHT (repeat for several).
         #[arg(long = "backend", value_parser = parse_backend)]
         backends: Vec<(IpAddr, u32)>,
+    },
+    /// Change a VIP's settings; established flows keep their backends,
+    /// e.g. `lbctl vip set 203.0.113.10:443/tcp --scheduler wrr`.
+    Set {
+        vip: VipAddr,
+        /// maglev, maglev-src, wrr or least-load.
+        #[arg(long)]
+        scheduler: Option<Scheduler>,
+        /// maglev-src: hash `address` or `address-port`.
+        #[arg(long)]
+        hash_fields: Option<String>,
+        /// Established flows of a backend marked down: reschedule or stick.
+        #[arg(long)]
+        on_backend_down: Option<DownPolicy>,
+        /// Every backend down: keep_last or drop.
+        #[arg(long)]
+        on_all_down: Option<String>,
+        /// Seconds a new or recovered backend ramps up over (0: off).
+        #[arg(long)]
+        slow_start: Option<f64>,
     },
     /// Remove a VIP (its traffic then passes to the host).
     Remove { vip: VipAddr },
@@ -501,10 +525,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Vip(VipCommand::Add {
             vip,
             scheduler,
+            hash_fields,
             on_backend_down,
             backends,
         }) => {
-            let body = json!({
+            let mut body = json!({
                 "address": vip.addr.to_string(),
                 "port": vip.port,
                 "protocol": vip.protocol.to_string(),
@@ -512,8 +537,40 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 "on_backend_down": on_backend_down.to_string(),
                 "backends": backends.iter().map(|(a, w)| json!({"address": a.to_string(), "weight": w})).collect::<Vec<_>>(),
             });
+            if let Some(f) = hash_fields {
+                body["hash_fields"] = json!(f);
+            }
             let v = ctl.call("POST", "/v1/vips", Some(body))?;
             ctl.print(&v, |v| format!("added VIP {}\n", s(v, "vip")));
+        }
+        Command::Vip(VipCommand::Set {
+            vip,
+            scheduler,
+            hash_fields,
+            on_backend_down,
+            on_all_down,
+            slow_start,
+        }) => {
+            let mut body = serde_json::Map::new();
+            if let Some(x) = scheduler {
+                body.insert("scheduler".into(), json!(x.to_string()));
+            }
+            if let Some(x) = hash_fields {
+                body.insert("hash_fields".into(), json!(x));
+            }
+            if let Some(x) = on_backend_down {
+                body.insert("on_backend_down".into(), json!(x.to_string()));
+            }
+            if let Some(x) = on_all_down {
+                body.insert("on_all_down".into(), json!(x));
+            }
+            if let Some(x) = slow_start {
+                body.insert("slow_start".into(), json!(x));
+            }
+            let v = ctl.call("PATCH", &vip_path(&vip), Some(Value::Object(body)))?;
+            ctl.print(&v, |v| {
+                format!("VIP {}: scheduler {}\n", s(v, "vip"), s(v, "scheduler"))
+            });
         }
         Command::Vip(VipCommand::Remove { vip }) => {
             ctl.call("DELETE", &vip_path(&vip), None)?;

@@ -43,6 +43,7 @@ fn sum(values: &aya::maps::PerCpuValues<TrafficCounters>) -> TrafficCounters {
         .fold(TrafficCounters::default(), |acc, c| TrafficCounters {
             packets: acc.packets + c.packets,
             bytes: acc.bytes + c.bytes,
+            flows: acc.flows + c.flows,
         })
 }
 
@@ -83,5 +84,23 @@ impl Dataplane {
             }
         }
         Ok(c)
+    }
+
+    /// New flows scheduled to each backend of `vip` since it was programmed
+    /// (summed over CPUs).
+    pub fn backend_flows(&self, vip: &VipAddr) -> Result<BTreeMap<IpAddr, u64>, DataplaneError> {
+        let Some(p) = self.vips.get(vip) else {
+            return Ok(BTreeMap::new());
+        };
+        let mut out = BTreeMap::new();
+        for (addr, b) in &p.backends {
+            let v = self
+                .maps
+                .backend_stats
+                .get(&b.id, 0)
+                .map_err(map_err(map_name::BACKEND_STATS))?;
+            out.insert(*addr, v.iter().map(|c| c.flows).sum());
+        }
+        Ok(out)
     }
 }

@@ -226,6 +226,8 @@ struct Maps {
     vip_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     reason_stats: PerCpuArray<MapData, u64>,
+    wrr_pos: PerCpuArray<MapData, u32>,
+    scores: Array<MapData, u32>,
 }
 
 /// The loaded balancer and the state programmed into its maps.
@@ -425,6 +427,8 @@ impl Dataplane {
             .map_max_entries(map_name::BACKENDS, settings.max_backends)
             .map_max_entries(map_name::BACKEND_STATS, settings.max_backends)
             .map_max_entries(map_name::NEXTHOPS, settings.max_backends)
+            .map_max_entries(map_name::SCORES, settings.max_backends)
+            .map_max_entries(map_name::WRR_POS, settings.max_vips)
             .map_max_entries(map_name::FLOWS, settings.flows);
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
@@ -468,6 +472,8 @@ impl Dataplane {
             vip_stats: typed!(map_name::VIP_STATS),
             backend_stats: typed!(map_name::BACKEND_STATS),
             reason_stats: typed!(map_name::REASON_STATS),
+            wrr_pos: typed!(map_name::WRR_POS),
+            scores: typed!(map_name::SCORES),
         };
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| DataplaneError::Cpus(format!("{what}: {e}")))?;

@@ -59,7 +59,7 @@ struct Shape {
 }
 
 /// The maps a state directory must hold, shaped for these settings.
-fn expected(settings: &BalancerSettings) -> [Shape; 11] {
+fn expected(settings: &BalancerSettings) -> [Shape; 13] {
     use std::mem::size_of;
     let shape = |name, kind, key, value, max, flags| Shape {
         name,
@@ -161,6 +161,8 @@ fn expected(settings: &BalancerSettings) -> [Shape; 11] {
             FLOW_EVENT_COUNT,
             0,
         ),
+        shape(map_name::WRR_POS, MapType::PerCpuArray, 4, 4, vips, 0),
+        shape(map_name::SCORES, MapType::Array, 4, 4, backends, 0),
     ]
 }
 

@@ -13,25 +13,35 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, MAGLEV_CHUNK, MaglevChunk, VIP_STICK_WHEN_DOWN,
-    VipInfo, addr_words, chunks_per_table, map_name, vip_filter_slot,
+    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, MAGLEV_CHUNK, MaglevChunk, VIP_HASH_SRC_PORT,
+    VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK, VIP_SCHED_WRR,
+    VIP_STICK_WHEN_DOWN, VipInfo, addr_words, chunks_per_table, map_name, vip_filter_slot,
 };
 
 use super::{BackendState, Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
 use crate::{
     maglev::{MaglevBackend, MaglevTable},
     steering::{FULL, Target},
-    vip::{DownPolicy, Vip, VipAddr},
+    vip::{DownPolicy, Scheduler, Vip, VipAddr},
 };
 
 /// Id placeholder of a backend that has none yet.
 const UNASSIGNED: u32 = u32::MAX;
 
-fn vip_flags(policy: DownPolicy) -> u32 {
-    match policy {
+/// The `VipInfo::flags` of `vip`: its down policy and scheduler.
+fn vip_flags(vip: &Vip) -> u32 {
+    let down = match vip.on_backend_down {
         DownPolicy::Reschedule => 0,
         DownPolicy::Stick => VIP_STICK_WHEN_DOWN,
-    }
+    };
+    let sched = match vip.scheduler {
+        Scheduler::Maglev => VIP_SCHED_MAGLEV,
+        Scheduler::MaglevSrc { with_port: false } => VIP_SCHED_MAGLEV_SRC,
+        Scheduler::MaglevSrc { with_port: true } => VIP_SCHED_MAGLEV_SRC | VIP_HASH_SRC_PORT,
+        Scheduler::Wrr => VIP_SCHED_WRR,
+        Scheduler::LeastLoad => VIP_SCHED_LEAST_LOAD,
+    };
+    down | sched
 }
 
 /// How long a table slot stays untouched after it stopped being active, and
@@ -121,7 +131,7 @@ impl Dataplane {
                 (b.addr, backend)
             })
             .collect();
-        let flags = vip_flags(vip.on_backend_down);
+        let flags = vip_flags(vip);
         if existing.is_some_and(|p| p.backends == wanted && p.flags == flags) {
             return Ok(());
         }
@@ -192,6 +202,16 @@ impl Dataplane {
                     id,
                     self.nr_cpus,
                 )?;
+                // Each CPU walks a round-robin sequence from its own offset.
+                let size = u64::from(self.settings.table_size);
+                let n = self.nr_cpus as u64;
+                let offsets: Vec<u32> = (0..n).map(|cpu| (cpu * size / n) as u32).collect();
+                let offsets = aya::maps::PerCpuValues::try_from(offsets)
+                    .expect("nr_cpus values, the count aya expects");
+                self.maps
+                    .wrr_pos
+                    .set(id, offsets, 0)
+                    .map_err(map_err(map_name::WRR_POS))?;
                 (id, 0)
             }
         };
@@ -285,6 +305,11 @@ impl Dataplane {
                     b.id,
                     self.nr_cpus,
                 )?;
+                // No score from the id's previous owner.
+                self.maps
+                    .scores
+                    .set(b.id, 0, 0)
+                    .map_err(map_err(map_name::SCORES))?;
             }
         }
         // A reused id must not keep the next hop of its previous address.
@@ -300,7 +325,11 @@ impl Dataplane {
                 id: b.id,
             })
             .collect();
-        let table = MaglevTable::build(&inputs, self.settings.table_size);
+        let table = if flags & VIP_SCHED_MASK == VIP_SCHED_WRR {
+            MaglevTable::smooth_wrr(&inputs, self.settings.table_size)
+        } else {
+            MaglevTable::build(&inputs, self.settings.table_size)
+        };
         let first_chunk = self.table_chunk(vip_id, half);
         self.write_table(first_chunk, &table)?;
         // The address filter first, so the VIP is never hidden behind it.
@@ -388,6 +417,25 @@ impl Dataplane {
     /// The VIPs as programmed.
     pub fn vips(&self) -> impl Iterator<Item = &VipAddr> {
         self.vips.keys()
+    }
+
+    /// Writes the least-load scores of `vip`'s backends (lower: less
+    /// loaded); backends not named keep theirs. Unknown backends are skipped.
+    pub fn set_scores(
+        &mut self,
+        vip: &VipAddr,
+        scores: &BTreeMap<IpAddr, u32>,
+    ) -> Result<(), DataplaneError> {
+        let p = self.vips.get(vip).ok_or(DataplaneError::UnknownVip(*vip))?;
+        for (addr, score) in scores {
+            if let Some(b) = p.backends.get(addr) {
+                self.maps
+                    .scores
+                    .set(b.id, *score, 0)
+                    .map_err(map_err(map_name::SCORES))?;
+            }
+        }
+        Ok(())
     }
 
     /// The backends of a VIP as programmed: health, weight in the table and
