@@ -8,8 +8,9 @@
 //! Families (labels `vip` = `ADDRESS:PORT/PROTOCOL`, `backend` = address):
 //! - `lb_packets_total{reason}`: every packet the balancer saw, by the
 //!   reason for its verdict (`forwarded`, and why passed or dropped).
-//! - `lb_vip_packets_total`, `lb_vip_bytes_total{vip}`; `lb_backend_packets_total`,
-//!   `lb_backend_bytes_total{vip,backend}`: forwarded traffic.
+//! - `lb_vip_packets_total`, `lb_vip_bytes_total`, `lb_vip_flows_total{vip}`;
+//!   `lb_backend_packets_total`, `lb_backend_bytes_total`,
+//!   `lb_backend_flows_total{vip,backend}`: forwarded traffic and new flows.
 //! - `lb_conntrack_events_total{event}`: `miss` (a new flow, scheduled),
 //!   `hit`, `stale`, `insert_failed`, `reset`.
 //! - `lb_maglev_rebuilds_total{vip}`: tables built and switched in.
@@ -47,8 +48,10 @@ pub const FAMILIES: &[&str] = &[
     "lb_conntrack_events_total",
     "lb_vip_packets_total",
     "lb_vip_bytes_total",
+    "lb_vip_flows_total",
     "lb_backend_packets_total",
     "lb_backend_bytes_total",
+    "lb_backend_flows_total",
     "lb_maglev_rebuilds_total",
     "lb_backend_up",
     "lb_backend_drained",
@@ -171,6 +174,13 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
     for (vip, t) in &vips {
         m.push(counter(&[("vip", vip)], t.bytes));
     }
+    let m = f.counters(
+        "lb_vip_flows_total",
+        "New flows scheduled per VIP (connection-table misses that were forwarded).",
+    );
+    for (vip, t) in &vips {
+        m.push(counter(&[("vip", vip)], t.flows));
+    }
     let backends: Vec<([String; 2], _)> = c
         .backends
         .iter()
@@ -189,6 +199,13 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
     );
     for ([backend, vip], t) in &backends {
         m.push(counter(&[("backend", backend), ("vip", vip)], t.bytes));
+    }
+    let m = f.counters(
+        "lb_backend_flows_total",
+        "New flows scheduled per VIP and backend.",
+    );
+    for ([backend, vip], t) in &backends {
+        m.push(counter(&[("backend", backend), ("vip", vip)], t.flows));
     }
     let m = f.counters(
         "lb_maglev_rebuilds_total",

@@ -236,6 +236,11 @@ fn scraped_counters_equal_the_packets_and_bytes_sent_under_their_labels() {
     );
     for (vip, (packets, bytes)) in &vips {
         assert_eq!(
+            counter(&text, "lb_vip_flows_total", &[("vip", vip)]),
+            30,
+            "{vip}: 30 new flows"
+        );
+        assert_eq!(
             counter(&text, "lb_vip_packets_total", &[("vip", vip)]),
             *packets,
             "{vip}"

@@ -65,8 +65,8 @@ const CONFIG: &str = r#"
 [balancer]
 source_v4 = "10.200.0.1"
 source_v6 = "fd00:200::1"
-max_vips = 4
-max_backends = 16
+max_vips = 8
+max_backends = 32
 
 [[vip]]
 address = "203.0.113.10"
@@ -81,6 +81,33 @@ address = "2001:db8:10::1"
 port = 443
 protocol = "tcp"
 backends = [ { address = "fd00:200::31" }, { address = "fd00:200::32" } ]
+
+[[vip]]
+address = "203.0.113.20"
+port = 80
+protocol = "tcp"
+scheduler = "maglev-src"
+backends = [
+  { address = "10.200.0.11" }, { address = "10.200.0.12" }, { address = "10.200.0.13" },
+]
+
+[[vip]]
+address = "203.0.113.21"
+port = 80
+protocol = "tcp"
+scheduler = "wrr"
+backends = [
+  { address = "10.200.0.11" }, { address = "10.200.0.12" }, { address = "10.200.0.13" },
+]
+
+[[vip]]
+address = "203.0.113.22"
+port = 80
+protocol = "tcp"
+scheduler = "least-load"
+backends = [
+  { address = "10.200.0.11" }, { address = "10.200.0.12" }, { address = "10.200.0.13" },
+]
 "#;
 
 const REPEAT: u32 = 1_000_000;
@@ -227,7 +254,7 @@ fn xdp_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
         nexthop_cache: true,
         new_flows: None,
     };
-    let cases = [
+    let mut cases = vec![
         Case {
             wrapped: Some(BenchTarget::Floor),
             reason: None,
@@ -307,6 +334,50 @@ fn xdp_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
             )
         },
     ];
+    // Each scheduler: an established flow, and a new (non-SYN) flow every
+    // packet. The maglev VIP is the IPv4 one above.
+    let scheds: [(&str, [&'static str; 1], [&'static str; 1]); 4] = [
+        (
+            "203.0.113.10",
+            ["xdp_ns.sched.maglev.established"],
+            ["xdp_ns.sched.maglev.new"],
+        ),
+        (
+            "203.0.113.20",
+            ["xdp_ns.sched.maglev_src.established"],
+            ["xdp_ns.sched.maglev_src.new"],
+        ),
+        (
+            "203.0.113.21",
+            ["xdp_ns.sched.wrr.established"],
+            ["xdp_ns.sched.wrr.new"],
+        ),
+        (
+            "203.0.113.22",
+            ["xdp_ns.sched.least_load.established"],
+            ["xdp_ns.sched.least_load.new"],
+        ),
+    ];
+    for (dst, established, new) in scheds {
+        let frame = with_tcp_flags(
+            &lab.frame(&flow("198.18.0.7", dst, 80), FrameSpec::default()),
+            v4_l4,
+            ACK,
+        );
+        let established: &'static [&'static str] = Box::leak(Box::new(established));
+        let new: &'static [&'static str] = Box::leak(Box::new(new));
+        let name = established[0].split('.').nth(2).unwrap_or("?");
+        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        cases.push(base(
+            established,
+            leak(format!("{name}, established flow")),
+            &frame,
+        ));
+        cases.push(Case {
+            new_flows: Some(v4_src),
+            ..base(new, leak(format!("{name}, new flow")), &frame)
+        });
+    }
     // LB_BENCH_ONLY=text keeps the floor and the cases whose key contains it
     // (for working on one path; the full set is what `cargo xtask bench` runs).
     let only = std::env::var("LB_BENCH_ONLY").ok();
@@ -314,7 +385,9 @@ fn xdp_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
         only.as_ref()
             .is_none_or(|o| c.keys.iter().any(|k| k.contains(o.as_str())))
     };
-    let [floor, rest @ ..] = cases;
+    let mut cases = cases.into_iter();
+    let floor = cases.next().expect("the floor comes first");
+    let rest: Vec<Case> = cases.collect();
     // New-flow runs sweep the whole connection table through the caches, so
     // they run as a group of their own; each group interleaves its runs
     // (with the floor), so a slow phase of the machine (this is a VM) hits
