@@ -5,7 +5,7 @@ use core::mem::size_of;
 /// Version of the layout of the balancer's maps and the meaning of their
 /// fields. A restarted `lbd` adopts pinned maps only of the same version;
 /// bump it with any change to a type in this module or to a map's kind.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Creation flags of the VIP map: `BPF_F_NO_PREALLOC` (see [`VipInfo`]).
 pub const VIPS_MAP_FLAGS: u32 = 1;
@@ -157,6 +157,33 @@ pub const CONFIG_NO_NEXTHOP_CACHE: u32 = 1;
 /// `DataplaneConfig::flags`: the program is attached in generic (skb) mode.
 /// Informational, for a restarted `lbd` adopting the attachment.
 pub const CONFIG_ATTACHED_SKB: u32 = 2;
+/// `DataplaneConfig::flags`: answer ICMP echo requests to VIP addresses.
+pub const CONFIG_ICMP_ECHO: u32 = 4;
+/// `DataplaneConfig::flags`: answer packets too big to encapsulate with
+/// ICMP "fragmentation needed" / "packet too big" (else drop them).
+pub const CONFIG_TOO_BIG_ICMP: u32 = 8;
+/// `DataplaneConfig::flags`: pass fragments to VIP addresses to the host
+/// (else drop them).
+pub const CONFIG_FRAGMENTS_PASS: u32 = 16;
+
+/// Most IPv6 extension headers (hop-by-hop, routing, destination options)
+/// the balancer walks before TCP/UDP/ICMPv6.
+pub const MAX_IPV6_EXT_HEADERS: usize = 4;
+
+/// Bytes of the offending packet an ICMP "too big" reply quotes.
+pub const TOO_BIG_QUOTE: usize = 512;
+
+/// Key of the VIP address set (`LB_VIP_ADDRS`): a VIP's address, any port
+/// and protocol, for answers the balancer gives on the address's behalf
+/// (ICMP echo).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipAddrKey {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<VipAddrKey>() == 20);
 
 /// The data plane's global settings (single entry of the config map).
 #[repr(C)]

@@ -75,6 +75,7 @@ mod pod {
     // SAFETY: all of these are `repr(C)`, made of integers only, and have no
     // implicit padding (size asserts next to each pin their layout).
     unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipAddrKey {}
     unsafe impl aya::Pod for VipInfo {}
     unsafe impl aya::Pod for BackendInfo {}
     unsafe impl aya::Pod for MaglevChunk {}

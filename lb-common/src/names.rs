@@ -25,6 +25,8 @@ pub mod map_name {
     pub const REASON_STATS: &str = "LB_REASON_STATS";
     /// `PerCpuArray<u64>` indexed by `FlowEvent`.
     pub const FLOW_STATS: &str = "LB_FLOW_STATS";
+    /// `HashMap<VipAddrKey, u32>`: the VIP addresses (value: VIPs on it).
+    pub const VIP_ADDRS: &str = "LB_VIP_ADDRS";
     /// `PerCpuArray<u32>` indexed by VIP id: each CPU's position in the
     /// VIP's weighted round-robin sequence.
     pub const WRR_POS: &str = "LB_WRR_POS";
@@ -40,7 +42,7 @@ pub mod map_name {
 
     /// The maps that hold the balancer's state: pinned, so a restarted `lbd`
     /// adopts them (the benchmark's maps are not state).
-    pub const STATE: [&str; 13] = [
+    pub const STATE: [&str; 14] = [
         VIPS,
         BACKENDS,
         MAGLEV,
@@ -54,6 +56,7 @@ pub mod map_name {
         FLOW_STATS,
         WRR_POS,
         SCORES,
+        VIP_ADDRS,
     ];
 }
 

@@ -23,9 +23,13 @@ pub enum Reason {
     NotTcpUdp = 2,
     /// TCP/UDP to an address, port and protocol that is no VIP: `XDP_PASS`.
     NotVip = 3,
-    /// An IPv4 fragment: `XDP_PASS` (ports are unknown; never guess a backend).
+    /// An IPv4 fragment or IPv6 fragment header: `XDP_PASS` (not to a VIP
+    /// address, or `balancer.fragments = "pass"`; ports are unknown, never
+    /// guess a backend).
     Fragment = 4,
-    /// IPv6 with an extension header before L4: `XDP_PASS`.
+    /// IPv6 with more extension headers before L4 than the balancer walks
+    /// (see `MAX_IPV6_EXT_HEADERS`), a routing header with segments left,
+    /// or AH/ESP/mobility/HIP/shim6: `XDP_PASS`.
     Ipv6ExtHeader = 5,
     /// Truncated or invalid L2/L3/L4 header: `XDP_DROP`.
     Malformed = 6,
@@ -37,10 +41,26 @@ pub enum Reason {
     FibFailed = 9,
     /// No headroom for the outer header: `XDP_DROP`.
     EncapFailed = 10,
+    /// An ICMP echo request to a VIP address, answered by the balancer
+    /// (`balancer.icmp_echo`): `XDP_TX`.
+    IcmpEchoReply = 11,
+    /// An ICMP "fragmentation needed" / ICMPv6 "packet too big" about a VIP
+    /// flow, encapsulated to the backend that owns the flow: `XDP_TX`.
+    IcmpForwarded = 12,
+    /// Too big once encapsulated, and answered with "fragmentation needed" /
+    /// "packet too big" to the client (`balancer.too_big = "icmp"`): `XDP_TX`.
+    TooBigIcmpSent = 13,
+    /// An IPv4 fragment or IPv6 fragment header to a VIP address, dropped
+    /// (`balancer.fragments = "drop"`, the default): `XDP_DROP`.
+    FragmentDropped = 14,
+    /// An ICMP "too big" error about a VIP flow no backend can be found for
+    /// (no connection-table entry, and a scheduler that cannot recompute
+    /// it): `XDP_DROP`.
+    IcmpUnmatched = 15,
 }
 
 /// Number of [`Reason`]s; size of the reason counter map.
-pub const REASON_COUNT: u32 = 11;
+pub const REASON_COUNT: u32 = 16;
 
 impl Reason {
     /// Every reason, in index order.
@@ -56,13 +76,21 @@ impl Reason {
         Reason::TooBig,
         Reason::FibFailed,
         Reason::EncapFailed,
+        Reason::IcmpEchoReply,
+        Reason::IcmpForwarded,
+        Reason::TooBigIcmpSent,
+        Reason::FragmentDropped,
+        Reason::IcmpUnmatched,
     ];
 
     /// The verdict the balancer returns for a packet with this reason.
     #[inline(always)]
     pub const fn action(self) -> u32 {
         match self {
-            Reason::Forwarded => xdp_action::XDP_TX,
+            Reason::Forwarded
+            | Reason::IcmpEchoReply
+            | Reason::IcmpForwarded
+            | Reason::TooBigIcmpSent => xdp_action::XDP_TX,
             Reason::NotIp
             | Reason::NotTcpUdp
             | Reason::NotVip
@@ -72,7 +100,9 @@ impl Reason {
             | Reason::NoBackend
             | Reason::TooBig
             | Reason::FibFailed
-            | Reason::EncapFailed => xdp_action::XDP_DROP,
+            | Reason::EncapFailed
+            | Reason::FragmentDropped
+            | Reason::IcmpUnmatched => xdp_action::XDP_DROP,
         }
     }
 
@@ -90,6 +120,11 @@ impl Reason {
             Reason::TooBig => "too_big",
             Reason::FibFailed => "fib_failed",
             Reason::EncapFailed => "encap_failed",
+            Reason::IcmpEchoReply => "icmp_echo_reply",
+            Reason::IcmpForwarded => "icmp_forwarded",
+            Reason::TooBigIcmpSent => "too_big_icmp_sent",
+            Reason::FragmentDropped => "fragment_dropped",
+            Reason::IcmpUnmatched => "icmp_unmatched",
         }
     }
 }

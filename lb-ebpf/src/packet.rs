@@ -8,10 +8,16 @@ use aya_ebpf::programs::XdpContext;
 
 /// A pointer to a `T` at `offset` bytes into the packet, if the packet holds
 /// all of it.
+///
+/// `data_end` is read with a volatile load: otherwise LLVM may prove the
+/// comparison redundant from an earlier length check (e.g. the IP total
+/// length against the frame length) and drop it, and the verifier, which
+/// only trusts direct comparisons with `data_end`, rejects the access.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
     let start = ctx.data();
-    let end = ctx.data_end();
+    // SAFETY: `ctx.ctx` is the program's context, valid for the whole run.
+    let end = unsafe { core::ptr::read_volatile(&(*ctx.ctx).data_end) } as usize;
     if start + offset + size_of::<T>() > end {
         return None;
     }

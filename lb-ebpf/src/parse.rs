@@ -1,12 +1,16 @@
 //! Parsing of the headers the balancer looks at: Ethernet with at most one
-//! 802.1Q tag, IPv4 (any IHL) or IPv6, and the TCP/UDP ports.
+//! 802.1Q tag, IPv4 (any IHL) or IPv6 (hop-by-hop, routing and destination
+//! options headers walked, at most `MAX_IPV6_EXT_HEADERS`), and the TCP/UDP
+//! ports or the ICMP type.
 //!
-//! The result is a [`Packet`] or the [`Reason`] the packet is not one we
-//! forward. Reading stops as soon as the verdict is known, so non-IP traffic
-//! costs one header read.
+//! The result is a [`Parsed`] packet or the [`Reason`] the packet is not one
+//! we look at further. Reading stops as soon as the verdict is known, so
+//! non-IP traffic costs one header read.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
+use lb_common::{
+    FAMILY_V4, FAMILY_V6, FlowKey, MAX_IPV6_EXT_HEADERS, PROTO_TCP, PROTO_UDP, Reason,
+};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -39,6 +43,36 @@ pub struct Packet {
     pub flow: FlowKey,
 }
 
+/// IP protocol numbers of ICMP and ICMPv6.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// What the frame is, as far as the balancer cares.
+pub enum Parsed {
+    /// TCP or UDP.
+    Flow(Packet),
+    /// ICMP or ICMPv6, with its first 8 bytes in the frame.
+    Icmp(Icmp),
+    /// An IPv4 fragment or an IPv6 packet with a fragment header.
+    Fragment { family: u8, dst: [u32; 4] },
+}
+
+/// An ICMP or ICMPv6 packet.
+pub struct Icmp {
+    /// Bytes before the IP header: 14, or 18 with a VLAN tag.
+    pub l2_len: usize,
+    /// The IP packet's length from its header.
+    pub ip_len: usize,
+    /// Offset of the ICMP header in the frame.
+    pub icmp: usize,
+    pub family: u8,
+    pub tos: u8,
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub kind: u8,
+    pub code: u8,
+}
+
 /// Ether type of the L3 header and the L2 header's length (14, or 18 with
 /// one 802.1Q tag); `None` if the frame is too short for either.
 #[inline(always)]
@@ -54,7 +88,7 @@ pub fn l2_header(ctx: &XdpContext) -> Option<(u16, usize)> {
 
 /// Parses the frame in `ctx`.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
+pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
     let (ether_type, l2_len) = l2_header(ctx).ok_or(Reason::Malformed)?;
     match ether_type {
         ETH_P_IPV4 => parse_ipv4(ctx, l2_len),
@@ -65,7 +99,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
+fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Reason::Malformed)?;
     let (vihl, tos, tot_len, frags, proto) = unsafe {
         (
@@ -80,21 +114,36 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
     if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl || l3 + tot_len > frame_len(ctx) {
         return Err(Reason::Malformed);
     }
-    if frags & IPV4_MF_OFFSET_MASK != 0 {
-        return Err(Reason::Fragment);
-    }
-    let l4_len = l4_header_len(proto)?;
-    if ihl + l4_len > tot_len {
-        return Err(Reason::Malformed);
-    }
     let (src, dst) = unsafe {
         (
             read_u32_even((*ip).src_addr.as_ptr()),
             read_u32_even((*ip).dst_addr.as_ptr()),
         )
     };
+    if frags & IPV4_MF_OFFSET_MASK != 0 {
+        return Ok(Parsed::Fragment {
+            family: FAMILY_V4,
+            dst: [dst, 0, 0, 0],
+        });
+    }
+    if proto == PROTO_ICMP {
+        return icmp(
+            ctx,
+            l3,
+            tot_len,
+            l3 + ihl,
+            FAMILY_V4,
+            tos,
+            [src, 0, 0, 0],
+            [dst, 0, 0, 0],
+        );
+    }
+    let l4_len = l4_header_len(proto)?;
+    if ihl + l4_len > tot_len {
+        return Err(Reason::Malformed);
+    }
     let (ports, tcp_flags) = read_l4(ctx, l3 + ihl, proto)?;
-    Ok(Packet {
+    Ok(Parsed::Flow(Packet {
         l2_len: l3,
         ip_len: tot_len,
         tos,
@@ -107,11 +156,45 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
             family: FAMILY_V4,
             _pad: [0; 2],
         },
-    })
+    }))
+}
+
+/// An ICMP packet whose header starts at `at`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn icmp(
+    ctx: &XdpContext,
+    l3: usize,
+    ip_len: usize,
+    at: usize,
+    family: u8,
+    tos: u8,
+    src: [u32; 4],
+    dst: [u32; 4],
+) -> Result<Parsed, Reason> {
+    // The bounds check first: after the length check LLVM would consider it
+    // implied (the IP length was checked against the frame) and drop it,
+    // and the verifier needs it.
+    let h: *const [u8; 8] = ptr_at(ctx, at).ok_or(Reason::Malformed)?;
+    if at + 8 > l3 + ip_len {
+        return Err(Reason::Malformed);
+    }
+    let (kind, code) = unsafe { ((*h)[0], (*h)[1]) };
+    Ok(Parsed::Icmp(Icmp {
+        l2_len: l3,
+        ip_len,
+        icmp: at,
+        family,
+        tos,
+        src,
+        dst,
+        kind,
+        code,
+    }))
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
+fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(Reason::Malformed)?;
     let (vcf0, vcf1, payload_len, next) = unsafe {
         (
@@ -125,21 +208,68 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
     if vcf0 >> 4 != 6 || l3 + ip_len > frame_len(ctx) {
         return Err(Reason::Malformed);
     }
-    if is_ipv6_extension(next) {
-        return Err(Reason::Ipv6ExtHeader);
-    }
-    let l4_len = l4_header_len(next)?;
-    if l4_len > payload_len {
-        return Err(Reason::Malformed);
-    }
     let (src, dst) = unsafe {
         (
             read_addr6((*ip).src_addr.as_ptr()),
             read_addr6((*ip).dst_addr.as_ptr()),
         )
     };
-    let (ports, tcp_flags) = read_l4(ctx, l3 + Ipv6Hdr::LEN, next)?;
-    Ok(Packet {
+    // Walk hop-by-hop, routing and destination options headers.
+    let mut next = next;
+    let mut at = l3 + Ipv6Hdr::LEN;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPV6_HOP_BY_HOP | IPV6_DEST_OPTS | IPV6_ROUTING => {
+                // Next header, length in 8-byte units beyond the first 8,
+                // and for routing headers: type, segments left.
+                let h: *const [u8; 4] = ptr_at(ctx, at).ok_or(Reason::Malformed)?;
+                let (nh, len, left) = unsafe { ((*h)[0], (*h)[1], (*h)[3]) };
+                if next == IPV6_ROUTING && left != 0 {
+                    // Not the final destination yet.
+                    return Err(Reason::Ipv6ExtHeader);
+                }
+                next = nh;
+                at += (len as usize + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                return Ok(Parsed::Fragment {
+                    family: FAMILY_V6,
+                    dst,
+                });
+            }
+            _ => break,
+        }
+    }
+    if at > l3 + ip_len {
+        return Err(Reason::Malformed);
+    }
+    if next == IPV6_FRAGMENT {
+        return Ok(Parsed::Fragment {
+            family: FAMILY_V6,
+            dst,
+        });
+    }
+    if is_ipv6_extension(next) {
+        return Err(Reason::Ipv6ExtHeader);
+    }
+    if next == PROTO_ICMPV6 {
+        return icmp(
+            ctx,
+            l3,
+            ip_len,
+            at,
+            FAMILY_V6,
+            (vcf0 << 4) | (vcf1 >> 4),
+            src,
+            dst,
+        );
+    }
+    let l4_len = l4_header_len(next)?;
+    if at + l4_len > l3 + ip_len {
+        return Err(Reason::Malformed);
+    }
+    let (ports, tcp_flags) = read_l4(ctx, at, next)?;
+    Ok(Parsed::Flow(Packet {
         l2_len: l3,
         ip_len,
         tos: (vcf0 << 4) | (vcf1 >> 4),
@@ -152,8 +282,13 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
             family: FAMILY_V6,
             _pad: [0; 2],
         },
-    })
+    }))
 }
+
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTS: u8 = 60;
 
 /// Length of the L4 header we require, or why we do not handle the protocol.
 #[inline(always)]

@@ -58,6 +58,14 @@ pub struct BalancerSettings {
     pub tcp_idle: Duration,
     /// Idle time after which a UDP flow is scheduled anew.
     pub udp_idle: Duration,
+    /// Answer ICMP echo requests to VIP addresses (`icmp_echo`).
+    pub icmp_echo: bool,
+    /// Answer packets too big to encapsulate with ICMP "fragmentation
+    /// needed" / "packet too big" (`too_big = "icmp"`), else drop them.
+    pub too_big_icmp: bool,
+    /// Pass fragments to VIP addresses to the host (`fragments = "pass"`),
+    /// else drop them.
+    pub fragments_pass: bool,
 }
 
 /// Default TCP idle timeout of the connection table, seconds.
@@ -77,6 +85,9 @@ impl Default for BalancerSettings {
             flows: DEFAULT_FLOWS,
             tcp_idle: Duration::from_secs(DEFAULT_TCP_IDLE_SECS.into()),
             udp_idle: Duration::from_secs(DEFAULT_UDP_IDLE_SECS.into()),
+            icmp_echo: true,
+            too_big_icmp: true,
+            fragments_pass: false,
         }
     }
 }
@@ -225,6 +236,9 @@ struct RawBalancer {
     source_v4: Option<String>,
     source_v6: Option<String>,
     mtu: Option<i64>,
+    icmp_echo: Option<bool>,
+    too_big: Option<String>,
+    fragments: Option<String>,
     maglev_table_size: Option<i64>,
     max_vips: Option<i64>,
     max_backends: Option<i64>,
@@ -1122,6 +1136,28 @@ impl Validator {
                 ),
             );
         }
+        let too_big_icmp = match raw.too_big.as_deref() {
+            None | Some("icmp") => true,
+            Some("drop") => false,
+            Some(other) => {
+                self.problem(
+                    "balancer.too_big",
+                    format!("{other:?} is not \"icmp\" or \"drop\""),
+                );
+                true
+            }
+        };
+        let fragments_pass = match raw.fragments.as_deref() {
+            None | Some("drop") => false,
+            Some("pass") => true,
+            Some(other) => {
+                self.problem(
+                    "balancer.fragments",
+                    format!("{other:?} is not \"drop\" or \"pass\""),
+                );
+                false
+            }
+        };
         BalancerSettings {
             source_v4,
             source_v6,
@@ -1129,6 +1165,9 @@ impl Validator {
             table_size,
             max_vips,
             max_backends,
+            icmp_echo: raw.icmp_echo.unwrap_or(true),
+            too_big_icmp,
+            fragments_pass,
             ..BalancerSettings::default()
         }
     }

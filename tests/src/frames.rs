@@ -245,3 +245,88 @@ pub fn parse_encapsulated(frame: &[u8]) -> Result<Encapsulated> {
         inner,
     })
 }
+
+fn ip_step(
+    src: IpAddr,
+    dst: IpAddr,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    ttl: u8,
+) -> PacketBuilderStep<IpHeaders> {
+    let eth = PacketBuilder::ethernet2(src_mac, dst_mac);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ip(IpHeaders::Ipv4(
+            Ipv4Header::new(0, ttl, IpNumber::ICMP, s.octets(), d.octets()).expect("header"),
+            Default::default(),
+        )),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ip(IpHeaders::Ipv6(
+            Ipv6Header {
+                traffic_class: 0,
+                flow_label: Default::default(),
+                payload_length: 0,
+                next_header: IpNumber::IPV6_ICMP,
+                hop_limit: ttl,
+                source: s.octets(),
+                destination: d.octets(),
+            },
+            Default::default(),
+        )),
+        _ => panic!("one family"),
+    }
+}
+
+/// An ICMP / ICMPv6 echo request (`reply`: an echo reply) from `src` to
+/// `dst`, sent from the test client's MAC to `dst_mac`.
+#[allow(clippy::too_many_arguments)]
+pub fn icmp_echo(
+    src: IpAddr,
+    dst: IpAddr,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    ttl: u8,
+    id: u16,
+    seq: u16,
+    payload: &[u8],
+    reply: bool,
+) -> Vec<u8> {
+    let step = ip_step(src, dst, src_mac, dst_mac, ttl);
+    let mut out = Vec::new();
+    match (src.is_ipv4(), reply) {
+        (true, false) => step.icmpv4_echo_request(id, seq).write(&mut out, payload),
+        (true, true) => step.icmpv4_echo_reply(id, seq).write(&mut out, payload),
+        (false, false) => step.icmpv6_echo_request(id, seq).write(&mut out, payload),
+        (false, true) => step.icmpv6_echo_reply(id, seq).write(&mut out, payload),
+    }
+    .expect("frame");
+    out
+}
+
+/// An ICMP "fragmentation needed" (IPv4) / "packet too big" (IPv6) from
+/// `src` to `dst` telling `mtu`, quoting `quoted` (an IP packet, cut as the
+/// sender likes).
+pub fn icmp_too_big(
+    src: IpAddr,
+    dst: IpAddr,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    ttl: u8,
+    mtu: u32,
+    quoted: &[u8],
+) -> Vec<u8> {
+    use etherparse::{Icmpv4Type, Icmpv6Type, icmpv4::DestUnreachableHeader};
+    let step = ip_step(src, dst, src_mac, dst_mac, ttl);
+    let mut out = Vec::new();
+    if src.is_ipv4() {
+        step.icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::FragmentationNeeded {
+                next_hop_mtu: mtu as u16,
+            },
+        ))
+        .write(&mut out, quoted)
+    } else {
+        step.icmpv6(Icmpv6Type::PacketTooBig { mtu })
+            .write(&mut out, quoted)
+    }
+    .expect("frame");
+    out
+}

@@ -20,7 +20,7 @@ use lb::{
 use lb_common::{FlowEvent, Reason};
 use lb_tests::{
     SplitMix,
-    frames::{Flow, FrameSpec},
+    frames::{self, Flow, FrameSpec},
     lab::{Lab, LabSpec, VIP_V4, VIP_V6, binary_path, servers::ECHO_PORT},
     packet_lab::PacketLab,
     pin_to_cpu, prom,
@@ -116,9 +116,10 @@ fn counter(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
 
 /// Known packets of every kind through the real program; the scrape's
 /// counters equal them exactly. Each reason gets a different count, so a
-/// label swapped with another would show. `encap_failed` (no headroom for
-/// the outer header) cannot happen under `BPF_PROG_TEST_RUN`, which always
-/// gives the frame 256 bytes of headroom: it is checked to be exported, at 0.
+/// label swapped with another would show (the ICMP answers and the
+/// fragment policy included). `encap_failed` (no headroom for the outer
+/// header) cannot happen under `BPF_PROG_TEST_RUN`, which always gives the
+/// frame 256 bytes of headroom: it is checked to be exported, at 0.
 #[test]
 fn scraped_counters_equal_the_packets_and_bytes_sent_under_their_labels() {
     pin_to_cpu(0);
@@ -176,18 +177,86 @@ fn scraped_counters_equal_the_packets_and_bytes_sent_under_their_labels() {
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
     let mut icmp = base.clone();
     icmp[14 + 9] = 1;
-    let mut fragment = base.clone();
+    // Fragments: to a VIP address dropped (the default policy), to other
+    // addresses passed.
+    let mut fragment = lab.frame(
+        &flow(&mut rng, "198.51.100.9", 80, Protocol::Tcp),
+        payload(0),
+    );
     fragment[14 + 6] = 0x20;
+    let mut vip_fragment = base.clone();
+    vip_fragment[14 + 6] = 0x20;
     let mut ext = v6.clone();
-    ext[14 + 6] = 0; // hop-by-hop options first
+    ext[14 + 6] = 51; // an authentication header first
     let mut malformed = base.clone();
     malformed[14] = 0x44; // IHL 4
+    // ICMP: an echo request to a VIP; "fragmentation needed" about a VIP
+    // flow (the quoted packet went from the VIP to a client), and one whose
+    // quoted source is not the VIP it was sent to.
+    let client: IpAddr = "198.18.7.7".parse().unwrap();
+    let vip4: IpAddr = "203.0.113.10".parse().unwrap();
+    let router: IpAddr = "192.0.2.1".parse().unwrap();
+    let echo = frames::icmp_echo(
+        client,
+        vip4,
+        frames::CLIENT_MAC,
+        lab.if_mac,
+        64,
+        7,
+        1,
+        b"ping",
+        false,
+    );
+    let reply_flow = Flow {
+        src: vip4,
+        dst: client,
+        sport: 80,
+        dport: 40000,
+        protocol: Protocol::Tcp,
+    };
+    let quoted = frames::ip_packet(&frames::build(&reply_flow, &payload(1400))).to_vec();
+    let too_big_icmp = frames::icmp_too_big(
+        router,
+        vip4,
+        frames::CLIENT_MAC,
+        lab.if_mac,
+        64,
+        1400,
+        &quoted[..28],
+    );
+    let forwarded_to = lab
+        .dp
+        .backend_for(
+            &Flow {
+                src: client,
+                dst: vip4,
+                sport: 40000,
+                dport: 80,
+                protocol: Protocol::Tcp,
+            }
+            .key(),
+        )
+        .unwrap()
+        .to_string();
+    let mut spoofed_quote = quoted[..28].to_vec();
+    spoofed_quote[12..16].copy_from_slice(&[192, 0, 2, 99]);
+    let unmatched = frames::icmp_too_big(
+        router,
+        vip4,
+        frames::CLIENT_MAC,
+        lab.if_mac,
+        64,
+        1400,
+        &spoofed_quote,
+    );
     let passes = [
         (Reason::NotIp, arp, 2),
         (Reason::NotTcpUdp, icmp, 3),
         (Reason::Fragment, fragment, 5),
         (Reason::Ipv6ExtHeader, ext, 6),
         (Reason::Malformed, malformed, 7),
+        (Reason::FragmentDropped, vip_fragment, 11),
+        (Reason::IcmpUnmatched, unmatched, 15),
     ];
     for (reason, frame, n) in &passes {
         for _ in 0..*n {
@@ -206,7 +275,33 @@ fn scraped_counters_equal_the_packets_and_bytes_sent_under_their_labels() {
         run(&mut lab, &frame, Reason::NoBackend);
         new_flows += 1;
     }
+    for _ in 0..13 {
+        run(&mut lab, &echo, Reason::IcmpEchoReply);
+    }
+    let vip_label = "203.0.113.10:80/tcp".to_string();
+    for _ in 0..14 {
+        run(&mut lab, &too_big_icmp, Reason::IcmpForwarded);
+        let v = vips.entry(vip_label.clone()).or_default();
+        v.0 += 1;
+        v.1 += too_big_icmp.len() as u64;
+        let b = backends
+            .entry((vip_label.clone(), forwarded_to.clone()))
+            .or_default();
+        b.0 += 1;
+        b.1 += too_big_icmp.len() as u64;
+    }
+    // Too big once encapsulated: answered with ICMP (the default), then,
+    // with `too_big = "drop"`, dropped.
     for _ in 0..9 {
+        let f = flow(&mut rng, "203.0.113.10", 80, Protocol::Tcp);
+        let frame = lab.frame(&f, payload(1481 - 40));
+        run(&mut lab, &frame, Reason::TooBigIcmpSent);
+        new_flows += 1;
+    }
+    let mut settings = config::parse(CONFIG, "t").unwrap().balancer;
+    settings.too_big_icmp = false;
+    lab.dp.set_settings(&settings).unwrap();
+    for _ in 0..12 {
         let f = flow(&mut rng, "203.0.113.10", 80, Protocol::Tcp);
         let frame = lab.frame(&f, payload(1481 - 40));
         run(&mut lab, &frame, Reason::TooBig);
@@ -232,7 +327,8 @@ fn scraped_counters_equal_the_packets_and_bytes_sent_under_their_labels() {
         );
     }
     assert!(
-        want.keys().count() == Reason::ALL.len() - 1 && !want.contains_key(&Reason::EncapFailed)
+        want.keys().count() == Reason::ALL.len() - 1 && !want.contains_key(&Reason::EncapFailed),
+        "every reason but encap_failed was exercised: {want:?}"
     );
     for (vip, (packets, bytes)) in &vips {
         assert_eq!(

@@ -18,6 +18,10 @@ source_v6 = "fd00:200::1"
 mtu = 1500
 max_vips = 8
 max_backends = 64
+# These tests check the plain verdicts; tests/robustness.rs the ICMP answers
+# and the fragment policy.
+too_big = "drop"
+fragments = "pass"
 
 [[vip]]
 address = "203.0.113.10"
@@ -334,7 +338,7 @@ fn traffic_that_is_not_for_a_vip_passes_untouched() {
         &flow(&mut rng, true, "2001:db8:10::1", 443, Protocol::Tcp),
         FrameSpec::default(),
     );
-    ext[14 + 6] = 0; // hop-by-hop options first
+    ext[14 + 6] = 51; // an authentication header first
     frames.push(("IPv6 extension header", ext, Reason::Ipv6ExtHeader));
 
     for (what, frame, reason) in &frames {

@@ -12,6 +12,7 @@
 
 mod conntrack;
 mod encap;
+mod icmp;
 mod maps;
 
 use aya_ebpf::{
@@ -19,14 +20,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use lb_common::{
-    BackendInfo, DataplaneConfig, FAMILY_V6, MAGLEV_CHUNK, NO_BACKEND, PROTO_IPIP, PROTO_IPV6,
-    Reason, VIP_HASH_SRC_PORT, VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK,
-    VIP_SCHED_WRR, VipInfo, VipKey, flow_hash, maglev_position, second_choice, source_hash,
-    vip_filter_slot,
+    BackendInfo, CONFIG_FRAGMENTS_PASS, CONFIG_TOO_BIG_ICMP, DataplaneConfig, FAMILY_V6,
+    MAGLEV_CHUNK, NO_BACKEND, PROTO_IPIP, PROTO_IPV6, Reason, VIP_HASH_SRC_PORT,
+    VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK, VIP_SCHED_WRR, VipInfo, VipKey,
+    flow_hash, maglev_position, second_choice, source_hash, vip_filter_slot,
 };
 use lb_ebpf::{
     packet::{frame_len, ptr_at, ptr_at_mut},
-    parse::{Packet, parse},
+    parse::{Packet, Parsed, parse},
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr};
 
@@ -51,15 +52,34 @@ pub fn lb_balancer(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> Reason {
     match try_balance(ctx) {
-        Ok(()) => Reason::Forwarded,
-        Err(reason) => reason,
+        Ok(reason) | Err(reason) => reason,
     }
 }
 
+/// `Ok` with the reason a packet was sent out (forwarded, or answered),
+/// `Err` with the reason it was passed or dropped.
 #[inline(always)]
-fn try_balance(ctx: &XdpContext) -> Result<(), Reason> {
+fn try_balance(ctx: &XdpContext) -> Result<Reason, Reason> {
     let bytes = frame_len(ctx) as u64;
-    let pkt = parse(ctx)?;
+    let pkt = match parse(ctx)? {
+        Parsed::Flow(pkt) => pkt,
+        Parsed::Icmp(i) => {
+            let cfg = LB_CONFIG.get(0).ok_or(Reason::NoBackend)?;
+            return icmp::handle(ctx, &i, cfg);
+        }
+        Parsed::Fragment { family, dst } => {
+            // Ports are unknown: never guess a backend.
+            if !icmp::fragment_to_vip(family, &dst) {
+                return Err(Reason::Fragment);
+            }
+            let cfg = LB_CONFIG.get(0).ok_or(Reason::NoBackend)?;
+            return Err(if cfg.flags & CONFIG_FRAGMENTS_PASS != 0 {
+                Reason::Fragment
+            } else {
+                Reason::FragmentDropped
+            });
+        }
+    };
     // Addresses without any VIP stop here, after one array read.
     let (word, bit) = vip_filter_slot(&pkt.flow.dst);
     if LB_VIP_FILTER.get(word).is_none_or(|w| w & bit == 0) {
@@ -80,8 +100,13 @@ fn try_balance(ctx: &XdpContext) -> Result<(), Reason> {
             }
         };
 
-    if encap::outer_len(backend) + pkt.ip_len > cfg.mtu as usize {
-        return Err(Reason::TooBig);
+    let outer = encap::outer_len(backend);
+    if outer + pkt.ip_len > cfg.mtu as usize {
+        if cfg.flags & CONFIG_TOO_BIG_ICMP == 0 {
+            return Err(Reason::TooBig);
+        }
+        icmp::send_too_big(ctx, &pkt, cfg.mtu - outer as u32, bytes as usize)?;
+        return Ok(Reason::TooBigIcmpSent);
     }
     let macs = encap::cached_next_hop(ctx, backend_id, backend, cfg)?;
     let label = if backend.family == FAMILY_V6 {
@@ -94,7 +119,7 @@ fn try_balance(ctx: &XdpContext) -> Result<(), Reason> {
 
     count_traffic(&LB_VIP_STATS, backend.vip_id, bytes, new_flow);
     count_traffic(&LB_BACKEND_STATS, backend_id, bytes, new_flow);
-    Ok(())
+    Ok(Reason::Forwarded)
 }
 
 /// A new flow's backend, by the VIP's scheduler (see `lb_common::VIP_SCHED_*`).
@@ -105,7 +130,7 @@ fn schedule(
     pkt: &Packet,
     cfg: &DataplaneConfig,
 ) -> Result<(u32, &'static BackendInfo, Option<u32>), Reason> {
-    let vip = lookup_vip(pkt).ok_or(Reason::NotVip)?;
+    let vip = lookup_vip_key(&pkt.flow).ok_or(Reason::NotVip)?;
     let sched = vip.flags & VIP_SCHED_MASK;
     let (pos, hash) = if sched == VIP_SCHED_WRR {
         (wrr_position(vip.id, cfg.table_size), None)
@@ -165,14 +190,14 @@ fn score(backend_id: u32) -> u32 {
     LB_SCORES.get(backend_id).copied().unwrap_or(0)
 }
 
-/// The VIP for the packet's destination: exact port first, then port 0.
+/// The VIP for a flow's destination: exact port first, then port 0.
 #[inline(always)]
-fn lookup_vip(pkt: &Packet) -> Option<VipInfo> {
+fn lookup_vip_key(flow: &lb_common::FlowKey) -> Option<VipInfo> {
     let mut key = VipKey {
-        addr: pkt.flow.dst,
-        port: pkt.flow.dport_raw(),
-        proto: pkt.flow.proto,
-        family: pkt.flow.family,
+        addr: flow.dst,
+        port: flow.dport_raw(),
+        proto: flow.proto,
+        family: flow.family,
     };
     if let Some(v) = LB_VIPS.get_ptr(&key) {
         return Some(unsafe { *v });
@@ -184,7 +209,7 @@ fn lookup_vip(pkt: &Packet) -> Option<VipInfo> {
 /// The flags of the packet's VIP (0 if it has none any more).
 #[inline(always)]
 fn vip_flags(pkt: &Packet) -> u32 {
-    lookup_vip(pkt).map_or(0, |v| v.flags)
+    lookup_vip_key(&pkt.flow).map_or(0, |v| v.flags)
 }
 
 /// The floor for benchmarks: the least an XDP forwarder does (swap MACs,

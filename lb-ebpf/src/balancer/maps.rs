@@ -8,8 +8,8 @@ use aya_ebpf::{
 use lb_common::{
     BackendInfo, BenchControl, DEFAULT_FLOWS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
     DEFAULT_TABLE_SIZE, DataplaneConfig, FLOW_EVENT_COUNT, FLOWS_MAP_FLAGS, FlowEntry, FlowKey,
-    MaglevChunk, NextHop, REASON_COUNT, TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipInfo,
-    VipKey, chunks_per_table,
+    MaglevChunk, NextHop, REASON_COUNT, TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS,
+    VipAddrKey, VipInfo, VipKey, chunks_per_table,
 };
 
 /// No preallocation: replacing a value is an RCU swap (see `VipInfo`).
@@ -59,6 +59,11 @@ pub static LB_BACKEND_STATS: PerCpuArray<TrafficCounters> =
 
 #[map(name = "LB_REASON_STATS")]
 pub static LB_REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+
+/// The VIP addresses (any port and protocol): for answers given on their
+/// behalf (ICMP echo) and the fragment policy.
+#[map(name = "LB_VIP_ADDRS")]
+pub static LB_VIP_ADDRS: HashMap<VipAddrKey, u32> = HashMap::with_max_entries(DEFAULT_MAX_VIPS, 0);
 
 /// Each CPU's position in a weighted-round-robin VIP's sequence, per VIP id.
 #[map(name = "LB_WRR_POS")]

@@ -27,8 +27,9 @@ use aya::{
     },
 };
 use lb_common::{
-    BackendInfo, CONFIG_ATTACHED_SKB, CONFIG_NO_NEXTHOP_CACHE, DataplaneConfig, LAYOUT_VERSION,
-    MaglevChunk, TrafficCounters, VipInfo, VipKey, addr_words, chunks_per_table, map_name,
+    BackendInfo, CONFIG_ATTACHED_SKB, CONFIG_FRAGMENTS_PASS, CONFIG_ICMP_ECHO,
+    CONFIG_NO_NEXTHOP_CACHE, CONFIG_TOO_BIG_ICMP, DataplaneConfig, LAYOUT_VERSION, MaglevChunk,
+    TrafficCounters, VipAddrKey, VipInfo, VipKey, addr_words, chunks_per_table, map_name,
     program_name,
 };
 
@@ -228,6 +229,7 @@ struct Maps {
     reason_stats: PerCpuArray<MapData, u64>,
     wrr_pos: PerCpuArray<MapData, u32>,
     scores: Array<MapData, u32>,
+    vip_addrs: HashMap<MapData, VipAddrKey, u32>,
 }
 
 /// The loaded balancer and the state programmed into its maps.
@@ -429,6 +431,7 @@ impl Dataplane {
             .map_max_entries(map_name::NEXTHOPS, settings.max_backends)
             .map_max_entries(map_name::SCORES, settings.max_backends)
             .map_max_entries(map_name::WRR_POS, settings.max_vips)
+            .map_max_entries(map_name::VIP_ADDRS, settings.max_vips)
             .map_max_entries(map_name::FLOWS, settings.flows);
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
@@ -474,6 +477,7 @@ impl Dataplane {
             reason_stats: typed!(map_name::REASON_STATS),
             wrr_pos: typed!(map_name::WRR_POS),
             scores: typed!(map_name::SCORES),
+            vip_addrs: typed!(map_name::VIP_ADDRS),
         };
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| DataplaneError::Cpus(format!("{what}: {e}")))?;
@@ -593,7 +597,17 @@ impl Dataplane {
                 CONFIG_ATTACHED_SKB
             } else {
                 0
-            },
+            } | if s.icmp_echo { CONFIG_ICMP_ECHO } else { 0 }
+                | if s.too_big_icmp {
+                    CONFIG_TOO_BIG_ICMP
+                } else {
+                    0
+                }
+                | if s.fragments_pass {
+                    CONFIG_FRAGMENTS_PASS
+                } else {
+                    0
+                },
             layout_version: LAYOUT_VERSION,
             ifindex: self.ifindex,
             _pad: 0,

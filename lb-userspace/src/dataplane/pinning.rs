@@ -16,8 +16,8 @@ use aya::maps::{Array, Map, MapData, MapInfo, MapType};
 use lb_common::{
     BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FLOW_EVENT_COUNT,
     FLOWS_MAP_FLAGS, FlowEntry, FlowKey, LAYOUT_VERSION, MaglevChunk, NextHop, PROTO_TCP,
-    PROTO_UDP, REASON_COUNT, TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipInfo, VipKey,
-    chunks_per_table, map_name, words_addr,
+    PROTO_UDP, REASON_COUNT, TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipAddrKey,
+    VipInfo, VipKey, chunks_per_table, map_name, words_addr,
 };
 
 use super::{Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
@@ -59,7 +59,7 @@ struct Shape {
 }
 
 /// The maps a state directory must hold, shaped for these settings.
-fn expected(settings: &BalancerSettings) -> [Shape; 13] {
+fn expected(settings: &BalancerSettings) -> [Shape; 14] {
     use std::mem::size_of;
     let shape = |name, kind, key, value, max, flags| Shape {
         name,
@@ -163,6 +163,14 @@ fn expected(settings: &BalancerSettings) -> [Shape; 13] {
         ),
         shape(map_name::WRR_POS, MapType::PerCpuArray, 4, 4, vips, 0),
         shape(map_name::SCORES, MapType::Array, 4, 4, backends, 0),
+        shape(
+            map_name::VIP_ADDRS,
+            MapType::Hash,
+            size_of::<VipAddrKey>(),
+            4,
+            vips,
+            0,
+        ),
     ]
 }
 

@@ -15,7 +15,8 @@ use std::{
 use lb_common::{
     BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, MAGLEV_CHUNK, MaglevChunk, VIP_HASH_SRC_PORT,
     VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK, VIP_SCHED_WRR,
-    VIP_STICK_WHEN_DOWN, VipInfo, addr_words, chunks_per_table, map_name, vip_filter_slot,
+    VIP_STICK_WHEN_DOWN, VipAddrKey, VipInfo, addr_words, chunks_per_table, map_name,
+    vip_filter_slot,
 };
 
 use super::{BackendState, Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
@@ -273,6 +274,7 @@ impl Dataplane {
             rebuilds = rebuilds + 1,
             "Maglev table rebuilt and switched in"
         );
+        self.write_vip_addr(&addr.addr)?;
         self.manage_neighbours(&added);
         Ok(())
     }
@@ -407,6 +409,7 @@ impl Dataplane {
         }
         let p = self.vips.remove(addr).expect("present");
         self.write_vip_filter(&addr.addr, None)?;
+        self.write_vip_addr(&addr.addr)?;
         self.free_vip_ids.push_back(p.id);
         for b in p.backends.values() {
             self.retire_backend(b.id);
@@ -512,6 +515,27 @@ impl Dataplane {
             .vip_filter
             .set(word, value, 0)
             .map_err(map_err(map_name::VIP_FILTER))
+    }
+
+    /// Brings `addr`'s entry in the VIP address set in line with the VIPs
+    /// programmed (the number of VIPs on it; none: no entry).
+    fn write_vip_addr(&mut self, addr: &IpAddr) -> Result<(), DataplaneError> {
+        let (family, words) = addr_words(*addr);
+        let key = VipAddrKey {
+            addr: words,
+            family,
+            _pad: [0; 3],
+        };
+        let n = self.vips.keys().filter(|v| v.addr == *addr).count() as u32;
+        let result = if n == 0 {
+            match self.maps.vip_addrs.remove(&key) {
+                Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                other => other,
+            }
+        } else {
+            self.maps.vip_addrs.insert(key, n, 0)
+        };
+        result.map_err(map_err(map_name::VIP_ADDRS))
     }
 
     fn table_chunk(&self, vip_id: u32, half: u32) -> u32 {

@@ -1,0 +1,427 @@
+//! ICMP on the balancer: echo requests to VIP addresses are answered,
+//! "fragmentation needed" / "packet too big" errors about VIP flows go to the
+//! backend that owns the flow (so path MTU discovery works with direct
+//! server return), and packets too big to encapsulate are answered with such
+//! an error to the client.
+
+use aya_ebpf::{
+    helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{
+    BACKEND_ALLOCATED, BackendInfo, CONFIG_ICMP_ECHO, DataplaneConfig, FAMILY_V4, FAMILY_V6,
+    FlowKey, PROTO_TCP, PROTO_UDP, Reason, TOO_BIG_QUOTE, VIP_SCHED_MAGLEV, VIP_SCHED_MAGLEV_SRC,
+    VIP_SCHED_MASK, VipAddrKey, flow_hash, maglev_position, source_hash, vip_filter_slot,
+};
+use lb_ebpf::{
+    csum::ipv4_header_csum,
+    packet::{frame_len, ptr_at, ptr_at_mut, read_u32_even, write_u32_even},
+    parse::{Icmp, PROTO_ICMP, PROTO_ICMPV6, Packet},
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr};
+
+use crate::{
+    encap,
+    maps::{
+        LB_BACKEND_STATS, LB_BACKENDS, LB_FLOWS, LB_VIP_ADDRS, LB_VIP_FILTER, LB_VIP_STATS,
+        count_traffic,
+    },
+};
+
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_UNREACHABLE: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMPV6_TOO_BIG: u8 = 2;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// Whether `addr` is the address of a VIP (exact, unlike the filter).
+#[inline(always)]
+pub fn is_vip_addr(family: u8, addr: &[u32; 4]) -> bool {
+    let key = VipAddrKey {
+        addr: *addr,
+        family,
+        _pad: [0; 3],
+    };
+    unsafe { LB_VIP_ADDRS.get(&key) }.is_some()
+}
+
+/// An ICMP packet: `Ok` with the reason it was sent back out, `Err` with
+/// why not (passes for ICMP the balancer does not handle).
+#[inline(always)]
+pub fn handle(ctx: &XdpContext, i: &Icmp, cfg: &DataplaneConfig) -> Result<Reason, Reason> {
+    let (word, bit) = vip_filter_slot(&i.dst);
+    if LB_VIP_FILTER.get(word).is_none_or(|w| w & bit == 0) {
+        return Err(Reason::NotTcpUdp);
+    }
+    let v6 = i.family == FAMILY_V6;
+    let echo = if v6 {
+        i.kind == ICMPV6_ECHO_REQUEST
+    } else {
+        i.kind == ICMP_ECHO_REQUEST
+    };
+    if echo && i.code == 0 {
+        if cfg.flags & CONFIG_ICMP_ECHO == 0 || !is_vip_addr(i.family, &i.dst) {
+            return Err(Reason::NotTcpUdp);
+        }
+        echo_reply(ctx, i)?;
+        return Ok(Reason::IcmpEchoReply);
+    }
+    let too_big = if v6 {
+        i.kind == ICMPV6_TOO_BIG && i.code == 0
+    } else {
+        i.kind == ICMP_UNREACHABLE && i.code == ICMP_FRAG_NEEDED
+    };
+    if too_big {
+        forward_error(ctx, i, cfg)?;
+        return Ok(Reason::IcmpForwarded);
+    }
+    Err(Reason::NotTcpUdp)
+}
+
+/// RFC 1624 incremental update of a checksum (all values as stored: the
+/// bytes in wire order read as native words): `old` became `new`.
+#[inline(always)]
+fn csum_replace(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = (!check) as u32 + (!old) as u32 + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Swaps the Ethernet addresses (the reply goes back where it came from).
+#[inline(always)]
+fn swap_macs(ctx: &XdpContext) -> Result<(), Reason> {
+    let eth: *mut EthHdr = ptr_at_mut(ctx, 0).ok_or(Reason::Malformed)?;
+    unsafe {
+        let dst = (*eth).dst_addr;
+        (*eth).dst_addr = (*eth).src_addr;
+        (*eth).src_addr = dst;
+    }
+    Ok(())
+}
+
+/// Turns an echo request into its reply, in place.
+#[inline(always)]
+fn echo_reply(ctx: &XdpContext, i: &Icmp) -> Result<(), Reason> {
+    let l3 = i.l2_len;
+    let h: *mut [u8; 4] = ptr_at_mut(ctx, i.icmp).ok_or(Reason::Malformed)?;
+    if i.family == FAMILY_V4 {
+        let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, l3).ok_or(Reason::Malformed)?;
+        unsafe {
+            // Options would need their own handling (record route, ...).
+            if (*ip).vihl != 0x45 {
+                return Err(Reason::NotTcpUdp);
+            }
+            let (src, dst) = ((*ip).src_addr, (*ip).dst_addr);
+            (*ip).src_addr = dst;
+            (*ip).dst_addr = src;
+            (*ip).ttl = 64;
+            (*ip).check = [0, 0];
+            (*ip).check = ipv4_header_csum(ip as *const u16).to_ne_bytes();
+            let old = u16::from_ne_bytes([(*h)[0], (*h)[1]]);
+            (*h)[0] = ICMP_ECHO_REPLY;
+            let new = u16::from_ne_bytes([(*h)[0], (*h)[1]]);
+            let check = u16::from_ne_bytes([(*h)[2], (*h)[3]]);
+            let c = csum_replace(check, old, new).to_ne_bytes();
+            (*h)[2] = c[0];
+            (*h)[3] = c[1];
+        }
+    } else {
+        let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, l3).ok_or(Reason::Malformed)?;
+        unsafe {
+            // Swapping source and destination leaves the pseudo-header sum.
+            let (src, dst) = ((*ip).src_addr, (*ip).dst_addr);
+            (*ip).src_addr = dst;
+            (*ip).dst_addr = src;
+            (*ip).hop_limit = 64;
+            let old = u16::from_ne_bytes([(*h)[0], (*h)[1]]);
+            (*h)[0] = ICMPV6_ECHO_REPLY;
+            let new = u16::from_ne_bytes([(*h)[0], (*h)[1]]);
+            let check = u16::from_ne_bytes([(*h)[2], (*h)[3]]);
+            let c = csum_replace(check, old, new).to_ne_bytes();
+            (*h)[2] = c[0];
+            (*h)[3] = c[1];
+        }
+    }
+    swap_macs(ctx)
+}
+
+/// The flow an ICMP error is about, as the client sent it: the quoted
+/// packet (which went from the VIP to the client) with its addresses and
+/// ports swapped.
+#[inline(always)]
+fn quoted_flow(ctx: &XdpContext, i: &Icmp) -> Result<FlowKey, Reason> {
+    let inner = i.icmp + 8;
+    let (src, dst, proto, l4) = if i.family == FAMILY_V4 {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, inner).ok_or(Reason::Malformed)?;
+        let (vihl, proto) = unsafe { ((*ip).vihl, (*ip).proto) };
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+            return Err(Reason::Malformed);
+        }
+        let (s, d) = unsafe {
+            (
+                read_u32_even((*ip).src_addr.as_ptr()),
+                read_u32_even((*ip).dst_addr.as_ptr()),
+            )
+        };
+        ([s, 0, 0, 0], [d, 0, 0, 0], proto, inner + ihl)
+    } else {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, inner).ok_or(Reason::Malformed)?;
+        let (s, d, next) = unsafe {
+            let s = (*ip).src_addr.as_ptr();
+            let d = (*ip).dst_addr.as_ptr();
+            (
+                [
+                    read_u32_even(s),
+                    read_u32_even(s.add(4)),
+                    read_u32_even(s.add(8)),
+                    read_u32_even(s.add(12)),
+                ],
+                [
+                    read_u32_even(d),
+                    read_u32_even(d.add(4)),
+                    read_u32_even(d.add(8)),
+                    read_u32_even(d.add(12)),
+                ],
+                (*ip).next_hdr,
+            )
+        };
+        (s, d, next, inner + Ipv6Hdr::LEN)
+    };
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        // About something other than a TCP/UDP flow: for the host.
+        return Err(Reason::NotTcpUdp);
+    }
+    // The quoted packet's source must be the VIP the error was sent to.
+    if src != i.dst {
+        return Err(Reason::IcmpUnmatched);
+    }
+    let ports: *const [u8; 4] = ptr_at(ctx, l4).ok_or(Reason::Malformed)?;
+    let ports = unsafe { read_u32_even(ports as *const u8) };
+    Ok(FlowKey {
+        src: dst,
+        dst: src,
+        // The quoted packet's (VIP port, client port) as the client's.
+        ports: ports.rotate_left(16),
+        proto,
+        family: i.family,
+        _pad: [0; 2],
+    })
+}
+
+/// The backend of `key`'s flow: its connection-table entry, else the
+/// VIP's hash schedulers' choice (`wrr` and `least-load` cannot be
+/// recomputed).
+#[inline(always)]
+fn owner(key: &FlowKey, cfg: &DataplaneConfig) -> Result<(u32, &'static BackendInfo), Reason> {
+    if let Some(e) = unsafe { LB_FLOWS.get(key) } {
+        if let Some(b) = LB_BACKENDS.get(e.backend_id)
+            && b.flags & BACKEND_ALLOCATED != 0
+            && b.incarnation == e.incarnation
+        {
+            return Ok((e.backend_id, b));
+        }
+    }
+    let vip = crate::lookup_vip_key(key).ok_or(Reason::IcmpUnmatched)?;
+    let sched = vip.flags & VIP_SCHED_MASK;
+    let hash = if sched == VIP_SCHED_MAGLEV {
+        flow_hash(key)
+    } else if sched == VIP_SCHED_MAGLEV_SRC {
+        source_hash(key, vip.flags & lb_common::VIP_HASH_SRC_PORT != 0)
+    } else {
+        return Err(Reason::IcmpUnmatched);
+    };
+    let id = crate::table_entry(&vip, maglev_position(hash, cfg.table_size))
+        .map_err(|_| Reason::IcmpUnmatched)?;
+    let b = LB_BACKENDS.get(id).ok_or(Reason::IcmpUnmatched)?;
+    Ok((id, b))
+}
+
+/// Encapsulates an ICMP "too big" error to the backend of the flow it
+/// quotes.
+#[inline(always)]
+fn forward_error(ctx: &XdpContext, i: &Icmp, cfg: &DataplaneConfig) -> Result<(), Reason> {
+    let bytes = frame_len(ctx) as u64;
+    let key = quoted_flow(ctx, i)?;
+    let (id, backend) = owner(&key, cfg)?;
+    let pkt = Packet {
+        l2_len: i.l2_len,
+        ip_len: i.ip_len,
+        tos: i.tos,
+        tcp_flags: 0,
+        flow: FlowKey {
+            src: i.src,
+            dst: i.dst,
+            ports: 0,
+            proto: if i.family == FAMILY_V6 {
+                PROTO_ICMPV6
+            } else {
+                PROTO_ICMP
+            },
+            family: i.family,
+            _pad: [0; 2],
+        },
+    };
+    if encap::outer_len(backend) + pkt.ip_len > cfg.mtu as usize {
+        return Err(Reason::TooBig);
+    }
+    let macs = encap::cached_next_hop(ctx, id, backend, cfg)?;
+    let label = if backend.family == FAMILY_V6 {
+        flow_hash(&key)
+    } else {
+        0
+    };
+    encap::encapsulate(ctx, &pkt, backend, cfg, macs, label)?;
+    count_traffic(&LB_VIP_STATS, backend.vip_id, bytes, 0);
+    count_traffic(&LB_BACKEND_STATS, id, bytes, 0);
+    Ok(())
+}
+
+/// Folds a 64-bit ones' complement sum to 16 bits.
+#[inline(always)]
+fn fold(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// Sum of four native words' 16-bit halves.
+#[inline(always)]
+fn sum_words(w: &[u32; 4]) -> u64 {
+    let mut s = 0u64;
+    for x in w {
+        s += (x & 0xffff) as u64 + (x >> 16) as u64;
+    }
+    s
+}
+
+/// Replaces the packet (too big to encapsulate) with an ICMP
+/// "fragmentation needed" / ICMPv6 "packet too big" to its sender, from the
+/// VIP, telling `mtu` and quoting the first [`TOO_BIG_QUOTE`] bytes of it.
+#[inline(always)]
+///
+/// `frame` is the frame's length as received (measured before any pointer
+/// arithmetic: the verifier refuses arithmetic on the end pointer, which
+/// LLVM would otherwise fold into the size computation here).
+pub fn send_too_big(ctx: &XdpContext, pkt: &Packet, mtu: u32, frame: usize) -> Result<(), Reason> {
+    let v6 = pkt.flow.family == FAMILY_V6;
+    let l2 = pkt.l2_len;
+    let head = if v6 {
+        Ipv6Hdr::LEN + 8
+    } else {
+        Ipv4Hdr::LEN + 8
+    };
+    if pkt.ip_len < TOO_BIG_QUOTE {
+        return Err(Reason::TooBig);
+    }
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(head as i32)) } != 0 {
+        return Err(Reason::TooBig);
+    }
+    // The L2 header moves to the new front; source and destination swap.
+    {
+        let from: *const [u8; EthHdr::LEN + 4] = ptr_at(ctx, head).ok_or(Reason::TooBig)?;
+        let to: *mut [u8; EthHdr::LEN + 4] = ptr_at_mut(ctx, 0).ok_or(Reason::TooBig)?;
+        unsafe {
+            for b in 0..EthHdr::LEN + 4 {
+                if b < l2 {
+                    (*to)[b] = (*from)[b];
+                }
+            }
+        }
+        swap_macs(ctx)?;
+    }
+    let want = l2 + head + TOO_BIG_QUOTE;
+    let delta = want as i32 - (frame + head) as i32;
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        return Err(Reason::TooBig);
+    }
+    // The verifier needs the offsets bounded: l2 is 14 or 18.
+    let l2 = if l2 == EthHdr::LEN {
+        EthHdr::LEN
+    } else {
+        EthHdr::LEN + 4
+    };
+    let quote: *const [u8; TOO_BIG_QUOTE] = ptr_at(ctx, l2 + head).ok_or(Reason::TooBig)?;
+    // SAFETY: TOO_BIG_QUOTE readable bytes, checked above; a multiple of 4.
+    let quote_sum = unsafe {
+        bpf_csum_diff(
+            core::ptr::null_mut(),
+            0,
+            quote as *mut u32,
+            TOO_BIG_QUOTE as u32,
+            0,
+        )
+    } as u32 as u64;
+    if v6 {
+        let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, l2).ok_or(Reason::TooBig)?;
+        let h: *mut [u8; 8] = ptr_at_mut(ctx, l2 + Ipv6Hdr::LEN).ok_or(Reason::TooBig)?;
+        let len = (8 + TOO_BIG_QUOTE) as u32;
+        unsafe {
+            (*ip).vcf = [0x60, 0, 0, 0];
+            (*ip).payload_len = (len as u16).to_be_bytes();
+            (*ip).next_hdr = PROTO_ICMPV6;
+            (*ip).hop_limit = 64;
+            let (src, dst) = (pkt.flow.dst, pkt.flow.src);
+            let s = (*ip).src_addr.as_mut_ptr();
+            let d = (*ip).dst_addr.as_mut_ptr();
+            for k in 0..4 {
+                write_u32_even(s.add(k * 4), src[k]);
+                write_u32_even(d.add(k * 4), dst[k]);
+            }
+            let m = mtu.to_be_bytes();
+            *h = [ICMPV6_TOO_BIG, 0, 0, 0, m[0], m[1], m[2], m[3]];
+            let mut sum = quote_sum + sum_words(&src) + sum_words(&dst);
+            // Pseudo-header: upper-layer length and next header, 32 bits each.
+            sum += u16::from_ne_bytes([0, 0]) as u64
+                + u16::from_ne_bytes(((len >> 16) as u16).to_be_bytes()) as u64
+                + u16::from_ne_bytes((len as u16).to_be_bytes()) as u64
+                + u16::from_ne_bytes([0, PROTO_ICMPV6]) as u64;
+            sum += u16::from_ne_bytes([ICMPV6_TOO_BIG, 0]) as u64
+                + u16::from_ne_bytes([m[0], m[1]]) as u64
+                + u16::from_ne_bytes([m[2], m[3]]) as u64;
+            let c = (!fold(sum)).to_ne_bytes();
+            (*h)[2] = c[0];
+            (*h)[3] = c[1];
+        }
+    } else {
+        let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, l2).ok_or(Reason::TooBig)?;
+        let h: *mut [u8; 8] = ptr_at_mut(ctx, l2 + Ipv4Hdr::LEN).ok_or(Reason::TooBig)?;
+        let m = (mtu.min(0xffff) as u16).to_be_bytes();
+        unsafe {
+            (*ip).vihl = 0x45;
+            (*ip).tos = 0;
+            (*ip).tot_len = ((Ipv4Hdr::LEN + 8 + TOO_BIG_QUOTE) as u16).to_be_bytes();
+            (*ip).id = [0, 0];
+            // Don't fragment, as the kernel sends its own ICMP errors.
+            (*ip).frags = [0x40, 0];
+            (*ip).ttl = 64;
+            (*ip).proto = PROTO_ICMP;
+            (*ip).check = [0, 0];
+            write_u32_even((*ip).src_addr.as_mut_ptr(), pkt.flow.dst[0]);
+            write_u32_even((*ip).dst_addr.as_mut_ptr(), pkt.flow.src[0]);
+            (*ip).check = ipv4_header_csum(ip as *const u16).to_ne_bytes();
+            *h = [ICMP_UNREACHABLE, ICMP_FRAG_NEEDED, 0, 0, 0, 0, m[0], m[1]];
+            let sum = quote_sum
+                + u16::from_ne_bytes([ICMP_UNREACHABLE, ICMP_FRAG_NEEDED]) as u64
+                + u16::from_ne_bytes([m[0], m[1]]) as u64;
+            let c = (!fold(sum)).to_ne_bytes();
+            (*h)[2] = c[0];
+            (*h)[3] = c[1];
+        }
+    }
+    Ok(())
+}
+
+/// Whether a fragment to `dst` goes to a VIP address.
+#[inline(always)]
+pub fn fragment_to_vip(family: u8, dst: &[u32; 4]) -> bool {
+    let (word, bit) = vip_filter_slot(dst);
+    LB_VIP_FILTER.get(word).is_some_and(|w| w & bit != 0) && is_vip_addr(family, dst)
+}
+
+const _: () = assert!(TOO_BIG_QUOTE % 4 == 0);

@@ -1,0 +1,472 @@
+//! ICMP, fragments and IPv6 extension headers through the real program
+//! (`BPF_PROG_TEST_RUN`), with the packets that come out checked byte by
+//! byte against ones built independently (etherparse).
+
+use std::net::IpAddr;
+
+use etherparse::Ipv4HeaderSlice;
+use lb::{config, vip::Protocol};
+use lb_common::Reason;
+use lb_tests::{
+    frames::{
+        self, CLIENT_MAC, Flow, FrameSpec, icmp_echo, icmp_too_big, ip_packet, parse_encapsulated,
+    },
+    packet_lab::{PacketLab, backend_mac},
+};
+
+const CONFIG: &str = r#"
+[balancer]
+source_v4 = "10.200.0.1"
+source_v6 = "fd00:200::1"
+mtu = 1500
+max_vips = 8
+max_backends = 64
+
+[[vip]]
+address = "203.0.113.10"
+port = 80
+protocol = "tcp"
+backends = [
+  { address = "10.200.0.11", weight = 1 },
+  { address = "10.200.0.12", weight = 1 },
+  { address = "10.200.0.13", weight = 1 },
+]
+
+[[vip]]
+address = "2001:db8:10::1"
+port = 443
+protocol = "tcp"
+backends = [
+  { address = "fd00:200::31", weight = 1 },
+  { address = "fd00:200::32", weight = 1 },
+]
+
+[[vip]]
+address = "203.0.113.12"
+port = 80
+protocol = "tcp"
+scheduler = "wrr"
+backends = [
+  { address = "10.200.0.11", weight = 1 },
+  { address = "10.200.0.12", weight = 1 },
+]
+"#;
+
+const VIP4: &str = "203.0.113.10";
+const VIP6: &str = "2001:db8:10::1";
+const CLIENT4: &str = "198.18.7.7";
+const CLIENT6: &str = "2001:db8:99::7";
+
+fn lab() -> PacketLab {
+    PacketLab::new(CONFIG).unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Runs `frame`; checks the verdict and that exactly `reason` was counted.
+fn run(lab: &mut PacketLab, frame: &[u8], reason: Reason) -> Vec<u8> {
+    let before = lab.dp.counters().unwrap();
+    let r = lab.run(frame).unwrap();
+    let after = lab.dp.counters().unwrap();
+    for x in Reason::ALL {
+        let n = after.reason(x) - before.reason(x);
+        assert_eq!(
+            n,
+            u64::from(x == reason),
+            "{x:?} counted {n} times, want {reason:?}"
+        );
+    }
+    assert_eq!(r.action, reason.action(), "{reason:?}");
+    r.frame
+}
+
+/// The reply we expect to an echo request: built from scratch.
+fn echo_reply_frame(
+    lab: &PacketLab,
+    src: &str,
+    dst: &str,
+    id: u16,
+    seq: u16,
+    data: &[u8],
+) -> Vec<u8> {
+    icmp_echo(
+        ip(dst),
+        ip(src),
+        lab.if_mac,
+        CLIENT_MAC,
+        64,
+        id,
+        seq,
+        data,
+        true,
+    )
+}
+
+#[test]
+fn echo_requests_to_a_vip_are_answered_byte_by_byte() {
+    let mut lab = lab();
+    for (client, vip) in [(CLIENT4, VIP4), (CLIENT6, VIP6)] {
+        let data: Vec<u8> = (0..56).collect();
+        let request = icmp_echo(
+            ip(client),
+            ip(vip),
+            CLIENT_MAC,
+            lab.if_mac,
+            57,
+            0x1234,
+            9,
+            &data,
+            false,
+        );
+        let out = run(&mut lab, &request, Reason::IcmpEchoReply);
+        let mut want = echo_reply_frame(&lab, client, vip, 0x1234, 9, &data);
+        if vip == VIP4 {
+            // The reply keeps the request's IPv4 identification and flags.
+            want[14 + 4..14 + 8].copy_from_slice(&request[14 + 4..14 + 8]);
+            let h = Ipv4HeaderSlice::from_slice(&want[14..])
+                .unwrap()
+                .to_header();
+            want[14 + 10..14 + 12].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
+        }
+        assert_eq!(out, want, "echo reply from {vip}");
+    }
+    // Not a VIP address (but one the address filter may let through): passed.
+    let other = icmp_echo(
+        ip(CLIENT4),
+        ip("203.0.113.11"),
+        CLIENT_MAC,
+        lab.if_mac,
+        64,
+        1,
+        1,
+        b"x",
+        false,
+    );
+    assert_eq!(run(&mut lab, &other, Reason::NotTcpUdp), other);
+    // With `icmp_echo = false`: passed to the host untouched.
+    let mut settings = config::parse(CONFIG, "t").unwrap().balancer;
+    settings.icmp_echo = false;
+    lab.dp.set_settings(&settings).unwrap();
+    let request = icmp_echo(
+        ip(CLIENT4),
+        ip(VIP4),
+        CLIENT_MAC,
+        lab.if_mac,
+        64,
+        1,
+        1,
+        b"x",
+        false,
+    );
+    assert_eq!(run(&mut lab, &request, Reason::NotTcpUdp), request);
+}
+
+/// The first `n` bytes of the reply a backend sent for `client_flow`
+/// (from the VIP to the client), as a router quotes it.
+fn quoted_reply(client_flow: &Flow, n: usize) -> Vec<u8> {
+    let reply = Flow {
+        src: client_flow.dst,
+        dst: client_flow.src,
+        sport: client_flow.dport,
+        dport: client_flow.sport,
+        protocol: client_flow.protocol,
+    };
+    let frame = frames::build(
+        &reply,
+        &FrameSpec {
+            payload: vec![0xab; 1400],
+            ..Default::default()
+        },
+    );
+    ip_packet(&frame)[..n].to_vec()
+}
+
+#[test]
+fn too_big_errors_about_a_vip_flow_reach_its_backend_unchanged() {
+    let mut lab = lab();
+    for (client, vip, port, router) in [
+        (CLIENT4, VIP4, 80, "192.0.2.1"),
+        (CLIENT6, VIP6, 443, "2001:db8:ffff::1"),
+    ] {
+        for established in [true, false] {
+            let f = Flow {
+                src: ip(client),
+                dst: ip(vip),
+                sport: if established { 40001 } else { 40002 },
+                dport: port,
+                protocol: Protocol::Tcp,
+            };
+            let owner = lab.dp.backend_for(&f.key()).unwrap();
+            if established {
+                let out = {
+                    let frame = lab.frame(&f, FrameSpec::default());
+                    run(&mut lab, &frame, Reason::Forwarded)
+                };
+                assert_eq!(parse_encapsulated(&out).unwrap().outer.dst(), owner);
+            }
+            let error = icmp_too_big(
+                ip(router),
+                ip(vip),
+                CLIENT_MAC,
+                lab.if_mac,
+                60,
+                1280,
+                &quoted_reply(&f, 68),
+            );
+            let out = run(&mut lab, &error, Reason::IcmpForwarded);
+            let e = parse_encapsulated(&out).unwrap();
+            assert_eq!(
+                e.outer.dst(),
+                owner,
+                "{vip}, established {established}: the flow's backend"
+            );
+            assert_eq!(e.dst_mac, backend_mac(owner));
+            assert_eq!(
+                e.inner,
+                ip_packet(&error),
+                "the error arrives byte for byte"
+            );
+        }
+    }
+    // A quote whose source is not the VIP the error was sent to: dropped.
+    let f = Flow {
+        src: ip(CLIENT4),
+        dst: ip("192.0.2.50"),
+        sport: 40003,
+        dport: 80,
+        protocol: Protocol::Tcp,
+    };
+    let error = icmp_too_big(
+        ip("192.0.2.1"),
+        ip(VIP4),
+        CLIENT_MAC,
+        lab.if_mac,
+        60,
+        1280,
+        &quoted_reply(&f, 28),
+    );
+    run(&mut lab, &error, Reason::IcmpUnmatched);
+    // A wrr VIP cannot recompute a flow it has no entry for: dropped, never
+    // sent to a guessed backend.
+    let f = Flow {
+        src: ip(CLIENT4),
+        dst: ip("203.0.113.12"),
+        sport: 40004,
+        dport: 80,
+        protocol: Protocol::Tcp,
+    };
+    let error = icmp_too_big(
+        ip("192.0.2.1"),
+        ip("203.0.113.12"),
+        CLIENT_MAC,
+        lab.if_mac,
+        60,
+        1280,
+        &quoted_reply(&f, 28),
+    );
+    run(&mut lab, &error, Reason::IcmpUnmatched);
+    // Once the flow is in the table, it goes to its backend.
+    let out = {
+        let frame = lab.frame(&f, FrameSpec::default());
+        run(&mut lab, &frame, Reason::Forwarded)
+    };
+    let owner = parse_encapsulated(&out).unwrap().outer.dst();
+    let out = run(&mut lab, &error, Reason::IcmpForwarded);
+    assert_eq!(parse_encapsulated(&out).unwrap().outer.dst(), owner);
+}
+
+#[test]
+fn packets_too_big_to_encapsulate_get_an_icmp_answer_byte_by_byte() {
+    let mut lab = lab();
+    for (client, vip, port, overhead) in [(CLIENT4, VIP4, 80, 20), (CLIENT6, VIP6, 443, 40)] {
+        let f = Flow {
+            src: ip(client),
+            dst: ip(vip),
+            sport: 40010,
+            dport: port,
+            protocol: Protocol::Tcp,
+        };
+        let header = if vip == VIP4 { 40 } else { 60 };
+        // One byte more than fits once encapsulated.
+        let too_big = lab.frame(
+            &f,
+            FrameSpec {
+                payload: vec![0x5a; 1500 - overhead + 1 - header],
+                ..Default::default()
+            },
+        );
+        let out = run(&mut lab, &too_big, Reason::TooBigIcmpSent);
+        let mtu = (1500 - overhead) as u32;
+        let want = icmp_too_big(
+            ip(vip),
+            ip(client),
+            lab.if_mac,
+            CLIENT_MAC,
+            64,
+            mtu,
+            &ip_packet(&too_big)[..512],
+        );
+        assert_eq!(out, want, "{vip}: the answer, byte for byte");
+        // The largest that fits is forwarded.
+        let fits = lab.frame(
+            &f,
+            FrameSpec {
+                payload: vec![0x5a; 1500 - overhead - header],
+                ..Default::default()
+            },
+        );
+        run(&mut lab, &fits, Reason::Forwarded);
+    }
+    // `too_big = "drop"`: dropped.
+    let mut settings = config::parse(CONFIG, "t").unwrap().balancer;
+    settings.too_big_icmp = false;
+    lab.dp.set_settings(&settings).unwrap();
+    let f = Flow {
+        src: ip(CLIENT4),
+        dst: ip(VIP4),
+        sport: 40011,
+        dport: 80,
+        protocol: Protocol::Tcp,
+    };
+    let too_big = lab.frame(
+        &f,
+        FrameSpec {
+            payload: vec![0; 1441],
+            ..Default::default()
+        },
+    );
+    run(&mut lab, &too_big, Reason::TooBig);
+    // A VLAN-tagged client gets its answer on the same VLAN.
+    settings.too_big_icmp = true;
+    lab.dp.set_settings(&settings).unwrap();
+    let tagged = lab.frame(
+        &f,
+        FrameSpec {
+            vlan: Some(7),
+            payload: vec![0; 1441],
+            ..Default::default()
+        },
+    );
+    let out = run(&mut lab, &tagged, Reason::TooBigIcmpSent);
+    assert_eq!(&out[12..16], &[0x81, 0x00, 0x00, 0x07], "the tag stays");
+    let untagged: Vec<u8> = [&out[..12], &out[16..]].concat();
+    let want = icmp_too_big(
+        ip(VIP4),
+        ip(CLIENT4),
+        lab.if_mac,
+        CLIENT_MAC,
+        64,
+        1480,
+        &ip_packet(&tagged)[..512],
+    );
+    assert_eq!(untagged, want);
+}
+
+#[test]
+fn fragments_to_a_vip_are_dropped_by_default_and_never_guessed() {
+    let mut lab = lab();
+    let f = Flow {
+        src: ip(CLIENT4),
+        dst: ip(VIP4),
+        sport: 40020,
+        dport: 80,
+        protocol: Protocol::Tcp,
+    };
+    let whole = lab.frame(&f, FrameSpec::default());
+    let mut first = whole.clone();
+    first[14 + 6] = 0x20; // more fragments
+    let mut later = whole.clone();
+    later[14 + 6] = 0x00;
+    later[14 + 7] = 0x10; // offset 128
+    run(&mut lab, &first, Reason::FragmentDropped);
+    run(&mut lab, &later, Reason::FragmentDropped);
+    // To an address that is no VIP: the host's business.
+    let mut other = lab.frame(
+        &Flow {
+            dst: ip("198.51.100.1"),
+            ..f
+        },
+        FrameSpec::default(),
+    );
+    other[14 + 6] = 0x20;
+    assert_eq!(run(&mut lab, &other, Reason::Fragment), other);
+    // IPv6: a fragment header to a VIP.
+    let f6 = Flow {
+        src: ip(CLIENT6),
+        dst: ip(VIP6),
+        sport: 40021,
+        dport: 443,
+        protocol: Protocol::Tcp,
+    };
+    let frag6 = with_ipv6_ext(&lab.frame(&f6, FrameSpec::default()), &[(44, 8)]);
+    run(&mut lab, &frag6, Reason::FragmentDropped);
+    // `fragments = "pass"`: passed, untouched.
+    let mut settings = config::parse(CONFIG, "t").unwrap().balancer;
+    settings.fragments_pass = true;
+    lab.dp.set_settings(&settings).unwrap();
+    assert_eq!(run(&mut lab, &first, Reason::Fragment), first);
+    assert_eq!(run(&mut lab, &frag6, Reason::Fragment), frag6);
+}
+
+/// `frame` (IPv6, no extension headers) with extension headers of
+/// (type, length in bytes) inserted before its L4 header.
+fn with_ipv6_ext(frame: &[u8], headers: &[(u8, usize)]) -> Vec<u8> {
+    let (head, l4) = frame.split_at(14 + 40);
+    let mut ip = head[14..].to_vec();
+    let l4_proto = ip[6];
+    let mut ext = Vec::new();
+    for (i, (kind, len)) in headers.iter().enumerate() {
+        let next = headers.get(i + 1).map_or(l4_proto, |h| h.0);
+        let mut h = vec![0u8; *len];
+        h[0] = next;
+        if *kind == 44 {
+            h[1] = 0; // fragment header: reserved; offset 0, M set below
+            h[3] = 1;
+        } else {
+            h[1] = (*len / 8 - 1) as u8;
+        }
+        ext.extend(h);
+    }
+    ip[6] = headers[0].0;
+    let payload_len = u16::from_be_bytes([ip[4], ip[5]]) as usize + ext.len();
+    ip[4..6].copy_from_slice(&(payload_len as u16).to_be_bytes());
+    [&head[..14], &ip[..], &ext[..], l4].concat()
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked_within_a_bound() {
+    let mut lab = lab();
+    let f = Flow {
+        src: ip(CLIENT6),
+        dst: ip(VIP6),
+        sport: 40030,
+        dport: 443,
+        protocol: Protocol::Tcp,
+    };
+    let plain = lab.frame(&f, FrameSpec::default());
+    let owner = lab.dp.backend_for(&f.key()).unwrap();
+    // Hop-by-hop, destination options, routing (no segments left), and a
+    // second destination options header: forwarded by the 5-tuple.
+    let walked = with_ipv6_ext(&plain, &[(0, 8), (60, 16), (43, 8), (60, 8)]);
+    let out = run(&mut lab, &walked, Reason::Forwarded);
+    let e = parse_encapsulated(&out).unwrap();
+    assert_eq!(e.outer.dst(), owner, "the flow's backend");
+    assert_eq!(
+        e.inner,
+        ip_packet(&walked),
+        "the packet, extension headers and all"
+    );
+    // Five: beyond the bound.
+    let deep = with_ipv6_ext(&plain, &[(0, 8), (60, 8), (60, 8), (60, 8), (60, 8)]);
+    assert_eq!(run(&mut lab, &deep, Reason::Ipv6ExtHeader), deep);
+    // A routing header with segments left: not the final destination.
+    let mut routed = with_ipv6_ext(&plain, &[(43, 8)]);
+    routed[14 + 40 + 3] = 2;
+    assert_eq!(run(&mut lab, &routed, Reason::Ipv6ExtHeader), routed);
+    // An extension header longer than the packet: malformed.
+    let mut cut = with_ipv6_ext(&plain, &[(60, 8)]);
+    cut[14 + 40 + 1] = 200;
+    run(&mut lab, &cut, Reason::Malformed);
+}
