@@ -6,6 +6,7 @@
 //! that lacks it fails with a message saying so; it never passes silently.
 
 pub mod frames;
+pub mod fuzz;
 pub mod lab;
 pub mod netns;
 pub mod packet_lab;
@@ -71,4 +72,28 @@ impl SplitMix {
     pub fn next_u16(&mut self) -> u16 {
         (self.next_u64() >> 48) as u16
     }
+}
+
+/// Merges `results` into the flat JSON object of dotted keys at `path`
+/// (`target/bench/results.json`), keeping what other runs wrote; values are
+/// rounded to two decimals.
+pub fn merge_results(
+    path: &std::path::Path,
+    results: &std::collections::BTreeMap<String, f64>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let mut all: serde_json::Map<String, serde_json::Value> = match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a JSON object", path.display()))?,
+        Err(_) => serde_json::Map::new(),
+    };
+    for (k, v) in results {
+        all.insert(k.clone(), serde_json::json!((v * 100.0).round() / 100.0));
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(&all)? + "\n")?;
+    println!("wrote {} figures to {}", results.len(), path.display());
+    Ok(())
 }

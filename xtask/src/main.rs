@@ -41,6 +41,16 @@ enum Task {
         /// Groups to run (xdp, maglev, e2e, api, metrics, load); all by default.
         groups: Vec<String>,
     },
+    /// Set up, then fuzz both XDP programs with N frames each; figures go
+    /// to target/bench/results.json (fuzz.*).
+    Fuzz {
+        /// Frames per program.
+        #[arg(long, default_value_t = 100_000)]
+        frames: u64,
+        /// Seed of the frame generator.
+        #[arg(long, default_value_t = 0x5eed)]
+        seed: u64,
+    },
     /// Lab housekeeping.
     Lab {
         #[command(subcommand)]
@@ -121,6 +131,23 @@ fn main() -> Result<()> {
         } => {
             require_root("cargo xtask lab clean")?;
             lab::clean()
+        }
+        Task::Fuzz { frames, seed } => {
+            require_root("cargo xtask fuzz")?;
+            setup::setup()?;
+            run(cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "lb-tests",
+                    "--bin",
+                    "lb-fuzz",
+                    "--",
+                ])
+                .arg(root().join("target/bench/results.json"))
+                .arg(frames.to_string())
+                .arg(seed.to_string()))
         }
         Task::Bench { groups } => {
             require_root("cargo xtask bench")?;

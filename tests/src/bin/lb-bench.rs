@@ -885,23 +885,6 @@ fn load_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
     Ok(())
 }
 
-fn merge(path: &PathBuf, results: &BTreeMap<String, f64>) -> Result<()> {
-    let mut all: serde_json::Map<String, serde_json::Value> = match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a JSON object", path.display()))?,
-        Err(_) => serde_json::Map::new(),
-    };
-    for (k, v) in results {
-        all.insert(k.clone(), serde_json::json!((v * 100.0).round() / 100.0));
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(path, serde_json::to_string_pretty(&all)? + "\n")?;
-    println!("wrote {} figures to {}", results.len(), path.display());
-    Ok(())
-}
-
 fn main() -> Result<()> {
     let mut args = std::env::args_os().skip(1);
     let Some(out) = args.next().map(PathBuf::from) else {
@@ -928,5 +911,5 @@ fn main() -> Result<()> {
     if run("load") {
         load_benchmarks(&mut results)?;
     }
-    merge(&out, &results)
+    lb_tests::merge_results(&out, &results)
 }

@@ -1,0 +1,588 @@
+//! A fuzz harness for the XDP programs through `BPF_PROG_TEST_RUN`: random
+//! frames and mutated valid ones (truncations, bad lengths, bad IHL, bad
+//! checksums, odd flags, nested tunnels, VLAN stacks, IPv6 extension
+//! headers, ICMP), with every output judged independently of the code
+//! under test:
+//!
+//! - no run returns `XDP_ABORTED` (or anything but drop, pass, transmit);
+//! - a passed frame is untouched;
+//! - a transmitted frame is a well-formed encapsulation of its input to a
+//!   configured backend (the input's IP packet inside, byte for byte), or
+//!   the ICMP answer the input calls for (echo reply, too big), byte for
+//!   byte;
+//! - the reason counters add up to the frames sent, and per verdict to the
+//!   verdicts seen.
+//!
+//! Used by the `fuzz` integration test and by `cargo xtask fuzz`.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use anyhow::Result;
+use lb::{config, dataplane::Decapsulator};
+use lb_common::{DecapReason, Reason, xdp_action};
+
+use crate::{
+    SplitMix,
+    frames::{self, CLIENT_MAC, Flow, FrameSpec, ip_packet, l2_len, parse_encapsulated},
+    packet_lab::{PacketLab, backend_mac},
+    xdp::run_xdp,
+};
+
+/// The balancer's config under fuzz: VIPs of every kind the generator aims
+/// at.
+pub const CONFIG: &str = r#"
+[balancer]
+source_v4 = "10.200.0.1"
+source_v6 = "fd00:200::1"
+mtu = 1500
+max_vips = 8
+max_backends = 32
+
+[[vip]]
+address = "203.0.113.10"
+port = 80
+protocol = "tcp"
+backends = [ { address = "10.200.0.11" }, { address = "10.200.0.12" }, { address = "fd00:200::33" } ]
+
+[[vip]]
+address = "203.0.113.10"
+port = 53
+protocol = "udp"
+scheduler = "wrr"
+backends = [ { address = "10.200.0.11" }, { address = "10.200.0.13" } ]
+
+[[vip]]
+address = "2001:db8:10::1"
+port = 443
+protocol = "tcp"
+scheduler = "least-load"
+backends = [ { address = "fd00:200::31" }, { address = "fd00:200::32" } ]
+
+[[vip]]
+address = "2001:db8:10::1"
+port = 0
+protocol = "udp"
+scheduler = "maglev-src"
+backends = [ { address = "fd00:200::31" }, { address = "10.200.0.14" } ]
+"#;
+
+/// What a fuzz run found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub frames: u64,
+    /// Runs that returned `XDP_ABORTED` or a verdict the program never gives.
+    pub aborted: u64,
+    /// Transmitted frames that are neither a well-formed encapsulation of
+    /// their input nor the right ICMP answer.
+    pub bad_forwards: u64,
+    /// Passed frames that were changed.
+    pub bad_passes: u64,
+    /// Reason counters that do not add up to the frames and verdicts.
+    pub counter_mismatch: u64,
+    /// Verdicts seen (so a run is known to have reached every path).
+    pub transmitted: u64,
+    pub passed: u64,
+    pub dropped: u64,
+    /// A few examples of what went wrong, for the log.
+    pub examples: Vec<String>,
+}
+
+impl Report {
+    /// Whether nothing went wrong.
+    pub fn clean(&self) -> bool {
+        self.aborted == 0
+            && self.bad_forwards == 0
+            && self.bad_passes == 0
+            && self.counter_mismatch == 0
+    }
+
+    fn note(&mut self, what: String) {
+        if self.examples.len() < 10 {
+            self.examples.push(what);
+        }
+    }
+}
+
+fn hex(frame: &[u8]) -> String {
+    frame
+        .iter()
+        .take(96)
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()
+}
+
+/// The valid frames mutations start from.
+fn templates(lab: &PacketLab, rng: &mut SplitMix) -> Vec<Vec<u8>> {
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let mut out = Vec::new();
+    let flows = [
+        ("198.18.0.9", "203.0.113.10", 80, lb::vip::Protocol::Tcp),
+        ("198.18.0.9", "203.0.113.10", 53, lb::vip::Protocol::Udp),
+        (
+            "2001:db8:99::9",
+            "2001:db8:10::1",
+            443,
+            lb::vip::Protocol::Tcp,
+        ),
+        (
+            "2001:db8:99::9",
+            "2001:db8:10::1",
+            5353,
+            lb::vip::Protocol::Udp,
+        ),
+        ("198.18.0.9", "198.51.100.1", 80, lb::vip::Protocol::Tcp),
+    ];
+    for (src, dst, dport, protocol) in flows {
+        let f = Flow {
+            src: ip(src),
+            dst: ip(dst),
+            sport: 1024 + rng.next_u16() % 60000,
+            dport,
+            protocol,
+        };
+        for payload in [0usize, 33, 1400, 1461] {
+            out.push(lab.frame(
+                &f,
+                FrameSpec {
+                    payload: vec![0x42; payload],
+                    ..Default::default()
+                },
+            ));
+        }
+        out.push(lab.frame(
+            &f,
+            FrameSpec {
+                vlan: Some(5),
+                payload: vec![1; 20],
+                ..Default::default()
+            },
+        ));
+        if f.src.is_ipv4() {
+            out.push(lab.frame(
+                &f,
+                FrameSpec {
+                    ipv4_options: vec![1, 1, 1, 1, 0, 0, 0, 0],
+                    ..Default::default()
+                },
+            ));
+        }
+    }
+    for (client, vip) in [
+        ("198.18.0.9", "203.0.113.10"),
+        ("2001:db8:99::9", "2001:db8:10::1"),
+    ] {
+        out.push(frames::icmp_echo(
+            ip(client),
+            ip(vip),
+            CLIENT_MAC,
+            lab.if_mac,
+            64,
+            7,
+            1,
+            b"fuzz",
+            false,
+        ));
+        let reply = Flow {
+            src: ip(vip),
+            dst: ip(client),
+            sport: if vip.contains(':') { 443 } else { 80 },
+            dport: 40000,
+            protocol: lb::vip::Protocol::Tcp,
+        };
+        let quoted = ip_packet(&frames::build(&reply, &FrameSpec::default())).to_vec();
+        let router = if vip.contains(':') {
+            "2001:db8:ffff::1"
+        } else {
+            "192.0.2.1"
+        };
+        out.push(frames::icmp_too_big(
+            ip(router),
+            ip(vip),
+            CLIENT_MAC,
+            lab.if_mac,
+            64,
+            1280,
+            &quoted,
+        ));
+    }
+    // A tunnel inside: what the balancer sends, arriving at the balancer.
+    let nested = out[0].clone();
+    let mut tunnel = lab.frame(
+        &Flow {
+            src: ip("198.18.0.9"),
+            dst: ip("203.0.113.10"),
+            sport: 1,
+            dport: 80,
+            protocol: lb::vip::Protocol::Tcp,
+        },
+        FrameSpec {
+            payload: nested[14..].to_vec(),
+            ..Default::default()
+        },
+    );
+    tunnel[14 + 9] = 4; // IPIP
+    out.push(tunnel);
+    // Two VLAN tags.
+    let mut qinq = out[0].clone();
+    qinq.splice(12..12, [0x81, 0x00, 0x00, 0x07]);
+    out.push(qinq);
+    out
+}
+
+/// One frame: a template with mutations, or random bytes.
+fn frame(templates: &[Vec<u8>], rng: &mut SplitMix) -> Vec<u8> {
+    if rng.next_u32().is_multiple_of(16) {
+        let len = (rng.next_u32() % 1600) as usize;
+        return (0..len).map(|_| rng.next_u16() as u8).collect();
+    }
+    let mut f = templates[rng.next_u32() as usize % templates.len()].clone();
+    let l3 = l2_len(&f).min(f.len());
+    for _ in 0..rng.next_u32() % 4 {
+        if f.is_empty() {
+            break;
+        }
+        let at = |f: &Vec<u8>, off: usize| (l3 + off).min(f.len() - 1);
+        match rng.next_u32() % 10 {
+            0 => {
+                let n = rng.next_u32() as usize % f.len();
+                f.truncate(n);
+            }
+            1 | 2 => {
+                let i = rng.next_u32() as usize % f.len();
+                f[i] = rng.next_u16() as u8;
+            }
+            3 => {
+                // IPv4 total length or IPv6 payload length.
+                let i = at(&f, 2);
+                let v = rng.next_u16().to_be_bytes();
+                f[i] = v[0];
+                if i + 1 < f.len() {
+                    f[i + 1] = v[1];
+                }
+                let j = at(&f, 4);
+                f[j] = v[1];
+            }
+            4 => {
+                // Version and IHL.
+                let i = at(&f, 0);
+                f[i] = (f[i] & 0xf0) | (rng.next_u16() as u8 & 0x0f);
+            }
+            5 => {
+                // Flags and fragment offset; IPv6 next header.
+                let i = at(&f, 6);
+                f[i] = rng.next_u16() as u8;
+            }
+            6 => {
+                // Checksums: IPv4 header, and the L4 one somewhere after.
+                let i = at(&f, 10);
+                f[i] ^= 0xff;
+                let j = at(&f, 20 + rng.next_u32() as usize % 20);
+                f[j] ^= rng.next_u16() as u8;
+            }
+            7 => {
+                // TCP flags.
+                let i = at(&f, 20 + 13);
+                f[i] = rng.next_u16() as u8;
+            }
+            8 => {
+                let n = rng.next_u32() % 64;
+                f.extend((0..n).map(|_| rng.next_u16() as u8));
+            }
+            _ => {
+                // The IPv6 next header, and an extension header behind it.
+                let i = at(&f, 6);
+                f[i] = [0u8, 43, 44, 60, 51, 58][rng.next_u32() as usize % 6];
+            }
+        }
+    }
+    f
+}
+
+/// The echo reply `input` calls for, by RFC 1624 from the request (so a
+/// request with a bad checksum gets a reply with a bad checksum too).
+fn expected_echo_reply(input: &[u8]) -> Option<Vec<u8>> {
+    let l3 = l2_len(input);
+    let mut out = input.to_vec();
+    let (macs_dst, macs_src) = (input[..6].to_vec(), input[6..12].to_vec());
+    out[..6].copy_from_slice(&macs_src);
+    out[6..12].copy_from_slice(&macs_dst);
+    let v6 = input[l3] >> 4 == 6;
+    let (icmp, new_type) = if v6 {
+        out[l3 + 7] = 64;
+        let (s, d) = (
+            input[l3 + 8..l3 + 24].to_vec(),
+            input[l3 + 24..l3 + 40].to_vec(),
+        );
+        out[l3 + 8..l3 + 24].copy_from_slice(&d);
+        out[l3 + 24..l3 + 40].copy_from_slice(&s);
+        (l3 + 40, 129u8)
+    } else {
+        let (s, d) = (
+            input[l3 + 12..l3 + 16].to_vec(),
+            input[l3 + 16..l3 + 20].to_vec(),
+        );
+        out[l3 + 12..l3 + 16].copy_from_slice(&d);
+        out[l3 + 16..l3 + 20].copy_from_slice(&s);
+        out[l3 + 8] = 64;
+        let h = etherparse::Ipv4HeaderSlice::from_slice(&out[l3..])
+            .ok()?
+            .to_header();
+        out[l3 + 10..l3 + 12].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
+        (l3 + 20, 0u8)
+    };
+    let old = u16::from_be_bytes([input[icmp], input[icmp + 1]]);
+    out[icmp] = new_type;
+    let new = u16::from_be_bytes([out[icmp], out[icmp + 1]]);
+    let check = u16::from_be_bytes([input[icmp + 2], input[icmp + 3]]);
+    let mut sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    out[icmp + 2..icmp + 4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    Some(out)
+}
+
+/// The "too big" answer `input` calls for, from its destination back to its
+/// source, telling `mtu`.
+fn expected_too_big(input: &[u8], mtu: u32) -> Option<Vec<u8>> {
+    let l3 = l2_len(input);
+    let packet = ip_packet(input);
+    let (src, dst): (IpAddr, IpAddr) = if input[l3] >> 4 == 6 {
+        let s: [u8; 16] = input[l3 + 8..l3 + 24].try_into().ok()?;
+        let d: [u8; 16] = input[l3 + 24..l3 + 40].try_into().ok()?;
+        (s.into(), d.into())
+    } else {
+        let s: [u8; 4] = input[l3 + 12..l3 + 16].try_into().ok()?;
+        let d: [u8; 4] = input[l3 + 16..l3 + 20].try_into().ok()?;
+        (s.into(), d.into())
+    };
+    let src_mac: [u8; 6] = input[6..12].try_into().ok()?;
+    let dst_mac: [u8; 6] = input[..6].try_into().ok()?;
+    let mut out = frames::icmp_too_big(dst, src, dst_mac, src_mac, 64, mtu, packet.get(..512)?);
+    if l3 == 18 {
+        out.splice(12..12, input[12..16].iter().copied());
+    }
+    Some(out)
+}
+
+/// Judges one transmitted frame; `Err` says what is wrong with it.
+fn judge_tx(
+    input: &[u8],
+    output: &[u8],
+    backends: &BTreeSet<IpAddr>,
+    sources: &[IpAddr],
+) -> Result<(), String> {
+    if let Ok(e) = parse_encapsulated(output)
+        && matches!(
+            &e.outer,
+            frames::Outer::V4 { proto: 4 | 41, .. }
+                | frames::Outer::V6 {
+                    next_header: 4 | 41,
+                    ..
+                }
+        )
+    {
+        if !backends.contains(&e.outer.dst()) {
+            return Err(format!("encapsulated to {}, no backend", e.outer.dst()));
+        }
+        if !sources.contains(&e.outer.src()) {
+            return Err(format!("outer source {}", e.outer.src()));
+        }
+        if e.dst_mac != backend_mac(e.outer.dst()) {
+            return Err("destination MAC is not the backend's neighbour".into());
+        }
+        if let frames::Outer::V4 {
+            checksum_ok, ttl, ..
+        } = e.outer
+            && (!checksum_ok || ttl != 64)
+        {
+            return Err("bad outer IPv4 header".into());
+        }
+        if l2_len(output) != l2_len(input) {
+            return Err("the VLAN tag changed".into());
+        }
+        if e.inner != ip_packet(input) {
+            return Err("the inner packet is not the input's".into());
+        }
+        return Ok(());
+    }
+    if Some(output.to_vec()) == expected_echo_reply(input) {
+        return Ok(());
+    }
+    for mtu in [1480, 1460] {
+        if Some(output.to_vec()) == expected_too_big(input, mtu) {
+            return Ok(());
+        }
+    }
+    Err("neither an encapsulation of the input nor its ICMP answer".into())
+}
+
+/// Sends `frames` generated frames (seeded by `seed`) through the balancer.
+pub fn balancer(frames: u64, seed: u64) -> Result<Report> {
+    let mut lab = PacketLab::new(CONFIG)?;
+    let cfg = config::parse(CONFIG, "fuzz config")?;
+    let backends: BTreeSet<IpAddr> = cfg
+        .vips
+        .iter()
+        .flat_map(|v| v.backends.iter().map(|b| b.addr))
+        .collect();
+    let sources: Vec<IpAddr> = vec!["10.200.0.1".parse()?, "fd00:200::1".parse()?];
+    let mut rng = SplitMix(seed);
+    let templates = templates(&lab, &mut rng);
+    let before = lab.dp.counters()?;
+    let mut report = Report::default();
+    let (mut tx, mut pass, mut drop) = (0u64, 0u64, 0u64);
+    for n in 0..frames {
+        let input = frame(&templates, &mut rng);
+        report.frames += 1;
+        let r = match lab.run(&input) {
+            Ok(r) => r,
+            Err(e) => {
+                // The kernel refuses frames shorter than an Ethernet header.
+                if input.len() < 14 {
+                    report.frames -= 1;
+                    continue;
+                }
+                return Err(e);
+            }
+        };
+        match r.action {
+            xdp_action::XDP_TX => {
+                tx += 1;
+                if let Err(why) = judge_tx(&input, &r.frame, &backends, &sources) {
+                    report.bad_forwards += 1;
+                    report.note(format!(
+                        "frame {n}: {why}: in {} out {}",
+                        hex(&input),
+                        hex(&r.frame)
+                    ));
+                }
+            }
+            xdp_action::XDP_PASS => {
+                pass += 1;
+                if r.frame != input {
+                    report.bad_passes += 1;
+                    report.note(format!("frame {n}: passed but changed: {}", hex(&input)));
+                }
+            }
+            xdp_action::XDP_DROP => drop += 1,
+            other => {
+                report.aborted += 1;
+                report.note(format!("frame {n}: verdict {other}: {}", hex(&input)));
+            }
+        }
+    }
+    (report.transmitted, report.passed, report.dropped) = (tx, pass, drop);
+    let after = lab.dp.counters()?;
+    let by = |action: u32| -> u64 {
+        Reason::ALL
+            .iter()
+            .filter(|r| r.action() == action)
+            .map(|r| after.reason(*r) - before.reason(*r))
+            .sum()
+    };
+    let total: u64 = Reason::ALL
+        .iter()
+        .map(|r| after.reason(*r) - before.reason(*r))
+        .sum();
+    for (what, counted, seen) in [
+        ("all", total, report.frames),
+        ("transmit", by(xdp_action::XDP_TX), tx),
+        ("pass", by(xdp_action::XDP_PASS), pass),
+        ("drop", by(xdp_action::XDP_DROP), drop),
+    ] {
+        if counted != seen {
+            report.counter_mismatch += counted.abs_diff(seen);
+            report.note(format!("{what}: reasons count {counted}, verdicts {seen}"));
+        }
+    }
+    Ok(report)
+}
+
+/// Sends `frames` generated frames through the backend-side decapsulator:
+/// the balancer's real output, mutated, and the balancer's input frames.
+pub fn decapsulator(frames: u64, seed: u64) -> Result<Report> {
+    let mut lab = PacketLab::new(CONFIG)?;
+    let mut decap = Decapsulator::load()?;
+    let local: Vec<IpAddr> = vec![
+        "10.200.0.11".parse()?,
+        "fd00:200::31".parse()?,
+        "10.200.0.14".parse()?,
+    ];
+    decap.set_addresses(&local)?;
+    let mut rng = SplitMix(seed);
+    let mut templates = templates(&lab, &mut rng);
+    // What the balancer sends: the tunnels the decapsulator is for.
+    let mut tunnels = Vec::new();
+    for t in &templates {
+        let r = lab.run(t)?;
+        if r.action == xdp_action::XDP_TX && parse_encapsulated(&r.frame).is_ok() {
+            tunnels.push(r.frame);
+        }
+    }
+    templates.extend(tunnels.iter().cloned());
+    templates.extend(tunnels);
+    let before = decap.counters()?;
+    let mut report = Report::default();
+    let (mut pass, mut drop) = (0u64, 0u64);
+    for n in 0..frames {
+        let input = frame(&templates, &mut rng);
+        if input.len() < 14 {
+            continue;
+        }
+        report.frames += 1;
+        let r = run_xdp(decap.program()?, &input, 0, 1)?;
+        match r.action {
+            xdp_action::XDP_PASS => {
+                pass += 1;
+                if r.frame != input {
+                    // Changed: it must be the decapsulation of the input.
+                    // Ethernet padding after the outer packet stays after
+                    // the inner one.
+                    let ok = parse_encapsulated(&input).is_ok_and(|e| {
+                        let l2 = l2_len(&input);
+                        let padding = &input[l2 + ip_packet(&input).len()..];
+                        let want: Vec<u8> = [&e.inner[..], padding].concat();
+                        r.frame.len() >= l2
+                            && r.frame[..12] == input[..12]
+                            && l2_len(&r.frame) == l2
+                            && r.frame[l2..] == want[..]
+                            && local.contains(&e.outer.dst())
+                    });
+                    if !ok {
+                        report.bad_forwards += 1;
+                        report.note(format!(
+                            "frame {n}: changed, not a decapsulation: in {} out {}",
+                            hex(&input),
+                            hex(&r.frame)
+                        ));
+                    }
+                }
+            }
+            xdp_action::XDP_DROP => drop += 1,
+            other => {
+                report.aborted += 1;
+                report.note(format!("frame {n}: verdict {other}: {}", hex(&input)));
+            }
+        }
+    }
+    (report.passed, report.dropped) = (pass, drop);
+    let after = decap.counters()?;
+    let delta = |r: DecapReason| after[r as usize] - before[r as usize];
+    let counted_drop: u64 = DecapReason::ALL
+        .iter()
+        .filter(|r| r.action() == xdp_action::XDP_DROP)
+        .map(|r| delta(*r))
+        .sum();
+    let total: u64 = DecapReason::ALL.iter().map(|r| delta(*r)).sum();
+    for (what, counted, seen) in [
+        ("all", total, report.frames),
+        ("drop", counted_drop, drop),
+        ("pass", total - counted_drop, pass),
+    ] {
+        if counted != seen {
+            report.counter_mismatch += counted.abs_diff(seen);
+            report.note(format!("{what}: reasons count {counted}, verdicts {seen}"));
+        }
+    }
+    Ok(report)
+}
