@@ -178,3 +178,36 @@ fn generic_xdp_mode_forwards_as_well() {
             .contains("xdpgeneric")
     );
 }
+
+/// Path MTU discovery through direct server return: the client sits behind
+/// a router whose link to it has MTU 1400 while the client's own is 1500, so
+/// the backends' full-size replies make the router send "fragmentation
+/// needed" / "packet too big" to the VIP. The balancer forwards those to the
+/// backend that owns the flow, the backend lowers its path MTU, and a large
+/// download completes (without that, it would stall).
+#[test]
+fn path_mtu_discovery_works_through_direct_server_return() {
+    let lab = Lab::start(&LabSpec {
+        router_mtu: Some(1400),
+        ..LabSpec::weights(&[1, 1])
+    })
+    .expect("lab");
+    for v6 in [false, true] {
+        let addr = lab.vip_http(v6);
+        let body = lab
+            .in_client(move || -> anyhow::Result<usize> {
+                let mut c = HttpConn::connect(addr)?;
+                Ok(c.get("/bytes/2000000")?.1.len())
+            })
+            .unwrap()
+            .unwrap_or_else(|e| panic!("IPv6 {v6}: the download stalled: {e}; {}", lab.logs()));
+        assert_eq!(body, 2_000_000, "IPv6 {v6}");
+    }
+    let forwarded = lab
+        .metric("lb_packets_total", &[("reason", "icmp_forwarded")])
+        .unwrap();
+    assert!(
+        forwarded >= 2,
+        "the router's ICMP errors went to the backends: {forwarded}"
+    );
+}

@@ -61,6 +61,10 @@ pub struct LabSpec {
     /// TOML appended to every `[[vip]]` of lbd's config (e.g. a
     /// `[vip.health]` table).
     pub vip_extra: String,
+    /// Put the client behind a router whose link to it has this MTU (the
+    /// client's own stays 1500), for path MTU discovery: `None` (default)
+    /// puts the client on the bridge.
+    pub router_mtu: Option<u32>,
 }
 
 impl LabSpec {
@@ -71,6 +75,7 @@ impl LabSpec {
             xdp_mode: "native",
             log: "info",
             vip_extra: String::new(),
+            router_mtu: None,
         }
     }
 }
@@ -109,6 +114,8 @@ pub struct Lab {
     _pass: PassProgram,
     pub backends: Vec<LabBackend>,
     pub client: Netns,
+    /// The router in front of the client, with [`LabSpec::router_mtu`].
+    pub router: Option<Netns>,
     pub balancer: Netns,
     switch: Netns,
     dir: PathBuf,
@@ -180,6 +187,69 @@ fn no_dad(ns: &Netns) -> Result<()> {
     Ok(())
 }
 
+/// The router's address on the bridge, with [`LabSpec::router_mtu`].
+const ROUTER_V4: &str = "10.201.0.3";
+const ROUTER_V6: &str = "fd00:201::3";
+/// The client's network behind the router.
+const ROUTED_CLIENT_V4_NET: &str = "10.202.0.0/24";
+const ROUTED_CLIENT_V6_NET: &str = "fd00:202::/64";
+
+/// Puts `client` behind a new router namespace: router on the bridge
+/// (10.201.0.3, fd00:201::3), client on a link of its own (10.202.0.2,
+/// fd00:202::2) whose router side has MTU `mtu`, so the router sends
+/// "fragmentation needed" / "packet too big" for larger packets towards the
+/// client. The client reaches everything through the router; the router
+/// sends VIP traffic to the balancer.
+fn routed_client(switch: &Netns, client: &Netns, mtu: u32) -> Result<Netns> {
+    let router = Netns::new("lab-router")?;
+    no_dad(&router)?;
+    host_link(switch, &router, "v-router", BACKEND_MTU)?;
+    router.ip(&["addr", "add", &format!("{ROUTER_V4}/24"), "dev", "eth0"])?;
+    router.ip(&["addr", "add", &format!("{ROUTER_V6}/64"), "dev", "eth0"])?;
+    router.ip(&[
+        "link",
+        "add",
+        "eth1",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        client.name(),
+    ])?;
+    router.ip(&["link", "set", "eth1", "mtu", &mtu.to_string(), "up"])?;
+    router.ip(&["addr", "add", "10.202.0.1/24", "dev", "eth1"])?;
+    router.ip(&["addr", "add", "fd00:202::1/64", "dev", "eth1", "nodad"])?;
+    router.exec(
+        "sysctl",
+        &[
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ],
+    )?;
+    router.ip(&["route", "add", &format!("{VIP_V4}/32"), "via", "10.201.0.1"])?;
+    router.ip(&[
+        "-6",
+        "route",
+        "add",
+        &format!("{VIP_V6}/128"),
+        "via",
+        "fd00:201::1",
+    ])?;
+    for dev in ["eth0", "eth1"] {
+        router.exec("ethtool", &["-K", dev, "tx", "off"])?;
+    }
+    client.ip(&["link", "set", "eth0", "mtu", "1500", "up"])?;
+    client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+    client.ip(&["addr", "add", "10.202.0.2/24", "dev", "eth0"])?;
+    client.ip(&["addr", "add", "fd00:202::2/64", "dev", "eth0", "nodad"])?;
+    client.ip(&["route", "add", "default", "via", "10.202.0.1"])?;
+    client.ip(&["-6", "route", "add", "default", "via", "fd00:202::1"])?;
+    Ok(router)
+}
+
 /// lbd's config for the lab: both VIPs, HTTP and echo, over the backends
 /// that have a weight (`None`: not in the config).
 fn config(dir: &Path, backends: &[LabBackend], weights: &[Option<u32>], vip_extra: &str) -> String {
@@ -232,22 +302,29 @@ impl Lab {
         switch.ip(&["link", "add", "br0", "type", "bridge"])?;
         switch.ip(&["link", "set", "br0", "up"])?;
 
-        host_link(&switch, &client, "v-client", 1500)?;
-        // veth offloads checksums: the client's packets would carry only a
-        // partial TCP/UDP checksum, which a real NIC completes on the wire but
-        // XDP_TX on veth sends as is. Have the client compute them.
-        client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
-        client.ip(&["addr", "add", "10.201.0.2/24", "dev", "eth0"])?;
-        client.ip(&["addr", "add", "fd00:201::2/64", "dev", "eth0"])?;
-        client.ip(&["route", "add", &format!("{VIP_V4}/32"), "via", "10.201.0.1"])?;
-        client.ip(&[
-            "-6",
-            "route",
-            "add",
-            &format!("{VIP_V6}/128"),
-            "via",
-            "fd00:201::1",
-        ])?;
+        let router = match spec.router_mtu {
+            None => {
+                host_link(&switch, &client, "v-client", 1500)?;
+                // veth offloads checksums: the client's packets would carry
+                // only a partial TCP/UDP checksum, which a real NIC completes
+                // on the wire but XDP_TX on veth sends as is. Have the client
+                // compute them.
+                client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+                client.ip(&["addr", "add", "10.201.0.2/24", "dev", "eth0"])?;
+                client.ip(&["addr", "add", "fd00:201::2/64", "dev", "eth0"])?;
+                client.ip(&["route", "add", &format!("{VIP_V4}/32"), "via", "10.201.0.1"])?;
+                client.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("{VIP_V6}/128"),
+                    "via",
+                    "fd00:201::1",
+                ])?;
+                None
+            }
+            Some(mtu) => Some(routed_client(&switch, &client, mtu)?),
+        };
 
         host_link(&switch, &balancer, "v-lb", BACKEND_MTU)?;
         balancer.ip(&["addr", "add", "10.201.0.1/24", "dev", "eth0"])?;
@@ -265,6 +342,11 @@ impl Lab {
             ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0"])?;
             ns.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
             ns.ip(&["addr", "add", &format!("{VIP_V6}/128"), "dev", "lo"])?;
+            if router.is_some() {
+                // Replies go to the client through the router.
+                ns.ip(&["route", "add", ROUTED_CLIENT_V4_NET, "via", ROUTER_V4])?;
+                ns.ip(&["-6", "route", "add", ROUTED_CLIENT_V6_NET, "via", ROUTER_V6])?;
+            }
             ns.exec(
                 "sysctl",
                 &[
@@ -364,6 +446,7 @@ impl Lab {
             backends,
             client,
             balancer,
+            router,
             switch,
             dir,
         };
