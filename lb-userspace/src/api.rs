@@ -381,6 +381,11 @@ pub struct StatusView {
     pub vips_saturated: usize,
     /// VIPs whose backends are all down.
     pub vips_all_down: usize,
+    /// VIP addresses with a healthy backend (up or not checked): what lbd
+    /// announces over BGP when `[bgp]` is set.
+    pub serving_addresses: Vec<IpAddr>,
+    /// Whether lbd announces them over BGP (`[bgp]`).
+    pub bgp: bool,
     pub packets_forwarded: u64,
     pub packets_passed: u64,
     pub packets_dropped: u64,
@@ -431,6 +436,8 @@ async fn status(State(h): State<ControllerHandle>) -> ApiResult<Json<StatusView>
             .count(),
         vips_saturated: snap.steering.values().filter(|v| v.vip.saturated).count(),
         vips_all_down: snap.steering.values().filter(|v| v.vip.all_down).count(),
+        serving_addresses: snap.serving.iter().copied().collect(),
+        bgp: snap.config.bgp.is_some(),
         packets_forwarded: sum(lb_common::xdp_action::XDP_TX),
         packets_passed: sum(lb_common::xdp_action::XDP_PASS),
         packets_dropped: sum(lb_common::xdp_action::XDP_DROP),

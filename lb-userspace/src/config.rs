@@ -21,6 +21,7 @@ use lb_common::{
 use serde::Deserialize;
 
 use crate::{
+    bgp::{BgpNeighbor, BgpSettings, ShutdownPolicy},
     maglev::is_prime,
     policy::{AllDownPolicy, HealthConfig, LoadConfig},
     vip::{Backend, DownPolicy, Protocol, Scheduler, Vip, VipAddr},
@@ -133,6 +134,8 @@ pub struct Config {
     /// `[log] level`: a `tracing` filter (`info`, `debug`,
     /// `lb=debug,info`, ...); `RUST_LOG` wins over it.
     pub log_level: Option<String>,
+    /// `[bgp]`: announce the VIPs through BIRD (off without the section).
+    pub bgp: Option<BgpSettings>,
     pub vips: Vec<Vip>,
 }
 
@@ -196,8 +199,33 @@ struct RawConfig {
     api: RawApi,
     #[serde(default)]
     log: RawLog,
+    bgp: Option<RawBgp>,
     #[serde(default)]
     vip: Vec<RawVip>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBgp {
+    router_id: Option<String>,
+    local_as: Option<i64>,
+    #[serde(default)]
+    neighbors: Vec<RawNeighbor>,
+    hold_time: Option<i64>,
+    bfd: Option<bool>,
+    bird_dir: Option<String>,
+    bird_binary: Option<String>,
+    start_bird: Option<bool>,
+    on_shutdown: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNeighbor {
+    address: String,
+    #[serde(rename = "as")]
+    remote_as: i64,
+    port: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -392,6 +420,9 @@ pub fn validate(config: &Config) -> Result<(), Vec<Problem>> {
             "balancer.source_v6",
             format!("missing: {user} is an IPv6 backend and needs an IPv6 outer source address"),
         );
+    }
+    if let Some(bgp) = &config.bgp {
+        v.bgp_families(bgp, &config.vips);
     }
     if v.problems.is_empty() {
         Ok(())
@@ -1061,12 +1092,151 @@ impl Validator {
                 ),
             );
         }
+        let bgp = raw.bgp.as_ref().and_then(|b| self.bgp(b, &balancer));
+        if let Some(bgp) = &bgp {
+            self.bgp_families(bgp, &vips);
+        }
         Config {
             balancer,
             metrics,
             api,
             log_level,
+            bgp,
             vips,
+        }
+    }
+
+    fn bgp(&mut self, raw: &RawBgp, balancer: &BalancerSettings) -> Option<BgpSettings> {
+        let before = self.problems.len();
+        let router_id = match raw.router_id.as_deref() {
+            Some(s) => {
+                match s.parse::<Ipv4Addr>() {
+                    Ok(a) if !a.is_unspecified() => Some(a),
+                    _ => {
+                        self.problem(
+                        "bgp.router_id",
+                        format!("{s:?} is not a BGP router id (an IPv4 address such as \"10.0.0.1\")"),
+                    );
+                        None
+                    }
+                }
+            }
+            None => {
+                if balancer.source_v4.is_none() {
+                    self.problem(
+                        "bgp.router_id",
+                        "missing: give an IPv4 address (it defaults to balancer.source_v4, which is not set)",
+                    );
+                }
+                balancer.source_v4
+            }
+        };
+        let asn = |v: &mut Self, field: &str, value: Option<i64>| -> u32 {
+            match value {
+                None => {
+                    v.problem(field, "missing: give the AS number (1..=4294967294)");
+                    0
+                }
+                Some(n) if !(1..=4_294_967_294).contains(&n) || n == 23456 => {
+                    v.problem(
+                        field,
+                        format!("{n} is not a usable AS number (1..=4294967294, not 23456)"),
+                    );
+                    0
+                }
+                Some(n) => n as u32,
+            }
+        };
+        let local_as = asn(self, "bgp.local_as", raw.local_as);
+        if raw.neighbors.is_empty() {
+            self.problem(
+                "bgp.neighbors",
+                "missing: list at least one router, e.g. neighbors = [{ address = \"10.0.0.1\", as = 65000 }]",
+            );
+        }
+        let mut neighbors = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, n) in raw.neighbors.iter().enumerate() {
+            let path = format!("bgp.neighbors[{i}]");
+            let address = self.addr(&join(&path, "address"), &n.address);
+            if let Some(a) = address
+                && !seen.insert(a)
+            {
+                self.problem(join(&path, "address"), format!("duplicate neighbor {a}"));
+            }
+            let remote_as = asn(self, &join(&path, "as"), Some(n.remote_as));
+            let port = self.port(&join(&path, "port"), n.port).unwrap_or(179);
+            if let Some(address) = address {
+                neighbors.push(BgpNeighbor {
+                    address,
+                    remote_as,
+                    port,
+                });
+            }
+        }
+        let hold_time = self.int("bgp.hold_time", raw.hold_time, 9, (3, 65535)) as u16;
+        let bird_dir = raw.bird_dir.as_deref().and_then(|p| {
+            if !p.starts_with('/') || p.contains(['"', '\n', '\\']) {
+                self.problem(
+                    "bgp.bird_dir",
+                    format!(
+                        "{p:?} is not an absolute path without quotes, backslashes or newlines"
+                    ),
+                );
+                None
+            } else {
+                Some(PathBuf::from(p))
+            }
+        });
+        let bird_binary = match raw.bird_binary.as_deref() {
+            None => PathBuf::from("bird"),
+            Some("") => {
+                self.problem("bgp.bird_binary", "empty: give a program name or path");
+                PathBuf::from("bird")
+            }
+            Some(p) => PathBuf::from(p),
+        };
+        let on_shutdown = match raw.on_shutdown.as_deref() {
+            None => ShutdownPolicy::default(),
+            Some(s) => match s.parse() {
+                Ok(p) => p,
+                Err(e) => {
+                    self.problem("bgp.on_shutdown", e);
+                    ShutdownPolicy::default()
+                }
+            },
+        };
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(BgpSettings {
+            router_id: router_id?,
+            local_as,
+            neighbors,
+            hold_time,
+            bfd: raw.bfd.unwrap_or(false),
+            bird_dir,
+            bird_binary,
+            start_bird: raw.start_bird.unwrap_or(true),
+            on_shutdown,
+        })
+    }
+
+    /// Every VIP's address family needs a BGP session of that family to be
+    /// announced over (sessions carry their own family only).
+    fn bgp_families(&mut self, bgp: &BgpSettings, vips: &[Vip]) {
+        for (i, vip) in vips.iter().enumerate() {
+            let v6 = vip.addr.addr.is_ipv6();
+            if !bgp.neighbors.iter().any(|n| n.address.is_ipv6() == v6) {
+                self.problem(
+                    format!("vip[{i}].address"),
+                    format!(
+                        "{} could never be announced: bgp.neighbors has no {} neighbor (a BGP session announces its own address family)",
+                        vip.addr.addr,
+                        if v6 { "IPv6" } else { "IPv4" }
+                    ),
+                );
+            }
         }
     }
 
@@ -1362,6 +1532,99 @@ mod tests {
         assert_eq!(c.vips[0].backends[1].weight, 2);
         assert_eq!(c.vips[1].backends[0].weight, DEFAULT_WEIGHT);
         assert_eq!(c.vips[1].addr.port, 0);
+    }
+
+    const BGP: &str = "[bgp]\nlocal_as = 65010\nneighbors = [{ address = \"192.0.2.254\", as = 65000 }, { address = \"2001:db8::fe\", as = 65000 }]\n";
+
+    #[test]
+    fn bgp_section_parses_with_defaults() {
+        let c = parse(&format!("{BGP}{GOOD}"), "test.toml").unwrap();
+        let b = c.bgp.unwrap();
+        // The router id defaults to the IPv4 source address.
+        assert_eq!(b.router_id, "192.0.2.1".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            (b.local_as, b.hold_time, b.bfd, b.start_bird),
+            (65010, 9, false, true)
+        );
+        assert_eq!(b.neighbors[1].port, 179);
+        assert_eq!(b.on_shutdown, ShutdownPolicy::Withdraw);
+        assert!(parse(GOOD, "test.toml").unwrap().bgp.is_none());
+    }
+
+    #[test]
+    fn bad_bgp_settings_are_named() {
+        let cases = [
+            (
+                "local_as = 65010",
+                "local_as = 0",
+                "bgp.local_as",
+                "not a usable AS number",
+            ),
+            (
+                "local_as = 65010",
+                "local_as = 23456",
+                "bgp.local_as",
+                "23456",
+            ),
+            (
+                "local_as = 65010",
+                "router_id = \"10.0.0.300\"\nlocal_as = 65010",
+                "bgp.router_id",
+                "10.0.0.300",
+            ),
+            (
+                "as = 65000 },",
+                "as = 4294967295 },",
+                "bgp.neighbors[0].as",
+                "4294967295",
+            ),
+            (
+                "\"192.0.2.254\"",
+                "\"2001:db8::fe\"",
+                "bgp.neighbors[1].address",
+                "duplicate neighbor",
+            ),
+            (
+                "local_as = 65010",
+                "local_as = 65010\nhold_time = 2",
+                "bgp.hold_time",
+                "out of range 3..=65535",
+            ),
+            (
+                "local_as = 65010",
+                "local_as = 65010\non_shutdown = \"later\"",
+                "bgp.on_shutdown",
+                "\"later\"",
+            ),
+            (
+                "local_as = 65010",
+                "local_as = 65010\nbird_dir = \"run/bird\"",
+                "bgp.bird_dir",
+                "absolute path",
+            ),
+        ];
+        for (from, to, field, message) in cases {
+            assert!(BGP.contains(from), "{from}");
+            assert_problem(
+                &format!("{}{GOOD}", BGP.replacen(from, to, 1)),
+                field,
+                message,
+            );
+        }
+        // No neighbours; no IPv6 neighbour for the IPv6 VIP.
+        let none = "[bgp]\nlocal_as = 65010\n";
+        assert_problem(
+            &format!("{none}{GOOD}"),
+            "bgp.neighbors",
+            "at least one router",
+        );
+        let v4_only =
+            "[bgp]\nlocal_as = 65010\nneighbors = [{ address = \"192.0.2.254\", as = 65000 }]\n";
+        assert_problem(
+            &format!("{v4_only}{GOOD}"),
+            "vip[1].address",
+            "no IPv6 neighbor",
+        );
     }
 
     #[test]

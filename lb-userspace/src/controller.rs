@@ -23,10 +23,11 @@ use std::{
 };
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     audit::AuditLog,
+    bgp::Announcement,
     change::{Change, ChangeError},
     config::{self, Config},
     dataplane::{BackendState, Counters, Dataplane, DataplaneError, MapUsage},
@@ -56,6 +57,8 @@ pub struct Snapshot {
     pub steering: BTreeMap<VipAddr, SteeringView>,
     /// Health checks and load reports so far.
     pub probes: ProbeStats,
+    /// VIP addresses with a healthy backend: what `[bgp]` announces.
+    pub serving: std::collections::BTreeSet<IpAddr>,
 }
 
 /// A VIP's health and load, for views.
@@ -91,6 +94,7 @@ impl Snapshot {
             adopted: dp.adopted(),
             steering: BTreeMap::new(),
             probes: ProbeStats::default(),
+            serving: Default::default(),
         }
     }
 }
@@ -274,6 +278,8 @@ pub struct Controller {
     stats: ProbeStats,
     /// Whether each scraped node's last scrape worked (to log changes once).
     scrape_ok: HashMap<IpAddr, bool>,
+    /// What BGP should announce, once the data plane is attached.
+    announce: Option<watch::Sender<Announcement>>,
 }
 
 #[derive(Serialize)]
@@ -317,8 +323,45 @@ impl Controller {
             probes: Probes::default(),
             stats: ProbeStats::default(),
             scrape_ok: HashMap::new(),
+            announce: None,
         };
         (controller, ControllerHandle { tx })
+    }
+
+    /// Starts following the VIPs' health with BGP announcements (call it
+    /// once the data plane is attached): the receiver sees what to announce
+    /// now and every change after.
+    pub fn announcements(&mut self) -> watch::Receiver<Announcement> {
+        let (tx, rx) = watch::channel(self.announcement());
+        self.announce = Some(tx);
+        rx
+    }
+
+    /// The VIP addresses to announce: those with a VIP that has a healthy
+    /// backend (several VIPs may share an address: one is enough).
+    fn announcement(&self) -> Announcement {
+        Announcement {
+            settings: self.config.bgp.clone(),
+            prefixes: self
+                .config
+                .vips
+                .iter()
+                .filter(|v| self.steering.healthy_backends(v) > 0)
+                .map(|v| v.addr.addr)
+                .collect(),
+        }
+    }
+
+    /// Hands the announcer what to announce now, if it changed.
+    fn update_announcement(&mut self) {
+        let now = self.announcement();
+        if let Some(tx) = &self.announce {
+            tx.send_if_modified(|a| {
+                let changed = *a != now;
+                *a = now;
+                changed
+            });
+        }
     }
 
     /// The data plane, for start-up steps (attaching) before [`Controller::run`].
@@ -560,6 +603,7 @@ impl Controller {
             );
         }
         snap.probes = self.stats.clone();
+        snap.serving = self.announcement().prefixes;
         for (source, n) in self.steering.stale_reports() {
             snap.probes.reports.insert((source.name(), "stale"), *n);
         }
@@ -625,6 +669,7 @@ impl Controller {
             }
             self.steer(v, "health check", false);
         }
+        self.update_announcement();
     }
 
     /// Makes `next` the desired state: persisted first (if `persist`), then
@@ -655,6 +700,7 @@ impl Controller {
         }
         self.config = next;
         self.start_probes();
+        self.update_announcement();
         Ok(())
     }
 

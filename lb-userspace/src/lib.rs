@@ -6,6 +6,7 @@
 //! - [`change`]: run-time changes to the desired state (the API's verbs).
 //! - [`diff`]: what changed between two desired states, for the log.
 //! - [`audit`]: the audit log of change requests.
+//! - [`bgp`]: announcing the VIPs over BGP through BIRD 2.
 //! - [`client`]: a client of the API (for `lbctl` and tests).
 //! - [`vip`]: the domain (VIPs, backends, protocols).
 //! - [`maglev`]: the weighted Maglev table builder (pure).
@@ -22,6 +23,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod bgp;
 pub mod change;
 pub mod client;
 pub mod config;

@@ -523,6 +523,7 @@ mod tests {
             )]),
             uptime: Duration::ZERO,
             adopted: false,
+            serving: Default::default(),
             steering: BTreeMap::from([(
                 v.addr,
                 SteeringView {

@@ -588,6 +588,22 @@ impl Steering {
         })
     }
 
+    /// How many of `vip`'s backends are healthy: up by their health check,
+    /// or not checked. Drained backends count (they still serve their
+    /// flows).
+    pub fn healthy_backends(&self, vip: &Vip) -> usize {
+        let state = self.vips.get(&vip.addr);
+        vip.backends
+            .iter()
+            .filter(|b| {
+                state
+                    .and_then(|s| s.backends.get(&b.addr))
+                    .and_then(|s| s.health.as_ref())
+                    .is_none_or(|h| h.up)
+            })
+            .count()
+    }
+
     /// The view of `vip`.
     pub fn vip_view(&self, vip: &VipAddr) -> VipView {
         self.vips

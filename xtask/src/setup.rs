@@ -16,6 +16,8 @@ use crate::run;
 /// - wrk: the end-to-end benchmark's load generator.
 /// - prometheus: its `promtool` checks the exporter's format and the
 ///   example scrape config in the tests.
+/// - bird2: the BGP speaker lbd drives (`[bgp]`), and the router of the
+///   scale-out lab.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -26,6 +28,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ethtool",
     "wrk",
     "prometheus",
+    "bird2",
 ];
 
 fn step(name: &str) {

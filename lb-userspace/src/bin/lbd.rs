@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb::{
     api,
     audit::AuditLog,
-    config,
+    bgp, config,
     controller::{Controller, ControllerHandle},
     dataplane::{AttachMode, Dataplane, Decapsulator, LoadOptions, pinning},
     host, metrics,
@@ -181,6 +181,27 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
     let dir = pinning::instance_dir(&args.instance);
     if args.cleanup {
         init_logging(None);
+        // Nothing will forward the VIPs' traffic: stop announcing them first.
+        // The clean-up goes ahead even if that fails (it says so).
+        if let Some(path) = &args.config {
+            match config::load(path) {
+                Ok(config) => {
+                    if let Some(settings) = config.bgp {
+                        let mut announcer = bgp::Announcer::new(&args.instance, settings);
+                        match runtime()?.block_on(announcer.apply(None, &Default::default())) {
+                            Ok(()) => println!(
+                                "{}: every VIP withdrawn",
+                                announcer.paths().config().display()
+                            ),
+                            Err(e) => {
+                                eprintln!("lbd: warning: withdrawing the VIPs from BGP failed: {e}")
+                            }
+                        }
+                    }
+                }
+                Err(e) => eprintln!("lbd: warning: not withdrawing any BGP announcement: {e}"),
+            }
+        }
         let removed =
             pinning::cleanup(&dir).with_context(|| format!("removing {}", dir.display()))?;
         println!(
@@ -294,7 +315,16 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             });
         }
         tokio::spawn(reload_on_sighup(path.clone(), handle.clone()));
+        // Announce only now that the data plane is attached.
+        let announcer = config.bgp.clone().map(|settings| {
+            let announcer = bgp::Announcer::new(&args.instance, settings);
+            info!(bird = %announcer.paths().dir.display(), "announcing healthy VIPs over BGP through BIRD");
+            bgp::spawn(announcer, controller.announcements())
+        });
         let mut dp = controller.run(signals.recv()).await;
+        if let Some(announcer) = announcer {
+            announcer.stop(dp.pin_dir().is_none()).await;
+        }
         let _ = std::fs::remove_file(&socket);
         match dp.pin_dir() {
             Some(dir) => info!(

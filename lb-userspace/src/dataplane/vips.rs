@@ -473,6 +473,20 @@ impl Dataplane {
         self.vips.get(addr).map(|p| &p.table)
     }
 
+    /// The active Maglev table of a VIP with each entry's backend address
+    /// (backend ids are this balancer's own; addresses are what another
+    /// balancer with the same config must agree on).
+    pub fn table_addresses(&self, addr: &VipAddr) -> Option<Vec<IpAddr>> {
+        let p = self.vips.get(addr)?;
+        let by_id: std::collections::HashMap<u32, IpAddr> =
+            p.backends.iter().map(|(a, b)| (b.id, *a)).collect();
+        p.table
+            .entries()
+            .iter()
+            .map(|id| by_id.get(id).copied())
+            .collect()
+    }
+
     /// The backend the data plane picks for a new flow, computed in user
     /// space with the same hash and table: the VIP with the exact port, else
     /// port 0.

@@ -17,6 +17,7 @@
 //! named `lbt-lab-*` so `cargo xtask lab clean` finds leftovers of a crash.
 
 pub mod client;
+pub mod ecmp;
 pub mod servers;
 
 use std::{
@@ -187,6 +188,12 @@ fn no_dad(ns: &Netns) -> Result<()> {
     Ok(())
 }
 
+/// The balancer's addresses in [`Lab`].
+const BALANCER: (Ipv4Addr, Ipv6Addr) = (
+    Ipv4Addr::new(10, 201, 0, 1),
+    Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 1),
+);
+
 /// The router's address on the bridge, with [`LabSpec::router_mtu`].
 const ROUTER_V4: &str = "10.201.0.3";
 const ROUTER_V6: &str = "fd00:201::3";
@@ -200,7 +207,7 @@ const ROUTED_CLIENT_V6_NET: &str = "fd00:202::/64";
 /// "fragmentation needed" / "packet too big" for larger packets towards the
 /// client. The client reaches everything through the router; the router
 /// sends VIP traffic to the balancer.
-fn routed_client(switch: &Netns, client: &Netns, mtu: u32) -> Result<Netns> {
+fn routed_client(switch: &Netns, client: &Netns, mtu: u32, vip_routes: bool) -> Result<Netns> {
     let router = Netns::new("lab-router")?;
     no_dad(&router)?;
     host_link(switch, &router, "v-router", BACKEND_MTU)?;
@@ -229,15 +236,17 @@ fn routed_client(switch: &Netns, client: &Netns, mtu: u32) -> Result<Netns> {
             "net.ipv6.conf.all.forwarding=1",
         ],
     )?;
-    router.ip(&["route", "add", &format!("{VIP_V4}/32"), "via", "10.201.0.1"])?;
-    router.ip(&[
-        "-6",
-        "route",
-        "add",
-        &format!("{VIP_V6}/128"),
-        "via",
-        "fd00:201::1",
-    ])?;
+    if vip_routes {
+        router.ip(&["route", "add", &format!("{VIP_V4}/32"), "via", "10.201.0.1"])?;
+        router.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{VIP_V6}/128"),
+            "via",
+            "fd00:201::1",
+        ])?;
+    }
     for dev in ["eth0", "eth1"] {
         router.exec("ethtool", &["-K", dev, "tx", "off"])?;
     }
@@ -250,11 +259,101 @@ fn routed_client(switch: &Netns, client: &Netns, mtu: u32) -> Result<Netns> {
     Ok(router)
 }
 
+/// Backend hosts on the bridge, one per weight: b1 at 10.201.0.11 /
+/// fd00:201::11, b2 at .12, ... Each has the VIPs on `lo`; `routed`: the
+/// client's network is behind the router.
+fn make_backends(switch: &Netns, weights: &[u32], routed: bool) -> Result<Vec<LabBackend>> {
+    let mut backends = Vec::new();
+    for (i, &weight) in weights.iter().enumerate() {
+        let name = format!("b{}", i + 1);
+        let ns = Netns::new(&format!("lab-{name}"))?;
+        no_dad(&ns)?;
+        host_link(switch, &ns, &format!("v-{name}"), BACKEND_MTU)?;
+        let v4 = Ipv4Addr::new(10, 201, 0, 11 + i as u8);
+        let v6 = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 11 + i as u16);
+        ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+        ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0"])?;
+        ns.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
+        ns.ip(&["addr", "add", &format!("{VIP_V6}/128"), "dev", "lo"])?;
+        if routed {
+            // Replies go to the client through the router.
+            ns.ip(&["route", "add", ROUTED_CLIENT_V4_NET, "via", ROUTER_V4])?;
+            ns.ip(&["-6", "route", "add", ROUTED_CLIENT_V6_NET, "via", ROUTER_V6])?;
+        }
+        ns.exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.conf.all.arp_ignore=1",
+                "net.ipv4.conf.all.arp_announce=2",
+                "net.ipv4.conf.eth0.arp_ignore=1",
+                "net.ipv4.conf.eth0.arp_announce=2",
+            ],
+        )?;
+        backends.push(LabBackend {
+            name,
+            v4,
+            v6,
+            weight,
+            ns,
+        });
+    }
+    Ok(backends)
+}
+
+/// Child processes with what they are, for error messages.
+type Processes = Vec<(String, Child)>;
+
+/// Kills and reaps `processes`.
+fn kill_all(processes: &mut [(String, Child)]) {
+    for (_, c) in processes.iter_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Starts every backend's services (HTTP and UDP echo on the VIPs) and its
+/// decapsulator (`lbd decap`, logging to `dir`).
+fn start_backends(
+    backends: &[LabBackend],
+    lbd: &Path,
+    dir: &Path,
+) -> Result<(Vec<servers::Services>, Processes)> {
+    let mut services = Vec::new();
+    for b in backends {
+        services.push(servers::start(
+            &b.ns,
+            &b.name,
+            &[VIP_V4.into(), VIP_V6.into()],
+        )?);
+    }
+    // Children started so far are killed if a later start fails.
+    let mut processes: Vec<(String, Child)> = Vec::new();
+    for b in backends {
+        let log = dir.join(format!("{}-decap.log", b.name));
+        let args = ["decap", "--iface", "eth0", "--xdp-mode", "native"];
+        match spawn_in(&b.ns, lbd, &args, &log, "info") {
+            Ok(c) => processes.push((format!("{} lbd decap", b.name), c)),
+            Err(e) => {
+                kill_all(&mut processes);
+                return Err(e);
+            }
+        }
+    }
+    Ok((services, processes))
+}
+
 /// lbd's config for the lab: both VIPs, HTTP and echo, over the backends
 /// that have a weight (`None`: not in the config).
-fn config(dir: &Path, backends: &[LabBackend], weights: &[Option<u32>], vip_extra: &str) -> String {
-    let mut c = String::from(
-        "[balancer]\nsource_v4 = \"10.201.0.1\"\nsource_v6 = \"fd00:201::1\"\nmtu = 1600\nmax_vips = 8\nmax_backends = 64\n\n",
+fn config(
+    dir: &Path,
+    (source_v4, source_v6): (Ipv4Addr, Ipv6Addr),
+    backends: &[LabBackend],
+    weights: &[Option<u32>],
+    vip_extra: &str,
+) -> String {
+    let mut c = format!(
+        "[balancer]\nsource_v4 = \"{source_v4}\"\nsource_v6 = \"{source_v6}\"\nmtu = 1600\nmax_vips = 8\nmax_backends = 64\n\n",
     );
     c += "[conntrack]\nsize = 65536\n\n";
     c += &format!("[metrics]\nlisten = \"{METRICS}\"\n\n");
@@ -323,48 +422,14 @@ impl Lab {
                 ])?;
                 None
             }
-            Some(mtu) => Some(routed_client(&switch, &client, mtu)?),
+            Some(mtu) => Some(routed_client(&switch, &client, mtu, true)?),
         };
 
         host_link(&switch, &balancer, "v-lb", BACKEND_MTU)?;
         balancer.ip(&["addr", "add", "10.201.0.1/24", "dev", "eth0"])?;
         balancer.ip(&["addr", "add", "fd00:201::1/64", "dev", "eth0"])?;
 
-        let mut backends = Vec::new();
-        for (i, &weight) in spec.weights.iter().enumerate() {
-            let name = format!("b{}", i + 1);
-            let ns = Netns::new(&format!("lab-{name}"))?;
-            no_dad(&ns)?;
-            host_link(&switch, &ns, &format!("v-{name}"), BACKEND_MTU)?;
-            let v4 = Ipv4Addr::new(10, 201, 0, 11 + i as u8);
-            let v6 = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 11 + i as u16);
-            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
-            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0"])?;
-            ns.ip(&["addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"])?;
-            ns.ip(&["addr", "add", &format!("{VIP_V6}/128"), "dev", "lo"])?;
-            if router.is_some() {
-                // Replies go to the client through the router.
-                ns.ip(&["route", "add", ROUTED_CLIENT_V4_NET, "via", ROUTER_V4])?;
-                ns.ip(&["-6", "route", "add", ROUTED_CLIENT_V6_NET, "via", ROUTER_V6])?;
-            }
-            ns.exec(
-                "sysctl",
-                &[
-                    "-qw",
-                    "net.ipv4.conf.all.arp_ignore=1",
-                    "net.ipv4.conf.all.arp_announce=2",
-                    "net.ipv4.conf.eth0.arp_ignore=1",
-                    "net.ipv4.conf.eth0.arp_announce=2",
-                ],
-            )?;
-            backends.push(LabBackend {
-                name,
-                v4,
-                v6,
-                weight,
-                ns,
-            });
-        }
+        let backends = make_backends(&switch, &spec.weights, router.is_some())?;
 
         // veth delivers native XDP_TX only if the peer runs XDP.
         let pass = {
@@ -378,7 +443,7 @@ impl Lab {
         fs::write(dir.join("tokens"), format!("lab {API_TOKEN}\n"))?;
         fs::write(
             &config_path,
-            config(&dir, &backends, &weights, &spec.vip_extra),
+            config(&dir, BALANCER, &backends, &weights, &spec.vip_extra),
         )?;
         let instance = balancer.name().to_string();
         let lbd_args: Vec<String> = [
@@ -395,33 +460,7 @@ impl Lab {
         .map(|s| s.to_string())
         .collect();
 
-        let mut services = Vec::new();
-        for b in &backends {
-            services.push(servers::start(
-                &b.ns,
-                &b.name,
-                &[VIP_V4.into(), VIP_V6.into()],
-            )?);
-        }
-        // Children started so far are killed if a later start fails.
-        let mut processes: Vec<(String, Child)> = Vec::new();
-        let kill_all = |processes: &mut Vec<(String, Child)>| {
-            for (_, c) in processes.iter_mut() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        };
-        for b in &backends {
-            let log = dir.join(format!("{}-decap.log", b.name));
-            let args = ["decap", "--iface", "eth0", "--xdp-mode", "native"];
-            match spawn_in(&b.ns, &lbd, &args, &log, "info") {
-                Ok(c) => processes.push((format!("{} lbd decap", b.name), c)),
-                Err(e) => {
-                    kill_all(&mut processes);
-                    return Err(e);
-                }
-            }
-        }
+        let (services, mut processes) = start_backends(&backends, &lbd, &dir)?;
         let args: Vec<&str> = lbd_args.iter().map(String::as_str).collect();
         let lbd_child = match spawn_in(&balancer, &lbd, &args, &dir.join("lbd.log"), spec.log) {
             Ok(c) => c,
@@ -459,7 +498,13 @@ impl Lab {
     pub fn set_backends(&self, weights: &[Option<u32>]) -> Result<()> {
         fs::write(
             &self.config_path,
-            config(&self.dir, &self.backends, weights, &self.vip_extra),
+            config(
+                &self.dir,
+                BALANCER,
+                &self.backends,
+                weights,
+                &self.vip_extra,
+            ),
         )?;
         self.reload()
     }
@@ -639,18 +684,7 @@ impl Lab {
 
     /// lbd's `/metrics`, fetched inside the balancer's namespace.
     pub fn metrics(&self) -> Result<String> {
-        in_ns(&self.balancer, || -> Result<String> {
-            let mut s = TcpStream::connect_timeout(&METRICS.parse()?, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-            let mut text = String::new();
-            s.read_to_string(&mut text)?;
-            let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-            if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-                bail!("metrics answered {}", head.lines().next().unwrap_or(""));
-            }
-            Ok(body.to_string())
-        })?
+        in_ns(&self.balancer, fetch_metrics)?
     }
 
     /// The value of the sample `name` with exactly `labels` in lbd's
@@ -658,6 +692,21 @@ impl Lab {
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<u64> {
         Ok(crate::prom::value(&self.metrics()?, name, labels).unwrap_or(0.0) as u64)
     }
+}
+
+/// lbd's `/metrics` at [`METRICS`]; the calling thread must be in lbd's
+/// namespace.
+fn fetch_metrics() -> Result<String> {
+    let mut s = TcpStream::connect_timeout(&METRICS.parse()?, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("metrics answered {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_string())
 }
 
 /// Runs `f` on a thread inside `ns`.

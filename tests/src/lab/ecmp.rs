@@ -1,0 +1,472 @@
+//! The scale-out lab: several balancers with the same config behind a
+//! router that learns the VIPs from them over BGP and spreads flows over
+//! them with ECMP.
+//!
+//! ```text
+//!   client ── router ─┐  router: BIRD 2, AS 65000, kernel ECMP (L4 hash)
+//!   10.202.0.2        ├── bridge ── lb1 .1, lb2 .4, ... (lbd + its BIRD, AS 65010)
+//!                     └──          b1..bN .11.. (lbd decap, HTTP, UDP echo)
+//! ```
+//!
+//! Every balancer runs the real `lbd` with a `[bgp]` section; lbd starts
+//! its own BIRD, which peers with the router over IPv4 and IPv6. The router
+//! has no static route to the VIPs: it only reaches them through what the
+//! balancers announce. Backends answer the client directly, through the
+//! router.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    process::Child,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData};
+use lb::dataplane::{PassProgram, pinning};
+use lb_common::{
+    BackendInfo, MaglevChunk, VipInfo, VipKey, chunks_per_table, map_name, words_addr,
+};
+
+use super::{
+    BACKEND_MTU, LabBackend, ROUTER_V4, ROUTER_V6, VIP_V4, VIP_V6, config, host_link, kill_all,
+    lbd_path, make_backends, no_dad, routed_client, servers, spawn_in, start_backends,
+};
+use crate::{netns::Netns, require_root};
+
+/// The router's AS.
+pub const ROUTER_AS: u32 = 65000;
+/// The balancers' AS (all the same: their routes are equal for ECMP).
+pub const BALANCER_AS: u32 = 65010;
+
+/// A VIP's active Maglev table as read from the maps: its raw chunks
+/// (backend ids) and each entry's backend address.
+pub type Table = (Vec<u8>, Vec<IpAddr>);
+
+/// One balancer host.
+pub struct EcmpBalancer {
+    /// `lb1`, `lb2`, ...
+    pub name: String,
+    pub ns: Netns,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+    /// lbd's pinned state: /sys/fs/bpf/<instance>.
+    pub instance: String,
+    /// Its own directory: config, API socket, logs, BIRD's files.
+    pub dir: PathBuf,
+    lbd: Option<Child>,
+    _pass: PassProgram,
+}
+
+impl EcmpBalancer {
+    fn config_path(&self) -> PathBuf {
+        self.dir.join("lbd.toml")
+    }
+
+    /// BIRD's directory (`bgp.bird_dir`).
+    pub fn bird_dir(&self) -> PathBuf {
+        self.dir.join("bird")
+    }
+
+    /// lbd's log so far.
+    pub fn lbd_log(&self) -> String {
+        fs::read_to_string(self.dir.join("lbd.log")).unwrap_or_default()
+    }
+
+    /// Whether lbd runs.
+    pub fn running(&self) -> bool {
+        self.lbd.is_some()
+    }
+}
+
+/// A running scale-out lab. Drop tears it down (lbd, BIRDs, pinned state,
+/// namespaces).
+pub struct EcmpLab {
+    lbd_bin: PathBuf,
+    services: Vec<servers::Services>,
+    decaps: Vec<(String, Child)>,
+    pub balancers: Vec<EcmpBalancer>,
+    pub backends: Vec<LabBackend>,
+    pub client: Netns,
+    pub router: Netns,
+    switch: Netns,
+    dir: PathBuf,
+}
+
+/// Kills the BIRD whose pid file is `pid`, if it runs.
+fn stop_bird(pid: &Path) {
+    if let Some(pid) = fs::read_to_string(pid)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    {
+        // SAFETY: kill(2); the pid comes from a BIRD this lab started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+}
+
+impl EcmpLab {
+    /// Builds the lab with `balancers` balancer hosts and one backend per
+    /// weight; `vip_extra` is appended to every `[[vip]]` (e.g. health
+    /// checks). Returns once the router has a path through every balancer.
+    pub fn start(balancers: usize, weights: &[u32], vip_extra: &str) -> Result<EcmpLab> {
+        require_root();
+        let lbd = lbd_path()?;
+        let switch = Netns::new("lab-sw")?;
+        let client = Netns::new("lab-client")?;
+        let dir = std::env::temp_dir().join(format!("{}-ecmp", switch.name()));
+        fs::create_dir_all(&dir)?;
+        for ns in [&switch, &client] {
+            no_dad(ns)?;
+        }
+        switch.ip(&["link", "add", "br0", "type", "bridge"])?;
+        switch.ip(&["link", "set", "br0", "up"])?;
+        let router = routed_client(&switch, &client, 1500, false)?;
+        // ECMP on the 5-tuple, as routers in front of balancers do (the
+        // default hashes addresses only: one client would use one path).
+        router.exec(
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.fib_multipath_hash_policy=1",
+                "net.ipv6.fib_multipath_hash_policy=1",
+            ],
+        )?;
+        let backends = make_backends(&switch, weights, true)?;
+
+        let mut hosts = Vec::new();
+        for i in 0..balancers {
+            let name = format!("lb{}", i + 1);
+            let ns = Netns::new(&format!("lab-{name}"))?;
+            no_dad(&ns)?;
+            let port = format!("v-{name}");
+            host_link(&switch, &ns, &port, BACKEND_MTU)?;
+            // .1, .4, .5, ...: .2 and .3 are the client's and the router's.
+            let last = if i == 0 { 1 } else { 3 + i as u8 };
+            let v4 = Ipv4Addr::new(10, 201, 0, last);
+            let v6 = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, last.into());
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0"])?;
+            // veth delivers native XDP_TX only if the peer runs XDP.
+            let pass = {
+                let _inside = switch.enter()?;
+                PassProgram::attach(&port)
+                    .with_context(|| format!("attaching XDP_PASS to {port}"))?
+            };
+            let bdir = dir.join(&name);
+            fs::create_dir_all(&bdir)?;
+            hosts.push(EcmpBalancer {
+                instance: ns.name().to_string(),
+                name,
+                ns,
+                v4,
+                v6,
+                dir: bdir,
+                lbd: None,
+                _pass: pass,
+            });
+        }
+
+        let router_conf = dir.join("router-bird.conf");
+        fs::write(&router_conf, router_bird_config(&dir, &hosts))?;
+        let ctl = dir.join("router-bird.ctl");
+        router.exec(
+            "bird",
+            &[
+                "-c",
+                path_str(&router_conf)?,
+                "-s",
+                path_str(&ctl)?,
+                "-P",
+                path_str(&dir.join("router-bird.pid"))?,
+            ],
+        )?;
+
+        let (services, decaps) = start_backends(&backends, &lbd, &dir)?;
+        let mut lab = EcmpLab {
+            lbd_bin: lbd,
+            services,
+            decaps,
+            balancers: hosts,
+            backends,
+            client,
+            router,
+            switch,
+            dir,
+        };
+        let weights: Vec<Option<u32>> = lab.backends.iter().map(|b| Some(b.weight)).collect();
+        for i in 0..balancers {
+            let b = &lab.balancers[i];
+            let mut text = config(&b.dir, (b.v4, b.v6), &lab.backends, &weights, vip_extra);
+            text += &format!(
+                "[bgp]\nlocal_as = {BALANCER_AS}\nhold_time = 3\nbird_dir = \"{}\"\nneighbors = [\n  {{ address = \"{ROUTER_V4}\", as = {ROUTER_AS} }},\n  {{ address = \"{ROUTER_V6}\", as = {ROUTER_AS} }},\n]\n",
+                b.bird_dir().display()
+            );
+            fs::write(b.config_path(), text)?;
+            fs::write(b.dir.join("tokens"), format!("lab {}\n", super::API_TOKEN))?;
+            lab.start_balancer(i)?;
+        }
+        lab.wait_paths(balancers)?;
+        Ok(lab)
+    }
+
+    /// Starts balancer `i`'s lbd (adopting its pinned state if any); returns
+    /// once it serves metrics.
+    pub fn start_balancer(&mut self, i: usize) -> Result<()> {
+        let b = &mut self.balancers[i];
+        let config = b.config_path();
+        let args = [
+            "--config",
+            path_str(&config)?,
+            "--iface",
+            "eth0",
+            "--xdp-mode",
+            "native",
+            "--instance",
+            &b.instance,
+        ];
+        b.lbd = Some(spawn_in(
+            &b.ns,
+            &self.lbd_bin,
+            &args,
+            &b.dir.join("lbd.log"),
+            "info",
+        )?);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.metrics(i).is_err() {
+            if let Some(status) = self.balancers[i]
+                .lbd
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "lbd on {} exited ({status}); log:\n{}",
+                    self.balancers[i].name,
+                    self.balancers[i].lbd_log()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "lbd on {} did not come up; log:\n{}",
+                    self.balancers[i].name,
+                    self.balancers[i].lbd_log()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Stops balancer `i` for good: SIGTERM to lbd (which withdraws its
+    /// VIPs), then `lbd --cleanup` (which detaches its data plane and
+    /// removes its pinned state, connection table included). Its BIRD
+    /// keeps running, announcing nothing.
+    pub fn stop_balancer(&mut self, i: usize) -> Result<()> {
+        let b = &mut self.balancers[i];
+        let mut child = b.lbd.take().context("lbd is not running")?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait()?;
+        if !status.success() {
+            bail!(
+                "lbd on {} exited with {status}; log:\n{}",
+                b.name,
+                b.lbd_log()
+            );
+        }
+        let out = std::process::Command::new(&self.lbd_bin)
+            .args(["--cleanup", "--instance", &b.instance, "--config"])
+            .arg(b.config_path())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "lbd --cleanup on {}: {}",
+                b.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// The router's next hops for `vip` (empty: no route).
+    pub fn paths(&self, vip: IpAddr) -> Result<Vec<IpAddr>> {
+        let family = if vip.is_ipv6() { "-6" } else { "-4" };
+        let out = self
+            .router
+            .ip(&[family, "route", "show", "exact", &vip.to_string()])?;
+        let words: Vec<&str> = out.split_whitespace().collect();
+        let mut hops: Vec<IpAddr> = words
+            .windows(2)
+            .filter(|w| w[0] == "via")
+            .filter_map(|w| w[1].parse().ok())
+            .collect();
+        hops.sort();
+        Ok(hops)
+    }
+
+    /// Waits until the router reaches both VIPs through exactly `n`
+    /// balancers.
+    pub fn wait_paths(&self, n: usize) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v4 = self.paths(VIP_V4.into())?;
+            let v6 = self.paths(VIP_V6.into())?;
+            if v4.len() == n && v6.len() == n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the router did not get {n} paths to the VIPs in 30 s (IPv4 via {v4:?}, IPv6 via {v6:?});\n{}",
+                    self.logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// What backend `i`'s HTTP service does (health, ...).
+    pub fn control(&self, i: usize) -> &servers::Control {
+        &self.services[i].control
+    }
+
+    /// Balancer `i`'s `/metrics`.
+    pub fn metrics(&self, i: usize) -> Result<String> {
+        let b = &self.balancers[i];
+        super::in_ns(&b.ns, super::fetch_metrics)?
+    }
+
+    /// Packets balancer `i` forwarded (all VIPs).
+    pub fn forwarded(&self, i: usize) -> Result<u64> {
+        Ok(crate::prom::value(
+            &self.metrics(i)?,
+            "lb_packets_total",
+            &[("reason", "forwarded")],
+        )
+        .unwrap_or(0.0) as u64)
+    }
+
+    /// Every VIP's active Maglev table in balancer `i`'s pinned maps, by
+    /// VIP: the raw chunks (backend ids) and the backend address of each
+    /// entry.
+    pub fn tables(&self, i: usize) -> Result<BTreeMap<String, Table>> {
+        let dir = pinning::instance_dir(&self.balancers[i].instance);
+        let open = |name: &str| -> Result<Map> {
+            let kind = if name == map_name::VIPS {
+                Map::HashMap
+            } else {
+                Map::Array
+            };
+            Ok(kind(MapData::from_pin(dir.join(name)).with_context(
+                || format!("opening {}", dir.join(name).display()),
+            )?))
+        };
+        let vips: BpfHashMap<MapData, VipKey, VipInfo> = open(map_name::VIPS)?.try_into()?;
+        let backends: Array<MapData, BackendInfo> = open(map_name::BACKENDS)?.try_into()?;
+        let maglev: Array<MapData, MaglevChunk> = open(map_name::MAGLEV)?.try_into()?;
+        // The lab's configs keep the default table size.
+        let size = lb_common::DEFAULT_TABLE_SIZE;
+        let by_id: Vec<IpAddr> = (0..backends.len())
+            .map(|id| {
+                let b = backends.get(&id, 0)?;
+                Ok(words_addr(b.family, b.addr))
+            })
+            .collect::<Result<_, aya::maps::MapError>>()?;
+        let mut out = BTreeMap::new();
+        for item in vips.iter() {
+            let (key, info) = item?;
+            let mut raw = Vec::new();
+            let mut addrs = Vec::new();
+            for c in 0..chunks_per_table(size) {
+                let chunk = maglev.get(&(info.table_chunk + c), 0)?;
+                for id in chunk.backends {
+                    raw.extend_from_slice(&id.to_ne_bytes());
+                    if let Some(a) = by_id.get(id as usize) {
+                        addrs.push(*a);
+                    }
+                }
+            }
+            let name = format!(
+                "{}:{}/{}",
+                words_addr(key.family, key.addr),
+                u16::from_be(key.port),
+                key.proto
+            );
+            out.insert(name, (raw, addrs));
+        }
+        Ok(out)
+    }
+
+    /// Every log of the lab (lbd, decapsulators, BIRDs).
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        let mut files = vec![self.dir.join("router-bird.log")];
+        for b in &self.balancers {
+            files.push(b.dir.join("lbd.log"));
+            files.push(b.bird_dir().join("bird.log"));
+        }
+        for f in files {
+            out += &format!(
+                "--- {}\n{}",
+                f.display(),
+                fs::read_to_string(&f).unwrap_or_default()
+            );
+        }
+        out
+    }
+}
+
+/// The router's BIRD: a BGP session with every balancer over IPv4 and
+/// IPv6, their routes merged into ECMP routes in the kernel.
+fn router_bird_config(dir: &Path, balancers: &[EcmpBalancer]) -> String {
+    let mut c = format!(
+        "log \"{}\" all;\nrouter id {ROUTER_V4};\nprotocol device {{\n}}\n",
+        dir.join("router-bird.log").display()
+    );
+    for family in ["ipv4", "ipv6"] {
+        c += &format!(
+            "protocol kernel kernel_{family} {{\n  {family} {{ import none; export all; }};\n  merge paths on;\n}}\n"
+        );
+    }
+    for b in balancers {
+        for (family, addr) in [("ipv4", IpAddr::from(b.v4)), ("ipv6", IpAddr::from(b.v6))] {
+            c += &format!(
+                "protocol bgp {}_{family} {{\n  local as {ROUTER_AS};\n  neighbor {addr} as {BALANCER_AS};\n  hold time 3;\n  keepalive time 1;\n  connect retry time 1;\n  start delay time 0;\n  {family} {{ import all; export none; }};\n}}\n",
+                b.name
+            );
+        }
+    }
+    c
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().context("temp path is UTF-8")
+}
+
+impl Drop for EcmpLab {
+    fn drop(&mut self) {
+        for b in &mut self.balancers {
+            if let Some(mut c) = b.lbd.take() {
+                // SAFETY: kill(2) on our own child's pid.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while c.try_wait().ok().flatten().is_none() {
+                    if Instant::now() > deadline {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                }
+            }
+            stop_bird(&b.bird_dir().join("bird.pid"));
+            let _ = pinning::cleanup(&pinning::instance_dir(&b.instance));
+        }
+        stop_bird(&self.dir.join("router-bird.pid"));
+        kill_all(&mut self.decaps);
+        self.services.clear();
+        let _ = fs::remove_dir_all(&self.dir);
+        let _ = &self.switch;
+    }
+}

@@ -1,0 +1,292 @@
+//! Scale-out: several balancers behind a router with ECMP, the VIPs
+//! announced over BGP through BIRD.
+//!
+//! - BIRD accepts the config lbd renders (both families, BFD).
+//! - Balancers with the same config build the same Maglev tables, also
+//!   after different histories of changes.
+//! - Lab: two balancers peer with a BIRD router; long-lived TCP connections
+//!   spread over both; one balancer stops (its VIPs withdrawn, its data
+//!   plane and connection table removed) and comes back: no connection
+//!   breaks or changes backend. When every backend fails its health check
+//!   the VIPs are withdrawn, and announced again when they recover.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use lb::{
+    bgp::{self, BgpNeighbor, BgpSettings, BirdPaths, ShutdownPolicy},
+    config,
+};
+use lb_tests::{
+    lab::{
+        VIP_V4, VIP_V6,
+        client::HttpConn,
+        ecmp::EcmpLab,
+        servers::{self, HealthMode},
+    },
+    packet_lab::PacketLab,
+    raise_fd_limit,
+};
+
+#[test]
+fn bird_accepts_the_config_lbd_writes() {
+    let dir = tempfile_dir("bird-config");
+    let settings = BgpSettings {
+        router_id: "10.0.0.1".parse().unwrap(),
+        local_as: 65010,
+        neighbors: vec![
+            BgpNeighbor {
+                address: "10.0.0.254".parse().unwrap(),
+                remote_as: 65000,
+                port: 179,
+            },
+            BgpNeighbor {
+                address: "fd00::fe".parse().unwrap(),
+                remote_as: 65010,
+                port: 1179,
+            },
+        ],
+        hold_time: 9,
+        bfd: true,
+        bird_dir: Some(dir.clone()),
+        bird_binary: "bird".into(),
+        start_bird: true,
+        on_shutdown: ShutdownPolicy::Withdraw,
+    };
+    let paths = BirdPaths { dir: dir.clone() };
+    for prefixes in [
+        BTreeSet::new(),
+        ["203.0.113.10", "203.0.113.11", "2001:db8::1"]
+            .iter()
+            .map(|s| s.parse::<IpAddr>().unwrap())
+            .collect(),
+    ] {
+        let text = bgp::render(&settings, &paths, "t", &prefixes);
+        let file = dir.join("bird.conf");
+        std::fs::write(&file, &text).unwrap();
+        let out = Command::new("bird")
+            .arg("-p")
+            .arg("-c")
+            .arg(&file)
+            .output()
+            .expect("running bird (cargo xtask setup installs bird2)");
+        assert!(
+            out.status.success(),
+            "bird rejected:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn tempfile_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("lbt-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+const CONFIG: &str = r#"
+[balancer]
+source_v4 = "10.200.0.1"
+source_v6 = "fd00:200::1"
+max_vips = 8
+max_backends = 64
+
+[[vip]]
+address = "203.0.113.10"
+port = 80
+protocol = "tcp"
+backends = [
+  { address = "10.200.0.11", weight = 100 },
+  { address = "10.200.0.12", weight = 200 },
+  { address = "10.200.0.13", weight = 100 },
+  { address = "10.200.0.14", weight = 50 },
+]
+
+[[vip]]
+address = "2001:db8:10::1"
+port = 0
+protocol = "udp"
+backends = [
+  { address = "fd00:200::21", weight = 1 },
+  { address = "fd00:200::22", weight = 3 },
+]
+"#;
+
+#[test]
+fn balancers_with_the_same_config_build_the_same_tables() {
+    let want = config::parse(CONFIG, "t").unwrap();
+    // Balancer A: straight from the config.
+    let a = PacketLab::new(CONFIG).unwrap();
+    // Balancer B: a different history first (backends in another order,
+    // one that came and went, other weights), then the same config.
+    let mut b = PacketLab::new(CONFIG).unwrap();
+    let mut other = want.clone();
+    other.vips[0].backends.reverse();
+    other.vips[0]
+        .backends
+        .push(lb::vip::Backend::new("10.200.0.15".parse().unwrap(), 70));
+    other.vips[0].backends[1].weight = 10;
+    other.vips[1].backends.reverse();
+    b.dp.sync(&other.vips).unwrap();
+    let mut reordered = want.vips.clone();
+    for v in &mut reordered {
+        v.backends.reverse();
+    }
+    b.dp.sync(&reordered).unwrap();
+    for v in &want.vips {
+        let ta = a.dp.table_addresses(&v.addr).unwrap();
+        let tb = b.dp.table_addresses(&v.addr).unwrap();
+        assert_eq!(ta.len(), lb_common::DEFAULT_TABLE_SIZE as usize);
+        let differing = ta.iter().zip(&tb).filter(|(x, y)| x != y).count();
+        assert_eq!(differing, 0, "{}: {differing} entries differ", v.addr);
+    }
+}
+
+/// Long-lived connections over the VIPs, each with the backend that
+/// answered it first.
+type Conns = BTreeMap<usize, (HttpConn, String)>;
+
+/// One request on every connection: those that failed or moved to another
+/// backend, with what happened.
+fn exercise(lab: &EcmpLab, conns: &mut Conns) -> Vec<String> {
+    lb_tests::lab::in_ns(&lab.client, || {
+        let mut broken = Vec::new();
+        for (i, (conn, backend)) in conns.iter_mut() {
+            match conn.get("/") {
+                Ok((now, _)) if &now == backend => {}
+                Ok((now, _)) => broken.push(format!("connection {i} moved {backend} -> {now}")),
+                Err(e) => broken.push(format!("connection {i} on {backend} broke: {e:#}")),
+            }
+        }
+        broken
+    })
+    .unwrap()
+}
+
+fn wait_until(what: &str, lab: &EcmpLab, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what};\n{}",
+            lab.logs()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const HEALTH: &str = "[vip.health]\ncheck = \"http\"\nport = 80\npath = \"/health\"\ninterval = 0.3\ntimeout = 0.3\nrise = 2\nfall = 2\n";
+
+#[test]
+fn flows_survive_a_balancer_leaving_and_coming_back() {
+    const CONNECTIONS: usize = 300;
+    raise_fd_limit(16 * CONNECTIONS as u64);
+    let mut lab = EcmpLab::start(2, &[1, 1, 1, 1], HEALTH).unwrap();
+    let (lb1, lb2) = (
+        IpAddr::from(lab.balancers[0].v4),
+        IpAddr::from(lab.balancers[1].v4),
+    );
+    assert_eq!(lab.paths(VIP_V4.into()).unwrap(), vec![lb1, lb2]);
+
+    // The same config gives byte-identical tables in both balancers' maps.
+    let (t1, t2) = (lab.tables(0).unwrap(), lab.tables(1).unwrap());
+    assert_eq!(t1.len(), 4, "{:?}", t1.keys());
+    for (vip, (raw, addrs)) in &t1 {
+        let (raw2, addrs2) = &t2[vip];
+        assert!(raw == raw2, "{vip}: the tables' bytes differ");
+        assert_eq!(addrs, addrs2, "{vip}");
+        assert_eq!(addrs.len(), lb_common::DEFAULT_TABLE_SIZE as usize);
+    }
+
+    // Long-lived connections over both VIPs, spread over both balancers.
+    let targets: [std::net::SocketAddr; 2] = [
+        (IpAddr::from(VIP_V4), servers::HTTP_PORT).into(),
+        (IpAddr::from(VIP_V6), servers::HTTP_PORT).into(),
+    ];
+    let mut conns: Conns = lb_tests::lab::in_ns(&lab.client, || {
+        (0..CONNECTIONS)
+            .map(|i| {
+                let mut c = HttpConn::connect(targets[i % 2]).unwrap();
+                let (backend, _) = c.get("/").unwrap();
+                (i, (c, backend))
+            })
+            .collect()
+    })
+    .unwrap();
+    let per_backend = conns.values().fold(BTreeMap::new(), |mut m, (_, b)| {
+        *m.entry(b.clone()).or_insert(0) += 1;
+        m
+    });
+    let (f1, f2) = (lab.forwarded(0).unwrap(), lab.forwarded(1).unwrap());
+    println!(
+        "{CONNECTIONS} connections; backends {per_backend:?}; forwarded by lb1 {f1}, lb2 {f2}"
+    );
+    assert_eq!(per_backend.len(), 4, "{per_backend:?}");
+    let total = (f1 + f2) as f64;
+    assert!(
+        f1 as f64 > total * 0.2 && f2 as f64 > total * 0.2,
+        "ECMP should spread the flows: lb1 forwarded {f1}, lb2 {f2}"
+    );
+    assert!(exercise(&lab, &mut conns).is_empty());
+
+    // lb1 leaves: lbd withdraws its VIPs on SIGTERM, its data plane goes.
+    let started = Instant::now();
+    lab.stop_balancer(0).unwrap();
+    wait_until("the router to drop lb1's path", &lab, || {
+        lab.paths(VIP_V4.into()).unwrap() == vec![lb2]
+            && lab.paths(VIP_V6.into()).unwrap().len() == 1
+    });
+    let converged = started.elapsed();
+    let log = lab.balancers[0].lbd_log();
+    assert!(log.contains("every VIP withdrawn from BGP"), "{log}");
+    let before = lab.forwarded(1).unwrap();
+    let broken = exercise(&lab, &mut conns);
+    let moved = lab.forwarded(1).unwrap() - before;
+    println!(
+        "lb1 stopped: path withdrawn in {:.0} ms; {} of {CONNECTIONS} connections broken or moved; lb2 now carries all ({moved} packets in the round)",
+        converged.as_secs_f64() * 1000.0,
+        broken.len()
+    );
+    assert!(broken.is_empty(), "{broken:#?}");
+    assert!(
+        moved >= CONNECTIONS as u64,
+        "lb2 forwarded only {moved} packets"
+    );
+
+    // lb1 comes back with an empty connection table: the flows ECMP hands
+    // back to it are scheduled anew by the same Maglev tables.
+    lab.start_balancer(0).unwrap();
+    wait_until("the router to use lb1 again", &lab, || {
+        lab.paths(VIP_V4.into()).unwrap() == vec![lb1, lb2]
+            && lab.paths(VIP_V6.into()).unwrap().len() == 2
+    });
+    let before = lab.forwarded(0).unwrap();
+    let broken = exercise(&lab, &mut conns);
+    let back = lab.forwarded(0).unwrap() - before;
+    println!(
+        "lb1 back: {} of {CONNECTIONS} connections broken or moved; lb1 carries {back} packets of the round again",
+        broken.len()
+    );
+    assert!(broken.is_empty(), "{broken:#?}");
+    assert!(back > 0, "no flow went back to lb1");
+    drop(conns);
+
+    // Every backend fails its health check: both balancers withdraw, the
+    // router has no path; they recover: announced again.
+    for i in 0..lab.backends.len() {
+        lab.control(i).set_health(HealthMode::Down);
+    }
+    wait_until("both balancers to withdraw the VIPs", &lab, || {
+        lab.paths(VIP_V4.into()).unwrap().is_empty() && lab.paths(VIP_V6.into()).unwrap().is_empty()
+    });
+    for i in 0..lab.backends.len() {
+        lab.control(i).set_health(HealthMode::Up);
+    }
+    lab.wait_paths(2).unwrap();
+}
