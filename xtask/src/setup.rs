@@ -16,6 +16,8 @@ use crate::run;
 /// - wrk: the end-to-end benchmark's load generator.
 /// - prometheus: its `promtool` checks the exporter's format and the
 ///   example scrape config in the tests.
+/// - haproxy: the userspace TCP proxy `cargo xtask bench --peers` compares with.
+/// - nftables: `nft`, for the netfilter NAT balancer that benchmark compares with.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -26,6 +28,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ethtool",
     "wrk",
     "prometheus",
+    "haproxy",
+    "nftables",
 ];
 
 fn step(name: &str) {
