@@ -39,6 +39,13 @@ const NFT_SERVICE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 const HAPROXY_SERVICE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
 /// The balancer host's address on the shared network (the lab's).
 const BALANCER: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
+/// A second address of the balancer host, the nftables peer's source NAT
+/// address. Not the balancer's own: HAProxy connects to the backends from
+/// that one, and its connections' TIME_WAIT on the backends would collide
+/// with NAT'd connections using the same source port (whose SYNs the
+/// backend then rejects as old duplicates: a one-second retransmit each).
+/// Two balancer hosts would not share an address either.
+const NFT_SNAT: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 5);
 /// Backends in the lab, all of weight 1 (HAProxy's roundrobin and the
 /// nftables map weigh them equally too).
 const BACKENDS: usize = 3;
@@ -350,6 +357,8 @@ fn prepare_lab(lab: &Lab) -> Result<()> {
     }
     lab.balancer
         .ip(&["addr", "add", &format!("{HAPROXY_SERVICE}/32"), "dev", "lo"])?;
+    lab.balancer
+        .ip(&["addr", "add", &format!("{NFT_SNAT}/32"), "dev", "eth0"])?;
     lab.balancer.exec(
         "sysctl",
         &[
@@ -458,7 +467,7 @@ pub fn peers_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
                         .collect::<Vec<_>>()
                         .join(", "),
                 ),
-                ("@SNAT@", BALANCER.to_string()),
+                ("@SNAT@", NFT_SNAT.to_string()),
             ],
         )?,
     )?;
