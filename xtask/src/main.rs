@@ -38,8 +38,14 @@ enum Task {
     },
     /// Set up, then run the benchmarks; figures go to target/bench/results.json.
     Bench {
-        /// Groups to run (xdp, maglev, e2e, api, metrics, load); all by default.
+        /// Groups to run (xdp, maglev, e2e, api, metrics, load, peers); all
+        /// but peers by default.
         groups: Vec<String>,
+        /// Compare our VIP with nftables DNAT, HAProxy and a direct
+        /// connection in the lab (several minutes; the `peers` group). Alone
+        /// it runs only that comparison.
+        #[arg(long)]
+        peers: bool,
     },
     /// Set up, then fuzz both XDP programs with N frames each; figures go
     /// to target/bench/results.json (fuzz.*).
@@ -149,7 +155,10 @@ fn main() -> Result<()> {
                 .arg(frames.to_string())
                 .arg(seed.to_string()))
         }
-        Task::Bench { groups } => {
+        Task::Bench { mut groups, peers } => {
+            if peers && !groups.iter().any(|g| g == "peers") {
+                groups.push("peers".into());
+            }
             require_root("cargo xtask bench")?;
             setup::setup()?;
             // The end-to-end benchmark runs the real lbd.

@@ -18,6 +18,8 @@ use crate::run;
 ///   example scrape config in the tests.
 /// - bird2: the BGP speaker lbd drives (`[bgp]`), and the router of the
 ///   scale-out lab.
+/// - haproxy: the userspace TCP proxy `cargo xtask bench --peers` compares with.
+/// - nftables: `nft`, for the netfilter NAT balancer that benchmark compares with.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -29,6 +31,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "wrk",
     "prometheus",
     "bird2",
+    "haproxy",
+    "nftables",
 ];
 
 fn step(name: &str) {

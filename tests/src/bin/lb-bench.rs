@@ -8,9 +8,13 @@
 //! the reason counters must show that every iteration took the intended
 //! path, or the benchmark fails.
 //!
-//! Usage: lb-bench RESULTS_JSON [xdp|maglev|e2e|api|metrics|load]... — runs the groups named
-//! (all by default), prints a table and merges the figures into
-//! RESULTS_JSON (a flat object of dotted keys).
+//! Usage: lb-bench RESULTS_JSON [xdp|maglev|e2e|api|metrics|load|peers]... —
+//! runs the groups named (all but `peers` by default: the comparison with
+//! nftables and HAProxy takes several minutes), prints a table and merges
+//! the figures into RESULTS_JSON (a flat object of dotted keys).
+
+#[path = "lb-bench/peers.rs"]
+mod peers;
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
@@ -34,6 +38,7 @@ use lb_tests::{
     frames::{Flow, FrameSpec, l2_len},
     lab::{Lab, LabSpec, servers as lab_servers},
     packet_lab::PacketLab,
+    wrk::WrkRun,
     xdp::run_xdp,
 };
 
@@ -475,45 +480,6 @@ fn maglev_benchmarks(results: &mut BTreeMap<String, f64>) {
     }
 }
 
-/// Runs wrk in the lab's client namespace against `url`; returns requests
-/// per second and transfer in Gbit/s.
-fn wrk(lab: &Lab, url: &str, connections: u32, secs: u32) -> Result<(f64, f64)> {
-    let out = lab.client.exec(
-        "wrk",
-        &[
-            "-t2",
-            &format!("-c{connections}"),
-            &format!("-d{secs}s"),
-            url,
-        ],
-    )?;
-    let field = |name: &str| -> Result<&str> {
-        out.lines()
-            .find_map(|l| l.trim().strip_prefix(name))
-            .map(str::trim)
-            .with_context(|| format!("wrk printed no {name:?}:\n{out}"))
-    };
-    let rps: f64 = field("Requests/sec:")?.parse()?;
-    let transfer = field("Transfer/sec:")?;
-    let (num, unit) = transfer.split_at(
-        transfer
-            .find(|c: char| c.is_ascii_alphabetic())
-            .unwrap_or(transfer.len()),
-    );
-    let bytes = num.parse::<f64>()?
-        * match unit {
-            "B" => 1.0,
-            "KB" => 1024.0,
-            "MB" => 1024.0 * 1024.0,
-            "GB" => 1024.0 * 1024.0 * 1024.0,
-            u => bail!("unknown wrk unit {u:?}"),
-        };
-    if out.contains("Socket errors") || out.contains("Non-2xx") {
-        bail!("wrk saw errors against {url}:\n{out}");
-    }
-    Ok((rps, bytes * 8.0 / 1e9))
-}
-
 /// Real traffic through the lab: wrk through the VIP and straight to one
 /// backend, interleaved, median of three 4-second runs each.
 fn e2e_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
@@ -526,8 +492,17 @@ fn e2e_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
     let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for _ in 0..REPS {
         for (key, url) in [("vip", &vip), ("direct", &direct)] {
-            let (rps, _) = wrk(&lab, &format!("{url}/"), 32, SECS)?;
-            let (_, gbps) = wrk(&lab, &format!("{url}{big}"), 4, SECS)?;
+            let run = |url: &str, connections| {
+                WrkRun {
+                    url,
+                    connections,
+                    secs: SECS,
+                    close: false,
+                }
+                .run(&lab.client)
+            };
+            let rps = run(&format!("{url}/"), 32)?.rps;
+            let gbps = run(&format!("{url}{big}"), 4)?.gbps;
             samples
                 .entry(if key == "vip" {
                     "vip_rps"
@@ -888,10 +863,18 @@ fn load_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
 fn main() -> Result<()> {
     let mut args = std::env::args_os().skip(1);
     let Some(out) = args.next().map(PathBuf::from) else {
-        bail!("usage: lb-bench RESULTS_JSON [xdp|maglev|e2e|api|metrics|load]...");
+        bail!("usage: lb-bench RESULTS_JSON [xdp|maglev|e2e|api|metrics|load|peers]...");
     };
     let groups: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
-    let run = |g: &str| groups.is_empty() || groups.iter().any(|x| x == g);
+    const GROUPS: [&str; 7] = ["xdp", "maglev", "e2e", "api", "metrics", "load", "peers"];
+    if let Some(unknown) = groups.iter().find(|g| !GROUPS.contains(&g.as_str())) {
+        bail!(
+            "unknown benchmark group {unknown:?}; groups: {}",
+            GROUPS.join(", ")
+        );
+    }
+    // `peers` only when named: it takes minutes and needs HAProxy and nftables.
+    let run = |g: &str| (groups.is_empty() && g != "peers") || groups.iter().any(|x| x == g);
     let mut results = BTreeMap::new();
     if run("xdp") {
         xdp_benchmarks(&mut results)?;
@@ -910,6 +893,9 @@ fn main() -> Result<()> {
     }
     if run("load") {
         load_benchmarks(&mut results)?;
+    }
+    if run("peers") {
+        peers::peers_benchmarks(&mut results)?;
     }
     lb_tests::merge_results(&out, &results)
 }

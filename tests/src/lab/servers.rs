@@ -213,12 +213,24 @@ fn http_accept(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>, contro
                     let _ = http_serve(conn, &n, &s, &c);
                 });
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                thread::sleep(Duration::from_millis(5))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_readable(l, 5),
             Err(_) => thread::sleep(Duration::from_millis(5)),
         }
     }
+}
+
+/// Waits up to `ms` for a connection to accept. Sleeping instead would add
+/// up to that much latency to every new connection (and cap the rate at
+/// which they are accepted), which the benchmarks would measure.
+fn wait_readable(listener: &TcpListener, ms: i32) {
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut fd, 1, ms) };
 }
 
 /// Serves requests on one connection until the client closes it, asks to
