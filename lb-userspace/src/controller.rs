@@ -652,10 +652,12 @@ impl Controller {
             .cloned()
             .collect();
         let now = Instant::now();
+        let mut changed = false;
         for v in &vips {
             let Some(up) = self.steering.health_result(v, backend, result.clone(), now) else {
                 continue;
             };
+            changed = true;
             {
                 let _cause = tracing::info_span!("change", cause = "health check").entered();
                 if up {
@@ -669,7 +671,10 @@ impl Controller {
             }
             self.steer(v, "health check", false);
         }
-        self.update_announcement();
+        // Only a backend going up or down can change what is announced.
+        if changed {
+            self.update_announcement();
+        }
     }
 
     /// Makes `next` the desired state: persisted first (if `persist`), then

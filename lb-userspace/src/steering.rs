@@ -168,6 +168,13 @@ struct BackendSteer {
     pending: Option<(u32, Instant)>,
 }
 
+impl BackendSteer {
+    /// Up by its health check, or not checked.
+    fn up(&self) -> bool {
+        self.health.as_ref().is_none_or(|h| h.up)
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct VipSteer {
     backends: BTreeMap<IpAddr, BackendSteer>,
@@ -376,7 +383,7 @@ impl Steering {
             s.updated = Some(now);
             pressure.insert(b.addr, s.smoothed);
         }
-        let up = |addr: &IpAddr| state.backends[addr].health.as_ref().is_none_or(|h| h.up);
+        let up = |addr: &IpAddr| state.backends[addr].up();
         let eligible: Vec<&IpAddr> = vip
             .backends
             .iter()
@@ -398,7 +405,7 @@ impl Steering {
         let mut levels = BTreeMap::new();
         for b in &vip.backends {
             let s = state.backends.get_mut(&b.addr)?;
-            let down = s.health.as_ref().is_some_and(|h| !h.up);
+            let down = !s.up();
             let policy = vip.load_policy(b);
             let mut factor = 1.0;
             if let (Some(p), Some(policy)) = (pressure.get(&b.addr), &policy)
@@ -598,8 +605,7 @@ impl Steering {
             .filter(|b| {
                 state
                     .and_then(|s| s.backends.get(&b.addr))
-                    .and_then(|s| s.health.as_ref())
-                    .is_none_or(|h| h.up)
+                    .is_none_or(BackendSteer::up)
             })
             .count()
     }

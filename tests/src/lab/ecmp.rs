@@ -32,8 +32,8 @@ use lb_common::{
 };
 
 use super::{
-    BACKEND_MTU, LabBackend, ROUTER_V4, ROUTER_V6, VIP_V4, VIP_V6, config, host_link, kill_all,
-    lbd_path, make_backends, no_dad, routed_client, servers, spawn_in, start_backends,
+    BACKEND_MTU, LabBackend, ROUTER_V4, ROUTER_V6, VIP_V4, VIP_V6, config, host_link, lbd_path,
+    make_backends, no_dad, routed_client, servers, spawn_in, start_backends, terminate,
 };
 use crate::{netns::Netns, require_root};
 
@@ -446,25 +446,18 @@ fn path_str(p: &Path) -> Result<&str> {
 
 impl Drop for EcmpLab {
     fn drop(&mut self) {
-        for b in &mut self.balancers {
-            if let Some(mut c) = b.lbd.take() {
-                // SAFETY: kill(2) on our own child's pid.
-                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while c.try_wait().ok().flatten().is_none() {
-                    if Instant::now() > deadline {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        break;
-                    }
-                    thread::sleep(Duration::from_millis(20));
-                }
-            }
+        terminate(
+            self.balancers
+                .iter_mut()
+                .filter_map(|b| b.lbd.as_mut())
+                .chain(self.decaps.iter_mut().map(|(_, c)| c))
+                .collect(),
+        );
+        for b in &self.balancers {
             stop_bird(&b.bird_dir().join("bird.pid"));
             let _ = pinning::cleanup(&pinning::instance_dir(&b.instance));
         }
         stop_bird(&self.dir.join("router-bird.pid"));
-        kill_all(&mut self.decaps);
         self.services.clear();
         let _ = fs::remove_dir_all(&self.dir);
         let _ = &self.switch;

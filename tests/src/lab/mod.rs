@@ -758,28 +758,35 @@ fn spawn_in(
     Ok(child)
 }
 
+/// Ends `children`: SIGTERM to all (so each ends cleanly), then SIGKILL to
+/// any still running after 5 s.
+fn terminate(children: Vec<&mut Child>) {
+    for child in &children {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for child in children {
+        while child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         // SIGTERM first so every process ends cleanly; SIGKILL if one hangs.
         let procs = self.procs.get_mut().unwrap_or_else(|e| e.into_inner());
-        let children: Vec<&mut Child> = std::iter::once(&mut procs.lbd)
-            .chain(procs.decaps.iter_mut().map(|(_, c)| c))
-            .collect();
-        for child in &children {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for child in children {
-            while child.try_wait().ok().flatten().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
+        terminate(
+            std::iter::once(&mut procs.lbd)
+                .chain(procs.decaps.iter_mut().map(|(_, c)| c))
+                .collect(),
+        );
         // lbd leaves its state pinned on exit (for a restart): remove it.
         let _ = pinning::cleanup(&pinning::instance_dir(&self.instance));
         self.services.clear();
