@@ -380,6 +380,8 @@ fn vip_settings_change_and_established_connections_stay() {
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (first_tx, first_rx) = std::sync::mpsc::channel::<String>();
     let client = lab.client.name().to_string();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = done.clone();
     let keeper = std::thread::spawn(move || -> Result<usize, String> {
         let ns = std::fs::File::open(format!("/run/netns/{client}")).unwrap();
         // SAFETY: this thread enters the client's namespace for good.
@@ -397,6 +399,7 @@ fn vip_settings_change_and_established_connections_stay() {
                 return Err(format!("moved from {name} to {again}"));
             }
             n += 1;
+            counter.store(n, std::sync::atomic::Ordering::SeqCst);
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         Ok(n)
@@ -477,10 +480,24 @@ fn vip_settings_change_and_established_connections_stay() {
         .in_client(move || (0..30).map(|_| http_get(addr).unwrap()).collect())
         .unwrap();
     assert_eq!(answers.len(), 30);
+    // The kept connection must go on answering after the last change: wait
+    // for three more requests on it (the changes above can finish in less
+    // time than a few of its 20 ms pauses).
+    let before = done.load(std::sync::atomic::Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while done.load(std::sync::atomic::Ordering::SeqCst) < before + 3
+        && std::time::Instant::now() < deadline
+        && !keeper.is_finished()
+    {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     tx.send(()).unwrap();
     let n = keeper
         .join()
         .unwrap()
         .expect("the kept connection never moved");
-    assert!(n > 5, "{n} requests on the kept connection");
+    assert!(
+        n >= before + 3,
+        "{n} requests on the kept connection, {before} of them before the last change"
+    );
 }
