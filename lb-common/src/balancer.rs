@@ -5,13 +5,10 @@ use core::mem::size_of;
 /// Version of the layout of the balancer's maps and the meaning of their
 /// fields. A restarted `lbd` adopts pinned maps only of the same version;
 /// bump it with any change to a type in this module or to a map's kind.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Creation flags of the VIP map: `BPF_F_NO_PREALLOC` (see [`VipInfo`]).
 pub const VIPS_MAP_FLAGS: u32 = 1;
-/// Creation flags of the connection table: `BPF_F_NO_COMMON_LRU` (an LRU
-/// list per CPU).
-pub const FLOWS_MAP_FLAGS: u32 = 2;
 
 /// Default number of VIPs the maps have room for (`balancer.max_vips`).
 pub const DEFAULT_MAX_VIPS: u32 = 64;
@@ -19,8 +16,10 @@ pub const DEFAULT_MAX_VIPS: u32 = 64;
 pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
 /// Default Maglev table size M; prime.
 pub const DEFAULT_TABLE_SIZE: u32 = 65537;
-/// Default capacity of the connection table (`conntrack.size`).
-pub const DEFAULT_FLOWS: u32 = 1_048_576;
+/// Default capacity of the connection table in slots (`conntrack.size`):
+/// 64 MiB, for a million concurrent flows with few set overflows (see
+/// `crate::FlowSet`).
+pub const DEFAULT_FLOWS: u32 = 4_194_304;
 
 /// Maglev entries per map value. Array map values are padded to 8 bytes, so
 /// one `u32` per value would waste half the memory; 16 fill a cache line.
@@ -208,7 +207,8 @@ pub struct DataplaneConfig {
     pub layout_version: u32,
     /// Interface the balancer is attached to (0 before the first attach).
     pub ifindex: u32,
-    pub _pad: u32,
+    /// Sets in the connection table minus one (a power of two minus one).
+    pub flow_set_mask: u32,
     /// Idle time after which a TCP connection-table entry is stale.
     pub tcp_idle_ns: u64,
     /// Idle time after which a UDP connection-table entry is stale.

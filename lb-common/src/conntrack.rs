@@ -1,34 +1,160 @@
 //! The connection table: which backend each flow goes to.
 //!
-//! An LRU hash map from [`crate::FlowKey`] to [`FlowEntry`], consulted
-//! before the scheduler. A hit sends the packet to the recorded backend; a
-//! miss runs Maglev and records the choice. An entry is stale, and the flow
-//! is scheduled again, when its idle time is over (TCP and UDP have their
-//! own), when its backend id was freed or given to another backend (see
-//! `BackendInfo::incarnation`), or when its backend is down and the VIP
-//! re-schedules such flows. A TCP RST removes the entry. A full table
-//! evicts the least recently used entries (the kernel does not count
-//! evictions).
+//! A set-associative table in one BPF array, consulted before the
+//! scheduler. A flow's 64-bit hash ([`crate::flow_hash64`], the packet's
+//! one hash) picks its set with its low bits; its high 32 bits (the hash
+//! Maglev uses) are the flow's tag in the set. A set is one cache line of
+//! [`FLOW_WAYS`] slots, so a lookup, an insert and an eviction each touch
+//! one line — no locks, no allocation, no list to maintain — which is what
+//! makes a new flow cheap (a kernel LRU hash map takes bucket and LRU-list
+//! locks and walks cold nodes on every insert).
+//!
+//! A hit sends the packet to the recorded backend; a miss runs the
+//! scheduler and records the choice in the slot of its set that expires
+//! first: an empty or expired slot if there is one, otherwise the live one
+//! closest to its idle timeout (counted as an eviction). Expiry works like
+//! an LRU within the set: every packet of a flow pushes its expiry out.
+//!
+//! An entry is stale, and the flow is scheduled again, when its idle time
+//! is over (TCP and UDP have their own), when its backend id was freed or
+//! given to another backend (see `BackendInfo::incarnation`), or when its
+//! backend is down and the VIP re-schedules such flows. A TCP RST empties
+//! the slot.
+//!
+//! Sizing: `conntrack.size` slots (rounded up to a power of two), 16 bytes
+//! each. Flows hash evenly over the sets; with `n` concurrent flows in `s`
+//! slots, a set overflows (and evicts a live flow) roughly when it draws
+//! more than four flows: at n = s/4 (the default: 1M flows in 4M slots)
+//! about 0.4 % of flows, at n = s/2 about 4 %. An evicted flow is not
+//! lost: its next packet is scheduled again, and Maglev gives it the same
+//! backend unless the VIP's backends changed since it started.
+//!
+//! Matching: a slot holds a flow when its tag (the high 32 bits of the
+//! flow hash; the set index comes from the low bits) and its ports (source
+//! and destination, compared as they are, no hash) equal the packet's. A
+//! flow with no entry matches another flow's slot only if both hashes agree
+//! in 32 bits and in the set bits and the two flows use the same ports:
+//! about 4 / 2^48 per lookup for clients with random source ports, 4 / 2^32
+//! for flows that differ in the source address alone. Such a flow goes to
+//! the other flow's backend; as the tag is also the hash Maglev uses, that
+//! is the backend Maglev would have given it, unless the VIP's backends
+//! changed since. Flows to different VIP ports never match each other.
+//!
+//! Concurrency: the table is shared by all CPUs. A slot's identity (tag,
+//! backend id and incarnation) is one 64-bit word written in a single
+//! store, after the ports and expiry: a reader on another CPU sees either
+//! the old flow or the new one with its own backend, or a mix that matches
+//! neither flow (a miss, scheduled by Maglev); never one flow with
+//! another's backend.
 
 use core::mem::size_of;
 
-/// Value of the connection table.
+/// Slots per set: one 64-byte cache line.
+pub const FLOW_WAYS: usize = 4;
+
+/// One slot of the connection table.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowEntry {
-    /// The backend.
-    pub backend_id: u32,
-    /// `BackendInfo::incarnation` of that backend when the entry was made.
-    pub incarnation: u32,
-    /// Last time (`bpf_ktime_get_coarse_ns`) a packet of the flow was seen,
-    /// updated at most every [`FLOW_TOUCH_NS`].
-    pub last_seen_ns: u64,
+pub struct FlowSlot {
+    /// [`FlowSlot::key`]: the flow's tag (bits 32..64), the low 12 bits of
+    /// its backend's `BackendInfo::incarnation` (bits 20..32) and the
+    /// backend id (bits 0..20); 0 for an empty slot.
+    pub key: u64,
+    /// The flow's ports word (`FlowKey::ports`).
+    pub ports: u32,
+    /// When the entry expires: last packet plus the idle timeout of its
+    /// protocol, in units of [`FLOW_TICK_NS`] (`bpf_ktime_get_coarse_ns`
+    /// shifted right by [`FLOW_TICK_SHIFT`]).
+    pub expires: u32,
 }
-const _: () = assert!(size_of::<FlowEntry>() == 16);
+const _: () = assert!(size_of::<FlowSlot>() == 16);
 
-/// How stale `FlowEntry::last_seen_ns` may get before a packet refreshes
-/// it: one write per flow and second at most, not one per packet.
-pub const FLOW_TOUCH_NS: u64 = 1_000_000_000;
+/// Bits of a backend id in [`FlowSlot::key`] (`balancer.max_backends` is
+/// at most 2^20).
+pub const FLOW_ID_BITS: u32 = 20;
+/// Bits of a backend's incarnation in [`FlowSlot::key`]. An entry whose
+/// backend id was given out again a multiple of 4096 times while the flow
+/// was silent would pass for current; its old backend is gone by then, so
+/// the flow could not have been saved anyway.
+pub const FLOW_INCARNATION_BITS: u32 = 12;
+
+impl FlowSlot {
+    /// The key word of a flow with hash `hash` going to backend
+    /// `backend_id` of incarnation `incarnation`.
+    #[inline(always)]
+    pub const fn key(hash: u64, backend_id: u32, incarnation: u32) -> u64 {
+        (hash & 0xFFFF_FFFF_0000_0000)
+            | ((incarnation & ((1 << FLOW_INCARNATION_BITS) - 1)) << FLOW_ID_BITS) as u64
+            | (backend_id & ((1 << FLOW_ID_BITS) - 1)) as u64
+    }
+
+    /// Whether key word `key` carries the tag of hash `hash` (and is not
+    /// empty).
+    #[inline(always)]
+    pub const fn tagged(key: u64, hash: u64) -> bool {
+        key != 0 && key >> 32 == hash >> 32
+    }
+
+    /// The backend id of a key word.
+    #[inline(always)]
+    pub const fn backend_id(key: u64) -> u32 {
+        key as u32 & ((1 << FLOW_ID_BITS) - 1)
+    }
+
+    /// Whether a key word was made for incarnation `incarnation` of its
+    /// backend.
+    #[inline(always)]
+    pub const fn same_incarnation(key: u64, incarnation: u32) -> bool {
+        (key as u32) >> FLOW_ID_BITS == incarnation & ((1 << FLOW_INCARNATION_BITS) - 1)
+    }
+}
+
+/// One set of the connection table: a cache line.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSet {
+    pub slots: [FlowSlot; FLOW_WAYS],
+}
+const _: () = assert!(size_of::<FlowSet>() == 64);
+
+/// The set of a flow with hash `hash` in a table of `mask + 1` sets.
+#[inline(always)]
+pub const fn flow_set(hash: u64, mask: u32) -> u32 {
+    hash as u32 & mask
+}
+
+/// Number of sets (a power of two) for a table of at least `slots` slots.
+pub const fn flow_sets(slots: u32) -> u32 {
+    let sets = slots.div_ceil(FLOW_WAYS as u32);
+    if sets <= 1 {
+        1
+    } else {
+        sets.next_power_of_two()
+    }
+}
+
+/// Time unit of the connection table's expiry: 2^24 ns, about 16.8 ms.
+/// A `u32` of these wraps after 2.2 years; idle timeouts (at most a week)
+/// are compared with wrapping arithmetic.
+pub const FLOW_TICK_SHIFT: u32 = 24;
+/// [`FLOW_TICK_SHIFT`] as nanoseconds.
+pub const FLOW_TICK_NS: u64 = 1 << FLOW_TICK_SHIFT;
+
+/// An idle timeout in ticks, rounded up and plus one tick: an entry lives
+/// at least the whole timeout whatever the phase of the clock.
+#[inline(always)]
+pub const fn idle_ticks(idle_ns: u64) -> u32 {
+    ((idle_ns + FLOW_TICK_NS - 1) >> FLOW_TICK_SHIFT) as u32 + 1
+}
+
+/// How much of its idle timeout an entry may use up before a packet
+/// renews it: one write per flow per eighth of the timeout at most (and
+/// at least every ~1 s), not one per packet.
+#[inline(always)]
+pub const fn renew_after(idle_ticks: u32) -> u32 {
+    let eighth = idle_ticks >> 3;
+    if eighth < 64 { eighth } else { 64 }
+}
 
 /// Connection-table events. Index of `LB_FLOW_STATS`.
 #[repr(u32)]
@@ -41,14 +167,17 @@ pub enum FlowEvent {
     /// An entry was found but was stale (idle too long, backend gone, or
     /// backend down): the flow was scheduled again.
     Stale = 2,
-    /// Writing a new entry failed; the packet was forwarded anyway.
+    /// Writing a new entry failed; the packet was forwarded anyway. (With
+    /// the array table only a set index outside the map could cause it.)
     InsertFailed = 3,
     /// A TCP RST removed its flow's entry.
     Reset = 4,
+    /// A new entry replaced a live one (its set was full).
+    Evicted = 5,
 }
 
 /// Number of [`FlowEvent`]s.
-pub const FLOW_EVENT_COUNT: u32 = 5;
+pub const FLOW_EVENT_COUNT: u32 = 6;
 
 impl FlowEvent {
     /// Every event, in index order.
@@ -58,6 +187,7 @@ impl FlowEvent {
         FlowEvent::Stale,
         FlowEvent::InsertFailed,
         FlowEvent::Reset,
+        FlowEvent::Evicted,
     ];
 
     /// Label value used in metrics.
@@ -68,6 +198,49 @@ impl FlowEvent {
             FlowEvent::Stale => "stale",
             FlowEvent::InsertFailed => "insert_failed",
             FlowEvent::Reset => "reset",
+            FlowEvent::Evicted => "evicted",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sets_are_powers_of_two_with_room_for_the_slots() {
+        assert_eq!(flow_sets(1024), 256);
+        assert_eq!(flow_sets(1025), 512);
+        assert_eq!(flow_sets(4_194_304), 1 << 20);
+        assert_eq!(flow_sets(1_000_000), 1 << 18);
+        assert_eq!(flow_sets(1), 1);
+    }
+
+    #[test]
+    fn idle_ticks_cover_the_timeout() {
+        for secs in [1u64, 30, 300, 7 * 24 * 3600] {
+            let ns = secs * 1_000_000_000;
+            let t = idle_ticks(ns);
+            assert!(u64::from(t - 1) * FLOW_TICK_NS >= ns, "{secs}");
+            assert!(t < 1 << 31, "{secs}");
+            assert!(renew_after(t) >= 1 && renew_after(t) <= t / 8);
+        }
+    }
+
+    #[test]
+    fn a_key_carries_its_flow_backend_and_incarnation() {
+        let h = 0xDEAD_BEEF_0012_3456u64;
+        let k = FlowSlot::key(h, (1 << 20) - 1, 4097);
+        assert!(FlowSlot::tagged(k, h));
+        assert!(!FlowSlot::tagged(k, h ^ (1 << 40)));
+        assert!(
+            FlowSlot::tagged(k, h ^ 1),
+            "the set bits are not in the tag"
+        );
+        assert_eq!(FlowSlot::backend_id(k), (1 << 20) - 1);
+        assert!(FlowSlot::same_incarnation(k, 4097));
+        assert!(FlowSlot::same_incarnation(k, 1), "12 bits");
+        assert!(!FlowSlot::same_incarnation(k, 4098));
+        assert!(!FlowSlot::tagged(0, 0));
     }
 }

@@ -68,16 +68,26 @@ const fn pair(a: u32, b: u32) -> u64 {
 }
 
 /// Hash of a flow: fixed cost, no loops, no tables. The Maglev entry of a
-/// flow is [`maglev_position`] of it.
+/// flow is [`maglev_position`] of it; it is the high half of
+/// [`flow_hash64`].
 #[inline(always)]
 pub const fn flow_hash(k: &FlowKey) -> u32 {
+    (flow_hash64(k) >> 32) as u32
+}
+
+/// The 64-bit hash of a flow, the one hash the data plane computes per
+/// packet: its high 32 bits are [`flow_hash`] (Maglev, the IPv6 flow
+/// label, the connection-table tag), its low bits pick the flow's
+/// connection-table set.
+#[inline(always)]
+pub const fn flow_hash64(k: &FlowKey) -> u64 {
     let mut h = SEED ^ ((k.proto as u64) << 8 | k.family as u64);
     h = absorb(h, pair(k.src[0], k.src[1]));
     h = absorb(h, pair(k.src[2], k.src[3]));
     h = absorb(h, pair(k.dst[0], k.dst[1]));
     h = absorb(h, pair(k.dst[2], k.dst[3]));
     h = absorb(h, k.ports as u64);
-    (mix64(h) >> 32) as u32
+    mix64(h)
 }
 
 /// Hash of a flow's source: its address, and with `with_port` its source

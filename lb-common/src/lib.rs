@@ -20,9 +20,14 @@ mod names;
 mod reason;
 
 pub use balancer::*;
-pub use conntrack::{FLOW_EVENT_COUNT, FLOW_TOUCH_NS, FlowEntry, FlowEvent};
+pub use conntrack::{
+    FLOW_EVENT_COUNT, FLOW_TICK_NS, FLOW_TICK_SHIFT, FLOW_WAYS, FlowEvent, FlowSet, FlowSlot,
+    flow_set, flow_sets, idle_ticks, renew_after,
+};
 pub use decap::{DECAP_MAX_ADDRS, HostAddr};
-pub use flow::{FlowKey, flow_hash, maglev_position, mix64, second_choice, source_hash};
+pub use flow::{
+    FlowKey, flow_hash, flow_hash64, maglev_position, mix64, second_choice, source_hash,
+};
 pub use names::{decap_map_name, decap_program_name, map_name, program_name};
 pub use reason::{DECAP_REASON_COUNT, DecapReason, REASON_COUNT, Reason, xdp_action};
 
@@ -84,7 +89,7 @@ mod pod {
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for BenchControl {}
     unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for FlowEntry {}
+    unsafe impl aya::Pod for FlowSet {}
     unsafe impl aya::Pod for HostAddr {}
 }
 

@@ -13,7 +13,7 @@ pub mod map_name {
     pub const CONFIG: &str = "LB_CONFIG";
     /// `Array<u64>`: bitmap of VIP addresses, see `vip_filter_slot`.
     pub const VIP_FILTER: &str = "LB_VIP_FILTER";
-    /// `LruHashMap<FlowKey, FlowEntry>`: the connection table.
+    /// `Array<FlowSet>`: the connection table.
     pub const FLOWS: &str = "LB_FLOWS";
     /// `PerCpuArray<NextHop>` indexed by backend id: cached FIB results.
     pub const NEXTHOPS: &str = "LB_NEXTHOPS";

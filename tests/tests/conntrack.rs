@@ -360,3 +360,64 @@ fn a_syn_starts_a_new_connection_on_the_current_table() {
     }
     assert!(moved > 20, "the table change moved {moved} of 200 flows");
 }
+
+/// `n` flows to `dst:dport` that share one connection-table set (the lab's
+/// table has 65536 slots: 16384 sets).
+fn same_set(seed: u64, n: usize, dst: &str, dport: u16, protocol: Protocol) -> Vec<Flow> {
+    let mask = lb_common::flow_sets(65536) - 1;
+    let mut by_set: BTreeMap<u32, Vec<Flow>> = BTreeMap::new();
+    for f in flows(seed, 200_000, dst, dport, protocol) {
+        let set = lb_common::flow_set(lb_common::flow_hash64(&f.key()), mask);
+        let group = by_set.entry(set).or_default();
+        group.push(f);
+        if group.len() == n {
+            return group.clone();
+        }
+    }
+    panic!("no set drew {n} flows");
+}
+
+#[test]
+fn a_full_set_evicts_its_oldest_entry_and_counts_it() {
+    let mut lab = lab();
+    let fs = same_set(10, 6, "203.0.113.10", 80, Protocol::Tcp);
+    let first: Vec<IpAddr> = route(&mut lab, &fs[..4]);
+    assert_eq!(lab.dp.counters().unwrap().flow(FlowEvent::Evicted), 0);
+    // A fifth flow takes the slot of the first (the one expiring first).
+    let fifth = send(&mut lab, &fs[4], FrameSpec::default());
+    let c = lab.dp.counters().unwrap();
+    assert_eq!(c.flow(FlowEvent::Evicted), 1);
+    assert_eq!(c.flow(FlowEvent::Miss), 5);
+    // After a table change the three survivors and the fifth keep their
+    // backends; the evicted first flow is scheduled on the current table.
+    reweigh(&mut lab);
+    for (f, b) in fs[1..4].iter().zip(&first[1..]) {
+        assert_eq!(send(&mut lab, f, FrameSpec::default()), *b, "kept");
+    }
+    assert_eq!(send(&mut lab, &fs[4], FrameSpec::default()), fifth, "kept");
+    assert_eq!(
+        Some(send(&mut lab, &fs[0], FrameSpec::default())),
+        lab.dp.backend_for(&fs[0].key()),
+        "the evicted flow is scheduled again"
+    );
+    let c = lab.dp.counters().unwrap();
+    assert_eq!((c.flow(FlowEvent::Hit), c.flow(FlowEvent::Miss)), (4, 6));
+    // It in turn took the oldest slot (the second flow's) and counted it.
+    assert_eq!(c.flow(FlowEvent::Evicted), 2);
+}
+
+#[test]
+fn expired_entries_make_room_without_evictions() {
+    let mut lab = lab();
+    let fs = same_set(11, 8, "203.0.113.10", 53, Protocol::Udp);
+    route(&mut lab, &fs[..4]);
+    // The config's UDP idle time is 1 s.
+    thread::sleep(Duration::from_millis(2200));
+    route(&mut lab, &fs[4..]);
+    let c = lab.dp.counters().unwrap();
+    assert_eq!(c.flow(FlowEvent::Evicted), 0);
+    assert_eq!(c.flow(FlowEvent::Miss), 8);
+    // The new four are all in the table.
+    route(&mut lab, &fs[4..]);
+    assert_eq!(lab.dp.counters().unwrap().flow(FlowEvent::Hit), 4);
+}

@@ -9,9 +9,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_ALLOCATED, BackendInfo, CONFIG_ICMP_ECHO, DataplaneConfig, FAMILY_V4, FAMILY_V6,
-    FlowKey, PROTO_TCP, PROTO_UDP, Reason, TOO_BIG_QUOTE, VIP_SCHED_MAGLEV, VIP_SCHED_MAGLEV_SRC,
-    VIP_SCHED_MASK, VipAddrKey, flow_hash, maglev_position, source_hash, vip_filter_slot,
+    BackendInfo, CONFIG_ICMP_ECHO, DataplaneConfig, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP,
+    PROTO_UDP, Reason, TOO_BIG_QUOTE, VIP_SCHED_MAGLEV, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK,
+    VipAddrKey, flow_hash, flow_hash64, maglev_position, source_hash, vip_filter_slot,
 };
 use lb_ebpf::{
     csum::ipv4_header_csum,
@@ -23,8 +23,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr};
 use crate::{
     encap,
     maps::{
-        LB_BACKEND_STATS, LB_BACKENDS, LB_FLOWS, LB_VIP_ADDRS, LB_VIP_FILTER, LB_VIP_STATS,
-        count_traffic,
+        LB_BACKEND_STATS, LB_BACKENDS, LB_VIP_ADDRS, LB_VIP_FILTER, LB_VIP_STATS, count_traffic,
     },
 };
 
@@ -217,18 +216,14 @@ fn quoted_flow(ctx: &XdpContext, i: &Icmp) -> Result<FlowKey, Reason> {
 /// recomputed).
 #[inline(always)]
 fn owner(key: &FlowKey, cfg: &DataplaneConfig) -> Result<(u32, &'static BackendInfo), Reason> {
-    if let Some(e) = unsafe { LB_FLOWS.get(key) } {
-        if let Some(b) = LB_BACKENDS.get(e.backend_id)
-            && b.flags & BACKEND_ALLOCATED != 0
-            && b.incarnation == e.incarnation
-        {
-            return Ok((e.backend_id, b));
-        }
+    let flow = flow_hash64(key);
+    if let Some(owner) = crate::conntrack::peek(key, flow, cfg) {
+        return Ok(owner);
     }
     let vip = crate::lookup_vip_key(key).ok_or(Reason::IcmpUnmatched)?;
     let sched = vip.flags & VIP_SCHED_MASK;
     let hash = if sched == VIP_SCHED_MAGLEV {
-        flow_hash(key)
+        (flow >> 32) as u32
     } else if sched == VIP_SCHED_MAGLEV_SRC {
         source_hash(key, vip.flags & lb_common::VIP_HASH_SRC_PORT != 0)
     } else {

@@ -23,7 +23,7 @@ use lb_common::{
     BackendInfo, CONFIG_FRAGMENTS_PASS, CONFIG_TOO_BIG_ICMP, DataplaneConfig, FAMILY_V6,
     MAGLEV_CHUNK, NO_BACKEND, PROTO_IPIP, PROTO_IPV6, Reason, VIP_HASH_SRC_PORT,
     VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK, VIP_SCHED_WRR, VipInfo, VipKey,
-    flow_hash, maglev_position, second_choice, source_hash, vip_filter_slot,
+    flow_hash64, maglev_position, second_choice, source_hash, vip_filter_slot,
 };
 use lb_ebpf::{
     packet::{frame_len, ptr_at, ptr_at_mut},
@@ -87,16 +87,19 @@ fn try_balance(ctx: &XdpContext) -> Result<Reason, Reason> {
     }
     let cfg = LB_CONFIG.get(0).ok_or(Reason::NoBackend)?;
     let now = conntrack::now();
+    // The packet's one hash: connection-table set and tag, Maglev, and the
+    // IPv6 outer header's flow label.
+    let hash = flow_hash64(&pkt.flow);
+    let maglev_hash = (hash >> 32) as u32;
 
-    // An established flow needs no VIP lookup and no hash (unless the outer
-    // header is IPv6 and wants a flow label).
-    let (backend_id, backend, hash, new_flow) =
-        match conntrack::lookup(&pkt, cfg, now, || vip_flags(&pkt)) {
-            conntrack::Lookup::Hit(id, backend) => (id, backend, None, 0),
-            conntrack::Lookup::Schedule => {
-                let (id, backend, hash) = schedule(&pkt, cfg)?;
-                conntrack::record(&pkt, id, backend, now);
-                (id, backend, hash, 1)
+    // An established flow needs no VIP lookup.
+    let (backend_id, backend, new_flow) =
+        match conntrack::lookup(&pkt, hash, cfg, now, || vip_flags(&pkt)) {
+            conntrack::Lookup::Hit(id, backend) => (id, backend, 0),
+            conntrack::Lookup::Schedule(victim) => {
+                let (id, backend) = schedule(&pkt, cfg, maglev_hash)?;
+                conntrack::record(&pkt, victim, hash, id, backend, now, cfg);
+                (id, backend, 1)
             }
         };
 
@@ -110,8 +113,7 @@ fn try_balance(ctx: &XdpContext) -> Result<Reason, Reason> {
     }
     let macs = encap::cached_next_hop(ctx, backend_id, backend, cfg)?;
     let label = if backend.family == FAMILY_V6 {
-        // The one hash of this packet (the scheduler's, if it ran).
-        hash.unwrap_or_else(|| flow_hash(&pkt.flow))
+        maglev_hash
     } else {
         0
     };
@@ -122,37 +124,36 @@ fn try_balance(ctx: &XdpContext) -> Result<Reason, Reason> {
     Ok(Reason::Forwarded)
 }
 
-/// A new flow's backend, by the VIP's scheduler (see `lb_common::VIP_SCHED_*`).
-/// Returns the backend id, the backend and the flow hash if it was computed
-/// (the IPv6 outer header's flow label reuses it).
+/// A new flow's backend, by the VIP's scheduler (see `lb_common::VIP_SCHED_*`);
+/// `hash` is the flow's [`lb_common::flow_hash`]. Returns the backend id and
+/// the backend.
 #[inline(always)]
 fn schedule(
     pkt: &Packet,
     cfg: &DataplaneConfig,
-) -> Result<(u32, &'static BackendInfo, Option<u32>), Reason> {
+    hash: u32,
+) -> Result<(u32, &'static BackendInfo), Reason> {
     let vip = lookup_vip_key(&pkt.flow).ok_or(Reason::NotVip)?;
     let sched = vip.flags & VIP_SCHED_MASK;
-    let (pos, hash) = if sched == VIP_SCHED_WRR {
-        (wrr_position(vip.id, cfg.table_size), None)
+    let pos = if sched == VIP_SCHED_WRR {
+        wrr_position(vip.id, cfg.table_size)
     } else if sched == VIP_SCHED_MAGLEV_SRC {
+        // A second hash, on new flows of source-hashing VIPs only.
         let h = source_hash(&pkt.flow, vip.flags & VIP_HASH_SRC_PORT != 0);
-        (maglev_position(h, cfg.table_size), None)
+        maglev_position(h, cfg.table_size)
     } else {
-        let h = flow_hash(&pkt.flow);
-        (maglev_position(h, cfg.table_size), Some(h))
+        maglev_position(hash, cfg.table_size)
     };
     let mut backend_id = table_entry(&vip, pos)?;
-    if sched == VIP_SCHED_LEAST_LOAD
-        && let Some(h) = hash
-    {
+    if sched == VIP_SCHED_LEAST_LOAD {
         // Power of two choices: the second position from the same hash.
-        let other = table_entry(&vip, maglev_position(second_choice(h), cfg.table_size))?;
+        let other = table_entry(&vip, maglev_position(second_choice(hash), cfg.table_size))?;
         if score(other) < score(backend_id) {
             backend_id = other;
         }
     }
     let backend = LB_BACKENDS.get(backend_id).ok_or(Reason::NoBackend)?;
-    Ok((backend_id, backend, hash))
+    Ok((backend_id, backend))
 }
 
 /// The backend id at position `pos` of the VIP's active table.

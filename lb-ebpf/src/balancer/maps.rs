@@ -3,13 +3,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, PerCpuArray, ProgramArray},
 };
 use lb_common::{
     BackendInfo, BenchControl, DEFAULT_FLOWS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-    DEFAULT_TABLE_SIZE, DataplaneConfig, FLOW_EVENT_COUNT, FLOWS_MAP_FLAGS, FlowEntry, FlowKey,
-    MaglevChunk, NextHop, REASON_COUNT, TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS,
-    VipAddrKey, VipInfo, VipKey, chunks_per_table,
+    DEFAULT_TABLE_SIZE, DataplaneConfig, FLOW_EVENT_COUNT, FlowSet, MaglevChunk, NextHop,
+    REASON_COUNT, TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipAddrKey, VipInfo, VipKey,
+    chunks_per_table, flow_sets,
 };
 
 /// No preallocation: replacing a value is an RCU swap (see `VipInfo`).
@@ -20,14 +20,11 @@ pub static LB_VIPS: HashMap<VipKey, VipInfo> =
 #[map(name = "LB_VIP_FILTER")]
 pub static LB_VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
 
-/// The connection table (see `lb_common::FlowEntry`). LRU maps are always
-/// preallocated: memory is fixed at load time. Each CPU keeps its own LRU
-/// list (`FLOWS_MAP_FLAGS`): inserting a new flow never takes a lock
-/// shared with other CPUs; the capacity is split evenly over the CPUs
-/// (RSS keeps a flow on one CPU).
+/// The connection table: one cache-line set per entry (see
+/// `lb_common::FlowSet`), shared by all CPUs. Preallocated: memory is fixed
+/// at load time.
 #[map(name = "LB_FLOWS")]
-pub static LB_FLOWS: LruHashMap<FlowKey, FlowEntry> =
-    LruHashMap::with_max_entries(DEFAULT_FLOWS, FLOWS_MAP_FLAGS);
+pub static LB_FLOWS: Array<FlowSet> = Array::with_max_entries(flow_sets(DEFAULT_FLOWS), 0);
 
 #[map(name = "LB_FLOW_STATS")]
 pub static LB_FLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FLOW_EVENT_COUNT, 0);

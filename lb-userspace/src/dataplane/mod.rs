@@ -28,9 +28,9 @@ use aya::{
 };
 use lb_common::{
     BackendInfo, CONFIG_ATTACHED_SKB, CONFIG_FRAGMENTS_PASS, CONFIG_ICMP_ECHO,
-    CONFIG_NO_NEXTHOP_CACHE, CONFIG_TOO_BIG_ICMP, DataplaneConfig, LAYOUT_VERSION, MaglevChunk,
-    TrafficCounters, VipAddrKey, VipInfo, VipKey, addr_words, chunks_per_table, map_name,
-    program_name,
+    CONFIG_NO_NEXTHOP_CACHE, CONFIG_TOO_BIG_ICMP, DataplaneConfig, FLOW_WAYS, LAYOUT_VERSION,
+    MaglevChunk, TrafficCounters, VipAddrKey, VipInfo, VipKey, addr_words, chunks_per_table,
+    flow_sets, map_name, program_name,
 };
 
 pub use bench::{BenchMaps, BenchTarget};
@@ -432,7 +432,7 @@ impl Dataplane {
             .map_max_entries(map_name::SCORES, settings.max_backends)
             .map_max_entries(map_name::WRR_POS, settings.max_vips)
             .map_max_entries(map_name::VIP_ADDRS, settings.max_vips)
-            .map_max_entries(map_name::FLOWS, settings.flows);
+            .map_max_entries(map_name::FLOWS, flow_sets(settings.flows));
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -530,7 +530,7 @@ impl Dataplane {
             vips_capacity: self.settings.max_vips,
             backends: self.vips.values().map(|p| p.backends.len() as u32).sum(),
             backends_capacity: self.settings.max_backends,
-            flows_capacity: self.settings.flows,
+            flows_capacity: flow_sets(self.settings.flows) * FLOW_WAYS as u32,
         }
     }
 
@@ -610,7 +610,7 @@ impl Dataplane {
                 },
             layout_version: LAYOUT_VERSION,
             ifindex: self.ifindex,
-            _pad: 0,
+            flow_set_mask: flow_sets(s.flows) - 1,
             tcp_idle_ns: s.tcp_idle.as_nanos() as u64,
             udp_idle_ns: s.udp_idle.as_nanos() as u64,
         };

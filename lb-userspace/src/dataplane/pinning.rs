@@ -14,10 +14,10 @@ use std::{
 
 use aya::maps::{Array, Map, MapData, MapInfo, MapType};
 use lb_common::{
-    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FLOW_EVENT_COUNT,
-    FLOWS_MAP_FLAGS, FlowEntry, FlowKey, LAYOUT_VERSION, MaglevChunk, NextHop, PROTO_TCP,
-    PROTO_UDP, REASON_COUNT, TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipAddrKey,
-    VipInfo, VipKey, chunks_per_table, map_name, words_addr,
+    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FLOW_EVENT_COUNT, FlowSet,
+    LAYOUT_VERSION, MaglevChunk, NextHop, PROTO_TCP, PROTO_UDP, REASON_COUNT, TrafficCounters,
+    VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipAddrKey, VipInfo, VipKey, chunks_per_table, flow_sets,
+    map_name, words_addr,
 };
 
 use super::{Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
@@ -115,11 +115,11 @@ fn expected(settings: &BalancerSettings) -> [Shape; 14] {
         ),
         shape(
             map_name::FLOWS,
-            MapType::LruHash,
-            size_of::<FlowKey>(),
-            size_of::<FlowEntry>(),
-            settings.flows,
-            FLOWS_MAP_FLAGS,
+            MapType::Array,
+            4,
+            size_of::<FlowSet>(),
+            flow_sets(settings.flows),
+            0,
         ),
         shape(
             map_name::NEXTHOPS,

@@ -189,8 +189,12 @@ fn measure(lab: &mut PacketLab, bench: &mut BenchMaps, case: &Case) -> Result<f6
             delta(FlowEvent::Miss) + delta(FlowEvent::Stale),
         );
         if case.new_flows.is_some() {
+            // The flows differ in their source address only, so a new one
+            // can match another's slot by its 32-bit tag (4 in 2^32 per
+            // lookup once the sets are full; see lb_common::FlowSlot):
+            // about one hit in a thousand runs.
             ensure!(
-                misses == all,
+                hits + misses == all && hits <= all / 100_000,
                 "{what}: {misses} of {REPEAT} iterations were new flows"
             );
         } else {
