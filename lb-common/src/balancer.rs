@@ -213,8 +213,11 @@ pub struct DataplaneConfig {
     pub tcp_idle_ns: u64,
     /// Idle time after which a UDP connection-table entry is stale.
     pub udp_idle_ns: u64,
+    /// Sets in the handshake table minus one.
+    pub syn_set_mask: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<DataplaneConfig>() == 64);
+const _: () = assert!(size_of::<DataplaneConfig>() == 72);
 
 /// A cached FIB result towards one backend, per CPU.
 #[repr(C)]

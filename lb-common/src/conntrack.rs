@@ -29,6 +29,19 @@
 //! lost: its next packet is scheduled again, and Maglev gives it the same
 //! backend unless the VIP's backends changed since it started.
 //!
+//! Handshakes: a TCP SYN does not touch this table. Its choice goes to a
+//! small table of the same layout, the handshake table (`conntrack.size` /
+//! 64 slots, at least 1024: 1 MiB at the default, so it stays in the CPU's
+//! cache), and a bit in a 64 Kibit filter marks its hash. The flow's first
+//! packet without SYN moves the entry into the connection table. So a SYN
+//! costs no cold cache line, and a SYN flood churns the handshake table
+//! only: it cannot evict established flows. Handshakes pushed out of the
+//! handshake table by others count `syn_evicted`; their next packet is
+//! scheduled again (Maglev: the same backend unless the VIP changed within
+//! that round trip). A packet whose filter bit is set looks in the
+//! handshake table first, so a SYN that reuses the 5-tuple of an old
+//! connection with a live entry is not sent to the old one's backend.
+//!
 //! Matching: a slot holds a flow when its tag (the high 32 bits of the
 //! flow hash; the set index comes from the low bits) and its ports (source
 //! and destination, compared as they are, no hash) equal the packet's. A
@@ -133,6 +146,23 @@ pub const fn flow_sets(slots: u32) -> u32 {
     }
 }
 
+/// Slots of the handshake table for a connection table of `slots` slots.
+pub const fn syn_slots(slots: u32) -> u32 {
+    let s = slots / 64;
+    if s < 1024 { 1024 } else { s }
+}
+
+/// Words (`u64`) of the handshake filter: 65536 bits.
+pub const SYN_SEEN_WORDS: u32 = 1024;
+
+/// Word index and bit of the handshake filter for a flow hash (bits 20..36:
+/// apart from the low bits that pick sets).
+#[inline(always)]
+pub const fn syn_seen_slot(hash: u64) -> (u32, u64) {
+    let i = (hash >> 20) as u32 & 0xFFFF;
+    (i >> 6, 1 << (i & 63))
+}
+
 /// Time unit of the connection table's expiry: 2^24 ns, about 16.8 ms.
 /// A `u32` of these wraps after 2.2 years; idle timeouts (at most a week)
 /// are compared with wrapping arithmetic.
@@ -174,10 +204,13 @@ pub enum FlowEvent {
     Reset = 4,
     /// A new entry replaced a live one (its set was full).
     Evicted = 5,
+    /// A SYN's entry replaced a live one in the handshake table (many
+    /// handshakes at once, or a SYN flood).
+    SynEvicted = 6,
 }
 
 /// Number of [`FlowEvent`]s.
-pub const FLOW_EVENT_COUNT: u32 = 6;
+pub const FLOW_EVENT_COUNT: u32 = 7;
 
 impl FlowEvent {
     /// Every event, in index order.
@@ -188,6 +221,7 @@ impl FlowEvent {
         FlowEvent::InsertFailed,
         FlowEvent::Reset,
         FlowEvent::Evicted,
+        FlowEvent::SynEvicted,
     ];
 
     /// Label value used in metrics.
@@ -199,6 +233,7 @@ impl FlowEvent {
             FlowEvent::InsertFailed => "insert_failed",
             FlowEvent::Reset => "reset",
             FlowEvent::Evicted => "evicted",
+            FlowEvent::SynEvicted => "syn_evicted",
         }
     }
 }
@@ -214,6 +249,14 @@ mod tests {
         assert_eq!(flow_sets(4_194_304), 1 << 20);
         assert_eq!(flow_sets(1_000_000), 1 << 18);
         assert_eq!(flow_sets(1), 1);
+    }
+
+    #[test]
+    fn the_handshake_table_is_a_64th_and_at_least_1024_slots() {
+        assert_eq!(syn_slots(4_194_304), 65536);
+        assert_eq!(syn_slots(1024), 1024);
+        let (w, b) = syn_seen_slot(u64::MAX);
+        assert_eq!((w, b), (SYN_SEEN_WORDS - 1, 1 << 63));
     }
 
     #[test]

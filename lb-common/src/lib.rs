@@ -22,7 +22,7 @@ mod reason;
 pub use balancer::*;
 pub use conntrack::{
     FLOW_EVENT_COUNT, FLOW_TICK_NS, FLOW_TICK_SHIFT, FLOW_WAYS, FlowEvent, FlowSet, FlowSlot,
-    flow_set, flow_sets, idle_ticks, renew_after,
+    SYN_SEEN_WORDS, flow_set, flow_sets, idle_ticks, renew_after, syn_seen_slot, syn_slots,
 };
 pub use decap::{DECAP_MAX_ADDRS, HostAddr};
 pub use flow::{

@@ -15,6 +15,11 @@ pub mod map_name {
     pub const VIP_FILTER: &str = "LB_VIP_FILTER";
     /// `Array<FlowSet>`: the connection table.
     pub const FLOWS: &str = "LB_FLOWS";
+    /// `Array<FlowSet>`: the handshake table (SYNs until their next packet).
+    pub const SYN_FLOWS: &str = "LB_SYN_FLOWS";
+    /// `Array<u64>`: bitmap of flow hashes with an entry in the handshake
+    /// table, see `syn_seen_slot`.
+    pub const SYN_SEEN: &str = "LB_SYN_SEEN";
     /// `PerCpuArray<NextHop>` indexed by backend id: cached FIB results.
     pub const NEXTHOPS: &str = "LB_NEXTHOPS";
     /// `PerCpuArray<TrafficCounters>` indexed by VIP id.
@@ -42,13 +47,15 @@ pub mod map_name {
 
     /// The maps that hold the balancer's state: pinned, so a restarted `lbd`
     /// adopts them (the benchmark's maps are not state).
-    pub const STATE: [&str; 14] = [
+    pub const STATE: [&str; 16] = [
         VIPS,
         BACKENDS,
         MAGLEV,
         CONFIG,
         VIP_FILTER,
         FLOWS,
+        SYN_FLOWS,
+        SYN_SEEN,
         NEXTHOPS,
         VIP_STATS,
         BACKEND_STATS,

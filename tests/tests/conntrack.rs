@@ -421,3 +421,55 @@ fn expired_entries_make_room_without_evictions() {
     route(&mut lab, &fs[4..]);
     assert_eq!(lab.dp.counters().unwrap().flow(FlowEvent::Hit), 4);
 }
+
+/// `f`'s frame with only SYN set.
+fn syn(lab: &mut PacketLab, f: &Flow) -> IpAddr {
+    let mut frame = lab.frame(f, FrameSpec::default());
+    frame[14 + 20 + 13] = 0x02;
+    let r = lab.run(&frame).unwrap();
+    assert_eq!(r.action, xdp_action::XDP_TX, "{f:?}");
+    parse_encapsulated(&r.frame).unwrap().outer.dst()
+}
+
+#[test]
+fn a_handshake_keeps_the_backend_its_syn_got() {
+    let mut lab = lab();
+    let fs = flows(12, 200, "203.0.113.10", 80, Protocol::Tcp);
+    let syns: Vec<IpAddr> = fs.iter().map(|f| syn(&mut lab, f)).collect();
+    // The table changes between the SYNs and the handshakes' last packets.
+    reweigh(&mut lab);
+    let moved = fs
+        .iter()
+        .zip(&syns)
+        .filter(|(f, b)| lab.dp.backend_for(&f.key()) != Some(**b))
+        .count();
+    assert!(moved > 20, "the change moved {moved} of 200 flows");
+    assert_eq!(route(&mut lab, &fs), syns, "the SYNs' backends");
+    // And from then on from the connection table.
+    assert_eq!(route(&mut lab, &fs), syns);
+    let c = lab.dp.counters().unwrap();
+    assert_eq!(
+        (c.flow(FlowEvent::Miss), c.flow(FlowEvent::Hit)),
+        (200, 400)
+    );
+}
+
+#[test]
+fn a_syn_flood_does_not_push_established_flows_out() {
+    let mut lab = lab();
+    let fs = flows(13, 200, "203.0.113.10", 80, Protocol::Tcp);
+    let first = route(&mut lab, &fs);
+    // The lab's handshake table has 1024 slots (65536 / 64).
+    for f in flows(14, 20_000, "203.0.113.10", 80, Protocol::Tcp) {
+        syn(&mut lab, &f);
+    }
+    let c = lab.dp.counters().unwrap();
+    assert!(
+        c.flow(FlowEvent::SynEvicted) > 15_000,
+        "{} handshakes pushed out",
+        c.flow(FlowEvent::SynEvicted)
+    );
+    assert_eq!(c.flow(FlowEvent::Evicted), 0, "no established flow");
+    reweigh(&mut lab);
+    assert_eq!(route(&mut lab, &fs), first, "established flows stay");
+}

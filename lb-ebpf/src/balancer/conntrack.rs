@@ -1,33 +1,36 @@
-//! The connection table on the data path (see `lb_common::FlowSet` for the
-//! layout and the rules): find a flow's slot, judge the entry, remember new
-//! choices. Every packet reads one set (one cache line); nothing locks.
+//! The connection table and the handshake table on the data path (see
+//! `lb_common::conntrack` for the layout and the rules): find a flow's slot,
+//! judge the entry, remember new choices. A packet reads one set of one
+//! table (one cache line), a first packet after a SYN one of each; nothing
+//! locks.
 
 use core::ptr::{read_volatile, write_volatile};
 
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FLOW_TICK_SHIFT, FLOW_WAYS,
-    FlowEvent, FlowKey, FlowSlot, PROTO_TCP, VIP_STICK_WHEN_DOWN, flow_set, idle_ticks,
-    renew_after,
+    FlowEvent, FlowKey, FlowSet, FlowSlot, PROTO_TCP, VIP_STICK_WHEN_DOWN, flow_set, idle_ticks,
+    renew_after, syn_seen_slot,
 };
 use lb_ebpf::parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN};
 
-use crate::maps::{LB_BACKENDS, LB_FLOW_STATS, LB_FLOWS, count};
+use crate::maps::{LB_BACKENDS, LB_FLOW_STATS, LB_FLOWS, LB_SYN_FLOWS, LB_SYN_SEEN, count};
 
 /// Where a new flow's entry goes.
 pub struct Victim {
     slot: *mut FlowSlot,
     /// The slot holds another flow that has not expired yet.
     live: bool,
+    /// The slot is in the handshake table.
+    syn: bool,
 }
 
-/// What the table says about a packet's flow.
+/// What the tables say about a packet's flow.
 pub enum Lookup {
     /// Send it to this backend.
     Hit(u32, &'static BackendInfo),
     /// Schedule it (no entry, or a stale one) and record the choice here
-    /// (`None`: the set is outside the map, which a correct `flow_set_mask`
-    /// rules out).
+    /// (`None`: the set is outside the map, which a correct mask rules out).
     Schedule(Option<Victim>),
 }
 
@@ -54,100 +57,213 @@ fn left(expires: u32, now: u32) -> i32 {
     expires.wrapping_sub(now) as i32
 }
 
-/// Looks the packet's flow (64-bit flow hash `hash`) up. A TCP RST ends its
-/// flow: the slot is emptied (the RST itself still reaches the backend).
+/// A set, read once: the flow's own slot if it has one, else the slot that
+/// expires first (empty slots first of all).
+struct Scan {
+    set: *mut FlowSet,
+    /// Way of the flow's slot, or `FLOW_WAYS`.
+    own: usize,
+    /// The key word of the flow's slot.
+    own_key: u64,
+    victim: usize,
+    victim_left: i32,
+}
+
+impl Scan {
+    #[inline(always)]
+    fn of(set: *mut FlowSet, hash: u64, ports: u32, now: u32) -> Scan {
+        let mut s = Scan {
+            set,
+            own: FLOW_WAYS,
+            own_key: 0,
+            victim: 0,
+            victim_left: i32::MAX,
+        };
+        // SAFETY: a valid map value for the life of the program run.
+        let slots = unsafe { &(*set).slots };
+        for (w, slot) in slots.iter().enumerate() {
+            // Volatile: another CPU may rewrite the slot; the key is read
+            // once, and the ports after it (see `FlowSlot`).
+            let key = unsafe { read_volatile(&slot.key) };
+            if FlowSlot::tagged(key, hash) && unsafe { read_volatile(&slot.ports) } == ports {
+                s.own = w;
+                s.own_key = key;
+                break;
+            }
+            let l = if key == 0 {
+                i32::MIN
+            } else {
+                left(slot.expires, now)
+            };
+            if l < s.victim_left {
+                s.victim = w;
+                s.victim_left = l;
+            }
+        }
+        s
+    }
+
+    #[inline(always)]
+    fn found(&self) -> bool {
+        self.own < FLOW_WAYS
+    }
+
+    #[inline(always)]
+    fn slot(&self, way: usize) -> *mut FlowSlot {
+        unsafe { &mut (*self.set).slots[way & (FLOW_WAYS - 1)] as *mut FlowSlot }
+    }
+
+    /// Where a new entry for the flow goes: its own slot, else the victim.
+    #[inline(always)]
+    fn place(&self, syn: bool) -> Victim {
+        if self.found() {
+            Victim {
+                slot: self.slot(self.own),
+                live: false,
+                syn,
+            }
+        } else {
+            Victim {
+                slot: self.slot(self.victim),
+                live: self.victim_left > 0,
+                syn,
+            }
+        }
+    }
+
+    /// The flow's backend if its slot holds a usable entry.
+    #[inline(always)]
+    fn backend(
+        &self,
+        now: u32,
+        vip_flags: impl FnOnce() -> u32,
+    ) -> Option<(u32, &'static BackendInfo)> {
+        if !self.found() {
+            return None;
+        }
+        let id = FlowSlot::backend_id(self.own_key);
+        let b = LB_BACKENDS.get(id)?;
+        let expires = unsafe { (*self.slot(self.own)).expires };
+        if b.flags & BACKEND_ALLOCATED == 0
+            || !FlowSlot::same_incarnation(self.own_key, b.incarnation)
+            || left(expires, now) <= 0
+        {
+            return None;
+        }
+        // Down backends are rare: only then is the VIP's policy looked up.
+        if b.flags & BACKEND_DOWN != 0 && vip_flags() & VIP_STICK_WHEN_DOWN == 0 {
+            return None;
+        }
+        Some((id, b))
+    }
+}
+
+/// Looks the packet's flow (64-bit flow hash `hash`) up.
 ///
-/// A TCP SYN (without ACK) opens a new connection: it is scheduled whatever
-/// the table holds, and its entry replaces any old one of the same flow (a
-/// reused port).
+/// A TCP SYN (without ACK) opens a new connection: it is scheduled on the
+/// current table whatever the tables hold, and its choice goes to the
+/// handshake table. The flow's next packet moves it to the connection
+/// table. A TCP RST ends its flow: the slot is emptied (the RST itself
+/// still reaches the backend).
 #[inline(always)]
 pub fn lookup(
     pkt: &Packet,
     hash: u64,
     cfg: &DataplaneConfig,
     now: u32,
-    vip_flags: impl FnOnce() -> u32,
+    vip_flags: impl Fn() -> u32,
 ) -> Lookup {
+    let tcp = pkt.flow.proto == PROTO_TCP;
+    if tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        count(&LB_FLOW_STATS, FlowEvent::Miss as u32);
+        let Some(set) = LB_SYN_FLOWS.get_ptr_mut(flow_set(hash, cfg.syn_set_mask)) else {
+            return Lookup::Schedule(None);
+        };
+        return Lookup::Schedule(Some(Scan::of(set, hash, pkt.flow.ports, now).place(true)));
+    }
     let Some(set) = LB_FLOWS.get_ptr_mut(flow_set(hash, cfg.flow_set_mask)) else {
         count(&LB_FLOW_STATS, FlowEvent::Miss as u32);
         return Lookup::Schedule(None);
     };
-    // SAFETY: a valid map value for the life of the program run.
-    let slots = unsafe { &mut (*set).slots };
-    // One pass over the set: the flow's own slot, else the one that
-    // expires first (empty slots first of all).
-    let mut own = FLOW_WAYS;
-    let mut own_key = 0;
-    let mut victim = 0;
-    let mut victim_left = i32::MAX;
-    for (w, slot) in slots.iter().enumerate() {
-        // Volatile: another CPU may rewrite the slot; the key is read once.
-        let key = unsafe { read_volatile(&slot.key) };
-        if FlowSlot::tagged(key, hash) && unsafe { read_volatile(&slot.ports) } == pkt.flow.ports {
-            own = w;
-            own_key = key;
-            break;
-        }
-        let l = if key == 0 {
-            i32::MIN
-        } else {
-            left(slot.expires, now)
-        };
-        if l < victim_left {
-            victim = w;
-            victim_left = l;
+    let main = Scan::of(set, hash, pkt.flow.ports, now);
+    // A handshake in progress: its SYN's choice counts, even over an old
+    // entry of the same 5-tuple.
+    if tcp && (!main.found() || syn_seen(hash)) {
+        if let Some(hit) = finish_handshake(pkt, hash, cfg, now, &main, &vip_flags) {
+            return hit;
         }
     }
-    if own < FLOW_WAYS {
-        let slot = &mut slots[own & (FLOW_WAYS - 1)];
-        let syn = pkt.flow.proto == PROTO_TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        if !syn {
-            let id = FlowSlot::backend_id(own_key);
-            let idle = idle(pkt, cfg);
-            match LB_BACKENDS.get(id) {
-                Some(b) if usable(b, own_key, slot, now, vip_flags) => {
-                    count(&LB_FLOW_STATS, FlowEvent::Hit as u32);
-                    if pkt.tcp_flags & TCP_RST != 0 {
-                        unsafe { write_volatile(&mut slot.key, 0) };
-                        count(&LB_FLOW_STATS, FlowEvent::Reset as u32);
-                    } else if idle as i32 - left(slot.expires, now) > renew_after(idle) as i32 {
-                        slot.expires = now.wrapping_add(idle);
-                    }
-                    return Lookup::Hit(id, b);
-                }
-                _ => count(&LB_FLOW_STATS, FlowEvent::Stale as u32),
-            }
-        } else {
-            count(&LB_FLOW_STATS, FlowEvent::Miss as u32);
+    let Some((id, b)) = main.backend(now, &vip_flags) else {
+        count(
+            &LB_FLOW_STATS,
+            if main.found() {
+                FlowEvent::Stale
+            } else {
+                FlowEvent::Miss
+            } as u32,
+        );
+        return Lookup::Schedule(Some(main.place(false)));
+    };
+    count(&LB_FLOW_STATS, FlowEvent::Hit as u32);
+    let slot = main.slot(main.own);
+    if pkt.tcp_flags & TCP_RST != 0 {
+        unsafe { write_volatile(&mut (*slot).key, 0) };
+        count(&LB_FLOW_STATS, FlowEvent::Reset as u32);
+    } else {
+        let idle = idle(pkt, cfg);
+        let expires = unsafe { (*slot).expires };
+        if idle as i32 - left(expires, now) > renew_after(idle) as i32 {
+            unsafe { (*slot).expires = now.wrapping_add(idle) };
         }
-        return Lookup::Schedule(Some(Victim {
-            slot: slot as *mut FlowSlot,
-            live: false,
-        }));
     }
-    count(&LB_FLOW_STATS, FlowEvent::Miss as u32);
-    Lookup::Schedule(Some(Victim {
-        slot: &mut slots[victim & (FLOW_WAYS - 1)] as *mut FlowSlot,
-        live: victim_left > 0,
-    }))
+    Lookup::Hit(id, b)
 }
 
+/// Whether the handshake filter has the bit of `hash`.
 #[inline(always)]
-fn usable(
-    b: &BackendInfo,
-    key: u64,
-    slot: &FlowSlot,
+fn syn_seen(hash: u64) -> bool {
+    let (word, bit) = syn_seen_slot(hash);
+    LB_SYN_SEEN.get(word).is_some_and(|w| w & bit != 0)
+}
+
+/// The first packet after a SYN: if the handshake table has a usable entry
+/// for the flow, it moves to the connection table (into `main`'s place for
+/// the flow; a RST only empties it) and the packet goes to its backend.
+#[inline(always)]
+fn finish_handshake(
+    pkt: &Packet,
+    hash: u64,
+    cfg: &DataplaneConfig,
     now: u32,
-    vip_flags: impl FnOnce() -> u32,
-) -> bool {
-    if b.flags & BACKEND_ALLOCATED == 0
-        || !FlowSlot::same_incarnation(key, b.incarnation)
-        || left(slot.expires, now) <= 0
-    {
-        return false;
+    main: &Scan,
+    vip_flags: &impl Fn() -> u32,
+) -> Option<Lookup> {
+    let set = LB_SYN_FLOWS.get_ptr_mut(flow_set(hash, cfg.syn_set_mask))?;
+    let syn = Scan::of(set, hash, pkt.flow.ports, now);
+    if !syn.found() {
+        return None;
     }
-    // Down backends are rare: only then is the VIP's policy looked up.
-    b.flags & BACKEND_DOWN == 0 || vip_flags() & VIP_STICK_WHEN_DOWN != 0
+    let usable = syn.backend(now, vip_flags);
+    // Used or stale, the handshake entry is done with.
+    unsafe { write_volatile(&mut (*syn.slot(syn.own)).key, 0) };
+    let (word, bit) = syn_seen_slot(hash);
+    if let Some(w) = LB_SYN_SEEN.get_ptr_mut(word) {
+        // Other flows may share the bit: they are found through their
+        // connection-table miss instead (see `lookup`).
+        unsafe { *w &= !bit };
+    }
+    let (id, b) = usable?;
+    count(&LB_FLOW_STATS, FlowEvent::Hit as u32);
+    if pkt.tcp_flags & TCP_RST != 0 {
+        count(&LB_FLOW_STATS, FlowEvent::Reset as u32);
+        if main.found() {
+            // An old connection's entry of the same 5-tuple ends too.
+            unsafe { write_volatile(&mut (*main.slot(main.own)).key, 0) };
+        }
+    } else {
+        write(pkt, main.place(false), hash, id, b, now, cfg);
+    }
+    Some(Lookup::Hit(id, b))
 }
 
 /// Remembers that the packet's flow goes to backend `id`, in the slot
@@ -169,8 +285,40 @@ pub fn record(
         count(&LB_FLOW_STATS, FlowEvent::InsertFailed as u32);
         return;
     };
+    if v.syn {
+        let (word, bit) = syn_seen_slot(hash);
+        if let Some(w) = LB_SYN_SEEN.get_ptr_mut(word) {
+            // Read first: a set bit (the common case under load) costs no
+            // write to a line other CPUs read.
+            unsafe {
+                if *w & bit == 0 {
+                    *w |= bit;
+                }
+            }
+        }
+    }
+    write(pkt, v, hash, id, backend, now, cfg);
+}
+
+#[inline(always)]
+fn write(
+    pkt: &Packet,
+    v: Victim,
+    hash: u64,
+    id: u32,
+    backend: &BackendInfo,
+    now: u32,
+    cfg: &DataplaneConfig,
+) {
     if v.live {
-        count(&LB_FLOW_STATS, FlowEvent::Evicted as u32);
+        count(
+            &LB_FLOW_STATS,
+            if v.syn {
+                FlowEvent::SynEvicted
+            } else {
+                FlowEvent::Evicted
+            } as u32,
+        );
     }
     // The key last, in one store: a reader on another CPU sees the old
     // flow or the new one, each with its own backend (see `FlowSlot`).

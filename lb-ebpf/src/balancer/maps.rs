@@ -8,8 +8,8 @@ use aya_ebpf::{
 use lb_common::{
     BackendInfo, BenchControl, DEFAULT_FLOWS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
     DEFAULT_TABLE_SIZE, DataplaneConfig, FLOW_EVENT_COUNT, FlowSet, MaglevChunk, NextHop,
-    REASON_COUNT, TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipAddrKey, VipInfo, VipKey,
-    chunks_per_table, flow_sets,
+    REASON_COUNT, SYN_SEEN_WORDS, TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipAddrKey,
+    VipInfo, VipKey, chunks_per_table, flow_sets, syn_slots,
 };
 
 /// No preallocation: replacing a value is an RCU swap (see `VipInfo`).
@@ -25,6 +25,16 @@ pub static LB_VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS,
 /// at load time.
 #[map(name = "LB_FLOWS")]
 pub static LB_FLOWS: Array<FlowSet> = Array::with_max_entries(flow_sets(DEFAULT_FLOWS), 0);
+
+/// The handshake table: SYNs until their flow's next packet (see
+/// `lb_common::conntrack`).
+#[map(name = "LB_SYN_FLOWS")]
+pub static LB_SYN_FLOWS: Array<FlowSet> =
+    Array::with_max_entries(flow_sets(syn_slots(DEFAULT_FLOWS)), 0);
+
+/// Which flow hashes may have an entry in the handshake table.
+#[map(name = "LB_SYN_SEEN")]
+pub static LB_SYN_SEEN: Array<u64> = Array::with_max_entries(SYN_SEEN_WORDS, 0);
 
 #[map(name = "LB_FLOW_STATS")]
 pub static LB_FLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FLOW_EVENT_COUNT, 0);

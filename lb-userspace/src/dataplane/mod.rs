@@ -30,7 +30,7 @@ use lb_common::{
     BackendInfo, CONFIG_ATTACHED_SKB, CONFIG_FRAGMENTS_PASS, CONFIG_ICMP_ECHO,
     CONFIG_NO_NEXTHOP_CACHE, CONFIG_TOO_BIG_ICMP, DataplaneConfig, FLOW_WAYS, LAYOUT_VERSION,
     MaglevChunk, TrafficCounters, VipAddrKey, VipInfo, VipKey, addr_words, chunks_per_table,
-    flow_sets, map_name, program_name,
+    flow_sets, map_name, program_name, syn_slots,
 };
 
 pub use bench::{BenchMaps, BenchTarget};
@@ -432,7 +432,8 @@ impl Dataplane {
             .map_max_entries(map_name::SCORES, settings.max_backends)
             .map_max_entries(map_name::WRR_POS, settings.max_vips)
             .map_max_entries(map_name::VIP_ADDRS, settings.max_vips)
-            .map_max_entries(map_name::FLOWS, flow_sets(settings.flows));
+            .map_max_entries(map_name::FLOWS, flow_sets(settings.flows))
+            .map_max_entries(map_name::SYN_FLOWS, flow_sets(syn_slots(settings.flows)));
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -613,6 +614,8 @@ impl Dataplane {
             flow_set_mask: flow_sets(s.flows) - 1,
             tcp_idle_ns: s.tcp_idle.as_nanos() as u64,
             udp_idle_ns: s.udp_idle.as_nanos() as u64,
+            syn_set_mask: flow_sets(syn_slots(s.flows)) - 1,
+            _pad: 0,
         };
         self.maps
             .config

@@ -15,9 +15,9 @@ use std::{
 use aya::maps::{Array, Map, MapData, MapInfo, MapType};
 use lb_common::{
     BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FLOW_EVENT_COUNT, FlowSet,
-    LAYOUT_VERSION, MaglevChunk, NextHop, PROTO_TCP, PROTO_UDP, REASON_COUNT, TrafficCounters,
-    VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipAddrKey, VipInfo, VipKey, chunks_per_table, flow_sets,
-    map_name, words_addr,
+    LAYOUT_VERSION, MaglevChunk, NextHop, PROTO_TCP, PROTO_UDP, REASON_COUNT, SYN_SEEN_WORDS,
+    TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipAddrKey, VipInfo, VipKey,
+    chunks_per_table, flow_sets, map_name, syn_slots, words_addr,
 };
 
 use super::{Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
@@ -59,7 +59,7 @@ struct Shape {
 }
 
 /// The maps a state directory must hold, shaped for these settings.
-fn expected(settings: &BalancerSettings) -> [Shape; 14] {
+fn expected(settings: &BalancerSettings) -> [Shape; 16] {
     use std::mem::size_of;
     let shape = |name, kind, key, value, max, flags| Shape {
         name,
@@ -121,6 +121,15 @@ fn expected(settings: &BalancerSettings) -> [Shape; 14] {
             flow_sets(settings.flows),
             0,
         ),
+        shape(
+            map_name::SYN_FLOWS,
+            MapType::Array,
+            4,
+            size_of::<FlowSet>(),
+            flow_sets(syn_slots(settings.flows)),
+            0,
+        ),
+        shape(map_name::SYN_SEEN, MapType::Array, 4, 8, SYN_SEEN_WORDS, 0),
         shape(
             map_name::NEXTHOPS,
             MapType::PerCpuArray,
