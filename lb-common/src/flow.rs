@@ -44,6 +44,7 @@ impl FlowKey {
 
 const K: u64 = 0x9E37_79B9_7F4A_7C15;
 const SEED: u64 = 0x6C62_2D66_6C6F_7721;
+const SEED_B: u64 = 0x9A3C_5E71_D2B4_0F87;
 
 /// The murmur3 64-bit finaliser: a bijection with full avalanche.
 #[inline(always)]
@@ -81,13 +82,17 @@ pub const fn flow_hash(k: &FlowKey) -> u32 {
 /// connection-table set.
 #[inline(always)]
 pub const fn flow_hash64(k: &FlowKey) -> u64 {
-    let mut h = SEED ^ ((k.proto as u64) << 8 | k.family as u64);
-    h = absorb(h, pair(k.src[0], k.src[1]));
-    h = absorb(h, pair(k.src[2], k.src[3]));
-    h = absorb(h, pair(k.dst[0], k.dst[1]));
-    h = absorb(h, pair(k.dst[2], k.dst[3]));
-    h = absorb(h, k.ports as u64);
-    mix64(h)
+    // Two independent lanes, so the CPU runs their multiplies side by side
+    // (three in a row instead of five before the finaliser); the
+    // finaliser mixes them into every bit.
+    let mut a = SEED ^ ((k.proto as u64) << 8 | k.family as u64);
+    a = absorb(a, pair(k.src[0], k.src[1]));
+    a = absorb(a, pair(k.dst[0], k.dst[1]));
+    a = absorb(a, k.ports as u64);
+    let mut b = SEED_B;
+    b = absorb(b, pair(k.src[2], k.src[3]));
+    b = absorb(b, pair(k.dst[2], k.dst[3]));
+    mix64(a ^ b.rotate_left(32))
 }
 
 /// Hash of a flow's source: its address, and with `with_port` its source

@@ -27,3 +27,34 @@ pub unsafe fn ipv4_header_csum(hdr: *const u16) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
 }
+
+/// Checksum of the outer IPv4 header the balancer writes (version 4, IHL 5,
+/// `tos`, total length `tot_len` as on the wire, id 0, flags `frags` as on
+/// the wire, `ttl`, `proto`, addresses as network-order words), computed
+/// from the values instead of reading back the header just written (the
+/// mixed-width read-back stalls store forwarding). Store the result with
+/// `to_ne_bytes`, like [`ipv4_header_csum`]'s.
+#[inline(always)]
+pub fn outer_ipv4_csum(
+    tos: u8,
+    tot_len: [u8; 2],
+    frags: [u8; 2],
+    ttl: u8,
+    proto: u8,
+    src: u32,
+    dst: u32,
+) -> u16 {
+    // The ones' complement sum of the header as native 16-bit words; a
+    // u32 summed as its two halves is the same in either byte order.
+    let mut sum = u16::from_ne_bytes([0x45, tos]) as u32
+        + u16::from_ne_bytes(tot_len) as u32
+        + u16::from_ne_bytes(frags) as u32
+        + u16::from_ne_bytes([ttl, proto]) as u32
+        + (src & 0xffff)
+        + (src >> 16)
+        + (dst & 0xffff)
+        + (dst >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

@@ -444,13 +444,28 @@ fn a_handshake_keeps_the_backend_its_syn_got() {
         .filter(|(f, b)| lab.dp.backend_for(&f.key()) != Some(**b))
         .count();
     assert!(moved > 20, "the change moved {moved} of 200 flows");
-    assert_eq!(route(&mut lab, &fs), syns, "the SYNs' backends");
+    // The lab's handshake table has 1024 slots in 256 sets: a set may draw
+    // more than four of the 200 SYNs, and a handshake pushed out is
+    // scheduled again on the current table.
+    let pushed_out = lab.dp.counters().unwrap().flow(FlowEvent::SynEvicted);
+    let done = route(&mut lab, &fs);
+    let mut rescheduled = 0;
+    for ((f, got), want) in fs.iter().zip(&done).zip(&syns) {
+        if got != want {
+            assert_eq!(Some(*got), lab.dp.backend_for(&f.key()), "{f:?}");
+            rescheduled += 1;
+        }
+    }
+    assert!(
+        rescheduled <= pushed_out as usize,
+        "{rescheduled} handshakes left their SYN's backend, {pushed_out} were pushed out"
+    );
     // And from then on from the connection table.
-    assert_eq!(route(&mut lab, &fs), syns);
+    assert_eq!(route(&mut lab, &fs), done);
     let c = lab.dp.counters().unwrap();
     assert_eq!(
         (c.flow(FlowEvent::Miss), c.flow(FlowEvent::Hit)),
-        (200, 400)
+        (200 + rescheduled as u64, 400 - rescheduled as u64)
     );
 }
 

@@ -20,7 +20,7 @@ use lb_common::{
 
 use crate::maps::LB_NEXTHOPS;
 use lb_ebpf::{
-    csum::ipv4_header_csum,
+    csum::outer_ipv4_csum,
     packet::{ptr_at_mut, write_u32_even},
     parse::Packet,
 };
@@ -178,19 +178,27 @@ pub fn encapsulate(
     };
     if backend.family == FAMILY_V4 {
         let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, l3).ok_or(Reason::EncapFailed)?;
+        let tot_len = ((Ipv4Hdr::LEN + pkt.ip_len) as u16).to_be_bytes();
+        let check = outer_ipv4_csum(
+            pkt.tos,
+            tot_len,
+            IPV4_DF,
+            OUTER_TTL,
+            inner_proto,
+            cfg.src_v4,
+            backend.addr[0],
+        );
         unsafe {
             (*ip).vihl = 0x45;
             (*ip).tos = pkt.tos;
-            (*ip).tot_len = ((Ipv4Hdr::LEN + pkt.ip_len) as u16).to_be_bytes();
+            (*ip).tot_len = tot_len;
             (*ip).id = [0, 0];
             (*ip).frags = IPV4_DF;
             (*ip).ttl = OUTER_TTL;
             (*ip).proto = inner_proto;
-            (*ip).check = [0, 0];
+            (*ip).check = check.to_ne_bytes();
             write_u32_even((*ip).src_addr.as_mut_ptr(), cfg.src_v4);
             write_u32_even((*ip).dst_addr.as_mut_ptr(), backend.addr[0]);
-            let sum = ipv4_header_csum(ip as *const u16);
-            (*ip).check = sum.to_ne_bytes();
         }
     } else {
         let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, l3).ok_or(Reason::EncapFailed)?;
