@@ -20,6 +20,8 @@ use crate::run;
 ///   scale-out lab.
 /// - haproxy: the userspace TCP proxy `cargo xtask bench --peers` compares with.
 /// - nftables: `nft`, for the netfilter NAT balancer that benchmark compares with.
+/// - linux-perf: `perf`, whose profile of the whole host attributes balancer
+///   CPU to each peer in that benchmark.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -33,6 +35,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "bird2",
     "haproxy",
     "nftables",
+    "linux-perf",
 ];
 
 fn step(name: &str) {

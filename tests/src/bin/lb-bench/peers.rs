@@ -131,6 +131,79 @@ impl Measure {
     }
 }
 
+/// Sampling period of the profiles, in ns of CPU time: each sample stands
+/// for 250 µs of one CPU.
+const PERF_PERIOD_NS: &str = "250000";
+const PERF_SAMPLE_US: f64 = 250.0;
+
+/// Whether a sample of a host-wide profile (its command and its stack, leaf
+/// first) is the balancer host's work for `peer`. Deliberately narrow, so
+/// that each figure is a floor for its peer, not a guess:
+///
+/// - `vip`: the XDP program and the helpers it calls (`lb_balancer` in the
+///   stack). Not veth's receive path, which a NIC driver replaces.
+/// - `nftables`: netfilter hooks of the IP layer (`nf_hook_slow` called
+///   from anything but the bridge: conntrack, DNAT, SNAT; only the balancer
+///   host has rules) and forwarding (`ip_forward`: the route's output, the
+///   transmit). Not the receive and routing before them. The lab's bridge
+///   runs netfilter hooks too (`br_netfilter` is loaded on this machine):
+///   those, called from `br_*` functions, are the bridge's and count for
+///   no peer.
+/// - `haproxy`: the haproxy process, user and kernel (its sockets' sends).
+///   Not the softirq receive work for its sockets, which runs in whatever
+///   context the packets arrive.
+fn balancer_work(peer: Peer, comm: &str, stack: &[&str]) -> bool {
+    match peer {
+        Peer::Vip => stack.iter().any(|s| s.ends_with("_lb_balancer")),
+        Peer::Nftables => stack.iter().enumerate().any(|(i, s)| {
+            let bridge =
+                |f: Option<&&str>| f.is_some_and(|f| f.trim_start_matches('_').starts_with("br_"));
+            *s == "ip_forward" || (*s == "nf_hook_slow" && !bridge(stack.get(i + 1)))
+        }),
+        Peer::Haproxy => comm == "haproxy",
+        Peer::Direct => false,
+    }
+}
+
+/// A host-wide profile of one run, summed up.
+#[derive(Default)]
+struct Profile {
+    /// Samples of the peer's balancer work (see [`balancer_work`]).
+    balancer: u64,
+    /// Samples by command, idle (`swapper`) left out.
+    busy_by_comm: BTreeMap<String, u64>,
+}
+
+/// Reads the profile `data` of a run through `peer`.
+fn read_profile(peer: Peer, data: &Path) -> Result<Profile> {
+    let out = Command::new("perf")
+        .args(["script", "-F", "comm,ip,sym", "-i"])
+        .arg(data)
+        .stderr(Stdio::null())
+        .output()
+        .context("perf script")?;
+    ensure!(
+        out.status.success(),
+        "perf script failed on {}",
+        data.display()
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut p = Profile::default();
+    // Blocks separated by blank lines: the command, then a frame per line
+    // ("address symbol").
+    for block in text.split("\n\n") {
+        let mut lines = block.lines().filter(|l| !l.trim().is_empty());
+        let Some(comm) = lines.next() else { continue };
+        let comm = comm.trim();
+        let stack: Vec<&str> = lines.filter_map(|l| l.split_whitespace().nth(1)).collect();
+        p.balancer += u64::from(balancer_work(peer, comm, &stack));
+        if !comm.starts_with("swapper") {
+            *p.busy_by_comm.entry(comm.to_string()).or_default() += 1;
+        }
+    }
+    Ok(p)
+}
+
 /// The three kinds of wrk run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Load {
@@ -517,32 +590,71 @@ pub fn peers_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
     );
     let mut samples: BTreeMap<(&str, Load), Vec<Sample>> = BTreeMap::new();
     let tick = us_per_tick();
+    let mut run = |peer: Peer, load: Load, profile: Option<&Path>| -> Result<Sample> {
+        if peer == Peer::Nftables {
+            nft.load()?;
+        }
+        let sample = measure(&lab, peer, load, secs, &haproxy, profile);
+        if peer == Peer::Nftables {
+            nft.unload()?;
+        }
+        haproxy.check_alive(&haproxy_log)?;
+        sample.with_context(|| format!("{} {load:?}", peer.key()))
+    };
     for round in 0..rounds {
         for load in [Load::NewConn, Load::Keepalive, Load::Bulk] {
             let mut order = peers.clone();
             order.rotate_left(round % peers.len());
             for peer in order {
-                if peer == Peer::Nftables {
-                    nft.load()?;
-                }
                 // LB_PEERS_PERF=DIR: `perf record -a -g` of every first-round
                 // run into DIR/<peer>-<load>.data, for `perf report`.
                 let profile = std::env::var_os("LB_PEERS_PERF")
                     .filter(|_| round == 0)
                     .map(|d| PathBuf::from(d).join(format!("{}-{load:?}.data", peer.key())));
-                let sample = measure(&lab, peer, load, secs, &haproxy, profile.as_deref());
-                if peer == Peer::Nftables {
-                    nft.unload()?;
-                }
-                haproxy.check_alive(&haproxy_log)?;
-                let sample = sample.with_context(|| format!("{} {load:?}", peer.key()))?;
+                let sample = run(peer, load, profile.as_deref())?;
                 samples.entry((peer.key(), load)).or_default().push(sample);
             }
         }
         println!("  round {} of {rounds} done", round + 1);
     }
 
-    report(&peers, &samples, rounds, tick, results)
+    // The balancer's own CPU per request: one more new-connection run per
+    // peer and round under a host-wide profile, whose samples of balancer
+    // work (see `balancer_work`) are counted. Separate runs, so perf's own
+    // cost stays out of the figures above.
+    let mut lb_cpu: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut vip_profile = None;
+    let profile = dir.0.join("profile.data");
+    for round in 0..rounds {
+        let mut order = peers.clone();
+        order.rotate_left(round % peers.len());
+        for peer in order {
+            let us = if peer == Peer::Direct {
+                0.0
+            } else {
+                let s = run(peer, Load::NewConn, Some(&profile))?;
+                let p = read_profile(peer, &profile)?;
+                let _ = fs::remove_file(&profile);
+                let us = p.balancer as f64 * PERF_SAMPLE_US / s.wrk.requests as f64;
+                if peer == Peer::Vip && vip_profile.is_none() {
+                    vip_profile = Some(p);
+                }
+                us
+            };
+            lb_cpu.entry(peer.key()).or_default().push(us);
+        }
+        println!("  profiled round {} of {rounds} done", round + 1);
+    }
+
+    report(
+        &peers,
+        &samples,
+        &lb_cpu,
+        vip_profile.as_ref(),
+        rounds,
+        tick,
+        results,
+    )
 }
 
 /// One run of `load` through `peer`; checks that wrk opened a connection per
@@ -577,7 +689,17 @@ fn measure(
                 fs::create_dir_all(dir)?;
             }
             Command::new("perf")
-                .args(["record", "-a", "-g", "-q", "-o"])
+                .args([
+                    "record",
+                    "-e",
+                    "cpu-clock",
+                    "-c",
+                    PERF_PERIOD_NS,
+                    "-a",
+                    "-g",
+                    "-q",
+                    "-o",
+                ])
                 .arg(out)
                 .args(["--", "sleep", &secs.to_string()])
                 .stdout(Stdio::null())
@@ -630,6 +752,8 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
 fn report(
     peers: &[Peer],
     samples: &BTreeMap<(&str, Load), Vec<Sample>>,
+    lb_cpu: &BTreeMap<&str, Vec<f64>>,
+    vip_profile: Option<&Profile>,
     rounds: usize,
     tick: f64,
     results: &mut BTreeMap<String, f64>,
@@ -652,11 +776,7 @@ fn report(
                     .map(|s| s.wrk.rps)
                     .collect(),
                 Measure::BulkGbps => of(peer, Load::Bulk).iter().map(|s| s.wrk.gbps).collect(),
-                Measure::LbCpuUsPerReq => of(peer, Load::NewConn)
-                    .iter()
-                    .zip(&direct_host)
-                    .map(|(s, d)| host_us(s) - d)
-                    .collect(),
+                Measure::LbCpuUsPerReq => lb_cpu[peer.key()].clone(),
                 Measure::P50Ms => of(peer, Load::NewConn)
                     .iter()
                     .map(|s| s.wrk.p50_ms)
@@ -673,8 +793,8 @@ fn report(
     println!(
         "  new conn: {CONNECTIONS} connections, Connection: close (one TCP connection per request); keep-alive: \
          {CONNECTIONS} connections;\n  bulk: {BULK_CONNECTIONS} connections of {BULK_PATH}; p50/p99: the new-connection \
-         runs (wrk's request-to-answer time); LB CPU: host CPU per\n  new-connection request minus direct's in the \
-         same round. Median of {rounds}, min..max below, (x) = ratio to vip"
+         runs (wrk's request-to-answer time); LB CPU: the balancer's own work per new-connection\n  request in a \
+         host-wide profile (docs/benchmarks.md). Median of {rounds}, min..max below, (x) = ratio to vip"
     );
     print!("  {:<9}", "peer");
     for m in MEASURES {
@@ -702,10 +822,12 @@ fn report(
         println!();
     }
 
-    // Where the host's CPU went, per new-connection request: the profile
-    // behind the LB CPU column.
+    // Where the host's CPU went, per new-connection request, and what the
+    // balancer hop adds to the whole host's: the run's figure minus
+    // direct's in the same round (everything the hop causes wherever it
+    // runs, but a difference of large figures: noisy).
     println!(
-        "  host CPU per new-connection request (median; user / system / softirq+irq = all busy):"
+        "  host CPU per new-connection request (median; user / system / softirq+irq = all busy; hop = minus direct's):"
     );
     for &peer in peers {
         let runs = of(peer, Load::NewConn);
@@ -722,10 +844,18 @@ fn report(
             per(|c| c.softirq),
             per(|c| c.busy),
         );
+        let (hop, hop_lo, hop_hi) = stats(
+            &runs
+                .iter()
+                .zip(&direct_host)
+                .map(|(s, d)| host_us(s) - d)
+                .collect::<Vec<_>>(),
+        );
         print!(
-            "    {:<9} {user:6.1} / {system:6.1} / {softirq:6.1} = {busy:6.1} us",
+            "    {:<9} {user:6.1} / {system:6.1} / {softirq:6.1} = {busy:6.1} us, hop {hop:6.1} ({hop_lo:.1}..{hop_hi:.1})",
             peer.key()
         );
+        results.insert(format!("peers.{}.hop_cpu_us_per_req", peer.key()), hop);
         if peer == Peer::Haproxy {
             let own = median(
                 runs.iter()
@@ -737,6 +867,25 @@ fn report(
         }
         println!();
         results.insert(format!("peers.{}.host_cpu_us_per_req", peer.key()), busy);
+    }
+
+    // Why the request rates stay close: where the host's busy CPU went in
+    // the first profiled vip run.
+    if let Some(p) = vip_profile {
+        let busy: u64 = p.busy_by_comm.values().sum();
+        let mut top: Vec<(&String, &u64)> = p.busy_by_comm.iter().collect();
+        top.sort_by(|a, b| b.1.cmp(a.1));
+        let share = |n: u64| 100.0 * n as f64 / busy.max(1) as f64;
+        println!(
+            "  the host's busy CPU in a profiled vip new-connection run, by command: {}; the balancer's own work {:.1}%",
+            top.iter()
+                .take(5)
+                .map(|(c, n)| format!("{c} {:.1}%", share(**n)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            share(p.balancer)
+        );
+        results.insert("peers.vip.lb_cpu_share_pct".into(), share(p.balancer));
     }
 
     if peers.len() < PEERS.len() {
