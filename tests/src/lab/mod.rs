@@ -400,6 +400,17 @@ impl Lab {
         }
         switch.ip(&["link", "add", "br0", "type", "bridge"])?;
         switch.ip(&["link", "set", "br0", "up"])?;
+        // A switch does not run the host's firewall on the frames it passes.
+        // Where `br_netfilter` is loaded, bridges in new namespaces call the
+        // IP hooks for every frame by default: a cost every lab path would
+        // pay per crossing (not a real network's). Off, if it is there.
+        for family in ["iptables", "ip6tables", "arptables"] {
+            let knob = format!("/proc/sys/net/bridge/bridge-nf-call-{family}");
+            switch.exec(
+                "sh",
+                &["-c", &format!("[ ! -e {knob} ] || echo 0 > {knob}")],
+            )?;
+        }
 
         let router = match spec.router_mtu {
             None => {
