@@ -888,6 +888,24 @@ fn report(
         results.insert("peers.vip.lb_cpu_share_pct".into(), share(p.balancer));
     }
 
+    // What one core of a balancer host could carry, from its own work per
+    // request: where the balancer has cores of its own, this, not the lab's
+    // shared rate, bounds its new-connection rate.
+    let capacity: Vec<String> = peers
+        .iter()
+        .filter(|p| **p != Peer::Direct)
+        .map(|p| {
+            let us = table[&(p.key(), Measure::LbCpuUsPerReq.key())].0;
+            let rps = 1e6 / us.max(0.001);
+            results.insert(format!("peers.{}.core_capacity_rps", p.key()), rps);
+            format!("{} {:.0}", p.key(), rps)
+        })
+        .collect();
+    println!(
+        "  new connections per second one balancer core could carry (1 s / LB CPU per request): {}",
+        capacity.join(", ")
+    );
+
     if peers.len() < PEERS.len() {
         println!("  targets: not judged (LB_PEERS_ONLY left peers out)");
         store(table, results);
