@@ -55,10 +55,10 @@
 //!
 //! Concurrency: the table is shared by all CPUs. A slot's identity (tag,
 //! backend id and incarnation) is one 64-bit word written in a single
-//! store, after the ports and expiry: a reader on another CPU sees either
-//! the old flow or the new one with its own backend, or a mix that matches
-//! neither flow (a miss, scheduled by Maglev); never one flow with
-//! another's backend.
+//! store, after the ports and expiry (x86-64 keeps stores in order; BPF
+//! has no fences): a reader on another CPU sees either the old flow or the
+//! new one with its own backend, or a mix that matches neither flow (a
+//! miss, scheduled by Maglev); never one flow with another's backend.
 
 use core::mem::size_of;
 
