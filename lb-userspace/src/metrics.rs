@@ -25,7 +25,8 @@
 //! - `lb_health_checks_total{result}`, `lb_load_reports_total{source,outcome}`.
 //! - `lb_api_requests_total{outcome}`: `ok`, `refused`, `failed`.
 //! - `lb_map_capacity{map}`, `lb_map_entries{map}` (`vips`, `backends`;
-//!   `flows` capacity only: the kernel does not count LRU entries cheaply).
+//!   `flows` capacity only, in slots: counting the entries in use would
+//!   mean reading the whole table).
 //! - `lb_exporter_read_seconds`: how long reading the maps took.
 
 use std::{net::SocketAddr, time::Duration};
