@@ -1,6 +1,7 @@
 //! The services a lab backend runs: HTTP/1.1 that answers with the backend's
 //! name (or N bytes for `/bytes/N`), and a UDP echo that prefixes its name.
-//! Threads inside the backend's namespace; they stop when the lab drops.
+//! Threads inside the backend's namespace (HTTP connections are served by
+//! a pool of reused worker threads); they stop when the lab drops.
 //!
 //! What health checks and load scrapes see is up to the test ([`Control`]):
 //! `/health` answers 200, 503, or each in turn; `/metrics` answers a text
@@ -189,7 +190,70 @@ fn http_listener() -> Result<TcpListener> {
     Ok(tcp)
 }
 
+/// Accepted connections waiting for a worker thread, and the number of
+/// workers waiting for a connection. Workers are kept and reused: a new
+/// connection costs no thread start and exit (a clone, a stack mapped and
+/// unmapped, TLB shootdowns on every core), which in the benchmarks cost
+/// more than some of the balancers being compared.
+#[derive(Default)]
+struct Pool {
+    queue: Mutex<(std::collections::VecDeque<TcpStream>, usize)>,
+    ready: std::sync::Condvar,
+}
+
+impl Pool {
+    /// Hands `conn` to an idle worker, or to a new one if none is idle.
+    fn dispatch(
+        self: &Arc<Pool>,
+        conn: TcpStream,
+        name: &str,
+        stop: &Arc<AtomicBool>,
+        control: &Arc<Control>,
+    ) {
+        let mut q = self.queue.lock().unwrap();
+        q.0.push_back(conn);
+        if q.1 >= q.0.len() {
+            self.ready.notify_one();
+            return;
+        }
+        drop(q);
+        let (pool, n, s, c) = (
+            self.clone(),
+            name.to_string(),
+            stop.clone(),
+            control.clone(),
+        );
+        thread::spawn(move || pool.work(&n, &s, &c));
+    }
+
+    /// A worker: serves connections one after the other until the lab stops.
+    fn work(&self, name: &str, stop: &AtomicBool, control: &Control) {
+        loop {
+            let conn = {
+                let mut q = self.queue.lock().unwrap();
+                loop {
+                    if let Some(conn) = q.0.pop_front() {
+                        break conn;
+                    }
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    q.1 += 1;
+                    q = self
+                        .ready
+                        .wait_timeout(q, Duration::from_millis(200))
+                        .unwrap()
+                        .0;
+                    q.1 -= 1;
+                }
+            };
+            let _ = http_serve(conn, name, stop, control);
+        }
+    }
+}
+
 fn http_accept(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>, control: &Arc<Control>) {
+    let pool = Arc::new(Pool::default());
     let mut listener = Some(listener);
     while !stop.load(Ordering::Relaxed) {
         let up = control.http_up.load(Ordering::SeqCst);
@@ -207,12 +271,7 @@ fn http_accept(listener: TcpListener, name: &str, stop: &Arc<AtomicBool>, contro
             continue;
         };
         match l.accept() {
-            Ok((conn, _)) => {
-                let (n, s, c) = (name.to_string(), stop.clone(), control.clone());
-                thread::spawn(move || {
-                    let _ = http_serve(conn, &n, &s, &c);
-                });
-            }
+            Ok((conn, _)) => pool.dispatch(conn, name, stop, control),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_readable(l, 5),
             Err(_) => thread::sleep(Duration::from_millis(5)),
         }
