@@ -1,4 +1,16 @@
-//! Internet checksum (RFC 1071) of an IPv4 header.
+//! Internet checksum (RFC 1071): IPv4 headers, and the fold every
+//! ones' complement sum ends with.
+
+/// Folds a ones' complement sum (of 16-bit words, any number of them that
+/// fits in 64 bits) to 16 bits. The checksum is its complement.
+#[inline(always)]
+pub fn fold(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
 
 /// Checksum of a 20-byte IPv4 header (options are never written by us) whose
 /// `check` field is zero. The header sits in packet memory at an even
@@ -23,9 +35,7 @@ pub unsafe fn ipv4_header_csum(hdr: *const u16) -> u16 {
         sum += *hdr.add(8) as u32;
         sum += *hdr.add(9) as u32;
     }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+    !fold(sum as u64)
 }
 
 /// Checksum of the outer IPv4 header the balancer writes (version 4, IHL 5,
@@ -46,7 +56,7 @@ pub fn outer_ipv4_csum(
 ) -> u16 {
     // The ones' complement sum of the header as native 16-bit words; a
     // u32 summed as its two halves is the same in either byte order.
-    let mut sum = u16::from_ne_bytes([0x45, tos]) as u32
+    let sum = u16::from_ne_bytes([0x45, tos]) as u32
         + u16::from_ne_bytes(tot_len) as u32
         + u16::from_ne_bytes(frags) as u32
         + u16::from_ne_bytes([ttl, proto]) as u32
@@ -54,7 +64,5 @@ pub fn outer_ipv4_csum(
         + (src >> 16)
         + (dst & 0xffff)
         + (dst >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+    !fold(sum as u64)
 }

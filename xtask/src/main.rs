@@ -105,6 +105,13 @@ fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// `cargo run --release` of one of lb-tests' programs; add its arguments.
+fn lb_tests_bin(name: &str) -> Command {
+    let mut c = cargo();
+    c.args(["run", "--release", "-p", "lb-tests", "--bin", name, "--"]);
+    c
+}
+
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => {
@@ -127,7 +134,7 @@ fn main() -> Result<()> {
             // SAFETY: setting a signal disposition to "ignore".
             unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
             if args.is_empty() {
-                run(cargo().args(["run", "--release", "-p", "lb-tests", "--bin", "lb-demo"]))
+                run(&mut lb_tests_bin("lb-demo"))
             } else {
                 run(Command::new(root().join("target/release/lbd")).args(&args))
             }
@@ -141,16 +148,7 @@ fn main() -> Result<()> {
         Task::Fuzz { frames, seed } => {
             require_root("cargo xtask fuzz")?;
             setup::setup()?;
-            run(cargo()
-                .args([
-                    "run",
-                    "--release",
-                    "-p",
-                    "lb-tests",
-                    "--bin",
-                    "lb-fuzz",
-                    "--",
-                ])
+            run(lb_tests_bin("lb-fuzz")
                 .arg(root().join("target/bench/results.json"))
                 .arg(frames.to_string())
                 .arg(seed.to_string()))
@@ -163,16 +161,7 @@ fn main() -> Result<()> {
             setup::setup()?;
             // The end-to-end benchmark runs the real lbd.
             run(cargo().args(["build", "--release", "-p", "lb-userspace", "--bins"]))?;
-            run(cargo()
-                .args([
-                    "run",
-                    "--release",
-                    "-p",
-                    "lb-tests",
-                    "--bin",
-                    "lb-bench",
-                    "--",
-                ])
+            run(lb_tests_bin("lb-bench")
                 .arg(root().join("target/bench/results.json"))
                 .args(groups))
         }

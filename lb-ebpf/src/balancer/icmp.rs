@@ -11,10 +11,10 @@ use aya_ebpf::{
 use lb_common::{
     BackendInfo, CONFIG_ICMP_ECHO, DataplaneConfig, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP,
     PROTO_UDP, Reason, TOO_BIG_QUOTE, VIP_SCHED_MAGLEV, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK,
-    VipAddrKey, flow_hash, flow_hash64, maglev_position, source_hash, vip_filter_slot,
+    VipAddrKey, flow_hash64, maglev_position, source_hash, vip_filter_slot,
 };
 use lb_ebpf::{
-    csum::ipv4_header_csum,
+    csum::{fold, ipv4_header_csum},
     packet::{frame_len, ptr_at, ptr_at_mut, read_u32_even, write_u32_even},
     parse::{Icmp, PROTO_ICMP, PROTO_ICMPV6, Packet},
 };
@@ -83,10 +83,25 @@ pub fn handle(ctx: &XdpContext, i: &Icmp, cfg: &DataplaneConfig) -> Result<Reaso
 /// bytes in wire order read as native words): `old` became `new`.
 #[inline(always)]
 fn csum_replace(check: u16, old: u16, new: u16) -> u16 {
-    let mut sum = (!check) as u32 + (!old) as u32 + new as u32;
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+    !fold((!check) as u64 + (!old) as u64 + new as u64)
+}
+
+/// Sets the type of the ICMP header at `h` (type, code, checksum) and
+/// updates its checksum to match.
+///
+/// # Safety
+/// `h` points to 4 writable bytes of the packet.
+#[inline(always)]
+unsafe fn set_type(h: *mut [u8; 4], icmp_type: u8) {
+    unsafe {
+        let old = u16::from_ne_bytes([(*h)[0], (*h)[1]]);
+        (*h)[0] = icmp_type;
+        let new = u16::from_ne_bytes([(*h)[0], (*h)[1]]);
+        let check = u16::from_ne_bytes([(*h)[2], (*h)[3]]);
+        let c = csum_replace(check, old, new).to_ne_bytes();
+        (*h)[2] = c[0];
+        (*h)[3] = c[1];
+    }
 }
 
 /// Swaps the Ethernet addresses (the reply goes back where it came from).
@@ -119,13 +134,7 @@ fn echo_reply(ctx: &XdpContext, i: &Icmp) -> Result<(), Reason> {
             (*ip).ttl = 64;
             (*ip).check = [0, 0];
             (*ip).check = ipv4_header_csum(ip as *const u16).to_ne_bytes();
-            let old = u16::from_ne_bytes([(*h)[0], (*h)[1]]);
-            (*h)[0] = ICMP_ECHO_REPLY;
-            let new = u16::from_ne_bytes([(*h)[0], (*h)[1]]);
-            let check = u16::from_ne_bytes([(*h)[2], (*h)[3]]);
-            let c = csum_replace(check, old, new).to_ne_bytes();
-            (*h)[2] = c[0];
-            (*h)[3] = c[1];
+            set_type(h, ICMP_ECHO_REPLY);
         }
     } else {
         let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, l3).ok_or(Reason::Malformed)?;
@@ -135,13 +144,7 @@ fn echo_reply(ctx: &XdpContext, i: &Icmp) -> Result<(), Reason> {
             (*ip).src_addr = dst;
             (*ip).dst_addr = src;
             (*ip).hop_limit = 64;
-            let old = u16::from_ne_bytes([(*h)[0], (*h)[1]]);
-            (*h)[0] = ICMPV6_ECHO_REPLY;
-            let new = u16::from_ne_bytes([(*h)[0], (*h)[1]]);
-            let check = u16::from_ne_bytes([(*h)[2], (*h)[3]]);
-            let c = csum_replace(check, old, new).to_ne_bytes();
-            (*h)[2] = c[0];
-            (*h)[3] = c[1];
+            set_type(h, ICMPV6_ECHO_REPLY);
         }
     }
     swap_macs(ctx)
@@ -211,12 +214,15 @@ fn quoted_flow(ctx: &XdpContext, i: &Icmp) -> Result<FlowKey, Reason> {
     })
 }
 
-/// The backend of `key`'s flow: its connection-table entry, else the
-/// VIP's hash schedulers' choice (`wrr` and `least-load` cannot be
-/// recomputed).
+/// The backend of `key`'s flow (`flow`: its `flow_hash64`): its
+/// connection-table entry, else the VIP's hash schedulers' choice (`wrr`
+/// and `least-load` cannot be recomputed).
 #[inline(always)]
-fn owner(key: &FlowKey, cfg: &DataplaneConfig) -> Result<(u32, &'static BackendInfo), Reason> {
-    let flow = flow_hash64(key);
+fn owner(
+    key: &FlowKey,
+    flow: u64,
+    cfg: &DataplaneConfig,
+) -> Result<(u32, &'static BackendInfo), Reason> {
     if let Some(owner) = crate::conntrack::peek(key, flow, cfg) {
         return Ok(owner);
     }
@@ -241,7 +247,9 @@ fn owner(key: &FlowKey, cfg: &DataplaneConfig) -> Result<(u32, &'static BackendI
 fn forward_error(ctx: &XdpContext, i: &Icmp, cfg: &DataplaneConfig) -> Result<(), Reason> {
     let bytes = frame_len(ctx) as u64;
     let key = quoted_flow(ctx, i)?;
-    let (id, backend) = owner(&key, cfg)?;
+    // The one hash of the quoted flow: its table slot, Maglev, the label.
+    let flow = flow_hash64(&key);
+    let (id, backend) = owner(&key, flow, cfg)?;
     let pkt = Packet {
         l2_len: i.l2_len,
         ip_len: i.ip_len,
@@ -265,7 +273,7 @@ fn forward_error(ctx: &XdpContext, i: &Icmp, cfg: &DataplaneConfig) -> Result<()
     }
     let macs = encap::cached_next_hop(ctx, id, backend, cfg)?;
     let label = if backend.family == FAMILY_V6 {
-        flow_hash(&key)
+        (flow >> 32) as u32
     } else {
         0
     };
@@ -273,16 +281,6 @@ fn forward_error(ctx: &XdpContext, i: &Icmp, cfg: &DataplaneConfig) -> Result<()
     count_traffic(&LB_VIP_STATS, backend.vip_id, bytes, 0);
     count_traffic(&LB_BACKEND_STATS, id, bytes, 0);
     Ok(())
-}
-
-/// Folds a 64-bit ones' complement sum to 16 bits.
-#[inline(always)]
-fn fold(mut sum: u64) -> u16 {
-    sum = (sum & 0xffff_ffff) + (sum >> 32);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
 }
 
 /// Sum of four native words' 16-bit halves.

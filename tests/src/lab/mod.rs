@@ -201,6 +201,21 @@ const ROUTER_V6: &str = "fd00:201::3";
 const ROUTED_CLIENT_V4_NET: &str = "10.202.0.0/24";
 const ROUTED_CLIENT_V6_NET: &str = "fd00:202::/64";
 
+/// Routes the lab's VIPs (v4 and v6) via the balancer's address on the
+/// bridge.
+fn route_vips_to_balancer(ns: &Netns) -> Result<()> {
+    ns.ip(&["route", "add", &format!("{VIP_V4}/32"), "via", "10.201.0.1"])?;
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        &format!("{VIP_V6}/128"),
+        "via",
+        "fd00:201::1",
+    ])?;
+    Ok(())
+}
+
 /// Puts `client` behind a new router namespace: router on the bridge
 /// (10.201.0.3, fd00:201::3), client on a link of its own (10.202.0.2,
 /// fd00:202::2) whose router side has MTU `mtu`, so the router sends
@@ -237,15 +252,7 @@ fn routed_client(switch: &Netns, client: &Netns, mtu: u32, vip_routes: bool) -> 
         ],
     )?;
     if vip_routes {
-        router.ip(&["route", "add", &format!("{VIP_V4}/32"), "via", "10.201.0.1"])?;
-        router.ip(&[
-            "-6",
-            "route",
-            "add",
-            &format!("{VIP_V6}/128"),
-            "via",
-            "fd00:201::1",
-        ])?;
+        route_vips_to_balancer(&router)?;
     }
     for dev in ["eth0", "eth1"] {
         router.exec("ethtool", &["-K", dev, "tx", "off"])?;
@@ -422,15 +429,7 @@ impl Lab {
                 client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
                 client.ip(&["addr", "add", "10.201.0.2/24", "dev", "eth0"])?;
                 client.ip(&["addr", "add", "fd00:201::2/64", "dev", "eth0"])?;
-                client.ip(&["route", "add", &format!("{VIP_V4}/32"), "via", "10.201.0.1"])?;
-                client.ip(&[
-                    "-6",
-                    "route",
-                    "add",
-                    &format!("{VIP_V6}/128"),
-                    "via",
-                    "fd00:201::1",
-                ])?;
+                route_vips_to_balancer(&client)?;
                 None
             }
             Some(mtu) => Some(routed_client(&switch, &client, mtu, true)?),
