@@ -2,10 +2,12 @@
 
 use core::mem::size_of;
 
+use crate::REASON_COUNT;
+
 /// Version of the layout of the balancer's maps and the meaning of their
 /// fields. A restarted `lbd` adopts pinned maps only of the same version;
 /// bump it with any change to a type in this module or to a map's kind.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Creation flags of the VIP map: `BPF_F_NO_PREALLOC` (see [`VipInfo`]).
 pub const VIPS_MAP_FLAGS: u32 = 1;
@@ -209,10 +211,16 @@ pub struct DataplaneConfig {
     pub ifindex: u32,
     /// Sets in the connection table minus one (a power of two minus one).
     pub flow_set_mask: u32,
-    /// Idle time after which a TCP connection-table entry is stale.
-    pub tcp_idle_ns: u64,
-    /// Idle time after which a UDP connection-table entry is stale.
-    pub udp_idle_ns: u64,
+    /// Idle time after which a TCP connection-table entry is stale, in
+    /// jiffies (see `lb_common::idle_jiffies`).
+    pub tcp_idle: u32,
+    /// The same for UDP.
+    pub udp_idle: u32,
+    /// How much of `tcp_idle` an entry may use up before a packet renews it
+    /// (see `lb_common::renew_after`).
+    pub tcp_renew: u32,
+    /// The same for UDP.
+    pub udp_renew: u32,
     /// Sets in the handshake table minus one.
     pub syn_set_mask: u32,
     pub _pad: u32,
@@ -223,14 +231,28 @@ const _: () = assert!(size_of::<DataplaneConfig>() == 72);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHop {
-    /// Our interface's MAC.
-    pub smac: [u8; 6],
-    /// The next hop's MAC.
-    pub dmac: [u8; 6],
+    /// The first 12 bytes of the Ethernet header towards the backend (the
+    /// next hop's MAC, then our interface's) as the two words they are
+    /// written with: bytes 0..8 here, bytes 8..12 in `eth_tail` (see
+    /// [`eth_macs`]).
+    pub eth_head: u64,
+    pub eth_tail: u32,
     /// `DataplaneConfig::nexthop_gen` when this was looked up.
     pub generation: u32,
 }
 const _: () = assert!(size_of::<NextHop>() == 16);
+
+/// Destination and source MAC as the two native words that hold the first
+/// 12 bytes of an Ethernet header (bytes 0..8, 8..12).
+#[inline(always)]
+pub const fn eth_macs(dst: [u8; 6], src: [u8; 6]) -> (u64, u32) {
+    (
+        u64::from_ne_bytes([
+            dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], src[0], src[1],
+        ]),
+        u32::from_ne_bytes([src[2], src[3], src[4], src[5]]),
+    )
+}
 
 /// Packets and bytes (frame length as received, Ethernet header included)
 /// forwarded, and new flows scheduled.
@@ -243,24 +265,57 @@ pub struct TrafficCounters {
 }
 const _: () = assert!(size_of::<TrafficCounters>() == 24);
 
-/// Benchmark only: what the benchmark wrapper restores and where it jumps.
+/// Slots for [`crate::FlowEvent`]s in [`Stats`]: a power of two, so an
+/// event index is bounded with a mask.
+pub const FLOW_EVENT_SLOTS: usize = 8;
+const _: () = assert!(crate::FLOW_EVENT_COUNT as usize <= FLOW_EVENT_SLOTS);
+const _: () = assert!(REASON_COUNT.is_power_of_two());
+
+/// The data plane's packet and connection-table counters, one value per
+/// CPU (`LB_STATS`): a packet finds all of them with one map lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Packets per [`crate::Reason`], by index.
+    pub reasons: [u64; REASON_COUNT as usize],
+    /// Connection-table events per [`crate::FlowEvent`], by index.
+    pub flows: [u64; FLOW_EVENT_SLOTS],
+}
+const _: () = assert!(size_of::<Stats>() == 192);
+
+/// Benchmark only: what the benchmark programs restore.
 ///
 /// `BPF_PROG_TEST_RUN` with `repeat` runs each iteration on the frame the
-/// previous one left behind. The wrapper strips an outer header it finds,
-/// writes back the original L2 header, then tail-calls `target` in
-/// `LB_BENCH_PROGS`, so every iteration sees the original frame.
+/// previous one left behind. The benchmark programs (`lb_bench_balancer`,
+/// `lb_bench_floor`) strip an outer header they find and write back the
+/// original L2 header before the program under test runs (inline), so
+/// every iteration sees the original frame.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BenchControl {
-    /// Index into `LB_BENCH_PROGS`.
-    pub target: u32,
-    /// Length of `l2` in use: 14, or 18 with a VLAN tag.
+    /// The input frame's L2 header (`l2_len` bytes, then zeros), as the
+    /// words it is written back with: bytes 0..8, 8..16, 16..24, each read
+    /// natively.
+    pub l2: [u64; 3],
+    /// Length of the L2 header: 14, or 18 with a VLAN tag.
     pub l2_len: u32,
-    /// The input frame's L2 header.
-    pub l2: [u8; 20],
     /// If not 0: offset of four bytes of the source address, which the
-    /// wrapper overwrites with a counter every iteration, so every packet is
+    /// restore step overwrites with a counter every iteration, so every packet is
     /// a new flow.
     pub seq_offset: u32,
 }
 const _: () = assert!(size_of::<BenchControl>() == 32);
+
+impl BenchControl {
+    /// `l2` (at most 24 bytes) as [`BenchControl::l2`] words.
+    pub fn l2_words(l2: &[u8]) -> [u64; 3] {
+        let mut bytes = [0u8; 24];
+        bytes[..l2.len()].copy_from_slice(l2);
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            u64::from_ne_bytes(w)
+        };
+        [word(0), word(1), word(2)]
+    }
+}

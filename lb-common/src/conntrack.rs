@@ -76,8 +76,8 @@ pub struct FlowSlot {
     /// The flow's ports word (`FlowKey::ports`).
     pub ports: u32,
     /// When the entry expires: last packet plus the idle timeout of its
-    /// protocol, in units of [`FLOW_TICK_NS`] (`bpf_ktime_get_coarse_ns`
-    /// shifted right by [`FLOW_TICK_SHIFT`]).
+    /// protocol, in jiffies (the kernel's tick counter, `bpf_jiffies64`,
+    /// low 32 bits; see [`idle_jiffies`]).
     pub expires: u32,
 }
 const _: () = assert!(size_of::<FlowSlot>() == 16);
@@ -163,30 +163,32 @@ pub const fn syn_seen_slot(hash: u64) -> (u32, u64) {
     (i >> 6, 1 << (i & 63))
 }
 
-/// Time unit of the connection table's expiry: 2^24 ns, about 16.8 ms.
-/// A `u32` of these wraps after 2.2 years; idle timeouts (at most a week)
-/// are compared with wrapping arithmetic.
-pub const FLOW_TICK_SHIFT: u32 = 24;
-/// [`FLOW_TICK_SHIFT`] as nanoseconds.
-pub const FLOW_TICK_NS: u64 = 1 << FLOW_TICK_SHIFT;
-
-/// An idle timeout in ticks, rounded up and plus one tick: an entry lives
-/// at least the whole timeout whatever the phase of the clock.
+/// An idle timeout of `idle_ns` in jiffies of a kernel ticking at `hz`:
+/// rounded up and plus one tick, so an entry lives at least the whole
+/// timeout whatever the phase of the clock.
+///
+/// The data plane's clock is the jiffies counter: reading it is one load
+/// (the verifier inlines `bpf_jiffies64`), where `bpf_ktime_get_coarse_ns`
+/// is a helper call on every packet. Its unit is 1/HZ (1 to 10 ms); user
+/// space finds HZ from the resolution of `CLOCK_MONOTONIC_COARSE` and
+/// converts the timeouts. Expiry compares with wrapping arithmetic on 32
+/// bits, good for timeouts below 2^31 ticks (24 days at 1000 Hz; the
+/// config allows at most a week).
 #[inline(always)]
-pub const fn idle_ticks(idle_ns: u64) -> u32 {
-    ((idle_ns + FLOW_TICK_NS - 1) >> FLOW_TICK_SHIFT) as u32 + 1
+pub const fn idle_jiffies(idle_ns: u64, hz: u32) -> u32 {
+    (idle_ns.saturating_mul(hz as u64).div_ceil(1_000_000_000)) as u32 + 1
 }
 
-/// How much of its idle timeout an entry may use up before a packet
-/// renews it: one write per flow per eighth of the timeout at most (and
-/// at least every ~1 s), not one per packet.
+/// How much of its idle timeout (`idle` jiffies at `hz`) an entry may use
+/// up before a packet renews it: one write per flow per eighth of the
+/// timeout at most (and at least once a second), not one per packet.
 #[inline(always)]
-pub const fn renew_after(idle_ticks: u32) -> u32 {
-    let eighth = idle_ticks >> 3;
-    if eighth < 64 { eighth } else { 64 }
+pub const fn renew_after(idle: u32, hz: u32) -> u32 {
+    let eighth = idle >> 3;
+    if eighth < hz { eighth } else { hz }
 }
 
-/// Connection-table events. Index of `LB_FLOW_STATS`.
+/// Connection-table events. Index of `Stats::flows` (`LB_STATS`).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FlowEvent {
@@ -260,13 +262,27 @@ mod tests {
     }
 
     #[test]
-    fn idle_ticks_cover_the_timeout() {
-        for secs in [1u64, 30, 300, 7 * 24 * 3600] {
-            let ns = secs * 1_000_000_000;
-            let t = idle_ticks(ns);
-            assert!(u64::from(t - 1) * FLOW_TICK_NS >= ns, "{secs}");
-            assert!(t < 1 << 31, "{secs}");
-            assert!(renew_after(t) >= 1 && renew_after(t) <= t / 8);
+    fn idle_jiffies_cover_the_timeout() {
+        for hz in [100u32, 250, 300, 1000] {
+            for ns in [
+                1_000_000_000u64,
+                1_000_000_001,
+                30_000_000_000,
+                7 * 24 * 3600 * 1_000_000_000,
+            ] {
+                let t = idle_jiffies(ns, hz);
+                assert!(
+                    u64::from(t - 1) * 1_000_000_000 >= ns * u64::from(hz),
+                    "{ns} ns at {hz} Hz"
+                );
+                assert!(
+                    u64::from(t - 2) * 1_000_000_000 < ns * u64::from(hz),
+                    "{ns} ns at {hz} Hz"
+                );
+                assert!(t < 1 << 31, "{ns} ns at {hz} Hz");
+                let r = renew_after(t, hz);
+                assert!(r >= 1 && r <= t / 8 && r <= hz, "{ns} ns at {hz} Hz");
+            }
         }
     }
 

@@ -21,8 +21,8 @@ mod reason;
 
 pub use balancer::*;
 pub use conntrack::{
-    FLOW_EVENT_COUNT, FLOW_TICK_NS, FLOW_TICK_SHIFT, FLOW_WAYS, FlowEvent, FlowSet, FlowSlot,
-    SYN_SEEN_WORDS, flow_set, flow_sets, idle_ticks, renew_after, syn_seen_slot, syn_slots,
+    FLOW_EVENT_COUNT, FLOW_WAYS, FlowEvent, FlowSet, FlowSlot, SYN_SEEN_WORDS, flow_set, flow_sets,
+    idle_jiffies, renew_after, syn_seen_slot, syn_slots,
 };
 pub use decap::{DECAP_MAX_ADDRS, HostAddr};
 pub use flow::{
@@ -87,6 +87,7 @@ mod pod {
     unsafe impl aya::Pod for DataplaneConfig {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for TrafficCounters {}
+    unsafe impl aya::Pod for Stats {}
     unsafe impl aya::Pod for BenchControl {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowSet {}

@@ -26,10 +26,9 @@ pub mod map_name {
     pub const VIP_STATS: &str = "LB_VIP_STATS";
     /// `PerCpuArray<TrafficCounters>` indexed by backend id.
     pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
-    /// `PerCpuArray<u64>` indexed by `Reason`.
-    pub const REASON_STATS: &str = "LB_REASON_STATS";
-    /// `PerCpuArray<u64>` indexed by `FlowEvent`.
-    pub const FLOW_STATS: &str = "LB_FLOW_STATS";
+    /// `PerCpuArray<Stats>` with one entry: packets per `Reason` and
+    /// connection-table events per `FlowEvent`.
+    pub const STATS: &str = "LB_STATS";
     /// `HashMap<VipAddrKey, u32>`: the VIP addresses (value: VIPs on it).
     pub const VIP_ADDRS: &str = "LB_VIP_ADDRS";
     /// `PerCpuArray<u32>` indexed by VIP id: each CPU's position in the
@@ -38,16 +37,14 @@ pub mod map_name {
     /// `Array<u32>` indexed by backend id: load scores for least-load (lower
     /// is less loaded).
     pub const SCORES: &str = "LB_SCORES";
-    /// Benchmark only: `ProgramArray` the benchmark wrapper tail-calls into.
-    pub const BENCH_PROGS: &str = "LB_BENCH_PROGS";
     /// Benchmark only: `Array<BenchControl>` with one entry.
     pub const BENCH_CONTROL: &str = "LB_BENCH_CONTROL";
-    /// Benchmark only: `PerCpuArray<u64>`, frames the wrapper restored.
-    pub const BENCH_STATS: &str = "LB_BENCH_STATS";
+    /// Benchmark only: `PerCpuArray<u64>`, the new-flow sequence.
+    pub const BENCH_SEQ: &str = "LB_BENCH_SEQ";
 
     /// The maps that hold the balancer's state: pinned, so a restarted `lbd`
     /// adopts them (the benchmark's maps are not state).
-    pub const STATE: [&str; 16] = [
+    pub const STATE: [&str; 15] = [
         VIPS,
         BACKENDS,
         MAGLEV,
@@ -59,8 +56,7 @@ pub mod map_name {
         NEXTHOPS,
         VIP_STATS,
         BACKEND_STATS,
-        REASON_STATS,
-        FLOW_STATS,
+        STATS,
         WRR_POS,
         SCORES,
         VIP_ADDRS,
@@ -73,8 +69,10 @@ pub mod program_name {
     pub const BALANCER: &str = "lb_balancer";
     /// The floor for benchmarks: swap MACs, `XDP_TX`.
     pub const FLOOR: &str = "lb_floor";
-    /// Benchmark only: restores the input frame, then tail-calls.
-    pub const BENCH_WRAP: &str = "lb_bench_wrap";
+    /// Benchmark only: restores the input frame, then runs the balancer.
+    pub const BENCH_BALANCER: &str = "lb_bench_balancer";
+    /// Benchmark only: restores the input frame, then runs the floor.
+    pub const BENCH_FLOOR: &str = "lb_bench_floor";
 }
 
 /// Maps of the decapsulator object (`lb-decap`).

@@ -11,7 +11,7 @@ pub mod xdp_action {
     pub const XDP_REDIRECT: u32 = 4;
 }
 
-/// The outcome of one packet. Index of `LB_REASON_STATS`.
+/// The outcome of one packet. Index of `Stats::reasons` (`LB_STATS`).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Reason {

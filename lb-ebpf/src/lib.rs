@@ -2,6 +2,7 @@
 //! parsing and checksums. No maps live here; each program binary owns its
 //! maps, so an object only carries the maps it uses.
 #![no_std]
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 pub mod csum;
 pub mod packet;

@@ -36,36 +36,82 @@ pub fn frame_len(ctx: &XdpContext) -> usize {
     ctx.data_end() - ctx.data()
 }
 
-/// Reads the four bytes at `p` as one native word (the bytes in wire order).
+/// Reads the four bytes at `p` as one native word (the bytes in wire order),
+/// in one load at any alignment.
 ///
-/// Packet headers behind a 14-byte Ethernet header sit at even, not
-/// 4-aligned, offsets; `read_unaligned` would be lowered to four byte loads.
-/// Two 16-bit loads are enough: frames start at an even address in every
-/// XDP driver (headroom is 256 bytes, plus NET_IP_ALIGN where used).
-/// (Letting LLVM emit misaligned 32-bit loads is not an option: it also
-/// misaligns stack accesses, which the verifier rejects.)
+/// Headers behind a 14-byte Ethernet header sit at offsets that are not
+/// multiples of four, and LLVM's BPF backend splits a load it cannot prove
+/// aligned into byte loads (and its misaligned-access mode also misaligns
+/// stack slots, which the verifier rejects). So the load is written in BPF
+/// assembly. The verifier allows misaligned packet access on architectures
+/// with efficient unaligned access (x86-64, arm64), which is where the
+/// balancer runs; elsewhere it refuses the program at load time, with the
+/// offending instruction named.
 ///
 /// # Safety
-/// `p` is even and four readable bytes follow it.
+/// Four readable bytes follow `p` (for the verifier: a checked packet
+/// pointer).
 #[inline(always)]
-pub unsafe fn read_u32_even(p: *const u8) -> u32 {
-    let w = p as *const u16;
-    let (a, b) = unsafe { (*w, *w.add(1)) };
-    let (a, b) = (a.to_ne_bytes(), b.to_ne_bytes());
-    u32::from_ne_bytes([a[0], a[1], b[0], b[1]])
+pub unsafe fn read_u32(p: *const u8) -> u32 {
+    #[cfg(target_arch = "bpf")]
+    {
+        let v: u64;
+        unsafe {
+            core::arch::asm!(
+                "{v} = *(u32 *)({p} + 0)",
+                p = in(reg) p,
+                v = lateout(reg) v,
+                options(pure, readonly, nostack, preserves_flags)
+            );
+        }
+        v as u32
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    unsafe {
+        core::ptr::read_unaligned(p as *const u32)
+    }
 }
 
-/// Writes `v` (a native word holding bytes in wire order) at `p`; the
-/// counterpart of [`read_u32_even`].
+/// Writes `v` (a native word holding bytes in wire order) at `p` in one
+/// store at any alignment; the counterpart of [`read_u32`].
 ///
 /// # Safety
-/// `p` is even and four writable bytes follow it.
+/// Four writable bytes follow `p`.
 #[inline(always)]
-pub unsafe fn write_u32_even(p: *mut u8, v: u32) {
-    let b = v.to_ne_bytes();
-    let w = p as *mut u16;
+pub unsafe fn write_u32(p: *mut u8, v: u32) {
+    #[cfg(target_arch = "bpf")]
     unsafe {
-        *w = u16::from_ne_bytes([b[0], b[1]]);
-        *w.add(1) = u16::from_ne_bytes([b[2], b[3]]);
+        core::arch::asm!(
+            "*(u32 *)({p} + 0) = {v}",
+            p = in(reg) p,
+            v = in(reg) v as u64,
+            options(nostack, preserves_flags)
+        );
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    unsafe {
+        core::ptr::write_unaligned(p as *mut u32, v)
+    }
+}
+
+/// Writes the eight bytes of `v` (in native order) at `p` in one store at
+/// any alignment.
+///
+/// # Safety
+/// Eight writable bytes follow `p`.
+#[inline(always)]
+pub unsafe fn write_u64(p: *mut u8, v: u64) {
+    #[cfg(target_arch = "bpf")]
+    unsafe {
+        core::arch::asm!(
+            "*(u64 *)({p} + 0) = {v}",
+            p = in(reg) p,
+            v = in(reg) v,
+            options(nostack, preserves_flags)
+        );
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    unsafe {
+        core::ptr::write_unaligned(p as *mut u64, v)
     }
 }

@@ -19,7 +19,7 @@ use network_types::{
     vlan::VlanHdr,
 };
 
-use crate::packet::{frame_len, ptr_at, read_u32_even};
+use crate::packet::{frame_len, ptr_at, read_u32};
 
 /// Ether types as they sit in the header (network order read natively).
 pub const ETH_P_IPV4: u16 = EtherType::Ipv4 as u16;
@@ -116,8 +116,8 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
     }
     let (src, dst) = unsafe {
         (
-            read_u32_even((*ip).src_addr.as_ptr()),
-            read_u32_even((*ip).dst_addr.as_ptr()),
+            read_u32((*ip).src_addr.as_ptr()),
+            read_u32((*ip).dst_addr.as_ptr()),
         )
     };
     if frags & IPV4_MF_OFFSET_MASK != 0 {
@@ -322,10 +322,10 @@ fn read_l4(ctx: &XdpContext, l4: usize, proto: u8) -> Result<(u32, u8), Reason> 
         let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Reason::Malformed)?;
         // Byte 13 of the TCP header holds CWR..FIN.
         let flags = unsafe { *(tcp as *const u8).add(13) };
-        Ok((unsafe { read_u32_even(tcp as *const u8) }, flags))
+        Ok((unsafe { read_u32(tcp as *const u8) }, flags))
     } else {
         let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Reason::Malformed)?;
-        Ok((unsafe { read_u32_even(udp as *const u8) }, 0))
+        Ok((unsafe { read_u32(udp as *const u8) }, 0))
     }
 }
 
@@ -333,10 +333,10 @@ fn read_l4(ctx: &XdpContext, l4: usize, proto: u8) -> Result<(u32, u8), Reason> 
 unsafe fn read_addr6(p: *const u8) -> [u32; 4] {
     unsafe {
         [
-            read_u32_even(p),
-            read_u32_even(p.add(4)),
-            read_u32_even(p.add(8)),
-            read_u32_even(p.add(12)),
+            read_u32(p),
+            read_u32(p.add(4)),
+            read_u32(p.add(8)),
+            read_u32(p.add(12)),
         ]
     }
 }

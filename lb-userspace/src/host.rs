@@ -41,3 +41,52 @@ pub fn addresses() -> std::io::Result<Vec<IpAddr>> {
     unsafe { libc::freeifaddrs(head) };
     Ok(out)
 }
+
+/// The kernel's tick rate (CONFIG_HZ): the unit of the data plane's clock
+/// (jiffies, see `lb_common::idle_jiffies`).
+///
+/// The coarse clocks advance once per tick, and the kernel reports their
+/// resolution as the tick length (`TICK_NSEC`), so HZ is 1 s divided by
+/// the resolution of `CLOCK_MONOTONIC_COARSE`, rounded.
+pub fn kernel_hz() -> Result<u32, String> {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_getres writes one timespec.
+    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } != 0 {
+        return Err(format!(
+            "clock_getres(CLOCK_MONOTONIC_COARSE): {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let ns = res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64;
+    hz_from_tick_ns(ns)
+        .ok_or_else(|| format!("CLOCK_MONOTONIC_COARSE has a resolution of {ns} ns: not a kernel tick (expected 1 to 100 ms)"))
+}
+
+/// HZ for a tick of `ns` nanoseconds (10 to 1000 Hz; kernels offer 100 to
+/// 1000).
+fn hz_from_tick_ns(ns: u64) -> Option<u32> {
+    if !(1_000_000..=100_000_000).contains(&ns) {
+        return None;
+    }
+    Some(((1_000_000_000 + ns / 2) / ns) as u32)
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+
+    #[test]
+    fn hz_from_the_tick_length() {
+        // TICK_NSEC for the HZ choices of x86 and arm64 kernels.
+        assert_eq!(hz_from_tick_ns(10_000_000), Some(100));
+        assert_eq!(hz_from_tick_ns(4_000_000), Some(250));
+        assert_eq!(hz_from_tick_ns(3_333_333), Some(300));
+        assert_eq!(hz_from_tick_ns(1_000_000), Some(1000));
+        assert_eq!(hz_from_tick_ns(1), None, "a high-resolution clock");
+        let hz = kernel_hz().expect("this kernel's HZ");
+        assert!((100..=1000).contains(&hz), "{hz}");
+    }
+}

@@ -6,15 +6,14 @@
 
 use core::ptr::{read_volatile, write_volatile};
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::{
-    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FLOW_TICK_SHIFT, FLOW_WAYS,
-    FlowEvent, FlowKey, FlowSet, FlowSlot, PROTO_TCP, VIP_STICK_WHEN_DOWN, flow_set, idle_ticks,
-    renew_after, syn_seen_slot,
+    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FLOW_WAYS, FlowEvent, FlowKey,
+    FlowSet, FlowSlot, PROTO_TCP, Stats, VIP_STICK_WHEN_DOWN, flow_set, syn_seen_slot,
 };
 use lb_ebpf::parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN};
 
-use crate::maps::{LB_BACKENDS, LB_FLOW_STATS, LB_FLOWS, LB_SYN_FLOWS, LB_SYN_SEEN, count};
+use crate::maps::{LB_BACKENDS, LB_FLOWS, LB_SYN_FLOWS, LB_SYN_SEEN, count_event};
 
 /// Where a new flow's entry goes.
 pub struct Victim {
@@ -34,21 +33,22 @@ pub enum Lookup {
     Schedule(Option<Victim>),
 }
 
-/// Coarse monotonic time in connection-table ticks (see
-/// `lb_common::FLOW_TICK_NS`).
+/// The connection table's clock: jiffies, low 32 bits (see
+/// `lb_common::idle_jiffies`). One load: the verifier inlines the helper.
 #[inline(always)]
 pub fn now() -> u32 {
-    (unsafe { bpf_ktime_get_coarse_ns() } >> FLOW_TICK_SHIFT) as u32
+    unsafe { bpf_jiffies64() as u32 }
 }
 
-/// The idle timeout of the packet's protocol, in ticks.
+/// The idle timeout of the packet's protocol and how much of it may pass
+/// before a packet renews the entry, in jiffies.
 #[inline(always)]
-fn idle(pkt: &Packet, cfg: &DataplaneConfig) -> u32 {
-    idle_ticks(if pkt.flow.proto == PROTO_TCP {
-        cfg.tcp_idle_ns
+fn idle(pkt: &Packet, cfg: &DataplaneConfig) -> (u32, u32) {
+    if pkt.flow.proto == PROTO_TCP {
+        (cfg.tcp_idle, cfg.tcp_renew)
     } else {
-        cfg.udp_idle_ns
-    })
+        (cfg.udp_idle, cfg.udp_renew)
+    }
 }
 
 /// Ticks left before `expires` (negative: expired).
@@ -171,48 +171,49 @@ pub fn lookup(
     hash: u64,
     cfg: &DataplaneConfig,
     now: u32,
+    stats: &mut Stats,
     vip_flags: impl Fn() -> u32,
 ) -> Lookup {
     let tcp = pkt.flow.proto == PROTO_TCP;
     if tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        count(&LB_FLOW_STATS, FlowEvent::Miss as u32);
+        count_event(stats, FlowEvent::Miss);
         let Some(set) = LB_SYN_FLOWS.get_ptr_mut(flow_set(hash, cfg.syn_set_mask)) else {
             return Lookup::Schedule(None);
         };
         return Lookup::Schedule(Some(Scan::of(set, hash, pkt.flow.ports, now).place(true)));
     }
     let Some(set) = LB_FLOWS.get_ptr_mut(flow_set(hash, cfg.flow_set_mask)) else {
-        count(&LB_FLOW_STATS, FlowEvent::Miss as u32);
+        count_event(stats, FlowEvent::Miss);
         return Lookup::Schedule(None);
     };
     let main = Scan::of(set, hash, pkt.flow.ports, now);
     // A handshake in progress: its SYN's choice counts, even over an old
     // entry of the same 5-tuple.
     if tcp && (!main.found() || syn_seen(hash)) {
-        if let Some(hit) = finish_handshake(pkt, hash, cfg, now, &main, &vip_flags) {
+        if let Some(hit) = finish_handshake(pkt, hash, cfg, now, &main, stats, &vip_flags) {
             return hit;
         }
     }
     let Some((id, b)) = main.backend(now, &vip_flags) else {
-        count(
-            &LB_FLOW_STATS,
+        count_event(
+            stats,
             if main.found() {
                 FlowEvent::Stale
             } else {
                 FlowEvent::Miss
-            } as u32,
+            },
         );
         return Lookup::Schedule(Some(main.place(false)));
     };
-    count(&LB_FLOW_STATS, FlowEvent::Hit as u32);
+    count_event(stats, FlowEvent::Hit);
     let slot = main.slot(main.own);
     if pkt.tcp_flags & TCP_RST != 0 {
         unsafe { write_volatile(&mut (*slot).key, 0) };
-        count(&LB_FLOW_STATS, FlowEvent::Reset as u32);
+        count_event(stats, FlowEvent::Reset);
     } else {
-        let idle = idle(pkt, cfg);
+        let (idle, renew) = idle(pkt, cfg);
         let expires = unsafe { (*slot).expires };
-        if idle as i32 - left(expires, now) > renew_after(idle) as i32 {
+        if idle as i32 - left(expires, now) > renew as i32 {
             unsafe { (*slot).expires = now.wrapping_add(idle) };
         }
     }
@@ -236,6 +237,7 @@ fn finish_handshake(
     cfg: &DataplaneConfig,
     now: u32,
     main: &Scan,
+    stats: &mut Stats,
     vip_flags: &impl Fn() -> u32,
 ) -> Option<Lookup> {
     let set = LB_SYN_FLOWS.get_ptr_mut(flow_set(hash, cfg.syn_set_mask))?;
@@ -253,15 +255,15 @@ fn finish_handshake(
         unsafe { *w &= !bit };
     }
     let (id, b) = usable?;
-    count(&LB_FLOW_STATS, FlowEvent::Hit as u32);
+    count_event(stats, FlowEvent::Hit);
     if pkt.tcp_flags & TCP_RST != 0 {
-        count(&LB_FLOW_STATS, FlowEvent::Reset as u32);
+        count_event(stats, FlowEvent::Reset);
         if main.found() {
             // An old connection's entry of the same 5-tuple ends too.
             unsafe { write_volatile(&mut (*main.slot(main.own)).key, 0) };
         }
     } else {
-        write(pkt, main.place(false), hash, id, b, now, cfg);
+        write(pkt, main.place(false), hash, id, b, now, cfg, stats);
     }
     Some(Lookup::Hit(id, b))
 }
@@ -277,12 +279,13 @@ pub fn record(
     backend: &BackendInfo,
     now: u32,
     cfg: &DataplaneConfig,
+    stats: &mut Stats,
 ) {
     if pkt.tcp_flags & TCP_RST != 0 {
         return;
     }
     let Some(v) = victim else {
-        count(&LB_FLOW_STATS, FlowEvent::InsertFailed as u32);
+        count_event(stats, FlowEvent::InsertFailed);
         return;
     };
     if v.syn {
@@ -297,7 +300,7 @@ pub fn record(
             }
         }
     }
-    write(pkt, v, hash, id, backend, now, cfg);
+    write(pkt, v, hash, id, backend, now, cfg, stats);
 }
 
 #[inline(always)]
@@ -309,22 +312,23 @@ fn write(
     backend: &BackendInfo,
     now: u32,
     cfg: &DataplaneConfig,
+    stats: &mut Stats,
 ) {
     if v.live {
-        count(
-            &LB_FLOW_STATS,
+        count_event(
+            stats,
             if v.syn {
                 FlowEvent::SynEvicted
             } else {
                 FlowEvent::Evicted
-            } as u32,
+            },
         );
     }
     // The key last, in one store: a reader on another CPU sees the old
     // flow or the new one, each with its own backend (see `FlowSlot`).
     unsafe {
         write_volatile(&mut (*v.slot).ports, pkt.flow.ports);
-        write_volatile(&mut (*v.slot).expires, now.wrapping_add(idle(pkt, cfg)));
+        write_volatile(&mut (*v.slot).expires, now.wrapping_add(idle(pkt, cfg).0));
         write_volatile(
             &mut (*v.slot).key,
             FlowSlot::key(hash, id, backend.incarnation),

@@ -15,13 +15,13 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendInfo, CONFIG_NO_NEXTHOP_CACHE, DataplaneConfig, FAMILY_V4, FAMILY_V6, PROTO_IPIP,
-    PROTO_IPV6, Reason,
+    PROTO_IPV6, Reason, eth_macs,
 };
 
 use crate::maps::LB_NEXTHOPS;
 use lb_ebpf::{
     csum::outer_ipv4_csum,
-    packet::{ptr_at_mut, write_u32_even},
+    packet::{ptr_at_mut, write_u32, write_u64},
     parse::Packet,
 };
 use network_types::{
@@ -47,8 +47,9 @@ pub fn outer_len(backend: &BackendInfo) -> usize {
     }
 }
 
-/// Source and destination MAC of the next hop towards backend `id`, from
-/// this CPU's cache of FIB results when it is of the current generation.
+/// The Ethernet addresses towards backend `id` (destination: the next hop,
+/// source: ours) as the words of `lb_common::eth_macs`, from this CPU's
+/// cache of FIB results when it is of the current generation.
 ///
 /// `bpf_fib_lookup` costs more than the rest of the forwarding path
 /// together; the cache makes it once per backend, CPU and generation.
@@ -63,25 +64,24 @@ pub fn cached_next_hop(
     id: u32,
     backend: &BackendInfo,
     cfg: &DataplaneConfig,
-) -> Result<([u8; 6], [u8; 6]), Reason> {
+) -> Result<(u64, u32), Reason> {
     let cached = LB_NEXTHOPS.get_ptr_mut(id);
     if let Some(nh) = cached {
         let nh = unsafe { &mut *nh };
         if nh.generation == cfg.nexthop_gen && cfg.flags & CONFIG_NO_NEXTHOP_CACHE == 0 {
-            return Ok((nh.smac, nh.dmac));
+            return Ok((nh.eth_head, nh.eth_tail));
         }
-        let (smac, dmac) = next_hop(ctx, backend, cfg)?;
+        let macs = next_hop(ctx, backend, cfg)?;
         // Per-CPU entry: nobody else writes it.
-        nh.smac = smac;
-        nh.dmac = dmac;
+        (nh.eth_head, nh.eth_tail) = macs;
         nh.generation = cfg.nexthop_gen;
-        return Ok((smac, dmac));
+        return Ok(macs);
     }
     next_hop(ctx, backend, cfg)
 }
 
-/// Source and destination MAC of the next hop towards `backend`, from the
-/// kernel FIB and neighbour tables.
+/// The Ethernet addresses towards `backend` (see [`cached_next_hop`]), from
+/// the kernel FIB and neighbour tables.
 ///
 /// `BPF_FIB_LOOKUP_OUTPUT` looks the route up as the host itself would send
 /// the outer packet (it is ours: our source address), which also skips the
@@ -93,7 +93,7 @@ fn next_hop(
     ctx: &XdpContext,
     backend: &BackendInfo,
     cfg: &DataplaneConfig,
-) -> Result<([u8; 6], [u8; 6]), Reason> {
+) -> Result<(u64, u32), Reason> {
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     if backend.family == FAMILY_V4 {
         p.family = AF_INET;
@@ -119,7 +119,7 @@ fn next_hop(
     if rc != 0 || p.ifindex != ifindex {
         return Err(Reason::FibFailed);
     }
-    Ok((p.smac, p.dmac))
+    Ok(eth_macs(p.dmac, p.smac))
 }
 
 /// Prepends the outer header. On error the frame is unchanged or about to be
@@ -130,7 +130,7 @@ pub fn encapsulate(
     pkt: &Packet,
     backend: &BackendInfo,
     cfg: &DataplaneConfig,
-    macs: ([u8; 6], [u8; 6]),
+    macs: (u64, u32),
     label: u32,
 ) -> Result<(), Reason> {
     let outer = outer_len(backend);
@@ -151,10 +151,9 @@ pub fn encapsulate(
     };
     // The verifier forgets every packet bound after adjust_head: re-check.
     let eth: *mut EthHdr = ptr_at_mut(ctx, 0).ok_or(Reason::EncapFailed)?;
-    let (smac, dmac) = macs;
     unsafe {
-        (*eth).dst_addr = dmac;
-        (*eth).src_addr = smac;
+        write_u64(eth as *mut u8, macs.0);
+        write_u32((eth as *mut u8).add(8), macs.1);
     }
     let l3 = match tci {
         Some(tci) => {
@@ -197,8 +196,8 @@ pub fn encapsulate(
             (*ip).ttl = OUTER_TTL;
             (*ip).proto = inner_proto;
             (*ip).check = check.to_ne_bytes();
-            write_u32_even((*ip).src_addr.as_mut_ptr(), cfg.src_v4);
-            write_u32_even((*ip).dst_addr.as_mut_ptr(), backend.addr[0]);
+            write_u32((*ip).src_addr.as_mut_ptr(), cfg.src_v4);
+            write_u32((*ip).dst_addr.as_mut_ptr(), backend.addr[0]);
         }
     } else {
         let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, l3).ok_or(Reason::EncapFailed)?;
@@ -213,8 +212,8 @@ pub fn encapsulate(
             let src = (*ip).src_addr.as_mut_ptr();
             let dst = (*ip).dst_addr.as_mut_ptr();
             for i in 0..4 {
-                write_u32_even(src.add(i * 4), cfg.src_v6[i]);
-                write_u32_even(dst.add(i * 4), backend.addr[i]);
+                write_u32(src.add(i * 4), cfg.src_v6[i]);
+                write_u32(dst.add(i * 4), backend.addr[i]);
             }
         }
     }

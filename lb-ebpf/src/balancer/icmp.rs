@@ -15,7 +15,7 @@ use lb_common::{
 };
 use lb_ebpf::{
     csum::{fold, ipv4_header_csum},
-    packet::{frame_len, ptr_at, ptr_at_mut, read_u32_even, write_u32_even},
+    packet::{frame_len, ptr_at, ptr_at_mut, read_u32, write_u32},
     parse::{Icmp, PROTO_ICMP, PROTO_ICMPV6, Packet},
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr};
@@ -165,8 +165,8 @@ fn quoted_flow(ctx: &XdpContext, i: &Icmp) -> Result<FlowKey, Reason> {
         }
         let (s, d) = unsafe {
             (
-                read_u32_even((*ip).src_addr.as_ptr()),
-                read_u32_even((*ip).dst_addr.as_ptr()),
+                read_u32((*ip).src_addr.as_ptr()),
+                read_u32((*ip).dst_addr.as_ptr()),
             )
         };
         ([s, 0, 0, 0], [d, 0, 0, 0], proto, inner + ihl)
@@ -177,16 +177,16 @@ fn quoted_flow(ctx: &XdpContext, i: &Icmp) -> Result<FlowKey, Reason> {
             let d = (*ip).dst_addr.as_ptr();
             (
                 [
-                    read_u32_even(s),
-                    read_u32_even(s.add(4)),
-                    read_u32_even(s.add(8)),
-                    read_u32_even(s.add(12)),
+                    read_u32(s),
+                    read_u32(s.add(4)),
+                    read_u32(s.add(8)),
+                    read_u32(s.add(12)),
                 ],
                 [
-                    read_u32_even(d),
-                    read_u32_even(d.add(4)),
-                    read_u32_even(d.add(8)),
-                    read_u32_even(d.add(12)),
+                    read_u32(d),
+                    read_u32(d.add(4)),
+                    read_u32(d.add(8)),
+                    read_u32(d.add(12)),
                 ],
                 (*ip).next_hdr,
             )
@@ -202,7 +202,7 @@ fn quoted_flow(ctx: &XdpContext, i: &Icmp) -> Result<FlowKey, Reason> {
         return Err(Reason::IcmpUnmatched);
     }
     let ports: *const [u8; 4] = ptr_at(ctx, l4).ok_or(Reason::Malformed)?;
-    let ports = unsafe { read_u32_even(ports as *const u8) };
+    let ports = unsafe { read_u32(ports as *const u8) };
     Ok(FlowKey {
         src: dst,
         dst: src,
@@ -363,8 +363,8 @@ pub fn send_too_big(ctx: &XdpContext, pkt: &Packet, mtu: u32, frame: usize) -> R
             let s = (*ip).src_addr.as_mut_ptr();
             let d = (*ip).dst_addr.as_mut_ptr();
             for k in 0..4 {
-                write_u32_even(s.add(k * 4), src[k]);
-                write_u32_even(d.add(k * 4), dst[k]);
+                write_u32(s.add(k * 4), src[k]);
+                write_u32(d.add(k * 4), dst[k]);
             }
             let m = mtu.to_be_bytes();
             *h = [ICMPV6_TOO_BIG, 0, 0, 0, m[0], m[1], m[2], m[3]];
@@ -395,8 +395,8 @@ pub fn send_too_big(ctx: &XdpContext, pkt: &Packet, mtu: u32, frame: usize) -> R
             (*ip).ttl = 64;
             (*ip).proto = PROTO_ICMP;
             (*ip).check = [0, 0];
-            write_u32_even((*ip).src_addr.as_mut_ptr(), pkt.flow.dst[0]);
-            write_u32_even((*ip).dst_addr.as_mut_ptr(), pkt.flow.src[0]);
+            write_u32((*ip).src_addr.as_mut_ptr(), pkt.flow.dst[0]);
+            write_u32((*ip).dst_addr.as_mut_ptr(), pkt.flow.src[0]);
             (*ip).check = ipv4_header_csum(ip as *const u16).to_ne_bytes();
             *h = [ICMP_UNREACHABLE, ICMP_FRAG_NEEDED, 0, 0, 0, 0, m[0], m[1]];
             let sum = quote_sum

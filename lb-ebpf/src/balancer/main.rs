@@ -1,5 +1,6 @@
-//! The balancer object (`lb-xdp`): the XDP balancer, the MAC-swap floor and
-//! the benchmark wrapper.
+//! The balancer object (`lb-xdp`): the XDP balancer, and for benchmarks the
+//! MAC-swap floor and the programs that restore the frame before running
+//! either.
 //!
 //! Data path, top to bottom: parse → VIP address filter → connection table
 //! (hit: the recorded backend) → on a miss, VIP lookup and the VIP's
@@ -20,13 +21,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use lb_common::{
-    BackendInfo, CONFIG_FRAGMENTS_PASS, CONFIG_TOO_BIG_ICMP, DataplaneConfig, FAMILY_V6,
-    MAGLEV_CHUNK, NO_BACKEND, PROTO_IPIP, PROTO_IPV6, Reason, VIP_HASH_SRC_PORT,
-    VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK, VIP_SCHED_WRR, VipInfo, VipKey,
-    flow_hash64, maglev_position, second_choice, source_hash, vip_filter_slot,
+    BackendInfo, CONFIG_FRAGMENTS_PASS, CONFIG_TOO_BIG_ICMP, DataplaneConfig, FAMILY_V4, FAMILY_V6,
+    MAGLEV_CHUNK, NO_BACKEND, PROTO_IPIP, PROTO_IPV6, REASON_COUNT, Reason, Stats,
+    VIP_HASH_SRC_PORT, VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK, VIP_SCHED_WRR,
+    VipInfo, VipKey, flow_hash64, maglev_position, second_choice, source_hash, vip_filter_slot,
 };
 use lb_ebpf::{
-    packet::{frame_len, ptr_at, ptr_at_mut},
+    packet::{frame_len, ptr_at, ptr_at_mut, write_u32, write_u64},
     parse::{Packet, Parsed, parse},
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr};
@@ -34,14 +35,31 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr};
 use maps::*;
 
 /// The balancer.
+///
+/// (`#[xdp]` wraps each program function in an entry point that calls it;
+/// `inline(always)` keeps the two one function, without a BPF-to-BPF call
+/// and its stack frame on every packet.)
 #[xdp]
+#[inline(always)]
 pub fn lb_balancer(ctx: XdpContext) -> u32 {
-    let reason = balance(&ctx);
-    count(&LB_REASON_STATS, reason as u32);
+    balancer(&ctx)
+}
+
+#[inline(always)]
+fn balancer(ctx: &XdpContext) -> u32 {
+    // This CPU's counters, found once for the whole packet.
+    let Some(stats) = LB_STATS.get_ptr_mut(0) else {
+        // Entry 0 of a per-CPU array always exists.
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: a per-CPU value: only this program run on this CPU uses it.
+    let stats = unsafe { &mut *stats };
+    let reason = balance(ctx, stats);
+    stats.reasons[reason as usize & (REASON_COUNT as usize - 1)] += 1;
     // Diagnosis only: compiled in, but `AYA_LOG_LEVEL` is 0 (off) unless
     // lbd runs at debug level, and then every packet pays for a record.
     debug!(
-        &ctx,
+        ctx,
         "reason {} (lb_common::Reason), verdict {}",
         reason as u32,
         reason.action()
@@ -50,8 +68,8 @@ pub fn lb_balancer(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn balance(ctx: &XdpContext) -> Reason {
-    match try_balance(ctx) {
+fn balance(ctx: &XdpContext, stats: &mut Stats) -> Reason {
+    match try_balance(ctx, stats) {
         Ok(reason) | Err(reason) => reason,
     }
 }
@@ -59,7 +77,7 @@ fn balance(ctx: &XdpContext) -> Reason {
 /// `Ok` with the reason a packet was sent out (forwarded, or answered),
 /// `Err` with the reason it was passed or dropped.
 #[inline(always)]
-fn try_balance(ctx: &XdpContext) -> Result<Reason, Reason> {
+fn try_balance(ctx: &XdpContext, stats: &mut Stats) -> Result<Reason, Reason> {
     let bytes = frame_len(ctx) as u64;
     let pkt = match parse(ctx)? {
         Parsed::Flow(pkt) => pkt,
@@ -80,6 +98,32 @@ fn try_balance(ctx: &XdpContext) -> Result<Reason, Reason> {
             });
         }
     };
+    // One copy of the forwarding path per family: in the IPv4 one the
+    // compiler knows the upper address words are zero, which folds away
+    // most of the hash and the address handling (and the register spills
+    // a shared path needs for IPv6's four-word addresses).
+    if pkt.flow.family == FAMILY_V6 {
+        forward::<true>(ctx, pkt, bytes, stats)
+    } else {
+        forward::<false>(ctx, pkt, bytes, stats)
+    }
+}
+
+/// The forwarding path of a TCP/UDP packet of `bytes` bytes (the frame);
+/// `V6`: the packet is IPv6 (else IPv4).
+#[inline(always)]
+fn forward<const V6: bool>(
+    ctx: &XdpContext,
+    mut pkt: Packet,
+    bytes: u64,
+    stats: &mut Stats,
+) -> Result<Reason, Reason> {
+    if !V6 {
+        let f = &mut pkt.flow;
+        f.src = [f.src[0], 0, 0, 0];
+        f.dst = [f.dst[0], 0, 0, 0];
+        f.family = FAMILY_V4;
+    }
     // Addresses without any VIP stop here, after one array read.
     let (word, bit) = vip_filter_slot(&pkt.flow.dst);
     if LB_VIP_FILTER.get(word).is_none_or(|w| w & bit == 0) {
@@ -94,11 +138,11 @@ fn try_balance(ctx: &XdpContext) -> Result<Reason, Reason> {
 
     // An established flow needs no VIP lookup.
     let (backend_id, backend, new_flow) =
-        match conntrack::lookup(&pkt, hash, cfg, now, || vip_flags(&pkt)) {
+        match conntrack::lookup(&pkt, hash, cfg, now, stats, || vip_flags(&pkt)) {
             conntrack::Lookup::Hit(id, backend) => (id, backend, 0),
             conntrack::Lookup::Schedule(victim) => {
                 let (id, backend) = schedule(&pkt, cfg, maglev_hash)?;
-                conntrack::record(&pkt, victim, hash, id, backend, now, cfg);
+                conntrack::record(&pkt, victim, hash, id, backend, now, cfg, stats);
                 (id, backend, 1)
             }
         };
@@ -216,8 +260,14 @@ fn vip_flags(pkt: &Packet) -> u32 {
 /// The floor for benchmarks: the least an XDP forwarder does (swap MACs,
 /// transmit).
 #[xdp]
+#[inline(always)]
 pub fn lb_floor(ctx: XdpContext) -> u32 {
-    let Some(eth) = ptr_at_mut::<EthHdr>(&ctx, 0) else {
+    floor(&ctx)
+}
+
+#[inline(always)]
+fn floor(ctx: &XdpContext) -> u32 {
+    let Some(eth) = ptr_at_mut::<EthHdr>(ctx, 0) else {
         return xdp_action::XDP_DROP;
     };
     unsafe {
@@ -228,50 +278,72 @@ pub fn lb_floor(ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
-/// Benchmark only (see `lb_common::BenchControl`): undoes what the previous
-/// iteration did to the frame, then tail-calls the program under test.
+/// Benchmark only: the balancer on a restored frame (see [`restore`]).
 #[xdp]
-pub fn lb_bench_wrap(ctx: XdpContext) -> u32 {
-    let Some(ctl) = LB_BENCH_CONTROL.get(0) else {
+#[inline(always)]
+pub fn lb_bench_balancer(ctx: XdpContext) -> u32 {
+    if !restore(&ctx) {
         return xdp_action::XDP_DROP;
-    };
-    let l2_len = if ctl.l2_len as usize == EthHdr::LEN {
-        EthHdr::LEN
-    } else {
-        EthHdr::LEN + 4
-    };
-    if let Some(outer) = outer_header_len(&ctx, l2_len) {
-        if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer as i32) } != 0 {
-            return xdp_action::XDP_DROP;
-        }
-        count(&LB_BENCH_STATS, 0);
     }
-    // Write back the input's L2 header (the balancer rewrote the MACs).
-    let Some(l2) = ptr_at_mut::<[u8; EthHdr::LEN + 4]>(&ctx, 0) else {
+    balancer(&ctx)
+}
+
+/// Benchmark only: the floor on a restored frame (see [`restore`]).
+#[xdp]
+#[inline(always)]
+pub fn lb_bench_floor(ctx: XdpContext) -> u32 {
+    if !restore(&ctx) {
         return xdp_action::XDP_DROP;
+    }
+    floor(&ctx)
+}
+
+/// Benchmark only (see `lb_common::BenchControl`): undoes what the previous
+/// iteration did to the frame (the program under test follows inline, so
+/// the measurement carries no tail call). `false` if it could not.
+#[inline(always)]
+fn restore(ctx: &XdpContext) -> bool {
+    let Some(ctl) = LB_BENCH_CONTROL.get(0) else {
+        return false;
     };
+    let vlan = ctl.l2_len as usize != EthHdr::LEN;
+    let l2_len = if vlan { EthHdr::LEN + 4 } else { EthHdr::LEN };
+    if let Some(outer) = outer_header_len(ctx, l2_len) {
+        if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer as i32) } != 0 {
+            return false;
+        }
+    }
+    // Write back the input's L2 header (the balancer rewrote the MACs), in
+    // three stores.
+    let Some(l2) = ptr_at_mut::<[u8; EthHdr::LEN + 4]>(ctx, 0) else {
+        return false;
+    };
+    let p = l2 as *mut u8;
+    let w = &ctl.l2;
     unsafe {
-        for i in 0..EthHdr::LEN + 4 {
-            if i < l2_len {
-                (*l2)[i] = ctl.l2[i];
-            }
+        write_u64(p, w[0]);
+        if vlan {
+            write_u64(p.add(8), w[1]);
+            *(p.add(16) as *mut u16) = w[2] as u16;
+        } else {
+            write_u32(p.add(8), w[1] as u32);
+            *(p.add(12) as *mut u16) = (w[1] >> 32) as u16;
         }
     }
     // A new flow every iteration: a counter in the source address.
     if ctl.seq_offset != 0 {
         // The mask bounds the offset for the verifier (headers end before 128).
-        let Some(src) = ptr_at_mut::<[u8; 4]>(&ctx, ctl.seq_offset as usize & 0x7f) else {
-            return xdp_action::XDP_DROP;
+        let Some(src) = ptr_at_mut::<[u8; 4]>(ctx, ctl.seq_offset as usize & 0x7f) else {
+            return false;
         };
-        if let Some(seq) = LB_BENCH_STATS.get_ptr_mut(1) {
+        if let Some(seq) = LB_BENCH_SEQ.get_ptr_mut(0) {
             unsafe {
                 *seq += 1;
                 *src = (*seq as u32).to_be_bytes();
             }
         }
     }
-    unsafe { LB_BENCH_PROGS.tail_call(&ctx, ctl.target) };
-    xdp_action::XDP_DROP
+    true
 }
 
 /// Length of the outer header of a frame the balancer encapsulated, if it is

@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use lb_common::{
     BackendInfo, BenchControl, DEFAULT_FLOWS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-    DEFAULT_TABLE_SIZE, DataplaneConfig, FLOW_EVENT_COUNT, FlowSet, MaglevChunk, NextHop,
-    REASON_COUNT, SYN_SEEN_WORDS, TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipAddrKey,
+    DEFAULT_TABLE_SIZE, DataplaneConfig, FLOW_EVENT_SLOTS, FlowEvent, FlowSet, MaglevChunk,
+    NextHop, SYN_SEEN_WORDS, Stats, TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipAddrKey,
     VipInfo, VipKey, chunks_per_table, flow_sets, syn_slots,
 };
 
@@ -36,9 +36,6 @@ pub static LB_SYN_FLOWS: Array<FlowSet> =
 #[map(name = "LB_SYN_SEEN")]
 pub static LB_SYN_SEEN: Array<u64> = Array::with_max_entries(SYN_SEEN_WORDS, 0);
 
-#[map(name = "LB_FLOW_STATS")]
-pub static LB_FLOW_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(FLOW_EVENT_COUNT, 0);
-
 #[map(name = "LB_NEXTHOPS")]
 pub static LB_NEXTHOPS: PerCpuArray<NextHop> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
@@ -64,8 +61,9 @@ pub static LB_VIP_STATS: PerCpuArray<TrafficCounters> =
 pub static LB_BACKEND_STATS: PerCpuArray<TrafficCounters> =
     PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-#[map(name = "LB_REASON_STATS")]
-pub static LB_REASON_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+/// Packet and connection-table counters (one entry; see `lb_common::Stats`).
+#[map(name = "LB_STATS")]
+pub static LB_STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(1, 0);
 
 /// The VIP addresses (any port and protocol): for answers given on their
 /// behalf (ICMP echo) and the fragment policy.
@@ -80,15 +78,12 @@ pub static LB_WRR_POS: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_
 #[map(name = "LB_SCORES")]
 pub static LB_SCORES: Array<u32> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
-#[map(name = "LB_BENCH_PROGS")]
-pub static LB_BENCH_PROGS: ProgramArray = ProgramArray::with_max_entries(2, 0);
-
 #[map(name = "LB_BENCH_CONTROL")]
 pub static LB_BENCH_CONTROL: Array<BenchControl> = Array::with_max_entries(1, 0);
 
-/// Entry 0: frames the wrapper restored; entry 1: its new-flow sequence.
-#[map(name = "LB_BENCH_STATS")]
-pub static LB_BENCH_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+/// The benchmark's new-flow sequence (see `lb_common::BenchControl`).
+#[map(name = "LB_BENCH_SEQ")]
+pub static LB_BENCH_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Adds one packet of `bytes` (and `new_flow`: 1 if it started a flow) to
 /// entry `index` of a traffic counter map.
@@ -104,10 +99,8 @@ pub fn count_traffic(map: &PerCpuArray<TrafficCounters>, index: u32, bytes: u64,
     }
 }
 
-/// Adds one to entry `index` of a per-CPU `u64` counter map.
+/// Counts a connection-table event in this CPU's [`Stats`].
 #[inline(always)]
-pub fn count(map: &PerCpuArray<u64>, index: u32) {
-    if let Some(c) = map.get_ptr_mut(index) {
-        unsafe { *c += 1 };
-    }
+pub fn count_event(stats: &mut Stats, event: FlowEvent) {
+    stats.flows[event as usize & (FLOW_EVENT_SLOTS - 1)] += 1;
 }

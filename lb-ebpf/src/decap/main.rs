@@ -21,7 +21,7 @@ use lb_common::{
     PROTO_IPV6,
 };
 use lb_ebpf::{
-    packet::{frame_len, ptr_at, ptr_at_mut, read_u32_even},
+    packet::{frame_len, ptr_at, ptr_at_mut, read_u32},
     parse::{ETH_P_IPV4, ETH_P_IPV6, l2_header},
 };
 use network_types::{
@@ -96,7 +96,7 @@ fn outer_ipv4(ctx: &XdpContext, l3: usize) -> Result<Tunnel, DecapReason> {
             u16::from_be_bytes((*ip).tot_len) as usize,
             u16::from_be_bytes((*ip).frags),
             (*ip).proto,
-            read_u32_even((*ip).dst_addr.as_ptr()),
+            read_u32((*ip).dst_addr.as_ptr()),
         )
     };
     if proto != PROTO_IPIP && proto != PROTO_IPV6 {
@@ -137,10 +137,10 @@ fn outer_ipv6(ctx: &XdpContext, l3: usize) -> Result<Tunnel, DecapReason> {
     let p = unsafe { (*ip).dst_addr.as_ptr() };
     let dst = unsafe {
         [
-            read_u32_even(p),
-            read_u32_even(p.add(4)),
-            read_u32_even(p.add(8)),
-            read_u32_even(p.add(12)),
+            read_u32(p),
+            read_u32(p.add(4)),
+            read_u32(p.add(8)),
+            read_u32(p.add(12)),
         ]
     };
     if !is_local(FAMILY_V6, dst) {

@@ -48,24 +48,22 @@ fn sum(values: &aya::maps::PerCpuValues<TrafficCounters>) -> TrafficCounters {
 }
 
 impl Dataplane {
-    /// Reads every counter (one map lookup per VIP, backend and reason).
+    /// Reads every counter (one map lookup per VIP and backend, and one for
+    /// the packet and connection-table counters).
     pub fn counters(&self) -> Result<Counters, DataplaneError> {
         let mut c = Counters::default();
-        for r in Reason::ALL {
-            let v = self
-                .maps
-                .reason_stats
-                .get(&(r as u32), 0)
-                .map_err(map_err(map_name::REASON_STATS))?;
-            c.reasons[r as usize] = v.iter().sum();
-        }
-        for e in FlowEvent::ALL {
-            let v = self
-                .maps
-                .flow_stats
-                .get(&(e as u32), 0)
-                .map_err(map_err(map_name::FLOW_STATS))?;
-            c.flows[e as usize] = v.iter().sum();
+        let per_cpu = self
+            .maps
+            .stats
+            .get(&0, 0)
+            .map_err(map_err(map_name::STATS))?;
+        for s in per_cpu.iter() {
+            for (sum, v) in c.reasons.iter_mut().zip(s.reasons) {
+                *sum += v;
+            }
+            for (sum, v) in c.flows.iter_mut().zip(s.flows) {
+                *sum += v;
+            }
         }
         for (addr, p) in &self.vips {
             let v = self

@@ -3,7 +3,7 @@
 //! and programs.
 //!
 //! Submodules: `vips` programs VIPs, backends and Maglev tables; `counters`
-//! reads the per-CPU counters; `bench` drives the benchmark wrapper.
+//! reads the per-CPU counters; `bench` drives the benchmark programs.
 
 mod bench;
 mod counters;
@@ -29,8 +29,8 @@ use aya::{
 use lb_common::{
     BackendInfo, CONFIG_ATTACHED_SKB, CONFIG_FRAGMENTS_PASS, CONFIG_ICMP_ECHO,
     CONFIG_NO_NEXTHOP_CACHE, CONFIG_TOO_BIG_ICMP, DataplaneConfig, FLOW_WAYS, LAYOUT_VERSION,
-    MaglevChunk, TrafficCounters, VipAddrKey, VipInfo, VipKey, addr_words, chunks_per_table,
-    flow_sets, map_name, program_name, syn_slots,
+    MaglevChunk, Stats, TrafficCounters, VipAddrKey, VipInfo, VipKey, addr_words, chunks_per_table,
+    flow_sets, idle_jiffies, map_name, program_name, renew_after, syn_slots,
 };
 
 pub use bench::{BenchMaps, BenchTarget};
@@ -90,6 +90,8 @@ pub enum DataplaneError {
     },
     #[error("reading the number of CPUs: {0}")]
     Cpus(String),
+    #[error("finding the kernel's tick rate (the connection table's clock): {0}")]
+    Clock(String),
     #[error("interface {0} does not exist")]
     NoInterface(String),
     #[error("cannot create the pin directory {dir} (is bpffs mounted on /sys/fs/bpf?)")]
@@ -223,10 +225,9 @@ struct Maps {
     maglev: Array<MapData, MaglevChunk>,
     config: Array<MapData, DataplaneConfig>,
     vip_filter: Array<MapData, u64>,
-    flow_stats: PerCpuArray<MapData, u64>,
+    stats: PerCpuArray<MapData, Stats>,
     vip_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
-    reason_stats: PerCpuArray<MapData, u64>,
     wrr_pos: PerCpuArray<MapData, u32>,
     scores: Array<MapData, u32>,
     vip_addrs: HashMap<MapData, VipAddrKey, u32>,
@@ -263,6 +264,8 @@ pub struct Dataplane {
     /// Current next-hop cache generation (`DataplaneConfig::nexthop_gen`).
     nexthop_gen: u32,
     nexthop_cache: bool,
+    /// The kernel's HZ: the unit of the connection table's clock.
+    hz: u32,
 }
 
 /// Turns on forwarding on `iface` for each family the balancer sends outer
@@ -472,16 +475,16 @@ impl Dataplane {
             maglev: typed!(map_name::MAGLEV),
             config: typed!(map_name::CONFIG),
             vip_filter: typed!(map_name::VIP_FILTER),
-            flow_stats: typed!(map_name::FLOW_STATS),
+            stats: typed!(map_name::STATS),
             vip_stats: typed!(map_name::VIP_STATS),
             backend_stats: typed!(map_name::BACKEND_STATS),
-            reason_stats: typed!(map_name::REASON_STATS),
             wrr_pos: typed!(map_name::WRR_POS),
             scores: typed!(map_name::SCORES),
             vip_addrs: typed!(map_name::VIP_ADDRS),
         };
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| DataplaneError::Cpus(format!("{what}: {e}")))?;
+        let hz = crate::host::kernel_hz().map_err(DataplaneError::Clock)?;
         let mut dp = Dataplane {
             ebpf,
             maps,
@@ -498,6 +501,7 @@ impl Dataplane {
             ifindex: 0,
             nexthop_gen: 1,
             nexthop_cache: true,
+            hz,
             pin_dir: pin_dir.map(Path::to_path_buf),
             pinned_link: None,
             adopted: adopt,
@@ -584,6 +588,8 @@ impl Dataplane {
 
     fn write_config(&mut self) -> Result<(), DataplaneError> {
         let s = &self.settings;
+        let tcp_idle = idle_jiffies(s.tcp_idle.as_nanos() as u64, self.hz);
+        let udp_idle = idle_jiffies(s.udp_idle.as_nanos() as u64, self.hz);
         let cfg = DataplaneConfig {
             src_v4: s.source_v4.map_or(0, |a| addr_words(a.into()).1[0]),
             src_v6: s.source_v6.map_or([0; 4], |a| addr_words(a.into()).1),
@@ -612,8 +618,10 @@ impl Dataplane {
             layout_version: LAYOUT_VERSION,
             ifindex: self.ifindex,
             flow_set_mask: flow_sets(s.flows) - 1,
-            tcp_idle_ns: s.tcp_idle.as_nanos() as u64,
-            udp_idle_ns: s.udp_idle.as_nanos() as u64,
+            tcp_idle,
+            udp_idle,
+            tcp_renew: renew_after(tcp_idle, self.hz),
+            udp_renew: renew_after(udp_idle, self.hz),
             syn_set_mask: flow_sets(syn_slots(s.flows)) - 1,
             _pad: 0,
         };

@@ -14,10 +14,10 @@ use std::{
 
 use aya::maps::{Array, Map, MapData, MapInfo, MapType};
 use lb_common::{
-    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FLOW_EVENT_COUNT, FlowSet,
-    LAYOUT_VERSION, MaglevChunk, NextHop, PROTO_TCP, PROTO_UDP, REASON_COUNT, SYN_SEEN_WORDS,
-    TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipAddrKey, VipInfo, VipKey,
-    chunks_per_table, flow_sets, map_name, syn_slots, words_addr,
+    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FlowSet, LAYOUT_VERSION,
+    MaglevChunk, NextHop, PROTO_TCP, PROTO_UDP, SYN_SEEN_WORDS, Stats, TrafficCounters,
+    VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipAddrKey, VipInfo, VipKey, chunks_per_table, flow_sets,
+    map_name, syn_slots, words_addr,
 };
 
 use super::{Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
@@ -59,7 +59,7 @@ struct Shape {
 }
 
 /// The maps a state directory must hold, shaped for these settings.
-fn expected(settings: &BalancerSettings) -> [Shape; 16] {
+fn expected(settings: &BalancerSettings) -> [Shape; 15] {
     use std::mem::size_of;
     let shape = |name, kind, key, value, max, flags| Shape {
         name,
@@ -155,19 +155,11 @@ fn expected(settings: &BalancerSettings) -> [Shape; 16] {
             0,
         ),
         shape(
-            map_name::REASON_STATS,
+            map_name::STATS,
             MapType::PerCpuArray,
             4,
-            8,
-            REASON_COUNT,
-            0,
-        ),
-        shape(
-            map_name::FLOW_STATS,
-            MapType::PerCpuArray,
-            4,
-            8,
-            FLOW_EVENT_COUNT,
+            size_of::<Stats>(),
+            1,
             0,
         ),
         shape(map_name::WRR_POS, MapType::PerCpuArray, 4, 4, vips, 0),
