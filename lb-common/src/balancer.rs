@@ -227,6 +227,54 @@ pub struct DataplaneConfig {
 }
 const _: () = assert!(size_of::<DataplaneConfig>() == 72);
 
+impl DataplaneConfig {
+    /// All zero (a `const` [`Default`]).
+    pub const ZERO: DataplaneConfig = DataplaneConfig {
+        src_v4: 0,
+        src_v6: [0; 4],
+        mtu: 0,
+        table_size: 0,
+        nexthop_gen: 0,
+        flags: 0,
+        layout_version: 0,
+        ifindex: 0,
+        flow_set_mask: 0,
+        tcp_idle: 0,
+        udp_idle: 0,
+        tcp_renew: 0,
+        udp_renew: 0,
+        syn_set_mask: 0,
+        _pad: 0,
+    };
+}
+
+/// What the data path reads on every packet and only `lbd` writes: the
+/// settings and the VIP address filter. They live in the balancer object's
+/// global data (section [`GLOBALS_SECTION`], a one-value array map the
+/// program addresses directly), so reading them takes no map lookup. Not
+/// pinned: every loaded program has its own copy, which `lbd` fills before
+/// the program is attached or replaces a running one. (`LB_CONFIG`, pinned,
+/// keeps the settings as a record for a restarted `lbd`.)
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Globals {
+    pub config: DataplaneConfig,
+    /// Bitmap over `vip_filter_slot` of the VIP addresses: a clear bit
+    /// means no VIP has an address that falls on it.
+    pub vip_filter: [u64; VIP_FILTER_WORDS as usize],
+}
+
+impl Globals {
+    /// Zeroed: no VIPs, no settings.
+    pub const ZERO: Globals = Globals {
+        config: DataplaneConfig::ZERO,
+        vip_filter: [0; VIP_FILTER_WORDS as usize],
+    };
+}
+
+/// Section (and map name) of [`Globals`] in the balancer object.
+pub const GLOBALS_SECTION: &str = ".data.lb_globals";
+
 /// A cached FIB result towards one backend, per CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

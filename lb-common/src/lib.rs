@@ -85,6 +85,7 @@ mod pod {
     unsafe impl aya::Pod for BackendInfo {}
     unsafe impl aya::Pod for MaglevChunk {}
     unsafe impl aya::Pod for DataplaneConfig {}
+    unsafe impl aya::Pod for Globals {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for TrafficCounters {}
     unsafe impl aya::Pod for Stats {}

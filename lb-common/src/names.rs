@@ -9,10 +9,9 @@ pub mod map_name {
     pub const BACKENDS: &str = "LB_BACKENDS";
     /// `Array<MaglevChunk>`: every VIP's two Maglev tables, in chunks.
     pub const MAGLEV: &str = "LB_MAGLEV";
-    /// `Array<DataplaneConfig>` with one entry.
+    /// `Array<DataplaneConfig>` with one entry: the settings as last written
+    /// (the data path reads its copy in `Globals`).
     pub const CONFIG: &str = "LB_CONFIG";
-    /// `Array<u64>`: bitmap of VIP addresses, see `vip_filter_slot`.
-    pub const VIP_FILTER: &str = "LB_VIP_FILTER";
     /// `Array<FlowSet>`: the connection table.
     pub const FLOWS: &str = "LB_FLOWS";
     /// `Array<FlowSet>`: the handshake table (SYNs until their next packet).
@@ -44,12 +43,11 @@ pub mod map_name {
 
     /// The maps that hold the balancer's state: pinned, so a restarted `lbd`
     /// adopts them (the benchmark's maps are not state).
-    pub const STATE: [&str; 15] = [
+    pub const STATE: [&str; 14] = [
         VIPS,
         BACKENDS,
         MAGLEV,
         CONFIG,
-        VIP_FILTER,
         FLOWS,
         SYN_FLOWS,
         SYN_SEEN,

@@ -23,7 +23,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr};
 use crate::{
     encap,
     maps::{
-        LB_BACKEND_STATS, LB_BACKENDS, LB_VIP_ADDRS, LB_VIP_FILTER, LB_VIP_STATS, count_traffic,
+        LB_BACKEND_STATS, LB_BACKENDS, LB_VIP_ADDRS, LB_VIP_STATS, count_traffic, vip_filter_has,
     },
 };
 
@@ -51,7 +51,7 @@ pub fn is_vip_addr(family: u8, addr: &[u32; 4]) -> bool {
 #[inline(always)]
 pub fn handle(ctx: &XdpContext, i: &Icmp, cfg: &DataplaneConfig) -> Result<Reason, Reason> {
     let (word, bit) = vip_filter_slot(&i.dst);
-    if LB_VIP_FILTER.get(word).is_none_or(|w| w & bit == 0) {
+    if !vip_filter_has(word, bit) {
         return Err(Reason::NotTcpUdp);
     }
     let v6 = i.family == FAMILY_V6;
@@ -414,7 +414,7 @@ pub fn send_too_big(ctx: &XdpContext, pkt: &Packet, mtu: u32, frame: usize) -> R
 #[inline(always)]
 pub fn fragment_to_vip(family: u8, dst: &[u32; 4]) -> bool {
     let (word, bit) = vip_filter_slot(dst);
-    LB_VIP_FILTER.get(word).is_some_and(|w| w & bit != 0) && is_vip_addr(family, dst)
+    vip_filter_has(word, bit) && is_vip_addr(family, dst)
 }
 
 const _: () = assert!(TOO_BIG_QUOTE % 4 == 0);

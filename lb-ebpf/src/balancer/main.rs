@@ -82,7 +82,7 @@ fn try_balance(ctx: &XdpContext, stats: &mut Stats) -> Result<Reason, Reason> {
     let pkt = match parse(ctx)? {
         Parsed::Flow(pkt) => pkt,
         Parsed::Icmp(i) => {
-            let cfg = LB_CONFIG.get(0).ok_or(Reason::NoBackend)?;
+            let cfg = config();
             return icmp::handle(ctx, &i, cfg);
         }
         Parsed::Fragment { family, dst } => {
@@ -90,7 +90,7 @@ fn try_balance(ctx: &XdpContext, stats: &mut Stats) -> Result<Reason, Reason> {
             if !icmp::fragment_to_vip(family, &dst) {
                 return Err(Reason::Fragment);
             }
-            let cfg = LB_CONFIG.get(0).ok_or(Reason::NoBackend)?;
+            let cfg = config();
             return Err(if cfg.flags & CONFIG_FRAGMENTS_PASS != 0 {
                 Reason::Fragment
             } else {
@@ -126,10 +126,10 @@ fn forward<const V6: bool>(
     }
     // Addresses without any VIP stop here, after one array read.
     let (word, bit) = vip_filter_slot(&pkt.flow.dst);
-    if LB_VIP_FILTER.get(word).is_none_or(|w| w & bit == 0) {
+    if !vip_filter_has(word, bit) {
         return Err(Reason::NotVip);
     }
-    let cfg = LB_CONFIG.get(0).ok_or(Reason::NoBackend)?;
+    let cfg = config();
     let now = conntrack::now();
     // The packet's one hash: connection-table set and tag, Maglev, and the
     // IPv6 outer header's flow label.

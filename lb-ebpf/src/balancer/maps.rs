@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendInfo, BenchControl, DEFAULT_FLOWS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-    DEFAULT_TABLE_SIZE, DataplaneConfig, FLOW_EVENT_SLOTS, FlowEvent, FlowSet, MaglevChunk,
-    NextHop, SYN_SEEN_WORDS, Stats, TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipAddrKey,
-    VipInfo, VipKey, chunks_per_table, flow_sets, syn_slots,
+    DEFAULT_TABLE_SIZE, DataplaneConfig, FLOW_EVENT_SLOTS, FlowEvent, FlowSet, Globals,
+    MaglevChunk, NextHop, SYN_SEEN_WORDS, Stats, TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS,
+    VipAddrKey, VipInfo, VipKey, chunks_per_table, flow_sets, syn_slots,
 };
 
 /// No preallocation: replacing a value is an RCU swap (see `VipInfo`).
@@ -17,8 +17,29 @@ use lb_common::{
 pub static LB_VIPS: HashMap<VipKey, VipInfo> =
     HashMap::with_max_entries(DEFAULT_MAX_VIPS, VIPS_MAP_FLAGS);
 
-#[map(name = "LB_VIP_FILTER")]
-pub static LB_VIP_FILTER: Array<u64> = Array::with_max_entries(VIP_FILTER_WORDS, 0);
+/// The settings and the VIP address filter (see `lb_common::Globals`):
+/// global data, read without a map lookup. The section name must equal
+/// `lb_common::GLOBALS_SECTION`.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".data.lb_globals")]
+static mut LB_GLOBALS: Globals = Globals::ZERO;
+
+/// The settings (`lbd` writes them; see `lb_common::Globals`).
+#[inline(always)]
+pub fn config() -> &'static DataplaneConfig {
+    // SAFETY: only lbd writes the value (through the map); the program
+    // reads it.
+    unsafe { &(*(&raw const LB_GLOBALS)).config }
+}
+
+/// Whether the VIP filter has bit `bit` of word `word`
+/// (`lb_common::vip_filter_slot`).
+#[inline(always)]
+pub fn vip_filter_has(word: u32, bit: u64) -> bool {
+    // SAFETY: as in `config`; the mask keeps the index in the array.
+    let filter = unsafe { &(*(&raw const LB_GLOBALS)).vip_filter };
+    filter[word as usize & (VIP_FILTER_WORDS as usize - 1)] & bit != 0
+}
 
 /// The connection table: one cache-line set per entry (see
 /// `lb_common::FlowSet`), shared by all CPUs. Preallocated: memory is fixed
@@ -50,6 +71,9 @@ pub static LB_MAGLEV: Array<MaglevChunk> = Array::with_max_entries(
     0,
 );
 
+/// The settings as `lbd` last wrote them, pinned: the record a restarted
+/// `lbd` checks and adopts. The data path reads its own copy in
+/// [`config`].
 #[map(name = "LB_CONFIG")]
 pub static LB_CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
 

@@ -28,9 +28,10 @@ use aya::{
 };
 use lb_common::{
     BackendInfo, CONFIG_ATTACHED_SKB, CONFIG_FRAGMENTS_PASS, CONFIG_ICMP_ECHO,
-    CONFIG_NO_NEXTHOP_CACHE, CONFIG_TOO_BIG_ICMP, DataplaneConfig, FLOW_WAYS, LAYOUT_VERSION,
-    MaglevChunk, Stats, TrafficCounters, VipAddrKey, VipInfo, VipKey, addr_words, chunks_per_table,
-    flow_sets, idle_jiffies, map_name, program_name, renew_after, syn_slots,
+    CONFIG_NO_NEXTHOP_CACHE, CONFIG_TOO_BIG_ICMP, DataplaneConfig, FLOW_WAYS, GLOBALS_SECTION,
+    Globals, LAYOUT_VERSION, MaglevChunk, Stats, TrafficCounters, VipAddrKey, VipInfo, VipKey,
+    addr_words, chunks_per_table, flow_sets, idle_jiffies, map_name, program_name, renew_after,
+    syn_slots,
 };
 
 pub use bench::{BenchMaps, BenchTarget};
@@ -224,7 +225,9 @@ struct Maps {
     backends: Array<MapData, BackendInfo>,
     maglev: Array<MapData, MaglevChunk>,
     config: Array<MapData, DataplaneConfig>,
-    vip_filter: Array<MapData, u64>,
+    /// The data path's settings and VIP filter (not pinned; see
+    /// `lb_common::Globals`).
+    globals: Array<MapData, Globals>,
     stats: PerCpuArray<MapData, Stats>,
     vip_stats: PerCpuArray<MapData, TrafficCounters>,
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
@@ -266,6 +269,8 @@ pub struct Dataplane {
     nexthop_cache: bool,
     /// The kernel's HZ: the unit of the connection table's clock.
     hz: u32,
+    /// What `maps.globals` holds.
+    globals: Box<Globals>,
 }
 
 /// Turns on forwarding on `iface` for each family the balancer sends outer
@@ -474,7 +479,7 @@ impl Dataplane {
             backends: typed!(map_name::BACKENDS),
             maglev: typed!(map_name::MAGLEV),
             config: typed!(map_name::CONFIG),
-            vip_filter: typed!(map_name::VIP_FILTER),
+            globals: typed!(GLOBALS_SECTION),
             stats: typed!(map_name::STATS),
             vip_stats: typed!(map_name::VIP_STATS),
             backend_stats: typed!(map_name::BACKEND_STATS),
@@ -502,6 +507,7 @@ impl Dataplane {
             nexthop_gen: 1,
             nexthop_cache: true,
             hz,
+            globals: Box::new(Globals::ZERO),
             pin_dir: pin_dir.map(Path::to_path_buf),
             pinned_link: None,
             adopted: adopt,
@@ -511,6 +517,13 @@ impl Dataplane {
         if adopt {
             dp.recover()?;
             dp.nexthop_gen = dp.nexthop_gen.wrapping_add(1).max(1);
+            // This program's filter is empty: rebuild it from the adopted
+            // VIPs before the program runs.
+            let addrs: Vec<IpAddr> = dp.vips.keys().map(|v| v.addr).collect();
+            for a in addrs {
+                let (word, bit) = lb_common::vip_filter_slot(&addr_words(a).1);
+                dp.globals.vip_filter[word as usize] |= bit;
+            }
         }
         dp.write_config()?;
         Ok(dp)
@@ -628,7 +641,17 @@ impl Dataplane {
         self.maps
             .config
             .set(0, cfg, 0)
-            .map_err(map_err(map_name::CONFIG))
+            .map_err(map_err(map_name::CONFIG))?;
+        self.globals.config = cfg;
+        self.write_globals()
+    }
+
+    /// Writes the data path's copy of the settings and the VIP filter.
+    fn write_globals(&mut self) -> Result<(), DataplaneError> {
+        self.maps
+            .globals
+            .set(0, *self.globals, 0)
+            .map_err(map_err(GLOBALS_SECTION))
     }
 
     /// Starts a new next-hop cache generation: every CPU looks its next hops

@@ -16,8 +16,8 @@ use aya::maps::{Array, Map, MapData, MapInfo, MapType};
 use lb_common::{
     BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FlowSet, LAYOUT_VERSION,
     MaglevChunk, NextHop, PROTO_TCP, PROTO_UDP, SYN_SEEN_WORDS, Stats, TrafficCounters,
-    VIP_FILTER_WORDS, VIPS_MAP_FLAGS, VipAddrKey, VipInfo, VipKey, chunks_per_table, flow_sets,
-    map_name, syn_slots, words_addr,
+    VIPS_MAP_FLAGS, VipAddrKey, VipInfo, VipKey, chunks_per_table, flow_sets, map_name, syn_slots,
+    words_addr,
 };
 
 use super::{Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
@@ -59,7 +59,7 @@ struct Shape {
 }
 
 /// The maps a state directory must hold, shaped for these settings.
-fn expected(settings: &BalancerSettings) -> [Shape; 15] {
+fn expected(settings: &BalancerSettings) -> [Shape; 14] {
     use std::mem::size_of;
     let shape = |name, kind, key, value, max, flags| Shape {
         name,
@@ -103,14 +103,6 @@ fn expected(settings: &BalancerSettings) -> [Shape; 15] {
             4,
             size_of::<DataplaneConfig>(),
             1,
-            0,
-        ),
-        shape(
-            map_name::VIP_FILTER,
-            MapType::Array,
-            4,
-            8,
-            VIP_FILTER_WORDS,
             0,
         ),
         shape(

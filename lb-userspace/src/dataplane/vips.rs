@@ -525,10 +525,8 @@ impl Dataplane {
             .map(|a| vip_filter_slot(&addr_words(a).1))
             .filter(|(w, _)| *w == word)
             .fold(0u64, |acc, (_, bit)| acc | bit);
-        self.maps
-            .vip_filter
-            .set(word, value, 0)
-            .map_err(map_err(map_name::VIP_FILTER))
+        self.globals.vip_filter[word as usize] = value;
+        self.write_globals()
     }
 
     /// Brings `addr`'s entry in the VIP address set in line with the VIPs
