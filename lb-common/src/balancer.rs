@@ -355,6 +355,13 @@ pub struct BenchControl {
 const _: () = assert!(size_of::<BenchControl>() == 32);
 
 impl BenchControl {
+    /// All zero.
+    pub const ZERO: BenchControl = BenchControl {
+        l2: [0; 3],
+        l2_len: 0,
+        seq_offset: 0,
+    };
+
     /// `l2` (at most 24 bytes) as [`BenchControl::l2`] words.
     pub fn l2_words(l2: &[u8]) -> [u64; 3] {
         let mut bytes = [0u8; 24];

@@ -36,8 +36,9 @@ pub mod map_name {
     /// `Array<u32>` indexed by backend id: load scores for least-load (lower
     /// is less loaded).
     pub const SCORES: &str = "LB_SCORES";
-    /// Benchmark only: `Array<BenchControl>` with one entry.
-    pub const BENCH_CONTROL: &str = "LB_BENCH_CONTROL";
+    /// Benchmark only: the `BenchControl` in the object's global data (its
+    /// section, a one-value array map).
+    pub const BENCH_CONTROL: &str = ".data.lb_bench";
     /// Benchmark only: `PerCpuArray<u64>`, the new-flow sequence.
     pub const BENCH_SEQ: &str = "LB_BENCH_SEQ";
 

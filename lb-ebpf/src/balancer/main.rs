@@ -303,9 +303,7 @@ pub fn lb_bench_floor(ctx: XdpContext) -> u32 {
 /// the measurement carries no tail call). `false` if it could not.
 #[inline(always)]
 fn restore(ctx: &XdpContext) -> bool {
-    let Some(ctl) = LB_BENCH_CONTROL.get(0) else {
-        return false;
-    };
+    let ctl = bench_control();
     let vlan = ctl.l2_len as usize != EthHdr::LEN;
     let l2_len = if vlan { EthHdr::LEN + 4 } else { EthHdr::LEN };
     if let Some(outer) = outer_header_len(ctx, l2_len) {
