@@ -435,6 +435,7 @@ fn xdp_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
                     results.insert((*key).into(), ns);
                     let name = key.trim_start_matches("xdp_ns.");
                     results.insert(format!("xdp_x_floor.{name}"), ratio);
+                    results.insert(format!("xdp_ns_min.{name}"), lo);
                 }
             }
         }
