@@ -86,15 +86,71 @@ pub fn l2_header(ctx: &XdpContext) -> Option<(u16, usize)> {
     Some((unsafe { (*vlan).ether_type }, EthHdr::LEN + VlanHdr::LEN))
 }
 
+/// Bytes of the fast path's header block: Ethernet, IPv4 without options,
+/// TCP.
+const FAST_BLOCK: usize = EthHdr::LEN + Ipv4Hdr::LEN + TcpHdr::LEN;
+
 /// Parses the frame in `ctx`.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Parsed, Reason> {
+    if let Some(pkt) = parse_fast(ctx) {
+        return Ok(Parsed::Flow(pkt));
+    }
     let (ether_type, l2_len) = l2_header(ctx).ok_or(Reason::Malformed)?;
     match ether_type {
         ETH_P_IPV4 => parse_ipv4(ctx, l2_len),
         ETH_P_IPV6 => parse_ipv6(ctx, l2_len),
         // Includes a second VLAN tag: we handle at most one.
         _ => Err(Reason::NotIp),
+    }
+}
+
+/// The common case with one bounds check: an untagged IPv4 packet without
+/// options or fragmentation carrying TCP or UDP, in a frame that holds at
+/// least [`FAST_BLOCK`] bytes. `None` for anything else (including every
+/// malformed packet), which the general path then judges.
+#[inline(always)]
+fn parse_fast(ctx: &XdpContext) -> Option<Packet> {
+    let p = ptr_at::<[u8; FAST_BLOCK]>(ctx, 0)? as *const u8;
+    // SAFETY: every read below lies inside the checked block.
+    unsafe {
+        let ether_type = u16::from_ne_bytes([*p.add(12), *p.add(13)]);
+        if ether_type != ETH_P_IPV4 || *p.add(14) != 0x45 {
+            return None;
+        }
+        let proto = *p.add(23);
+        let l4_len = match proto {
+            PROTO_TCP => TcpHdr::LEN,
+            PROTO_UDP => UdpHdr::LEN,
+            _ => return None,
+        };
+        let frags = u16::from_be_bytes([*p.add(20), *p.add(21)]);
+        let tot_len = u16::from_be_bytes([*p.add(16), *p.add(17)]) as usize;
+        if frags & IPV4_MF_OFFSET_MASK != 0
+            || tot_len < Ipv4Hdr::LEN + l4_len
+            || EthHdr::LEN + tot_len > frame_len(ctx)
+        {
+            return None;
+        }
+        let l4 = EthHdr::LEN + Ipv4Hdr::LEN;
+        Some(Packet {
+            l2_len: EthHdr::LEN,
+            ip_len: tot_len,
+            tos: *p.add(15),
+            tcp_flags: if proto == PROTO_TCP {
+                *p.add(l4 + 13)
+            } else {
+                0
+            },
+            flow: FlowKey {
+                src: [read_u32(p.add(26)), 0, 0, 0],
+                dst: [read_u32(p.add(30)), 0, 0, 0],
+                ports: read_u32(p.add(l4)),
+                proto,
+                family: FAMILY_V4,
+                _pad: [0; 2],
+            },
+        })
     }
 }
 
