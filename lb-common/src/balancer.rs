@@ -186,7 +186,9 @@ pub struct VipAddrKey {
 }
 const _: () = assert!(size_of::<VipAddrKey>() == 20);
 
-/// The data plane's global settings (single entry of the config map).
+/// The data plane's global settings: the data path reads them in
+/// [`Globals`]; `LB_CONFIG` (one entry, pinned) keeps the same value as the
+/// record a restarted `lbd` checks.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DataplaneConfig {

@@ -115,3 +115,35 @@ pub unsafe fn write_u64(p: *mut u8, v: u64) {
         core::ptr::write_unaligned(p as *mut u64, v)
     }
 }
+
+/// Reads the 16 bytes of an IPv6 address at `p` as four native words (the
+/// bytes in wire order), one load each.
+///
+/// # Safety
+/// Sixteen readable bytes follow `p`.
+#[inline(always)]
+pub unsafe fn read_addr6(p: *const u8) -> [u32; 4] {
+    unsafe {
+        [
+            read_u32(p),
+            read_u32(p.add(4)),
+            read_u32(p.add(8)),
+            read_u32(p.add(12)),
+        ]
+    }
+}
+
+/// Writes an IPv6 address (four native words holding bytes in wire order)
+/// at `p`; the counterpart of [`read_addr6`].
+///
+/// # Safety
+/// Sixteen writable bytes follow `p`.
+#[inline(always)]
+pub unsafe fn write_addr6(p: *mut u8, a: [u32; 4]) {
+    unsafe {
+        write_u32(p, a[0]);
+        write_u32(p.add(4), a[1]);
+        write_u32(p.add(8), a[2]);
+        write_u32(p.add(12), a[3]);
+    }
+}

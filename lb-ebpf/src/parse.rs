@@ -19,7 +19,7 @@ use network_types::{
     vlan::VlanHdr,
 };
 
-use crate::packet::{frame_len, ptr_at, read_u32};
+use crate::packet::{frame_len, ptr_at, read_addr6, read_u32};
 
 /// Ether types as they sit in the header (network order read natively).
 pub const ETH_P_IPV4: u16 = EtherType::Ipv4 as u16;
@@ -382,17 +382,5 @@ fn read_l4(ctx: &XdpContext, l4: usize, proto: u8) -> Result<(u32, u8), Reason> 
     } else {
         let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Reason::Malformed)?;
         Ok((unsafe { read_u32(udp as *const u8) }, 0))
-    }
-}
-
-#[inline(always)]
-unsafe fn read_addr6(p: *const u8) -> [u32; 4] {
-    unsafe {
-        [
-            read_u32(p),
-            read_u32(p.add(4)),
-            read_u32(p.add(8)),
-            read_u32(p.add(12)),
-        ]
     }
 }

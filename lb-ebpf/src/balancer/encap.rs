@@ -21,7 +21,7 @@ use lb_common::{
 use crate::maps::LB_NEXTHOPS;
 use lb_ebpf::{
     csum::outer_ipv4_csum,
-    packet::{ptr_at_mut, write_u32, write_u64},
+    packet::{ptr_at_mut, write_addr6, write_u32, write_u64},
     parse::Packet,
 };
 use network_types::{
@@ -209,12 +209,8 @@ pub fn encapsulate(
             (*ip).payload_len = (pkt.ip_len as u16).to_be_bytes();
             (*ip).next_hdr = inner_proto;
             (*ip).hop_limit = OUTER_TTL;
-            let src = (*ip).src_addr.as_mut_ptr();
-            let dst = (*ip).dst_addr.as_mut_ptr();
-            for i in 0..4 {
-                write_u32(src.add(i * 4), cfg.src_v6[i]);
-                write_u32(dst.add(i * 4), backend.addr[i]);
-            }
+            write_addr6((*ip).src_addr.as_mut_ptr(), cfg.src_v6);
+            write_addr6((*ip).dst_addr.as_mut_ptr(), backend.addr);
         }
     }
     Ok(())

@@ -15,7 +15,7 @@ use lb_common::{
 };
 use lb_ebpf::{
     csum::{fold, ipv4_header_csum},
-    packet::{frame_len, ptr_at, ptr_at_mut, read_u32, write_u32},
+    packet::{frame_len, ptr_at, ptr_at_mut, read_addr6, read_u32, write_addr6, write_u32},
     parse::{Icmp, PROTO_ICMP, PROTO_ICMPV6, Packet},
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr};
@@ -173,21 +173,9 @@ fn quoted_flow(ctx: &XdpContext, i: &Icmp) -> Result<FlowKey, Reason> {
     } else {
         let ip: *const Ipv6Hdr = ptr_at(ctx, inner).ok_or(Reason::Malformed)?;
         let (s, d, next) = unsafe {
-            let s = (*ip).src_addr.as_ptr();
-            let d = (*ip).dst_addr.as_ptr();
             (
-                [
-                    read_u32(s),
-                    read_u32(s.add(4)),
-                    read_u32(s.add(8)),
-                    read_u32(s.add(12)),
-                ],
-                [
-                    read_u32(d),
-                    read_u32(d.add(4)),
-                    read_u32(d.add(8)),
-                    read_u32(d.add(12)),
-                ],
+                read_addr6((*ip).src_addr.as_ptr()),
+                read_addr6((*ip).dst_addr.as_ptr()),
                 (*ip).next_hdr,
             )
         };
@@ -360,12 +348,8 @@ pub fn send_too_big(ctx: &XdpContext, pkt: &Packet, mtu: u32, frame: usize) -> R
             (*ip).next_hdr = PROTO_ICMPV6;
             (*ip).hop_limit = 64;
             let (src, dst) = (pkt.flow.dst, pkt.flow.src);
-            let s = (*ip).src_addr.as_mut_ptr();
-            let d = (*ip).dst_addr.as_mut_ptr();
-            for k in 0..4 {
-                write_u32(s.add(k * 4), src[k]);
-                write_u32(d.add(k * 4), dst[k]);
-            }
+            write_addr6((*ip).src_addr.as_mut_ptr(), src);
+            write_addr6((*ip).dst_addr.as_mut_ptr(), dst);
             let m = mtu.to_be_bytes();
             *h = [ICMPV6_TOO_BIG, 0, 0, 0, m[0], m[1], m[2], m[3]];
             let mut sum = quote_sum + sum_words(&src) + sum_words(&dst);

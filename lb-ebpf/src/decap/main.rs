@@ -21,7 +21,7 @@ use lb_common::{
     PROTO_IPV6,
 };
 use lb_ebpf::{
-    packet::{frame_len, ptr_at, ptr_at_mut, read_u32},
+    packet::{frame_len, ptr_at, ptr_at_mut, read_addr6, read_u32},
     parse::{ETH_P_IPV4, ETH_P_IPV6, l2_header},
 };
 use network_types::{
@@ -134,15 +134,7 @@ fn outer_ipv6(ctx: &XdpContext, l3: usize) -> Result<Tunnel, DecapReason> {
     if next != PROTO_IPIP && next != PROTO_IPV6 {
         return Err(DecapReason::NotTunnel);
     }
-    let p = unsafe { (*ip).dst_addr.as_ptr() };
-    let dst = unsafe {
-        [
-            read_u32(p),
-            read_u32(p.add(4)),
-            read_u32(p.add(8)),
-            read_u32(p.add(12)),
-        ]
-    };
+    let dst = unsafe { read_addr6((*ip).dst_addr.as_ptr()) };
     if !is_local(FAMILY_V6, dst) {
         return Err(DecapReason::NotLocal);
     }
