@@ -8,7 +8,7 @@ use etherparse::{
     IpHeaders, IpNumber, Ipv4Header, Ipv4HeaderSlice, Ipv6Header, PacketBuilder, PacketBuilderStep,
     VlanId,
 };
-use lb::vip::Protocol;
+use lb::desired::vip::Protocol;
 use lb_common::{FlowKey, addr_words};
 
 /// Source MAC of every test client.

@@ -18,7 +18,7 @@
 use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::Result;
-use lb::{config, dataplane::Decapsulator};
+use lb::{dataplane::Decapsulator, desired::config};
 use lb_common::{DecapReason, Reason, xdp_action};
 
 use crate::{
@@ -116,21 +116,36 @@ fn templates(lab: &PacketLab, rng: &mut SplitMix) -> Vec<Vec<u8>> {
     let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
     let mut out = Vec::new();
     let flows = [
-        ("198.18.0.9", "203.0.113.10", 80, lb::vip::Protocol::Tcp),
-        ("198.18.0.9", "203.0.113.10", 53, lb::vip::Protocol::Udp),
+        (
+            "198.18.0.9",
+            "203.0.113.10",
+            80,
+            lb::desired::vip::Protocol::Tcp,
+        ),
+        (
+            "198.18.0.9",
+            "203.0.113.10",
+            53,
+            lb::desired::vip::Protocol::Udp,
+        ),
         (
             "2001:db8:99::9",
             "2001:db8:10::1",
             443,
-            lb::vip::Protocol::Tcp,
+            lb::desired::vip::Protocol::Tcp,
         ),
         (
             "2001:db8:99::9",
             "2001:db8:10::1",
             5353,
-            lb::vip::Protocol::Udp,
+            lb::desired::vip::Protocol::Udp,
         ),
-        ("198.18.0.9", "198.51.100.1", 80, lb::vip::Protocol::Tcp),
+        (
+            "198.18.0.9",
+            "198.51.100.1",
+            80,
+            lb::desired::vip::Protocol::Tcp,
+        ),
     ];
     for (src, dst, dport, protocol) in flows {
         let f = Flow {
@@ -187,7 +202,7 @@ fn templates(lab: &PacketLab, rng: &mut SplitMix) -> Vec<Vec<u8>> {
             dst: ip(client),
             sport: if vip.contains(':') { 443 } else { 80 },
             dport: 40000,
-            protocol: lb::vip::Protocol::Tcp,
+            protocol: lb::desired::vip::Protocol::Tcp,
         };
         let quoted = ip_packet(&frames::build(&reply, &FrameSpec::default())).to_vec();
         let router = if vip.contains(':') {
@@ -213,7 +228,7 @@ fn templates(lab: &PacketLab, rng: &mut SplitMix) -> Vec<Vec<u8>> {
             dst: ip("203.0.113.10"),
             sport: 1,
             dport: 80,
-            protocol: lb::vip::Protocol::Tcp,
+            protocol: lb::desired::vip::Protocol::Tcp,
         },
         FrameSpec {
             payload: nested[14..].to_vec(),

@@ -9,8 +9,8 @@ use std::net::IpAddr;
 
 use anyhow::{Context, Result};
 use lb::{
-    config,
     dataplane::{self, Dataplane},
+    desired::config,
 };
 
 use crate::{

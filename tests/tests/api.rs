@@ -9,7 +9,7 @@ use std::{
     process::{Command, Output},
 };
 
-use lb::client::{Endpoint, Response};
+use lb::control::client::{Endpoint, Response};
 use lb_tests::lab::{API_TCP, API_TOKEN, Lab, LabSpec, binary_path, client::http_get, in_ns};
 use serde_json::{Value, json};
 

@@ -13,8 +13,8 @@ use std::{
 };
 
 use lb::{
+    desired::vip::{Backend, Protocol, Vip, VipAddr},
     maglev::{MaglevBackend, MaglevTable},
-    vip::{Backend, Protocol, Vip, VipAddr},
 };
 use lb_common::{DEFAULT_TABLE_SIZE, flow_hash, maglev_position, xdp_action};
 use lb_tests::{

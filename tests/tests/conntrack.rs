@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr, thread, time::Duration};
 
-use lb::vip::{Backend, DownPolicy, Protocol, Vip, VipAddr};
+use lb::desired::vip::{Backend, DownPolicy, Protocol, Vip, VipAddr};
 use lb_common::{FlowEvent, xdp_action};
 use lb_tests::{
     SplitMix,

@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use lb::{dataplane::Decapsulator, vip::Protocol};
+use lb::{dataplane::Decapsulator, desired::vip::Protocol};
 use lb_common::{DecapReason, xdp_action};
 use lb_tests::{
     SplitMix,

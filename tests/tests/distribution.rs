@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use lb::vip::Protocol;
+use lb::desired::vip::Protocol;
 use lb_common::xdp_action;
 use lb_tests::{
     SplitMix,

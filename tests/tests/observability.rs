@@ -12,10 +12,10 @@ use std::{
 };
 
 use lb::{
-    config,
-    controller::{Scrape, Snapshot},
-    metrics,
-    vip::{Protocol, VipAddr},
+    control::controller::{Scrape, Snapshot},
+    control::metrics,
+    desired::config,
+    desired::vip::{Protocol, VipAddr},
 };
 use lb_common::{FlowEvent, Reason};
 use lb_tests::{
@@ -105,7 +105,7 @@ fn scrape(lab: &PacketLab) -> String {
     let snapshot = Snapshot::read(&lab.dp, &config, Duration::ZERO);
     metrics::render(
         &Scrape::read(&lab.dp, snapshot).unwrap(),
-        &lb::api::request_counts(),
+        &lb::control::api::request_counts(),
     )
 }
 

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use lb::vip::Protocol;
+use lb::desired::vip::Protocol;
 use lb_common::{Reason, xdp_action};
 use lb_tests::{
     SplitMix,
@@ -605,7 +605,7 @@ fn counters_equal_the_packets_and_bytes_sent() {
                 },
             );
             let backend = assert_forwarded(&mut lab, &f, &frame);
-            let vip = lb::vip::VipAddr {
+            let vip = lb::desired::vip::VipAddr {
                 addr: f.dst,
                 port,
                 protocol: proto,

@@ -8,8 +8,8 @@ use std::{
 
 use aya::maps::{Array, Map, MapData};
 use lb::{
-    config,
     dataplane::{Dataplane, DataplaneError, pinning},
+    desired::config,
 };
 use lb_common::{DataplaneConfig, map_name};
 use lb_tests::require_root;

@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use etherparse::Ipv4HeaderSlice;
-use lb::{config, vip::Protocol};
+use lb::{desired::config, desired::vip::Protocol};
 use lb_common::Reason;
 use lb_tests::{
     frames::{

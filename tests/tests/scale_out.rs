@@ -19,8 +19,8 @@ use std::{
 };
 
 use lb::{
-    bgp::{self, BgpNeighbor, BgpSettings, BirdPaths, ShutdownPolicy},
-    config,
+    desired::config,
+    host::bgp::{self, BgpNeighbor, BgpSettings, BirdPaths, ShutdownPolicy},
 };
 use lb_tests::{
     lab::{
@@ -128,9 +128,10 @@ fn balancers_with_the_same_config_build_the_same_tables() {
     let mut b = PacketLab::new(CONFIG).unwrap();
     let mut other = want.clone();
     other.vips[0].backends.reverse();
-    other.vips[0]
-        .backends
-        .push(lb::vip::Backend::new("10.200.0.15".parse().unwrap(), 70));
+    other.vips[0].backends.push(lb::desired::vip::Backend::new(
+        "10.200.0.15".parse().unwrap(),
+        70,
+    ));
     other.vips[0].backends[1].weight = 10;
     other.vips[1].backends.reverse();
     b.dp.sync(&other.vips).unwrap();

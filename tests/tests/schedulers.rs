@@ -5,8 +5,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use lb::{
-    config,
-    vip::{Protocol, Scheduler, Vip},
+    desired::config,
+    desired::vip::{Protocol, Scheduler, Vip},
 };
 use lb_common::xdp_action;
 use lb_tests::{

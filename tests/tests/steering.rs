@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb::client::Endpoint;
+use lb::control::client::Endpoint;
 use lb_tests::{
     lab::{
         Lab, LabSpec,

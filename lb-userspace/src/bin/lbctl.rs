@@ -15,8 +15,8 @@ use std::{
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use lb::{
-    client::{ClientError, Endpoint, Response},
-    vip::{DownPolicy, Scheduler, VipAddr},
+    control::client::{ClientError, Endpoint, Response},
+    desired::vip::{DownPolicy, Scheduler, VipAddr},
 };
 use serde_json::{Value, json};
 

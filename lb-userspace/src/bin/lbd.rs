@@ -7,12 +7,14 @@ use std::{io::IsTerminal, net::IpAddr, path::PathBuf, process::ExitCode, time::D
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb::{
-    api,
-    audit::AuditLog,
-    bgp, config,
-    controller::{Controller, ControllerHandle},
+    control::api,
+    control::audit::AuditLog,
+    control::controller::{Controller, ControllerHandle},
+    control::metrics,
     dataplane::{AttachMode, Dataplane, Decapsulator, LoadOptions, pinning},
-    host, metrics,
+    desired::config,
+    host,
+    host::bgp,
 };
 use lb_common::DecapReason;
 use tokio::signal::unix::{SignalKind, signal};
@@ -249,7 +251,7 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
         {
             let _cause = tracing::info_span!("change", cause = "startup").entered();
             dp.sync(&config.vips).context("programming the VIPs from the config")?;
-            for change in lb::diff::diff(&[], &config.vips) {
+            for change in lb::desired::diff::diff(&[], &config.vips) {
                 change.log();
             }
         }

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 use lb_common::{FLOW_EVENT_COUNT, FlowEvent, REASON_COUNT, Reason, TrafficCounters, map_name};
 
 use super::{Dataplane, DataplaneError, map_err};
-use crate::vip::VipAddr;
+use crate::desired::vip::VipAddr;
 
 /// A snapshot of every counter.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -38,7 +38,7 @@ pub use bench::{BenchMaps, BenchTarget};
 pub use counters::Counters;
 pub use decap::{DECAP_OBJECT, Decapsulator, PassProgram};
 
-use crate::{config::BalancerSettings, maglev::MaglevTable, vip::VipAddr};
+use crate::{desired::config::BalancerSettings, desired::vip::VipAddr, maglev::MaglevTable};
 
 /// The balancer object, built by `build.rs` from `lb-ebpf`.
 pub static BALANCER_OBJECT: &[u8] =
@@ -749,14 +749,14 @@ impl Dataplane {
     }
 
     /// Keeps the neighbours towards `backends` resolved (see
-    /// [`crate::neighbours`]); failures are logged, not fatal: the affected
+    /// [`crate::host::neighbours`]); failures are logged, not fatal: the affected
     /// packets count as `fib_failed` until the entries resolve otherwise.
     fn manage_neighbours(&self, backends: &[IpAddr]) {
         let Some(iface) = &self.iface else { return };
         if backends.is_empty() {
             return;
         }
-        for (addr, e) in crate::neighbours::manage(iface, backends) {
+        for (addr, e) in crate::host::neighbours::manage(iface, backends) {
             tracing::warn!(iface, %addr, error = %format!("{e:#}"), "cannot mark the neighbour towards a backend managed");
         }
     }

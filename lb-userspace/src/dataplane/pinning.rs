@@ -22,9 +22,9 @@ use lb_common::{
 
 use super::{Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
 use crate::{
-    config::BalancerSettings,
+    desired::config::BalancerSettings,
+    desired::vip::{Protocol, VipAddr},
     maglev::MaglevTable,
-    vip::{Protocol, VipAddr},
 };
 
 /// Root of the pinned state of all instances.

@@ -21,9 +21,9 @@ use lb_common::{
 
 use super::{BackendState, Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
 use crate::{
+    desired::vip::{DownPolicy, Scheduler, Vip, VipAddr},
     maglev::{MaglevBackend, MaglevTable},
     steering::{FULL, Target},
-    vip::{DownPolicy, Scheduler, Vip, VipAddr},
 };
 
 /// Id placeholder of a backend that has none yet.

@@ -29,11 +29,11 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use lb::{
-    client::Endpoint,
-    controller::{Scrape, Snapshot},
+    control::client::Endpoint,
+    control::controller::{Scrape, Snapshot},
     dataplane::{BenchMaps, BenchTarget},
+    desired::vip::Protocol,
     maglev::{MaglevBackend, MaglevTable},
-    vip::Protocol,
 };
 use lb_common::{DEFAULT_TABLE_SIZE, FlowEvent, Reason, program_name, xdp_action};
 use lb_tests::{
@@ -628,7 +628,7 @@ fn metrics_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
     let mut measured = Vec::new();
     for (vips, backends) in [(1usize, 1usize), (100, 100)] {
         let toml = scale_config(vips, backends);
-        let config = lb::config::parse(&toml, "bench config")?;
+        let config = lb::desired::config::parse(&toml, "bench config")?;
         let lab = PacketLab::new(&toml)?;
         let mut wall = Vec::new();
         let mut cpu = Vec::new();
@@ -636,9 +636,9 @@ fn metrics_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
         for _ in 0..21 {
             let (t, c) = (Instant::now(), thread_cpu());
             let snapshot = Snapshot::read(&lab.dp, &config, std::time::Duration::ZERO);
-            let text = lb::metrics::render(
+            let text = lb::control::metrics::render(
                 &Scrape::read(&lab.dp, snapshot)?,
-                &lb::api::request_counts(),
+                &lb::control::api::request_counts(),
             );
             wall.push(t.elapsed().as_secs_f64() * 1000.0);
             cpu.push((thread_cpu() - c).as_secs_f64() * 1000.0);
@@ -740,9 +740,9 @@ fn serve_page(
 /// alone.
 fn load_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
     use lb::{
-        policy::{LoadConfig, ScrapeTarget},
+        desired::policy::{LoadConfig, ScrapeTarget},
+        desired::vip::{Backend, Vip, VipAddr},
         steering::Steering,
-        vip::{Backend, Vip, VipAddr},
     };
     const VIPS: usize = 10;
     const PER_VIP: usize = 100;
@@ -764,7 +764,7 @@ fn load_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
         interval: std::time::Duration::from_secs(1),
         timeout: std::time::Duration::from_secs(2),
     };
-    let vips: Vec<Vip> = lb::config::parse(&toml, "bench config")?
+    let vips: Vec<Vip> = lb::desired::config::parse(&toml, "bench config")?
         .vips
         .into_iter()
         .map(|v| Vip {
@@ -800,11 +800,11 @@ fn load_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
             let mut out = Vec::new();
             for _ in 0..VIPS * PER_VIP {
                 out.push(
-                    lb::probe::http_get(
+                    lb::steering::probe::http_get(
                         (loopback, target.port).into(),
                         "/metrics",
                         target.timeout,
-                        lb::probe::MAX_SCRAPE,
+                        lb::steering::probe::MAX_SCRAPE,
                     )
                     .await,
                 );
@@ -824,7 +824,7 @@ fn load_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
                 *page.write().unwrap() = pages[usize::from(queued)].clone();
                 n += 1;
                 let report = rt
-                    .block_on(lb::probe::scrape(loopback, &target))
+                    .block_on(lb::steering::probe::scrape(loopback, &target))
                     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
                 steering.load_report(b.addr, lb::steering::LoadReport { at: now, ..report });
             }

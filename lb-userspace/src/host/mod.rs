@@ -1,4 +1,9 @@
-//! Facts about the host `lbd` runs on.
+//! The host `lbd` runs on: its addresses and tick rate; [`neighbours`]
+//! keeps the kernel's neighbour entries towards backends resolved; [`bgp`]
+//! announces the VIPs over BGP through BIRD 2.
+
+pub mod bgp;
+pub mod neighbours;
 
 use std::net::IpAddr;
 

@@ -1,6 +1,6 @@
 //! Talking to backends: health checks (TCP connect, HTTP GET expecting 2xx)
 //! and load scrapes (GET of the node's Prometheus endpoint, parsed with
-//! [`crate::promtext`], read with [`crate::engines`]).
+//! [`crate::steering::promtext`], read with [`crate::steering::engines`]).
 //!
 //! HTTP is the smallest client that serves: HTTP/1.0 requests (so servers
 //! answer without chunking and close the connection; chunked answers are
@@ -18,9 +18,9 @@ use tokio::{
 };
 
 use crate::{
-    engines,
-    policy::{CheckKind, HealthCheck, ScrapeTarget},
-    promtext,
+    desired::policy::{CheckKind, HealthCheck, ScrapeTarget},
+    steering::engines,
+    steering::promtext,
     steering::{LoadReport, LoadSource},
 };
 

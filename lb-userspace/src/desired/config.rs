@@ -21,10 +21,10 @@ use lb_common::{
 use serde::Deserialize;
 
 use crate::{
-    bgp::{BgpNeighbor, BgpSettings, ShutdownPolicy},
+    desired::policy::{AllDownPolicy, HealthConfig, LoadConfig},
+    desired::vip::{Backend, DownPolicy, Protocol, Scheduler, Vip, VipAddr},
+    host::bgp::{BgpNeighbor, BgpSettings, ShutdownPolicy},
     maglev::is_prime,
-    policy::{AllDownPolicy, HealthConfig, LoadConfig},
-    vip::{Backend, DownPolicy, Protocol, Scheduler, Vip, VipAddr},
 };
 
 /// Default MTU: the largest outer IP packet we send (`balancer.mtu`).
@@ -1845,7 +1845,7 @@ mod tests {
 
     #[test]
     fn health_and_load_tables_merge_per_backend() {
-        use crate::policy::{CheckKind, ScrapeTarget};
+        use crate::desired::policy::{CheckKind, ScrapeTarget};
         let c = parse(POLICIES, "t").unwrap();
         let v = &c.vips[0];
         assert_eq!(v.on_all_down, AllDownPolicy::Drop);

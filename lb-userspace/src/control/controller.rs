@@ -26,16 +26,16 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
-    audit::AuditLog,
-    bgp::Announcement,
-    change::{Change, ChangeError},
-    config::{self, Config},
+    control::audit::AuditLog,
     dataplane::{BackendState, Counters, Dataplane, DataplaneError, MapUsage},
-    diff,
-    policy::{HealthCheck, ScrapeTarget},
-    probe::{self, ScrapeError},
+    desired::change::{Change, ChangeError},
+    desired::config::{self, Config},
+    desired::diff,
+    desired::policy::{HealthCheck, ScrapeTarget},
+    desired::vip::{Scheduler, Vip, VipAddr},
+    host::bgp::Announcement,
+    steering::probe::{self, ScrapeError},
     steering::{BackendView, LoadReport, Plan, Steering, VipView},
-    vip::{Scheduler, Vip, VipAddr},
 };
 
 /// How often the data plane's cached next hops are looked up again, and so

@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use crate::{
-    config::{self, Config, Problem, VipPatch},
-    vip::{Backend, Scheduler, Vip, VipAddr},
+    desired::config::{self, Config, Problem, VipPatch},
+    desired::vip::{Backend, Scheduler, Vip, VipAddr},
 };
 
 /// A change to the desired state.

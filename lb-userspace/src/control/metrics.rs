@@ -38,7 +38,7 @@ use prometheus::{
     proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
 };
 
-use crate::controller::{ControllerHandle, Scrape};
+use crate::control::controller::{ControllerHandle, Scrape};
 
 /// Every family `/metrics` can export (a family without samples, such as
 /// the load gauges of a balancer without `[vip.load]`, is left out of a
@@ -237,7 +237,7 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
     struct Row<'a> {
         backend: String,
         vip: String,
-        config: &'a crate::vip::Backend,
+        config: &'a crate::desired::vip::Backend,
         state: Option<&'a crate::dataplane::BackendState>,
         steer: Option<&'a crate::steering::BackendView>,
     }
@@ -418,7 +418,7 @@ async fn metrics(State(handle): State<ControllerHandle>) -> impl IntoResponse {
         Ok(Ok(s)) => (
             StatusCode::OK,
             [("content-type", "text/plain; version=0.0.4")],
-            render(&s, &crate::api::request_counts()),
+            render(&s, &crate::control::api::request_counts()),
         ),
         Ok(Err(e)) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -458,9 +458,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        config,
-        controller::{ProbeStats, Snapshot, SteeringView},
+        control::controller::{ProbeStats, Snapshot, SteeringView},
         dataplane::{BackendState, Counters, MapUsage},
+        desired::config,
         steering::{LoadReport, LoadSource, Steering},
     };
 

@@ -4,7 +4,7 @@ use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
 
 use lb_common::{PROTO_TCP, PROTO_UDP, VipKey, addr_words};
 
-use crate::policy::{AllDownPolicy, HealthCheck, HealthConfig, LoadConfig, LoadPolicy};
+use crate::desired::policy::{AllDownPolicy, HealthCheck, HealthConfig, LoadConfig, LoadPolicy};
 
 /// Transport protocol of a VIP.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

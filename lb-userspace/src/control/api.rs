@@ -49,11 +49,11 @@ use serde::Serialize;
 use tokio::net::UnixListener;
 
 use crate::{
-    change::{Change, ChangeError},
-    config::{self, Problem},
-    controller::{ControllerError, ControllerHandle, Snapshot},
+    control::controller::{ControllerError, ControllerHandle, Snapshot},
     dataplane::BackendState,
-    vip::{Backend, Vip, VipAddr},
+    desired::change::{Change, ChangeError},
+    desired::config::{self, Problem},
+    desired::vip::{Backend, Vip, VipAddr},
 };
 
 /// Largest request body.
@@ -531,7 +531,7 @@ async fn update_vip(
     h.change(
         Change::UpdateVip {
             vip,
-            patch: crate::change::Patch(patch),
+            patch: crate::desired::change::Patch(patch),
         },
         &caller.0,
     )

@@ -27,6 +27,14 @@
 //! running VIP, ramps up over the VIP's `slow_start`. When every backend of
 //! a VIP is down the VIP's `on_all_down` policy decides: keep the last table
 //! or drop.
+//!
+//! Submodules: [`probe`] runs health checks and load scrapes (async I/O),
+//! [`engines`] reads an inference server's load from its metrics page,
+//! [`promtext`] parses the Prometheus text format.
+
+pub mod engines;
+pub mod probe;
+pub mod promtext;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -35,8 +43,8 @@ use std::{
 };
 
 use crate::{
-    policy::AllDownPolicy,
-    vip::{Vip, VipAddr},
+    desired::policy::AllDownPolicy,
+    desired::vip::{Vip, VipAddr},
 };
 
 /// Levels of a backend's weight: its table weight is `weight × level`.
@@ -625,7 +633,7 @@ impl Steering {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config;
+    use crate::desired::config;
 
     fn vip(extra: &str, backends: usize) -> Vip {
         let list: Vec<String> = (1..=backends)
@@ -858,7 +866,8 @@ mod tests {
         let mut s = start(&v, t0);
         assert_eq!(step(&mut s, &v, t0), None, "start-up: full weights at once");
         let mut v2 = v.clone();
-        v2.backends.push(crate::vip::Backend::new(addr(3), 1));
+        v2.backends
+            .push(crate::desired::vip::Backend::new(addr(3), 1));
         s.reconcile(std::slice::from_ref(&v2), t0, |_, _| false);
         let t = s.plan(&v2, t0, true).unwrap();
         s.applied(&v2.addr, &t, t0);

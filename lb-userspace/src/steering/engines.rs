@@ -1,5 +1,5 @@
 //! An inference server's load, read from a parsed scrape of its `/metrics`
-//! (see [`crate::promtext`]): how many requests wait (its queue), how many
+//! (see [`crate::steering::promtext`]): how many requests wait (its queue), how many
 //! run, and how full its KV cache is.
 //!
 //! Four servers are known, each by its metric families:
@@ -42,7 +42,7 @@
 
 use std::fmt;
 
-use crate::promtext::Sample;
+use crate::steering::promtext::Sample;
 
 /// The inference servers whose metrics are understood.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,7 +109,7 @@ const TGI_QUEUE: Family = Family::all("tgi_queue_size");
 const TGI_RUNNING: Family = Family::all("tgi_batch_current_size");
 
 /// Whether [`extract`] reads samples of metric `name` (for
-/// [`crate::promtext::parse_filtered`]).
+/// [`crate::steering::promtext::parse_filtered`]).
 pub fn wanted(name: &str) -> bool {
     [
         VLLM_WAITING.name,
@@ -324,7 +324,7 @@ fn check_count(family: Family, value: f64) -> Result<(), ExtractError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::promtext::parse;
+    use crate::steering::promtext::parse;
 
     fn load(text: &str) -> Result<EngineLoad, ExtractError> {
         extract(&parse(text).expect("test scrape parses"))

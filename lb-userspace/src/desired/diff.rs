@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
-use crate::vip::{Backend, Vip, VipAddr};
+use crate::desired::vip::{Backend, Vip, VipAddr};
 
 /// One change of the desired state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -246,7 +246,7 @@ impl fmt::Display for StateChange {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config;
+    use crate::desired::config;
 
     fn vips(toml: &str) -> Vec<Vip> {
         let toml = format!("[balancer]\nsource_v4 = \"10.0.0.254\"\n{toml}");

@@ -1,0 +1,14 @@
+//! Changing and watching the running balancer.
+//!
+//! - [`controller`]: the single owner of the desired state and the data
+//!   plane; every other task sends it requests.
+//! - [`api`]: the control API (HTTP/JSON under `/v1`) that `lbctl` talks to.
+//! - [`client`]: a client of the API (for `lbctl` and tests).
+//! - [`audit`]: the audit log of change requests.
+//! - [`metrics`]: `/metrics` in the Prometheus text format.
+
+pub mod api;
+pub mod audit;
+pub mod client;
+pub mod controller;
+pub mod metrics;

@@ -1,0 +1,13 @@
+//! The desired state: what the operator asked for.
+//!
+//! - [`config`]: the TOML config file and its validation.
+//! - [`vip`]: the domain (VIPs, backends, protocols, schedulers).
+//! - [`policy`]: per-VIP health-check, load, slow-start and all-down policies.
+//! - [`change`]: run-time changes to the desired state (the API's verbs).
+//! - [`diff`]: what changed between two desired states, for the log.
+
+pub mod change;
+pub mod config;
+pub mod diff;
+pub mod policy;
+pub mod vip;
