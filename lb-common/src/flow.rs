@@ -3,6 +3,16 @@
 //! User space uses the same function to predict where a flow goes (tests,
 //! `lbctl`), and every balancer computes the same value for the same flow,
 //! which is what lets several balancers behind ECMP agree on a backend.
+//!
+//! The hash is part of the compatibility promise, with the Maglev table
+//! builder: two builds that hash a flow differently send it to different
+//! backends, so balancers of mixed builds behind ECMP (a rolling upgrade)
+//! would break the connections ECMP moves between them. Golden values pin
+//! [`flow_hash64`], [`source_hash`] and [`maglev_position`]
+//! (`the_hash_is_pinned_by_golden_values`); a change to any of them is a
+//! new [`FLOW_HASH_VERSION`], and the build that makes it must keep the
+//! previous hash selectable until every balancer of a fleet runs it (see
+//! docs/operations.md).
 
 use core::mem::size_of;
 
@@ -43,6 +53,9 @@ impl FlowKey {
         u16::from_ne_bytes([b[2], b[3]])
     }
 }
+
+/// Version of the flow hash and the Maglev builder (see the module docs).
+pub const FLOW_HASH_VERSION: u32 = 1;
 
 const K: u64 = 0x9E37_79B9_7F4A_7C15;
 const SEED: u64 = 0x6C62_2D66_6C6F_7721;
@@ -256,5 +269,151 @@ mod tests {
         for b in buckets {
             assert!((900..1150).contains(&b), "bucket {b} of expected 1024");
         }
+    }
+
+    /// Golden values: if this fails, the hash changed, and flows of the
+    /// same 5-tuple go elsewhere than with earlier builds. That is allowed
+    /// only as a new `FLOW_HASH_VERSION` (see the module docs).
+    #[test]
+    fn the_hash_is_pinned_by_golden_values() {
+        let w = |a: [u8; 4]| [u32::from_ne_bytes(a), 0, 0, 0];
+        let w6 = |a: [u16; 8]| {
+            let mut o = [0u8; 16];
+            for (i, x) in a.iter().enumerate() {
+                o[i * 2..i * 2 + 2].copy_from_slice(&x.to_be_bytes());
+            }
+            let g = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            [g(0), g(4), g(8), g(12)]
+        };
+        let v4 = FlowKey {
+            src: w([198, 51, 100, 7]),
+            dst: w([203, 0, 113, 10]),
+            ports: FlowKey::ports(40000, 443),
+            proto: 6,
+            family: 4,
+            _pad: [0; 2],
+        };
+        let v6 = FlowKey {
+            src: w6([0x2001, 0xdb8, 1, 0, 0, 0, 0, 7]),
+            dst: w6([0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 1]),
+            family: 6,
+            ..v4
+        };
+        let cases = [
+            (
+                "v4",
+                v4,
+                0xd683_8c2e_c5aa_1c41u64,
+                0x8794_2635u32,
+                0xd20b_32cfu32,
+            ),
+            (
+                "v4 src",
+                FlowKey {
+                    src: w([198, 51, 100, 8]),
+                    ..v4
+                },
+                0x9a80_6944_8925_1189,
+                0x0431_5790,
+                0x58e2_3097,
+            ),
+            (
+                "v4 dst",
+                FlowKey {
+                    dst: w([203, 0, 113, 11]),
+                    ..v4
+                },
+                0x52de_2fdb_0e0c_b313,
+                0x8794_2635,
+                0xd20b_32cf,
+            ),
+            (
+                "v4 sport",
+                FlowKey {
+                    ports: FlowKey::ports(40001, 443),
+                    ..v4
+                },
+                0x228f_6a55_c8ce_19f1,
+                0x8794_2635,
+                0x3fbf_0e2f,
+            ),
+            (
+                "v4 dport",
+                FlowKey {
+                    ports: FlowKey::ports(40000, 80),
+                    ..v4
+                },
+                0xd193_c7c4_08fc_f676,
+                0x8794_2635,
+                0xd20b_32cf,
+            ),
+            (
+                "v4 udp",
+                FlowKey { proto: 17, ..v4 },
+                0x62ee_e8cd_3423_1849,
+                0x8794_2635,
+                0xd20b_32cf,
+            ),
+            ("v6", v6, 0x8ea4_ba69_129f_a685, 0xec8a_9b95, 0x0676_850d),
+            (
+                "v6 src",
+                FlowKey {
+                    src: w6([0x2001, 0xdb8, 1, 0, 0, 0, 0, 8]),
+                    ..v6
+                },
+                0xf243_70e2_9af9_4c25,
+                0xa8a2_f472,
+                0x18cd_9d7a,
+            ),
+            (
+                "v6 dst",
+                FlowKey {
+                    dst: w6([0x2001, 0xdb8, 0x10, 0, 0, 0, 0, 2]),
+                    ..v6
+                },
+                0x24c7_3bcf_6771_7bf7,
+                0xec8a_9b95,
+                0x0676_850d,
+            ),
+            (
+                "v6 sport",
+                FlowKey {
+                    ports: FlowKey::ports(40001, 443),
+                    ..v6
+                },
+                0xe366_0904_5ba3_3b09,
+                0xec8a_9b95,
+                0x07d4_0b8a,
+            ),
+            (
+                "v6 dport",
+                FlowKey {
+                    ports: FlowKey::ports(40000, 80),
+                    ..v6
+                },
+                0xa74b_2da1_0fe5_c7fd,
+                0xec8a_9b95,
+                0x0676_850d,
+            ),
+            (
+                "v6 udp",
+                FlowKey { proto: 17, ..v6 },
+                0x3cc3_89a7_0d2f_b13f,
+                0xec8a_9b95,
+                0x0676_850d,
+            ),
+        ];
+        for (name, k, hash, src, src_port) in cases {
+            assert_eq!(flow_hash64(&k), hash, "flow_hash64, {name}");
+            assert_eq!(source_hash(&k, false), src, "source_hash, {name}");
+            assert_eq!(
+                source_hash(&k, true),
+                src_port,
+                "source_hash with port, {name}"
+            );
+        }
+        assert_eq!(FLOW_HASH_VERSION, 1);
+        assert_eq!(maglev_position(0xd683_8c2e, 65537), 54_916);
+        assert_eq!(second_choice(0xd683_8c2e), 0x8c2e_d683);
     }
 }

@@ -26,7 +26,8 @@ pub use conntrack::{
 };
 pub use decap::{DECAP_MAX_ADDRS, HostAddr};
 pub use flow::{
-    FlowKey, flow_hash, flow_hash64, maglev_position, mix64, second_choice, source_hash,
+    FLOW_HASH_VERSION, FlowKey, flow_hash, flow_hash64, maglev_position, mix64, second_choice,
+    source_hash,
 };
 pub use names::{decap_map_name, decap_program_name, map_name, program_name};
 pub use reason::{DECAP_REASON_COUNT, DecapReason, REASON_COUNT, Reason, xdp_action};

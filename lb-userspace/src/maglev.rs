@@ -14,6 +14,11 @@
 //! config builds the same table. Integer arithmetic only, so no platform
 //! rounding can make two hosts disagree. Memory is O(M + N): the permutations
 //! are generated on the fly, never stored as an M x N matrix.
+//!
+//! The builder is part of the compatibility promise with the flow hash
+//! (`lb_common::FLOW_HASH_VERSION`): balancers of two builds must build the
+//! same table from the same backends, or a rolling upgrade behind ECMP
+//! moves flows. Golden tables pin it (`tables_are_pinned_by_golden_values`).
 
 use std::net::IpAddr;
 
@@ -199,6 +204,49 @@ pub fn is_prime(n: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    /// Golden values: if this fails, the builder changed and balancers of
+    /// this build and earlier ones build different tables from one config.
+    /// That is allowed only as a new `lb_common::FLOW_HASH_VERSION`.
+    #[test]
+    fn tables_are_pinned_by_golden_values() {
+        let backends: Vec<MaglevBackend> = [
+            ("10.0.0.1", 100),
+            ("10.0.0.2", 200),
+            ("10.0.0.3", 100),
+            ("2001:db8::5", 50),
+            ("10.0.0.9", 0),
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, (a, w))| MaglevBackend {
+            addr: a.parse().unwrap(),
+            weight: *w,
+            id: i as u32,
+        })
+        .collect();
+        let t = MaglevTable::build(&backends, 65537);
+        let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in t.entries().iter().flat_map(|e| e.to_le_bytes()) {
+            fnv = (fnv ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        assert_eq!(
+            &t.entries()[..16],
+            &[0, 0, 0, 0, 1, 3, 2, 2, 2, 1, 1, 2, 1, 3, 1, 1]
+        );
+        let mut counts: Vec<(u32, usize)> = t.counts().into_iter().collect();
+        counts.sort();
+        assert_eq!(counts, [(0, 14564), (1, 29128), (2, 14564), (3, 7281)]);
+        assert_eq!(fnv, 0x5f1c_b326_d6de_0ca6, "FNV-1a of the table's entries");
+        let equal: Vec<MaglevBackend> = backends[..3]
+            .iter()
+            .map(|b| MaglevBackend { weight: 1, ..*b })
+            .collect();
+        assert_eq!(
+            MaglevTable::build(&equal, 13).entries(),
+            &[0, 1, 1, 2, 2, 1, 0, 2, 2, 0, 0, 1, 0]
+        );
+    }
 
     #[test]
     fn smooth_wrr_keeps_the_weights_in_every_window() {

@@ -5,6 +5,7 @@
 //! Everything here needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN). A test
 //! that lacks it fails with a message saying so; it never passes silently.
 
+pub mod fixture;
 pub mod frames;
 pub mod fuzz;
 pub mod lab;
@@ -41,13 +42,21 @@ pub fn pin_to_cpu(cpu: usize) {
     }
 }
 
-/// Raises this process's open-file limit to `n` (tests that hold many
-/// connections open).
+/// Raises this process's open-file limit to at least `n` (tests that hold
+/// many connections open; tests of one process share the limit, so it is
+/// never lowered).
 pub fn raise_fd_limit(n: u64) {
-    let lim = libc::rlimit {
-        rlim_cur: n,
-        rlim_max: n,
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
+    // SAFETY: getrlimit fills a valid rlimit.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    if lim.rlim_cur >= n {
+        return;
+    }
+    lim.rlim_cur = n;
+    lim.rlim_max = lim.rlim_max.max(n);
     // SAFETY: a valid rlimit; as root the hard limit may be raised.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
     assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());

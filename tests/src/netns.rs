@@ -50,12 +50,7 @@ impl Netns {
 
     /// Moves the calling thread into the namespace until the guard drops.
     pub fn enter(&self) -> Result<NetnsGuard> {
-        let previous =
-            File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
-        let target = File::open(format!("/run/netns/{}", self.name))
-            .with_context(|| format!("opening netns {}", self.name))?;
-        setns(&target).with_context(|| format!("entering netns {}", self.name))?;
-        Ok(NetnsGuard { previous })
+        enter(&self.name)
     }
 
     /// The ifindex of `dev` inside the namespace.
@@ -71,6 +66,16 @@ impl Netns {
         let out = self.exec("cat", &[&format!("/sys/class/net/{dev}/address")])?;
         parse_mac(out.trim())
     }
+}
+
+/// Moves the calling thread into the namespace `name` until the guard
+/// drops.
+pub fn enter(name: &str) -> Result<NetnsGuard> {
+    let previous = File::open("/proc/thread-self/ns/net").context("opening this thread's netns")?;
+    let target = File::open(format!("/run/netns/{name}"))
+        .with_context(|| format!("opening netns {name}"))?;
+    setns(&target).with_context(|| format!("entering netns {name}"))?;
+    Ok(NetnsGuard { previous })
 }
 
 impl Drop for Netns {

@@ -11,7 +11,7 @@
 //!   the VIPs are withdrawn, and announced again when they recover.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     net::IpAddr,
     process::Command,
     thread,
@@ -25,9 +25,9 @@ use lb::{
 use lb_tests::{
     lab::{
         VIP_V4, VIP_V6,
-        client::HttpConn,
         ecmp::EcmpLab,
         servers::{self, HealthMode},
+        traffic::{self, TrafficSpec},
     },
     packet_lab::PacketLab,
     raise_fd_limit,
@@ -57,6 +57,7 @@ fn bird_accepts_the_config_lbd_writes() {
         bird_binary: "bird".into(),
         start_bird: true,
         on_shutdown: ShutdownPolicy::Withdraw,
+        dead_after: std::time::Duration::from_secs(10),
     };
     let paths = BirdPaths { dir: dir.clone() };
     for prefixes in [
@@ -149,27 +150,6 @@ fn balancers_with_the_same_config_build_the_same_tables() {
     }
 }
 
-/// Long-lived connections over the VIPs, each with the backend that
-/// answered it first.
-type Conns = BTreeMap<usize, (HttpConn, String)>;
-
-/// One request on every connection: those that failed or moved to another
-/// backend, with what happened.
-fn exercise(lab: &EcmpLab, conns: &mut Conns) -> Vec<String> {
-    lb_tests::lab::in_ns(&lab.client, || {
-        let mut broken = Vec::new();
-        for (i, (conn, backend)) in conns.iter_mut() {
-            match conn.get("/") {
-                Ok((now, _)) if &now == backend => {}
-                Ok((now, _)) => broken.push(format!("connection {i} moved {backend} -> {now}")),
-                Err(e) => broken.push(format!("connection {i} on {backend} broke: {e:#}")),
-            }
-        }
-        broken
-    })
-    .unwrap()
-}
-
 fn wait_until(what: &str, lab: &EcmpLab, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !done() {
@@ -184,10 +164,47 @@ fn wait_until(what: &str, lab: &EcmpLab, mut done: impl FnMut() -> bool) {
 
 const HEALTH: &str = "[vip.health]\ncheck = \"http\"\nport = 80\npath = \"/health\"\ninterval = 0.3\ntimeout = 0.3\nrise = 2\nfall = 2\n";
 
+/// The router's next hops for `vip`, read in the router's namespace
+/// `router` (for a thread that samples while the lab is busy).
+fn paths_of(router: &str, vip: IpAddr) -> Vec<IpAddr> {
+    let family = if vip.is_ipv6() { "-6" } else { "-4" };
+    let out = Command::new("ip")
+        .args([
+            "-n",
+            router,
+            family,
+            "route",
+            "show",
+            "exact",
+            &vip.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words
+        .windows(2)
+        .filter(|w| w[0] == "via")
+        .filter_map(|w| w[1].parse().ok())
+        .collect()
+}
+
+/// Long-lived connections over both VIPs and new ones, through the router.
+fn ecmp_traffic() -> TrafficSpec {
+    TrafficSpec {
+        targets: vec![
+            (IpAddr::from(VIP_V4), servers::HTTP_PORT).into(),
+            (IpAddr::from(VIP_V6), servers::HTTP_PORT).into(),
+        ],
+        long_lived: 300,
+        interval: Duration::from_millis(100),
+        new_per_second: 50,
+    }
+}
+
 #[test]
 fn flows_survive_a_balancer_leaving_and_coming_back() {
-    const CONNECTIONS: usize = 300;
-    raise_fd_limit(16 * CONNECTIONS as u64);
+    raise_fd_limit(16 * 300);
     let mut lab = EcmpLab::start(2, &[1, 1, 1, 1], HEALTH).unwrap();
     let (lb1, lb2) = (
         IpAddr::from(lab.balancers[0].v4),
@@ -205,78 +222,55 @@ fn flows_survive_a_balancer_leaving_and_coming_back() {
         assert_eq!(addrs.len(), lb_common::DEFAULT_TABLE_SIZE as usize);
     }
 
-    // Long-lived connections over both VIPs, spread over both balancers.
-    let targets: [std::net::SocketAddr; 2] = [
-        (IpAddr::from(VIP_V4), servers::HTTP_PORT).into(),
-        (IpAddr::from(VIP_V6), servers::HTTP_PORT).into(),
-    ];
-    let mut conns: Conns = lb_tests::lab::in_ns(&lab.client, || {
-        (0..CONNECTIONS)
-            .map(|i| {
-                let mut c = HttpConn::connect(targets[i % 2]).unwrap();
-                let (backend, _) = c.get("/").unwrap();
-                (i, (c, backend))
-            })
-            .collect()
-    })
-    .unwrap();
-    let per_backend = conns.values().fold(BTreeMap::new(), |mut m, (_, b)| {
-        *m.entry(b.clone()).or_insert(0) += 1;
-        m
+    // Traffic flows while lb1 leaves for good (SIGTERM, then `lbd
+    // --cleanup`: its VIPs withdrawn, its data plane and connection table
+    // gone) and comes back with an empty connection table: the flows ECMP
+    // moves are scheduled by the same Maglev tables on the other balancer.
+    let client = lab.client.name().to_string();
+    let (figures, report) = traffic::run(&client, &ecmp_traffic(), Duration::from_secs(1), || {
+        let (f1, f2) = (lab.forwarded(0).unwrap(), lab.forwarded(1).unwrap());
+        let started = Instant::now();
+        lab.stop_balancer(0).unwrap();
+        wait_until("the router to drop lb1's path", &lab, || {
+            lab.paths(VIP_V4.into()).unwrap() == vec![lb2]
+                && lab.paths(VIP_V6.into()).unwrap().len() == 1
+        });
+        let converged = started.elapsed();
+        thread::sleep(Duration::from_secs(1));
+        let before = lab.forwarded(1).unwrap();
+        thread::sleep(Duration::from_secs(1));
+        let alone = lab.forwarded(1).unwrap() - before;
+        lab.start_balancer(0).unwrap();
+        wait_until("the router to use lb1 again", &lab, || {
+            lab.paths(VIP_V4.into()).unwrap() == vec![lb1, lb2]
+                && lab.paths(VIP_V6.into()).unwrap().len() == 2
+        });
+        let before = lab.forwarded(0).unwrap();
+        thread::sleep(Duration::from_secs(1));
+        let back = lab.forwarded(0).unwrap() - before;
+        (f1, f2, converged, alone, back)
     });
-    let (f1, f2) = (lab.forwarded(0).unwrap(), lab.forwarded(1).unwrap());
+    let (f1, f2, converged, alone, back) = figures;
     println!(
-        "{CONNECTIONS} connections; backends {per_backend:?}; forwarded by lb1 {f1}, lb2 {f2}"
+        "before: lb1 forwarded {f1}, lb2 {f2}; lb1 left: path withdrawn in {:.0} ms, lb2 alone forwarded {alone} packets in 1 s; lb1 back: {back} packets in 1 s",
+        converged.as_secs_f64() * 1000.0
     );
-    assert_eq!(per_backend.len(), 4, "{per_backend:?}");
+    println!("{}", report.summary());
     let total = (f1 + f2) as f64;
     assert!(
         f1 as f64 > total * 0.2 && f2 as f64 > total * 0.2,
         "ECMP should spread the flows: lb1 forwarded {f1}, lb2 {f2}"
     );
-    assert!(exercise(&lab, &mut conns).is_empty());
-
-    // lb1 leaves: lbd withdraws its VIPs on SIGTERM, its data plane goes.
-    let started = Instant::now();
-    lab.stop_balancer(0).unwrap();
-    wait_until("the router to drop lb1's path", &lab, || {
-        lab.paths(VIP_V4.into()).unwrap() == vec![lb2]
-            && lab.paths(VIP_V6.into()).unwrap().len() == 1
-    });
-    let converged = started.elapsed();
-    let log = lab.balancers[0].lbd_log();
-    assert!(log.contains("every VIP withdrawn from BGP"), "{log}");
-    let before = lab.forwarded(1).unwrap();
-    let broken = exercise(&lab, &mut conns);
-    let moved = lab.forwarded(1).unwrap() - before;
-    println!(
-        "lb1 stopped: path withdrawn in {:.0} ms; {} of {CONNECTIONS} connections broken or moved; lb2 now carries all ({moved} packets in the round)",
-        converged.as_secs_f64() * 1000.0,
-        broken.len()
+    assert_eq!(report.per_backend().len(), 4, "{}", report.summary());
+    assert_eq!(
+        report.failures(),
+        Vec::<String>::new(),
+        "{}",
+        report.summary()
     );
-    assert!(broken.is_empty(), "{broken:#?}");
-    assert!(
-        moved >= CONNECTIONS as u64,
-        "lb2 forwarded only {moved} packets"
-    );
-
-    // lb1 comes back with an empty connection table: the flows ECMP hands
-    // back to it are scheduled anew by the same Maglev tables.
-    lab.start_balancer(0).unwrap();
-    wait_until("the router to use lb1 again", &lab, || {
-        lab.paths(VIP_V4.into()).unwrap() == vec![lb1, lb2]
-            && lab.paths(VIP_V6.into()).unwrap().len() == 2
-    });
-    let before = lab.forwarded(0).unwrap();
-    let broken = exercise(&lab, &mut conns);
-    let back = lab.forwarded(0).unwrap() - before;
-    println!(
-        "lb1 back: {} of {CONNECTIONS} connections broken or moved; lb1 carries {back} packets of the round again",
-        broken.len()
-    );
-    assert!(broken.is_empty(), "{broken:#?}");
+    assert_eq!(report.moved(), 0, "{}", report.summary());
+    assert!(alone >= 2000, "lb2 forwarded only {alone} packets alone");
     assert!(back > 0, "no flow went back to lb1");
-    drop(conns);
 
     // Every backend fails its health check: both balancers withdraw, the
     // router has no path; they recover: announced again.
@@ -290,4 +284,96 @@ fn flows_survive_a_balancer_leaving_and_coming_back() {
         lab.control(i).set_health(HealthMode::Up);
     }
     lab.wait_paths(2).unwrap();
+}
+
+#[test]
+fn a_restart_stays_announced_a_killed_lbd_is_withdrawn_and_flows_survive_both() {
+    raise_fd_limit(16 * 300);
+    let mut lab = EcmpLab::start(2, &[1, 1, 1, 1], "").unwrap();
+    // Three backends in service; b4 joins at the end.
+    for i in 0..2 {
+        lab.set_backends(i, &[Some(1), Some(1), Some(1), None])
+            .unwrap();
+    }
+    let router = lab.router.name().to_string();
+    let client = lab.client.name().to_string();
+    let dead_after = Duration::from_secs(lb_tests::lab::ecmp::DEAD_AFTER_SECS);
+    let (figures, report) = traffic::run(&client, &ecmp_traffic(), Duration::from_secs(1), || {
+        // A planned restart of lb1: the router keeps both paths throughout
+        // (sampled every 20 ms).
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let fewest = thread::scope(|s| {
+            let sampler = s.spawn(|| {
+                let mut fewest = usize::MAX;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    fewest = fewest.min(paths_of(&router, VIP_V4.into()).len());
+                    thread::sleep(Duration::from_millis(20));
+                }
+                fewest
+            });
+            lab.restart_balancer(0).unwrap();
+            // As long again as the restart took a guard's dead_after.
+            thread::sleep(dead_after + Duration::from_secs(1));
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            sampler.join().unwrap()
+        });
+        // SIGKILL: lb1's data plane keeps forwarding; its BIRD guard
+        // withdraws it once no lbd ran for dead_after.
+        let killed = Instant::now();
+        lab.kill_balancer(0).unwrap();
+        wait_until("the router to drop the killed lb1", &lab, || {
+            paths_of(&router, VIP_V4.into()).len() == 1
+                && paths_of(&router, VIP_V6.into()).len() == 1
+        });
+        let withdrawn = killed.elapsed();
+        thread::sleep(Duration::from_secs(1));
+        lab.start_balancer(0).unwrap();
+        lab.wait_paths(2).unwrap();
+        thread::sleep(Duration::from_secs(1));
+        // b4 joins on both: Maglev moves some flows' entries, the
+        // connection tables keep them where they are.
+        lab.set_backends(0, &[Some(1), Some(1), Some(1), Some(1)])
+            .unwrap();
+        lab.set_backends(1, &[Some(1), Some(1), Some(1), Some(1)])
+            .unwrap();
+        (fewest, withdrawn)
+    });
+    let (fewest, withdrawn) = figures;
+    println!(
+        "planned restart: fewest paths seen {fewest}; SIGKILL: withdrawn after {:.0} ms (dead_after {} s); {}",
+        withdrawn.as_secs_f64() * 1000.0,
+        dead_after.as_secs(),
+        report.summary()
+    );
+    assert_eq!(fewest, 2, "the planned restart withdrew the balancer");
+    assert!(
+        withdrawn >= dead_after,
+        "withdrawn before dead_after: {withdrawn:?}"
+    );
+    assert!(
+        withdrawn < dead_after + Duration::from_secs(2),
+        "a dead lbd stayed announced {withdrawn:?}"
+    );
+    assert_eq!(
+        report.failures(),
+        Vec::<String>::new(),
+        "{}",
+        report.summary()
+    );
+    assert_eq!(report.moved(), 0, "{}", report.summary());
+    assert!(
+        report.longest_gap() < Duration::from_secs(1),
+        "{}",
+        report.summary()
+    );
+    assert!(
+        report.new_per_backend.contains_key("b4"),
+        "{:?}",
+        report.new_per_backend
+    );
+    let guard = std::fs::read_to_string(lab.balancers[0].bird_dir().join("guard.log")).unwrap();
+    assert!(
+        guard.contains("BIRD no longer announces its VIPs"),
+        "{guard}"
+    );
 }

@@ -7,14 +7,15 @@ use std::{io::IsTerminal, net::IpAddr, path::PathBuf, process::ExitCode, time::D
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb::{
-    control::api,
-    control::audit::AuditLog,
-    control::controller::{Controller, ControllerHandle},
-    control::metrics,
+    control::{
+        api,
+        audit::AuditLog,
+        controller::{Controller, ControllerHandle},
+        metrics,
+    },
     dataplane::{AttachMode, Dataplane, Decapsulator, LoadOptions, pinning},
-    desired::config,
-    host,
-    host::bgp,
+    desired::config::{self, ConfigFile},
+    host::{self, bgp, bird_guard, lock::InstanceLock},
 };
 use lb_common::DecapReason;
 use tokio::signal::unix::{SignalKind, signal};
@@ -84,6 +85,24 @@ enum Command {
     /// Run the decapsulator on a backend: strip the balancer's IPIP /
     /// IPv6-in-IP headers so the backend needs no ipip module.
     Decap(DecapArgs),
+    /// Started by lbd next to BIRD: withdraws the VIPs from BGP once no lbd
+    /// has run for --dead-after seconds (SIGKILL, a crash). Not for
+    /// operators to run.
+    #[command(hide = true)]
+    BirdGuard(BirdGuardArgs),
+}
+
+#[derive(Args)]
+struct BirdGuardArgs {
+    /// The instance lock of the lbd to watch.
+    #[arg(long)]
+    lock: PathBuf,
+    /// BIRD's directory (config, control socket).
+    #[arg(long)]
+    bird_dir: PathBuf,
+    /// Seconds without a running lbd before the VIPs are withdrawn.
+    #[arg(long)]
+    dead_after: u64,
 }
 
 #[derive(Args)]
@@ -137,6 +156,16 @@ fn main() -> ExitCode {
             init_logging(None);
             run_decap(args)
         }
+        Some(Command::BirdGuard(args)) => {
+            init_logging(None);
+            runtime().and_then(|rt| {
+                rt.block_on(bird_guard::run(bird_guard::Guard {
+                    lbd_lock: args.lock,
+                    paths: bgp::BirdPaths { dir: args.bird_dir },
+                    dead_after: Duration::from_secs(args.dead_after),
+                }))
+            })
+        }
         None => run_balancer(cli.balancer),
     };
     match result {
@@ -183,6 +212,9 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
     let dir = pinning::instance_dir(&args.instance);
     if args.cleanup {
         init_logging(None);
+        // Removing the state of a running lbd would pull the data plane from
+        // under it: hold the instance's lock for the clean-up.
+        let _lock = InstanceLock::acquire(&args.instance)?;
         // Nothing will forward the VIPs' traffic: stop announcing them first.
         // The clean-up goes ahead even if that fails (it says so).
         if let Some(path) = &args.config {
@@ -216,7 +248,7 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
     let Some(path) = args.config else {
         bail!("--config FILE is required (see lbd --help)");
     };
-    let config = config::load(&path)?;
+    let (file, config) = ConfigFile::load(&path)?;
     init_logging(config.log_level.as_deref());
     if args.check {
         println!(
@@ -232,8 +264,14 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             "--iface is required to run the balancer (or pass --check to only validate the config)"
         );
     };
+    // One lbd per instance, for the whole life of this process.
+    let lock = InstanceLock::acquire(&args.instance)?;
     runtime()?.block_on(async {
         let mut signals = Signals::install()?;
+        // Start-up runs every check that can fail before it changes the
+        // running balancer: an adopted data plane keeps forwarding exactly
+        // as the previous lbd left it until the config is programmed (last
+        // but one step) and the program replaced (last step).
         // At debug level for the XDP target, the program logs every packet.
         let xdp_debug_log = tracing::enabled!(target: "lb_xdp", tracing::Level::DEBUG);
         let options = LoadOptions {
@@ -248,17 +286,27 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
         if dp.adopted() {
             info!(dir = %dir.display(), "adopting the running balancer's state (flows, counters, attachment)");
         }
-        {
-            let _cause = tracing::info_span!("change", cause = "startup").entered();
-            dp.sync(&config.vips).context("programming the VIPs from the config")?;
-            for change in lb::desired::diff::diff(&[], &config.vips) {
-                change.log();
-            }
+        dp.check_attach(&iface)?;
+        let host = host::checks::check(&config).context("reading the host's addresses and routes")?;
+        if !host.problems.is_empty() {
+            let list: Vec<String> = host.problems.iter().map(|p| format!("\n  {}: {}", p.field, p.message)).collect();
+            bail!("config file {} cannot run on this host:{}", path.display(), list.concat());
+        }
+        for w in &host.warnings {
+            tracing::warn!("{w}");
         }
         let audit_path = config.api.audit_log.clone().unwrap_or_else(|| api::default_audit_log(&args.instance));
-        let audit = AuditLog::open(&audit_path).with_context(|| format!("opening the audit log {}", audit_path.display()))?;
-        let (mut controller, handle) = Controller::new(dp, config.clone(), Some(path.clone()), Some(audit));
-        // Bind everything before attaching, so a bad address changes nothing.
+        let audit = AuditLog::open(&audit_path, config.api.audit_failure)
+            .with_context(|| format!("opening the audit log {}", audit_path.display()))?;
+        let tokens = match &config.api.token_file {
+            Some(tokens) if config.api.tcp_listen.is_some() => Some(
+                api::Tokens::load(tokens).map_err(anyhow::Error::msg).context("loading api.token_file")?,
+            ),
+            _ => None,
+        };
+        let (mut controller, handle) = Controller::new(dp, config.clone(), Some(file), Some(audit.clone()));
+        // Bind every listener before the maps are touched, so a bad address
+        // changes nothing.
         let metrics_server = match config.metrics.listen {
             Some(listen) => Some((
                 listen,
@@ -269,21 +317,29 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             None => None,
         };
         let socket = config.api.socket.clone().unwrap_or_else(|| api::default_socket(&args.instance));
-        let unix_api = api::serve_unix(&socket, handle.clone())
+        let unix_api = api::serve_unix(&socket, handle.clone(), audit.clone())
             .await
             .with_context(|| format!("serving the API on {} (api.socket)", socket.display()))?;
-        let tcp_api = match (config.api.tcp_listen, &config.api.token_file) {
-            (Some(listen), Some(tokens)) => {
-                let tokens = api::Tokens::load(tokens).map_err(anyhow::Error::msg).context("loading api.token_file")?;
-                Some((
-                    listen,
-                    api::serve_tcp(listen, tokens, handle.clone())
-                        .await
-                        .with_context(|| format!("serving the API on {listen} (api.tcp_listen)"))?,
-                ))
-            }
+        let tcp_api = match (config.api.tcp_listen, tokens) {
+            (Some(listen), Some(tokens)) => Some((
+                listen,
+                api::serve_tcp(listen, tokens, handle.clone(), audit.clone())
+                    .await
+                    .with_context(|| format!("serving the API on {listen} (api.tcp_listen)"))?,
+            )),
             _ => None,
         };
+        // Now change the running balancer: program the config, then swap
+        // the program in.
+        {
+            let _cause = tracing::info_span!("change", cause = "startup").entered();
+            let dp = controller.dataplane_mut();
+            dp.take_over().context("taking over the running balancer's maps")?;
+            dp.sync(&config.vips).context("programming the VIPs from the config")?;
+            for change in lb::desired::diff::diff(&[], &config.vips) {
+                change.log();
+            }
+        }
         let adopted = controller.dataplane_mut().adopted();
         let used = controller.dataplane_mut().attach(&iface, args.xdp_mode.into())?;
         info!(
@@ -291,6 +347,7 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             mode = ?used,
             vips = config.vips.len(),
             config = %path.display(),
+            lock = %lock.path().display(),
             "{}",
             if adopted { "balancer program replaced on the existing attachment" } else { "balancer attached" }
         );
@@ -319,8 +376,11 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
         tokio::spawn(reload_on_sighup(path.clone(), handle.clone()));
         // Announce only now that the data plane is attached.
         let announcer = config.bgp.clone().map(|settings| {
-            let announcer = bgp::Announcer::new(&args.instance, settings);
+            let announcer = bgp::Announcer::new(&args.instance, settings.clone());
             info!(bird = %announcer.paths().dir.display(), "announcing healthy VIPs over BGP through BIRD");
+            if let Err(e) = bird_guard::spawn(&args.instance, announcer.paths(), settings.dead_after) {
+                tracing::error!(error = %e, "starting the BIRD guard failed: if this lbd dies, BIRD keeps announcing its VIPs");
+            }
             bgp::spawn(announcer, controller.announcements())
         });
         let mut dp = controller.run(signals.recv()).await;
@@ -340,6 +400,7 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
                 dp.detach().context("detaching the balancer")?;
             }
         }
+        drop(lock);
         Ok(())
     })
 }
@@ -372,8 +433,8 @@ async fn reload_on_sighup(path: PathBuf, handle: ControllerHandle) {
         return;
     };
     while hup.recv().await.is_some() {
-        match config::load(&path) {
-            Ok(config) => match handle.apply(config, "signal:SIGHUP").await {
+        match ConfigFile::load(&path) {
+            Ok((file, config)) => match handle.reload(file, config, "signal:SIGHUP").await {
                 Ok(()) => info!(config = %path.display(), "config reloaded and applied"),
                 Err(e) => {
                     tracing::error!(config = %path.display(), error = %e, "applying the reloaded config failed")

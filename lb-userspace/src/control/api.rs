@@ -20,10 +20,14 @@
 //! Errors are JSON `{"error": "...", "problems": [{"field", "message"}]}`:
 //! 400 for bad input (the field is named), 401 without a valid token, 404
 //! for an unknown VIP, backend or endpoint, 409 for a duplicate (or a load
-//! report for a backend whose VIPs do not follow load), 413 for a
-//! body over 64 KiB, 422 for a change the config cannot take (capacity,
-//! missing source address), 500 if persisting or programming failed (then
-//! nothing changed).
+//! report for a backend whose VIPs do not follow load, or a config file
+//! edited and not reloaded), 413 for a body over 64 KiB, 422 for a change
+//! the config cannot take (capacity, missing source address, an address
+//! that cannot work here), 500 if persisting or programming failed (then
+//! nothing changed), 503 if the audit log cannot record the request.
+//!
+//! Every change request is recorded in the audit log before it is handled
+//! and its outcome after (see [`crate::control::audit`]).
 
 use std::{
     collections::BTreeMap,
@@ -49,6 +53,7 @@ use serde::Serialize;
 use tokio::net::UnixListener;
 
 use crate::{
+    control::audit::AuditLog,
     control::controller::{ControllerError, ControllerHandle, Snapshot},
     dataplane::BackendState,
     desired::change::{Change, ChangeError},
@@ -83,6 +88,98 @@ async fn count_requests(req: Request, next: Next) -> Response {
     };
     REQUESTS[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     r
+}
+
+/// A request as the audit log records it: method, path and body as sent
+/// (the body as JSON when it is JSON, else its first KiB as text).
+#[derive(Serialize)]
+struct AuditedRequest<'a> {
+    method: &'a str,
+    path: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    body_text: Option<String>,
+    body_bytes: usize,
+}
+
+impl<'a> AuditedRequest<'a> {
+    fn new(method: &'a str, path: &'a str, body: &[u8]) -> AuditedRequest<'a> {
+        let json = serde_json::from_slice(body).ok();
+        let text = (json.is_none() && !body.is_empty())
+            .then(|| String::from_utf8_lossy(&body[..body.len().min(1024)]).into_owned());
+        AuditedRequest {
+            method,
+            path,
+            body: json,
+            body_text: text,
+            body_bytes: body.len(),
+        }
+    }
+}
+
+/// Whether a request is a change request, which the audit log records:
+/// every method but GET and HEAD, except pushed load reports.
+fn audited(req: &Request) -> bool {
+    let m = req.method();
+    m != axum::http::Method::GET
+        && m != axum::http::Method::HEAD
+        && !(req.uri().path().starts_with("/v1/backends/") && req.uri().path().ends_with("/load"))
+}
+
+/// Records every change request in the audit log before it is handled
+/// (refusing it if that fails and the policy says so), and its outcome
+/// after: `applied`, or `refused: ERROR` / `failed: ERROR` with the error
+/// the caller got.
+async fn audit_requests(State(audit): State<AuditLog>, req: Request, next: Next) -> Response {
+    if !audited(&req) {
+        return next.run(req).await;
+    }
+    let caller = req
+        .extensions()
+        .get::<Caller>()
+        .map_or_else(|| "unknown".to_string(), |c| c.0.clone());
+    let (parts, body) = req.into_parts();
+    let (method, path) = (parts.method.to_string(), parts.uri.to_string());
+    let bytes = match axum::body::to_bytes(body, BODY_LIMIT).await {
+        Ok(b) => b,
+        Err(e) => {
+            let message = format!("request body: {e} (the limit is {BODY_LIMIT} bytes)");
+            let record = AuditedRequest::new(&method, &path, &[]);
+            audit.refused(&caller, &record, &message);
+            return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
+        }
+    };
+    let pending = match audit.request(&caller, &AuditedRequest::new(&method, &path, &bytes)) {
+        Ok(p) => p,
+        Err(e) => {
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
+        }
+    };
+    let response = next
+        .run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await;
+    let status = response.status();
+    if status.is_success() {
+        audit.outcome(pending, "applied");
+        return response;
+    }
+    // The error the caller gets, for the record (error bodies are small).
+    let (parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, BODY_LIMIT)
+        .await
+        .unwrap_or_default();
+    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .unwrap_or_else(|| status.to_string());
+    let kind = if status.is_server_error() {
+        "failed"
+    } else {
+        "refused"
+    };
+    audit.outcome(pending, &format!("{kind}: {} {message}", status.as_u16()));
+    Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 /// Who made a request.
@@ -167,7 +264,7 @@ impl From<ControllerError> for ApiError {
                 };
             }
             ControllerError::NotFound(_) => StatusCode::NOT_FOUND,
-            ControllerError::Refused(_) => StatusCode::CONFLICT,
+            ControllerError::Refused(_) | ControllerError::ConfigChanged(_) => StatusCode::CONFLICT,
             ControllerError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
             ControllerError::Persist { .. } | ControllerError::Dataplane(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -851,7 +948,21 @@ impl Tokens {
     }
 }
 
-async fn bearer_caller(State(tokens): State<Tokens>, mut req: Request, next: Next) -> Response {
+/// The TCP API's authentication: who a token is, and what the audit log
+/// records for a change request that has no valid token.
+#[derive(Clone)]
+struct TcpAuth {
+    tokens: Tokens,
+    audit: AuditLog,
+}
+
+async fn bearer_caller(
+    State(auth): State<TcpAuth>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let tokens = &auth.tokens;
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -873,8 +984,17 @@ async fn bearer_caller(State(tokens): State<Tokens>, mut req: Request, next: Nex
             next.run(req).await
         }
         None => {
-            let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "a valid bearer token is required")
-                .into_response();
+            const NO_TOKEN: &str = "a valid bearer token is required";
+            if audited(&req) {
+                let (method, path) = (req.method().to_string(), req.uri().to_string());
+                let record = AuditedRequest::new(&method, &path, &[]);
+                auth.audit.refused(
+                    &format!("unauthenticated tcp:{peer}"),
+                    &record,
+                    &format!("401 {NO_TOKEN}"),
+                );
+            }
+            let mut r = ApiError::new(StatusCode::UNAUTHORIZED, NO_TOKEN).into_response();
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 "Bearer".parse().expect("valid header"),
@@ -893,6 +1013,7 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
 pub async fn serve_unix(
     path: &Path,
     handle: ControllerHandle,
+    audit: AuditLog,
 ) -> std::io::Result<impl Future<Output = std::io::Result<()>> + use<>> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
@@ -913,6 +1034,7 @@ pub async fn serve_unix(
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     let app = routes(handle)
+        .layer(middleware::from_fn_with_state(audit, audit_requests))
         .layer(middleware::from_fn(unix_caller))
         .layer(middleware::from_fn(count_requests));
     Ok(async move {
@@ -929,12 +1051,24 @@ pub async fn serve_tcp(
     listen: SocketAddr,
     tokens: Tokens,
     handle: ControllerHandle,
+    audit: AuditLog,
 ) -> std::io::Result<impl Future<Output = std::io::Result<()>> + use<>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
+    let auth = TcpAuth {
+        tokens,
+        audit: audit.clone(),
+    };
     let app = routes(handle)
-        .layer(middleware::from_fn_with_state(tokens, bearer_caller))
+        .layer(middleware::from_fn_with_state(audit, audit_requests))
+        .layer(middleware::from_fn_with_state(auth, bearer_caller))
         .layer(middleware::from_fn(count_requests));
-    Ok(async move { axum::serve(listener, app).await })
+    Ok(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+    })
 }
 
 /// Default socket path of an instance.

@@ -5,9 +5,11 @@
 //! never interleave, and no lock is held across an await.
 //!
 //! A change is made to a copy of the desired config and validated as a
-//! whole, persisted to the config file (atomically), and only then
-//! programmed into the data plane; if programming fails the file is put
-//! back. Every change request is recorded in the audit log.
+//! whole, persisted to the config file (atomically, and only if the file is
+//! as lbd last read it: see [`ConfigFile`]), and only then programmed into
+//! the data plane; if programming fails the file is put back. The API
+//! records every change request in the audit log; the controller records
+//! reloads.
 //!
 //! Health checks and load scrapes run as tasks of their own, one per
 //! checked backend of a VIP and one per scraped node, and send their
@@ -18,7 +20,6 @@ use std::{
     collections::{BTreeMap, HashMap, HashSet},
     future::Future,
     net::IpAddr,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -29,7 +30,7 @@ use crate::{
     control::audit::AuditLog,
     dataplane::{BackendState, Counters, Dataplane, DataplaneError, MapUsage},
     desired::change::{Change, ChangeError},
-    desired::config::{self, Config},
+    desired::config::{self, Config, ConfigFile, SaveError},
     desired::diff,
     desired::policy::{HealthCheck, ScrapeTarget},
     desired::vip::{Scheduler, Vip, VipAddr},
@@ -108,6 +109,9 @@ pub enum ControllerError {
     Rejected(#[from] ChangeError),
     #[error("persisting the change to {path} failed, nothing changed: {message}")]
     Persist { path: String, message: String },
+    /// The config file changed on disk since lbd read it (see [`ConfigFile`]).
+    #[error("{0}; nothing changed")]
+    ConfigChanged(String),
     #[error("{0}")]
     Dataplane(String),
     #[error("{0}")]
@@ -151,8 +155,9 @@ enum Request {
         String,
         oneshot::Sender<Result<(), ControllerError>>,
     ),
-    Apply(
-        Box<Config>,
+    /// A reloaded config file (SIGHUP), and who asked.
+    Reload(
+        Box<(ConfigFile, Config)>,
         String,
         oneshot::Sender<Result<(), ControllerError>>,
     ),
@@ -219,10 +224,18 @@ impl ControllerHandle {
             .await?
     }
 
-    /// Applies a whole new config as a diff (SIGHUP): settings that can
-    /// change, then the VIPs. It becomes the desired state.
-    pub async fn apply(&self, config: Config, caller: &str) -> Result<(), ControllerError> {
-        self.ask(|tx| Request::Apply(Box::new(config), caller.to_string(), tx))
+    /// Applies a reloaded config file as a diff (SIGHUP): settings that
+    /// can change, then the VIPs. It becomes the desired state, and the
+    /// file's text the one API changes are written into. Refused whole if
+    /// it changes a setting that cannot change while lbd runs
+    /// ([`config::reload_problems`]).
+    pub async fn reload(
+        &self,
+        file: ConfigFile,
+        config: Config,
+        caller: &str,
+    ) -> Result<(), ControllerError> {
+        self.ask(|tx| Request::Reload(Box::new((file, config)), caller.to_string(), tx))
             .await?
     }
 
@@ -268,7 +281,8 @@ pub struct Controller {
     rx: mpsc::Receiver<Request>,
     config: Config,
     /// Where changes are persisted (the config file), if anywhere.
-    config_path: Option<PathBuf>,
+    file: Option<ConfigFile>,
+    /// Where reloads are recorded (the API records its own requests).
     audit: Option<AuditLog>,
     started: Instant,
     /// For the probe tasks to send their results.
@@ -280,20 +294,25 @@ pub struct Controller {
     scrape_ok: HashMap<IpAddr, bool>,
     /// What BGP should announce, once the data plane is attached.
     announce: Option<watch::Sender<Announcement>>,
+    /// The host checks' warnings about the desired state (each is logged
+    /// once, when it first appears).
+    host_warnings: Vec<String>,
 }
 
+/// A reload as the audit log records it.
 #[derive(Serialize)]
-struct Reload<'a> {
-    change: &'a str,
+struct ReloadRecord<'a> {
+    change: &'static str,
+    file: &'a str,
 }
 
 impl Controller {
     /// A controller for `dp`, which is programmed with `config`; changes are
-    /// persisted to `config_path` and recorded in `audit`.
+    /// persisted to `file` and reloads recorded in `audit`.
     pub fn new(
         dp: Dataplane,
         config: Config,
-        config_path: Option<PathBuf>,
+        file: Option<ConfigFile>,
         audit: Option<AuditLog>,
     ) -> (Controller, ControllerHandle) {
         let (tx, rx) = mpsc::channel(256);
@@ -312,10 +331,13 @@ impl Controller {
             .collect();
         steering.reconcile(&config.vips, Instant::now(), |v, b| down.contains(&(*v, b)));
         let controller = Controller {
+            host_warnings: crate::host::checks::check(&config)
+                .map(|r| r.warnings)
+                .unwrap_or_default(),
             dp,
             rx,
             config,
-            config_path,
+            file,
             audit,
             started: Instant::now(),
             tx: tx.clone(),
@@ -523,7 +545,6 @@ impl Controller {
                     .apply_to(&self.config)
                     .map_err(ControllerError::from)
                     .and_then(|next| self.commit(next, true));
-                self.audit(&caller, &change, &result);
                 if let Err(e) = &result {
                     tracing::info!(error = %e, "change refused");
                 } else {
@@ -568,20 +589,36 @@ impl Controller {
                 }
                 let _ = reply.send(result.map_err(|(_, e)| e));
             }
-            Request::Apply(config, caller, reply) => {
+            Request::Reload(reload, caller, reply) => {
+                let (file, config) = *reload;
                 let _cause = tracing::info_span!("change", cause = ?caller).entered();
-                let result = self
-                    .dp
-                    .set_settings(&config.balancer)
-                    .map_err(|e| ControllerError::Dataplane(format!("{e:#}")))
-                    .and_then(|()| self.commit(*config, false));
-                self.audit(
-                    &caller,
-                    &Reload {
-                        change: "reload_config",
-                    },
-                    &result,
-                );
+                let record = ReloadRecord {
+                    change: "reload_config",
+                    file: &file.path().display().to_string(),
+                };
+                let pending = match self.audit.as_ref().map(|a| a.request(&caller, &record)) {
+                    Some(Err(e)) => {
+                        let _ = reply.send(Err(ControllerError::Refused(e.to_string())));
+                        return;
+                    }
+                    Some(Ok(p)) => Some(p),
+                    None => None,
+                };
+                let problems = config::reload_problems(&self.config, &config);
+                let result = if problems.is_empty() {
+                    self.dp
+                        .set_settings(&config.balancer)
+                        .map_err(|e| ControllerError::Dataplane(format!("{e:#}")))
+                        .and_then(|()| self.commit(config, false))
+                } else {
+                    Err(ControllerError::Rejected(ChangeError::Invalid { problems }))
+                };
+                if result.is_ok() {
+                    self.file = Some(file);
+                }
+                if let (Some(audit), Some(p)) = (&self.audit, pending) {
+                    audit.outcome(p, &outcome(&result));
+                }
                 let _ = reply.send(result);
             }
         }
@@ -680,18 +717,34 @@ impl Controller {
     /// Makes `next` the desired state: persisted first (if `persist`), then
     /// programmed; a failure to program puts the file back.
     fn commit(&mut self, next: Config, persist: bool) -> Result<(), ControllerError> {
-        let path = self.config_path.clone().filter(|_| persist);
-        if let Some(path) = &path {
-            config::save_vips(path, &next.vips).map_err(|e| ControllerError::Persist {
-                path: path.display().to_string(),
-                message: e.to_string(),
+        let warnings = match crate::host::checks::check(&next) {
+            Ok(report) if !report.problems.is_empty() => {
+                return Err(ControllerError::Rejected(ChangeError::Invalid {
+                    problems: report.problems,
+                }));
+            }
+            Ok(report) => report.warnings,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the host's addresses and routes: VIPs and backends not checked against them");
+                Vec::new()
+            }
+        };
+        let persist = persist && self.file.is_some();
+        if persist && let Some(file) = &mut self.file {
+            file.save_vips(&next.vips).map_err(|e| match e {
+                SaveError::ChangedOnDisk(_) => ControllerError::ConfigChanged(e.to_string()),
+                SaveError::Io { file, source } => ControllerError::Persist {
+                    path: file,
+                    message: source.to_string(),
+                },
             })?;
         }
         if let Err(e) = self.program(&next.vips) {
-            if let Some(path) = &path
-                && let Err(undo) = config::save_vips(path, &self.config.vips)
+            if persist
+                && let Some(file) = &mut self.file
+                && let Err(undo) = file.save_vips(&self.config.vips)
             {
-                tracing::error!(path = %path.display(), error = %undo, "putting the config file back failed");
+                tracing::error!(error = %undo, "putting the config file back failed");
             }
             // Bring the data plane back to the previous desired state.
             let old = self.config.vips.clone();
@@ -703,6 +756,10 @@ impl Controller {
         for change in diff::diff(&self.config.vips, &next.vips) {
             change.log();
         }
+        for w in warnings.iter().filter(|w| !self.host_warnings.contains(w)) {
+            tracing::warn!("{w}");
+        }
+        self.host_warnings = warnings;
         self.config = next;
         self.start_probes();
         self.update_announcement();
@@ -725,23 +782,6 @@ impl Controller {
         // New backends start with score 0 in the data plane: write all anew.
         self.steering.forget_scores();
         Ok(())
-    }
-
-    fn audit<T: Serialize>(
-        &mut self,
-        caller: &str,
-        request: &T,
-        result: &Result<(), ControllerError>,
-    ) {
-        let outcome = match result {
-            Ok(()) => "applied".to_string(),
-            Err(e) => format!("refused: {e}"),
-        };
-        if let Some(log) = &mut self.audit
-            && let Err(e) = log.record(caller, request, &outcome)
-        {
-            tracing::error!(error = %e, "writing the audit log failed");
-        }
     }
 }
 
@@ -788,6 +828,14 @@ fn spread(key: &impl std::hash::Hash, interval: Duration) -> Duration {
     use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
     let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(key);
     interval.mul_f64((h % 1000) as f64 / 1000.0)
+}
+
+/// An outcome as the audit log records it.
+fn outcome(result: &Result<(), ControllerError>) -> String {
+    match result {
+        Ok(()) => "applied".to_string(),
+        Err(e) => format!("refused: {e}"),
+    }
 }
 
 fn change_summary(change: &Change) -> String {

@@ -3,12 +3,16 @@
 //! and programs.
 //!
 //! Submodules: `vips` programs VIPs, backends and Maglev tables; `counters`
-//! reads the per-CPU counters; `bench` drives the benchmark programs.
+//! reads the per-CPU counters; `bench` drives the benchmark programs;
+//! `pinning` adopts a previous lbd's pinned state; `raw` reads and writes
+//! maps of any layout as bytes, `image` a whole instance's.
 
 mod bench;
 mod counters;
 mod decap;
+pub mod image;
 pub mod pinning;
+pub mod raw;
 mod vips;
 
 use std::{
@@ -83,12 +87,8 @@ pub enum DataplaneError {
         free: usize,
         max: u32,
     },
-    #[error("{setting} cannot change while lbd runs (was {old}, now {new}); restart lbd")]
-    FixedSetting {
-        setting: &'static str,
-        old: u32,
-        new: u32,
-    },
+    #[error("{setting}: {message}")]
+    FixedSetting { setting: String, message: String },
     #[error("reading the number of CPUs: {0}")]
     Cpus(String),
     #[error("finding the kernel's tick rate (the connection table's clock): {0}")]
@@ -271,6 +271,11 @@ pub struct Dataplane {
     hz: u32,
     /// What `maps.globals` holds.
     globals: Box<Globals>,
+    /// Adopted: whether this process has started changing the running
+    /// balancer's maps yet (see [`Dataplane::take_over`]).
+    taken_over: bool,
+    /// Adopted backend ids whose VIP is gone, cleared on take-over.
+    orphans: Vec<u32>,
 }
 
 /// Turns on forwarding on `iface` for each family the balancer sends outer
@@ -513,6 +518,8 @@ impl Dataplane {
             adopted: adopt,
             attached_skb: false,
             xdp_logger,
+            taken_over: !adopt,
+            orphans: Vec::new(),
         };
         if adopt {
             dp.recover()?;
@@ -524,9 +531,50 @@ impl Dataplane {
                 let (word, bit) = lb_common::vip_filter_slot(&addr_words(a).1);
                 dp.globals.vip_filter[word as usize] |= bit;
             }
+        } else {
+            // New maps: no program uses them yet.
+            dp.write_config()?;
         }
-        dp.write_config()?;
         Ok(dp)
+    }
+
+    /// Adopted state is only read until this is called: the previous
+    /// `lbd`'s program keeps running on its maps exactly as it left them.
+    /// From here on this process changes them (clears backends whose VIP is
+    /// gone, writes its settings). `lbd` calls it once every check that can
+    /// fail at start-up has passed; programming VIPs and attaching call it
+    /// too. Does nothing for new maps or when done already.
+    pub fn take_over(&mut self) -> Result<(), DataplaneError> {
+        if self.taken_over {
+            return Ok(());
+        }
+        for id in std::mem::take(&mut self.orphans) {
+            let cleared = BackendInfo {
+                incarnation: self.incarnations[id as usize],
+                ..BackendInfo::default()
+            };
+            self.maps
+                .backends
+                .set(id, cleared, 0)
+                .map_err(map_err(lb_common::map_name::BACKENDS))?;
+        }
+        self.taken_over = true;
+        self.write_config()
+    }
+
+    /// Checks, without changing anything, that [`Dataplane::attach`] to
+    /// `iface` can work: the interface exists and, for adopted state, is the
+    /// one the running balancer is attached to.
+    pub fn check_attach(&self, iface: &str) -> Result<(), DataplaneError> {
+        let ifindex = interface_index(iface)?;
+        if self.adopted && self.ifindex != 0 && self.ifindex != ifindex {
+            return Err(DataplaneError::AttachedElsewhere {
+                pinned: self.ifindex,
+                iface: iface.to_string(),
+                asked: ifindex,
+            });
+        }
+        Ok(())
     }
 
     /// Whether this data plane adopted state a previous `lbd` pinned.
@@ -570,27 +618,12 @@ impl Dataplane {
     /// Changes the settings that can change at run time (source addresses,
     /// MTU). Capacities and the table size are fixed when the object loads.
     pub fn set_settings(&mut self, settings: &BalancerSettings) -> Result<(), DataplaneError> {
-        let fixed = [
-            (
-                "balancer.maglev_table_size",
-                self.settings.table_size,
-                settings.table_size,
-            ),
-            (
-                "balancer.max_vips",
-                self.settings.max_vips,
-                settings.max_vips,
-            ),
-            (
-                "balancer.max_backends",
-                self.settings.max_backends,
-                settings.max_backends,
-            ),
-        ];
-        for (setting, old, new) in fixed {
-            if old != new {
-                return Err(DataplaneError::FixedSetting { setting, old, new });
-            }
+        let problems = crate::desired::config::capacity_problems(&self.settings, settings);
+        if let Some(p) = problems.into_iter().next() {
+            return Err(DataplaneError::FixedSetting {
+                setting: p.field,
+                message: p.message,
+            });
         }
         if self.settings != *settings {
             tracing::info!(from = ?self.settings, to = ?settings, "balancer settings changed");
@@ -677,18 +710,13 @@ impl Dataplane {
     /// without a program. Otherwise the new link is pinned.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, DataplaneError> {
         let ifindex = interface_index(iface)?;
+        self.check_attach(iface)?;
+        self.take_over()?;
         enable_forwarding(iface, &self.settings)?;
         let link_pin = self.pin_dir.as_ref().map(|d| d.join(pinning::LINK_PIN));
         let prog = xdp_program(&mut self.ebpf, program_name::BALANCER)?;
         let used = match &link_pin {
             Some(path) if path.exists() => {
-                if self.ifindex != 0 && self.ifindex != ifindex {
-                    return Err(DataplaneError::AttachedElsewhere {
-                        pinned: self.ifindex,
-                        iface: iface.to_string(),
-                        asked: ifindex,
-                    });
-                }
                 let adopt_err =
                     |e: Box<dyn std::error::Error + Send + Sync>| DataplaneError::AdoptLink {
                         path: path.display().to_string(),

@@ -297,7 +297,9 @@ impl Dataplane {
     /// map, which records each id's VIP, address and health); id
     /// incarnations; the next-hop generation. Weights are not recorded in
     /// the maps: they read as unknown until the config is applied (which
-    /// rebuilds every table, to the same content if nothing changed).
+    /// rebuilds every table, to the same content if nothing changed). Reads
+    /// only: the running balancer is not changed until
+    /// `Dataplane::take_over`.
     pub(super) fn recover(&mut self) -> Result<(), DataplaneError> {
         let cfg = self
             .maps
@@ -375,17 +377,12 @@ impl Dataplane {
                 },
             );
         }
-        // Backends whose VIP is gone: clear their entries; their ids stay free.
-        for b in by_vip.values().flat_map(|m| m.values()) {
-            let cleared = BackendInfo {
-                incarnation: self.incarnations[b.id as usize],
-                ..BackendInfo::default()
-            };
-            self.maps
-                .backends
-                .set(b.id, cleared, 0)
-                .map_err(map_err(map_name::BACKENDS))?;
-        }
+        // Backends whose VIP is gone: their entries are cleared when this
+        // process takes over (`Dataplane::take_over`); their ids stay free.
+        self.orphans = by_vip
+            .values()
+            .flat_map(|m| m.values().map(|b| b.id))
+            .collect();
         let used_backends: Vec<u32> = self
             .vips
             .values()

@@ -67,6 +67,7 @@ impl Dataplane {
         vips: &[Vip],
         targets: &BTreeMap<VipAddr, BTreeMap<IpAddr, Target>>,
     ) -> Result<(), DataplaneError> {
+        self.take_over()?;
         if vips.len() > self.settings.max_vips as usize {
             let vip = vips[self.settings.max_vips as usize].addr;
             return Err(DataplaneError::VipCapacity {

@@ -15,12 +15,13 @@ use std::{
 };
 
 use lb_common::{
-    DEFAULT_FLOWS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE, MaglevChunk,
-    chunks_per_table,
+    DEFAULT_FLOWS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE, FLOW_WAYS,
+    MaglevChunk, chunks_per_table,
 };
 use serde::Deserialize;
 
 use crate::{
+    control::audit::AuditFailure,
     desired::policy::{AllDownPolicy, HealthConfig, LoadConfig},
     desired::vip::{Backend, DownPolicy, Protocol, Scheduler, Vip, VipAddr},
     host::bgp::{BgpNeighbor, BgpSettings, ShutdownPolicy},
@@ -93,6 +94,73 @@ impl Default for BalancerSettings {
     }
 }
 
+impl BalancerSettings {
+    /// The settings that size the BPF maps, with their values: fixed for
+    /// as long as the maps live (from the first start of an instance until
+    /// `lbd --cleanup`), so neither a reload nor a restart may change them.
+    /// `conntrack.size` is compared as the table it makes (rounded up to a
+    /// power of two).
+    pub fn capacities(&self) -> [(&'static str, u32); 4] {
+        [
+            ("balancer.maglev_table_size", self.table_size),
+            ("balancer.max_vips", self.max_vips),
+            ("balancer.max_backends", self.max_backends),
+            (
+                "conntrack.size",
+                lb_common::flow_sets(self.flows) * FLOW_WAYS as u32,
+            ),
+        ]
+    }
+}
+
+/// Why a capacity of `now` cannot become that of `asked`: the problem for
+/// each capacity that differs (see [`BalancerSettings::capacities`]).
+pub fn capacity_problems(now: &BalancerSettings, asked: &BalancerSettings) -> Vec<Problem> {
+    now.capacities()
+        .into_iter()
+        .zip(asked.capacities())
+        .filter(|((_, a), (_, b))| a != b)
+        .map(|((field, a), (_, b))| Problem {
+            field: field.to_string(),
+            message: format!(
+                "{b} asked, but the running balancer's maps were made for {a}: it sizes the BPF \
+                 maps, which keep their size until `lbd --cleanup` (which drops every tracked flow)"
+            ),
+        })
+        .collect()
+}
+
+/// What a reload (SIGHUP) of `next` over the running `now` cannot do: change
+/// a capacity (see [`capacity_problems`]), or a setting `lbd` uses only at
+/// start (the API's socket, TCP listener, tokens and audit log, the metrics
+/// listener, the log level). A reload with any of them is refused whole.
+pub fn reload_problems(now: &Config, next: &Config) -> Vec<Problem> {
+    let mut problems = capacity_problems(&now.balancer, &next.balancer);
+    let start_only = [
+        ("api.socket", now.api.socket != next.api.socket),
+        ("api.tcp_listen", now.api.tcp_listen != next.api.tcp_listen),
+        ("api.token_file", now.api.token_file != next.api.token_file),
+        ("api.audit_log", now.api.audit_log != next.api.audit_log),
+        (
+            "api.audit_failure",
+            now.api.audit_failure != next.api.audit_failure,
+        ),
+        ("metrics.listen", now.metrics.listen != next.metrics.listen),
+        ("log.level", now.log_level != next.log_level),
+    ];
+    for (field, changed) in start_only {
+        if changed {
+            problems.push(Problem {
+                field: field.to_string(),
+                message: "lbd reads it only when it starts: restart lbd to change it (the data \
+                          plane keeps forwarding through a restart)"
+                    .to_string(),
+            });
+        }
+    }
+    problems
+}
+
 /// Default address of the Prometheus endpoint (`metrics.listen`).
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9180";
 
@@ -121,8 +189,10 @@ pub struct ApiSettings {
     pub tcp_listen: Option<std::net::SocketAddr>,
     /// Tokens for the TCP API: lines `NAME TOKEN`.
     pub token_file: Option<PathBuf>,
-    /// Where every accepted change is recorded (JSON lines).
+    /// Where every change request and its outcome is recorded (JSON lines).
     pub audit_log: Option<PathBuf>,
+    /// What happens to a change whose audit record cannot be written.
+    pub audit_failure: AuditFailure,
 }
 
 /// A validated config.
@@ -217,6 +287,7 @@ struct RawBgp {
     bird_binary: Option<String>,
     start_bird: Option<bool>,
     on_shutdown: Option<String>,
+    dead_after: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -241,6 +312,7 @@ struct RawApi {
     tcp_listen: Option<String>,
     token_file: Option<String>,
     audit_log: Option<String>,
+    audit_failure: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -344,90 +416,110 @@ struct RawLoad {
 }
 
 /// Validates a config as a whole (the checks that span VIPs: duplicates,
-/// capacities, source addresses per family), e.g. after an API change.
-/// Problems are reported with the same field paths as in a file.
+/// capacities, source addresses per family, addresses that cannot work),
+/// e.g. after an API change. Problems are reported with the same field
+/// paths as in a file.
 pub fn validate(config: &Config) -> Result<(), Vec<Problem>> {
     let mut v = Validator::default();
-    let mut seen = HashSet::new();
-    let (mut need_v4, mut need_v6) = (None, None);
-    let mut total = 0usize;
-    for (i, vip) in config.vips.iter().enumerate() {
-        let path = format!("vip[{i}]");
-        if !seen.insert(vip.addr) {
-            v.problem(&path, format!("duplicate VIP {}", vip.addr));
-        }
-        let mut addrs = HashSet::new();
-        for (j, b) in vip.backends.iter().enumerate() {
-            let bpath = format!("{path}.backends[{j}]");
-            if !addrs.insert(b.addr) {
-                v.problem(
-                    format!("{bpath}.address"),
-                    format!("duplicate backend {} in this VIP", b.addr),
-                );
-            }
-            if b.weight > MAX_WEIGHT {
-                v.problem(
-                    format!("{bpath}.weight"),
-                    format!("{} is out of range 0..={MAX_WEIGHT}", b.weight),
-                );
-            }
-            let slot = if b.addr.is_ipv4() {
-                &mut need_v4
-            } else {
-                &mut need_v6
-            };
-            slot.get_or_insert(bpath);
-        }
-        if vip.backends.len() >= config.balancer.table_size as usize {
-            v.problem(
-                format!("{path}.backends"),
-                format!(
-                    "{} backends do not fit a Maglev table of {} entries",
-                    vip.backends.len(),
-                    config.balancer.table_size
-                ),
-            );
-        }
-        total += vip.backends.len();
-    }
-    if config.vips.len() > config.balancer.max_vips as usize {
-        v.problem(
-            "vip",
-            format!(
-                "{} VIPs but balancer.max_vips is {}",
-                config.vips.len(),
-                config.balancer.max_vips
-            ),
-        );
-    }
-    if total > config.balancer.max_backends as usize {
-        v.problem(
-            "vip",
-            format!(
-                "{total} backends in all but balancer.max_backends is {}",
-                config.balancer.max_backends
-            ),
-        );
-    }
-    if let (Some(user), None) = (need_v4, config.balancer.source_v4) {
-        v.problem(
-            "balancer.source_v4",
-            format!("missing: {user} is an IPv4 backend and needs an IPv4 outer source address"),
-        );
-    }
-    if let (Some(user), None) = (need_v6, config.balancer.source_v6) {
-        v.problem(
-            "balancer.source_v6",
-            format!("missing: {user} is an IPv6 backend and needs an IPv6 outer source address"),
-        );
-    }
-    if let Some(bgp) = &config.bgp {
-        v.bgp_families(bgp, &config.vips);
-    }
+    let index: Vec<usize> = (0..config.vips.len()).collect();
+    v.whole(config, &index);
     if v.problems.is_empty() {
         Ok(())
     } else {
         Err(v.problems)
+    }
+}
+
+/// Why the unicast address `addr` can never be a VIP (`vip`) or a backend,
+/// if it cannot: the broadcast address, addresses no router forwards
+/// (loopback, IPv4 link-local for a VIP), addresses that need an interface
+/// scope the encapsulation cannot carry (IPv6 link-local), IPv4-mapped
+/// IPv6. (Unspecified and multicast addresses are refused as they are
+/// parsed.)
+pub fn unusable_address(addr: IpAddr, vip: bool) -> Option<&'static str> {
+    match addr {
+        IpAddr::V4(a) if a.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V4(a) if a.is_loopback() => Some("a loopback address"),
+        IpAddr::V4(a) if vip && a.is_link_local() => {
+            Some("an IPv4 link-local address (routers do not forward it to a VIP)")
+        }
+        IpAddr::V6(a) if a.is_loopback() => Some("the loopback address"),
+        IpAddr::V6(a) if a.is_unicast_link_local() => Some(
+            "an IPv6 link-local address (it needs an interface scope the balancer cannot give it)",
+        ),
+        IpAddr::V6(a) => a
+            .to_ipv4_mapped()
+            .is_some()
+            .then_some("an IPv4-mapped IPv6 address (use the IPv4 address)"),
+        IpAddr::V4(_) => None,
+    }
+}
+
+/// The config file as `lbd` last read or wrote it. Changes made through
+/// the API are written back into it (see [`save_vips`]) only while the file
+/// on disk still holds exactly that text: an operator's edit that was not
+/// reloaded yet is never overwritten; the change is refused until the file
+/// is reloaded (SIGHUP).
+#[derive(Clone, Debug)]
+pub struct ConfigFile {
+    path: PathBuf,
+    text: String,
+}
+
+/// Why a change could not be written into the config file.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error(
+        "the config file {0} was changed on disk since lbd last read it; reload it first \
+         (SIGHUP: `systemctl reload`, `kill -HUP`), then make the change again"
+    )]
+    ChangedOnDisk(String),
+    #[error("writing the config file {file}: {source}")]
+    Io {
+        file: String,
+        source: std::io::Error,
+    },
+}
+
+impl ConfigFile {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<(ConfigFile, Config), ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let config = parse(&text, &file)?;
+        Ok((
+            ConfigFile {
+                path: path.to_path_buf(),
+                text,
+            },
+            config,
+        ))
+    }
+
+    /// Where the file is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `vips` in place of the file's `[[vip]]` tables, if the file
+    /// is as lbd last read or wrote it.
+    pub fn save_vips(&mut self, vips: &[Vip]) -> Result<(), SaveError> {
+        let file = self.path.display().to_string();
+        let io = |source| SaveError::Io {
+            file: file.clone(),
+            source,
+        };
+        let on_disk = std::fs::read_to_string(&self.path).map_err(io)?;
+        if on_disk != self.text {
+            return Err(SaveError::ChangedOnDisk(file));
+        }
+        let text = with_vips(&on_disk, vips).map_err(io)?;
+        write_atomically(&self.path, &text).map_err(io)?;
+        self.text = text;
+        Ok(())
     }
 }
 
@@ -436,10 +528,14 @@ pub fn validate(config: &Config) -> Result<(), Vec<Problem>> {
 /// VIPs) as it was. The write is atomic: a temp file in the same directory,
 /// fsync, rename, fsync of the directory. The file's permissions are kept.
 pub fn save_vips(path: &Path, vips: &[Vip]) -> std::io::Result<()> {
-    use std::io::Write;
+    let text = std::fs::read_to_string(path)?;
+    write_atomically(path, &with_vips(&text, vips)?)
+}
+
+/// Config text `text` with `vips` in place of its `[[vip]]` tables.
+fn with_vips(text: &str, vips: &[Vip]) -> std::io::Result<String> {
     use toml_edit::{Array, ArrayOfTables, DocumentMut, InlineTable, Item, Table, value};
     let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
-    let text = std::fs::read_to_string(path)?;
     let mut doc: DocumentMut = text
         .parse()
         .map_err(|e: toml_edit::TomlError| invalid(e.to_string()))?;
@@ -495,7 +591,15 @@ pub fn save_vips(path: &Path, vips: &[Vip]) -> std::io::Result<()> {
         tables.push(t);
     }
     doc["vip"] = Item::ArrayOfTables(tables);
+    Ok(doc.to_string())
+}
 
+/// Replaces the file at `path` with `text` atomically: a temp file in the
+/// same directory, fsync, rename, fsync of the directory. The file's
+/// permissions are kept.
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -511,7 +615,7 @@ pub fn save_vips(path: &Path, vips: &[Vip]) -> std::io::Result<()> {
     let perms = std::fs::metadata(path)?.permissions();
     let mut f = std::fs::File::create(&tmp)?;
     f.set_permissions(perms)?;
-    f.write_all(doc.to_string().as_bytes())?;
+    f.write_all(text.as_bytes())?;
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, path)?;
@@ -736,12 +840,7 @@ pub fn backend_patch_from_json(body: &[u8]) -> Result<BackendPatch, Vec<Problem>
 
 /// Reads and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        file: file.clone(),
-        source,
-    })?;
-    parse(&text, &file)
+    ConfigFile::load(path).map(|(_, config)| config)
 }
 
 /// Parses and validates config text; `file` names it in errors.
@@ -1017,6 +1116,15 @@ impl Validator {
             tcp_listen,
             token_file: path(self, "api.token_file", &raw.token_file),
             audit_log: path(self, "api.audit_log", &raw.audit_log),
+            audit_failure: raw
+                .audit_failure
+                .as_deref()
+                .map_or(AuditFailure::default(), |s| {
+                    s.parse().unwrap_or_else(|e: String| {
+                        self.problem("api.audit_failure", e);
+                        AuditFailure::default()
+                    })
+                }),
         }
     }
 
@@ -1035,29 +1143,15 @@ impl Validator {
             );
         }
         let mut vips = Vec::new();
-        let mut seen = HashSet::new();
-        let mut total_backends = 0usize;
-        let (mut need_v4, mut need_v6) = (None, None);
+        // File index of each VIP that parsed, for the whole-config checks.
+        let mut index = Vec::new();
         for (i, rv) in raw.vip.iter().enumerate() {
-            let path = format!("vip[{i}]");
-            let Some(vip) = self.vip(&path, rv, &balancer) else {
-                continue;
-            };
-            if !seen.insert(vip.addr) {
-                self.problem(&path, format!("duplicate VIP {}", vip.addr));
+            if let Some(vip) = self.vip(&format!("vip[{i}]"), rv, &balancer) {
+                vips.push(vip);
+                index.push(i);
             }
-            for (j, b) in vip.backends.iter().enumerate() {
-                let slot = if b.addr.is_ipv4() {
-                    &mut need_v4
-                } else {
-                    &mut need_v6
-                };
-                slot.get_or_insert(format!("{path}.backends[{j}]"));
-            }
-            total_backends += vip.backends.len();
-            vips.push(vip);
         }
-        if raw.vip.len() > balancer.max_vips as usize {
+        if raw.vip.len() > balancer.max_vips as usize && vips.len() <= balancer.max_vips as usize {
             self.problem(
                 "vip",
                 format!(
@@ -1067,16 +1161,133 @@ impl Validator {
                 ),
             );
         }
-        if total_backends > balancer.max_backends as usize {
+        let bgp = raw.bgp.as_ref().and_then(|b| self.bgp(b, &balancer));
+        let config = Config {
+            balancer,
+            metrics,
+            api,
+            log_level,
+            bgp,
+            vips,
+        };
+        self.whole(&config, &index);
+        config
+    }
+
+    /// The checks that span the config (see [`validate`]); `index[i]` is
+    /// the position of `config.vips[i]` among the file's `[[vip]]` tables.
+    fn whole(&mut self, config: &Config, index: &[usize]) {
+        let b = &config.balancer;
+        let vip_addrs: HashSet<IpAddr> = config.vips.iter().map(|v| v.addr.addr).collect();
+        let sources: Vec<IpAddr> = [b.source_v4.map(IpAddr::from), b.source_v6.map(IpAddr::from)]
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut seen = HashSet::new();
+        let (mut need_v4, mut need_v6) = (None, None);
+        let mut total = 0usize;
+        for (vip, &i) in config.vips.iter().zip(index) {
+            let path = format!("vip[{i}]");
+            if !seen.insert(vip.addr) {
+                self.problem(&path, format!("duplicate VIP {}", vip.addr));
+            }
+            let a = vip.addr.addr;
+            if let Some(why) = unusable_address(a, true) {
+                self.problem(
+                    format!("{path}.address"),
+                    format!("{a} is {why}: it cannot be a VIP"),
+                );
+            } else if sources.contains(&a) {
+                self.problem(
+                    format!("{path}.address"),
+                    format!("{a} is the balancer's own source address (balancer.source_v4/v6): it cannot be a VIP"),
+                );
+            }
+            let mut addrs = HashSet::new();
+            for (j, backend) in vip.backends.iter().enumerate() {
+                let bpath = format!("{path}.backends[{j}]");
+                let ba = backend.addr;
+                if !addrs.insert(ba) {
+                    self.problem(
+                        format!("{bpath}.address"),
+                        format!("duplicate backend {ba} in this VIP"),
+                    );
+                }
+                if let Some(why) = unusable_address(ba, false) {
+                    self.problem(
+                        format!("{bpath}.address"),
+                        format!("{ba} is {why}: it cannot be a backend"),
+                    );
+                } else if vip_addrs.contains(&ba) {
+                    self.problem(
+                        format!("{bpath}.address"),
+                        format!(
+                            "{ba} is a VIP: its packets would come back to the balancer (a loop)"
+                        ),
+                    );
+                } else if sources.contains(&ba) {
+                    self.problem(
+                        format!("{bpath}.address"),
+                        format!("{ba} is the balancer itself (balancer.source_v4/v6): it cannot be a backend"),
+                    );
+                }
+                if backend.weight > MAX_WEIGHT {
+                    self.problem(
+                        format!("{bpath}.weight"),
+                        format!("{} is out of range 0..={MAX_WEIGHT}", backend.weight),
+                    );
+                }
+                let slot = if ba.is_ipv4() {
+                    &mut need_v4
+                } else {
+                    &mut need_v6
+                };
+                slot.get_or_insert(bpath);
+            }
+            if vip.backends.len() >= b.table_size as usize {
+                self.problem(
+                    format!("{path}.backends"),
+                    format!(
+                        "{} backends do not fit a Maglev table of {} entries",
+                        vip.backends.len(),
+                        b.table_size
+                    ),
+                );
+            }
+            total += vip.backends.len();
+            if let Some(bgp) = &config.bgp {
+                let v6 = a.is_ipv6();
+                if !bgp.neighbors.iter().any(|n| n.address.is_ipv6() == v6) {
+                    self.problem(
+                        format!("{path}.address"),
+                        format!(
+                            "{a} could never be announced: bgp.neighbors has no {} neighbor (a BGP session announces its own address family)",
+                            if v6 { "IPv6" } else { "IPv4" }
+                        ),
+                    );
+                }
+            }
+        }
+        if config.vips.len() > b.max_vips as usize {
             self.problem(
                 "vip",
                 format!(
-                    "{total_backends} backends in all but balancer.max_backends is {}",
-                    balancer.max_backends
+                    "{} VIPs but balancer.max_vips is {}",
+                    config.vips.len(),
+                    b.max_vips
                 ),
             );
         }
-        if let (Some(user), None) = (need_v4, balancer.source_v4) {
+        if total > b.max_backends as usize {
+            self.problem(
+                "vip",
+                format!(
+                    "{total} backends in all but balancer.max_backends is {}",
+                    b.max_backends
+                ),
+            );
+        }
+        if let (Some(user), None) = (need_v4, b.source_v4) {
             self.problem(
                 "balancer.source_v4",
                 format!(
@@ -1084,25 +1295,13 @@ impl Validator {
                 ),
             );
         }
-        if let (Some(user), None) = (need_v6, balancer.source_v6) {
+        if let (Some(user), None) = (need_v6, b.source_v6) {
             self.problem(
                 "balancer.source_v6",
                 format!(
                     "missing: {user} is an IPv6 backend and needs an IPv6 outer source address"
                 ),
             );
-        }
-        let bgp = raw.bgp.as_ref().and_then(|b| self.bgp(b, &balancer));
-        if let Some(bgp) = &bgp {
-            self.bgp_families(bgp, &vips);
-        }
-        Config {
-            balancer,
-            metrics,
-            api,
-            log_level,
-            bgp,
-            vips,
         }
     }
 
@@ -1206,6 +1405,10 @@ impl Validator {
                 }
             },
         };
+        let dead_after = Duration::from_secs(
+            self.int("bgp.dead_after", raw.dead_after, 10, (1, 3600))
+                .into(),
+        );
         if self.problems.len() > before {
             return None;
         }
@@ -1219,25 +1422,8 @@ impl Validator {
             bird_binary,
             start_bird: raw.start_bird.unwrap_or(true),
             on_shutdown,
+            dead_after,
         })
-    }
-
-    /// Every VIP's address family needs a BGP session of that family to be
-    /// announced over (sessions carry their own family only).
-    fn bgp_families(&mut self, bgp: &BgpSettings, vips: &[Vip]) {
-        for (i, vip) in vips.iter().enumerate() {
-            let v6 = vip.addr.addr.is_ipv6();
-            if !bgp.neighbors.iter().any(|n| n.address.is_ipv6() == v6) {
-                self.problem(
-                    format!("vip[{i}].address"),
-                    format!(
-                        "{} could never be announced: bgp.neighbors has no {} neighbor (a BGP session announces its own address family)",
-                        vip.addr.addr,
-                        if v6 { "IPv6" } else { "IPv4" }
-                    ),
-                );
-            }
-        }
     }
 
     fn balancer(&mut self, raw: &RawBalancer) -> BalancerSettings {
@@ -1547,7 +1733,8 @@ mod tests {
             (65010, 9, false, true)
         );
         assert_eq!(b.neighbors[1].port, 179);
-        assert_eq!(b.on_shutdown, ShutdownPolicy::Withdraw);
+        assert_eq!(b.on_shutdown, ShutdownPolicy::Keep);
+        assert_eq!(b.dead_after, Duration::from_secs(10));
         assert!(parse(GOOD, "test.toml").unwrap().bgp.is_none());
     }
 
@@ -2032,5 +2219,77 @@ mod tests {
     fn too_many_vips_for_capacity() {
         let t = with("mtu = 1500", "mtu = 1500\nmax_vips = 1");
         assert_problem(&t, "vip", "2 VIPs but balancer.max_vips is 1");
+    }
+
+    #[test]
+    fn addresses_that_cannot_work_are_refused_with_the_field_named() {
+        let vip = |a: &str| with("address = \"203.0.113.10\"", &format!("address = \"{a}\""));
+        for (a, why) in [
+            ("255.255.255.255", "broadcast"),
+            ("127.0.0.1", "loopback"),
+            ("0.0.0.0", "not a unicast address"),
+            ("224.0.0.5", "not a unicast address"),
+            ("169.254.1.1", "link-local"),
+            ("192.0.2.1", "source address"),
+        ] {
+            assert_problem(&vip(a), "vip[0].address", why);
+        }
+        let backend = |a: &str| with("address = \"10.0.0.11\"", &format!("address = \"{a}\""));
+        for (a, why) in [
+            ("255.255.255.255", "broadcast"),
+            ("127.0.0.1", "loopback"),
+            ("203.0.113.10", "is a VIP"),
+            ("192.0.2.1", "the balancer itself"),
+        ] {
+            assert_problem(&backend(a), "vip[0].backends[0].address", why);
+        }
+        let v6 = |a: &str| {
+            with(
+                "address = \"2001:db8:20::1\"",
+                &format!("address = \"{a}\""),
+            )
+        };
+        assert_problem(&v6("fe80::1"), "vip[1].backends[0].address", "link-local");
+        assert_problem(&v6("::1"), "vip[1].backends[0].address", "loopback");
+        assert_problem(
+            &v6("2001:db8:10::1"),
+            "vip[1].backends[0].address",
+            "is a VIP",
+        );
+        // IPv4 link-local backends are on the balancer's own link: they work.
+        assert!(problems(&backend("169.254.0.7")).is_empty());
+    }
+
+    #[test]
+    fn problems_name_the_file_index_even_after_a_vip_that_failed_to_parse() {
+        let t = with("address = \"2001:db8:20::1\"", "address = \"::1\"")
+            .replace("port = 80", "port = 99999");
+        let p = problems(&t);
+        assert!(p.iter().any(|p| p.field == "vip[0].port"), "{p:?}");
+        assert!(
+            p.iter().any(|p| p.field == "vip[1].backends[0].address"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn a_reload_may_not_change_a_capacity_or_a_start_only_setting() {
+        let now = parse(GOOD, "t").unwrap();
+        assert!(reload_problems(&now, &now).is_empty());
+        let t =
+            format!("[conntrack]\nsize = 2097152\n[metrics]\nlisten = \"127.0.0.1:9999\"\n{GOOD}");
+        let next = parse(&t, "t").unwrap();
+        let fields: Vec<String> = reload_problems(&now, &next)
+            .into_iter()
+            .map(|p| p.field)
+            .collect();
+        assert_eq!(fields, ["conntrack.size", "metrics.listen"]);
+        // The same table: a size that rounds to the default is no change.
+        let t = format!("[conntrack]\nsize = 4000000\n{GOOD}");
+        assert!(reload_problems(&now, &parse(&t, "t").unwrap()).is_empty());
+        let t = with("mtu = 1500", "mtu = 1500\nmax_backends = 8");
+        let p = reload_problems(&now, &parse(&t, "t").unwrap());
+        assert_eq!(p[0].field, "balancer.max_backends");
+        assert!(p[0].message.contains("lbd --cleanup"), "{p:?}");
     }
 }

@@ -15,12 +15,26 @@
 //! (up by its health check, or not checked; drained backends count, they
 //! still serve their flows), and only while the data plane is attached. A
 //! VIP whose backends are all down is withdrawn, so routers send its flows
-//! to balancers that still have backends. On shutdown lbd withdraws every
-//! VIP (`on_shutdown = "withdraw"`, the default) or leaves the
-//! announcements to BIRD (`"keep"`: for a restart of a lone balancer, whose
-//! pinned data plane keeps forwarding while lbd is away). Without pinning
-//! (`lbd --no-pin`) the data plane detaches on exit, so lbd always
+//! to balancers that still have backends.
+//!
+//! On shutdown lbd leaves the announcements to BIRD (`on_shutdown =
+//! "keep"`, the default) or withdraws every VIP (`"withdraw"`). Keeping is
+//! the default because the usual reason to stop `lbd` is to restart it
+//! (an upgrade, a config change that needs a restart): the pinned data
+//! plane keeps forwarding while lbd is away, and withdrawing would make
+//! the routers move every flow of this balancer to the others for a
+//! restart that takes a second. A balancer that must leave for good is
+//! withdrawn by `lbd --cleanup` (or `on_shutdown = "withdraw"`). Without
+//! pinning (`lbd --no-pin`) the data plane detaches on exit, so lbd always
 //! withdraws.
+//!
+//! An `lbd` that dies (SIGKILL, a crash) cannot withdraw anything, and its
+//! data plane, though still forwarding, no longer follows health checks.
+//! So lbd starts a small guard next to BIRD (`lbd bird-guard`, see
+//! [`crate::host::bird_guard`]): once no lbd has held the instance's lock
+//! for `dead_after` seconds (default 10: longer than a restart takes), it
+//! disables the VIPs' static protocols in BIRD, which withdraws them. The
+//! next lbd re-enables them once it runs.
 //!
 //! BIRD runs as its own process. With `start_bird = true` (the default) lbd
 //! starts it when its control socket does not answer; BIRD then outlives lbd
@@ -69,6 +83,8 @@ pub struct BgpSettings {
     /// Start BIRD when its control socket does not answer.
     pub start_bird: bool,
     pub on_shutdown: ShutdownPolicy,
+    /// How long BIRD keeps announcing after lbd died (see the module docs).
+    pub dead_after: Duration,
 }
 
 /// A router we peer with (`bgp.neighbors[i]`).
@@ -84,10 +100,11 @@ pub struct BgpNeighbor {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ShutdownPolicy {
     /// Withdraw every VIP: the routers move the flows to other balancers.
-    #[default]
     Withdraw,
     /// Leave them announced (BIRD keeps running; the pinned data plane keeps
-    /// forwarding): a restart of a lone balancer loses nothing.
+    /// forwarding): a restart loses nothing. The BIRD guard withdraws them
+    /// if no lbd comes back within `dead_after`.
+    #[default]
     Keep,
 }
 
@@ -110,6 +127,10 @@ impl fmt::Display for ShutdownPolicy {
         })
     }
 }
+
+/// BIRD's static protocols that hold the VIP routes (IPv4, IPv6): what the
+/// BIRD guard disables to withdraw them.
+pub const STATIC_PROTOCOLS: [&str; 2] = ["lb_vips_v4", "lb_vips_v6"];
 
 /// BIRD's directory of an instance when `bgp.bird_dir` is not set.
 pub fn default_bird_dir(instance: &str) -> PathBuf {
@@ -134,6 +155,13 @@ impl BirdPaths {
     }
     pub fn log(&self) -> PathBuf {
         self.dir.join("bird.log")
+    }
+    /// The BIRD guard's lock (its PID inside) and log.
+    pub fn guard_lock(&self) -> PathBuf {
+        self.dir.join("guard.lock")
+    }
+    pub fn guard_log(&self) -> PathBuf {
+        self.dir.join("guard.log")
     }
 }
 
@@ -170,7 +198,7 @@ pub fn render(
     c += "\nprotocol device {\n}\n";
     c += "\n# VIP addresses with a healthy backend, while the data plane is attached.\n";
     c += "# Never installed in this host's routing table (there is no kernel protocol).\n";
-    for (name, v6) in [("lb_vips_v4", false), ("lb_vips_v6", true)] {
+    for (name, v6) in [(STATIC_PROTOCOLS[0], false), (STATIC_PROTOCOLS[1], true)] {
         let _ = writeln!(
             c,
             "protocol static {name} {{\n  {};",
@@ -341,6 +369,9 @@ pub struct Announcer {
     announced: Option<BTreeSet<IpAddr>>,
     /// The config text BIRD last accepted.
     accepted: Option<String>,
+    /// Whether this process has made sure the VIPs' static protocols are
+    /// enabled (the BIRD guard disables them when lbd dies).
+    enabled: bool,
 }
 
 impl Announcer {
@@ -355,6 +386,7 @@ impl Announcer {
             settings,
             announced: None,
             accepted: None,
+            enabled: false,
         }
     }
 
@@ -401,6 +433,14 @@ impl Announcer {
             Err(e) => return Err(e),
         }
         self.accepted = Some(text);
+        if !self.enabled && settings.is_some() {
+            // A guard may have withdrawn the VIPs of the lbd before this
+            // one (see the module docs); "already enabled" is no error.
+            for p in STATIC_PROTOCOLS {
+                bird_ok(&self.paths.socket(), &format!("enable {p}")).await?;
+            }
+            self.enabled = true;
+        }
         let before = self.announced.replace(want.clone()).unwrap_or_default();
         let peers: Vec<String> = self
             .settings
@@ -591,7 +631,8 @@ mod tests {
             bird_dir: None,
             bird_binary: "bird".into(),
             start_bird: true,
-            on_shutdown: ShutdownPolicy::Withdraw,
+            on_shutdown: ShutdownPolicy::Keep,
+            dead_after: Duration::from_secs(10),
         }
     }
 

@@ -1,8 +1,14 @@
 //! The host `lbd` runs on: its addresses and tick rate; [`neighbours`]
 //! keeps the kernel's neighbour entries towards backends resolved; [`bgp`]
-//! announces the VIPs over BGP through BIRD 2.
+//! announces the VIPs over BGP through BIRD 2, and [`bird_guard`] withdraws
+//! them when `lbd` dies; [`lock`] keeps one `lbd` per
+//! instance; [`checks`] refuses VIPs and backends that are this host's own
+//! addresses.
 
 pub mod bgp;
+pub mod bird_guard;
+pub mod checks;
+pub mod lock;
 pub mod neighbours;
 
 use std::net::IpAddr;

@@ -41,6 +41,9 @@ use crate::{netns::Netns, require_root};
 pub const ROUTER_AS: u32 = 65000;
 /// The balancers' AS (all the same: their routes are equal for ECMP).
 pub const BALANCER_AS: u32 = 65010;
+/// The balancers' `bgp.dead_after`: how long BIRD keeps announcing a
+/// balancer whose lbd died.
+pub const DEAD_AFTER_SECS: u64 = 2;
 
 /// A VIP's active Maglev table as read from the maps: its raw chunks
 /// (backend ids) and each entry's backend address.
@@ -86,6 +89,8 @@ impl EcmpBalancer {
 /// namespaces).
 pub struct EcmpLab {
     lbd_bin: PathBuf,
+    /// See [`EcmpLab::start`].
+    vip_extra: String,
     services: Vec<servers::Services>,
     decaps: Vec<(String, Child)>,
     pub balancers: Vec<EcmpBalancer>,
@@ -96,13 +101,14 @@ pub struct EcmpLab {
     dir: PathBuf,
 }
 
-/// Kills the BIRD whose pid file is `pid`, if it runs.
+/// Ends (SIGTERM) the process whose pid file is `pid` (a BIRD, or the BIRD
+/// guard), if it runs.
 fn stop_bird(pid: &Path) {
     if let Some(pid) = fs::read_to_string(pid)
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())
     {
-        // SAFETY: kill(2); the pid comes from a BIRD this lab started.
+        // SAFETY: kill(2); the pid comes from a process this lab started.
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
 }
@@ -187,6 +193,7 @@ impl EcmpLab {
         let (services, decaps) = start_backends(&backends, &lbd, &dir)?;
         let mut lab = EcmpLab {
             lbd_bin: lbd,
+            vip_extra: vip_extra.to_string(),
             services,
             decaps,
             balancers: hosts,
@@ -201,7 +208,7 @@ impl EcmpLab {
             let b = &lab.balancers[i];
             let mut text = config(&b.dir, (b.v4, b.v6), &lab.backends, &weights, vip_extra);
             text += &format!(
-                "[bgp]\nlocal_as = {BALANCER_AS}\nhold_time = 3\nbird_dir = \"{}\"\nneighbors = [\n  {{ address = \"{ROUTER_V4}\", as = {ROUTER_AS} }},\n  {{ address = \"{ROUTER_V6}\", as = {ROUTER_AS} }},\n]\n",
+                "[bgp]\nlocal_as = {BALANCER_AS}\nhold_time = 3\ndead_after = {DEAD_AFTER_SECS}\nbird_dir = \"{}\"\nneighbors = [\n  {{ address = \"{ROUTER_V4}\", as = {ROUTER_AS} }},\n  {{ address = \"{ROUTER_V6}\", as = {ROUTER_AS} }},\n]\n",
                 b.bird_dir().display()
             );
             fs::write(b.config_path(), text)?;
@@ -259,10 +266,11 @@ impl EcmpLab {
         Ok(())
     }
 
-    /// Stops balancer `i` for good: SIGTERM to lbd (which withdraws its
-    /// VIPs), then `lbd --cleanup` (which detaches its data plane and
-    /// removes its pinned state, connection table included). Its BIRD
-    /// keeps running, announcing nothing.
+    /// Stops balancer `i` for good: SIGTERM to lbd (which leaves BIRD
+    /// announcing, `bgp.on_shutdown = "keep"`), then `lbd --cleanup` (which
+    /// withdraws every VIP, detaches its data plane and removes its pinned
+    /// state, connection table included). Its BIRD keeps running,
+    /// announcing nothing.
     pub fn stop_balancer(&mut self, i: usize) -> Result<()> {
         let b = &mut self.balancers[i];
         let mut child = b.lbd.take().context("lbd is not running")?;
@@ -286,6 +294,68 @@ impl EcmpLab {
                 b.name,
                 String::from_utf8_lossy(&out.stderr)
             );
+        }
+        Ok(())
+    }
+
+    /// Kills balancer `i`'s lbd with SIGKILL, as a crash would: its data
+    /// plane keeps forwarding from the pinned state, BIRD keeps announcing
+    /// until its guard sees no lbd for `dead_after`.
+    pub fn kill_balancer(&mut self, i: usize) -> Result<()> {
+        let b = &mut self.balancers[i];
+        let mut child = b.lbd.take().context("lbd is not running")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Restarts balancer `i`'s lbd: SIGTERM (its data plane and BIRD's
+    /// announcements stay), then a new lbd that adopts the state.
+    pub fn restart_balancer(&mut self, i: usize) -> Result<()> {
+        let b = &mut self.balancers[i];
+        let mut child = b.lbd.take().context("lbd is not running")?;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait()?;
+        if !status.success() {
+            bail!(
+                "lbd on {} exited with {status}; log:\n{}",
+                b.name,
+                b.lbd_log()
+            );
+        }
+        self.start_balancer(i)
+    }
+
+    /// Rewrites balancer `i`'s config with these backend weights (`None`:
+    /// not in the config) and reloads it (SIGHUP); returns once applied.
+    pub fn set_backends(&self, i: usize, weights: &[Option<u32>]) -> Result<()> {
+        let b = &self.balancers[i];
+        let text = fs::read_to_string(b.config_path())?;
+        let bgp = text.find("[bgp]").context("the lab config has [bgp]")?;
+        let new = config(
+            &b.dir,
+            (b.v4, b.v6),
+            &self.backends,
+            weights,
+            &self.vip_extra,
+        ) + &text[bgp..];
+        fs::write(b.config_path(), new)?;
+        let needle = "config reloaded and applied";
+        let before = b.lbd_log().matches(needle).count();
+        let pid = b.lbd.as_ref().context("lbd is not running")?.id();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid as i32, libc::SIGHUP) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while b.lbd_log().matches(needle).count() <= before {
+            if Instant::now() > deadline {
+                bail!(
+                    "lbd on {} did not apply the new config; log:\n{}",
+                    b.name,
+                    b.lbd_log()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
         }
         Ok(())
     }
@@ -455,6 +525,8 @@ impl Drop for EcmpLab {
         );
         for b in &self.balancers {
             stop_bird(&b.bird_dir().join("bird.pid"));
+            // The BIRD guard lbd started (its pid is in its lock file).
+            stop_bird(&b.bird_dir().join("guard.lock"));
             let _ = pinning::cleanup(&pinning::instance_dir(&b.instance));
         }
         stop_bird(&self.dir.join("router-bird.pid"));

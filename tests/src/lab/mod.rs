@@ -19,6 +19,7 @@
 pub mod client;
 pub mod ecmp;
 pub mod servers;
+pub mod traffic;
 
 use std::{
     fs,
@@ -46,6 +47,9 @@ pub const METRICS: &str = "127.0.0.1:9180";
 pub const API_TCP: &str = "127.0.0.1:9181";
 /// The bearer token of the lab's TCP API (name `lab`).
 pub const API_TOKEN: &str = "lab-token-0123456789abcdef";
+/// Numbers the logs of extra lbds ([`Lab::run_lbd`]).
+static NEXT_EXTRA: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// MTU of the balancer's and backends' links (the client's is 1500): room for
 /// the outer header, as the README recommends.
 const BACKEND_MTU: u32 = 1600;
@@ -503,45 +507,63 @@ impl Lab {
         Ok(lab)
     }
 
+    /// lbd's config with these backends (`None`: not in the config).
+    pub fn config_text(&self, weights: &[Option<u32>]) -> String {
+        config(
+            &self.dir,
+            BALANCER,
+            &self.backends,
+            weights,
+            &self.vip_extra,
+        )
+    }
+
     /// Rewrites lbd's config with these backends (`None`: not in the
     /// config) and reloads it (SIGHUP); returns once lbd applied it.
     pub fn set_backends(&self, weights: &[Option<u32>]) -> Result<()> {
-        fs::write(
-            &self.config_path,
-            config(
-                &self.dir,
-                BALANCER,
-                &self.backends,
-                weights,
-                &self.vip_extra,
-            ),
-        )?;
+        fs::write(&self.config_path, self.config_text(weights))?;
         self.reload()
     }
 
     /// Makes lbd reload its config file (SIGHUP); returns once lbd applied it.
     pub fn reload(&self) -> Result<()> {
-        let before = self.log_count("config reloaded and applied");
-        let pid = self.procs.lock().expect("lab lock").lbd.id() as i32;
+        self.reload_until("config reloaded and applied")
+    }
+
+    /// SIGHUP; returns once lbd's log has one more line containing
+    /// `needle` than before.
+    pub fn reload_until(&self, needle: &str) -> Result<()> {
+        let before = self.log_count(needle);
         // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(pid, libc::SIGHUP) };
+        unsafe { libc::kill(self.lbd_pid() as i32, libc::SIGHUP) };
         self.wait_for(
-            |lab| lab.log_count("config reloaded and applied") > before,
-            "lbd to apply the new config",
+            |lab| lab.log_count(needle) > before,
+            &format!("lbd to log {needle:?} after SIGHUP"),
         )
+    }
+
+    /// The running lbd's pid.
+    pub fn lbd_pid(&self) -> u32 {
+        self.procs.lock().expect("lab lock").lbd.id()
     }
 
     /// Stops lbd (SIGTERM: the balancer keeps running from its pinned
     /// state) and starts it again; returns once the new lbd adopted the
     /// state and serves metrics.
     pub fn restart_lbd(&self) -> Result<()> {
+        self.restart_lbd_with(libc::SIGTERM)
+    }
+
+    /// As [`Lab::restart_lbd`], ending lbd with `signal` (SIGTERM, or
+    /// SIGKILL as a crash would).
+    pub fn restart_lbd_with(&self, signal: i32) -> Result<()> {
         let before = self.log_count("balancer program replaced on the existing attachment");
         {
             let mut procs = self.procs.lock().expect("lab lock");
             // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(procs.lbd.id() as i32, libc::SIGTERM) };
+            unsafe { libc::kill(procs.lbd.id() as i32, signal) };
             let status = procs.lbd.wait()?;
-            if !status.success() {
+            if signal == libc::SIGTERM && !status.success() {
                 drop(procs);
                 bail!(
                     "lbd exited with {status} on SIGTERM; logs:\n{}",
@@ -564,6 +586,43 @@ impl Lab {
             },
             "the restarted lbd to adopt the balancer",
         )
+    }
+
+    /// Runs another lbd in the balancer's namespace with `args` (e.g. the
+    /// lab's own, to see a second owner refused) and waits up to 15 s for
+    /// it to exit: its exit status and what it printed.
+    pub fn run_lbd(&self, args: &[&str]) -> Result<(std::process::ExitStatus, String)> {
+        let log = self.dir.join(format!(
+            "lbd-extra-{}.log",
+            NEXT_EXTRA.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let mut child = spawn_in(&self.balancer, &self.lbd_bin, args, &log, self.lbd_log)?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the extra lbd did not exit; its log:\n{}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        Ok((status, fs::read_to_string(&log).unwrap_or_default()))
+    }
+
+    /// The arguments the lab runs lbd with.
+    pub fn lbd_args(&self) -> Vec<String> {
+        self.lbd_args.clone()
+    }
+
+    /// lbd's pinned state directory.
+    pub fn pin_dir(&self) -> PathBuf {
+        pinning::instance_dir(&self.instance)
     }
 
     fn log_count(&self, needle: &str) -> usize {
