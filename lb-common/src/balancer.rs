@@ -5,9 +5,17 @@ use core::mem::size_of;
 use crate::REASON_COUNT;
 
 /// Version of the layout of the balancer's maps and the meaning of their
-/// fields. A restarted `lbd` adopts pinned maps only of the same version;
-/// bump it with any change to a type in this module or to a map's kind.
-pub const LAYOUT_VERSION: u32 = 7;
+/// fields. A restarted `lbd` adopts pinned maps of the same version and
+/// converts those of an older version it has a converter for (see
+/// `lb-userspace/src/dataplane/upgrade/`); bump it with any change to a
+/// type in this module or to a map's kind, and add the converter from the
+/// version before (and its fixture, tests/fixtures/).
+///
+/// Version 8: the connection table's closing bit (11 incarnation bits),
+/// admission of every new flow through the handshake table, the `raced`,
+/// `syn_raced` and `closing` events (16 event slots), the closing timeout in
+/// [`DataplaneConfig`].
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Creation flags of the VIP map: `BPF_F_NO_PREALLOC` (see [`VipInfo`]).
 pub const VIPS_MAP_FLAGS: u32 = 1;
@@ -225,9 +233,20 @@ pub struct DataplaneConfig {
     pub udp_renew: u32,
     /// Sets in the handshake table minus one.
     pub syn_set_mask: u32,
+    /// Idle time after which a closing TCP entry (client FIN seen) is
+    /// stale, in jiffies.
+    pub tcp_closing: u32,
+    /// How much of `tcp_closing` an entry may use up before a packet
+    /// renews it.
+    pub tcp_closing_renew: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<DataplaneConfig>() == 72);
+const _: () = assert!(size_of::<DataplaneConfig>() == 80);
+/// Where `layout_version` sits in every layout's `LB_CONFIG` value, so a
+/// build can tell any layout's state apart: it must never move.
+pub const LAYOUT_VERSION_OFFSET: usize = 36;
+const _: () =
+    assert!(core::mem::offset_of!(DataplaneConfig, layout_version) == LAYOUT_VERSION_OFFSET);
 
 impl DataplaneConfig {
     /// All zero (a `const` [`Default`]).
@@ -246,6 +265,8 @@ impl DataplaneConfig {
         tcp_renew: 0,
         udp_renew: 0,
         syn_set_mask: 0,
+        tcp_closing: 0,
+        tcp_closing_renew: 0,
         _pad: 0,
     };
 }
@@ -317,7 +338,7 @@ const _: () = assert!(size_of::<TrafficCounters>() == 24);
 
 /// Slots for [`crate::FlowEvent`]s in [`Stats`]: a power of two, so an
 /// event index is bounded with a mask.
-pub const FLOW_EVENT_SLOTS: usize = 8;
+pub const FLOW_EVENT_SLOTS: usize = 16;
 const _: () = assert!(crate::FLOW_EVENT_COUNT as usize <= FLOW_EVENT_SLOTS);
 const _: () = assert!(REASON_COUNT.is_power_of_two());
 
@@ -331,7 +352,7 @@ pub struct Stats {
     /// Connection-table events per [`crate::FlowEvent`], by index.
     pub flows: [u64; FLOW_EVENT_SLOTS],
 }
-const _: () = assert!(size_of::<Stats>() == 192);
+const _: () = assert!(size_of::<Stats>() == 256);
 
 /// Benchmark only: what the benchmark programs restore.
 ///

@@ -19,28 +19,38 @@
 //! is over (TCP and UDP have their own), when its backend id was freed or
 //! given to another backend (see `BackendInfo::incarnation`), or when its
 //! backend is down and the VIP re-schedules such flows. A TCP RST empties
-//! the slot.
+//! the slot. A FIN from the client puts the entry in the closing state
+//! (a bit of its key): from then on it lives `tcp_closing_timeout` past the
+//! flow's last packet instead of `tcp_idle_timeout`, so closed connections
+//! make room within seconds instead of an hour (the backend's own FIN never
+//! crosses the balancer: replies go straight to the client).
 //!
 //! Sizing: `conntrack.size` slots (rounded up to a power of two), 16 bytes
 //! each. Flows hash evenly over the sets; with `n` concurrent flows in `s`
 //! slots, a set overflows (and evicts a live flow) roughly when it draws
 //! more than four flows: at n = s/4 (the default: 1M flows in 4M slots)
 //! about 0.4 % of flows, at n = s/2 about 4 %. An evicted flow is not
-//! lost: its next packet is scheduled again, and Maglev gives it the same
-//! backend unless the VIP's backends changed since it started.
+//! lost: its next packet is scheduled again, and for `maglev` and
+//! `maglev-src` VIPs that gives it the same backend unless the VIP's
+//! backends changed since it started. (`wrr` and `least-load` choices do
+//! not follow from the packet: an evicted flow of such a VIP goes to
+//! whichever backend is next.)
 //!
-//! Handshakes: a TCP SYN does not touch this table. Its choice goes to a
-//! small table of the same layout, the handshake table (`conntrack.size` /
-//! 64 slots, at least 1024: 1 MiB at the default, so it stays in the CPU's
-//! cache), and a bit in a 64 Kibit filter marks its hash. The flow's first
-//! packet without SYN moves the entry into the connection table. So a SYN
-//! costs no cold cache line, and a SYN flood churns the handshake table
-//! only: it cannot evict established flows. Handshakes pushed out of the
-//! handshake table by others count `syn_evicted`; their next packet is
-//! scheduled again (Maglev: the same backend unless the VIP changed within
-//! that round trip). A packet whose filter bit is set looks in the
-//! handshake table first, so a SYN that reuses the 5-tuple of an old
-//! connection with a live entry is not sent to the old one's backend.
+//! Admission: a new flow does not enter this table with its first packet.
+//! Its choice goes to a small table of the same layout, the handshake
+//! table (`conntrack.size` / 64 slots, at least 1024: 1 MiB at the default,
+//! so it stays in the CPU's cache); the flow's next packet moves the entry
+//! into the connection table. That holds for a TCP SYN and for the first
+//! packet of any flow the table does not know (a TCP packet without SYN, a
+//! UDP datagram). So a new flow costs no cold cache line, and a flood of
+//! one-packet flows (SYNs, ACKs, UDP with random ports or sources) churns
+//! the handshake table only: it cannot evict established flows. Entries
+//! pushed out of the handshake table by others count `syn_evicted`; their
+//! next packet is scheduled again (Maglev: the same backend unless the VIP
+//! changed meanwhile). A SYN also sets a bit in a 64 Kibit filter: a
+//! packet whose bit is set looks in the handshake table first, so a SYN
+//! that reuses the 5-tuple of an old connection with a live entry is not
+//! sent to the old one's backend.
 //!
 //! Matching: a slot holds a flow when its tag (the high 32 bits of the
 //! flow hash; the set index comes from the low bits) and its ports (source
@@ -53,12 +63,21 @@
 //! is the backend Maglev would have given it, unless the VIP's backends
 //! changed since. Flows to different VIP ports never match each other.
 //!
-//! Concurrency: the table is shared by all CPUs. A slot's identity (tag,
-//! backend id and incarnation) is one 64-bit word written in a single
-//! store, after the ports and expiry (x86-64 keeps stores in order; BPF
-//! has no fences): a reader on another CPU sees either the old flow or the
-//! new one with its own backend, or a mix that matches neither flow (a
-//! miss, scheduled by Maglev); never one flow with another's backend.
+//! Concurrency: both tables are shared by all CPUs. A slot's identity
+//! (tag, backend id, incarnation, closing bit) is one 64-bit word, and
+//! every change of it is a compare-and-swap against the word the CPU read
+//! (BPF `cmpxchg`, Linux 5.12 and later): a new entry first claims its
+//! slot by swapping the victim's word for [`FLOW_BUSY`] (its own tag, a
+//! reserved backend id: it matches no flow and is no one's victim), writes
+//! the ports and expiry, and then stores its final word. Two CPUs that
+//! pick the same slot at once cannot both win: the loser counts `raced`
+//! (or `syn_raced` in the handshake table) and its flow's next packet is
+//! scheduled again. A RST, a FIN and a move out of the handshake table
+//! change a slot only if it still holds the word they read, so none of
+//! them can clear or mark another flow's entry written meanwhile. A reader
+//! sees the old flow or the new one with its own backend, never one flow
+//! with another's backend. (Renewing an entry's expiry is a plain store:
+//! at worst it lengthens the life of an entry that replaced it.)
 
 use core::mem::size_of;
 
@@ -69,9 +88,10 @@ pub const FLOW_WAYS: usize = 4;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowSlot {
-    /// [`FlowSlot::key`]: the flow's tag (bits 32..64), the low 12 bits of
-    /// its backend's `BackendInfo::incarnation` (bits 20..32) and the
-    /// backend id (bits 0..20); 0 for an empty slot.
+    /// [`FlowSlot::key`]: the flow's tag (bits 32..64), the closing bit
+    /// ([`FLOW_CLOSING`], bit 31), the low 11 bits of its backend's
+    /// `BackendInfo::incarnation` (bits 20..31) and the backend id (bits
+    /// 0..20); 0 for an empty slot.
     pub key: u64,
     /// The flow's ports word (`FlowKey::ports`).
     pub ports: u32,
@@ -83,13 +103,20 @@ pub struct FlowSlot {
 const _: () = assert!(size_of::<FlowSlot>() == 16);
 
 /// Bits of a backend id in [`FlowSlot::key`] (`balancer.max_backends` is
-/// at most 2^20).
+/// below 2^20: the id of all ones is [`FLOW_BUSY`]'s).
 pub const FLOW_ID_BITS: u32 = 20;
+/// Most backend ids ([`MAX_BACKEND_IDS`] − 1 is the highest).
+pub const MAX_BACKEND_IDS: u32 = (1 << FLOW_ID_BITS) - 1;
 /// Bits of a backend's incarnation in [`FlowSlot::key`]. An entry whose
-/// backend id was given out again a multiple of 4096 times while the flow
+/// backend id was given out again a multiple of 2048 times while the flow
 /// was silent would pass for current; its old backend is gone by then, so
 /// the flow could not have been saved anyway.
-pub const FLOW_INCARNATION_BITS: u32 = 12;
+pub const FLOW_INCARNATION_BITS: u32 = 11;
+/// [`FlowSlot::key`] bit: a FIN from the client was seen (closing state).
+pub const FLOW_CLOSING: u64 = 1 << 31;
+/// The low word of a slot being written (see the module docs): backend id
+/// all ones, which no backend has.
+pub const FLOW_BUSY: u64 = 0xFFFF_FFFF;
 
 impl FlowSlot {
     /// The key word of a flow with hash `hash` going to backend
@@ -101,11 +128,29 @@ impl FlowSlot {
             | (backend_id & ((1 << FLOW_ID_BITS) - 1)) as u64
     }
 
-    /// Whether key word `key` carries the tag of hash `hash` (and is not
-    /// empty).
+    /// Whether key word `key` holds the entry of a flow with hash `hash`
+    /// (it is not empty and not being written).
     #[inline(always)]
     pub const fn tagged(key: u64, hash: u64) -> bool {
-        key != 0 && key >> 32 == hash >> 32
+        key != 0 && key >> 32 == hash >> 32 && key as u32 != FLOW_BUSY as u32
+    }
+
+    /// The word a slot holds while a flow with hash `hash` claims it.
+    #[inline(always)]
+    pub const fn busy(hash: u64) -> u64 {
+        (hash & 0xFFFF_FFFF_0000_0000) | FLOW_BUSY
+    }
+
+    /// Whether key word `key` is being written by another CPU.
+    #[inline(always)]
+    pub const fn is_busy(key: u64) -> bool {
+        key as u32 == FLOW_BUSY as u32
+    }
+
+    /// Whether the entry of key word `key` is closing (client FIN seen).
+    #[inline(always)]
+    pub const fn closing(key: u64) -> bool {
+        key & FLOW_CLOSING != 0
     }
 
     /// The backend id of a key word.
@@ -118,7 +163,8 @@ impl FlowSlot {
     /// backend.
     #[inline(always)]
     pub const fn same_incarnation(key: u64, incarnation: u32) -> bool {
-        (key as u32) >> FLOW_ID_BITS == incarnation & ((1 << FLOW_INCARNATION_BITS) - 1)
+        ((key as u32) >> FLOW_ID_BITS) & ((1 << FLOW_INCARNATION_BITS) - 1)
+            == incarnation & ((1 << FLOW_INCARNATION_BITS) - 1)
     }
 }
 
@@ -200,19 +246,28 @@ pub enum FlowEvent {
     /// backend down): the flow was scheduled again.
     Stale = 2,
     /// Writing a new entry failed; the packet was forwarded anyway. (With
-    /// the array table only a set index outside the map could cause it.)
+    /// the array table only a set index outside the map could cause it: a
+    /// tripwire.)
     InsertFailed = 3,
     /// A TCP RST removed its flow's entry.
     Reset = 4,
     /// A new entry replaced a live one (its set was full).
     Evicted = 5,
-    /// A SYN's entry replaced a live one in the handshake table (many
-    /// handshakes at once, or a SYN flood).
+    /// A new flow's entry replaced a live one in the handshake table (many
+    /// new flows at once, or a flood of one-packet flows).
     SynEvicted = 6,
+    /// A new entry lost its connection-table slot to another CPU's at the
+    /// same moment (see the module docs); its flow's next packet is
+    /// scheduled again.
+    Raced = 7,
+    /// The same in the handshake table.
+    SynRaced = 8,
+    /// A client FIN put its flow's entry in the closing state.
+    Closing = 9,
 }
 
 /// Number of [`FlowEvent`]s.
-pub const FLOW_EVENT_COUNT: u32 = 7;
+pub const FLOW_EVENT_COUNT: u32 = 10;
 
 impl FlowEvent {
     /// Every event, in index order.
@@ -224,6 +279,9 @@ impl FlowEvent {
         FlowEvent::Reset,
         FlowEvent::Evicted,
         FlowEvent::SynEvicted,
+        FlowEvent::Raced,
+        FlowEvent::SynRaced,
+        FlowEvent::Closing,
     ];
 
     /// Label value used in metrics.
@@ -236,6 +294,9 @@ impl FlowEvent {
             FlowEvent::Reset => "reset",
             FlowEvent::Evicted => "evicted",
             FlowEvent::SynEvicted => "syn_evicted",
+            FlowEvent::Raced => "raced",
+            FlowEvent::SynRaced => "syn_raced",
+            FlowEvent::Closing => "closing",
         }
     }
 }
@@ -289,17 +350,28 @@ mod tests {
     #[test]
     fn a_key_carries_its_flow_backend_and_incarnation() {
         let h = 0xDEAD_BEEF_0012_3456u64;
-        let k = FlowSlot::key(h, (1 << 20) - 1, 4097);
+        let k = FlowSlot::key(h, MAX_BACKEND_IDS - 1, 2049);
         assert!(FlowSlot::tagged(k, h));
         assert!(!FlowSlot::tagged(k, h ^ (1 << 40)));
         assert!(
             FlowSlot::tagged(k, h ^ 1),
             "the set bits are not in the tag"
         );
-        assert_eq!(FlowSlot::backend_id(k), (1 << 20) - 1);
-        assert!(FlowSlot::same_incarnation(k, 4097));
-        assert!(FlowSlot::same_incarnation(k, 1), "12 bits");
-        assert!(!FlowSlot::same_incarnation(k, 4098));
+        assert_eq!(FlowSlot::backend_id(k), MAX_BACKEND_IDS - 1);
+        assert!(FlowSlot::same_incarnation(k, 2049));
+        assert!(FlowSlot::same_incarnation(k, 1), "11 bits");
+        assert!(!FlowSlot::same_incarnation(k, 2050));
         assert!(!FlowSlot::tagged(0, 0));
+        assert!(!FlowSlot::closing(k));
+        let c = k | FLOW_CLOSING;
+        assert!(FlowSlot::closing(c) && FlowSlot::tagged(c, h));
+        assert_eq!(FlowSlot::backend_id(c), MAX_BACKEND_IDS - 1);
+        assert!(
+            FlowSlot::same_incarnation(c, 2049),
+            "the closing bit is no incarnation bit"
+        );
+        let b = FlowSlot::busy(h);
+        assert!(FlowSlot::is_busy(b) && !FlowSlot::tagged(b, h));
+        assert!(!FlowSlot::is_busy(k) && !FlowSlot::is_busy(c));
     }
 }

@@ -21,7 +21,8 @@ mod reason;
 
 pub use balancer::*;
 pub use conntrack::{
-    FLOW_EVENT_COUNT, FLOW_WAYS, FlowEvent, FlowSet, FlowSlot, SYN_SEEN_WORDS, flow_set, flow_sets,
+    FLOW_BUSY, FLOW_CLOSING, FLOW_EVENT_COUNT, FLOW_ID_BITS, FLOW_INCARNATION_BITS, FLOW_WAYS,
+    FlowEvent, FlowSet, FlowSlot, MAX_BACKEND_IDS, SYN_SEEN_WORDS, flow_set, flow_sets,
     idle_jiffies, renew_after, syn_seen_slot, syn_slots,
 };
 pub use decap::{DECAP_MAX_ADDRS, HostAddr};

@@ -363,6 +363,8 @@ fn is_ipv6_extension(next: u8) -> bool {
     matches!(next, 0 | 43 | 44 | 50 | 51 | 60 | 135 | 139 | 140)
 }
 
+/// TCP flag FIN in [`Packet::tcp_flags`].
+pub const TCP_FIN: u8 = 0x01;
 /// TCP flag RST in [`Packet::tcp_flags`].
 pub const TCP_RST: u8 = 0x04;
 /// TCP flag SYN in [`Packet::tcp_flags`].

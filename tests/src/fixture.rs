@@ -24,7 +24,7 @@ pub const FLOWS: usize = 10_000;
 /// small.
 pub fn config(n: usize) -> String {
     let mut c = String::from(
-        "[balancer]\nsource_v4 = \"10.201.0.1\"\nsource_v6 = \"fd00:201::1\"\nmtu = 1600\nmax_vips = 8\nmax_backends = 64\nmaglev_table_size = 1031\n\n[conntrack]\nsize = 65536\n\n",
+        "[balancer]\nsource_v4 = \"10.201.0.1\"\nsource_v6 = \"fd00:201::1\"\nmtu = 1600\nmax_vips = 8\nmax_backends = 64\nmaglev_table_size = 1031\n\n[conntrack]\nsize = 262144\n\n",
     );
     for vip in ["203.0.113.10", "2001:db8:10::1"] {
         for (port, proto) in [(80, "tcp"), (9000, "udp")] {
@@ -46,7 +46,7 @@ pub fn config(n: usize) -> String {
 /// The lab's backend `i` (1-based).
 pub fn backend(i: usize, v6: bool) -> IpAddr {
     if v6 {
-        Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 0x10 + i as u16).into()
+        Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 10 + i as u16).into()
     } else {
         Ipv4Addr::new(10, 201, 0, 10 + i as u8).into()
     }
@@ -164,4 +164,150 @@ pub fn balancer_host(ns: &Netns) -> Result<()> {
         bail!("lb0 is not up");
     }
     Ok(())
+}
+
+/// Layout 7's `Globals` (the old program's global data, not pinned: its
+/// lbd filled it at start): the 72-byte `DataplaneConfig`, then the VIP
+/// address filter.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct V7Globals {
+    config: [u8; 72],
+    vip_filter: [u64; 1024],
+}
+// SAFETY: `repr(C)`, integers only, no padding (72 is a multiple of 8).
+unsafe impl aya::Pod for V7Globals {}
+
+/// Layout 7's VIP filter slot: an xor-fold of the address words.
+fn v7_filter_slot(addr: &[u32; 4]) -> (usize, u64) {
+    let w = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
+    let slot = (w ^ (w >> 16)) & 0xffff;
+    ((slot >> 6) as usize, 1u64 << (slot & 63))
+}
+
+/// A restored layout-7 data plane: its maps pinned in an instance
+/// directory and its own program attached to an interface through a
+/// pinned link, as its lbd left it when it stopped. The program stays
+/// attached after this is dropped (the link is pinned).
+pub struct OldDataplane {
+    /// Kernel ids of the restored maps, to see them gone after an upgrade.
+    pub map_ids: Vec<u32>,
+}
+
+/// Restores layout-7 fixture `fx` (directory `fixture_dir`) into instance
+/// directory `dir` and attaches its program to `iface` (index `ifindex`)
+/// in native mode, in the calling thread's network namespace. Connection
+/// table entries keep the time they had left; the config points at
+/// `iface`, with a new next-hop generation.
+pub fn restore_v7(
+    fixture_dir: &Path,
+    dir: &Path,
+    iface: &str,
+    ifindex: u32,
+) -> Result<OldDataplane> {
+    use aya::{
+        EbpfLoader,
+        maps::Array,
+        programs::{Xdp, XdpMode, links::FdLink},
+    };
+    use lb::dataplane::raw::RawMap;
+    use lb_common::map_name;
+    let fx = Fixture::load(fixture_dir)?;
+    if fx.layout != 7 {
+        bail!(
+            "the fixture in {} is of layout {}",
+            fixture_dir.display(),
+            fx.layout
+        );
+    }
+    let object = std::fs::read(fixture_dir.join("lb-xdp.o"))?;
+    std::fs::create_dir_all(dir)?;
+    let mut loader = EbpfLoader::new();
+    for (name, m) in &fx.image.maps {
+        loader.map_max_entries(name, m.max_entries);
+        loader.map_pin_path(name, dir.join(name));
+    }
+    let mut ebpf = loader
+        .load(&object)
+        .context("loading the layout-7 object")?;
+    let now = jiffies()? as u32;
+    let then = fx.jiffies as u32;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    let mut map_ids = Vec::new();
+    let mut config = [0u8; 72];
+    let mut filter = [0u64; 1024];
+    for (name, m) in &fx.image.maps {
+        let path = dir.join(name);
+        map_ids.push(aya::maps::MapInfo::from_pin(&path)?.id());
+        let map = RawMap::open(&path)?;
+        for (k, v) in &m.entries {
+            let mut v = v.clone();
+            if name == map_name::FLOWS || name == map_name::SYN_FLOWS {
+                // Layout 7's slot: key (8), ports (4), expires (4).
+                for slot in v.chunks_exact_mut(16) {
+                    if slot[..8] != [0; 8] {
+                        let e = u32::from_ne_bytes(slot[12..16].try_into().unwrap());
+                        slot[12..16]
+                            .copy_from_slice(&e.wrapping_sub(then).wrapping_add(now).to_ne_bytes());
+                    }
+                }
+            }
+            if name == map_name::CONFIG {
+                // Layout 7's DataplaneConfig: nexthop_gen at 28, flags at
+                // 32 (bit 2: attached in generic mode), ifindex at 40.
+                let gen_ = u32::from_ne_bytes(v[28..32].try_into().unwrap())
+                    .wrapping_add(1)
+                    .max(1);
+                v[28..32].copy_from_slice(&gen_.to_ne_bytes());
+                let flags = u32::from_ne_bytes(v[32..36].try_into().unwrap()) & !2;
+                v[32..36].copy_from_slice(&flags.to_ne_bytes());
+                v[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+                config.copy_from_slice(&v);
+            }
+            if name == map_name::VIPS {
+                let words: [u32; 4] = std::array::from_fn(|i| {
+                    u32::from_ne_bytes(k[i * 4..i * 4 + 4].try_into().unwrap())
+                });
+                let (w, bit) = v7_filter_slot(&words);
+                filter[w] |= bit;
+            }
+            if m.per_cpu > 1 && m.per_cpu != cpus {
+                // Another CPU count than when it was made: the first CPU's
+                // values, the others zero.
+                let stride = v.len() / m.per_cpu;
+                let mut adapted = vec![0u8; stride * cpus];
+                adapted[..stride].copy_from_slice(&v[..stride]);
+                v = adapted;
+            }
+            map.set(k, &v)?;
+        }
+    }
+    let globals = ebpf
+        .map_mut(lb_common::GLOBALS_SECTION)
+        .context("the layout-7 object has no globals")?;
+    let mut globals: Array<_, V7Globals> = Array::try_from(globals)?;
+    globals.set(
+        0,
+        V7Globals {
+            config,
+            vip_filter: filter,
+        },
+        0,
+    )?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(lb_common::program_name::BALANCER)
+        .context("the layout-7 object has no balancer program")?
+        .try_into()?;
+    prog.load()?;
+    // As its lbd did: the XDP FIB lookup needs forwarding on the interface.
+    for family in ["ipv4", "ipv6"] {
+        std::fs::write(
+            format!("/proc/sys/net/{family}/conf/{iface}/forwarding"),
+            "1",
+        )?;
+    }
+    let link = prog.attach(iface, XdpMode::Driver)?;
+    let link = prog.take_link(link)?;
+    FdLink::try_from(link)?.pin(dir.join("link"))?;
+    Ok(OldDataplane { map_ids })
 }

@@ -98,3 +98,119 @@ pub fn run_xdp_fd(
         ns: attr.duration,
     })
 }
+
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_OBJ_GET: libc::c_long = 7;
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
+    // SAFETY: `attr` is a valid `bpf_attr` prefix for `cmd`; its pointers
+    // point at live buffers.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// An fd of the BPF object (a link) pinned at `path`.
+pub fn pinned_fd(path: &std::path::Path) -> Result<OwnedFd> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Attr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut attr = Attr {
+        pathname: c.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: a new fd we own.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// The program a link runs now (an fd of it), from the link's fd: a link
+/// keeps its fd when its program is replaced, so this follows the swaps.
+pub fn link_program(link: BorrowedFd<'_>) -> Result<OwnedFd> {
+    let id = link_program_id(link)?;
+    #[repr(C)]
+    #[derive(Default)]
+    struct IdAttr {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+        _pad: u32,
+    }
+    let mut attr = IdAttr {
+        id,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut attr)?;
+    // SAFETY: a new fd we own.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// The kernel id of the program a link runs now.
+pub fn link_program_id(link: BorrowedFd<'_>) -> Result<u32> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkInfo {
+        kind: u32,
+        id: u32,
+        prog_id: u32,
+        _rest: [u32; 29],
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info = LinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of::<LinkInfo>() as u32,
+        info: &mut info as *mut LinkInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info.prog_id)
+}
+
+/// Whether a map with kernel id `id` still exists.
+pub fn map_exists(id: u32) -> bool {
+    #[repr(C)]
+    #[derive(Default)]
+    struct IdAttr {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+        _pad: u32,
+    }
+    let mut attr = IdAttr {
+        id,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_GET_FD_BY_ID, &mut attr) {
+        Ok(fd) => {
+            // SAFETY: a new fd we own; closed at once.
+            drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) });
+            true
+        }
+        Err(_) => false,
+    }
+}

@@ -6,10 +6,13 @@ use std::{collections::BTreeMap, net::IpAddr, thread, time::Duration};
 
 use lb::desired::vip::{Backend, DownPolicy, Protocol, Vip, VipAddr};
 use lb_common::{FlowEvent, xdp_action};
+use std::os::fd::AsFd;
+
 use lb_tests::{
     SplitMix,
     frames::{Flow, FrameSpec, parse_encapsulated},
     packet_lab::PacketLab,
+    xdp::{program_fd, run_xdp_fd},
 };
 
 const CONFIG: &str = r#"
@@ -21,6 +24,7 @@ max_backends = 12
 [conntrack]
 size = 65536
 udp_idle_timeout = 1
+tcp_closing_timeout = 1
 
 [[vip]]
 address = "203.0.113.10"
@@ -48,7 +52,11 @@ backends = [ { address = "10.200.0.21" }, { address = "10.200.0.22" } ]
 const NEIGHBOURS: &[&str] = &["10.200.0.14", "10.200.0.15"];
 
 fn lab() -> PacketLab {
-    let lab = PacketLab::new(CONFIG).unwrap();
+    lab_with(CONFIG)
+}
+
+fn lab_with(config: &str) -> PacketLab {
+    let lab = PacketLab::new(config).unwrap();
     for n in NEIGHBOURS {
         let mac =
             lb_tests::netns::format_mac(lb_tests::packet_lab::backend_mac(n.parse().unwrap()));
@@ -120,6 +128,20 @@ fn route(lab: &mut PacketLab, flows: &[Flow]) -> Vec<IpAddr> {
         .collect()
 }
 
+/// Establishes each flow as traffic does: its first packet is scheduled
+/// and admitted (handshake table), its second moves the entry into the
+/// connection table. Returns each flow's backend.
+fn establish(lab: &mut PacketLab, flows: &[Flow]) -> Vec<IpAddr> {
+    flows
+        .iter()
+        .map(|f| {
+            let b = send(lab, f, FrameSpec::default());
+            assert_eq!(send(lab, f, FrameSpec::default()), b, "{f:?}");
+            b
+        })
+        .collect()
+}
+
 /// Adds a heavy fourth backend: Maglev now sends many flows elsewhere.
 fn reweigh(lab: &mut PacketLab) {
     let backends = [
@@ -145,7 +167,7 @@ fn tcp_vip(backends: &[(&str, u32)]) -> Vip {
 fn established_flows_keep_their_backend_through_add_weight_change_and_drain() {
     let mut lab = lab();
     let fs = flows(1, 300, "203.0.113.10", 80, Protocol::Tcp);
-    let first = route(&mut lab, &fs);
+    let first = establish(&mut lab, &fs);
     let on_11: Vec<usize> = (0..fs.len())
         .filter(|&i| first[i].to_string() == "10.200.0.11")
         .collect();
@@ -187,9 +209,12 @@ fn established_flows_keep_their_backend_through_add_weight_change_and_drain() {
         "a drained backend takes no new flows"
     );
 
+    // Misses: the 300 established flows' first packets and the 300 new
+    // flows'; hits: the established flows' second packets (out of the
+    // handshake table) and their two rounds after.
     let c = lab.dp.counters().unwrap();
     assert_eq!(c.flow(FlowEvent::Miss), 600);
-    assert_eq!(c.flow(FlowEvent::Hit), 600);
+    assert_eq!(c.flow(FlowEvent::Hit), 900);
 }
 
 #[test]
@@ -299,8 +324,8 @@ fn flows_of_a_down_backend_follow_the_vips_policy() {
     let mut lab = lab();
     let resched = flows(6, 200, "203.0.113.10", 80, Protocol::Tcp);
     let stick = flows(7, 200, "203.0.113.20", 80, Protocol::Tcp);
-    let r0 = route(&mut lab, &resched);
-    let s0 = route(&mut lab, &stick);
+    let r0 = establish(&mut lab, &resched);
+    let s0 = establish(&mut lab, &stick);
     let down = |lab: &mut PacketLab, vip: &str, port, b: &str| {
         let addr = VipAddr {
             addr: vip.parse().unwrap(),
@@ -381,10 +406,10 @@ fn same_set(seed: u64, n: usize, dst: &str, dport: u16, protocol: Protocol) -> V
 fn a_full_set_evicts_its_oldest_entry_and_counts_it() {
     let mut lab = lab();
     let fs = same_set(10, 6, "203.0.113.10", 80, Protocol::Tcp);
-    let first: Vec<IpAddr> = route(&mut lab, &fs[..4]);
+    let first: Vec<IpAddr> = establish(&mut lab, &fs[..4]);
     assert_eq!(lab.dp.counters().unwrap().flow(FlowEvent::Evicted), 0);
     // A fifth flow takes the slot of the first (the one expiring first).
-    let fifth = send(&mut lab, &fs[4], FrameSpec::default());
+    let fifth = establish(&mut lab, &fs[4..5])[0];
     let c = lab.dp.counters().unwrap();
     assert_eq!(c.flow(FlowEvent::Evicted), 1);
     assert_eq!(c.flow(FlowEvent::Miss), 5);
@@ -401,9 +426,12 @@ fn a_full_set_evicts_its_oldest_entry_and_counts_it() {
         "the evicted flow is scheduled again"
     );
     let c = lab.dp.counters().unwrap();
-    assert_eq!((c.flow(FlowEvent::Hit), c.flow(FlowEvent::Miss)), (4, 6));
-    // It in turn took the oldest slot (the second flow's) and counted it.
-    assert_eq!(c.flow(FlowEvent::Evicted), 2);
+    assert_eq!((c.flow(FlowEvent::Hit), c.flow(FlowEvent::Miss)), (9, 6));
+    // Its first packet again only admitted it; its next one moves it into
+    // the set, where it in turn takes the oldest slot and counts it.
+    assert_eq!(c.flow(FlowEvent::Evicted), 1);
+    send(&mut lab, &fs[0], FrameSpec::default());
+    assert_eq!(lab.dp.counters().unwrap().flow(FlowEvent::Evicted), 2);
 }
 
 #[test]
@@ -473,7 +501,7 @@ fn a_handshake_keeps_the_backend_its_syn_got() {
 fn a_syn_flood_does_not_push_established_flows_out() {
     let mut lab = lab();
     let fs = flows(13, 200, "203.0.113.10", 80, Protocol::Tcp);
-    let first = route(&mut lab, &fs);
+    let first = establish(&mut lab, &fs);
     // The lab's handshake table has 1024 slots (65536 / 64).
     for f in flows(14, 20_000, "203.0.113.10", 80, Protocol::Tcp) {
         syn(&mut lab, &f);
@@ -487,4 +515,191 @@ fn a_syn_flood_does_not_push_established_flows_out() {
     assert_eq!(c.flow(FlowEvent::Evicted), 0, "no established flow");
     reweigh(&mut lab);
     assert_eq!(route(&mut lab, &fs), first, "established flows stay");
+}
+
+/// `flows` that hash into sets `0..sets` of a table with `mask` (a
+/// handshake or connection table's set mask).
+fn in_sets(seed: u64, n: usize, mask: u32, sets: u32, dport: u16, protocol: Protocol) -> Vec<Flow> {
+    let mut out = Vec::with_capacity(n);
+    let mut rng = SplitMix(seed);
+    while out.len() < n {
+        let f = Flow {
+            src: IpAddr::from((0x0a00_0000u32 | (rng.next_u32() & 0xff_ffff)).to_be_bytes()),
+            dst: "203.0.113.10".parse().unwrap(),
+            sport: 1024 + rng.next_u16() % 60000,
+            dport,
+            protocol,
+        };
+        if lb_common::flow_set(lb_common::flow_hash64(&f.key()), mask) < sets {
+            out.push(f);
+        }
+    }
+    out
+}
+
+/// Slots in use in sets `0..sets` of `table`.
+fn used(table: &[lb_common::FlowSet], sets: u32) -> u64 {
+    table[..sets as usize]
+        .iter()
+        .flat_map(|s| s.slots.iter())
+        .filter(|slot| slot.key != 0)
+        .count() as u64
+}
+
+/// Runs `flows` (each `per_flow` packets in a row) through the lab's
+/// program on CPU 0 and CPU 1 at once, half the flows each.
+fn on_two_cpus(lab: &mut PacketLab, halves: [&[Flow]; 2], per_flow: usize) {
+    let fd = program_fd(lab.dp.balancer().unwrap()).unwrap();
+    let (ifindex, mac) = (lab.ifindex, lab.if_mac);
+    let ns = &lab.ns;
+    let fd = &fd;
+    thread::scope(|s| {
+        for (cpu, half) in halves.into_iter().enumerate() {
+            s.spawn(move || {
+                lb_tests::pin_to_cpu(cpu);
+                let _inside = ns.enter().unwrap();
+                let spec = FrameSpec {
+                    dst_mac: mac,
+                    ..Default::default()
+                };
+                for f in half {
+                    let frame = lb_tests::frames::build(f, &spec);
+                    for _ in 0..per_flow {
+                        let r = run_xdp_fd(fd.as_fd(), &frame, ifindex, 1).unwrap();
+                        assert_eq!(r.action, xdp_action::XDP_TX, "{f:?}");
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Two CPUs that pick the same slot at once cannot both write it: every
+/// new entry either is in its table at the end, or was pushed out by a
+/// later one (counted), or lost its slot to the other CPU (counted). Run
+/// on both tables: one-packet flows only ever enter the handshake table;
+/// flows of two packets move into the connection table.
+#[test]
+fn two_cpus_writing_the_same_slots_lose_no_entry_uncounted() {
+    let mut hs_lab = lab();
+    // The lab's handshake table: 1024 slots, 256 sets; connection table
+    // 65536 slots, 16384 sets. Every flow lands in the first sets of the
+    // table under test: 8 slots for 20,000 flows, 16 for 8,000.
+    let hs = in_sets(31, 20_000, 255, 2, 53, Protocol::Udp);
+    on_two_cpus(&mut hs_lab, [&hs[..10_000], &hs[10_000..]], 1);
+    let c = hs_lab.dp.counters().unwrap();
+    let present = used(&hs_lab.dp.flow_table(true).unwrap(), 2);
+    let (miss, evicted, raced) = (
+        c.flow(FlowEvent::Miss),
+        c.flow(FlowEvent::SynEvicted),
+        c.flow(FlowEvent::SynRaced),
+    );
+    println!(
+        "handshake table: {miss} new entries = {present} present + {evicted} pushed out + {raced} lost to the other CPU"
+    );
+    assert_eq!(miss, 20_000);
+    assert_eq!(miss, present + evicted + raced);
+    assert_eq!(
+        c.flow(FlowEvent::Evicted),
+        0,
+        "one-packet flows never reach the connection table"
+    );
+
+    let mut lab = lab();
+    let main = in_sets(32, 8_000, 16383, 4, 80, Protocol::Tcp);
+    on_two_cpus(&mut lab, [&main[..4_000], &main[4_000..]], 2);
+    let c = lab.dp.counters().unwrap();
+    let present = used(&lab.dp.flow_table(false).unwrap(), 4);
+    // A flow's second packet that found its handshake entry moves it
+    // (a hit): that is one new connection-table entry.
+    let (moved, evicted, raced) = (
+        c.flow(FlowEvent::Hit),
+        c.flow(FlowEvent::Evicted),
+        c.flow(FlowEvent::Raced),
+    );
+    println!(
+        "connection table: {moved} entries moved in = {present} present + {evicted} pushed out + {raced} lost to the other CPU"
+    );
+    assert!(moved > 4_000, "{moved}");
+    assert_eq!(moved, present + evicted + raced);
+}
+
+/// A FIN from the client starts the closing time: the entry keeps serving
+/// the connection's last packets, then makes room, so closed connections
+/// do not crowd out live ones.
+#[test]
+fn a_client_fin_ends_the_entry_after_the_closing_timeout() {
+    let mut lab = lab();
+    let fs = same_set(40, 5, "203.0.113.10", 80, Protocol::Tcp);
+    let first = establish(&mut lab, &fs[..4]);
+    // FIN+ACK from each client: closing.
+    let fin = FrameSpec::default();
+    for (f, b) in fs[..4].iter().zip(&first) {
+        let mut frame = lab.frame(f, fin.clone());
+        frame[14 + 20 + 13] = 0x11;
+        let r = lab.run(&frame).unwrap();
+        assert_eq!(parse_encapsulated(&r.frame).unwrap().outer.dst(), *b);
+    }
+    assert_eq!(lab.dp.counters().unwrap().flow(FlowEvent::Closing), 4);
+    // The last ACKs within the closing time still reach their backends.
+    assert_eq!(route(&mut lab, &fs[..4]), first);
+    // After it (1 s in the lab), a new flow of the same full set takes a
+    // slot without evicting anyone.
+    thread::sleep(Duration::from_millis(1500));
+    establish(&mut lab, &fs[4..5]);
+    let c = lab.dp.counters().unwrap();
+    println!(
+        "4 closed flows, then a fifth in their set: evicted {}, closing {}",
+        c.flow(FlowEvent::Evicted),
+        c.flow(FlowEvent::Closing)
+    );
+    assert_eq!(
+        c.flow(FlowEvent::Evicted),
+        0,
+        "a closed connection held a slot"
+    );
+}
+
+/// Floods of one-packet flows (ACKs of unknown TCP flows, UDP datagrams
+/// from random sources) on both CPUs at once churn the handshake table
+/// only: 100,000 established flows keep their entries and backends.
+#[test]
+fn ack_and_udp_floods_leave_100000_established_flows_in_place() {
+    // The default size (4M slots: 64 MiB; its handshake table 65,536 slots),
+    // so that establishing 100,000 flows overflows no set.
+    let mut lab = lab_with(&CONFIG.replace("size = 65536", "size = 4194304"));
+    let established = flows(50, 100_000, "203.0.113.10", 80, Protocol::Tcp);
+    let first = establish(&mut lab, &established);
+    let before = lab.dp.counters().unwrap();
+    assert_eq!(before.flow(FlowEvent::Evicted), 0);
+    let tcp_flood = flows(51, 150_000, "203.0.113.10", 80, Protocol::Tcp);
+    let udp_flood = flows(52, 150_000, "203.0.113.10", 53, Protocol::Udp);
+    let started = std::time::Instant::now();
+    on_two_cpus(&mut lab, [&tcp_flood, &udp_flood], 1);
+    let took = started.elapsed();
+    let after = lab.dp.counters().unwrap();
+    let delta = |e| after.flow(e) - before.flow(e);
+    println!(
+        "100,000 established flows; floods of 150,000 ACKs (CPU 0) and 150,000 UDP datagrams (CPU 1) in {:.1} s: handshake table pushed out {}, connection table evicted {}, raced {}",
+        took.as_secs_f64(),
+        delta(FlowEvent::SynEvicted),
+        delta(FlowEvent::Evicted),
+        delta(FlowEvent::Raced) + delta(FlowEvent::SynRaced),
+    );
+    assert!(delta(FlowEvent::SynEvicted) > 200_000);
+    assert_eq!(
+        delta(FlowEvent::Evicted),
+        0,
+        "the floods pushed established flows out"
+    );
+    // Every established flow still finds its entry (a hit), and keeps its
+    // backend after a table change that would move many.
+    reweigh(&mut lab);
+    let hits = lab.dp.counters().unwrap().flow(FlowEvent::Hit);
+    assert_eq!(route(&mut lab, &established), first);
+    assert_eq!(
+        lab.dp.counters().unwrap().flow(FlowEvent::Hit) - hits,
+        100_000,
+        "established flows lost their entries"
+    );
 }

@@ -267,7 +267,8 @@ fn too_big_errors_about_a_vip_flow_reach_its_backend_unchanged() {
         &quoted_reply(&f, 28),
     );
     run(&mut lab, &error, Reason::IcmpUnmatched);
-    // Once the flow is in the table, it goes to its backend.
+    // Once the flow is in the tables (its first packet: the handshake
+    // table), it goes to its backend.
     let out = {
         let frame = lab.frame(&f, FrameSpec::default());
         run(&mut lab, &frame, Reason::Forwarded)

@@ -1,23 +1,33 @@
 //! The connection table and the handshake table on the data path (see
 //! `lb_common::conntrack` for the layout and the rules): find a flow's slot,
-//! judge the entry, remember new choices. A packet reads one set of one
-//! table (one cache line), a first packet after a SYN one of each; nothing
-//! locks.
+//! judge the entry, remember new choices. A packet of an established flow
+//! reads one set of one table (one cache line); a flow's second packet one
+//! of each; nothing locks. Every change of a slot's key word is a
+//! compare-and-swap against the word this CPU read.
 
-use core::ptr::{read_volatile, write_volatile};
+use core::{
+    intrinsics::{AtomicOrdering, atomic_cxchg},
+    ptr::{read_volatile, write_volatile},
+};
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::{
-    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FLOW_WAYS, FlowEvent, FlowKey,
-    FlowSet, FlowSlot, PROTO_TCP, Stats, VIP_STICK_WHEN_DOWN, flow_set, syn_seen_slot,
+    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FLOW_CLOSING, FLOW_WAYS,
+    FlowEvent, FlowKey, FlowSet, FlowSlot, PROTO_TCP, Stats, VIP_STICK_WHEN_DOWN, flow_set,
+    syn_seen_slot,
 };
-use lb_ebpf::parse::{Packet, TCP_ACK, TCP_RST, TCP_SYN};
+use lb_ebpf::parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 use crate::maps::{LB_BACKENDS, LB_FLOWS, LB_SYN_FLOWS, LB_SYN_SEEN, count_event};
 
 /// Where a new flow's entry goes.
 pub struct Victim {
     slot: *mut FlowSlot,
+    /// The key word read there: the slot is claimed only if it still holds
+    /// it.
+    observed: u64,
+    /// The busy word the claim swaps in (`FlowSlot::busy` of the flow).
+    claim: u64,
     /// The slot holds another flow that has not expired yet.
     live: bool,
     /// The slot is in the handshake table.
@@ -28,9 +38,11 @@ pub struct Victim {
 pub enum Lookup {
     /// Send it to this backend.
     Hit(u32, &'static BackendInfo),
-    /// Schedule it (no entry, or a stale one) and record the choice here
-    /// (`None`: the set is outside the map, which a correct mask rules out).
-    Schedule(Option<Victim>),
+    /// Schedule it (no entry, or a stale one) and record the choice here.
+    Schedule(Victim),
+    /// Schedule it and record nothing: the set is outside the map, which a
+    /// correct mask rules out (counted `insert_failed`, a tripwire).
+    Untracked,
 }
 
 /// The connection table's clock: jiffies, low 32 bits (see
@@ -40,14 +52,29 @@ pub fn now() -> u32 {
     unsafe { bpf_jiffies64() as u32 }
 }
 
-/// The idle timeout of the packet's protocol and how much of it may pass
-/// before a packet renews the entry, in jiffies.
+/// Swaps the key word at `word` from `old` to `new` if it still holds
+/// `old` (BPF `cmpxchg`).
 #[inline(always)]
-fn idle(pkt: &Packet, cfg: &DataplaneConfig) -> (u32, u32) {
-    if pkt.flow.proto == PROTO_TCP {
-        (cfg.tcp_idle, cfg.tcp_renew)
-    } else {
+fn swap_key(word: *mut u64, old: u64, new: u64) -> bool {
+    // SAFETY: an aligned u64 in a map value, live for the program run;
+    // other CPUs only ever change it atomically too. (The BPF target has
+    // no `AtomicU64::compare_exchange`; the intrinsic is its cmpxchg.)
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(word, old, new)
+            .1
+    }
+}
+
+/// The idle timeout of an entry with key word `key` of the packet's flow
+/// and how much of it may pass before a packet renews it, in jiffies.
+#[inline(always)]
+fn idle(pkt: &Packet, key: u64, cfg: &DataplaneConfig) -> (u32, u32) {
+    if pkt.flow.proto != PROTO_TCP {
         (cfg.udp_idle, cfg.udp_renew)
+    } else if FlowSlot::closing(key) {
+        (cfg.tcp_closing, cfg.tcp_closing_renew)
+    } else {
+        (cfg.tcp_idle, cfg.tcp_renew)
     }
 }
 
@@ -58,15 +85,21 @@ fn left(expires: u32, now: u32) -> i32 {
 }
 
 /// A set, read once: the flow's own slot if it has one, else the slot that
-/// expires first (empty slots first of all).
+/// expires first (empty slots first of all; a slot being written by another
+/// CPU last: claiming it fails unless the other CPU is done, and then the
+/// claim fails too, as the word changed).
 struct Scan {
     set: *mut FlowSet,
     /// Way of the flow's slot, or `FLOW_WAYS`.
     own: usize,
     /// The key word of the flow's slot.
     own_key: u64,
+    /// Way of the victim.
     victim: usize,
+    victim_key: u64,
     victim_left: i32,
+    /// `FlowSlot::busy` of the flow, computed once as the scan starts.
+    claim: u64,
 }
 
 impl Scan {
@@ -77,7 +110,9 @@ impl Scan {
             own: FLOW_WAYS,
             own_key: 0,
             victim: 0,
+            victim_key: 0,
             victim_left: i32::MAX,
+            claim: FlowSlot::busy(hash),
         };
         // SAFETY: a valid map value for the life of the program run.
         let slots = unsafe { &(*set).slots };
@@ -92,11 +127,14 @@ impl Scan {
             }
             let l = if key == 0 {
                 i32::MIN
+            } else if FlowSlot::is_busy(key) {
+                i32::MAX
             } else {
-                left(slot.expires, now)
+                left(unsafe { read_volatile(&slot.expires) }, now)
             };
-            if l < s.victim_left {
+            if w == 0 || l < s.victim_left {
                 s.victim = w;
+                s.victim_key = key;
                 s.victim_left = l;
             }
         }
@@ -116,18 +154,17 @@ impl Scan {
     /// Where a new entry for the flow goes: its own slot, else the victim.
     #[inline(always)]
     fn place(&self, syn: bool) -> Victim {
-        if self.found() {
-            Victim {
-                slot: self.slot(self.own),
-                live: false,
-                syn,
-            }
+        let (way, observed, live) = if self.found() {
+            (self.own, self.own_key, false)
         } else {
-            Victim {
-                slot: self.slot(self.victim),
-                live: self.victim_left > 0,
-                syn,
-            }
+            (self.victim, self.victim_key, self.victim_left > 0)
+        };
+        Victim {
+            slot: self.slot(way),
+            observed,
+            claim: self.claim,
+            live,
+            syn,
         }
     }
 
@@ -143,7 +180,7 @@ impl Scan {
         }
         let id = FlowSlot::backend_id(self.own_key);
         let b = LB_BACKENDS.get(id)?;
-        let expires = unsafe { (*self.slot(self.own)).expires };
+        let expires = unsafe { read_volatile(&(*self.slot(self.own)).expires) };
         if b.flags & BACKEND_ALLOCATED == 0
             || !FlowSlot::same_incarnation(self.own_key, b.incarnation)
             || left(expires, now) <= 0
@@ -156,15 +193,25 @@ impl Scan {
         }
         Some((id, b))
     }
+
+    /// Empties the flow's slot, if it still holds the flow's entry.
+    #[inline(always)]
+    fn clear_own(&mut self) {
+        if self.found() && swap_key(unsafe { &mut (*self.slot(self.own)).key }, self.own_key, 0) {
+            self.own_key = 0;
+        }
+    }
 }
 
 /// Looks the packet's flow (64-bit flow hash `hash`) up.
 ///
 /// A TCP SYN (without ACK) opens a new connection: it is scheduled on the
 /// current table whatever the tables hold, and its choice goes to the
-/// handshake table. The flow's next packet moves it to the connection
-/// table. A TCP RST ends its flow: the slot is emptied (the RST itself
-/// still reaches the backend).
+/// handshake table. Any other packet of a flow neither table knows is
+/// scheduled and admitted the same way. The flow's next packet moves the
+/// entry to the connection table. A TCP RST ends its flow (the slot is
+/// emptied; the RST itself still reaches the backend); a FIN from the
+/// client starts its closing time.
 #[inline(always)]
 pub fn lookup(
     pkt: &Packet,
@@ -177,47 +224,93 @@ pub fn lookup(
     let tcp = pkt.flow.proto == PROTO_TCP;
     if tcp && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         count_event(stats, FlowEvent::Miss);
-        let Some(set) = LB_SYN_FLOWS.get_ptr_mut(flow_set(hash, cfg.syn_set_mask)) else {
-            return Lookup::Schedule(None);
+        let Some(set) = handshake_set(hash, cfg) else {
+            return untracked(stats);
         };
-        return Lookup::Schedule(Some(Scan::of(set, hash, pkt.flow.ports, now).place(true)));
+        return Lookup::Schedule(Scan::of(set, hash, pkt.flow.ports, now).place(true));
     }
     let Some(set) = LB_FLOWS.get_ptr_mut(flow_set(hash, cfg.flow_set_mask)) else {
         count_event(stats, FlowEvent::Miss);
-        return Lookup::Schedule(None);
+        return untracked(stats);
     };
-    let main = Scan::of(set, hash, pkt.flow.ports, now);
-    // A handshake in progress: its SYN's choice counts, even over an old
-    // entry of the same 5-tuple.
-    if tcp && (!main.found() || syn_seen(hash)) {
-        if let Some(hit) = finish_handshake(pkt, hash, cfg, now, &main, stats, &vip_flags) {
-            return hit;
+    let mut main = Scan::of(set, hash, pkt.flow.ports, now);
+    // A flow in admission (a SYN's choice, or a new flow's first packet):
+    // its choice counts, even over an old entry of the same 5-tuple.
+    if !main.found() || (tcp && syn_seen(hash)) {
+        if let Some(set) = handshake_set(hash, cfg) {
+            let mut hs = Scan::of(set, hash, pkt.flow.ports, now);
+            if hs.found() {
+                let usable = hs.backend(now, &vip_flags);
+                // Used or stale, the admission entry is done with.
+                hs.clear_own();
+                let (word, bit) = syn_seen_slot(hash);
+                if let Some(w) = LB_SYN_SEEN.get_ptr_mut(word) {
+                    // Other flows may share the bit: they are found through
+                    // their connection-table miss instead.
+                    unsafe { *w &= !bit };
+                }
+                if let Some((id, b)) = usable {
+                    count_event(stats, FlowEvent::Hit);
+                    if pkt.tcp_flags & TCP_RST != 0 {
+                        count_event(stats, FlowEvent::Reset);
+                        // An old connection's entry of the same 5-tuple
+                        // ends too.
+                        main.clear_own();
+                    } else {
+                        write(pkt, main.place(false), hash, id, b, now, cfg, stats);
+                    }
+                    return Lookup::Hit(id, b);
+                }
+            }
+            if !main.found() {
+                count_event(stats, FlowEvent::Miss);
+                return Lookup::Schedule(hs.place(true));
+            }
+        } else if !main.found() {
+            count_event(stats, FlowEvent::Miss);
+            return untracked(stats);
         }
     }
     let Some((id, b)) = main.backend(now, &vip_flags) else {
-        count_event(
-            stats,
-            if main.found() {
-                FlowEvent::Stale
-            } else {
-                FlowEvent::Miss
-            },
-        );
-        return Lookup::Schedule(Some(main.place(false)));
+        // Its own (stale) slot takes the new choice: no other flow's entry
+        // is at stake, so it goes straight into this table.
+        count_event(stats, FlowEvent::Stale);
+        return Lookup::Schedule(main.place(false));
     };
     count_event(stats, FlowEvent::Hit);
     let slot = main.slot(main.own);
     if pkt.tcp_flags & TCP_RST != 0 {
-        unsafe { write_volatile(&mut (*slot).key, 0) };
+        main.clear_own();
         count_event(stats, FlowEvent::Reset);
+    } else if tcp && pkt.tcp_flags & TCP_FIN != 0 && !FlowSlot::closing(main.own_key) {
+        if swap_key(
+            unsafe { &mut (*slot).key },
+            main.own_key,
+            main.own_key | FLOW_CLOSING,
+        ) {
+            unsafe { write_volatile(&mut (*slot).expires, now.wrapping_add(cfg.tcp_closing)) };
+            count_event(stats, FlowEvent::Closing);
+        }
     } else {
-        let (idle, renew) = idle(pkt, cfg);
-        let expires = unsafe { (*slot).expires };
+        let (idle, renew) = idle(pkt, main.own_key, cfg);
+        let expires = unsafe { read_volatile(&(*slot).expires) };
         if idle as i32 - left(expires, now) > renew as i32 {
-            unsafe { (*slot).expires = now.wrapping_add(idle) };
+            unsafe { write_volatile(&mut (*slot).expires, now.wrapping_add(idle)) };
         }
     }
     Lookup::Hit(id, b)
+}
+
+#[inline(always)]
+fn untracked(stats: &mut Stats) -> Lookup {
+    count_event(stats, FlowEvent::InsertFailed);
+    Lookup::Untracked
+}
+
+/// The handshake table's set for `hash`.
+#[inline(always)]
+fn handshake_set(hash: u64, cfg: &DataplaneConfig) -> Option<*mut FlowSet> {
+    LB_SYN_FLOWS.get_ptr_mut(flow_set(hash, cfg.syn_set_mask))
 }
 
 /// Whether the handshake filter has the bit of `hash`.
@@ -227,53 +320,12 @@ fn syn_seen(hash: u64) -> bool {
     LB_SYN_SEEN.get(word).is_some_and(|w| w & bit != 0)
 }
 
-/// The first packet after a SYN: if the handshake table has a usable entry
-/// for the flow, it moves to the connection table (into `main`'s place for
-/// the flow; a RST only empties it) and the packet goes to its backend.
-#[inline(always)]
-fn finish_handshake(
-    pkt: &Packet,
-    hash: u64,
-    cfg: &DataplaneConfig,
-    now: u32,
-    main: &Scan,
-    stats: &mut Stats,
-    vip_flags: &impl Fn() -> u32,
-) -> Option<Lookup> {
-    let set = LB_SYN_FLOWS.get_ptr_mut(flow_set(hash, cfg.syn_set_mask))?;
-    let syn = Scan::of(set, hash, pkt.flow.ports, now);
-    if !syn.found() {
-        return None;
-    }
-    let usable = syn.backend(now, vip_flags);
-    // Used or stale, the handshake entry is done with.
-    unsafe { write_volatile(&mut (*syn.slot(syn.own)).key, 0) };
-    let (word, bit) = syn_seen_slot(hash);
-    if let Some(w) = LB_SYN_SEEN.get_ptr_mut(word) {
-        // Other flows may share the bit: they are found through their
-        // connection-table miss instead (see `lookup`).
-        unsafe { *w &= !bit };
-    }
-    let (id, b) = usable?;
-    count_event(stats, FlowEvent::Hit);
-    if pkt.tcp_flags & TCP_RST != 0 {
-        count_event(stats, FlowEvent::Reset);
-        if main.found() {
-            // An old connection's entry of the same 5-tuple ends too.
-            unsafe { write_volatile(&mut (*main.slot(main.own)).key, 0) };
-        }
-    } else {
-        write(pkt, main.place(false), hash, id, b, now, cfg, stats);
-    }
-    Some(Lookup::Hit(id, b))
-}
-
 /// Remembers that the packet's flow goes to backend `id`, in the slot
 /// [`lookup`] chose. A RST starts no entry.
 #[inline(always)]
 pub fn record(
     pkt: &Packet,
-    victim: Option<Victim>,
+    v: Victim,
     hash: u64,
     id: u32,
     backend: &BackendInfo,
@@ -284,11 +336,7 @@ pub fn record(
     if pkt.tcp_flags & TCP_RST != 0 {
         return;
     }
-    let Some(v) = victim else {
-        count_event(stats, FlowEvent::InsertFailed);
-        return;
-    };
-    if v.syn {
+    if v.syn && pkt.tcp_flags & TCP_SYN != 0 {
         let (word, bit) = syn_seen_slot(hash);
         if let Some(w) = LB_SYN_SEEN.get_ptr_mut(word) {
             // Read first: a set bit (the common case under load) costs no
@@ -303,6 +351,10 @@ pub fn record(
     write(pkt, v, hash, id, backend, now, cfg, stats);
 }
 
+/// Claims the victim's slot and writes the flow's entry into it: the
+/// slot's word is swapped for the busy word first (so another CPU that
+/// picked the same slot loses, counted, and nobody reads the half-written
+/// entry), then the ports and expiry, then the final word.
 #[inline(always)]
 fn write(
     pkt: &Packet,
@@ -314,6 +366,18 @@ fn write(
     cfg: &DataplaneConfig,
     stats: &mut Stats,
 ) {
+    let key = unsafe { &mut (*v.slot).key };
+    if !swap_key(key, v.observed, v.claim) {
+        count_event(
+            stats,
+            if v.syn {
+                FlowEvent::SynRaced
+            } else {
+                FlowEvent::Raced
+            },
+        );
+        return;
+    }
     if v.live {
         count_event(
             stats,
@@ -324,37 +388,52 @@ fn write(
             },
         );
     }
-    // The key last, in one store: a reader on another CPU sees the old
-    // flow or the new one, each with its own backend (see `FlowSlot`).
+    let word = FlowSlot::key(hash, id, backend.incarnation);
     unsafe {
         write_volatile(&mut (*v.slot).ports, pkt.flow.ports);
-        write_volatile(&mut (*v.slot).expires, now.wrapping_add(idle(pkt, cfg).0));
         write_volatile(
-            &mut (*v.slot).key,
-            FlowSlot::key(hash, id, backend.incarnation),
+            &mut (*v.slot).expires,
+            now.wrapping_add(idle(pkt, word, cfg).0),
         );
+        // This CPU owns the slot now (busy): a plain store publishes it.
+        write_volatile(key, word);
     }
 }
 
-/// The backend recorded for `flow` (its hash: `hash`), if its entry is
-/// there and its backend id still names the same backend (the idle time is
-/// not checked: an ICMP error about a flow follows its packets closely).
+/// The backend recorded for `flow` (its hash: `hash`), if its entry is in
+/// the connection table or, for a flow in admission, the handshake table,
+/// and its backend id still names the same backend (the idle time is not
+/// checked: an ICMP error about a flow follows its packets closely).
 #[inline(always)]
 pub fn peek(
     flow: &FlowKey,
     hash: u64,
     cfg: &DataplaneConfig,
 ) -> Option<(u32, &'static BackendInfo)> {
-    let set = LB_FLOWS.get(flow_set(hash, cfg.flow_set_mask))?;
+    let main = LB_FLOWS.get(flow_set(hash, cfg.flow_set_mask))?;
+    if let Some(found) = peek_set(main, flow, hash) {
+        return found;
+    }
+    let hs = LB_SYN_FLOWS.get(flow_set(hash, cfg.syn_set_mask))?;
+    peek_set(hs, flow, hash).flatten()
+}
+
+/// `Some` if `set` holds `flow`'s entry: with its backend if that is
+/// current.
+#[inline(always)]
+fn peek_set(
+    set: &FlowSet,
+    flow: &FlowKey,
+    hash: u64,
+) -> Option<Option<(u32, &'static BackendInfo)>> {
     for slot in set.slots.iter() {
         let key = unsafe { read_volatile(&slot.key) };
         if FlowSlot::tagged(key, hash) && unsafe { read_volatile(&slot.ports) } == flow.ports {
             let id = FlowSlot::backend_id(key);
-            let b = LB_BACKENDS.get(id)?;
-            if b.flags & BACKEND_ALLOCATED != 0 && FlowSlot::same_incarnation(key, b.incarnation) {
-                return Some((id, b));
-            }
-            return None;
+            let current = LB_BACKENDS.get(id).filter(|b| {
+                b.flags & BACKEND_ALLOCATED != 0 && FlowSlot::same_incarnation(key, b.incarnation)
+            });
+            return Some(current.map(|b| (id, b)));
         }
     }
     None

@@ -10,6 +10,9 @@
 //! no path returns `XDP_ABORTED`. Nothing is logged on the data path.
 #![no_std]
 #![no_main]
+// The connection table's compare-and-swap (`conntrack::swap_key`).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod conntrack;
 mod encap;
@@ -143,6 +146,10 @@ fn forward<const V6: bool>(
             conntrack::Lookup::Schedule(victim) => {
                 let (id, backend) = schedule(&pkt, cfg, maglev_hash)?;
                 conntrack::record(&pkt, victim, hash, id, backend, now, cfg, stats);
+                (id, backend, 1)
+            }
+            conntrack::Lookup::Untracked => {
+                let (id, backend) = schedule(&pkt, cfg, maglev_hash)?;
                 (id, backend, 1)
             }
         };

@@ -64,18 +64,19 @@ struct BalancerArgs {
     no_pin: bool,
 }
 
-/// Instance names become directory names: keep them plain.
+/// Instance names become directory names in bpffs, which allows no dot;
+/// `__` is kept for an upgrade's staging directory.
 fn parse_instance(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 64
-        && !s.starts_with('.')
+        && !s.contains("__")
         && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c));
     if ok {
         Ok(s.to_string())
     } else {
         Err(format!(
-            "{s:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.'"
+            "{s:?}: use 1-64 letters, digits, '-' or '_' (no '__')"
         ))
     }
 }
@@ -236,8 +237,8 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
                 Err(e) => eprintln!("lbd: warning: not withdrawing any BGP announcement: {e}"),
             }
         }
-        let removed =
-            pinning::cleanup(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        let removed = pinning::cleanup_instance(&dir)
+            .with_context(|| format!("removing {}", dir.display()))?;
         println!(
             "{}: removed {} pinned objects",
             dir.display(),
@@ -257,7 +258,7 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             config.vips.len(),
             config.vips.iter().map(|v| v.backends.len()).sum::<usize>()
         );
-        return Ok(());
+        return check_host_and_state(&args.instance, &dir, &config);
     }
     let Some(iface) = args.iface else {
         bail!(
@@ -403,6 +404,41 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
         drop(lock);
         Ok(())
     })
+}
+
+/// The rest of `lbd --check`, on the host it runs on: the config against
+/// the host's addresses, who runs the instance, and what a start would do
+/// with the pinned state (adopt, convert, refuse). Changes nothing.
+fn check_host_and_state(
+    instance: &str,
+    dir: &std::path::Path,
+    config: &config::Config,
+) -> Result<()> {
+    let host = host::checks::check(config).context("reading the host's addresses and routes")?;
+    for w in &host.warnings {
+        println!("warning: {w}");
+    }
+    if let Some(pid) = host::lock::holder(&host::lock::lock_path(instance)).unwrap_or(None) {
+        println!("instance {instance}: lbd pid {pid} runs it now");
+    }
+    let state = lb::dataplane::upgrade::describe(dir, &config.balancer);
+    if host.problems.is_empty()
+        && let Ok(lines) = &state
+    {
+        for l in lines {
+            println!("{l}");
+        }
+        return Ok(());
+    }
+    let mut problems: Vec<String> = host
+        .problems
+        .iter()
+        .map(|p| format!("\n  {}: {}", p.field, p.message))
+        .collect();
+    if let Err(e) = state {
+        problems.push(format!("\n  pinned state in {}: {e}", dir.display()));
+    }
+    bail!("the config cannot run on this host:{}", problems.concat())
 }
 
 /// Hands the XDP program's log records to the log (as they arrive).

@@ -2,7 +2,9 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use lb_common::{FLOW_EVENT_COUNT, FlowEvent, REASON_COUNT, Reason, TrafficCounters, map_name};
+use lb_common::{
+    FLOW_EVENT_COUNT, FlowEvent, FlowSet, REASON_COUNT, Reason, TrafficCounters, map_name,
+};
 
 use super::{Dataplane, DataplaneError, map_err};
 use crate::desired::vip::VipAddr;
@@ -100,5 +102,25 @@ impl Dataplane {
             out.insert(*addr, v.iter().map(|c| c.flows).sum());
         }
         Ok(out)
+    }
+
+    /// Every set of the connection table (`handshake`: of the handshake
+    /// table), read from the kernel now. For diagnosis and tests: the
+    /// connection table is large (64 MiB at the default size).
+    pub fn flow_table(&self, handshake: bool) -> Result<Vec<FlowSet>, DataplaneError> {
+        let name = if handshake {
+            map_name::SYN_FLOWS
+        } else {
+            map_name::FLOWS
+        };
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(DataplaneError::Missing { kind: "map", name })?;
+        let table: aya::maps::Array<&aya::maps::MapData, FlowSet> =
+            aya::maps::Array::try_from(map).map_err(map_err(name))?;
+        (0..table.len())
+            .map(|i| table.get(&i, 0).map_err(map_err(name)))
+            .collect()
     }
 }

@@ -13,6 +13,7 @@ mod decap;
 pub mod image;
 pub mod pinning;
 pub mod raw;
+pub mod upgrade;
 mod vips;
 
 use std::{
@@ -134,6 +135,8 @@ pub enum DataplaneError {
     UnknownBackend { vip: VipAddr, backend: IpAddr },
     #[error("{count} addresses to decapsulate; the limit is {max}")]
     TooManyAddresses { count: usize, max: u32 },
+    #[error("upgrading the pinned state in {dir}: {what}")]
+    Upgrade { dir: String, what: String },
     #[error("enabling forwarding on {iface} ({path})")]
     Forwarding {
         iface: String,
@@ -276,6 +279,9 @@ pub struct Dataplane {
     taken_over: bool,
     /// Adopted backend ids whose VIP is gone, cleared on take-over.
     orphans: Vec<u32>,
+    /// A conversion of older state, finished once this program replaced
+    /// the old one on the pinned link (see [`upgrade`]).
+    upgrade: Option<upgrade::Upgrade>,
 }
 
 /// Turns on forwarding on `iface` for each family the balancer sends outer
@@ -416,23 +422,62 @@ impl Dataplane {
                 );
             }
         }
+        let pin_err = |dir: &Path| {
+            let dir = dir.display().to_string();
+            move |source| DataplaneError::PinDir { dir, source }
+        };
+        let mut converting = None;
         let adopt = match pin_dir {
-            Some(dir) if pinning::has_state(dir) => {
-                pinning::check_compatible(dir, settings)?;
-                true
-            }
             Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir {
-                    dir: dir.display().to_string(),
-                    source,
-                })?;
-                false
+                if let Some(what) = upgrade::recover_interrupted(dir).map_err(pin_err(dir))? {
+                    tracing::warn!(dir = %dir.display(), "{what}");
+                }
+                if pinning::has_state(dir) {
+                    let incompatible = |what: String| {
+                        DataplaneError::Incompatible(pinning::Incompatible {
+                            dir: dir.display().to_string(),
+                            what,
+                        })
+                    };
+                    let layout = upgrade::pinned_layout(dir).map_err(incompatible)?;
+                    if layout == LAYOUT_VERSION {
+                        pinning::check_compatible(dir, settings)?;
+                    } else {
+                        let up = upgrade::Upgrade::prepare(dir, layout, settings)
+                            .map_err(incompatible)?;
+                        tracing::info!(
+                            dir = %dir.display(),
+                            from = layout,
+                            to = LAYOUT_VERSION,
+                            "converting the pinned state of an older lbd; per map:"
+                        );
+                        for note in &up.notes {
+                            tracing::info!("  {note}");
+                        }
+                        converting = Some(up);
+                    }
+                    true
+                } else {
+                    std::fs::create_dir_all(dir).map_err(pin_err(dir))?;
+                    false
+                }
             }
             None => false,
         };
-        let pins: Vec<(&str, PathBuf)> = pin_dir
-            .map(|dir| map_name::STATE.iter().map(|m| (*m, dir.join(m))).collect())
-            .unwrap_or_default();
+        // A conversion's new maps are pinned beside the old ones until the
+        // new program has replaced the old (see `upgrade`).
+        let pins: Vec<(&str, PathBuf)> = match (pin_dir, &converting) {
+            (Some(dir), Some(_)) => {
+                let staging = upgrade::staging_dir(dir);
+                std::fs::create_dir_all(&staging).map_err(pin_err(&staging))?;
+                map_name::STATE
+                    .iter()
+                    .map(|m| (*m, staging.join(m)))
+                    .collect()
+            }
+            (Some(dir), None) => map_name::STATE.iter().map(|m| (*m, dir.join(m))).collect(),
+            (None, _) => Vec::new(),
+        };
         let maglev_chunks = settings.max_vips * 2 * chunks_per_table(settings.table_size);
         let mut loader = EbpfLoader::new();
         loader
@@ -459,6 +504,19 @@ impl Dataplane {
         };
         loader.override_global(aya_log::LEVEL, &log_level, true);
         let mut ebpf = loader.load(BALANCER_OBJECT)?;
+        if let Some(up) = &converting {
+            // The converted state into the new maps, while the old program
+            // runs on on the old ones.
+            for (name, path) in &pins {
+                let Some(m) = up.image.maps.get(*name) else {
+                    continue;
+                };
+                let map = raw::RawMap::open(path).map_err(pin_err(path))?;
+                for (k, v) in &m.entries {
+                    map.set(k, v).map_err(pin_err(path))?;
+                }
+            }
+        }
         let xdp_logger = if options.xdp_debug_log {
             Some(
                 aya_log::EbpfLogger::init(&mut ebpf)
@@ -520,6 +578,7 @@ impl Dataplane {
             xdp_logger,
             taken_over: !adopt,
             orphans: Vec::new(),
+            upgrade: converting,
         };
         if adopt {
             dp.recover()?;
@@ -636,6 +695,7 @@ impl Dataplane {
         let s = &self.settings;
         let tcp_idle = idle_jiffies(s.tcp_idle.as_nanos() as u64, self.hz);
         let udp_idle = idle_jiffies(s.udp_idle.as_nanos() as u64, self.hz);
+        let tcp_closing = idle_jiffies(s.tcp_closing.as_nanos() as u64, self.hz);
         let cfg = DataplaneConfig {
             src_v4: s.source_v4.map_or(0, |a| addr_words(a.into()).1[0]),
             src_v6: s.source_v6.map_or([0; 4], |a| addr_words(a.into()).1),
@@ -669,6 +729,8 @@ impl Dataplane {
             tcp_renew: renew_after(tcp_idle, self.hz),
             udp_renew: renew_after(udp_idle, self.hz),
             syn_set_mask: flow_sets(syn_slots(s.flows)) - 1,
+            tcp_closing,
+            tcp_closing_renew: renew_after(tcp_closing, self.hz),
             _pad: 0,
         };
         self.maps
@@ -752,6 +814,9 @@ impl Dataplane {
                 used
             }
         };
+        if let Some(up) = self.upgrade.take() {
+            self.finish_upgrade(up)?;
+        }
         self.iface = Some(iface.to_string());
         self.ifindex = ifindex;
         self.write_config()?;
@@ -762,6 +827,54 @@ impl Dataplane {
             .collect();
         self.manage_neighbours(&backends);
         Ok(used)
+    }
+
+    /// Steps 4 and 5 of an upgrade (see [`upgrade`]), once the new program
+    /// runs: merges what the old program recorded meanwhile, then moves the
+    /// new maps and the link into the instance directory in place of the
+    /// old maps.
+    fn finish_upgrade(&mut self, up: upgrade::Upgrade) -> Result<(), DataplaneError> {
+        let dir = up.dir.clone();
+        let staging = upgrade::staging_dir(&dir);
+        let io = |what: &'static str| {
+            let dir = dir.display().to_string();
+            move |e: std::io::Error| DataplaneError::Upgrade {
+                dir: dir.clone(),
+                what: format!("{what}: {e}"),
+            }
+        };
+        let new: BTreeMap<String, raw::RawMap> = [
+            map_name::FLOWS,
+            map_name::SYN_FLOWS,
+            map_name::STATS,
+            map_name::VIP_STATS,
+            map_name::BACKEND_STATS,
+        ]
+        .iter()
+        .map(|m| Ok((m.to_string(), raw::RawMap::open(&staging.join(m))?)))
+        .collect::<std::io::Result<_>>()
+        .map_err(io("opening the new maps"))?;
+        let merged = up.catch_up(&new).map_err(|what| DataplaneError::Upgrade {
+            dir: dir.display().to_string(),
+            what,
+        })?;
+        drop(new);
+        std::fs::rename(dir.join(pinning::LINK_PIN), staging.join(pinning::LINK_PIN))
+            .map_err(io("moving the link pin"))?;
+        let mut old = dir.as_os_str().to_os_string();
+        old.push(format!("__old{}", std::process::id()));
+        let old = PathBuf::from(old);
+        std::fs::rename(&dir, &old).map_err(io("moving the old maps aside"))?;
+        std::fs::rename(&staging, &dir).map_err(io("moving the new maps in"))?;
+        pinning::cleanup(&old).map_err(io("removing the old maps"))?;
+        tracing::info!(
+            dir = %dir.display(),
+            from = up.from,
+            to = LAYOUT_VERSION,
+            merged,
+            "upgrade done: the new program runs on the converted maps; the old maps are gone"
+        );
+        Ok(())
     }
 
     /// Detaches the balancer (also happens when an unpinned `Dataplane` is

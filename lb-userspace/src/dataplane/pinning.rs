@@ -49,17 +49,17 @@ pub struct Incompatible {
 }
 
 /// The kernel shape a pinned map must have.
-struct Shape {
-    name: &'static str,
-    kind: MapType,
-    key: usize,
-    value: usize,
-    max: u32,
-    flags: u32,
+pub(crate) struct Shape {
+    pub name: &'static str,
+    pub kind: MapType,
+    pub key: usize,
+    pub value: usize,
+    pub max: u32,
+    pub flags: u32,
 }
 
 /// The maps a state directory must hold, shaped for these settings.
-fn expected(settings: &BalancerSettings) -> [Shape; 14] {
+pub(crate) fn expected(settings: &BalancerSettings) -> [Shape; 14] {
     use std::mem::size_of;
     let shape = |name, kind, key, value, max, flags| Shape {
         name,
@@ -273,6 +273,14 @@ fn read_config(dir: &Path) -> Result<DataplaneConfig, aya::maps::MapError> {
     let data = MapData::from_pin(dir.join(map_name::CONFIG))?;
     let array: Array<MapData, DataplaneConfig> = Map::Array(data).try_into()?;
     array.get(&0, 0)
+}
+
+/// Removes instance directory `dir`, and an upgrade's staging directory of
+/// it, with everything pinned in them (see [`cleanup`]).
+pub fn cleanup_instance(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut removed = cleanup(&super::upgrade::staging_dir(dir))?;
+    removed.extend(cleanup(dir)?);
+    Ok(removed)
 }
 
 /// Removes instance directory `dir` and everything pinned in it; the XDP

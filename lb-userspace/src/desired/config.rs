@@ -58,6 +58,8 @@ pub struct BalancerSettings {
     pub flows: u32,
     /// Idle time after which a TCP flow is scheduled anew.
     pub tcp_idle: Duration,
+    /// The same for a TCP flow whose client sent a FIN.
+    pub tcp_closing: Duration,
     /// Idle time after which a UDP flow is scheduled anew.
     pub udp_idle: Duration,
     /// Answer ICMP echo requests to VIP addresses (`icmp_echo`).
@@ -72,6 +74,10 @@ pub struct BalancerSettings {
 
 /// Default TCP idle timeout of the connection table, seconds.
 pub const DEFAULT_TCP_IDLE_SECS: u32 = 3600;
+/// Default idle timeout of a closing TCP entry (client FIN seen), seconds:
+/// long enough for the last data and ACKs of a closing connection and a
+/// retransmitted FIN, short enough that closed connections make room fast.
+pub const DEFAULT_TCP_CLOSING_SECS: u32 = 10;
 /// Default UDP idle timeout of the connection table, seconds.
 pub const DEFAULT_UDP_IDLE_SECS: u32 = 60;
 
@@ -86,6 +92,7 @@ impl Default for BalancerSettings {
             max_backends: DEFAULT_MAX_BACKENDS,
             flows: DEFAULT_FLOWS,
             tcp_idle: Duration::from_secs(DEFAULT_TCP_IDLE_SECS.into()),
+            tcp_closing: Duration::from_secs(DEFAULT_TCP_CLOSING_SECS.into()),
             udp_idle: Duration::from_secs(DEFAULT_UDP_IDLE_SECS.into()),
             icmp_echo: true,
             too_big_icmp: true,
@@ -320,6 +327,7 @@ struct RawApi {
 struct RawConntrack {
     size: Option<i64>,
     tcp_idle_timeout: Option<i64>,
+    tcp_closing_timeout: Option<i64>,
     udp_idle_timeout: Option<i64>,
 }
 
@@ -1079,6 +1087,15 @@ impl Validator {
             raw.tcp_idle_timeout,
             DEFAULT_TCP_IDLE_SECS,
         );
+        b.tcp_closing = Duration::from_secs(
+            self.int(
+                "conntrack.tcp_closing_timeout",
+                raw.tcp_closing_timeout,
+                DEFAULT_TCP_CLOSING_SECS,
+                (1, 3600),
+            )
+            .into(),
+        );
         b.udp_idle = secs(
             self,
             "conntrack.udp_idle_timeout",
@@ -1476,7 +1493,7 @@ impl Validator {
             "balancer.max_backends",
             raw.max_backends,
             d.max_backends,
-            (1, 1 << 20),
+            (1, lb_common::MAX_BACKEND_IDS),
         );
         let memory = u64::from(max_vips)
             * 2

@@ -70,6 +70,11 @@ pub struct LabSpec {
     /// client's own stays 1500), for path MTU discovery: `None` (default)
     /// puts the client on the bridge.
     pub router_mtu: Option<u32>,
+    /// Start the balancer as an older build left it: the data plane of the
+    /// layout-N fixture (`crate::fixture`) restored and running with its
+    /// own program, no lbd until [`Lab::start_lbd`] (an upgrade). Its
+    /// config takes the fixture's capacities.
+    pub legacy: Option<u32>,
 }
 
 impl LabSpec {
@@ -81,6 +86,7 @@ impl LabSpec {
             log: "info",
             vip_extra: String::new(),
             router_mtu: None,
+            legacy: None,
         }
     }
 }
@@ -97,7 +103,8 @@ pub struct LabBackend {
 
 /// The lab's processes.
 struct Procs {
-    lbd: Child,
+    /// `None` while a legacy lab's old data plane runs alone.
+    lbd: Option<Child>,
     decaps: Vec<(String, Child)>,
 }
 
@@ -112,6 +119,8 @@ pub struct Lab {
     lbd_log: &'static str,
     /// See [`LabSpec::vip_extra`].
     vip_extra: String,
+    /// See [`LabSpec::legacy`].
+    legacy: Option<u32>,
     /// lbd's pinned state: /sys/fs/bpf/<instance>.
     instance: String,
     config_path: PathBuf,
@@ -457,7 +466,10 @@ impl Lab {
         fs::write(dir.join("tokens"), format!("lab {API_TOKEN}\n"))?;
         fs::write(
             &config_path,
-            config(&dir, BALANCER, &backends, &weights, &spec.vip_extra),
+            with_capacities(
+                config(&dir, BALANCER, &backends, &weights, &spec.vip_extra),
+                spec.legacy,
+            ),
         )?;
         let instance = balancer.name().to_string();
         let lbd_args: Vec<String> = [
@@ -476,11 +488,20 @@ impl Lab {
 
         let (services, mut processes) = start_backends(&backends, &lbd, &dir)?;
         let args: Vec<&str> = lbd_args.iter().map(String::as_str).collect();
-        let lbd_child = match spawn_in(&balancer, &lbd, &args, &dir.join("lbd.log"), spec.log) {
-            Ok(c) => c,
-            Err(e) => {
-                kill_all(&mut processes);
-                return Err(e);
+        let lbd_child = match spec.legacy {
+            None => match spawn_in(&balancer, &lbd, &args, &dir.join("lbd.log"), spec.log) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    kill_all(&mut processes);
+                    return Err(e);
+                }
+            },
+            Some(layout) => {
+                if let Err(e) = legacy_dataplane(&balancer, &instance, layout, &backends) {
+                    kill_all(&mut processes);
+                    return Err(e);
+                }
+                None
             }
         };
         let lab = Lab {
@@ -492,6 +513,7 @@ impl Lab {
             lbd_args,
             lbd_log: spec.log,
             vip_extra: spec.vip_extra.clone(),
+            legacy: spec.legacy,
             instance,
             config_path,
             services,
@@ -509,12 +531,42 @@ impl Lab {
 
     /// lbd's config with these backends (`None`: not in the config).
     pub fn config_text(&self, weights: &[Option<u32>]) -> String {
-        config(
-            &self.dir,
-            BALANCER,
-            &self.backends,
-            weights,
-            &self.vip_extra,
+        with_capacities(
+            config(
+                &self.dir,
+                BALANCER,
+                &self.backends,
+                weights,
+                &self.vip_extra,
+            ),
+            self.legacy,
+        )
+    }
+
+    /// Starts lbd on a legacy lab's balancer (an upgrade of the old data
+    /// plane); returns once it has replaced the old program and serves
+    /// metrics.
+    pub fn start_lbd(&self) -> Result<()> {
+        {
+            let mut procs = self.procs.lock().expect("lab lock");
+            if procs.lbd.is_some() {
+                bail!("lbd runs already");
+            }
+            let args: Vec<&str> = self.lbd_args.iter().map(String::as_str).collect();
+            procs.lbd = Some(spawn_in(
+                &self.balancer,
+                &self.lbd_bin,
+                &args,
+                &self.dir.join("lbd.log"),
+                self.lbd_log,
+            )?);
+        }
+        self.wait_for(
+            |lab| {
+                lab.log_count("balancer program replaced on the existing attachment") > 0
+                    && lab.metrics().is_ok()
+            },
+            "lbd to take over the old data plane",
         )
     }
 
@@ -544,7 +596,13 @@ impl Lab {
 
     /// The running lbd's pid.
     pub fn lbd_pid(&self) -> u32 {
-        self.procs.lock().expect("lab lock").lbd.id()
+        self.procs
+            .lock()
+            .expect("lab lock")
+            .lbd
+            .as_ref()
+            .expect("lbd runs")
+            .id()
     }
 
     /// Stops lbd (SIGTERM: the balancer keeps running from its pinned
@@ -560,9 +618,10 @@ impl Lab {
         let before = self.log_count("balancer program replaced on the existing attachment");
         {
             let mut procs = self.procs.lock().expect("lab lock");
+            let lbd = procs.lbd.as_mut().context("lbd does not run")?;
             // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(procs.lbd.id() as i32, signal) };
-            let status = procs.lbd.wait()?;
+            unsafe { libc::kill(lbd.id() as i32, signal) };
+            let status = lbd.wait()?;
             if signal == libc::SIGTERM && !status.success() {
                 drop(procs);
                 bail!(
@@ -571,13 +630,13 @@ impl Lab {
                 );
             }
             let args: Vec<&str> = self.lbd_args.iter().map(String::as_str).collect();
-            procs.lbd = spawn_in(
+            procs.lbd = Some(spawn_in(
                 &self.balancer,
                 &self.lbd_bin,
                 &args,
                 &self.dir.join("lbd.log"),
                 self.lbd_log,
-            )?;
+            )?);
         }
         self.wait_for(
             |lab| {
@@ -662,7 +721,8 @@ impl Lab {
                         .any(|l| l.split_whitespace().next() == Some(a) && l.contains("lladdr"))
                 })
             });
-            if decaps_up && resolved && self.metrics().is_ok() {
+            let lbd_up = self.legacy.is_some() || self.metrics().is_ok();
+            if decaps_up && resolved && lbd_up {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -678,7 +738,13 @@ impl Lab {
 
     fn check_alive(&self) -> Result<()> {
         let mut procs = self.procs.lock().expect("lab lock");
-        if let Some(status) = procs.lbd.try_wait()? {
+        if let Some(status) = procs
+            .lbd
+            .as_mut()
+            .map(Child::try_wait)
+            .transpose()?
+            .flatten()
+        {
             drop(procs);
             bail!("lbd exited ({status}); logs:\n{}", self.logs());
         }
@@ -763,6 +829,45 @@ impl Lab {
     }
 }
 
+/// `config` with the capacities of the layout-`legacy` fixture, if any:
+/// the state an upgrade converts must fit the config.
+fn with_capacities(config: String, legacy: Option<u32>) -> String {
+    if legacy.is_none() {
+        return config;
+    }
+    config
+        .replace(
+            "max_backends = 64\n",
+            "max_backends = 64\nmaglev_table_size = 1031\n",
+        )
+        .replace(
+            "[conntrack]\nsize = 65536\n",
+            "[conntrack]\nsize = 262144\n",
+        )
+}
+
+/// The balancer of a legacy lab: the layout-`layout` fixture's data plane
+/// restored on `eth0` of `ns` (instance `instance`), with the neighbour
+/// entries its lbd had marked managed.
+fn legacy_dataplane(
+    ns: &Netns,
+    instance: &str,
+    layout: u32,
+    backends: &[LabBackend],
+) -> Result<()> {
+    let ifindex = ns.ifindex("eth0")?;
+    let dir = pinning::instance_dir(instance);
+    in_ns(ns, || {
+        crate::fixture::restore_v7(&crate::fixture::dir(layout), &dir, "eth0", ifindex)
+    })??;
+    for b in backends {
+        for a in [b.v4.to_string(), b.v6.to_string()] {
+            ns.ip(&["neigh", "replace", &a, "dev", "eth0", "managed"])?;
+        }
+    }
+    Ok(())
+}
+
 /// lbd's `/metrics` at [`METRICS`]; the calling thread must be in lbd's
 /// namespace.
 fn fetch_metrics() -> Result<String> {
@@ -793,7 +898,7 @@ pub fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> Result<T> {
 /// Starts `program` inside `ns`. Only the network namespace is entered
 /// (`setns` before exec), not a new mount namespace as `ip netns exec` does:
 /// lbd must see the host's BPF filesystem to pin and adopt its state.
-fn spawn_in(
+pub fn spawn_in(
     ns: &Netns,
     program: &Path,
     args: &[&str],
@@ -852,7 +957,9 @@ impl Drop for Lab {
         // SIGTERM first so every process ends cleanly; SIGKILL if one hangs.
         let procs = self.procs.get_mut().unwrap_or_else(|e| e.into_inner());
         terminate(
-            std::iter::once(&mut procs.lbd)
+            procs
+                .lbd
+                .iter_mut()
                 .chain(procs.decaps.iter_mut().map(|(_, c)| c))
                 .collect(),
         );
