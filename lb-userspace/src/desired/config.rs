@@ -97,18 +97,36 @@ impl Default for BalancerSettings {
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9180";
 
 /// The Prometheus endpoint (`[metrics]`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MetricsSettings {
     /// Where `/metrics` is served; `None` when disabled.
     pub listen: Option<std::net::SocketAddr>,
+    /// The per-backend families exported (`None`: all of
+    /// [`crate::control::metrics::BACKEND_FAMILIES`]).
+    pub backend_families: Option<Vec<String>>,
+    /// Per-backend series only for backends that carried at least this
+    /// share (0..=1) of their VIP's forwarded packets; 0: every backend.
+    pub backend_min_share: f64,
 }
 
 impl Default for MetricsSettings {
     fn default() -> Self {
         MetricsSettings {
             listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+            backend_families: None,
+            backend_min_share: 0.0,
         }
     }
+}
+
+/// How `lbd` writes its log (`[log] format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 /// The control API (`[api]`). Paths left out get per-instance defaults
@@ -134,6 +152,8 @@ pub struct Config {
     /// `[log] level`: a `tracing` filter (`info`, `debug`,
     /// `lb=debug,info`, ...); `RUST_LOG` wins over it.
     pub log_level: Option<String>,
+    /// `[log] format`.
+    pub log_format: LogFormat,
     /// `[bgp]`: announce the VIPs through BIRD (off without the section).
     pub bgp: Option<BgpSettings>,
     pub vips: Vec<Vip>,
@@ -232,6 +252,7 @@ struct RawNeighbor {
 #[serde(deny_unknown_fields)]
 struct RawLog {
     level: Option<String>,
+    format: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -256,6 +277,8 @@ struct RawConntrack {
 struct RawMetrics {
     enabled: Option<bool>,
     listen: Option<String>,
+    backend_families: Option<Vec<String>>,
+    backend_min_share: Option<RawNumber>,
 }
 
 #[derive(Deserialize, Default)]
@@ -960,12 +983,50 @@ impl Validator {
                 }
             }
         };
+        let families = crate::control::metrics::BACKEND_FAMILIES;
+        let backend_families = raw.backend_families.as_ref().map(|names| {
+            for (i, name) in names.iter().enumerate() {
+                if !families.contains(&name.as_str()) {
+                    self.problem(
+                        format!("metrics.backend_families[{i}]"),
+                        format!(
+                            "{name:?} is not a per-backend family (one of {})",
+                            families.join(", ")
+                        ),
+                    );
+                }
+            }
+            names.clone()
+        });
+        let backend_min_share = self
+            .number(
+                "metrics.backend_min_share",
+                raw.backend_min_share,
+                (0.0, 1.0),
+            )
+            .unwrap_or(0.0);
         MetricsSettings {
             listen: if raw.enabled == Some(false) {
                 None
             } else {
                 listen
             },
+            backend_families,
+            backend_min_share,
+        }
+    }
+
+    fn log_format(&mut self, raw: &RawLog) -> LogFormat {
+        match raw.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                self.problem(
+                    "log.format",
+                    format!("{other:?} is not \"text\" or \"json\""),
+                );
+                LogFormat::Text
+            }
         }
     }
 
@@ -1026,6 +1087,7 @@ impl Validator {
         let metrics = self.metrics(&raw.metrics);
         let api = self.api(&raw.api);
         let log_level = raw.log.level.clone();
+        let log_format = self.log_format(&raw.log);
         if let Some(level) = &log_level
             && let Err(e) = tracing_subscriber::EnvFilter::try_new(level)
         {
@@ -1101,6 +1163,7 @@ impl Validator {
             metrics,
             api,
             log_level,
+            log_format,
             bgp,
             vips,
         }

@@ -1,8 +1,10 @@
 //! The host `lbd` runs on: its addresses and tick rate; [`neighbours`]
 //! keeps the kernel's neighbour entries towards backends resolved; [`bgp`]
-//! announces the VIPs over BGP through BIRD 2.
+//! announces the VIPs over BGP through BIRD 2; [`bgp_status`] reads BIRD's
+//! sessions and announcements back for `/metrics`.
 
 pub mod bgp;
+pub mod bgp_status;
 pub mod neighbours;
 
 use std::net::IpAddr;
