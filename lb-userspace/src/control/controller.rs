@@ -776,10 +776,11 @@ async fn health_task(tx: mpsc::Sender<Request>, backend: IpAddr, check: HealthCh
     tokio::time::sleep(spread(&(backend, &check), check.interval)).await;
     let mut tick = tokio::time::interval(check.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checker = probe::Checker::new(backend, &check);
     loop {
         tick.tick().await;
         let started = Instant::now();
-        let result = probe::check(backend, &check).await;
+        let result = checker.run().await;
         let sent = tx
             .send(Request::Health {
                 backend,
@@ -799,9 +800,10 @@ async fn scrape_task(tx: mpsc::Sender<Request>, node: IpAddr, target: ScrapeTarg
     tokio::time::sleep(spread(&node, target.interval)).await;
     let mut tick = tokio::time::interval(target.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut scraper = probe::Scraper::new(node, &target);
     loop {
         tick.tick().await;
-        let result = Box::new(probe::scrape(node, &target).await);
+        let result = Box::new(scraper.scrape().await);
         if tx.send(Request::Scraped { node, result }).await.is_err() {
             return;
         }

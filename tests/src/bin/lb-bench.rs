@@ -761,6 +761,7 @@ fn load_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
     let target = ScrapeTarget {
         port: server.port(),
         path: "/metrics".into(),
+        http: Default::default(),
         interval: std::time::Duration::from_secs(1),
         timeout: std::time::Duration::from_secs(2),
     };
@@ -799,18 +800,20 @@ fn load_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
         for bytes in rt.block_on(async {
             let mut out = Vec::new();
             for _ in 0..VIPS * PER_VIP {
+                let mut client = lb::steering::http::HttpClient::new(
+                    (loopback, target.port).into(),
+                    &target.http,
+                    false,
+                )
+                .map_err(anyhow::Error::msg)?;
                 out.push(
-                    lb::steering::probe::http_get(
-                        (loopback, target.port).into(),
-                        "/metrics",
-                        target.timeout,
-                        lb::steering::probe::MAX_SCRAPE,
-                    )
-                    .await,
+                    client
+                        .get("/metrics", target.timeout, lb::steering::probe::MAX_SCRAPE)
+                        .await,
                 );
             }
-            out
-        }) {
+            anyhow::Ok(out)
+        })? {
             std::hint::black_box(bytes.map_err(anyhow::Error::msg)?);
         }
         fetch_only.push((thread_cpu() - c).as_secs_f64() * 1000.0);
