@@ -199,7 +199,12 @@ impl EcmpLab {
         let weights: Vec<Option<u32>> = lab.backends.iter().map(|b| Some(b.weight)).collect();
         for i in 0..balancers {
             let b = &lab.balancers[i];
-            let mut text = config(&b.dir, (b.v4, b.v6), &lab.backends, &weights, vip_extra);
+            let extra = super::ConfigExtra {
+                vip: vip_extra.to_string(),
+                top: String::new(),
+                max_backends: 64,
+            };
+            let mut text = config(&b.dir, (b.v4, b.v6), &lab.backends, &weights, &extra);
             text += &format!(
                 "[bgp]\nlocal_as = {BALANCER_AS}\nhold_time = 3\nbird_dir = \"{}\"\nneighbors = [\n  {{ address = \"{ROUTER_V4}\", as = {ROUTER_AS} }},\n  {{ address = \"{ROUTER_V6}\", as = {ROUTER_AS} }},\n]\n",
                 b.bird_dir().display()

@@ -18,6 +18,7 @@
 
 pub mod client;
 pub mod ecmp;
+pub mod scale;
 pub mod servers;
 
 use std::{
@@ -66,6 +67,11 @@ pub struct LabSpec {
     /// client's own stays 1500), for path MTU discovery: `None` (default)
     /// puts the client on the bridge.
     pub router_mtu: Option<u32>,
+    /// TOML written right after `[metrics] listen = ...` in lbd's config:
+    /// keys of `[metrics]` first, then any other tables (`[log]`, ...).
+    pub config_extra: String,
+    /// `balancer.max_backends` (64 by default).
+    pub max_backends: u32,
 }
 
 impl LabSpec {
@@ -77,6 +83,8 @@ impl LabSpec {
             log: "info",
             vip_extra: String::new(),
             router_mtu: None,
+            config_extra: String::new(),
+            max_backends: 64,
         }
     }
 }
@@ -106,8 +114,8 @@ pub struct Lab {
     lbd_args: Vec<String>,
     /// lbd's `RUST_LOG`.
     lbd_log: &'static str,
-    /// See [`LabSpec::vip_extra`].
-    vip_extra: String,
+    /// What lbd's config is made of besides the backends.
+    extra: ConfigExtra,
     /// lbd's pinned state: /sys/fs/bpf/<instance>.
     instance: String,
     config_path: PathBuf,
@@ -352,18 +360,28 @@ fn start_backends(
 
 /// lbd's config for the lab: both VIPs, HTTP and echo, over the backends
 /// that have a weight (`None`: not in the config).
+/// The parts of lbd's config a [`LabSpec`] sets.
+#[derive(Clone)]
+struct ConfigExtra {
+    vip: String,
+    top: String,
+    max_backends: u32,
+}
+
 fn config(
     dir: &Path,
     (source_v4, source_v6): (Ipv4Addr, Ipv6Addr),
     backends: &[LabBackend],
     weights: &[Option<u32>],
-    vip_extra: &str,
+    extra: &ConfigExtra,
 ) -> String {
+    let vip_extra = &extra.vip;
     let mut c = format!(
-        "[balancer]\nsource_v4 = \"{source_v4}\"\nsource_v6 = \"{source_v6}\"\nmtu = 1600\nmax_vips = 8\nmax_backends = 64\n\n",
+        "[balancer]\nsource_v4 = \"{source_v4}\"\nsource_v6 = \"{source_v6}\"\nmtu = 1600\nmax_vips = 8\nmax_backends = {}\n\n",
+        extra.max_backends
     );
     c += "[conntrack]\nsize = 65536\n\n";
-    c += &format!("[metrics]\nlisten = \"{METRICS}\"\n\n");
+    c += &format!("[metrics]\nlisten = \"{METRICS}\"\n{}\n\n", extra.top);
     c += &format!(
         "[api]\nsocket = \"{}\"\naudit_log = \"{}\"\ntcp_listen = \"{API_TCP}\"\ntoken_file = \"{}\"\n\n",
         dir.join("api.sock").display(),
@@ -449,11 +467,16 @@ impl Lab {
         };
 
         let config_path = dir.join("lbd.toml");
+        let extra = ConfigExtra {
+            vip: spec.vip_extra.clone(),
+            top: spec.config_extra.clone(),
+            max_backends: spec.max_backends,
+        };
         let weights: Vec<Option<u32>> = backends.iter().map(|b| Some(b.weight)).collect();
         fs::write(dir.join("tokens"), format!("lab {API_TOKEN}\n"))?;
         fs::write(
             &config_path,
-            config(&dir, BALANCER, &backends, &weights, &spec.vip_extra),
+            config(&dir, BALANCER, &backends, &weights, &extra),
         )?;
         let instance = balancer.name().to_string();
         let lbd_args: Vec<String> = [
@@ -487,7 +510,7 @@ impl Lab {
             lbd_bin: lbd,
             lbd_args,
             lbd_log: spec.log,
-            vip_extra: spec.vip_extra.clone(),
+            extra,
             instance,
             config_path,
             services,
@@ -513,7 +536,7 @@ impl Lab {
                 BALANCER,
                 &self.backends,
                 weights,
-                &self.vip_extra,
+                &self.extra,
             ),
         )?;
         self.reload()
@@ -522,9 +545,7 @@ impl Lab {
     /// Makes lbd reload its config file (SIGHUP); returns once lbd applied it.
     pub fn reload(&self) -> Result<()> {
         let before = self.log_count("config reloaded and applied");
-        let pid = self.procs.lock().expect("lab lock").lbd.id() as i32;
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(pid, libc::SIGHUP) };
+        self.sighup();
         self.wait_for(
             |lab| lab.log_count("config reloaded and applied") > before,
             "lbd to apply the new config",
@@ -564,6 +585,13 @@ impl Lab {
             },
             "the restarted lbd to adopt the balancer",
         )
+    }
+
+    /// Sends lbd SIGHUP (a reload) and returns at once.
+    pub fn sighup(&self) {
+        let pid = self.procs.lock().expect("lab lock").lbd.id() as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGHUP) };
     }
 
     fn log_count(&self, needle: &str) -> usize {
