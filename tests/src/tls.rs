@@ -49,17 +49,17 @@ impl TestCa {
     /// its key, signed by this CA.
     pub fn server_config(&self, names: &[&str]) -> Result<Arc<ServerConfig>> {
         let key = KeyPair::generate()?;
-        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        let config = ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![CertificateDer::from(cert.der().to_vec())],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )?;
+        let config =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![CertificateDer::from(cert.der().to_vec())],
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+                )?;
         Ok(Arc::new(config))
     }
 }
@@ -74,7 +74,12 @@ pub struct HttpsServer {
 impl HttpsServer {
     /// Serves on `ip:port` (port 0: any) inside `ns` (or this thread's
     /// namespace when `None`).
-    pub fn start(ns: Option<&Netns>, ip: IpAddr, port: u16, config: Arc<ServerConfig>) -> Result<HttpsServer> {
+    pub fn start(
+        ns: Option<&Netns>,
+        ip: IpAddr,
+        port: u16,
+        config: Arc<ServerConfig>,
+    ) -> Result<HttpsServer> {
         let listener = {
             let _inside = ns.map(|n| n.enter()).transpose()?;
             let l = std::net::TcpListener::bind((ip, port)).context("binding the HTTPS port")?;

@@ -89,10 +89,17 @@ fn http_check(port: u16, expect: StatusRange, host: Option<&str>) -> HealthCheck
     }
 }
 
-fn gzip(data: &[u8]) -> Vec<u8> {
+/// A 200 answer with `body` gzip-coded, then chunked
+/// (`Transfer-Encoding: gzip, chunked`).
+fn gzip_chunked(body: &[u8]) -> &'static [u8] {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    e.write_all(data).unwrap();
-    e.finish().unwrap()
+    e.write_all(body).unwrap();
+    let body = e.finish().unwrap();
+    let mut answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n".to_vec();
+    answer.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+    answer.extend_from_slice(&body);
+    answer.extend_from_slice(b"\r\n0\r\n\r\n");
+    Box::leak(answer.into_boxed_slice())
 }
 
 /// Answers the hand-written HTTP/1.0 client got wrong, and some more that
@@ -107,10 +114,7 @@ async fn odd_but_valid_http_answers_pass_health_checks() {
             "duplicate Content-Length",
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nok\n",
         ),
-        (
-            "gzip, chunked",
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-        ),
+        ("gzip, chunked", gzip_chunked(b"ok\n")),
         (
             "folded header",
             b"HTTP/1.1 200 OK\r\nX-Long: first part\r\n  second part\r\nContent-Length: 3\r\n\r\nok\n",
@@ -131,12 +135,17 @@ async fn odd_but_valid_http_answers_pass_health_checks() {
     for (what, answer) in answers {
         let (addr, seen) = canned_server(answer);
         let expect = "200-399".parse().unwrap();
-        let result = probe::check(local, &http_check(addr.port(), expect, Some("models.example.net"))).await;
+        let result = probe::check(
+            local,
+            &http_check(addr.port(), expect, Some("models.example.net")),
+        )
+        .await;
         println!("{what}: {result:?}");
         assert_eq!(result, Ok(()), "{what}");
         let request = seen.lock().unwrap()[0].clone();
         assert!(
-            request.contains("host: models.example.net\r\n") || request.contains("Host: models.example.net\r\n"),
+            request.contains("host: models.example.net\r\n")
+                || request.contains("Host: models.example.net\r\n"),
             "{what}: {request}"
         );
     }
@@ -148,16 +157,16 @@ async fn odd_but_valid_http_answers_pass_health_checks() {
     println!("302 with the default: {e}");
     assert!(e.contains("status 302 (expected 200-299)"), "{e}");
     let request = seen.lock().unwrap()[0].clone();
-    assert!(request.to_ascii_lowercase().contains(&format!("host: {addr}\r\n")), "{request}");
+    assert!(
+        request
+            .to_ascii_lowercase()
+            .contains(&format!("host: {addr}\r\n")),
+        "{request}"
+    );
 
     // A vLLM page gzip-coded, then chunked.
     let page = lb_tests::lab::servers::vllm_metrics(6.0, 0.25);
-    let body = gzip(page.as_bytes());
-    let mut answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n".to_vec();
-    answer.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
-    answer.extend_from_slice(&body);
-    answer.extend_from_slice(b"\r\n0\r\n\r\n");
-    let (addr, _) = canned_server(Box::leak(answer.into_boxed_slice()));
+    let (addr, _) = canned_server(gzip_chunked(page.as_bytes()));
     let target = ScrapeTarget {
         port: addr.port(),
         path: "/metrics".into(),
@@ -166,7 +175,10 @@ async fn odd_but_valid_http_answers_pass_health_checks() {
         timeout: Duration::from_secs(1),
     };
     let report = probe::scrape(local, &target).await.unwrap();
-    println!("gzip, chunked scrape: queue {} kv {:?}", report.queue, report.kv);
+    println!(
+        "gzip, chunked scrape: queue {} kv {:?}",
+        report.queue, report.kv
+    );
     assert_eq!((report.queue, report.kv), (6.0, Some(0.25)));
 }
 
@@ -197,7 +209,11 @@ async fn load_scrapes_keep_their_connection() {
                             break;
                         }
                     }
-                    let _ = write!(c, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{page}", page.len());
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{page}",
+                        page.len()
+                    );
                 }
             });
         }
@@ -251,7 +267,10 @@ async fn https_checks_verify_the_backends_certificate() {
         ..http_check(port, DEFAULT_EXPECT_STATUS, None)
     };
     let local: IpAddr = [127, 0, 0, 1].into();
-    assert_eq!(probe::check(local, &check(server.addr.port(), None)).await, Ok(()));
+    assert_eq!(
+        probe::check(local, &check(server.addr.port(), None)).await,
+        Ok(())
+    );
     assert_eq!(
         probe::check(local, &check(server.addr.port(), Some("backend.test:8443"))).await,
         Ok(())
@@ -260,7 +279,10 @@ async fn https_checks_verify_the_backends_certificate() {
         .await
         .unwrap_err();
     println!("wrong name: {e}");
-    assert!(e.contains("certificate") && e.contains("NotValidForName"), "{e}");
+    assert!(
+        e.contains("invalid peer certificate: certificate not valid for name \"other.test\""),
+        "{e}"
+    );
     let e = probe::check(local, &check(stranger.addr.port(), None))
         .await
         .unwrap_err();
@@ -281,7 +303,11 @@ fn lbctl(lab: &Lab, args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -316,10 +342,16 @@ fn https_checks_in_the_lab_report_a_wrong_ca_in_lbctl() {
     let deadline = Instant::now() + Duration::from_secs(15);
     let shown = loop {
         let shown = lbctl(&lab, &["vip", "show", &vip]);
-        if shown.contains(&format!("{b2} down:")) && !shown.contains(&format!("{} down", lab.backends[0].v4)) {
+        if shown.contains(&format!("{b2} down:"))
+            && !shown.contains(&format!("{} down", lab.backends[0].v4))
+        {
             break shown;
         }
-        assert!(Instant::now() < deadline, "b2 not reported down:\n{shown}\n{}", lab.logs());
+        assert!(
+            Instant::now() < deadline,
+            "b2 not reported down:\n{shown}\n{}",
+            lab.logs()
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     println!("{shown}");
@@ -328,7 +360,12 @@ fn https_checks_in_the_lab_report_a_wrong_ca_in_lbctl() {
         "{shown}"
     );
     let text = lab.metrics().unwrap();
-    let count = prom::value(&text, "lb_health_check_duration_seconds_count", &[("vip", &vip)]).unwrap();
+    let count = prom::value(
+        &text,
+        "lb_health_check_duration_seconds_count",
+        &[("vip", &vip)],
+    )
+    .unwrap();
     println!("health checks of {vip} timed: {count}");
     assert!(count >= 2.0);
     drop(servers);
@@ -343,19 +380,45 @@ fn neighbours_towards_backends_are_managed_over_netlink() {
     lb_tests::require_root();
     let ns = Netns::new("ops-neigh").unwrap();
     let peer = Netns::new("ops-peer").unwrap();
-    ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", peer.name()])
+    ns.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        peer.name(),
+    ])
+    .unwrap();
+    ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "eth0"])
         .unwrap();
-    ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "eth0"]).unwrap();
     ns.ip(&["link", "set", "eth0", "up"]).unwrap();
-    peer.ip(&["addr", "add", "10.77.0.2/24", "dev", "eth0"]).unwrap();
+    peer.ip(&["addr", "add", "10.77.0.2/24", "dev", "eth0"])
+        .unwrap();
     peer.ip(&["link", "set", "eth0", "up"]).unwrap();
-    ns.ip(&["route", "add", "10.78.0.0/24", "via", "10.77.0.2"]).unwrap();
-    ns.ip(&["neigh", "add", "10.77.0.9", "lladdr", "02:00:00:00:00:09", "dev", "eth0", "nud", "permanent"])
+    ns.ip(&["route", "add", "10.78.0.0/24", "via", "10.77.0.2"])
         .unwrap();
+    ns.ip(&[
+        "neigh",
+        "add",
+        "10.77.0.9",
+        "lladdr",
+        "02:00:00:00:00:09",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
     let ifindex = ns.ifindex("eth0").unwrap();
-    let neighbours = in_ns(&ns, || lb::host::neighbours::Neighbours::start("eth0", ifindex))
-        .unwrap()
-        .unwrap();
+    let neighbours = in_ns(&ns, || {
+        lb::host::neighbours::Neighbours::start("eth0", ifindex)
+    })
+    .unwrap()
+    .unwrap();
     let backends: Vec<IpAddr> = ["10.77.0.5", "10.78.0.5", "10.78.0.6", "10.77.0.9"]
         .iter()
         .map(|a| a.parse().unwrap())
@@ -364,7 +427,11 @@ fn neighbours_towards_backends_are_managed_over_netlink() {
     let deadline = Instant::now() + Duration::from_secs(5);
     let table = loop {
         let table = ns.ip(&["-d", "neigh", "show", "dev", "eth0"]).unwrap();
-        let managed = |a: &str| table.lines().any(|l| l.starts_with(&format!("{a} ")) && l.contains("managed"));
+        let managed = |a: &str| {
+            table
+                .lines()
+                .any(|l| l.starts_with(&format!("{a} ")) && l.contains("managed"))
+        };
         if managed("10.77.0.5") && managed("10.77.0.2") {
             break table;
         }
@@ -372,9 +439,21 @@ fn neighbours_towards_backends_are_managed_over_netlink() {
         std::thread::sleep(Duration::from_millis(50));
     };
     println!("{table}");
-    let line = |a: &str| table.lines().find(|l| l.starts_with(&format!("{a} "))).unwrap_or("").to_string();
-    assert!(line("10.77.0.9").contains("PERMANENT") && !line("10.77.0.9").contains("managed"), "{table}");
-    assert!(line("10.78.0.5").is_empty(), "a backend behind the gateway has no entry of its own: {table}");
+    let line = |a: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{a} ")))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(
+        line("10.77.0.9").contains("PERMANENT") && !line("10.77.0.9").contains("managed"),
+        "{table}"
+    );
+    assert!(
+        line("10.78.0.5").is_empty(),
+        "a backend behind the gateway has no entry of its own: {table}"
+    );
 }
 
 /// Adding 1,000 backends (one new VIP, HTTP health checks) in one API
@@ -412,7 +491,8 @@ fn lbd_decap_exports_its_counters_on_metrics() {
         .unwrap()
     };
     let before = fetch();
-    let decapsulated = |t: &str| prom::value(t, "lb_decap_packets_total", &[("reason", "decapsulated")]).unwrap();
+    let decapsulated =
+        |t: &str| prom::value(t, "lb_decap_packets_total", &[("reason", "decapsulated")]).unwrap();
     let addr = lab.vip_echo(false);
     lab.in_client(move || {
         let flow = lb_tests::lab::client::UdpFlow::open(addr).unwrap();
@@ -429,21 +509,34 @@ fn lbd_decap_exports_its_counters_on_metrics() {
     );
     assert!(decapsulated(&after) - decapsulated(&before) >= 10.0);
     for reason in ["not_tunnel", "not_local", "malformed"] {
-        assert!(prom::value(&after, "lb_decap_packets_total", &[("reason", reason)]).is_some(), "{reason}");
+        assert!(
+            prom::value(&after, "lb_decap_packets_total", &[("reason", reason)]).is_some(),
+            "{reason}"
+        );
     }
-    assert!(after.contains("lb_build_info{") && after.contains("process_resident_memory_bytes"), "{after}");
+    assert!(
+        after.contains("lb_build_info{") && after.contains("process_resident_memory_bytes"),
+        "{after}"
+    );
     prom::check_metrics(&after).unwrap();
 }
 
 fn get_metrics(lab: &Lab, gzip: bool) -> (String, Vec<u8>) {
     in_ns(&lab.balancer, move || {
         let mut s = TcpStream::connect(lb_tests::lab::METRICS).unwrap();
-        let extra = if gzip { "Accept-Encoding: gzip\r\n" } else { "" };
+        let extra = if gzip {
+            "Accept-Encoding: gzip\r\n"
+        } else {
+            ""
+        };
         write!(s, "GET /metrics HTTP/1.0\r\n{extra}\r\n").unwrap();
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).unwrap();
         let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-        (String::from_utf8_lossy(&raw[..end]).into_owned(), raw[end + 4..].to_vec())
+        (
+            String::from_utf8_lossy(&raw[..end]).into_owned(),
+            raw[end + 4..].to_vec(),
+        )
     })
     .unwrap()
 }
@@ -460,23 +553,48 @@ fn the_balancer_exports_reloads_build_info_and_gzip_and_logs_json() {
     })
     .unwrap();
     let (head, plain) = get_metrics(&lab, false);
-    assert!(!head.to_ascii_lowercase().contains("content-encoding"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("content-encoding"),
+        "{head}"
+    );
     let (head, packed) = get_metrics(&lab, true);
-    assert!(head.to_ascii_lowercase().contains("content-encoding: gzip"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("content-encoding: gzip"),
+        "{head}"
+    );
     let mut text = String::new();
-    flate2::read::GzDecoder::new(&packed[..]).read_to_string(&mut text).unwrap();
-    println!("scrape: {} bytes, {} gzip-compressed", plain.len(), packed.len());
-    assert_eq!(prom::families(&text), prom::families(&String::from_utf8_lossy(&plain)));
+    flate2::read::GzDecoder::new(&packed[..])
+        .read_to_string(&mut text)
+        .unwrap();
+    println!(
+        "scrape: {} bytes, {} gzip-compressed",
+        plain.len(),
+        packed.len()
+    );
+    assert_eq!(
+        prom::families(&text),
+        prom::families(&String::from_utf8_lossy(&plain))
+    );
     prom::check_metrics(&text).unwrap();
     assert!(text.contains("lb_build_info{commit=\""), "{text}");
     assert!(text.contains("process_cpu_seconds_total"), "{text}");
     let families = prom::families(&text);
     assert!(families.contains("lb_backend_up") && families.contains("lb_backend_packets_total"));
-    for absent in ["lb_backend_weight", "lb_backend_bytes_total", "lb_backend_table_share_ratio"] {
+    for absent in [
+        "lb_backend_weight",
+        "lb_backend_bytes_total",
+        "lb_backend_table_share_ratio",
+    ] {
         assert!(!families.contains(absent), "{absent} is not chosen");
     }
-    let reloads = |outcome: &str| lab.metric("lb_config_reloads_total", &[("outcome", outcome)]).unwrap();
-    assert_eq!(lab.metric("lb_config_last_reload_successful", &[]).unwrap(), 1);
+    let reloads = |outcome: &str| {
+        lab.metric("lb_config_reloads_total", &[("outcome", outcome)])
+            .unwrap()
+    };
+    assert_eq!(
+        lab.metric("lb_config_last_reload_successful", &[]).unwrap(),
+        1
+    );
     let good = std::fs::read_to_string(lab.config_path()).unwrap();
     std::fs::write(lab.config_path(), good.replace("mtu = 1600", "mtu = 99999")).unwrap();
     lab.sighup();
@@ -485,18 +603,33 @@ fn the_balancer_exports_reloads_build_info_and_gzip_and_logs_json() {
         assert!(Instant::now() < deadline, "the bad reload was not counted");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(lab.metric("lb_config_last_reload_successful", &[]).unwrap(), 0);
+    assert_eq!(
+        lab.metric("lb_config_last_reload_successful", &[]).unwrap(),
+        0
+    );
     std::fs::write(lab.config_path(), &good).unwrap();
     lab.reload().unwrap();
     assert_eq!((reloads("applied"), reloads("rejected")), (1, 1));
-    assert_eq!(lab.metric("lb_config_last_reload_successful", &[]).unwrap(), 1);
+    assert_eq!(
+        lab.metric("lb_config_last_reload_successful", &[]).unwrap(),
+        1
+    );
     let log = lab.lbd_log();
     let mut lines = 0;
     for line in log.lines().filter(|l| !l.trim().is_empty()) {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        assert!(v["timestamp"].is_string() && v["level"].is_string() && v["fields"]["message"].is_string(), "{line}");
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["timestamp"].is_string()
+                && v["level"].is_string()
+                && v["fields"]["message"].is_string(),
+            "{line}"
+        );
         lines += 1;
     }
     println!("{lines} JSON log lines");
-    assert!(log.contains("\"span\":{\"cause\":\"signal:SIGHUP\""), "{log}");
+    assert!(
+        log.contains("\"span\":{\"cause\":\"startup\""),
+        "the cause of a change is in its span: {log}"
+    );
 }

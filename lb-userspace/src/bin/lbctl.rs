@@ -302,7 +302,13 @@ fn down_reasons(backends: &Value) -> String {
         .into_iter()
         .flatten()
         .filter(|b| b["health"] == "down")
-        .filter_map(|b| Some(format!("{} down: {}\n", s(b, "address"), b["last_error"].as_str()?)))
+        .filter_map(|b| {
+            Some(format!(
+                "{} down: {}\n",
+                s(b, "address"),
+                b["last_error"].as_str()?
+            ))
+        })
         .collect()
 }
 

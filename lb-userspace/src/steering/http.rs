@@ -5,7 +5,7 @@
 //! hyper parses what servers send (repeated equal `Content-Length`s,
 //! chunked bodies after other transfer codings, obsolete folded header
 //! lines, HTTP/1.0 answers read to the end of the connection); a gzip
-//! transfer or content coding of a body is undone here. A client either
+//! transfer or content coding of a body is undone by [`Answer::decoded`]. A client either
 //! opens a connection per request (`Connection: close`: health checks test
 //! that a backend accepts connections) or keeps one open between requests
 //! (load scrapes, once a second per node), opening a new one when the
@@ -36,11 +36,32 @@ use tokio_rustls::{
 
 use crate::desired::policy::HttpOptions;
 
-/// An answer: its status and (decoded) body.
+/// An answer: its status and body (with the transfer and content codings
+/// but chunked still applied: see [`Answer::decoded`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
     pub status: u16,
     pub body: Vec<u8>,
+    /// The body is gzip-coded.
+    pub gzip: bool,
+}
+
+impl Answer {
+    /// The body, gzip decoded if it is coded; at most `max` bytes.
+    pub fn decoded(&self, max: usize) -> Result<Vec<u8>, String> {
+        if !self.gzip {
+            return Ok(self.body.clone());
+        }
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&self.body[..])
+            .take(max as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| format!("the gzip body does not decode: {e}"))?;
+        if out.len() > max {
+            return Err(format!("the body is larger than {max} bytes"));
+        }
+        Ok(out)
+    }
 }
 
 /// GETs from one backend endpoint.
@@ -200,12 +221,11 @@ impl HttpClient {
         if closes {
             self.conn = None;
         }
-        let body = if gzip {
-            gunzip(&body, max)?
-        } else {
-            body.to_vec()
-        };
-        Ok(Answer { status, body })
+        Ok(Answer {
+            status,
+            body: body.to_vec(),
+            gzip,
+        })
     }
 }
 
@@ -229,18 +249,6 @@ fn is_gzip(headers: &header::HeaderMap) -> bool {
             let c = c.trim();
             c.eq_ignore_ascii_case("gzip") || c.eq_ignore_ascii_case("x-gzip")
         })
-}
-
-fn gunzip(body: &[u8], max: usize) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    flate2::read::GzDecoder::new(body)
-        .take(max as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| format!("the gzip body does not decode: {e}"))?;
-    if out.len() > max {
-        return Err(format!("the body is larger than {max} bytes"));
-    }
-    Ok(out)
 }
 
 /// TLS client settings trusting `ca_file`'s certificates (or the

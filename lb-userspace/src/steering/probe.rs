@@ -111,7 +111,10 @@ impl Scraper {
                 t.path, a.status
             )));
         }
-        load_from_text(&a.body, Instant::now()).map_err(|e| match e {
+        let body = a
+            .decoded(MAX_SCRAPE)
+            .map_err(|e| ScrapeError::Fetch(format!("{}: {e}", t.path)))?;
+        load_from_text(&body, Instant::now()).map_err(|e| match e {
             ScrapeError::Invalid(m) => ScrapeError::Invalid(format!("{}: {m}", t.path)),
             ScrapeError::UnknownFormat(m) => ScrapeError::UnknownFormat(format!("{}: {m}", t.path)),
             other => other,

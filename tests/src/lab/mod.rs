@@ -531,13 +531,7 @@ impl Lab {
     pub fn set_backends(&self, weights: &[Option<u32>]) -> Result<()> {
         fs::write(
             &self.config_path,
-            config(
-                &self.dir,
-                BALANCER,
-                &self.backends,
-                weights,
-                &self.extra,
-            ),
+            config(&self.dir, BALANCER, &self.backends, weights, &self.extra),
         )?;
         self.reload()
     }

@@ -87,7 +87,9 @@ pub fn add_backends_while_scraping(lab: &Lab, n: usize) -> Result<ChangeFigures>
         std::thread::spawn(move || -> Result<Vec<(Instant, Instant, bool)>> {
             let file = std::fs::File::open(format!("/run/netns/{ns}"))?;
             // SAFETY: setns on this thread with a namespace fd we own.
-            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) } != 0 {
+            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) }
+                != 0
+            {
                 bail!("setns: {}", std::io::Error::last_os_error());
             }
             let mut scrapes = Vec::new();
@@ -116,7 +118,12 @@ pub fn add_backends_while_scraping(lab: &Lab, n: usize) -> Result<ChangeFigures>
     let started = Instant::now();
     let answer = api.request("POST", "/v1/vips", Some(body.as_bytes()))?;
     let answered = Instant::now();
-    ensure!(answer.status < 300, "adding the VIP: {} {}", answer.status, answer.error_message());
+    ensure!(
+        answer.status < 300,
+        "adding the VIP: {} {}",
+        answer.status,
+        answer.error_message()
+    );
 
     // Every new backend checked once (the checks start spread over 2 s).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -136,7 +143,9 @@ pub fn add_backends_while_scraping(lab: &Lab, n: usize) -> Result<ChangeFigures>
     let vip = format!("{VIP}:80/tcp");
     let backends_up = crate::prom::samples(&text)
         .iter()
-        .filter(|s| s.name == "lb_backend_up" && s.labels.get("vip") == Some(&vip) && s.value == 1.0)
+        .filter(|s| {
+            s.name == "lb_backend_up" && s.labels.get("vip") == Some(&vip) && s.value == 1.0
+        })
         .count();
     let ms = |(a, b): (Instant, Instant)| b.duration_since(a).as_secs_f64() * 1000.0;
     let during: Vec<f64> = scrapes
