@@ -633,3 +633,79 @@ fn the_balancer_exports_reloads_build_info_and_gzip_and_logs_json() {
         "the cause of a change is in its span: {log}"
     );
 }
+
+/// `metrics.backend_min_share`: a backend that carried less than that share
+/// of its VIP's packets has no per-backend series; the VIP's own series and
+/// the heavy backend's stay complete.
+#[test]
+fn backends_below_the_traffic_share_are_left_out_of_the_scrape() {
+    use lb::control::controller::{Scrape, Snapshot};
+    use lb_tests::{
+        SplitMix,
+        frames::{Flow, FrameSpec},
+        packet_lab::PacketLab,
+    };
+    const CONFIG: &str = r#"
+[balancer]
+source_v4 = "10.200.0.1"
+max_vips = 4
+max_backends = 8
+[metrics]
+backend_min_share = 0.5
+[[vip]]
+address = "203.0.113.10"
+port = 80
+protocol = "tcp"
+backends = [
+  { address = "10.200.0.11", weight = 1 },
+  { address = "10.200.0.12", weight = 1 },
+  { address = "10.200.0.13", weight = 8 },
+]
+"#;
+    lb_tests::pin_to_cpu(0);
+    let mut lab = PacketLab::new(CONFIG).unwrap();
+    let mut rng = SplitMix(5);
+    for _ in 0..300 {
+        let f = Flow {
+            src: IpAddr::from((0xc612_0000u32 | (rng.next_u32() & 0xffff)).to_be_bytes()),
+            dst: VIP_V4.into(),
+            sport: 1024 + rng.next_u16() % 60000,
+            dport: 80,
+            protocol: lb::desired::vip::Protocol::Tcp,
+        };
+        let frame = lab.frame(&f, FrameSpec::default());
+        lab.run(&frame).unwrap();
+    }
+    let config = lb::desired::config::parse(CONFIG, "t").unwrap();
+    let snapshot = Snapshot::read(&lab.dp, &config, Duration::ZERO);
+    let text = lb::control::metrics::render(
+        &Scrape::read(&lab.dp, snapshot).unwrap(),
+        &lb::control::api::request_counts(),
+    );
+    let vip = "203.0.113.10:80/tcp";
+    assert_eq!(
+        prom::value(&text, "lb_vip_packets_total", &[("vip", vip)]),
+        Some(300.0)
+    );
+    let with_backend: std::collections::BTreeSet<String> = prom::samples(&text)
+        .into_iter()
+        .filter_map(|s| s.labels.get("backend").cloned())
+        .collect();
+    let heavy = prom::value(
+        &text,
+        "lb_backend_packets_total",
+        &[("vip", vip), ("backend", "10.200.0.13")],
+    )
+    .unwrap();
+    println!("backends with series: {with_backend:?}; the heavy one forwarded {heavy} of 300");
+    assert_eq!(with_backend, ["10.200.0.13".to_string()].into());
+    assert!(heavy > 150.0);
+    assert_eq!(
+        prom::value(
+            &text,
+            "lb_backend_up",
+            &[("vip", vip), ("backend", "10.200.0.13")]
+        ),
+        Some(1.0)
+    );
+}

@@ -710,7 +710,10 @@ fn scrape_sizes(results: &mut BTreeMap<String, f64>) -> Result<()> {
         all.len() as f64 / traffic_only.len() as f64
     );
     results.insert("metrics.scrape_bytes.v100_b100".into(), all.len() as f64);
-    results.insert("metrics.scrape_gzip_bytes.v100_b100".into(), packed.len() as f64);
+    results.insert(
+        "metrics.scrape_gzip_bytes.v100_b100".into(),
+        packed.len() as f64,
+    );
     results.insert("metrics.scrape_gzip_cpu_ms.v100_b100".into(), gzip_cpu_ms);
     results.insert(
         "metrics.scrape_bytes.v100_b100_two_backend_families".into(),
