@@ -226,7 +226,7 @@ impl Families {
     }
 
     /// What every lb process exports: `lb_build_info` and `process_*`.
-    fn process(&mut self) {
+    fn build_and_process(&mut self) {
         self.gauges(
             "lb_build_info",
             "1, labelled with this build's version, git commit and the data plane's layout version.",
@@ -613,7 +613,7 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
     if let (Some(status), Some(settings)) = (&s.bgp, &s.snapshot.config.bgp) {
         bgp_families(&mut f, status, settings);
     }
-    f.process();
+    f.build_and_process();
     f.encode()
 }
 
@@ -640,13 +640,12 @@ fn reload_families(f: &mut Families, r: &reloads::ReloadStats) {
 }
 
 fn bgp_families(f: &mut Families, status: &BgpStatus, settings: &crate::host::bgp::BgpSettings) {
-    let empty = (Vec::new(), Default::default());
     let (sessions, announced) = match status {
         BgpStatus::Read {
             sessions,
             announced,
-        } => (sessions, announced),
-        BgpStatus::Unreachable(_) => (&empty.0, &empty.1),
+        } => (&sessions[..], Some(announced)),
+        BgpStatus::Unreachable(_) => (&[][..], None),
     };
     f.gauges(
         "lb_bgp_bird_up",
@@ -687,7 +686,7 @@ fn bgp_families(f: &mut Families, status: &BgpStatus, settings: &crate::host::bg
         "lb_bgp_announced",
         "1 for each VIP address BIRD announces (to every established session of its family).",
     );
-    for a in announced {
+    for a in announced.into_iter().flatten() {
         m.push(gauge(&[("address", &a.to_string())], 1.0));
     }
 }
@@ -853,7 +852,7 @@ pub fn render_decap(d: &DecapScrape) -> String {
         "Outer destination addresses decapsulated for (this host's addresses, or --address).",
     )
     .push(gauge(&[], d.addresses as f64));
-    f.process();
+    f.build_and_process();
     f.encode()
 }
 
