@@ -222,6 +222,37 @@ fn flows_survive_a_balancer_leaving_and_coming_back() {
         assert_eq!(addrs.len(), lb_common::DEFAULT_TABLE_SIZE as usize);
     }
 
+    // What BIRD says, on /metrics: the IPv4 session with the router is
+    // established (the router has the path) and exports the VIP address.
+    let text = lab.metrics(0).unwrap();
+    let samples = lb_tests::prom::samples(&text);
+    let v4 = |name: &str| {
+        samples
+            .iter()
+            .find(|s| s.name == name && s.labels.get("neighbor").is_some_and(|n| n.contains('.')))
+            .unwrap_or_else(|| panic!("no {name} for the IPv4 router:\n{text}"))
+            .value
+    };
+    println!(
+        "BIRD: up {:?}, IPv4 session up {}, routes exported {}",
+        lb_tests::prom::value(&text, "lb_bgp_bird_up", &[]),
+        v4("lb_bgp_session_up"),
+        v4("lb_bgp_routes_exported")
+    );
+    assert_eq!(
+        lb_tests::prom::value(&text, "lb_bgp_bird_up", &[]),
+        Some(1.0)
+    );
+    assert_eq!(v4("lb_bgp_session_up"), 1.0);
+    assert!(v4("lb_bgp_routes_exported") >= 1.0);
+    for vip in [IpAddr::from(VIP_V4), IpAddr::from(VIP_V6)] {
+        assert_eq!(
+            lb_tests::prom::value(&text, "lb_bgp_announced", &[("address", &vip.to_string())]),
+            Some(1.0),
+            "{vip}"
+        );
+    }
+
     // Traffic flows while lb1 leaves for good (SIGTERM, then `lbd
     // --cleanup`: its VIPs withdrawn, its data plane and connection table
     // gone) and comes back with an empty connection table: the flows ECMP

@@ -294,6 +294,24 @@ fn backend_rows(backends: &Value) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Why each backend that health checks hold down failed its last check,
+/// one line each (none when every backend is up).
+fn down_reasons(backends: &Value) -> String {
+    backends
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["health"] == "down")
+        .filter_map(|b| {
+            Some(format!(
+                "{} down: {}\n",
+                s(b, "address"),
+                b["last_error"].as_str()?
+            ))
+        })
+        .collect()
+}
+
 /// `up`, `down`, or `-` when not checked; with the transition count.
 fn health_text(b: &Value) -> String {
     if b["checked"] != Value::Bool(true) {
@@ -519,7 +537,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     if v["load_aware"] == Value::Bool(true) { "yes" } else { "no" },
                     flags.iter().map(|f| format!("{f}\n")).collect::<String>(),
                     table(&BACKEND_HEADER, backend_rows(&v["backends"]))
-                )
+                ) + &down_reasons(&v["backends"])
             });
         }
         Command::Vip(VipCommand::Add {

@@ -10,11 +10,12 @@ use lb::{
     control::{
         api,
         audit::AuditLog,
-        controller::{Controller, ControllerHandle},
+        controller::{Controller, ControllerError, ControllerHandle},
         metrics,
+        reloads::{self, ReloadOutcome},
     },
     dataplane::{AttachMode, Dataplane, Decapsulator, LoadOptions, pinning},
-    desired::config::{self, ConfigFile},
+    desired::config::{self, ConfigFile, LogFormat},
     host::{self, bgp, bird_guard, lock::InstanceLock},
 };
 use lb_common::DecapReason;
@@ -118,6 +119,34 @@ struct DecapArgs {
     /// XDP attach mode.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     xdp_mode: XdpModeArg,
+    /// Serve Prometheus metrics (GET /metrics) on this ADDRESS:PORT.
+    #[arg(long, default_value = DEFAULT_DECAP_METRICS)]
+    metrics_listen: std::net::SocketAddr,
+    /// Serve no metrics.
+    #[arg(long, conflicts_with = "metrics_listen")]
+    no_metrics: bool,
+    /// Log as text lines or one JSON object a line.
+    #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
+    log_format: LogFormatArg,
+}
+
+/// Where `lbd decap` serves `/metrics` by default: the balancer's default
+/// port (a backend host runs no balancer).
+const DEFAULT_DECAP_METRICS: &str = "127.0.0.1:9180";
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(f: LogFormatArg) -> LogFormat {
+        match f {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
 }
 
 /// native: driver mode (fast); skb: generic mode (any interface, slower);
@@ -139,26 +168,30 @@ impl From<XdpModeArg> for AttachMode {
     }
 }
 
-/// Logs to stderr: `RUST_LOG` if set, else `level` (the config's), else info.
-fn init_logging(level: Option<&str>) {
+/// Logs to stderr: `RUST_LOG` if set, else `level` (the config's), else
+/// info; as text lines or, with `[log] format = "json"`, one JSON object a
+/// line (`timestamp`, `level`, `target`, `fields` with the message, and
+/// `span`/`spans` with the cause of a change).
+fn init_logging(level: Option<&str>, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level.unwrap_or("info")))
         .unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(filter)
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Decap(args)) => {
-            init_logging(None);
+            init_logging(None, args.log_format.into());
             run_decap(args)
         }
         Some(Command::BirdGuard(args)) => {
-            init_logging(None);
+            init_logging(None, LogFormat::Text);
             runtime().and_then(|rt| {
                 rt.block_on(bird_guard::run(bird_guard::Guard {
                     lbd_lock: args.lock,
@@ -179,8 +212,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// Two worker threads: the controller runs on the main thread (`block_on`),
+/// so the API, `/metrics` and the health checks go on while it applies a
+/// large change.
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the runtime")
@@ -212,7 +249,7 @@ impl Signals {
 fn run_balancer(args: BalancerArgs) -> Result<()> {
     let dir = pinning::instance_dir(&args.instance);
     if args.cleanup {
-        init_logging(None);
+        init_logging(None, LogFormat::Text);
         // Removing the state of a running lbd would pull the data plane from
         // under it: hold the instance's lock for the clean-up.
         let _lock = InstanceLock::acquire(&args.instance)?;
@@ -250,7 +287,8 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
         bail!("--config FILE is required (see lbd --help)");
     };
     let (file, config) = ConfigFile::load(&path)?;
-    init_logging(config.log_level.as_deref());
+    init_logging(config.log_level.as_deref(), config.log_format);
+    reloads::loaded();
     if args.check {
         println!(
             "{}: ok ({} VIPs, {} backends)",
@@ -311,7 +349,7 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
         let metrics_server = match config.metrics.listen {
             Some(listen) => Some((
                 listen,
-                metrics::serve(listen, handle.clone())
+                metrics::serve(listen, handle.clone(), config.bgp.as_ref().map(|s| bgp::BirdPaths::new(&args.instance, s)))
                     .await
                     .with_context(|| format!("serving /metrics on {listen} (metrics.listen)"))?,
             )),
@@ -469,17 +507,28 @@ async fn reload_on_sighup(path: PathBuf, handle: ControllerHandle) {
         return;
     };
     while hup.recv().await.is_some() {
-        match ConfigFile::load(&path) {
+        let outcome = match ConfigFile::load(&path) {
             Ok((file, config)) => match handle.reload(file, config, "signal:SIGHUP").await {
-                Ok(()) => info!(config = %path.display(), "config reloaded and applied"),
+                Ok(()) => {
+                    info!(config = %path.display(), "config reloaded and applied");
+                    ReloadOutcome::Applied
+                }
                 Err(e) => {
-                    tracing::error!(config = %path.display(), error = %e, "applying the reloaded config failed")
+                    tracing::error!(config = %path.display(), error = %e, "applying the reloaded config failed");
+                    match e {
+                        ControllerError::Rejected(_) | ControllerError::Refused(_) => {
+                            ReloadOutcome::Rejected
+                        }
+                        _ => ReloadOutcome::Failed,
+                    }
                 }
             },
             Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "config not reloaded; nothing changed")
+                tracing::error!(error = %format!("{e:#}"), "config not reloaded; nothing changed");
+                ReloadOutcome::Rejected
             }
-        }
+        };
+        reloads::record(outcome);
     }
 }
 
@@ -498,9 +547,29 @@ fn run_decap(args: DecapArgs) -> Result<()> {
     runtime()?.block_on(async {
         let mut signals = Signals::install()?;
         let mut timer = tokio::time::interval(ADDRESS_REFRESH);
+        let (scrape_tx, mut scrapes) = tokio::sync::mpsc::channel::<metrics::DecapRequest>(16);
+        if !args.no_metrics {
+            let listen = args.metrics_listen;
+            let server = metrics::serve_decap(listen, scrape_tx)
+                .await
+                .with_context(|| format!("serving /metrics on {listen} (--metrics-listen)"))?;
+            info!(%listen, "serving /metrics");
+            tokio::spawn(async move {
+                if let Err(e) = server.await {
+                    tracing::error!(error = %e, "the metrics endpoint failed");
+                }
+            });
+        }
         loop {
             tokio::select! {
                 _ = signals.recv() => break,
+                Some(reply) = scrapes.recv() => {
+                    let scrape = decap.counters().map(|packets| metrics::DecapScrape {
+                        packets,
+                        addresses: current.len(),
+                    });
+                    let _ = reply.send(scrape.map_err(|e| format!("{e:#}")));
+                }
                 _ = timer.tick(), if !fixed => match host::addresses() {
                     Ok(now) if now != current => match decap.set_addresses(&now) {
                         Ok(()) => {

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     control::audit::AuditLog,
+    control::metrics::DurationHistogram,
     dataplane::{BackendState, Counters, Dataplane, DataplaneError, MapUsage},
     desired::change::{Change, ChangeError},
     desired::config::{self, Config, ConfigFile, SaveError},
@@ -35,6 +36,7 @@ use crate::{
     desired::policy::{HealthCheck, ScrapeTarget},
     desired::vip::{Scheduler, Vip, VipAddr},
     host::bgp::Announcement,
+    host::bgp_status::BgpStatus,
     steering::probe::{self, ScrapeError},
     steering::{BackendView, LoadReport, Plan, Steering, VipView},
 };
@@ -78,6 +80,8 @@ pub struct ProbeStats {
     /// `unknown_format`, `failed` (no answer), `unknown_backend`,
     /// `no_policy`, and `stale` (accepted, then too old before a newer one).
     pub reports: BTreeMap<(&'static str, &'static str), u64>,
+    /// How long the health checks of each VIP's backends took.
+    pub check_durations: BTreeMap<VipAddr, DurationHistogram>,
 }
 
 impl Snapshot {
@@ -130,6 +134,9 @@ pub struct Scrape {
     pub usage: MapUsage,
     /// How long reading the maps took.
     pub read_time: Duration,
+    /// BIRD's view of the announcements (with `[bgp]`; filled in by the
+    /// metrics endpoint, which asks BIRD itself).
+    pub bgp: Option<BgpStatus>,
 }
 
 impl Scrape {
@@ -142,6 +149,7 @@ impl Scrape {
             rebuilds: dp.rebuilds(),
             usage: dp.usage(),
             read_time: started.elapsed(),
+            bgp: None,
         })
     }
 }
@@ -161,11 +169,13 @@ enum Request {
         String,
         oneshot::Sender<Result<(), ControllerError>>,
     ),
-    /// A health check's result (for every VIP that checks `backend` so).
+    /// A health check's result (for every VIP that checks `backend` so),
+    /// and how long it took.
     Health {
         backend: IpAddr,
         check: Box<HealthCheck>,
         result: Result<(), String>,
+        took: Duration,
     },
     /// A load scrape's result.
     Scraped {
@@ -431,6 +441,8 @@ impl Controller {
                 }
             }
         }
+        let vips: HashSet<VipAddr> = self.config.vips.iter().map(|v| v.addr).collect();
+        self.stats.check_durations.retain(|v, _| vips.contains(v));
         let probes = &mut self.probes;
         probes.checks.retain(|k, h| {
             let keep = checks.contains(k);
@@ -556,7 +568,8 @@ impl Controller {
                 backend,
                 check,
                 result,
-            } => self.health_result(backend, &check, result),
+                took,
+            } => self.health_result(backend, &check, result, took),
             Request::Scraped { node, result } => self.scraped(node, *result),
             Request::Push(_, None, reply) => {
                 *self.stats.reports.entry(("push", "invalid")).or_default() += 1;
@@ -670,7 +683,13 @@ impl Controller {
         }
     }
 
-    fn health_result(&mut self, backend: IpAddr, check: &HealthCheck, result: Result<(), String>) {
+    fn health_result(
+        &mut self,
+        backend: IpAddr,
+        check: &HealthCheck,
+        result: Result<(), String>,
+        took: Duration,
+    ) {
         if result.is_ok() {
             self.stats.checks_ok += 1;
         } else {
@@ -691,6 +710,11 @@ impl Controller {
         let now = Instant::now();
         let mut changed = false;
         for v in &vips {
+            self.stats
+                .check_durations
+                .entry(v.addr)
+                .or_default()
+                .observe(took);
             let Some(up) = self.steering.health_result(v, backend, result.clone(), now) else {
                 continue;
             };
@@ -792,14 +816,17 @@ async fn health_task(tx: mpsc::Sender<Request>, backend: IpAddr, check: HealthCh
     tokio::time::sleep(spread(&(backend, &check), check.interval)).await;
     let mut tick = tokio::time::interval(check.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checker = probe::Checker::new(backend, &check);
     loop {
         tick.tick().await;
-        let result = probe::check(backend, &check).await;
+        let started = Instant::now();
+        let result = checker.run().await;
         let sent = tx
             .send(Request::Health {
                 backend,
                 check: Box::new(check.clone()),
                 result,
+                took: started.elapsed(),
             })
             .await;
         if sent.is_err() {
@@ -813,9 +840,10 @@ async fn scrape_task(tx: mpsc::Sender<Request>, node: IpAddr, target: ScrapeTarg
     tokio::time::sleep(spread(&node, target.interval)).await;
     let mut tick = tokio::time::interval(target.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut scraper = probe::Scraper::new(node, &target);
     loop {
         tick.tick().await;
-        let result = Box::new(probe::scrape(node, &target).await);
+        let result = Box::new(scraper.scrape().await);
         if tx.send(Request::Scraped { node, result }).await.is_err() {
             return;
         }

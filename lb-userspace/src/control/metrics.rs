@@ -28,17 +28,49 @@
 //!   `flows` capacity only, in slots: counting the entries in use would
 //!   mean reading the whole table).
 //! - `lb_exporter_read_seconds`: how long reading the maps took.
+//! - `lb_health_check_duration_seconds{vip}`: a histogram of how long health
+//!   checks took (per VIP, not per backend: see cardinality below).
+//! - `lb_config_reloads_total{outcome}`, `lb_config_last_reload_successful`,
+//!   `lb_config_last_reload_success_timestamp_seconds` ([`super::reloads`]).
+//! - With `[bgp]`, read from BIRD at each scrape ([`crate::host::bgp_status`]):
+//!   `lb_bgp_bird_up`, `lb_bgp_session_up{neighbor}`,
+//!   `lb_bgp_routes_exported{neighbor}`, `lb_bgp_announced{address}`.
+//! - `lb_build_info{version,commit,layout}` and the process's own
+//!   `process_*` (CPU, memory, file descriptors, threads, start time).
+//!
+//! Cardinality: the per-backend families ([`BACKEND_FAMILIES`]) are most of
+//! a scrape (about 15 series per VIP and backend). `metrics.backend_families`
+//! picks which of them are exported, and `metrics.backend_min_share` leaves
+//! out the series of backends that carried less than that share of their
+//! VIP's forwarded packets (since lbd started); the per-VIP families are
+//! always complete. `/metrics` is gzip-compressed when the scraper accepts
+//! it (Prometheus does).
 
 use std::{net::SocketAddr, time::Duration};
 
-use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
-use lb_common::{FlowEvent, Reason};
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use lb_common::{DecapReason, FlowEvent, Reason};
 use prometheus::{
     TextEncoder,
-    proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType},
+    core::Collector,
+    proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
 
-use crate::control::controller::{ControllerHandle, Scrape};
+use crate::{
+    control::controller::{ControllerError, ControllerHandle, Scrape},
+    control::reloads,
+    desired::config::MetricsSettings,
+    desired::vip::VipAddr,
+    host::bgp::BirdPaths,
+    host::bgp_status::{self, BgpStatus},
+};
+use tokio::sync::{mpsc, oneshot};
 
 /// Every family `/metrics` can export (a family without samples, such as
 /// the load gauges of a balancer without `[vip.load]`, is left out of a
@@ -75,7 +107,91 @@ pub const FAMILIES: &[&str] = &[
     "lb_map_capacity",
     "lb_map_entries",
     "lb_exporter_read_seconds",
+    "lb_health_check_duration_seconds",
+    "lb_config_reloads_total",
+    "lb_config_last_reload_successful",
+    "lb_config_last_reload_success_timestamp_seconds",
+    "lb_bgp_bird_up",
+    "lb_bgp_session_up",
+    "lb_bgp_routes_exported",
+    "lb_bgp_announced",
+    "lb_build_info",
 ];
+
+/// The families with a `backend` label: what `metrics.backend_families`
+/// chooses from (all of them by default).
+pub const BACKEND_FAMILIES: &[&str] = &[
+    "lb_backend_packets_total",
+    "lb_backend_bytes_total",
+    "lb_backend_flows_total",
+    "lb_backend_up",
+    "lb_backend_drained",
+    "lb_backend_weight",
+    "lb_backend_weight_in_effect",
+    "lb_backend_table_share_ratio",
+    "lb_backend_load_factor",
+    "lb_backend_least_load_score",
+    "lb_backend_load_pressure",
+    "lb_backend_health_transitions_total",
+    "lb_backend_load_queue",
+    "lb_backend_load_running",
+    "lb_backend_load_kv_cache_ratio",
+    "lb_backend_load_report_age_seconds",
+];
+
+/// Upper bounds (seconds) of `lb_health_check_duration_seconds`' buckets:
+/// from a local TCP connect to the longest timeout.
+pub const CHECK_DURATION_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
+];
+
+/// How long health checks took: a histogram with
+/// [`CHECK_DURATION_BUCKETS`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DurationHistogram {
+    /// Observations per bucket (not cumulative); the last one is +Inf.
+    buckets: [u64; CHECK_DURATION_BUCKETS.len() + 1],
+    sum: f64,
+}
+
+impl DurationHistogram {
+    pub fn observe(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = CHECK_DURATION_BUCKETS
+            .iter()
+            .position(|le| s <= *le)
+            .unwrap_or(CHECK_DURATION_BUCKETS.len());
+        self.buckets[i] += 1;
+        self.sum += s;
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    fn metric(&self, pairs: &[(&str, &str)]) -> Metric {
+        let mut h = Histogram::default();
+        let mut cumulative = 0;
+        let buckets = CHECK_DURATION_BUCKETS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(le, n)| {
+                cumulative += n;
+                let mut b = Bucket::default();
+                b.set_upper_bound(*le);
+                b.set_cumulative_count(cumulative);
+                b
+            })
+            .collect();
+        h.set_bucket(buckets);
+        h.set_sample_count(self.count());
+        h.set_sample_sum(self.sum);
+        let mut m = Metric::from_label(labels(pairs));
+        m.set_histogram(h);
+        m
+    }
+}
 
 /// Longest a scrape may take before it is answered with a 503.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -103,6 +219,28 @@ impl Families {
 
     fn gauges(&mut self, name: &str, help: &str) -> &mut Vec<Metric> {
         self.family(name, help, MetricType::GAUGE)
+    }
+
+    fn histograms(&mut self, name: &str, help: &str) -> &mut Vec<Metric> {
+        self.family(name, help, MetricType::HISTOGRAM)
+    }
+
+    /// What every lb process exports: `lb_build_info` and `process_*`.
+    fn build_and_process(&mut self) {
+        self.gauges(
+            "lb_build_info",
+            "1, labelled with this build's version, git commit and the data plane's layout version.",
+        )
+        .push(gauge(
+            &[
+                ("commit", BUILD_COMMIT),
+                ("layout", &lb_common::LAYOUT_VERSION.to_string()),
+                ("version", env!("CARGO_PKG_VERSION")),
+            ],
+            1.0,
+        ));
+        let collector = prometheus::process_collector::ProcessCollector::for_self();
+        self.0.extend(collector.collect());
     }
 
     fn encode(mut self) -> String {
@@ -144,11 +282,49 @@ fn gauge(pairs: &[(&str, &str)], value: f64) -> Metric {
     m
 }
 
+/// The git commit lbd was built from (`build.rs`; `unknown` outside git).
+pub const BUILD_COMMIT: &str = env!("LB_BUILD_COMMIT");
+
+/// Which per-backend series a scrape exports (`[metrics]`).
+struct BackendFilter<'a> {
+    settings: &'a MetricsSettings,
+    counters: &'a crate::dataplane::Counters,
+}
+
+impl BackendFilter<'_> {
+    /// Whether the per-backend family `name` is exported.
+    fn family(&self, name: &str) -> bool {
+        self.settings
+            .backend_families
+            .as_ref()
+            .is_none_or(|f| f.iter().any(|x| x == name))
+    }
+
+    /// Whether `backend` of `vip` carried enough of its VIP's packets.
+    fn backend(&self, vip: &VipAddr, backend: &std::net::IpAddr) -> bool {
+        let min = self.settings.backend_min_share;
+        if min <= 0.0 {
+            return true;
+        }
+        let total = self.counters.vips.get(vip).map_or(0, |t| t.packets);
+        let own = self
+            .counters
+            .backends
+            .get(&(*vip, *backend))
+            .map_or(0, |t| t.packets);
+        total > 0 && own as f64 >= min * total as f64
+    }
+}
+
 /// A scrape in the Prometheus text format; `api` are the API request
 /// counts by outcome.
 pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
     let mut f = Families::default();
     let c = &s.counters;
+    let keep = BackendFilter {
+        settings: &s.snapshot.config.metrics,
+        counters: c,
+    };
     let m = f.counters(
         "lb_packets_total",
         "Packets seen by the XDP balancer, by the reason for their verdict (forwarded, or why passed or dropped).",
@@ -185,28 +361,35 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
     let backends: Vec<([String; 2], _)> = c
         .backends
         .iter()
+        .filter(|((v, b), _)| keep.backend(v, b))
         .map(|((v, b), t)| ([b.to_string(), v.to_string()], t))
         .collect();
-    let m = f.counters(
-        "lb_backend_packets_total",
-        "Packets forwarded per VIP and backend.",
-    );
-    for ([backend, vip], t) in &backends {
-        m.push(counter(&[("backend", backend), ("vip", vip)], t.packets));
-    }
-    let m = f.counters(
-        "lb_backend_bytes_total",
-        "Bytes forwarded per VIP and backend, as received.",
-    );
-    for ([backend, vip], t) in &backends {
-        m.push(counter(&[("backend", backend), ("vip", vip)], t.bytes));
-    }
-    let m = f.counters(
-        "lb_backend_flows_total",
-        "New flows scheduled per VIP and backend.",
-    );
-    for ([backend, vip], t) in &backends {
-        m.push(counter(&[("backend", backend), ("vip", vip)], t.flows));
+    type TrafficValue = fn(&lb_common::TrafficCounters) -> u64;
+    let traffic: [(&str, &str, TrafficValue); 3] = [
+        (
+            "lb_backend_packets_total",
+            "Packets forwarded per VIP and backend.",
+            |t| t.packets,
+        ),
+        (
+            "lb_backend_bytes_total",
+            "Bytes forwarded per VIP and backend, as received.",
+            |t| t.bytes,
+        ),
+        (
+            "lb_backend_flows_total",
+            "New flows scheduled per VIP and backend.",
+            |t| t.flows,
+        ),
+    ];
+    for (name, help, value) in traffic {
+        if !keep.family(name) {
+            continue;
+        }
+        let m = f.counters(name, help);
+        for ([backend, vip], t) in &backends {
+            m.push(counter(&[("backend", backend), ("vip", vip)], value(t)));
+        }
     }
     let m = f.counters(
         "lb_maglev_rebuilds_total",
@@ -222,7 +405,7 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
         let states = s.snapshot.backends.get(&v.addr);
         let steer = s.snapshot.steering.get(&v.addr);
         let vip = v.addr.to_string();
-        for b in &v.backends {
+        for b in v.backends.iter().filter(|b| keep.backend(&v.addr, &b.addr)) {
             let state = states.and_then(|st| st.iter().find(|x| x.addr == b.addr));
             let view = steer.and_then(|x| x.backends.get(&b.addr));
             rows.push(Row {
@@ -242,6 +425,9 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
         steer: Option<&'a crate::steering::BackendView>,
     }
     let mut per_backend = |name: &str, help: &str, value: &dyn Fn(&Row) -> Option<f64>| {
+        if !keep.family(name) {
+            return;
+        }
         let m = f.gauges(name, help);
         for row in &rows {
             if let Some(x) = value(row) {
@@ -295,16 +481,18 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
         "Smoothed load pressure of the backend (1 = at its queue or KV-cache limit), for VIPs that follow load.",
         &|r| r.steer.and_then(|x| x.pressure),
     );
-    let m = f.counters(
-        "lb_backend_health_transitions_total",
-        "Times health checks took the backend down or brought it up, since lbd started.",
-    );
-    for r in &rows {
-        if let Some(h) = health(r) {
-            m.push(counter(
-                &[("backend", &r.backend), ("vip", &r.vip)],
-                h.transitions,
-            ));
+    if keep.family("lb_backend_health_transitions_total") {
+        let m = f.counters(
+            "lb_backend_health_transitions_total",
+            "Times health checks took the backend down or brought it up, since lbd started.",
+        );
+        for r in &rows {
+            if let Some(h) = health(r) {
+                m.push(counter(
+                    &[("backend", &r.backend), ("vip", &r.vip)],
+                    h.transitions,
+                ));
+            }
         }
     }
     // Per node: its latest load report (a node in several VIPs once).
@@ -339,6 +527,9 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
         ),
     ];
     for (name, help, value) in node_gauges {
+        if !keep.family(name) {
+            continue;
+        }
         let m = f.gauges(name, help);
         for (backend, l) in &nodes {
             if let Some(x) = value(l) {
@@ -380,6 +571,15 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
     for ((source, outcome), n) in &p.reports {
         m.push(counter(&[("outcome", outcome), ("source", source)], *n));
     }
+    let m = f.histograms(
+        "lb_health_check_duration_seconds",
+        "How long health checks of the VIP's backends took (failed ones included).",
+    );
+    for v in &s.snapshot.config.vips {
+        if let Some(h) = p.check_durations.get(&v.addr) {
+            m.push(h.metric(&[("vip", &v.addr.to_string())]));
+        }
+    }
 
     let m = f.counters(
         "lb_api_requests_total",
@@ -409,41 +609,283 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
         "Time this scrape took to read the data plane's maps.",
     )
     .push(gauge(&[], s.read_time.as_secs_f64()));
+    reload_families(&mut f, &reloads::stats());
+    if let (Some(status), Some(settings)) = (&s.bgp, &s.snapshot.config.bgp) {
+        bgp_families(&mut f, status, settings);
+    }
+    f.build_and_process();
     f.encode()
 }
 
-async fn metrics(State(handle): State<ControllerHandle>) -> impl IntoResponse {
-    let result = tokio::time::timeout(SCRAPE_TIMEOUT, handle.scrape()).await;
-    match result {
-        Ok(Ok(s)) => (
-            StatusCode::OK,
-            [("content-type", "text/plain; version=0.0.4")],
-            render(&s, &crate::control::api::request_counts()),
-        ),
-        Ok(Err(e)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [("content-type", "text/plain")],
-            format!("reading the counters failed: {e}\n"),
-        ),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [("content-type", "text/plain")],
-            format!("reading the counters took longer than {SCRAPE_TIMEOUT:?}\n"),
-        ),
+fn reload_families(f: &mut Families, r: &reloads::ReloadStats) {
+    let m = f.counters(
+        "lb_config_reloads_total",
+        "Config reloads (SIGHUP) by outcome: applied; rejected (the file has problems), failed (applying it failed); nothing changed unless applied.",
+    );
+    for (outcome, n) in r.counts {
+        m.push(counter(&[("outcome", outcome.name())], n));
+    }
+    f.gauges(
+        "lb_config_last_reload_successful",
+        "1 if the last config reload (or the start-up load) worked, 0 if it was rejected or failed.",
+    )
+    .push(gauge(&[], if r.last_ok { 1.0 } else { 0.0 }));
+    let m = f.gauges(
+        "lb_config_last_reload_success_timestamp_seconds",
+        "When the config was last loaded successfully (start-up or reload), seconds since the epoch.",
+    );
+    if let Some(t) = r.last_good {
+        m.push(gauge(&[], t));
     }
 }
 
+fn bgp_families(f: &mut Families, status: &BgpStatus, settings: &crate::host::bgp::BgpSettings) {
+    let (sessions, announced) = match status {
+        BgpStatus::Read {
+            sessions,
+            announced,
+        } => (&sessions[..], Some(announced)),
+        BgpStatus::Unreachable(_) => (&[][..], None),
+    };
+    f.gauges(
+        "lb_bgp_bird_up",
+        "1 if BIRD answered on its control socket during this scrape.",
+    )
+    .push(gauge(
+        &[],
+        if matches!(status, BgpStatus::Read { .. }) {
+            1.0
+        } else {
+            0.0
+        },
+    ));
+    // Every configured neighbour has a session sample (down while BIRD is
+    // unreachable), so an alert on 0 sees it.
+    let m = f.gauges(
+        "lb_bgp_session_up",
+        "1 while the BGP session with the neighbor is established (as BIRD reports it).",
+    );
+    for n in &settings.neighbors {
+        let up = sessions.iter().any(|x| x.neighbor == n.address && x.up());
+        m.push(gauge(
+            &[("neighbor", &n.address.to_string())],
+            if up { 1.0 } else { 0.0 },
+        ));
+    }
+    let m = f.gauges(
+        "lb_bgp_routes_exported",
+        "Routes (VIP addresses) BIRD exports to the neighbor.",
+    );
+    for x in sessions {
+        m.push(gauge(
+            &[("neighbor", &x.neighbor.to_string())],
+            x.exported as f64,
+        ));
+    }
+    let m = f.gauges(
+        "lb_bgp_announced",
+        "1 for each VIP address BIRD announces (to every established session of its family).",
+    );
+    for a in announced.into_iter().flatten() {
+        m.push(gauge(&[("address", &a.to_string())], 1.0));
+    }
+}
+
+/// What the balancer's endpoint reads from.
+#[derive(Clone)]
+struct Balancer {
+    handle: ControllerHandle,
+    /// BIRD's files, with `[bgp]`.
+    bird: Option<BirdPaths>,
+}
+
+async fn balancer_metrics(State(b): State<Balancer>, headers: HeaderMap) -> Response {
+    let read = async {
+        let mut s = b.handle.scrape().await?;
+        if let (Some(paths), Some(settings)) = (&b.bird, &s.snapshot.config.bgp) {
+            s.bgp = Some(bgp_status::read(paths, settings).await);
+        }
+        Ok::<_, ControllerError>(s)
+    };
+    match tokio::time::timeout(SCRAPE_TIMEOUT, read).await {
+        Ok(Ok(s)) => {
+            respond(&headers, move || {
+                render(&s, &crate::control::api::request_counts())
+            })
+            .await
+        }
+        Ok(Err(e)) => unavailable(format!("reading the counters failed: {e}\n")),
+        Err(_) => unavailable(format!(
+            "reading the counters took longer than {SCRAPE_TIMEOUT:?}\n"
+        )),
+    }
+}
+
+fn unavailable(message: String) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::CONTENT_TYPE, "text/plain")],
+        message,
+    )
+        .into_response()
+}
+
+/// Renders (and compresses, if the scraper accepts gzip) on a blocking
+/// thread: a large scrape takes tens of milliseconds of CPU, which would
+/// hold up the API, the health checks and the controller on lbd's runtime.
+async fn respond(
+    headers: &HeaderMap,
+    render: impl FnOnce() -> String + Send + 'static,
+) -> Response {
+    let gzip = accepts_gzip(headers);
+    let body = tokio::task::spawn_blocking(move || {
+        let text = render();
+        if gzip {
+            gzip_bytes(text.as_bytes())
+        } else {
+            text.into_bytes()
+        }
+    })
+    .await;
+    let Ok(body) = body else {
+        return unavailable("rendering the scrape failed\n".into());
+    };
+    let mut r = (
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "text/plain; version=0.0.4"),
+            (header::VARY, "accept-encoding"),
+        ],
+        body,
+    )
+        .into_response();
+    if gzip {
+        r.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    r
+}
+
+/// Whether `Accept-Encoding` allows gzip (`gzip` or `x-gzip` without
+/// `q=0`).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or("");
+            let q_zero = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f64>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            (name.eq_ignore_ascii_case("gzip") || name.eq_ignore_ascii_case("x-gzip")) && !q_zero
+        })
+}
+
+/// `data` gzip-compressed at the fastest level: the text is repetitive
+/// enough that the fast level already shrinks it more than tenfold, for a
+/// fraction of the CPU of the default level (`cargo xtask bench metrics`).
+pub fn gzip_bytes(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(
+        Vec::with_capacity(data.len() / 8),
+        flate2::Compression::fast(),
+    );
+    e.write_all(data).expect("writing to a Vec");
+    e.finish().expect("writing to a Vec")
+}
+
+async fn bind(
+    listen: SocketAddr,
+    app: Router,
+) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    Ok(async move { axum::serve(listener, app).await })
+}
+
 /// Binds `listen` (so a bad address fails at start-up) and returns the
-/// server future.
+/// server future of the balancer's `/metrics`; `bird`: BIRD's files, when
+/// `[bgp]` announces through it.
 pub async fn serve(
     listen: SocketAddr,
     handle: ControllerHandle,
+    bird: Option<BirdPaths>,
 ) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
     let app = Router::new()
-        .route("/metrics", get(metrics))
-        .with_state(handle);
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    Ok(async move { axum::serve(listener, app).await })
+        .route("/metrics", get(balancer_metrics))
+        .with_state(Balancer { handle, bird });
+    bind(listen, app).await
+}
+
+/// What `lbd decap` exports: its packet counters and the addresses it
+/// decapsulates for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DecapScrape {
+    /// Packets per [`DecapReason`], by reason index.
+    pub packets: [u64; lb_common::DECAP_REASON_COUNT as usize],
+    pub addresses: usize,
+}
+
+/// A scrape request to `lbd decap`'s main loop (which owns the
+/// decapsulator).
+pub type DecapRequest = oneshot::Sender<Result<DecapScrape, String>>;
+
+/// Families `lbd decap` exports (besides `lb_build_info` and `process_*`).
+pub const DECAP_FAMILIES: &[&str] = &["lb_decap_packets_total", "lb_decap_addresses"];
+
+/// `lbd decap`'s scrape in the Prometheus text format.
+pub fn render_decap(d: &DecapScrape) -> String {
+    let mut f = Families::default();
+    let m = f.counters(
+        "lb_decap_packets_total",
+        "Packets the decapsulator saw, by reason: decapsulated (passed on without the outer header); passed untouched: not_tunnel, not_local; dropped: malformed.",
+    );
+    for r in DecapReason::ALL {
+        m.push(counter(&[("reason", r.name())], d.packets[r as usize]));
+    }
+    f.gauges(
+        "lb_decap_addresses",
+        "Outer destination addresses decapsulated for (this host's addresses, or --address).",
+    )
+    .push(gauge(&[], d.addresses as f64));
+    f.build_and_process();
+    f.encode()
+}
+
+async fn decap_metrics(
+    State(tx): State<mpsc::Sender<DecapRequest>>,
+    headers: HeaderMap,
+) -> Response {
+    let read = async {
+        let (reply, rx) = oneshot::channel();
+        tx.send(reply)
+            .await
+            .map_err(|_| "lbd decap is stopping".to_string())?;
+        rx.await.map_err(|_| "lbd decap is stopping".to_string())?
+    };
+    match tokio::time::timeout(SCRAPE_TIMEOUT, read).await {
+        Ok(Ok(d)) => respond(&headers, move || render_decap(&d)).await,
+        Ok(Err(e)) => unavailable(format!("reading the counters failed: {e}\n")),
+        Err(_) => unavailable(format!(
+            "reading the counters took longer than {SCRAPE_TIMEOUT:?}\n"
+        )),
+    }
+}
+
+/// Binds `listen` and returns the server future of `lbd decap`'s
+/// `/metrics`; each scrape is a request on `tx`.
+pub async fn serve_decap(
+    listen: SocketAddr,
+    tx: mpsc::Sender<DecapRequest>,
+) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
+    let app = Router::new()
+        .route("/metrics", get(decap_metrics))
+        .with_state(tx);
+    bind(listen, app).await
 }
 
 #[cfg(test)]
@@ -461,6 +903,7 @@ mod tests {
         control::controller::{ProbeStats, Snapshot, SteeringView},
         dataplane::{BackendState, Counters, MapUsage},
         desired::config,
+        host::bgp_status::SessionStatus,
         steering::{LoadReport, LoadSource, Steering},
     };
 
@@ -480,6 +923,9 @@ mod tests {
             check = "tcp"
             [vip.load]
             metrics_port = 8000
+            [bgp]
+            local_as = 65001
+            neighbors = [ { address = "10.0.0.253", as = 65000 } ]
             "#,
             "t",
         )
@@ -534,6 +980,7 @@ mod tests {
             )]),
             probes: ProbeStats {
                 reports: BTreeMap::from([(("scrape", "accepted"), 1)]),
+                check_durations: BTreeMap::from([(v.addr, DurationHistogram::default())]),
                 ..Default::default()
             },
         };
@@ -543,14 +990,85 @@ mod tests {
             rebuilds: BTreeMap::from([(v.addr, 1)]),
             usage: MapUsage::default(),
             read_time: Duration::ZERO,
+            bgp: Some(BgpStatus::Read {
+                sessions: vec![SessionStatus {
+                    neighbor: "10.0.0.253".parse().unwrap(),
+                    state: "Established".into(),
+                    exported: 1,
+                }],
+                announced: [v.addr.addr].into(),
+            }),
         };
+        crate::control::reloads::loaded();
         let text = render(&scrape, &[("ok", 0)]);
         let exported: BTreeSet<&str> = text
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))
             .filter_map(|l| l.split_whitespace().next())
+            .filter(|name| name.starts_with("lb_"))
             .collect();
+        assert!(
+            text.contains("# TYPE process_cpu_seconds_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("lb_build_info{commit=\""), "{text}");
         assert_eq!(exported, FAMILIES.iter().copied().collect::<BTreeSet<_>>());
         assert_eq!(FAMILIES.len(), exported.len(), "no name twice");
+        let backend_families: BTreeSet<&str> = exported
+            .iter()
+            .copied()
+            .filter(|f| {
+                text.lines()
+                    .any(|l| l.starts_with(f) && l.contains("backend="))
+            })
+            .collect();
+        assert_eq!(
+            backend_families,
+            BACKEND_FAMILIES.iter().copied().collect::<BTreeSet<_>>(),
+            "BACKEND_FAMILIES are the families with a backend label"
+        );
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut h = DurationHistogram::default();
+        for ms in [0, 3, 3, 40, 2000, 90_000] {
+            h.observe(Duration::from_millis(ms));
+        }
+        let m = h.metric(&[("vip", "v")]);
+        let buckets: Vec<(f64, u64)> = m
+            .get_histogram()
+            .get_bucket()
+            .iter()
+            .map(|b| (b.upper_bound(), b.cumulative_count()))
+            .collect();
+        assert_eq!(buckets[0], (0.0005, 1));
+        assert_eq!(buckets[3], (0.005, 3));
+        assert_eq!(buckets[6], (0.05, 4));
+        assert_eq!(buckets[11], (2.5, 5));
+        assert_eq!(buckets[13], (60.0, 5), "90 s is only in +Inf");
+        assert_eq!(m.get_histogram().get_sample_count(), 6);
+    }
+
+    #[test]
+    fn gzip_is_used_only_when_accepted() {
+        let accepts = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT_ENCODING, v.parse().unwrap());
+            accepts_gzip(&h)
+        };
+        assert!(accepts("gzip"));
+        assert!(accepts("identity, GZIP;q=0.5"));
+        assert!(accepts("deflate, x-gzip"));
+        assert!(!accepts("gzip;q=0"));
+        assert!(!accepts("deflate, br"));
+        assert!(!accepts_gzip(&HeaderMap::new()));
+        let text = "lb_packets_total{reason=\"forwarded\"} 1\n".repeat(1000);
+        let packed = gzip_bytes(text.as_bytes());
+        assert!(packed.len() * 10 < text.len(), "{} bytes", packed.len());
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&packed[..]), &mut out)
+            .unwrap();
+        assert_eq!(out, text);
     }
 }

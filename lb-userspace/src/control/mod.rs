@@ -6,9 +6,11 @@
 //! - [`client`]: a client of the API (for `lbctl` and tests).
 //! - [`audit`]: the audit log of change requests.
 //! - [`metrics`]: `/metrics` in the Prometheus text format.
+//! - [`reloads`]: config reloads and their outcomes, for `/metrics`.
 
 pub mod api;
 pub mod audit;
 pub mod client;
 pub mod controller;
 pub mod metrics;
+pub mod reloads;

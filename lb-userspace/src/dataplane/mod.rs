@@ -282,6 +282,8 @@ pub struct Dataplane {
     /// A conversion of older state, finished once this program replaced
     /// the old one on the pinned link (see [`upgrade`]).
     upgrade: Option<upgrade::Upgrade>,
+    /// Marks the backends' next hops managed, once attached.
+    neighbours: Option<crate::host::neighbours::Neighbours>,
 }
 
 /// Turns on forwarding on `iface` for each family the balancer sends outer
@@ -566,6 +568,7 @@ impl Dataplane {
             nr_cpus,
             link: None,
             iface: None,
+            neighbours: None,
             ifindex: 0,
             nexthop_gen: 1,
             nexthop_cache: true,
@@ -819,6 +822,13 @@ impl Dataplane {
         }
         self.iface = Some(iface.to_string());
         self.ifindex = ifindex;
+        match crate::host::neighbours::Neighbours::start(iface, ifindex) {
+            Ok(n) => self.neighbours = Some(n),
+            Err(e) => tracing::error!(
+                iface, error = %format!("{e:#}"),
+                "cannot manage the neighbours towards backends: their packets count as fib_failed until the kernel resolves them otherwise"
+            ),
+        }
         self.write_config()?;
         let backends: Vec<IpAddr> = self
             .vips
@@ -890,15 +900,12 @@ impl Dataplane {
     }
 
     /// Keeps the neighbours towards `backends` resolved (see
-    /// [`crate::host::neighbours`]); failures are logged, not fatal: the affected
-    /// packets count as `fib_failed` until the entries resolve otherwise.
+    /// [`crate::host::neighbours`]: on a thread of its own, so this returns
+    /// at once); failures are logged, not fatal: the affected packets count
+    /// as `fib_failed` until the entries resolve otherwise.
     fn manage_neighbours(&self, backends: &[IpAddr]) {
-        let Some(iface) = &self.iface else { return };
-        if backends.is_empty() {
-            return;
-        }
-        for (addr, e) in crate::host::neighbours::manage(iface, backends) {
-            tracing::warn!(iface, %addr, error = %format!("{e:#}"), "cannot mark the neighbour towards a backend managed");
+        if let Some(n) = &self.neighbours {
+            n.manage(backends);
         }
     }
 

@@ -172,18 +172,36 @@ pub fn reload_problems(now: &Config, next: &Config) -> Vec<Problem> {
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9180";
 
 /// The Prometheus endpoint (`[metrics]`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MetricsSettings {
     /// Where `/metrics` is served; `None` when disabled.
     pub listen: Option<std::net::SocketAddr>,
+    /// The per-backend families exported (`None`: all of
+    /// [`crate::control::metrics::BACKEND_FAMILIES`]).
+    pub backend_families: Option<Vec<String>>,
+    /// Per-backend series only for backends that carried at least this
+    /// share (0..=1) of their VIP's forwarded packets; 0: every backend.
+    pub backend_min_share: f64,
 }
 
 impl Default for MetricsSettings {
     fn default() -> Self {
         MetricsSettings {
             listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+            backend_families: None,
+            backend_min_share: 0.0,
         }
     }
+}
+
+/// How `lbd` writes its log (`[log] format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
 }
 
 /// The control API (`[api]`). Paths left out get per-instance defaults
@@ -211,6 +229,8 @@ pub struct Config {
     /// `[log] level`: a `tracing` filter (`info`, `debug`,
     /// `lb=debug,info`, ...); `RUST_LOG` wins over it.
     pub log_level: Option<String>,
+    /// `[log] format`.
+    pub log_format: LogFormat,
     /// `[bgp]`: announce the VIPs through BIRD (off without the section).
     pub bgp: Option<BgpSettings>,
     pub vips: Vec<Vip>,
@@ -310,6 +330,7 @@ struct RawNeighbor {
 #[serde(deny_unknown_fields)]
 struct RawLog {
     level: Option<String>,
+    format: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -336,6 +357,8 @@ struct RawConntrack {
 struct RawMetrics {
     enabled: Option<bool>,
     listen: Option<String>,
+    backend_families: Option<Vec<String>>,
+    backend_min_share: Option<RawNumber>,
 }
 
 #[derive(Deserialize, Default)]
@@ -397,12 +420,23 @@ impl RawNumber {
     }
 }
 
+/// An HTTP status (`200`) or range (`"200-399"`).
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+enum RawStatus {
+    Code(i64),
+    Range(String),
+}
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawHealth {
     check: Option<String>,
     port: Option<i64>,
     path: Option<String>,
+    expect_status: Option<RawStatus>,
+    host: Option<String>,
+    ca_file: Option<String>,
     interval: Option<RawNumber>,
     timeout: Option<RawNumber>,
     rise: Option<i64>,
@@ -414,6 +448,9 @@ struct RawHealth {
 struct RawLoad {
     metrics_port: Option<i64>,
     metrics_path: Option<String>,
+    metrics_scheme: Option<String>,
+    metrics_host: Option<String>,
+    metrics_ca_file: Option<String>,
     scrape_interval: Option<RawNumber>,
     scrape_timeout: Option<RawNumber>,
     queue_limit: Option<RawNumber>,
@@ -650,6 +687,22 @@ fn health_table(h: &HealthConfig) -> toml_edit::InlineTable {
     if let Some(p) = &h.path {
         t.insert("path", p.as_str().into());
     }
+    if let Some(r) = h.expect_status {
+        t.insert(
+            "expect_status",
+            if r.lo == r.hi {
+                i64::from(r.lo).into()
+            } else {
+                r.to_string().into()
+            },
+        );
+    }
+    if let Some(x) = &h.host {
+        t.insert("host", x.as_str().into());
+    }
+    if let Some(x) = &h.ca_file {
+        t.insert("ca_file", x.display().to_string().into());
+    }
     if let Some(d) = h.interval {
         t.insert("interval", seconds_value(d));
     }
@@ -672,6 +725,15 @@ fn load_table(l: &LoadConfig) -> toml_edit::InlineTable {
     }
     if let Some(p) = &l.metrics_path {
         t.insert("metrics_path", p.as_str().into());
+    }
+    if let Some(tls) = l.metrics_tls {
+        t.insert("metrics_scheme", if tls { "https" } else { "http" }.into());
+    }
+    if let Some(x) = &l.metrics_host {
+        t.insert("metrics_host", x.as_str().into());
+    }
+    if let Some(x) = &l.metrics_ca_file {
+        t.insert("metrics_ca_file", x.display().to_string().into());
     }
     for (name, d) in [
         ("scrape_interval", l.scrape_interval),
@@ -955,6 +1017,51 @@ impl Validator {
         Some(p.clone())
     }
 
+    /// A `Host` header: a DNS name or IP address (IPv6 in brackets), with
+    /// an optional `:PORT`.
+    fn host_header(&mut self, field: &str, value: &Option<String>) -> Option<String> {
+        let h = value.as_ref()?;
+        let (name, port) = match h.rsplit_once(':') {
+            Some((n, p)) if !n.ends_with(':') && (n.starts_with('[') || !n.contains(':')) => {
+                (n, Some(p))
+            }
+            _ => (h.as_str(), None),
+        };
+        let name_ok = match name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+            Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => {
+                !name.is_empty()
+                    && name.len() <= 253
+                    && name.split('.').all(|label| {
+                        !label.is_empty()
+                            && label.len() <= 63
+                            && label
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    })
+            }
+        };
+        let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !name_ok || !port_ok {
+            self.problem(
+                field,
+                format!("{h:?} is not a host name or address with an optional :PORT (e.g. \"models.example.net\", \"10.0.0.11:8443\")"),
+            );
+            return None;
+        }
+        Some(h.clone())
+    }
+
+    /// An absolute file path (read when it is used).
+    fn file(&mut self, field: &str, value: &Option<String>) -> Option<PathBuf> {
+        let p = value.as_ref()?;
+        if !p.starts_with('/') {
+            self.problem(field, format!("{p:?} is not an absolute path"));
+            return None;
+        }
+        Some(PathBuf::from(p))
+    }
+
     fn port(&mut self, field: &str, value: Option<i64>) -> Option<u16> {
         value.map(|_| self.int(field, value, 0, (1, 65535)) as u16)
     }
@@ -970,10 +1077,22 @@ impl Validator {
         let count = |v: &mut Self, name: &str, value: Option<i64>| {
             value.map(|_| v.int(&join(path, name), value, 1, (1, 100)))
         };
+        let expect_status = raw.expect_status.as_ref().and_then(|r| {
+            let text = match r {
+                RawStatus::Code(c) => c.to_string(),
+                RawStatus::Range(t) => t.clone(),
+            };
+            text.parse()
+                .map_err(|e| self.problem(join(path, "expect_status"), e))
+                .ok()
+        });
         HealthConfig {
             check,
             port: self.port(&join(path, "port"), raw.port),
             path: self.url_path(&join(path, "path"), &raw.path),
+            expect_status,
+            host: self.host_header(&join(path, "host"), &raw.host),
+            ca_file: self.file(&join(path, "ca_file"), &raw.ca_file),
             interval: self.seconds(&join(path, "interval"), raw.interval, (0.1, 3600.0)),
             timeout: self.seconds(&join(path, "timeout"), raw.timeout, (0.05, 60.0)),
             rise: count(self, "rise", raw.rise),
@@ -982,9 +1101,23 @@ impl Validator {
     }
 
     fn load(&mut self, path: &str, raw: &RawLoad) -> LoadConfig {
+        let metrics_tls = raw.metrics_scheme.as_deref().and_then(|s| match s {
+            "http" => Some(false),
+            "https" => Some(true),
+            other => {
+                self.problem(
+                    join(path, "metrics_scheme"),
+                    format!("{other:?} is not \"http\" or \"https\""),
+                );
+                None
+            }
+        });
         LoadConfig {
             metrics_port: self.port(&join(path, "metrics_port"), raw.metrics_port),
             metrics_path: self.url_path(&join(path, "metrics_path"), &raw.metrics_path),
+            metrics_tls,
+            metrics_host: self.host_header(&join(path, "metrics_host"), &raw.metrics_host),
+            metrics_ca_file: self.file(&join(path, "metrics_ca_file"), &raw.metrics_ca_file),
             scrape_interval: self.seconds(
                 &join(path, "scrape_interval"),
                 raw.scrape_interval,
@@ -1067,12 +1200,50 @@ impl Validator {
                 }
             }
         };
+        let families = crate::control::metrics::BACKEND_FAMILIES;
+        let backend_families = raw.backend_families.as_ref().map(|names| {
+            for (i, name) in names.iter().enumerate() {
+                if !families.contains(&name.as_str()) {
+                    self.problem(
+                        format!("metrics.backend_families[{i}]"),
+                        format!(
+                            "{name:?} is not a per-backend family (one of {})",
+                            families.join(", ")
+                        ),
+                    );
+                }
+            }
+            names.clone()
+        });
+        let backend_min_share = self
+            .number(
+                "metrics.backend_min_share",
+                raw.backend_min_share,
+                (0.0, 1.0),
+            )
+            .unwrap_or(0.0);
         MetricsSettings {
             listen: if raw.enabled == Some(false) {
                 None
             } else {
                 listen
             },
+            backend_families,
+            backend_min_share,
+        }
+    }
+
+    fn log_format(&mut self, raw: &RawLog) -> LogFormat {
+        match raw.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                self.problem(
+                    "log.format",
+                    format!("{other:?} is not \"text\" or \"json\""),
+                );
+                LogFormat::Text
+            }
         }
     }
 
@@ -1151,6 +1322,7 @@ impl Validator {
         let metrics = self.metrics(&raw.metrics);
         let api = self.api(&raw.api);
         let log_level = raw.log.level.clone();
+        let log_format = self.log_format(&raw.log);
         if let Some(level) = &log_level
             && let Err(e) = tracing_subscriber::EnvFilter::try_new(level)
         {
@@ -1184,6 +1356,7 @@ impl Validator {
             metrics,
             api,
             log_level,
+            log_format,
             bgp,
             vips,
         };
@@ -2071,6 +2244,7 @@ mod tests {
             Some(ScrapeTarget {
                 port: 9001,
                 path: "/metrics".into(),
+                http: Default::default(),
                 interval: Duration::from_secs(1),
                 timeout: Duration::from_millis(800),
             })

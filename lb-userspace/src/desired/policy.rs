@@ -8,7 +8,7 @@
 //! writes what the operator wrote; [`HealthConfig::resolve`] and
 //! [`LoadConfig::resolve`] merge and fill in the defaults below.
 
-use std::{fmt, str::FromStr, time::Duration};
+use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
 
 /// Default interval between health checks of one backend.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
@@ -43,8 +43,10 @@ pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(10);
 pub enum CheckKind {
     /// A TCP connection to the port is accepted.
     Tcp,
-    /// `GET path` answers 2xx.
+    /// `GET path` answers with an expected status (2xx by default).
     Http,
+    /// The same over TLS, the backend's certificate verified.
+    Https,
 }
 
 impl fmt::Display for CheckKind {
@@ -52,6 +54,7 @@ impl fmt::Display for CheckKind {
         f.write_str(match self {
             CheckKind::Tcp => "tcp",
             CheckKind::Http => "http",
+            CheckKind::Https => "https",
         })
     }
 }
@@ -62,11 +65,76 @@ impl FromStr for CheckKind {
         match s {
             "tcp" => Ok(CheckKind::Tcp),
             "http" => Ok(CheckKind::Http),
+            "https" => Ok(CheckKind::Https),
             _ => Err(format!(
-                "unknown check {s:?} (expected \"tcp\" or \"http\")"
+                "unknown check {s:?} (expected \"tcp\", \"http\" or \"https\")"
             )),
         }
     }
+}
+
+/// HTTP status codes a health check accepts: `lo..=hi` (written `200`, or
+/// `"200-399"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StatusRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+/// What HTTP checks accept unless told otherwise: 2xx.
+pub const DEFAULT_EXPECT_STATUS: StatusRange = StatusRange { lo: 200, hi: 299 };
+
+impl StatusRange {
+    pub fn contains(&self, status: u16) -> bool {
+        (self.lo..=self.hi).contains(&status)
+    }
+}
+
+impl fmt::Display for StatusRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.lo == self.hi {
+            write!(f, "{}", self.lo)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+impl FromStr for StatusRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let code = |t: &str| {
+            t.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|c| (100..=599).contains(c))
+        };
+        let (lo, hi) = match s.split_once('-') {
+            Some((a, b)) => (code(a), code(b)),
+            None => (code(s), code(s)),
+        };
+        match (lo, hi) {
+            (Some(lo), Some(hi)) if lo <= hi => Ok(StatusRange { lo, hi }),
+            _ => Err(format!(
+                "{s:?} is not a status code or range of them (100..=599, e.g. 200 or \"200-399\")"
+            )),
+        }
+    }
+}
+
+/// How an HTTP probe (health check or load scrape) talks to a backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HttpOptions {
+    /// HTTPS: TLS, the backend's certificate verified against
+    /// `ca_file` (or the system's trust store) for `host`, or for the
+    /// backend's address without a `host`.
+    pub tls: bool,
+    /// The `Host` header (`NAME` or `NAME:PORT`); default the backend's
+    /// `ADDRESS:PORT`.
+    pub host: Option<String>,
+    /// A PEM file of the CA certificates the backends' certificates are
+    /// signed by; default the system's trust store.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A `health` table as written: every field optional.
@@ -75,6 +143,9 @@ pub struct HealthConfig {
     pub check: Option<CheckKind>,
     pub port: Option<u16>,
     pub path: Option<String>,
+    pub expect_status: Option<StatusRange>,
+    pub host: Option<String>,
+    pub ca_file: Option<PathBuf>,
     pub interval: Option<Duration>,
     pub timeout: Option<Duration>,
     pub rise: Option<u32>,
@@ -86,8 +157,12 @@ pub struct HealthConfig {
 pub struct HealthCheck {
     pub kind: CheckKind,
     pub port: u16,
-    /// HTTP only.
+    /// HTTP(S) only.
     pub path: String,
+    /// HTTP(S) only: the statuses that pass.
+    pub expect: StatusRange,
+    /// HTTP(S) only (`tls` follows the kind).
+    pub http: HttpOptions,
     pub interval: Duration,
     pub timeout: Duration,
     pub rise: u32,
@@ -106,6 +181,9 @@ impl HealthConfig {
             check: self.check.or(base.check),
             port: self.port.or(base.port),
             path: self.path.clone().or_else(|| base.path.clone()),
+            expect_status: self.expect_status.or(base.expect_status),
+            host: self.host.clone().or_else(|| base.host.clone()),
+            ca_file: self.ca_file.clone().or_else(|| base.ca_file.clone()),
             interval: self.interval.or(base.interval),
             timeout: self.timeout.or(base.timeout),
             rise: self.rise.or(base.rise),
@@ -139,13 +217,20 @@ impl HealthConfig {
                 ),
             ));
         }
+        let kind = self.check.unwrap_or(CheckKind::Tcp);
         Ok(HealthCheck {
-            kind: self.check.unwrap_or(CheckKind::Tcp),
+            kind,
             port,
             path: self
                 .path
                 .clone()
                 .unwrap_or_else(|| DEFAULT_HEALTH_PATH.into()),
+            expect: self.expect_status.unwrap_or(DEFAULT_EXPECT_STATUS),
+            http: HttpOptions {
+                tls: kind == CheckKind::Https,
+                host: self.host.clone(),
+                ca_file: self.ca_file.clone(),
+            },
             interval,
             timeout,
             rise: self.rise.unwrap_or(DEFAULT_RISE),
@@ -161,6 +246,10 @@ pub struct LoadConfig {
     /// scraping (reports are pushed to the API).
     pub metrics_port: Option<u16>,
     pub metrics_path: Option<String>,
+    /// `metrics_scheme = "https"`.
+    pub metrics_tls: Option<bool>,
+    pub metrics_host: Option<String>,
+    pub metrics_ca_file: Option<PathBuf>,
     pub scrape_interval: Option<Duration>,
     pub scrape_timeout: Option<Duration>,
     pub queue_limit: Option<f64>,
@@ -175,6 +264,7 @@ pub struct LoadConfig {
 pub struct ScrapeTarget {
     pub port: u16,
     pub path: String,
+    pub http: HttpOptions,
     pub interval: Duration,
     pub timeout: Duration,
 }
@@ -204,6 +294,15 @@ impl LoadConfig {
                 .metrics_path
                 .clone()
                 .or_else(|| base.metrics_path.clone()),
+            metrics_tls: self.metrics_tls.or(base.metrics_tls),
+            metrics_host: self
+                .metrics_host
+                .clone()
+                .or_else(|| base.metrics_host.clone()),
+            metrics_ca_file: self
+                .metrics_ca_file
+                .clone()
+                .or_else(|| base.metrics_ca_file.clone()),
             scrape_interval: self.scrape_interval.or(base.scrape_interval),
             scrape_timeout: self.scrape_timeout.or(base.scrape_timeout),
             queue_limit: self.queue_limit.or(base.queue_limit),
@@ -240,6 +339,11 @@ impl LoadConfig {
                         .metrics_path
                         .clone()
                         .unwrap_or_else(|| DEFAULT_METRICS_PATH.into()),
+                    http: HttpOptions {
+                        tls: self.metrics_tls.unwrap_or(false),
+                        host: self.metrics_host.clone(),
+                        ca_file: self.metrics_ca_file.clone(),
+                    },
                     interval,
                     timeout,
                 })
@@ -313,6 +417,8 @@ mod tests {
                 kind: CheckKind::Http,
                 port: 8001,
                 path: "/health".into(),
+                expect: DEFAULT_EXPECT_STATUS,
+                http: HttpOptions::default(),
                 interval: DEFAULT_HEALTH_INTERVAL,
                 timeout: DEFAULT_HEALTH_TIMEOUT,
                 rise: DEFAULT_RISE,
@@ -336,6 +442,17 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(bad.resolve(80).unwrap_err().0, "timeout");
+    }
+
+    #[test]
+    fn status_ranges_parse_and_bad_ones_are_named() {
+        assert_eq!("200".parse(), Ok(StatusRange { lo: 200, hi: 200 }));
+        assert_eq!("200-399".parse(), Ok(StatusRange { lo: 200, hi: 399 }));
+        assert!("200-399".parse::<StatusRange>().unwrap().contains(302));
+        for bad in ["", "abc", "99", "600", "300-200", "200-", "2xx"] {
+            assert!(bad.parse::<StatusRange>().is_err(), "{bad:?}");
+        }
+        assert_eq!(DEFAULT_EXPECT_STATUS.to_string(), "200-299");
     }
 
     #[test]

@@ -144,6 +144,16 @@ pub struct BirdPaths {
 }
 
 impl BirdPaths {
+    /// BIRD's files for `instance` with `settings` (`bird_dir`, or the
+    /// instance's default).
+    pub fn new(instance: &str, settings: &BgpSettings) -> BirdPaths {
+        BirdPaths {
+            dir: settings
+                .bird_dir
+                .clone()
+                .unwrap_or_else(|| default_bird_dir(instance)),
+        }
+    }
     pub fn config(&self) -> PathBuf {
         self.dir.join("bird.conf")
     }
@@ -376,13 +386,9 @@ pub struct Announcer {
 
 impl Announcer {
     pub fn new(instance: &str, settings: BgpSettings) -> Announcer {
-        let dir = settings
-            .bird_dir
-            .clone()
-            .unwrap_or_else(|| default_bird_dir(instance));
         Announcer {
             instance: instance.to_string(),
-            paths: BirdPaths { dir },
+            paths: BirdPaths::new(instance, &settings),
             settings,
             announced: None,
             accepted: None,

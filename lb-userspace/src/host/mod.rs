@@ -1,11 +1,12 @@
 //! The host `lbd` runs on: its addresses and tick rate; [`neighbours`]
 //! keeps the kernel's neighbour entries towards backends resolved; [`bgp`]
-//! announces the VIPs over BGP through BIRD 2, and [`bird_guard`] withdraws
-//! them when `lbd` dies; [`lock`] keeps one `lbd` per
-//! instance; [`checks`] refuses VIPs and backends that are this host's own
-//! addresses.
+//! announces the VIPs over BGP through BIRD 2, [`bgp_status`] reads BIRD's
+//! sessions and announcements back for `/metrics`, and [`bird_guard`]
+//! withdraws them when `lbd` dies; [`lock`] keeps one `lbd` per instance;
+//! [`checks`] refuses VIPs and backends that are this host's own addresses.
 
 pub mod bgp;
+pub mod bgp_status;
 pub mod bird_guard;
 pub mod checks;
 pub mod lock;

@@ -28,11 +28,13 @@
 //! a VIP is down the VIP's `on_all_down` policy decides: keep the last table
 //! or drop.
 //!
-//! Submodules: [`probe`] runs health checks and load scrapes (async I/O),
+//! Submodules: [`probe`] runs health checks and load scrapes (async I/O,
+//! HTTP through [`http`]),
 //! [`engines`] reads an inference server's load from its metrics page,
 //! [`promtext`] parses the Prometheus text format.
 
 pub mod engines;
+pub mod http;
 pub mod probe;
 pub mod promtext;
 

@@ -1,25 +1,25 @@
-//! Talking to backends: health checks (TCP connect, HTTP GET expecting 2xx)
-//! and load scrapes (GET of the node's Prometheus endpoint, parsed with
-//! [`crate::steering::promtext`], read with [`crate::steering::engines`]).
+//! Talking to backends: health checks (TCP connect; HTTP or HTTPS GET
+//! expecting a status in a range, 2xx by default) and load scrapes (GET of
+//! the node's Prometheus endpoint, parsed with [`crate::steering::promtext`],
+//! read with [`crate::steering::engines`]).
 //!
-//! HTTP is the smallest client that serves: HTTP/1.0 requests (so servers
-//! answer without chunking and close the connection; chunked answers are
-//! decoded anyway), one request per connection, the whole exchange bounded
-//! by the check's timeout and the answer by a size limit.
+//! HTTP goes through [`super::http`] (hyper): a health check opens a new
+//! connection each time (what it tests is that the backend accepts one);
+//! a scrape keeps its connection to the node between scrapes. Every
+//! exchange is bounded by the check's or scrape's timeout and the answer
+//! by a size limit.
 
 use std::{
     net::{IpAddr, SocketAddr},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
 
 use crate::{
     desired::policy::{CheckKind, HealthCheck, ScrapeTarget},
     steering::engines,
+    steering::http::HttpClient,
     steering::promtext,
     steering::{LoadReport, LoadSource},
 };
@@ -29,23 +29,96 @@ const MAX_HEALTH_ANSWER: usize = 64 << 10;
 /// Largest load scrape accepted.
 pub const MAX_SCRAPE: usize = 8 << 20;
 
-/// Runs one health check of `addr`.
-pub async fn check(addr: IpAddr, c: &HealthCheck) -> Result<(), String> {
-    let target = SocketAddr::new(addr, c.port);
-    match c.kind {
-        CheckKind::Tcp => tokio::time::timeout(c.timeout, TcpStream::connect(target))
-            .await
-            .map_err(|_| format!("tcp {target}: no connection within {:?}", c.timeout))?
-            .map(drop)
-            .map_err(|e| format!("tcp {target}: {e}")),
-        CheckKind::Http => {
-            let (status, _) = http_get(target, &c.path, c.timeout, MAX_HEALTH_ANSWER).await?;
-            if (200..300).contains(&status) {
-                Ok(())
-            } else {
-                Err(format!("http {target}{}: status {status}", c.path))
+/// One backend's health check, run again and again (the TLS settings are
+/// read once).
+pub struct Checker {
+    target: SocketAddr,
+    check: HealthCheck,
+    /// For HTTP(S) checks; `Err`: why none can be made (a bad CA file).
+    http: Option<Result<HttpClient, String>>,
+}
+
+impl Checker {
+    pub fn new(addr: IpAddr, check: &HealthCheck) -> Checker {
+        let target = SocketAddr::new(addr, check.port);
+        let http =
+            (check.kind != CheckKind::Tcp).then(|| HttpClient::new(target, &check.http, false));
+        Checker {
+            target,
+            check: check.clone(),
+            http,
+        }
+    }
+
+    /// Runs the check once.
+    pub async fn run(&mut self) -> Result<(), String> {
+        let (target, c) = (self.target, &self.check);
+        match &mut self.http {
+            None => tokio::time::timeout(c.timeout, TcpStream::connect(target))
+                .await
+                .map_err(|_| format!("tcp {target}: no connection within {:?}", c.timeout))?
+                .map(drop)
+                .map_err(|e| format!("tcp {target}: {e}")),
+            Some(Err(e)) => Err(format!("{} {target}{}: {e}", c.kind, c.path)),
+            Some(Ok(client)) => {
+                let a = client.get(&c.path, c.timeout, MAX_HEALTH_ANSWER).await?;
+                if c.expect.contains(a.status) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{} {target}{}: status {} (expected {})",
+                        c.kind, c.path, a.status, c.expect
+                    ))
+                }
             }
         }
+    }
+}
+
+/// Runs one health check of `addr`.
+pub async fn check(addr: IpAddr, c: &HealthCheck) -> Result<(), String> {
+    Checker::new(addr, c).run().await
+}
+
+/// Scrapes one node again and again over a kept-alive connection.
+pub struct Scraper {
+    target: ScrapeTarget,
+    client: Result<HttpClient, String>,
+}
+
+impl Scraper {
+    pub fn new(addr: IpAddr, target: &ScrapeTarget) -> Scraper {
+        Scraper {
+            client: HttpClient::new(SocketAddr::new(addr, target.port), &target.http, true),
+            target: target.clone(),
+        }
+    }
+
+    /// Scrapes the node's load once.
+    pub async fn scrape(&mut self) -> Result<LoadReport, ScrapeError> {
+        let t = &self.target;
+        let client = self
+            .client
+            .as_mut()
+            .map_err(|e| ScrapeError::Fetch(format!("{}: {e}", t.path)))?;
+        let a = client
+            .get(&t.path, t.timeout, MAX_SCRAPE)
+            .await
+            .map_err(ScrapeError::Fetch)?;
+        if a.status != 200 {
+            return Err(ScrapeError::Fetch(format!(
+                "{}: status {}",
+                t.path, a.status
+            )));
+        }
+        let body = a
+            .decoded(MAX_SCRAPE)
+            .map_err(|e| ScrapeError::Fetch(format!("{}: {e}", t.path)))?;
+        load_from_text(&body, Instant::now()).map_err(|e| match e {
+            ScrapeError::Invalid(m) => ScrapeError::Invalid(format!("{}: {m}", t.path)),
+            ScrapeError::UnknownFormat(m) => ScrapeError::UnknownFormat(format!("{}: {m}", t.path)),
+            other => other,
+        })
     }
 }
 
@@ -77,25 +150,9 @@ impl ScrapeError {
     }
 }
 
-/// Scrapes `addr`'s load from `t`.
+/// Scrapes `addr`'s load from `t` once (a connection of its own).
 pub async fn scrape(addr: IpAddr, t: &ScrapeTarget) -> Result<LoadReport, ScrapeError> {
-    let target = SocketAddr::new(addr, t.port);
-    let (status, body) = http_get(target, &t.path, t.timeout, MAX_SCRAPE)
-        .await
-        .map_err(ScrapeError::Fetch)?;
-    if status != 200 {
-        return Err(ScrapeError::Fetch(format!(
-            "http {target}{}: status {status}",
-            t.path
-        )));
-    }
-    load_from_text(&body, Instant::now()).map_err(|e| match e {
-        ScrapeError::Invalid(m) => ScrapeError::Invalid(format!("{target}{}: {m}", t.path)),
-        ScrapeError::UnknownFormat(m) => {
-            ScrapeError::UnknownFormat(format!("{target}{}: {m}", t.path))
-        }
-        other => other,
-    })
+    Scraper::new(addr, t).scrape().await
 }
 
 /// A load report from the text of a scrape.
@@ -125,165 +182,9 @@ pub fn load_from_text(body: &[u8], at: Instant) -> Result<LoadReport, ScrapeErro
     })
 }
 
-/// `GET path` from `target` with HTTP/1.0; returns the status and the
-/// body (at most `max` bytes), all within `timeout`.
-pub async fn http_get(
-    target: SocketAddr,
-    path: &str,
-    timeout: Duration,
-    max: usize,
-) -> Result<(u16, Vec<u8>), String> {
-    let exchange = async {
-        let mut conn = TcpStream::connect(target)
-            .await
-            .map_err(|e| format!("http {target}: {e}"))?;
-        let host = match target.ip() {
-            IpAddr::V4(a) => format!("{a}:{}", target.port()),
-            IpAddr::V6(a) => format!("[{a}]:{}", target.port()),
-        };
-        let request = format!(
-            "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: lbd/{}\r\nAccept: text/plain\r\nConnection: close\r\n\r\n",
-            env!("CARGO_PKG_VERSION")
-        );
-        conn.write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("http {target}: {e}"))?;
-        let mut answer = Vec::new();
-        let head_room = 16 << 10;
-        (&mut conn)
-            .take((max + head_room) as u64 + 1)
-            .read_to_end(&mut answer)
-            .await
-            .map_err(|e| format!("http {target}: {e}"))?;
-        parse_answer(&answer, max).map_err(|e| format!("http {target}{path}: {e}"))
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| format!("http {target}{path}: no answer within {timeout:?}"))?
-}
-
-/// Status and body of an HTTP/1.x answer read to its end.
-fn parse_answer(answer: &[u8], max: usize) -> Result<(u16, Vec<u8>), String> {
-    let end = answer
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("the answer has no complete header")?;
-    let head = std::str::from_utf8(&answer[..end]).map_err(|_| "the header is not text")?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or("");
-    let mut parts = status_line.splitn(3, ' ');
-    let (version, code) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("not an HTTP/1 answer: {status_line:?}"));
-    }
-    let status: u16 = code
-        .parse()
-        .ok()
-        .filter(|c| (100..600).contains(c))
-        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let mut chunked = false;
-    let mut length = None;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            return Err(format!("bad header line {line:?}"));
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked = value.eq_ignore_ascii_case("chunked");
-        } else if name.eq_ignore_ascii_case("content-length") {
-            length = Some(
-                value
-                    .parse::<usize>()
-                    .map_err(|_| format!("bad Content-Length {value:?}"))?,
-            );
-        }
-    }
-    let raw = &answer[end + 4..];
-    let body = if chunked {
-        dechunk(raw, max)?
-    } else {
-        let body = match length {
-            Some(n) if n > raw.len() => {
-                return Err(format!("the body ends after {} of {n} bytes", raw.len()));
-            }
-            Some(n) => &raw[..n],
-            None => raw,
-        };
-        body.to_vec()
-    };
-    if body.len() > max {
-        return Err(format!("the body is larger than {max} bytes"));
-    }
-    Ok((status, body))
-}
-
-/// Decodes a chunked body.
-fn dechunk(mut raw: &[u8], max: usize) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = raw
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("a chunk size line is cut off")?;
-        let line = std::str::from_utf8(&raw[..line_end]).map_err(|_| "bad chunk size")?;
-        let size_text = line.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
-        raw = &raw[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if size > max || out.len() + size > max {
-            return Err(format!("the body is larger than {max} bytes"));
-        }
-        if raw.len() < size + 2 {
-            return Err("a chunk is cut off".into());
-        }
-        out.extend_from_slice(&raw[..size]);
-        raw = &raw[size + 2..];
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn answers_parse_with_length_without_and_chunked() {
-        let a = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
-        assert_eq!(parse_answer(a, 100).unwrap(), (200, b"hello".to_vec()));
-        let a = b"HTTP/1.0 503 Service Unavailable\r\nServer: x\r\n\r\ndown";
-        assert_eq!(parse_answer(a, 100).unwrap(), (503, b"down".to_vec()));
-        let a = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n";
-        assert_eq!(parse_answer(a, 100).unwrap(), (200, b"abcde".to_vec()));
-    }
-
-    #[test]
-    fn bad_answers_are_errors() {
-        for (a, needle) in [
-            (
-                &b"HTTP/1.1 200 OK\r\nContent-Length: 5"[..],
-                "no complete header",
-            ),
-            (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP/1 answer"),
-            (b"HTTP/1.1 abc OK\r\n\r\n", "bad status line"),
-            (
-                b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort",
-                "ends after 5 of 9",
-            ),
-            (
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-                "bad chunk size",
-            ),
-            (
-                b"HTTP/1.1 200 OK\r\n\r\n0123456789abcdef",
-                "larger than 8 bytes",
-            ),
-        ] {
-            let e = parse_answer(a, 8).unwrap_err();
-            assert!(e.contains(needle), "{e}");
-        }
-    }
 
     #[test]
     fn a_vllm_scrape_is_a_report() {

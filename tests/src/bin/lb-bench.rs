@@ -660,6 +660,92 @@ fn metrics_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
     results.insert(format!("metrics.scrape_ms.v{v}_b{b}"), ms);
     results.insert(format!("metrics.scrape_cpu_ms.v{v}_b{b}"), cpu_ms);
     results.insert("metrics.scrape_ms.v1_b1".into(), base_ms);
+    scrape_sizes(results)?;
+    scrape_during_change(results)
+}
+
+/// Bytes of one scrape of 100 VIPs x 100 backends: every family (the
+/// baseline), gzip-compressed as lbd sends it to Prometheus, and with the
+/// cardinality settings cutting the per-backend families.
+fn scrape_sizes(results: &mut BTreeMap<String, f64>) -> Result<()> {
+    let toml = scale_config(100, 100);
+    let lab = PacketLab::new(&toml)?;
+    let config = lb::desired::config::parse(&toml, "bench config")?;
+    let text_with = |metrics: lb::desired::config::MetricsSettings| -> Result<String> {
+        let config = lb::desired::config::Config {
+            metrics,
+            ..config.clone()
+        };
+        let snapshot = Snapshot::read(&lab.dp, &config, std::time::Duration::ZERO);
+        Ok(lb::control::metrics::render(
+            &Scrape::read(&lab.dp, snapshot)?,
+            &lb::control::api::request_counts(),
+        ))
+    };
+    let all = text_with(config.metrics.clone())?;
+    let (t, c) = (Instant::now(), thread_cpu());
+    let packed = lb::control::metrics::gzip_bytes(all.as_bytes());
+    let (gzip_ms, gzip_cpu_ms) = (
+        t.elapsed().as_secs_f64() * 1000.0,
+        (thread_cpu() - c).as_secs_f64() * 1000.0,
+    );
+    let traffic_only = text_with(lb::desired::config::MetricsSettings {
+        backend_families: Some(vec![
+            "lb_backend_packets_total".into(),
+            "lb_backend_up".into(),
+        ]),
+        ..config.metrics.clone()
+    })?;
+    let kib = |n: usize| n as f64 / 1024.0;
+    println!("/metrics size, 100 VIPs x 100 backends");
+    println!(
+        "  every family (baseline): {:>8.0} KiB; gzip: {:>6.0} KiB ({:.1}x smaller, {gzip_ms:.1} ms, {gzip_cpu_ms:.1} ms CPU)",
+        kib(all.len()),
+        kib(packed.len()),
+        all.len() as f64 / packed.len() as f64
+    );
+    println!(
+        "  metrics.backend_families = [lb_backend_packets_total, lb_backend_up]: {:>6.0} KiB ({:.1}x smaller)",
+        kib(traffic_only.len()),
+        all.len() as f64 / traffic_only.len() as f64
+    );
+    results.insert("metrics.scrape_bytes.v100_b100".into(), all.len() as f64);
+    results.insert(
+        "metrics.scrape_gzip_bytes.v100_b100".into(),
+        packed.len() as f64,
+    );
+    results.insert("metrics.scrape_gzip_cpu_ms.v100_b100".into(), gzip_cpu_ms);
+    results.insert(
+        "metrics.scrape_bytes.v100_b100_two_backend_families".into(),
+        traffic_only.len() as f64,
+    );
+    Ok(())
+}
+
+/// The slowest `/metrics` scrape (through lbd's HTTP endpoint, in a loop)
+/// while one API change adds 1,000 backends with health checks; the
+/// baseline is the slowest scrape in the second before the change.
+fn scrape_during_change(results: &mut BTreeMap<String, f64>) -> Result<()> {
+    let lab = Lab::start(&LabSpec {
+        max_backends: 1100,
+        ..LabSpec::weights(&[1])
+    })?;
+    let f = lb_tests::lab::scale::add_backends_while_scraping(&lab, 1000)?;
+    println!("/metrics during a change of 1,000 backends (lab, HTTP health checks)");
+    println!("  {f}");
+    ensure!(
+        f.scrape_failures == 0 && f.checks_failed == 0,
+        "scrapes or health checks failed: {f}"
+    );
+    results.insert(
+        "metrics.scrape_ms_during_change.n1000".into(),
+        f.slowest_scrape_during_change_ms,
+    );
+    results.insert(
+        "metrics.scrape_ms_before_change.n1000".into(),
+        f.slowest_scrape_before_ms,
+    );
+    results.insert("metrics.change_ms.n1000".into(), f.change_ms);
     Ok(())
 }
 
@@ -761,6 +847,7 @@ fn load_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
     let target = ScrapeTarget {
         port: server.port(),
         path: "/metrics".into(),
+        http: Default::default(),
         interval: std::time::Duration::from_secs(1),
         timeout: std::time::Duration::from_secs(2),
     };
@@ -799,18 +886,20 @@ fn load_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
         for bytes in rt.block_on(async {
             let mut out = Vec::new();
             for _ in 0..VIPS * PER_VIP {
+                let mut client = lb::steering::http::HttpClient::new(
+                    (loopback, target.port).into(),
+                    &target.http,
+                    false,
+                )
+                .map_err(anyhow::Error::msg)?;
                 out.push(
-                    lb::steering::probe::http_get(
-                        (loopback, target.port).into(),
-                        "/metrics",
-                        target.timeout,
-                        lb::steering::probe::MAX_SCRAPE,
-                    )
-                    .await,
+                    client
+                        .get("/metrics", target.timeout, lb::steering::probe::MAX_SCRAPE)
+                        .await,
                 );
             }
-            out
-        }) {
+            anyhow::Ok(out)
+        })? {
             std::hint::black_box(bytes.map_err(anyhow::Error::msg)?);
         }
         fetch_only.push((thread_cpu() - c).as_secs_f64() * 1000.0);

@@ -206,7 +206,12 @@ impl EcmpLab {
         let weights: Vec<Option<u32>> = lab.backends.iter().map(|b| Some(b.weight)).collect();
         for i in 0..balancers {
             let b = &lab.balancers[i];
-            let mut text = config(&b.dir, (b.v4, b.v6), &lab.backends, &weights, vip_extra);
+            let extra = super::ConfigExtra {
+                vip: vip_extra.to_string(),
+                top: String::new(),
+                max_backends: 64,
+            };
+            let mut text = config(&b.dir, (b.v4, b.v6), &lab.backends, &weights, &extra);
             text += &format!(
                 "[bgp]\nlocal_as = {BALANCER_AS}\nhold_time = 3\ndead_after = {DEAD_AFTER_SECS}\nbird_dir = \"{}\"\nneighbors = [\n  {{ address = \"{ROUTER_V4}\", as = {ROUTER_AS} }},\n  {{ address = \"{ROUTER_V6}\", as = {ROUTER_AS} }},\n]\n",
                 b.bird_dir().display()
@@ -333,13 +338,12 @@ impl EcmpLab {
         let b = &self.balancers[i];
         let text = fs::read_to_string(b.config_path())?;
         let bgp = text.find("[bgp]").context("the lab config has [bgp]")?;
-        let new = config(
-            &b.dir,
-            (b.v4, b.v6),
-            &self.backends,
-            weights,
-            &self.vip_extra,
-        ) + &text[bgp..];
+        let extra = super::ConfigExtra {
+            vip: self.vip_extra.clone(),
+            top: String::new(),
+            max_backends: 64,
+        };
+        let new = config(&b.dir, (b.v4, b.v6), &self.backends, weights, &extra) + &text[bgp..];
         fs::write(b.config_path(), new)?;
         let needle = "config reloaded and applied";
         let before = b.lbd_log().matches(needle).count();

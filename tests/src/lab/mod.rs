@@ -18,6 +18,7 @@
 
 pub mod client;
 pub mod ecmp;
+pub mod scale;
 pub mod servers;
 pub mod traffic;
 
@@ -75,6 +76,11 @@ pub struct LabSpec {
     /// own program, no lbd until [`Lab::start_lbd`] (an upgrade). Its
     /// config takes the fixture's capacities.
     pub legacy: Option<u32>,
+    /// TOML written right after `[metrics] listen = ...` in lbd's config:
+    /// keys of `[metrics]` first, then any other tables (`[log]`, ...).
+    pub config_extra: String,
+    /// `balancer.max_backends` (64 by default).
+    pub max_backends: u32,
 }
 
 impl LabSpec {
@@ -87,6 +93,8 @@ impl LabSpec {
             vip_extra: String::new(),
             router_mtu: None,
             legacy: None,
+            config_extra: String::new(),
+            max_backends: 64,
         }
     }
 }
@@ -117,8 +125,8 @@ pub struct Lab {
     lbd_args: Vec<String>,
     /// lbd's `RUST_LOG`.
     lbd_log: &'static str,
-    /// See [`LabSpec::vip_extra`].
-    vip_extra: String,
+    /// What lbd's config is made of besides the backends.
+    extra: ConfigExtra,
     /// See [`LabSpec::legacy`].
     legacy: Option<u32>,
     /// lbd's pinned state: /sys/fs/bpf/<instance>.
@@ -365,18 +373,28 @@ fn start_backends(
 
 /// lbd's config for the lab: both VIPs, HTTP and echo, over the backends
 /// that have a weight (`None`: not in the config).
+/// The parts of lbd's config a [`LabSpec`] sets.
+#[derive(Clone)]
+struct ConfigExtra {
+    vip: String,
+    top: String,
+    max_backends: u32,
+}
+
 fn config(
     dir: &Path,
     (source_v4, source_v6): (Ipv4Addr, Ipv6Addr),
     backends: &[LabBackend],
     weights: &[Option<u32>],
-    vip_extra: &str,
+    extra: &ConfigExtra,
 ) -> String {
+    let vip_extra = &extra.vip;
     let mut c = format!(
-        "[balancer]\nsource_v4 = \"{source_v4}\"\nsource_v6 = \"{source_v6}\"\nmtu = 1600\nmax_vips = 8\nmax_backends = 64\n\n",
+        "[balancer]\nsource_v4 = \"{source_v4}\"\nsource_v6 = \"{source_v6}\"\nmtu = 1600\nmax_vips = 8\nmax_backends = {}\n\n",
+        extra.max_backends
     );
     c += "[conntrack]\nsize = 65536\n\n";
-    c += &format!("[metrics]\nlisten = \"{METRICS}\"\n\n");
+    c += &format!("[metrics]\nlisten = \"{METRICS}\"\n{}\n\n", extra.top);
     c += &format!(
         "[api]\nsocket = \"{}\"\naudit_log = \"{}\"\ntcp_listen = \"{API_TCP}\"\ntoken_file = \"{}\"\n\n",
         dir.join("api.sock").display(),
@@ -462,12 +480,17 @@ impl Lab {
         };
 
         let config_path = dir.join("lbd.toml");
+        let extra = ConfigExtra {
+            vip: spec.vip_extra.clone(),
+            top: spec.config_extra.clone(),
+            max_backends: spec.max_backends,
+        };
         let weights: Vec<Option<u32>> = backends.iter().map(|b| Some(b.weight)).collect();
         fs::write(dir.join("tokens"), format!("lab {API_TOKEN}\n"))?;
         fs::write(
             &config_path,
             with_capacities(
-                config(&dir, BALANCER, &backends, &weights, &spec.vip_extra),
+                config(&dir, BALANCER, &backends, &weights, &extra),
                 spec.legacy,
             ),
         )?;
@@ -512,7 +535,7 @@ impl Lab {
             lbd_bin: lbd,
             lbd_args,
             lbd_log: spec.log,
-            vip_extra: spec.vip_extra.clone(),
+            extra,
             legacy: spec.legacy,
             instance,
             config_path,
@@ -532,13 +555,7 @@ impl Lab {
     /// lbd's config with these backends (`None`: not in the config).
     pub fn config_text(&self, weights: &[Option<u32>]) -> String {
         with_capacities(
-            config(
-                &self.dir,
-                BALANCER,
-                &self.backends,
-                weights,
-                &self.vip_extra,
-            ),
+            config(&self.dir, BALANCER, &self.backends, weights, &self.extra),
             self.legacy,
         )
     }
@@ -586,8 +603,7 @@ impl Lab {
     /// `needle` than before.
     pub fn reload_until(&self, needle: &str) -> Result<()> {
         let before = self.log_count(needle);
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.lbd_pid() as i32, libc::SIGHUP) };
+        self.sighup();
         self.wait_for(
             |lab| lab.log_count(needle) > before,
             &format!("lbd to log {needle:?} after SIGHUP"),
@@ -682,6 +698,13 @@ impl Lab {
     /// lbd's pinned state directory.
     pub fn pin_dir(&self) -> PathBuf {
         pinning::instance_dir(&self.instance)
+    }
+
+    /// Sends lbd SIGHUP (a reload) and returns at once.
+    pub fn sighup(&self) {
+        let pid = self.lbd_pid() as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, libc::SIGHUP) };
     }
 
     fn log_count(&self, needle: &str) -> usize {
