@@ -14,7 +14,7 @@ use lb_common::{
     VipAddrKey, flow_hash64, maglev_position, source_hash, vip_filter_slot,
 };
 use lb_ebpf::{
-    csum::{fold, ipv4_header_csum},
+    csum::{self, fold, ipv4_header_csum},
     packet::{frame_len, ptr_at, ptr_at_mut, read_addr6, read_u32, write_addr6, write_u32},
     parse::{Icmp, PROTO_ICMP, PROTO_ICMPV6, Packet},
 };
@@ -79,26 +79,28 @@ pub fn handle(ctx: &XdpContext, i: &Icmp, cfg: &DataplaneConfig) -> Result<Reaso
     Err(Reason::NotTcpUdp)
 }
 
-/// RFC 1624 incremental update of a checksum (all values as stored: the
-/// bytes in wire order read as native words): `old` became `new`.
-#[inline(always)]
-fn csum_replace(check: u16, old: u16, new: u16) -> u16 {
-    !fold((!check) as u64 + (!old) as u64 + new as u64)
-}
-
 /// Sets the type of the ICMP header at `h` (type, code, checksum) and
-/// updates its checksum to match.
+/// updates its checksum to match (`v4`: ICMPv4, whose checksum covers no
+/// pseudo-header, so the data may be all zero; see `csum::replace_no_zero`).
+///
+/// The update carries a bad checksum over: a request that arrived corrupted
+/// gets a reply its sender drops.
 ///
 /// # Safety
 /// `h` points to 4 writable bytes of the packet.
 #[inline(always)]
-unsafe fn set_type(h: *mut [u8; 4], icmp_type: u8) {
+unsafe fn set_type(h: *mut [u8; 4], icmp_type: u8, v4: bool) {
     unsafe {
         let old = u16::from_ne_bytes([(*h)[0], (*h)[1]]);
         (*h)[0] = icmp_type;
         let new = u16::from_ne_bytes([(*h)[0], (*h)[1]]);
         let check = u16::from_ne_bytes([(*h)[2], (*h)[3]]);
-        let c = csum_replace(check, old, new).to_ne_bytes();
+        let c = if v4 {
+            csum::replace_no_zero(check, old, new)
+        } else {
+            csum::replace(check, old, new)
+        }
+        .to_ne_bytes();
         (*h)[2] = c[0];
         (*h)[3] = c[1];
     }
@@ -134,7 +136,7 @@ fn echo_reply(ctx: &XdpContext, i: &Icmp) -> Result<(), Reason> {
             (*ip).ttl = 64;
             (*ip).check = [0, 0];
             (*ip).check = ipv4_header_csum(ip as *const u16).to_ne_bytes();
-            set_type(h, ICMP_ECHO_REPLY);
+            set_type(h, ICMP_ECHO_REPLY, true);
         }
     } else {
         let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, l3).ok_or(Reason::Malformed)?;
@@ -144,7 +146,7 @@ fn echo_reply(ctx: &XdpContext, i: &Icmp) -> Result<(), Reason> {
             (*ip).src_addr = dst;
             (*ip).dst_addr = src;
             (*ip).hop_limit = 64;
-            set_type(h, ICMPV6_ECHO_REPLY);
+            set_type(h, ICMPV6_ECHO_REPLY, false);
         }
     }
     swap_macs(ctx)
