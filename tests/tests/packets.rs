@@ -649,3 +649,151 @@ fn counters_equal_the_packets_and_bytes_sent() {
     assert_eq!(c.reason(Reason::NotVip), 50);
     assert_eq!(c.packets_seen(), sent + 50);
 }
+
+/// `frame` with its TCP data offset (in 32-bit words) set to `words`.
+fn with_tcp_data_offset(frame: &[u8], words: u8) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let l4 = l2_len(frame)
+        + if frame[l2_len(frame)] >> 4 == 4 {
+            20
+        } else {
+            40
+        };
+    f[l4 + 12] = (words << 4) | (f[l4 + 12] & 0x0f);
+    f
+}
+
+/// `frame` with its UDP length field set to `len`.
+fn with_udp_length(frame: &[u8], len: u16) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let l4 = l2_len(frame)
+        + if frame[l2_len(frame)] >> 4 == 4 {
+            20
+        } else {
+            40
+        };
+    f[l4 + 4..l4 + 6].copy_from_slice(&len.to_be_bytes());
+    f
+}
+
+/// A TCP data offset below 5 or beyond the packet, a UDP length that is not
+/// the datagram's (0, shorter, longer): malformed, dropped, on the fast
+/// path (untagged IPv4) and the general one (VLAN, IPv6) alike. A TCP header
+/// with options and a UDP length that is exact are forwarded.
+#[test]
+fn invalid_tcp_and_udp_headers_are_dropped_as_malformed() {
+    let mut lab = lab();
+    let mut rng = SplitMix(11);
+    let payload = |vlan| FrameSpec {
+        vlan,
+        payload: vec![7; 12],
+        ..Default::default()
+    };
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut fine: Vec<(String, Flow, Vec<u8>)> = Vec::new();
+    for (v6, dst, tcp, udp) in [
+        (false, "203.0.113.10", 80, 53),
+        (true, "2001:db8:10::1", 443, 53),
+    ] {
+        for vlan in [None, Some(9)] {
+            let what = format!("{dst} vlan {vlan:?}");
+            let t = flow(&mut rng, v6, dst, tcp, Protocol::Tcp);
+            let tcp_frame = lab.frame(&t, payload(vlan));
+            for words in [0, 4] {
+                cases.push((
+                    format!("{what}: TCP data offset {words}"),
+                    with_tcp_data_offset(&tcp_frame, words),
+                ));
+            }
+            // 20 header bytes and 12 of payload: 9 words is one too many.
+            cases.push((
+                format!("{what}: TCP data offset beyond the packet"),
+                with_tcp_data_offset(&tcp_frame, 9),
+            ));
+            fine.push((
+                format!("{what}: TCP with 12 bytes of options"),
+                t,
+                with_tcp_data_offset(&tcp_frame, 8),
+            ));
+            let u = flow(&mut rng, v6, dst, udp, Protocol::Udp);
+            let udp_frame = lab.frame(&u, payload(vlan));
+            for len in [0, 7, 8, 10, 19, 21, 2000] {
+                cases.push((
+                    format!("{what}: UDP length {len} of 20"),
+                    with_udp_length(&udp_frame, len),
+                ));
+            }
+            fine.push((format!("{what}: UDP length 20"), u, udp_frame));
+        }
+    }
+    for (what, frame) in &cases {
+        let r = lab.run(frame).unwrap();
+        assert_eq!(r.action, xdp_action::XDP_DROP, "{what}");
+    }
+    let c = lab.dp.counters().unwrap();
+    println!(
+        "{} invalid TCP/UDP headers: {} malformed, {} forwarded",
+        cases.len(),
+        c.reason(Reason::Malformed),
+        c.reason(Reason::Forwarded)
+    );
+    assert_eq!(c.reason(Reason::Malformed), cases.len() as u64);
+    assert_eq!(c.packets_seen(), cases.len() as u64);
+    for (what, f, frame) in &fine {
+        println!("forwarded: {what}");
+        assert_forwarded(&mut lab, f, frame);
+    }
+}
+
+/// A packet the balancer calls malformed never reaches the connection
+/// table: a reset with a bad TCP header does not end its flow's entry, so
+/// after the VIP's table changed the flow still goes to its backend.
+#[test]
+fn a_malformed_reset_does_not_move_its_flow() {
+    let mut lab = lab();
+    let mut rng = SplitMix(12);
+    let flows: Vec<Flow> = (0..100)
+        .map(|_| flow(&mut rng, false, "203.0.113.10", 80, Protocol::Tcp))
+        .collect();
+    let first: Vec<IpAddr> = flows
+        .iter()
+        .map(|f| {
+            let frame = lab.frame(f, FrameSpec::default());
+            assert_forwarded(&mut lab, f, &frame)
+        })
+        .collect();
+    for f in &flows {
+        let mut rst = with_tcp_data_offset(&lab.frame(f, FrameSpec::default()), 4);
+        rst[14 + 20 + 13] = 0x04;
+        assert_eq!(lab.run(&rst).unwrap().action, xdp_action::XDP_DROP);
+    }
+    // A heavy fourth backend: Maglev now sends many of these flows elsewhere.
+    let heavy: IpAddr = "10.200.0.14".parse().unwrap();
+    lab.add_neighbour(heavy).unwrap();
+    let mut vip = lb::desired::config::parse(CONFIG, "t").unwrap().vips[0].clone();
+    vip.backends
+        .push(lb::desired::vip::Backend::new(heavy, 300));
+    lab.dp.set_vip(&vip).unwrap();
+    let moved_by_table = flows
+        .iter()
+        .zip(&first)
+        .filter(|(f, b)| lab.dp.backend_for(&f.key()) != Some(**b))
+        .count();
+    assert!(
+        moved_by_table > 20,
+        "the new table moves {moved_by_table} of 100"
+    );
+    let stayed = flows
+        .iter()
+        .zip(&first)
+        .filter(|(f, b)| {
+            let frame = lab.frame(f, FrameSpec::default());
+            lab.run(&frame)
+                .is_ok_and(|r| parse_encapsulated(&r.frame).is_ok_and(|e| e.outer.dst() == **b))
+        })
+        .count();
+    println!(
+        "{moved_by_table} of 100 flows would move with the new table; {stayed} kept their backend"
+    );
+    assert_eq!(stayed, 100);
+}
