@@ -7,7 +7,7 @@ use crate::REASON_COUNT;
 /// Version of the layout of the balancer's maps and the meaning of their
 /// fields. A restarted `lbd` adopts pinned maps only of the same version;
 /// bump it with any change to a type in this module or to a map's kind.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Creation flags of the VIP map: `BPF_F_NO_PREALLOC` (see [`VipInfo`]).
 pub const VIPS_MAP_FLAGS: u32 = 1;
@@ -275,13 +275,35 @@ pub struct Globals {
     /// Bitmap over `vip_filter_slot` of the VIP addresses: a clear bit
     /// means no VIP has an address that falls on it.
     pub vip_filter: [u64; VIP_FILTER_WORDS as usize],
+    /// The destination MACs of frames that are the balancer's, as
+    /// [`mac_word`]s: the interface's first, then `balancer.extra_macs`;
+    /// [`NO_MAC`] in unused entries (and in all of them before `lbd` knows
+    /// the interface). Frames for other MACs are not sent to a backend.
+    pub local_macs: [u64; LOCAL_MACS],
+}
+
+/// Most `balancer.extra_macs`.
+pub const MAX_EXTRA_MACS: usize = 4;
+/// Entries of [`Globals::local_macs`]: the interface's MAC and the extra ones.
+pub const LOCAL_MACS: usize = 1 + MAX_EXTRA_MACS;
+/// An unused [`Globals::local_macs`] entry: equal to no [`mac_word`].
+pub const NO_MAC: u64 = u64::MAX;
+
+/// A MAC address as the data plane compares it: bytes 0..4 and 4..6 of it
+/// read as native words (as they sit at the start of the frame), in one
+/// `u64` whose upper 16 bits are zero.
+#[inline(always)]
+pub const fn mac_word(mac: [u8; 6]) -> u64 {
+    u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]) as u64
+        | (u16::from_ne_bytes([mac[4], mac[5]]) as u64) << 32
 }
 
 impl Globals {
-    /// Zeroed: no VIPs, no settings.
-    pub const ZERO: Globals = Globals {
+    /// No VIPs, no settings, no MACs.
+    pub const EMPTY: Globals = Globals {
         config: DataplaneConfig::ZERO,
         vip_filter: [0; VIP_FILTER_WORDS as usize],
+        local_macs: [NO_MAC; LOCAL_MACS],
     };
 }
 
@@ -330,7 +352,12 @@ const _: () = assert!(size_of::<TrafficCounters>() == 24);
 /// event index is bounded with a mask.
 pub const FLOW_EVENT_SLOTS: usize = 8;
 const _: () = assert!(crate::FLOW_EVENT_COUNT as usize <= FLOW_EVENT_SLOTS);
-const _: () = assert!(REASON_COUNT.is_power_of_two());
+/// Slots for [`crate::Reason`]s in [`Stats`]: a power of two, so a reason
+/// index is bounded with a mask; room to spare, so a new reason does not
+/// change the layout.
+pub const REASON_SLOTS: usize = 32;
+const _: () = assert!(REASON_COUNT as usize <= REASON_SLOTS);
+const _: () = assert!(REASON_SLOTS.is_power_of_two());
 
 /// The data plane's packet and connection-table counters, one value per
 /// CPU (`LB_STATS`): a packet finds all of them with one map lookup.
@@ -338,11 +365,11 @@ const _: () = assert!(REASON_COUNT.is_power_of_two());
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Packets per [`crate::Reason`], by index.
-    pub reasons: [u64; REASON_COUNT as usize],
+    pub reasons: [u64; REASON_SLOTS],
     /// Connection-table events per [`crate::FlowEvent`], by index.
     pub flows: [u64; FLOW_EVENT_SLOTS],
 }
-const _: () = assert!(size_of::<Stats>() == 192);
+const _: () = assert!(size_of::<Stats>() == 320);
 
 /// Benchmark only: what the benchmark programs restore.
 ///

@@ -7,7 +7,7 @@ use lb::desired::vip::Protocol;
 use lb_common::{Reason, xdp_action};
 use lb_tests::{
     SplitMix,
-    frames::{Flow, FrameSpec, Outer, ip_packet, l2_len, parse_encapsulated},
+    frames::{self, CLIENT_MAC, Flow, FrameSpec, Outer, ip_packet, l2_len, parse_encapsulated},
     packet_lab::{LAB_V4, LAB_V6, PacketLab, backend_mac},
 };
 
@@ -796,4 +796,87 @@ fn a_malformed_reset_does_not_move_its_flow() {
         "{moved_by_table} of 100 flows would move with the new table; {stayed} kept their backend"
     );
     assert_eq!(stayed, 100);
+}
+
+/// Frames to a VIP address that are not addressed to the balancer's MAC (a
+/// switch flooded them, or they are broadcast or multicast) also reach the
+/// host they are for: they pass untouched (`not_our_mac`), never to a
+/// backend, whatever they carry. A MAC in `balancer.extra_macs` is ours.
+#[test]
+fn frames_not_addressed_to_the_balancer_pass_untouched() {
+    let mut lab = lab();
+    let mut rng = SplitMix(13);
+    let other: [u8; 6] = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
+    let broadcast = [0xff; 6];
+    let multicast = [0x01, 0x00, 0x5e, 0x00, 0x00, 0x01];
+    let to = |mac, f: &Flow, vlan| {
+        frames::build(
+            f,
+            &FrameSpec {
+                dst_mac: mac,
+                vlan,
+                payload: vec![3; 10],
+                ..Default::default()
+            },
+        )
+    };
+    let tcp = flow(&mut rng, false, "203.0.113.10", 80, Protocol::Tcp);
+    let udp6 = flow(&mut rng, true, "2001:db8:10::1", 53, Protocol::Udp);
+    let client: IpAddr = "198.18.0.1".parse().unwrap();
+    let vip: IpAddr = "203.0.113.10".parse().unwrap();
+    let mut fragment = to(other, &tcp, None);
+    fragment[14 + 6] = 0x20;
+    let quoted = ip_packet(&frames::build(
+        &Flow {
+            src: vip,
+            dst: client,
+            sport: 80,
+            dport: tcp.sport,
+            protocol: Protocol::Tcp,
+        },
+        &FrameSpec::default(),
+    ))
+    .to_vec();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("TCP, another host's MAC", to(other, &tcp, None)),
+        ("TCP, tagged, multicast", to(multicast, &tcp, Some(5))),
+        ("IPv6 UDP, broadcast", to(broadcast, &udp6, None)),
+        ("a fragment, another host's MAC", fragment),
+        (
+            "ICMP echo request, broadcast",
+            frames::icmp_echo(client, vip, CLIENT_MAC, broadcast, 64, 1, 1, b"x", false),
+        ),
+        (
+            "ICMP too big, another host's MAC",
+            frames::icmp_too_big(client, vip, CLIENT_MAC, other, 64, 1400, &quoted),
+        ),
+    ];
+    for (what, frame) in &cases {
+        let r = lab.run(frame).unwrap();
+        assert_eq!(r.action, xdp_action::XDP_PASS, "{what}");
+        assert_eq!(&r.frame, frame, "{what}: untouched");
+    }
+    let c = lab.dp.counters().unwrap();
+    println!(
+        "{} frames for other MACs: {} not_our_mac, {} transmitted",
+        cases.len(),
+        c.reason(Reason::NotOurMac),
+        c.reason(Reason::Forwarded)
+            + c.reason(Reason::IcmpEchoReply)
+            + c.reason(Reason::IcmpForwarded)
+    );
+    assert_eq!(c.reason(Reason::NotOurMac), cases.len() as u64);
+    assert_eq!(c.packets_seen(), cases.len() as u64);
+    // Not to a VIP address: that verdict comes first.
+    let other_addr = flow(&mut rng, false, "198.51.100.1", 80, Protocol::Tcp);
+    assert_eq!(
+        lab.run(&to(other, &other_addr, None)).unwrap().action,
+        xdp_action::XDP_PASS
+    );
+    assert_eq!(lab.dp.counters().unwrap().reason(Reason::NotVip), 1);
+    // A MAC listed in balancer.extra_macs is the balancer's.
+    let mut settings = lb::desired::config::parse(CONFIG, "t").unwrap().balancer;
+    settings.extra_macs = vec![other];
+    lab.dp.set_settings(&settings).unwrap();
+    assert_forwarded(&mut lab, &tcp, &to(other, &tcp, None));
 }

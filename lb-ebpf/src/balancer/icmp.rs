@@ -54,6 +54,7 @@ pub fn handle(ctx: &XdpContext, i: &Icmp, cfg: &DataplaneConfig) -> Result<Reaso
     if !vip_filter_has(word, bit) {
         return Err(Reason::NotTcpUdp);
     }
+    crate::addressed_to_us(ctx)?;
     let v6 = i.family == FAMILY_V6;
     let echo = if v6 {
         i.kind == ICMPV6_ECHO_REQUEST

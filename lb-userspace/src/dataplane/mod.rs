@@ -29,9 +29,9 @@ use aya::{
 use lb_common::{
     BackendInfo, CONFIG_ATTACHED_SKB, CONFIG_FRAGMENTS_PASS, CONFIG_ICMP_ECHO,
     CONFIG_NO_NEXTHOP_CACHE, CONFIG_TOO_BIG_ICMP, DataplaneConfig, FLOW_WAYS, GLOBALS_SECTION,
-    Globals, LAYOUT_VERSION, MaglevChunk, Stats, TrafficCounters, VipAddrKey, VipInfo, VipKey,
-    addr_words, chunks_per_table, flow_sets, idle_jiffies, map_name, program_name, renew_after,
-    syn_slots,
+    Globals, LAYOUT_VERSION, LOCAL_MACS, MaglevChunk, NO_MAC, Stats, TrafficCounters, VipAddrKey,
+    VipInfo, VipKey, addr_words, chunks_per_table, flow_sets, idle_jiffies, mac_word, map_name,
+    program_name, renew_after, syn_slots,
 };
 
 pub use bench::{BenchMaps, BenchTarget};
@@ -134,6 +134,8 @@ pub enum DataplaneError {
     UnknownBackend { vip: VipAddr, backend: IpAddr },
     #[error("{count} addresses to decapsulate; the limit is {max}")]
     TooManyAddresses { count: usize, max: u32 },
+    #[error(transparent)]
+    Interface(#[from] crate::host::interface::InterfaceError),
     #[error("enabling forwarding on {iface} ({path})")]
     Forwarding {
         iface: String,
@@ -271,6 +273,9 @@ pub struct Dataplane {
     hz: u32,
     /// What `maps.globals` holds.
     globals: Box<Globals>,
+    /// The MAC of the interface the frames arrive on (see
+    /// [`Dataplane::set_local_mac`]).
+    local_mac: Option<[u8; 6]>,
 }
 
 /// Turns on forwarding on `iface` for each family the balancer sends outer
@@ -507,7 +512,8 @@ impl Dataplane {
             nexthop_gen: 1,
             nexthop_cache: true,
             hz,
-            globals: Box::new(Globals::ZERO),
+            globals: Box::new(Globals::EMPTY),
+            local_mac: None,
             pin_dir: pin_dir.map(Path::to_path_buf),
             pinned_link: None,
             adopted: adopt,
@@ -643,7 +649,22 @@ impl Dataplane {
             .set(0, cfg, 0)
             .map_err(map_err(map_name::CONFIG))?;
         self.globals.config = cfg;
+        let macs = self.local_mac.iter().chain(&s.extra_macs);
+        self.globals.local_macs = [NO_MAC; LOCAL_MACS];
+        for (slot, mac) in self.globals.local_macs.iter_mut().zip(macs) {
+            *slot = mac_word(*mac);
+        }
         self.write_globals()
+    }
+
+    /// Takes `mac` as the MAC of the interface the frames arrive on: the
+    /// data plane acts only on frames addressed to it (or to
+    /// `balancer.extra_macs`) and passes the others (`not_our_mac`).
+    /// [`Dataplane::attach`] sets it from the interface; before that no
+    /// frame is the balancer's.
+    pub fn set_local_mac(&mut self, mac: [u8; 6]) -> Result<(), DataplaneError> {
+        self.local_mac = Some(mac);
+        self.write_config()
     }
 
     /// Writes the data path's copy of the settings and the VIP filter.
@@ -678,6 +699,9 @@ impl Dataplane {
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, DataplaneError> {
         let ifindex = interface_index(iface)?;
         enable_forwarding(iface, &self.settings)?;
+        // Before the program runs (or replaces the running one): until it
+        // knows the interface's MAC it treats every frame as another's.
+        self.set_local_mac(crate::host::interface::mac(iface)?)?;
         let link_pin = self.pin_dir.as_ref().map(|d| d.join(pinning::LINK_PIN));
         let prog = xdp_program(&mut self.ebpf, program_name::BALANCER)?;
         let used = match &link_pin {

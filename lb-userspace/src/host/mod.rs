@@ -1,8 +1,10 @@
-//! The host `lbd` runs on: its addresses and tick rate; [`neighbours`]
+//! The host `lbd` runs on: its addresses and tick rate; [`interface`] is
+//! what `lbd` reads and sets on the attached interface; [`neighbours`]
 //! keeps the kernel's neighbour entries towards backends resolved; [`bgp`]
 //! announces the VIPs over BGP through BIRD 2.
 
 pub mod bgp;
+pub mod interface;
 pub mod neighbours;
 
 use std::net::IpAddr;
