@@ -28,6 +28,16 @@ pub fn fold(mut sum: u64) -> u16 {
 /// `hdr` is even and 20 readable bytes follow it.
 #[inline(always)]
 pub unsafe fn ipv4_header_csum(hdr: *const u16) -> u16 {
+    !unsafe { ipv4_header_sum(hdr) }
+}
+
+/// The folded ones' complement sum of a 20-byte IPv4 header as it is, its
+/// `check` field included: 0xffff if the header's checksum verifies.
+///
+/// # Safety
+/// As for [`ipv4_header_csum`].
+#[inline(always)]
+pub unsafe fn ipv4_header_sum(hdr: *const u16) -> u16 {
     let mut sum: u32 = 0;
     // Unrolled: a fixed ten words, no loop for the verifier to bound.
     unsafe {
@@ -42,7 +52,7 @@ pub unsafe fn ipv4_header_csum(hdr: *const u16) -> u16 {
         sum += *hdr.add(8) as u32;
         sum += *hdr.add(9) as u32;
     }
-    !fold(sum as u64)
+    fold(sum as u64)
 }
 
 /// Checksum of the outer IPv4 header the balancer writes (version 4, IHL 5,

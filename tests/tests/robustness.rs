@@ -692,3 +692,68 @@ fn checksums_from_scratch_are_right_where_they_come_out_0x0000() {
         assert!(frames::icmp_checksum_ok(&out), "{vip}: the answer verifies");
     }
 }
+
+/// `frame` (IPv4) with its header checksum broken.
+fn with_bad_ipv4_checksum(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[14 + 10] ^= 0x5a;
+    f
+}
+
+/// The balancer answers (echo replies, "too big") only packets a host
+/// would accept: an IPv4 header whose checksum fails gets no answer (it is
+/// dropped as malformed), and a reply never sets the reserved flag bit a
+/// request had.
+#[test]
+fn the_balancer_answers_only_ipv4_headers_that_verify() {
+    let mut lab = lab();
+    let request = echo_request(&lab, CLIENT4, VIP4, 7, 1, b"ping");
+    run(
+        &mut lab,
+        &with_bad_ipv4_checksum(&request),
+        Reason::Malformed,
+    );
+    // The reserved ("evil") bit, with the checksum corrected.
+    let mut evil = request.clone();
+    evil[14 + 6] |= 0x80;
+    evil[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let c = !frames::ones_sum(&evil[14..34]);
+    evil[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    let out = run(&mut lab, &evil, Reason::IcmpEchoReply);
+    assert_eq!(
+        out,
+        echo_reply_frame(&lab, &request, CLIENT4, VIP4, 7, 1, b"ping"),
+        "the reply of the same request without the reserved bit"
+    );
+    assert_eq!(out[14 + 6] & 0x80, 0, "reserved bit clear");
+    // Too big to encapsulate: answered only if the header verifies, options
+    // or not.
+    let f = Flow {
+        src: ip(CLIENT4),
+        dst: ip(VIP4),
+        sport: 40050,
+        dport: 80,
+        protocol: Protocol::Tcp,
+    };
+    for options in [vec![], vec![1, 1, 1, 0, 0x94, 4, 0, 0]] {
+        let too_big = lab.frame(
+            &f,
+            FrameSpec {
+                ipv4_options: options.clone(),
+                payload: vec![0x5a; 1461 - options.len()],
+                ..Default::default()
+            },
+        );
+        run(
+            &mut lab,
+            &with_bad_ipv4_checksum(&too_big),
+            Reason::Malformed,
+        );
+        let out = run(&mut lab, &too_big, Reason::TooBigIcmpSent);
+        assert!(frames::icmp_checksum_ok(&out));
+        println!(
+            "too big with {} bytes of options: answered only with a good header checksum",
+            options.len()
+        );
+    }
+}

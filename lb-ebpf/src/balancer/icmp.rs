@@ -119,7 +119,17 @@ fn swap_macs(ctx: &XdpContext) -> Result<(), Reason> {
     Ok(())
 }
 
+/// IPv4's reserved flag bit (RFC 791: zero when sent), as it sits in the
+/// first byte of the flags field.
+const IPV4_RESERVED_FLAG: u8 = 0x80;
+
 /// Turns an echo request into its reply, in place.
+///
+/// The balancer answers as a host would: an IPv4 request whose header
+/// checksum does not verify is dropped as malformed (a host or router
+/// drops it too; the reply's header is written anew and would hide the
+/// corruption). The reply keeps the request's identification, DF and TOS,
+/// and sends the reserved flag bit as zero.
 #[inline(always)]
 fn echo_reply(ctx: &XdpContext, i: &Icmp) -> Result<(), Reason> {
     let l3 = i.l2_len;
@@ -131,10 +141,14 @@ fn echo_reply(ctx: &XdpContext, i: &Icmp) -> Result<(), Reason> {
             if (*ip).vihl != 0x45 {
                 return Err(Reason::NotTcpUdp);
             }
+            if csum::ipv4_header_sum(ip as *const u16) != 0xffff {
+                return Err(Reason::Malformed);
+            }
             let (src, dst) = ((*ip).src_addr, (*ip).dst_addr);
             (*ip).src_addr = dst;
             (*ip).dst_addr = src;
             (*ip).ttl = 64;
+            (*ip).frags[0] &= !IPV4_RESERVED_FLAG;
             (*ip).check = [0, 0];
             (*ip).check = ipv4_header_csum(ip as *const u16).to_ne_bytes();
             set_type(h, ICMP_ECHO_REPLY, true);
@@ -303,6 +317,10 @@ pub fn send_too_big(ctx: &XdpContext, pkt: &Packet, mtu: u32, frame: usize) -> R
     if pkt.ip_len < TOO_BIG_QUOTE {
         return Err(Reason::TooBig);
     }
+    // As for echo requests: no answer to a packet whose header is corrupt.
+    if !v6 && !ipv4_header_verifies(ctx, l2)? {
+        return Err(Reason::Malformed);
+    }
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(head as i32)) } != 0 {
         return Err(Reason::TooBig);
     }
@@ -395,6 +413,24 @@ pub fn send_too_big(ctx: &XdpContext, pkt: &Packet, mtu: u32, frame: usize) -> R
         }
     }
     Ok(())
+}
+
+/// Whether the IPv4 header (any length) at `l3`, 14 or 18, of a packet of
+/// at least 60 bytes has a checksum that verifies.
+#[inline(always)]
+fn ipv4_header_verifies(ctx: &XdpContext, l3: usize) -> Result<bool, Reason> {
+    // The verifier needs the offset bounded.
+    let l3 = if l3 == EthHdr::LEN {
+        EthHdr::LEN
+    } else {
+        EthHdr::LEN + 4
+    };
+    let h: *const [u8; 60] = ptr_at(ctx, l3).ok_or(Reason::Malformed)?;
+    // IHL in bytes: a multiple of 4, at most 60 (the mask says so).
+    let len = (unsafe { (*h)[0] } as u32 & 0x0f) << 2;
+    // SAFETY: `len` readable bytes at `h` (checked above).
+    let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, h as *mut u32, len, 0) };
+    Ok(fold(sum as u32 as u64) == 0xffff)
 }
 
 /// Whether a fragment to `dst` goes to a VIP address.
