@@ -691,17 +691,29 @@ impl Dataplane {
     }
 
     /// Attaches the balancer to `iface`; returns the mode in effect.
-    /// Enables forwarding on `iface` first (see [`enable_forwarding`]).
+    /// Prepares the host first: forwarding on `iface` (see
+    /// [`enable_forwarding`]), no transit routing on it, VLAN tags kept in
+    /// the frames XDP sees, and the interface's MAC for the program (see
+    /// [`crate::host::interface`]).
     ///
     /// Pinned: a pinned link (from a previous `lbd`) gets this process's
     /// program in one atomic replace, keeping its mode; there is no moment
     /// without a program. Otherwise the new link is pinned.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, DataplaneError> {
+        use crate::host::interface;
         let ifindex = interface_index(iface)?;
         enable_forwarding(iface, &self.settings)?;
+        interface::refuse_transit(iface)?;
+        for offload in interface::keep_vlan_tags(iface)? {
+            tracing::info!(
+                iface,
+                offload,
+                "turned off (it would hide VLAN tags from XDP)"
+            );
+        }
         // Before the program runs (or replaces the running one): until it
         // knows the interface's MAC it treats every frame as another's.
-        self.set_local_mac(crate::host::interface::mac(iface)?)?;
+        self.set_local_mac(interface::mac(iface)?)?;
         let link_pin = self.pin_dir.as_ref().map(|d| d.join(pinning::LINK_PIN));
         let prog = xdp_program(&mut self.ebpf, program_name::BALANCER)?;
         let used = match &link_pin {
@@ -761,13 +773,18 @@ impl Dataplane {
     }
 
     /// Detaches the balancer (also happens when an unpinned `Dataplane` is
-    /// dropped). A pinned balancer is removed with [`pinning::cleanup`].
+    /// dropped) and lets the host route what arrives on the interface again
+    /// (see [`crate::host::interface`]). A pinned balancer is removed with
+    /// [`pinning::cleanup`].
     pub fn detach(&mut self) -> Result<(), DataplaneError> {
         let name = program_name::BALANCER;
         if let Some(link) = self.link.take() {
             xdp_program(&mut self.ebpf, name)?
                 .detach(link)
                 .map_err(|source| DataplaneError::Program { name, source })?;
+            if let Some(iface) = &self.iface {
+                crate::host::interface::allow_transit(iface)?;
+            }
         }
         Ok(())
     }

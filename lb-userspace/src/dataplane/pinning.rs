@@ -276,19 +276,46 @@ fn read_config(dir: &Path) -> Result<DataplaneConfig, aya::maps::MapError> {
 }
 
 /// Removes instance directory `dir` and everything pinned in it; the XDP
-/// program detaches once no process holds its link. Returns what it removed.
+/// program detaches once no process holds its link. Then lets the host
+/// route what arrives on the interface it was attached to again (see
+/// [`crate::host::interface`]; a failure there is logged). Returns what it
+/// removed.
 pub fn cleanup(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     if !dir.exists() {
         return Ok(removed);
     }
+    let iface = read_config(dir)
+        .ok()
+        .and_then(|c| interface_name(c.ifindex));
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
         fs::remove_file(&path)?;
         removed.push(path);
     }
     fs::remove_dir(dir)?;
+    if let Some(iface) = iface
+        && let Err(e) = crate::host::interface::allow_transit(&iface)
+    {
+        tracing::warn!(iface, error = %format!("{e:#}"), "cannot remove the no-transit rule");
+    }
     Ok(removed)
+}
+
+/// The name of interface `index` (`None` for 0 or an interface that is gone).
+fn interface_name(index: u32) -> Option<String> {
+    if index == 0 {
+        return None;
+    }
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: a buffer of IF_NAMESIZE bytes, as if_indextoname needs.
+    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 impl Dataplane {
