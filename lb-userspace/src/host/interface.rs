@@ -27,7 +27,9 @@
 //!
 //! Like `host::neighbours`, this uses the `ip` and `ethtool` commands.
 
-use std::{fmt::Write, process::Command};
+use std::fmt::Write;
+
+use super::{CommandError, ip_json as json, run};
 
 /// Why something about the interface could not be read or changed.
 #[derive(Debug, thiserror::Error)]
@@ -40,14 +42,8 @@ pub enum InterfaceError {
     },
     #[error("{iface} is not an Ethernet interface (hardware type {kind})")]
     NoMac { iface: String, kind: u16 },
-    #[error("running `{command}` (is it installed?)")]
-    Spawn {
-        command: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("`{command}` failed: {stderr}")]
-    Failed { command: String, stderr: String },
+    #[error(transparent)]
+    Command(#[from] CommandError),
     #[error(
         "{iface} strips VLAN tags before XDP sees them ({feature} is on and its driver cannot turn it off): \
          the balancer would send tagged traffic out untagged; use another NIC"
@@ -63,28 +59,9 @@ pub enum InterfaceError {
     },
 }
 
-/// Runs `program args`, returning its stdout; `ok_stderr`: a failure whose
-/// message contains it counts as success (an idempotent change already
-/// made).
-fn run(program: &str, args: &[&str], ok_stderr: Option<&str>) -> Result<String, InterfaceError> {
-    let command = format!("{program} {}", args.join(" "));
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|source| InterfaceError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    if !out.status.success() && !ok_stderr.is_some_and(|ok| stderr.contains(ok)) {
-        return Err(InterfaceError::Failed { command, stderr });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Priority of the no-transit rule (after the local table's 0, before the
 /// main table's 32766).
-pub const TRANSIT_RULE_PRIORITY: &str = "1000";
+const TRANSIT_RULE_PRIORITY: &str = "1000";
 
 /// The `ip rule` arguments of the no-transit rule of `iface`.
 fn transit_rule<'a>(family: &'a str, verb: &'a str, iface: &'a str) -> [&'a str; 8] {
@@ -147,7 +124,7 @@ struct Port {
 
 impl Port {
     /// Runs `ethtool args` on the port's namespace.
-    fn ethtool(&self, args: &[&str]) -> Result<String, InterfaceError> {
+    fn ethtool(&self, args: &[&str]) -> Result<String, CommandError> {
         match &self.netns {
             None => run("ethtool", args, None),
             Some(ns) => run(
@@ -228,14 +205,6 @@ struct Link {
 struct NetnsId {
     nsid: i32,
     name: Option<String>,
-}
-
-fn json<T: for<'de> serde::Deserialize<'de>>(args: &[&str]) -> Result<T, InterfaceError> {
-    let text = run("ip", args, None)?;
-    serde_json::from_str(&text).map_err(|e| InterfaceError::Failed {
-        command: format!("ip {}", args.join(" ")),
-        stderr: format!("printed JSON lbd cannot read: {e}"),
-    })
 }
 
 /// What is at the far end of `iface`: `None` if it is no veth; `Some(None)`

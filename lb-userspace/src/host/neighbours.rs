@@ -11,53 +11,17 @@
 //!
 //! This uses the `ip` command (iproute2) rather than a netlink library.
 
-use std::{net::IpAddr, process::Command};
+use std::net::IpAddr;
 
 use serde::Deserialize;
 
-/// Why a neighbour could not be managed.
-#[derive(Debug, thiserror::Error)]
-pub enum NeighbourError {
-    #[error("running `ip {args}`")]
-    Spawn {
-        args: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("`ip {args}` failed: {stderr}")]
-    Failed { args: String, stderr: String },
-    #[error("`ip {args}` printed JSON lbd cannot read")]
-    Json {
-        args: String,
-        #[source]
-        source: serde_json::Error,
-    },
-}
+use super::{CommandError, ip_json as json, run};
+
+/// Why a neighbour could not be managed: the `ip` command failed.
+pub type NeighbourError = CommandError;
 
 fn ip(args: &[&str]) -> Result<String, NeighbourError> {
-    let joined = args.join(" ");
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|source| NeighbourError::Spawn {
-            args: joined.clone(),
-            source,
-        })?;
-    if !out.status.success() {
-        return Err(NeighbourError::Failed {
-            args: joined,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn json<T: for<'de> Deserialize<'de>>(args: &[&str]) -> Result<T, NeighbourError> {
-    let text = ip(args)?;
-    serde_json::from_str(&text).map_err(|source| NeighbourError::Json {
-        args: args.join(" "),
-        source,
-    })
+    run("ip", args, None)
 }
 
 #[derive(Deserialize)]
