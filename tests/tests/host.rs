@@ -358,3 +358,43 @@ fn tagged_frames_are_forwarded_tagged_whatever_the_sending_ports_offloads() {
         }
     }
 }
+
+/// `lbd --cleanup` (pinning::cleanup) of a pinned balancer removes the
+/// no-transit rules of the interface it was attached to.
+#[test]
+fn cleanup_removes_the_no_transit_rules() {
+    let t = Topology::new();
+    let _inside = t.balancer.enter().unwrap();
+    lb::dataplane::pinning::ensure_bpffs().unwrap();
+    let dir = lb::dataplane::pinning::instance_dir(&format!("lbt-host-{}", std::process::id()));
+    // Whatever happens, the pinned state goes.
+    struct Unpin(std::path::PathBuf);
+    impl Drop for Unpin {
+        fn drop(&mut self) {
+            let _ = lb::dataplane::pinning::cleanup(&self.0);
+        }
+    }
+    let _unpin = Unpin(dir.clone());
+    let c = config::parse(CONFIG, "test config").unwrap();
+    let mut dp = Dataplane::load_pinned(&c.balancer, &dir).unwrap();
+    dp.sync(&c.vips).unwrap();
+    dp.attach("lb0", AttachMode::Native).unwrap();
+    let rules = |family| t.balancer.ip(&[family, "rule", "show"]).unwrap();
+    for family in ["-4", "-6"] {
+        assert!(
+            rules(family).contains("iif lb0 blackhole"),
+            "{family}: {}",
+            rules(family)
+        );
+    }
+    drop(dp);
+    let removed = lb::dataplane::pinning::cleanup(&dir).unwrap();
+    println!("cleanup removed {} pinned objects", removed.len());
+    for family in ["-4", "-6"] {
+        assert!(
+            !rules(family).contains("blackhole"),
+            "{family}: {}",
+            rules(family)
+        );
+    }
+}
