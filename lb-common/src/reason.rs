@@ -57,10 +57,16 @@ pub enum Reason {
     /// (no connection-table entry, and a scheduler that cannot recompute
     /// it): `XDP_DROP`.
     IcmpUnmatched = 15,
+    /// To a VIP address, but in a frame not addressed to the balancer: its
+    /// destination MAC is neither the interface's nor one of
+    /// `balancer.extra_macs` (unicast for another host that a switch
+    /// flooded, broadcast, multicast): `XDP_PASS` (the stack drops what is
+    /// not its own). Never sent to a backend, which would get a duplicate.
+    NotOurMac = 16,
 }
 
-/// Number of [`Reason`]s; size of the reason counter map.
-pub const REASON_COUNT: u32 = 16;
+/// Number of [`Reason`]s (see `REASON_SLOTS` for their counters).
+pub const REASON_COUNT: u32 = 17;
 
 impl Reason {
     /// Every reason, in index order.
@@ -81,6 +87,7 @@ impl Reason {
         Reason::TooBigIcmpSent,
         Reason::FragmentDropped,
         Reason::IcmpUnmatched,
+        Reason::NotOurMac,
     ];
 
     /// The verdict the balancer returns for a packet with this reason.
@@ -95,7 +102,8 @@ impl Reason {
             | Reason::NotTcpUdp
             | Reason::NotVip
             | Reason::Fragment
-            | Reason::Ipv6ExtHeader => xdp_action::XDP_PASS,
+            | Reason::Ipv6ExtHeader
+            | Reason::NotOurMac => xdp_action::XDP_PASS,
             Reason::Malformed
             | Reason::NoBackend
             | Reason::TooBig
@@ -125,6 +133,7 @@ impl Reason {
             Reason::TooBigIcmpSent => "too_big_icmp_sent",
             Reason::FragmentDropped => "fragment_dropped",
             Reason::IcmpUnmatched => "icmp_unmatched",
+            Reason::NotOurMac => "not_our_mac",
         }
     }
 }

@@ -1,5 +1,12 @@
-//! Internet checksum (RFC 1071): IPv4 headers, and the fold every
-//! ones' complement sum ends with.
+//! Internet checksum (RFC 1071): IPv4 headers, the fold every ones'
+//! complement sum ends with, and incremental updates (RFC 1624).
+//!
+//! Zero has two forms in ones' complement: +0 (0x0000) and -0 (0xffff). A
+//! sum of words that are not all zero is never +0, so a checksum computed
+//! from scratch is 0xffff only over data that is all zero, and a checksum of
+//! 0x0000 over such data does not verify. Checksums computed from scratch
+//! here ([`ipv4_header_csum`], [`outer_ipv4_csum`], the ICMP errors) cannot
+//! get this wrong; incremental updates can (see [`replace`]).
 
 /// Folds a ones' complement sum (of 16-bit words, any number of them that
 /// fits in 64 bits) to 16 bits. The checksum is its complement.
@@ -21,6 +28,16 @@ pub fn fold(mut sum: u64) -> u16 {
 /// `hdr` is even and 20 readable bytes follow it.
 #[inline(always)]
 pub unsafe fn ipv4_header_csum(hdr: *const u16) -> u16 {
+    !unsafe { ipv4_header_sum(hdr) }
+}
+
+/// The folded ones' complement sum of a 20-byte IPv4 header as it is, its
+/// `check` field included: 0xffff if the header's checksum verifies.
+///
+/// # Safety
+/// As for [`ipv4_header_csum`].
+#[inline(always)]
+pub unsafe fn ipv4_header_sum(hdr: *const u16) -> u16 {
     let mut sum: u32 = 0;
     // Unrolled: a fixed ten words, no loop for the verifier to bound.
     unsafe {
@@ -35,7 +52,7 @@ pub unsafe fn ipv4_header_csum(hdr: *const u16) -> u16 {
         sum += *hdr.add(8) as u32;
         sum += *hdr.add(9) as u32;
     }
-    !fold(sum as u64)
+    fold(sum as u64)
 }
 
 /// Checksum of the outer IPv4 header the balancer writes (version 4, IHL 5,
@@ -65,4 +82,34 @@ pub fn outer_ipv4_csum(
         + (dst & 0xffff)
         + (dst >> 16);
     !fold(sum as u64)
+}
+
+/// RFC 1624 incremental update (eqn. 3) of checksum `check` when a 16-bit
+/// word of what it covers changes from `old` to `new` (all as stored: the
+/// bytes in wire order read natively): `~(~check + ~old + new)`.
+///
+/// Exactly what a checksum from scratch gives whenever the data it covers
+/// cannot be all zero (IP headers, anything with a pseudo-header): the sum
+/// is then never +0, and a sum of -0 gives 0x0000 either way. Where the data
+/// may be all zero, use [`replace_no_zero`].
+#[inline(always)]
+pub fn replace(check: u16, old: u16, new: u16) -> u16 {
+    !fold((!check) as u64 + (!old) as u64 + new as u64)
+}
+
+/// [`replace`] for a checksum over data that may be all zero (ICMPv4: type,
+/// code, identifier, sequence and payload can all be 0): a result of 0x0000
+/// is written as 0xffff.
+///
+/// The update cannot tell data that is all zero (from scratch: 0xffff;
+/// 0x0000 would not verify) from data that merely sums to -0 (from scratch:
+/// 0x0000). 0xffff verifies in both cases, so it is always written; it
+/// differs from a checksum from scratch only in the second, where both
+/// forms of zero are correct.
+#[inline(always)]
+pub fn replace_no_zero(check: u16, old: u16, new: u16) -> u16 {
+    match replace(check, old, new) {
+        0 => 0xffff,
+        c => c,
+    }
 }

@@ -1,7 +1,9 @@
 //! Parsing of the headers the balancer looks at: Ethernet with at most one
 //! 802.1Q tag, IPv4 (any IHL) or IPv6 (hop-by-hop, routing and destination
 //! options headers walked, at most `MAX_IPV6_EXT_HEADERS`), and the TCP/UDP
-//! ports or the ICMP type.
+//! ports or the ICMP type. Lengths are checked against each other (IP
+//! against the frame, TCP data offset and UDP length against the IP
+//! payload); checksums are not: the backend's stack verifies them.
 //!
 //! The result is a [`Parsed`] packet or the [`Reason`] the packet is not one
 //! we look at further. Reading stops as soon as the verdict is known, so
@@ -126,13 +128,14 @@ fn parse_fast(ctx: &XdpContext) -> Option<Packet> {
         };
         let frags = u16::from_be_bytes([*p.add(20), *p.add(21)]);
         let tot_len = u16::from_be_bytes([*p.add(16), *p.add(17)]) as usize;
+        let l4 = EthHdr::LEN + Ipv4Hdr::LEN;
         if frags & IPV4_MF_OFFSET_MASK != 0
             || tot_len < Ipv4Hdr::LEN + l4_len
             || EthHdr::LEN + tot_len > frame_len(ctx)
+            || !l4_header_valid(p.add(l4), proto, tot_len - Ipv4Hdr::LEN)
         {
             return None;
         }
-        let l4 = EthHdr::LEN + Ipv4Hdr::LEN;
         Some(Packet {
             l2_len: EthHdr::LEN,
             ip_len: tot_len,
@@ -198,7 +201,7 @@ fn parse_ipv4(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
     if ihl + l4_len > tot_len {
         return Err(Reason::Malformed);
     }
-    let (ports, tcp_flags) = read_l4(ctx, l3 + ihl, proto)?;
+    let (ports, tcp_flags) = read_l4(ctx, l3 + ihl, proto, tot_len - ihl)?;
     Ok(Parsed::Flow(Packet {
         l2_len: l3,
         ip_len: tot_len,
@@ -324,7 +327,7 @@ fn parse_ipv6(ctx: &XdpContext, l3: usize) -> Result<Parsed, Reason> {
     if at + l4_len > l3 + ip_len {
         return Err(Reason::Malformed);
     }
-    let (ports, tcp_flags) = read_l4(ctx, at, next)?;
+    let (ports, tcp_flags) = read_l4(ctx, at, next, l3 + ip_len - at)?;
     Ok(Parsed::Flow(Packet {
         l2_len: l3,
         ip_len,
@@ -373,16 +376,46 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_ACK: u8 = 0x10;
 
 /// Source and destination port as one word, as they sit on the wire, and
-/// the TCP flags (0 for UDP). The whole L4 header must be in the frame.
+/// the TCP flags (0 for UDP), of the TCP/UDP header at `l4` that starts an
+/// IP payload of `len` bytes. The whole L4 header must be in the frame and
+/// valid ([`l4_header_valid`]).
 #[inline(always)]
-fn read_l4(ctx: &XdpContext, l4: usize, proto: u8) -> Result<(u32, u8), Reason> {
-    if proto == PROTO_TCP {
-        let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Reason::Malformed)?;
-        // Byte 13 of the TCP header holds CWR..FIN.
-        let flags = unsafe { *(tcp as *const u8).add(13) };
-        Ok((unsafe { read_u32(tcp as *const u8) }, flags))
+fn read_l4(ctx: &XdpContext, l4: usize, proto: u8, len: usize) -> Result<(u32, u8), Reason> {
+    let h = if proto == PROTO_TCP {
+        ptr_at::<TcpHdr>(ctx, l4).ok_or(Reason::Malformed)? as *const u8
     } else {
-        let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Reason::Malformed)?;
-        Ok((unsafe { read_u32(udp as *const u8) }, 0))
+        ptr_at::<UdpHdr>(ctx, l4).ok_or(Reason::Malformed)? as *const u8
+    };
+    // SAFETY: the header's fixed part is in the frame (checked above).
+    unsafe {
+        if !l4_header_valid(h, proto, len) {
+            return Err(Reason::Malformed);
+        }
+        // Byte 13 of the TCP header holds CWR..FIN.
+        let flags = if proto == PROTO_TCP { *h.add(13) } else { 0 };
+        Ok((read_u32(h), flags))
+    }
+}
+
+/// Whether the TCP or UDP header at `h`, which starts an IP payload of
+/// `len` bytes, agrees with it: a TCP data offset of at least 5 words that
+/// ends within the payload, a UDP length equal to the payload's.
+///
+/// The balancer forwards the packet unchanged, but a header that disagrees
+/// with its packet is one no stack accepts (Linux drops it too), so it is
+/// dropped here as malformed before it reaches the connection table, where
+/// a bogus RST would end its flow's entry.
+///
+/// # Safety
+/// `h` is readable for the header's fixed part (20 bytes TCP, 8 UDP).
+#[inline(always)]
+unsafe fn l4_header_valid(h: *const u8, proto: u8, len: usize) -> bool {
+    unsafe {
+        if proto == PROTO_TCP {
+            let words = (*h.add(12) >> 4) as usize;
+            words >= 5 && words * 4 <= len
+        } else {
+            u16::from_be_bytes([*h.add(4), *h.add(5)]) as usize == len
+        }
     }
 }

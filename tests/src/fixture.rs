@@ -166,26 +166,28 @@ pub fn balancer_host(ns: &Netns) -> Result<()> {
     Ok(())
 }
 
-/// Layout 7's `Globals` (the old program's global data, not pinned: its
-/// lbd filled it at start): the 72-byte `DataplaneConfig`, then the VIP
-/// address filter.
+/// `Globals` of layouts 7 and 8 (the old program's global data, not
+/// pinned: its lbd filled it at start): the `N`-byte `DataplaneConfig`,
+/// then the VIP address filter.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct V7Globals {
-    config: [u8; 72],
+struct OldGlobals<const N: usize> {
+    config: [u8; N],
     vip_filter: [u64; 1024],
 }
-// SAFETY: `repr(C)`, integers only, no padding (72 is a multiple of 8).
-unsafe impl aya::Pod for V7Globals {}
+// SAFETY: `repr(C)`, integers only, no padding (N is 72 or 80: a multiple
+// of 8).
+unsafe impl<const N: usize> aya::Pod for OldGlobals<N> {}
 
-/// Layout 7's VIP filter slot: an xor-fold of the address words.
-fn v7_filter_slot(addr: &[u32; 4]) -> (usize, u64) {
+/// The VIP filter slot of layouts 7 and 8: an xor-fold of the address
+/// words.
+fn old_filter_slot(addr: &[u32; 4]) -> (usize, u64) {
     let w = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
     let slot = (w ^ (w >> 16)) & 0xffff;
     ((slot >> 6) as usize, 1u64 << (slot & 63))
 }
 
-/// A restored layout-7 data plane: its maps pinned in an instance
+/// A restored old data plane: its maps pinned in an instance
 /// directory and its own program attached to an interface through a
 /// pinned link, as its lbd left it when it stopped. The program stays
 /// attached after this is dropped (the link is pinned).
@@ -194,12 +196,27 @@ pub struct OldDataplane {
     pub map_ids: Vec<u32>,
 }
 
-/// Restores layout-7 fixture `fx` (directory `fixture_dir`) into instance
+/// Restores the fixture in `fixture_dir` (layout 7 or 8) into instance
 /// directory `dir` and attaches its program to `iface` (index `ifindex`)
 /// in native mode, in the calling thread's network namespace. Connection
 /// table entries keep the time they had left; the config points at
 /// `iface`, with a new next-hop generation.
-pub fn restore_v7(
+pub fn restore(fixture_dir: &Path, dir: &Path, iface: &str, ifindex: u32) -> Result<OldDataplane> {
+    let fx = Fixture::load(fixture_dir)?;
+    match fx.layout {
+        7 => restore_with::<72>(fx, fixture_dir, dir, iface, ifindex),
+        8 => restore_with::<80>(fx, fixture_dir, dir, iface, ifindex),
+        n => bail!(
+            "no restore for the layout-{n} fixture in {}",
+            fixture_dir.display()
+        ),
+    }
+}
+
+/// [`restore`] of a layout whose `DataplaneConfig` has `N` bytes (the
+/// fields used here sit at the same offsets in layouts 7 and 8).
+fn restore_with<const N: usize>(
+    fx: Fixture,
     fixture_dir: &Path,
     dir: &Path,
     iface: &str,
@@ -212,14 +229,6 @@ pub fn restore_v7(
     };
     use lb::dataplane::raw::RawMap;
     use lb_common::map_name;
-    let fx = Fixture::load(fixture_dir)?;
-    if fx.layout != 7 {
-        bail!(
-            "the fixture in {} is of layout {}",
-            fixture_dir.display(),
-            fx.layout
-        );
-    }
     let object = std::fs::read(fixture_dir.join("lb-xdp.o"))?;
     std::fs::create_dir_all(dir)?;
     let mut loader = EbpfLoader::new();
@@ -227,14 +236,12 @@ pub fn restore_v7(
         loader.map_max_entries(name, m.max_entries);
         loader.map_pin_path(name, dir.join(name));
     }
-    let mut ebpf = loader
-        .load(&object)
-        .context("loading the layout-7 object")?;
+    let mut ebpf = loader.load(&object).context("loading the old object")?;
     let now = jiffies()? as u32;
     let then = fx.jiffies as u32;
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
     let mut map_ids = Vec::new();
-    let mut config = [0u8; 72];
+    let mut config = [0u8; N];
     let mut filter = [0u64; 1024];
     for (name, m) in &fx.image.maps {
         let path = dir.join(name);
@@ -268,7 +275,7 @@ pub fn restore_v7(
                 let words: [u32; 4] = std::array::from_fn(|i| {
                     u32::from_ne_bytes(k[i * 4..i * 4 + 4].try_into().unwrap())
                 });
-                let (w, bit) = v7_filter_slot(&words);
+                let (w, bit) = old_filter_slot(&words);
                 filter[w] |= bit;
             }
             if m.per_cpu > 1 && m.per_cpu != cpus {
@@ -284,11 +291,11 @@ pub fn restore_v7(
     }
     let globals = ebpf
         .map_mut(lb_common::GLOBALS_SECTION)
-        .context("the layout-7 object has no globals")?;
-    let mut globals: Array<_, V7Globals> = Array::try_from(globals)?;
+        .context("the old object has no globals")?;
+    let mut globals: Array<_, OldGlobals<N>> = Array::try_from(globals)?;
     globals.set(
         0,
-        V7Globals {
+        OldGlobals {
             config,
             vip_filter: filter,
         },
@@ -296,7 +303,7 @@ pub fn restore_v7(
     )?;
     let prog: &mut Xdp = ebpf
         .program_mut(lb_common::program_name::BALANCER)
-        .context("the layout-7 object has no balancer program")?
+        .context("the old object has no balancer program")?
         .try_into()?;
     prog.load()?;
     // As its lbd did: the XDP FIB lookup needs forwarding on the interface.

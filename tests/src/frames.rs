@@ -330,3 +330,37 @@ pub fn icmp_too_big(
     .expect("frame");
     out
 }
+
+/// The ones' complement sum (RFC 1071) of `bytes` as big-endian 16-bit
+/// words (an odd last byte padded with zero), folded to 16 bits: 0 only if
+/// every byte is 0. Data with a correct checksum sums to 0xffff.
+pub fn ones_sum(bytes: &[u8]) -> u16 {
+    let mut sum: u64 = bytes
+        .chunks(2)
+        .map(|w| u64::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// The ICMPv6 pseudo-header (RFC 8200 8.1) of an IPv6 packet, for
+/// [`ones_sum`] of an ICMPv6 message: addresses, upper-layer length, next
+/// header 58.
+pub fn icmpv6_pseudo_header(ip: &[u8]) -> Vec<u8> {
+    let len = (ip.len() - 40) as u32;
+    [&ip[8..40], &len.to_be_bytes()[..], &[0, 0, 0, 58]].concat()
+}
+
+/// Whether the ICMP / ICMPv6 message of `frame` (an IP packet without
+/// extension headers or options) has a checksum that verifies.
+pub fn icmp_checksum_ok(frame: &[u8]) -> bool {
+    let ip = ip_packet(frame);
+    if ip[0] >> 4 == 4 {
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        ones_sum(&ip[ihl..]) == 0xffff
+    } else {
+        ones_sum(&[&icmpv6_pseudo_header(ip)[..], &ip[40..]].concat()) == 0xffff
+    }
+}

@@ -6,12 +6,19 @@
 //!
 //! - no run returns `XDP_ABORTED` (or anything but drop, pass, transmit);
 //! - a passed frame is untouched;
-//! - a transmitted frame is a well-formed encapsulation of its input to a
-//!   configured backend (the input's IP packet inside, byte for byte), or
-//!   the ICMP answer the input calls for (echo reply, too big), byte for
-//!   byte;
+//! - a transmitted frame answers a frame addressed to the balancer's MAC,
+//!   and is a well-formed encapsulation of its input to a configured backend
+//!   (the input's IP packet inside, byte for byte, its TCP data offset and
+//!   UDP length agreeing with it), or the ICMP answer the input calls for
+//!   (echo reply, too big) to an input whose IPv4 header checksum verifies:
+//!   byte for byte, but for the echo reply's ICMP checksum, which must carry
+//!   the request's sum over (a request that verifies gets a reply that
+//!   verifies);
 //! - the reason counters add up to the frames sent, and per verdict to the
 //!   verdicts seen.
+//!
+//! Frames the kernel refuses (shorter than an Ethernet header) are drawn
+//! again: a run of N frames runs N frames through the program.
 //!
 //! Used by the `fuzz` integration test and by `cargo xtask fuzz`.
 
@@ -23,7 +30,10 @@ use lb_common::{DecapReason, Reason, xdp_action};
 
 use crate::{
     SplitMix,
-    frames::{self, CLIENT_MAC, Flow, FrameSpec, ip_packet, l2_len, parse_encapsulated},
+    frames::{
+        self, CLIENT_MAC, Flow, FrameSpec, icmpv6_pseudo_header, ip_packet, l2_len, ones_sum,
+        parse_encapsulated,
+    },
     packet_lab::{PacketLab, backend_mac},
     xdp::run_xdp,
 };
@@ -220,6 +230,12 @@ fn templates(lab: &PacketLab, rng: &mut SplitMix) -> Vec<Vec<u8>> {
             &quoted,
         ));
     }
+    // To a VIP, but for another host's MAC, and broadcast.
+    for mac in [[0x02, 0x11, 0x22, 0x33, 0x44, 0x55], [0xff; 6]] {
+        let mut f = out[0].clone();
+        f[..6].copy_from_slice(&mac);
+        out.push(f);
+    }
     // A tunnel inside: what the balancer sends, arriving at the balancer.
     let nested = out[0].clone();
     let mut tunnel = lab.frame(
@@ -257,7 +273,7 @@ fn frame(templates: &[Vec<u8>], rng: &mut SplitMix) -> Vec<u8> {
             break;
         }
         let at = |f: &Vec<u8>, off: usize| (l3 + off).min(f.len() - 1);
-        match rng.next_u32() % 10 {
+        match rng.next_u32() % 11 {
             0 => {
                 let n = rng.next_u32() as usize % f.len();
                 f.truncate(n);
@@ -303,6 +319,17 @@ fn frame(templates: &[Vec<u8>], rng: &mut SplitMix) -> Vec<u8> {
                 let n = rng.next_u32() % 64;
                 f.extend((0..n).map(|_| rng.next_u16() as u8));
             }
+            9 => {
+                // TCP data offset or UDP length (behind IPv4 without
+                // options, or IPv6).
+                let l4 = if f[l3.min(f.len() - 1)] >> 4 == 6 {
+                    40
+                } else {
+                    20
+                };
+                let i = at(&f, l4 + [12, 4, 5][rng.next_u32() as usize % 3]);
+                f[i] = rng.next_u16() as u8;
+            }
             _ => {
                 // The IPv6 next header, and an extension header behind it.
                 let i = at(&f, 6);
@@ -313,47 +340,116 @@ fn frame(templates: &[Vec<u8>], rng: &mut SplitMix) -> Vec<u8> {
     f
 }
 
-/// The echo reply `input` calls for, by RFC 1624 from the request (so a
-/// request with a bad checksum gets a reply with a bad checksum too).
-fn expected_echo_reply(input: &[u8]) -> Option<Vec<u8>> {
-    let l3 = l2_len(input);
-    let mut out = input.to_vec();
-    let (macs_dst, macs_src) = (input[..6].to_vec(), input[6..12].to_vec());
-    out[..6].copy_from_slice(&macs_src);
-    out[6..12].copy_from_slice(&macs_dst);
-    let v6 = input[l3] >> 4 == 6;
-    let (icmp, new_type) = if v6 {
-        out[l3 + 7] = 64;
-        let (s, d) = (
-            input[l3 + 8..l3 + 24].to_vec(),
-            input[l3 + 24..l3 + 40].to_vec(),
-        );
-        out[l3 + 8..l3 + 24].copy_from_slice(&d);
-        out[l3 + 24..l3 + 40].copy_from_slice(&s);
-        (l3 + 40, 129u8)
+/// A frame from [`frame`] that `BPF_PROG_TEST_RUN` takes (at least an
+/// Ethernet header's 14 bytes): shorter ones are drawn again.
+fn runnable_frame(templates: &[Vec<u8>], rng: &mut SplitMix) -> Vec<u8> {
+    loop {
+        let f = frame(templates, rng);
+        if f.len() >= 14 {
+            return f;
+        }
+    }
+}
+
+/// Whether the IPv4 header at `l3` of `frame` has a checksum that verifies.
+fn ipv4_header_ok(frame: &[u8], l3: usize) -> bool {
+    let ihl = usize::from(frame[l3] & 0x0f) * 4;
+    frame.len() >= l3 + ihl && ones_sum(&frame[l3..l3 + ihl]) == 0xffff
+}
+
+/// The sum an ICMP / ICMPv6 checksum verifies against, of the message at
+/// `at` in `frame` (IPv6 packet at `l3`: with its pseudo-header).
+fn icmp_sum(frame: &[u8], l3: usize, at: usize) -> u16 {
+    let end = l3 + ip_packet(frame).len();
+    if frame[l3] >> 4 == 6 {
+        ones_sum(&[&icmpv6_pseudo_header(&frame[l3..end])[..], &frame[at..end]].concat())
     } else {
-        let (s, d) = (
-            input[l3 + 12..l3 + 16].to_vec(),
-            input[l3 + 16..l3 + 20].to_vec(),
-        );
-        out[l3 + 12..l3 + 16].copy_from_slice(&d);
-        out[l3 + 16..l3 + 20].copy_from_slice(&s);
-        out[l3 + 8] = 64;
-        let h = etherparse::Ipv4HeaderSlice::from_slice(&out[l3..])
-            .ok()?
-            .to_header();
-        out[l3 + 10..l3 + 12].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
-        (l3 + 20, 0u8)
+        ones_sum(&frame[at..end])
+    }
+}
+
+/// Judges `output` as the echo reply to `input`: the request turned around
+/// (MACs and addresses swapped, TTL / hop limit 64, IPv4's reserved flag
+/// clear and its header checksum recomputed; only a request whose IPv4
+/// header verifies is answered), the ICMP type 0 / 129, and an ICMP
+/// checksum that carries the request's sum over: the same sum, one that
+/// verifies if the request's did (so a request with a bad checksum gets a
+/// reply with a bad checksum). `None`: `output` is no echo reply.
+fn judge_echo_reply(input: &[u8], output: &[u8]) -> Option<Result<(), String>> {
+    let l3 = l2_len(input);
+    if input.len() < l3 + 20 {
+        return None;
+    }
+    let v6 = input[l3] >> 4 == 6;
+    let icmp = if v6 { l3 + 40 } else { l3 + 20 };
+    if output.len() != input.len() || output.len() < icmp + 8 {
+        return None;
+    }
+    let mut want = input.to_vec();
+    want[..6].copy_from_slice(&input[6..12]);
+    want[6..12].copy_from_slice(&input[..6]);
+    let addrs = if v6 {
+        l3 + 8..l3 + 40
+    } else {
+        l3 + 12..l3 + 20
     };
-    let old = u16::from_be_bytes([input[icmp], input[icmp + 1]]);
-    out[icmp] = new_type;
-    let new = u16::from_be_bytes([out[icmp], out[icmp + 1]]);
-    let check = u16::from_be_bytes([input[icmp + 2], input[icmp + 3]]);
-    let mut sum = u32::from(!check) + u32::from(!old) + u32::from(new);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    out[icmp + 2..icmp + 4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    Some(out)
+    let half = addrs.len() / 2;
+    let (s, d) = input[addrs.clone()].split_at(half);
+    want[addrs.clone()].copy_from_slice(&[d, s].concat());
+    if v6 {
+        want[l3 + 7] = 64;
+    } else {
+        want[l3 + 8] = 64;
+        want[l3 + 6] &= 0x7f;
+        want[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+        let c = !ones_sum(&want[l3..l3 + 20]);
+        want[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+    }
+    want[icmp] = if v6 { 129 } else { 0 };
+    // Everything but the ICMP checksum, byte for byte.
+    want[icmp + 2..icmp + 4].copy_from_slice(&output[icmp + 2..icmp + 4]);
+    if output != want {
+        return None;
+    }
+    Some(if !v6 && !ipv4_header_ok(input, l3) {
+        Err("answered a request whose IPv4 header checksum fails".into())
+    } else {
+        let (before, after) = (icmp_sum(input, l3, icmp), icmp_sum(output, l3, icmp));
+        if before % 0xffff != after % 0xffff {
+            Err(format!(
+                "reply sums to {after:#06x}, the request to {before:#06x}"
+            ))
+        } else if before == 0xffff && after != 0xffff {
+            Err("the request's checksum verifies, the reply's does not".into())
+        } else {
+            Ok(())
+        }
+    })
+}
+
+/// Whether the TCP/UDP packet (or ICMP error) inside `input` has headers
+/// that agree with each other, as etherparse sees them: for UDP, the
+/// length is the datagram's.
+fn l4_ok(input: &[u8]) -> Result<(), String> {
+    use etherparse::{SlicedPacket, TransportSlice};
+    let p =
+        SlicedPacket::from_ethernet(input).map_err(|e| format!("forwarded a bad frame: {e}"))?;
+    let payload = p
+        .net
+        .as_ref()
+        .and_then(|n| n.ip_payload_ref())
+        .map_or(0, |p| p.payload.len());
+    match p.transport {
+        Some(TransportSlice::Tcp(_) | TransportSlice::Icmpv4(_) | TransportSlice::Icmpv6(_)) => {
+            Ok(())
+        }
+        Some(TransportSlice::Udp(u)) if usize::from(u.length()) == payload => Ok(()),
+        Some(TransportSlice::Udp(u)) => Err(format!(
+            "forwarded UDP of length {} in {payload} bytes",
+            u.length()
+        )),
+        _ => Err("forwarded something that is not TCP, UDP or ICMP".into()),
+    }
 }
 
 /// The "too big" answer `input` calls for, from its destination back to its
@@ -370,6 +466,9 @@ fn expected_too_big(input: &[u8], mtu: u32) -> Option<Vec<u8>> {
         let d: [u8; 4] = input[l3 + 16..l3 + 20].try_into().ok()?;
         (s.into(), d.into())
     };
+    if input[l3] >> 4 == 4 && !ipv4_header_ok(input, l3) {
+        return None;
+    }
     let src_mac: [u8; 6] = input[6..12].try_into().ok()?;
     let dst_mac: [u8; 6] = input[..6].try_into().ok()?;
     let mut out = frames::icmp_too_big(dst, src, dst_mac, src_mac, 64, mtu, packet.get(..512)?);
@@ -379,13 +478,18 @@ fn expected_too_big(input: &[u8], mtu: u32) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Judges one transmitted frame; `Err` says what is wrong with it.
+/// Judges one transmitted frame (`our_mac`: the balancer's interface);
+/// `Err` says what is wrong with it.
 fn judge_tx(
     input: &[u8],
     output: &[u8],
+    our_mac: [u8; 6],
     backends: &BTreeSet<IpAddr>,
     sources: &[IpAddr],
 ) -> Result<(), String> {
+    if input[..6] != our_mac {
+        return Err("transmitted a frame for another MAC".into());
+    }
     if let Ok(e) = parse_encapsulated(output)
         && matches!(
             &e.outer,
@@ -418,10 +522,10 @@ fn judge_tx(
         if e.inner != ip_packet(input) {
             return Err("the inner packet is not the input's".into());
         }
-        return Ok(());
+        return l4_ok(input);
     }
-    if Some(output.to_vec()) == expected_echo_reply(input) {
-        return Ok(());
+    if let Some(verdict) = judge_echo_reply(input, output) {
+        return verdict;
     }
     for mtu in [1480, 1460] {
         if Some(output.to_vec()) == expected_too_big(input, mtu) {
@@ -447,23 +551,13 @@ pub fn balancer(frames: u64, seed: u64) -> Result<Report> {
     let mut report = Report::default();
     let (mut tx, mut pass, mut drop) = (0u64, 0u64, 0u64);
     for n in 0..frames {
-        let input = frame(&templates, &mut rng);
+        let input = runnable_frame(&templates, &mut rng);
         report.frames += 1;
-        let r = match lab.run(&input) {
-            Ok(r) => r,
-            Err(e) => {
-                // The kernel refuses frames shorter than an Ethernet header.
-                if input.len() < 14 {
-                    report.frames -= 1;
-                    continue;
-                }
-                return Err(e);
-            }
-        };
+        let r = lab.run(&input)?;
         match r.action {
             xdp_action::XDP_TX => {
                 tx += 1;
-                if let Err(why) = judge_tx(&input, &r.frame, &backends, &sources) {
+                if let Err(why) = judge_tx(&input, &r.frame, lab.if_mac, &backends, &sources) {
                     report.bad_forwards += 1;
                     report.note(format!(
                         "frame {n}: {why}: in {} out {}",
@@ -540,10 +634,7 @@ pub fn decapsulator(frames: u64, seed: u64) -> Result<Report> {
     let mut report = Report::default();
     let (mut pass, mut drop) = (0u64, 0u64);
     for n in 0..frames {
-        let input = frame(&templates, &mut rng);
-        if input.len() < 14 {
-            continue;
-        }
+        let input = runnable_frame(&templates, &mut rng);
         report.frames += 1;
         let r = run_xdp(decap.program()?, &input, 0, 1)?;
         match r.action {

@@ -5,6 +5,7 @@
 //! Everything here needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN). A test
 //! that lacks it fails with a message saying so; it never passes silently.
 
+pub mod capture;
 pub mod fixture;
 pub mod frames;
 pub mod fuzz;

@@ -87,6 +87,8 @@ impl PacketLab {
         // As `Dataplane::attach` does; test runs do not attach.
         dataplane::enable_forwarding("lb0", &config.balancer)?;
         let mut dp = Dataplane::load(&config.balancer).context("loading the balancer")?;
+        // As `Dataplane::attach` does: frames for lb0's MAC are ours.
+        dp.set_local_mac(if_mac)?;
         dp.sync(&config.vips).context("programming the VIPs")?;
         let lab = PacketLab {
             dp,

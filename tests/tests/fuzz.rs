@@ -11,7 +11,9 @@ fn the_balancer_survives_twelve_thousand_hostile_frames() {
     require_root();
     pin_to_cpu(0);
     let r = fuzz::balancer(12_000, 0x5eed).unwrap();
-    assert!(r.frames >= 10_000, "{r:?}");
+    println!("{r:?}");
+    // Every frame counts: the ones the kernel refuses are drawn again.
+    assert_eq!(r.frames, 12_000, "{r:?}");
     assert!(r.clean(), "{r:#?}");
     // Every verdict was reached, each many times.
     assert!(
@@ -24,8 +26,9 @@ fn the_balancer_survives_twelve_thousand_hostile_frames() {
 fn the_decapsulator_survives_ten_thousand_hostile_frames() {
     require_root();
     pin_to_cpu(0);
-    let r = fuzz::decapsulator(10_500, 0xdeca).unwrap();
-    assert!(r.frames >= 10_000, "{r:?}");
+    let r = fuzz::decapsulator(10_000, 0xdeca).unwrap();
+    println!("{r:?}");
+    assert_eq!(r.frames, 10_000, "{r:?}");
     assert!(r.clean(), "{r:#?}");
     assert!(r.passed > 2_000 && r.dropped > 500, "{r:?}");
 }

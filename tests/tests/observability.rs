@@ -190,6 +190,8 @@ fn scraped_counters_equal_the_packets_and_bytes_sent_under_their_labels() {
     ext[14 + 6] = 51; // an authentication header first
     let mut malformed = base.clone();
     malformed[14] = 0x44; // IHL 4
+    let mut not_ours = base.clone();
+    not_ours[..6].copy_from_slice(&[0xff; 6]); // broadcast
     // ICMP: an echo request to a VIP; "fragmentation needed" about a VIP
     // flow (the quoted packet went from the VIP to a client), and one whose
     // quoted source is not the VIP it was sent to.
@@ -257,6 +259,7 @@ fn scraped_counters_equal_the_packets_and_bytes_sent_under_their_labels() {
         (Reason::Malformed, malformed, 7),
         (Reason::FragmentDropped, vip_fragment, 11),
         (Reason::IcmpUnmatched, unmatched, 15),
+        (Reason::NotOurMac, not_ours, 16),
     ];
     for (reason, frame, n) in &passes {
         for _ in 0..*n {

@@ -7,7 +7,7 @@ use lb::desired::vip::Protocol;
 use lb_common::{Reason, xdp_action};
 use lb_tests::{
     SplitMix,
-    frames::{Flow, FrameSpec, Outer, ip_packet, l2_len, parse_encapsulated},
+    frames::{self, CLIENT_MAC, Flow, FrameSpec, Outer, ip_packet, l2_len, parse_encapsulated},
     packet_lab::{LAB_V4, LAB_V6, PacketLab, backend_mac},
 };
 
@@ -648,4 +648,235 @@ fn counters_equal_the_packets_and_bytes_sent() {
     assert_eq!(c.reason(Reason::Forwarded), sent);
     assert_eq!(c.reason(Reason::NotVip), 50);
     assert_eq!(c.packets_seen(), sent + 50);
+}
+
+/// `frame` with its TCP data offset (in 32-bit words) set to `words`.
+fn with_tcp_data_offset(frame: &[u8], words: u8) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let l4 = l2_len(frame)
+        + if frame[l2_len(frame)] >> 4 == 4 {
+            20
+        } else {
+            40
+        };
+    f[l4 + 12] = (words << 4) | (f[l4 + 12] & 0x0f);
+    f
+}
+
+/// `frame` with its UDP length field set to `len`.
+fn with_udp_length(frame: &[u8], len: u16) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let l4 = l2_len(frame)
+        + if frame[l2_len(frame)] >> 4 == 4 {
+            20
+        } else {
+            40
+        };
+    f[l4 + 4..l4 + 6].copy_from_slice(&len.to_be_bytes());
+    f
+}
+
+/// A TCP data offset below 5 or beyond the packet, a UDP length that is not
+/// the datagram's (0, shorter, longer): malformed, dropped, on the fast
+/// path (untagged IPv4) and the general one (VLAN, IPv6) alike. A TCP header
+/// with options and a UDP length that is exact are forwarded.
+#[test]
+fn invalid_tcp_and_udp_headers_are_dropped_as_malformed() {
+    let mut lab = lab();
+    let mut rng = SplitMix(11);
+    let payload = |vlan| FrameSpec {
+        vlan,
+        payload: vec![7; 12],
+        ..Default::default()
+    };
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut fine: Vec<(String, Flow, Vec<u8>)> = Vec::new();
+    for (v6, dst, tcp, udp) in [
+        (false, "203.0.113.10", 80, 53),
+        (true, "2001:db8:10::1", 443, 53),
+    ] {
+        for vlan in [None, Some(9)] {
+            let what = format!("{dst} vlan {vlan:?}");
+            let t = flow(&mut rng, v6, dst, tcp, Protocol::Tcp);
+            let tcp_frame = lab.frame(&t, payload(vlan));
+            for words in [0, 4] {
+                cases.push((
+                    format!("{what}: TCP data offset {words}"),
+                    with_tcp_data_offset(&tcp_frame, words),
+                ));
+            }
+            // 20 header bytes and 12 of payload: 9 words is one too many.
+            cases.push((
+                format!("{what}: TCP data offset beyond the packet"),
+                with_tcp_data_offset(&tcp_frame, 9),
+            ));
+            fine.push((
+                format!("{what}: TCP with 12 bytes of options"),
+                t,
+                with_tcp_data_offset(&tcp_frame, 8),
+            ));
+            let u = flow(&mut rng, v6, dst, udp, Protocol::Udp);
+            let udp_frame = lab.frame(&u, payload(vlan));
+            for len in [0, 7, 8, 10, 19, 21, 2000] {
+                cases.push((
+                    format!("{what}: UDP length {len} of 20"),
+                    with_udp_length(&udp_frame, len),
+                ));
+            }
+            fine.push((format!("{what}: UDP length 20"), u, udp_frame));
+        }
+    }
+    for (what, frame) in &cases {
+        let r = lab.run(frame).unwrap();
+        assert_eq!(r.action, xdp_action::XDP_DROP, "{what}");
+    }
+    let c = lab.dp.counters().unwrap();
+    println!(
+        "{} invalid TCP/UDP headers: {} malformed, {} forwarded",
+        cases.len(),
+        c.reason(Reason::Malformed),
+        c.reason(Reason::Forwarded)
+    );
+    assert_eq!(c.reason(Reason::Malformed), cases.len() as u64);
+    assert_eq!(c.packets_seen(), cases.len() as u64);
+    for (what, f, frame) in &fine {
+        println!("forwarded: {what}");
+        assert_forwarded(&mut lab, f, frame);
+    }
+}
+
+/// A packet the balancer calls malformed never reaches the connection
+/// table: a reset with a bad TCP header does not end its flow's entry, so
+/// after the VIP's table changed the flow still goes to its backend.
+#[test]
+fn a_malformed_reset_does_not_move_its_flow() {
+    let mut lab = lab();
+    let mut rng = SplitMix(12);
+    let flows: Vec<Flow> = (0..100)
+        .map(|_| flow(&mut rng, false, "203.0.113.10", 80, Protocol::Tcp))
+        .collect();
+    let first: Vec<IpAddr> = flows
+        .iter()
+        .map(|f| {
+            let frame = lab.frame(f, FrameSpec::default());
+            assert_forwarded(&mut lab, f, &frame)
+        })
+        .collect();
+    for f in &flows {
+        let mut rst = with_tcp_data_offset(&lab.frame(f, FrameSpec::default()), 4);
+        rst[14 + 20 + 13] = 0x04;
+        assert_eq!(lab.run(&rst).unwrap().action, xdp_action::XDP_DROP);
+    }
+    // A heavy fourth backend: Maglev now sends many of these flows elsewhere.
+    let heavy: IpAddr = "10.200.0.14".parse().unwrap();
+    lab.add_neighbour(heavy).unwrap();
+    let mut vip = lb::desired::config::parse(CONFIG, "t").unwrap().vips[0].clone();
+    vip.backends
+        .push(lb::desired::vip::Backend::new(heavy, 300));
+    lab.dp.set_vip(&vip).unwrap();
+    let moved_by_table = flows
+        .iter()
+        .zip(&first)
+        .filter(|(f, b)| lab.dp.backend_for(&f.key()) != Some(**b))
+        .count();
+    assert!(
+        moved_by_table > 20,
+        "the new table moves {moved_by_table} of 100"
+    );
+    let stayed = flows
+        .iter()
+        .zip(&first)
+        .filter(|(f, b)| {
+            let frame = lab.frame(f, FrameSpec::default());
+            lab.run(&frame)
+                .is_ok_and(|r| parse_encapsulated(&r.frame).is_ok_and(|e| e.outer.dst() == **b))
+        })
+        .count();
+    println!(
+        "{moved_by_table} of 100 flows would move with the new table; {stayed} kept their backend"
+    );
+    assert_eq!(stayed, 100);
+}
+
+/// Frames to a VIP address that are not addressed to the balancer's MAC (a
+/// switch flooded them, or they are broadcast or multicast) also reach the
+/// host they are for: they pass untouched (`not_our_mac`), never to a
+/// backend, whatever they carry. A MAC in `balancer.extra_macs` is ours.
+#[test]
+fn frames_not_addressed_to_the_balancer_pass_untouched() {
+    let mut lab = lab();
+    let mut rng = SplitMix(13);
+    let other: [u8; 6] = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
+    let broadcast = [0xff; 6];
+    let multicast = [0x01, 0x00, 0x5e, 0x00, 0x00, 0x01];
+    let to = |mac, f: &Flow, vlan| {
+        frames::build(
+            f,
+            &FrameSpec {
+                dst_mac: mac,
+                vlan,
+                payload: vec![3; 10],
+                ..Default::default()
+            },
+        )
+    };
+    let tcp = flow(&mut rng, false, "203.0.113.10", 80, Protocol::Tcp);
+    let udp6 = flow(&mut rng, true, "2001:db8:10::1", 53, Protocol::Udp);
+    let client: IpAddr = "198.18.0.1".parse().unwrap();
+    let vip: IpAddr = "203.0.113.10".parse().unwrap();
+    let mut fragment = to(other, &tcp, None);
+    fragment[14 + 6] = 0x20;
+    let quoted = ip_packet(&frames::build(
+        &Flow {
+            src: vip,
+            dst: client,
+            sport: 80,
+            dport: tcp.sport,
+            protocol: Protocol::Tcp,
+        },
+        &FrameSpec::default(),
+    ))
+    .to_vec();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("TCP, another host's MAC", to(other, &tcp, None)),
+        ("TCP, tagged, multicast", to(multicast, &tcp, Some(5))),
+        ("IPv6 UDP, broadcast", to(broadcast, &udp6, None)),
+        ("a fragment, another host's MAC", fragment),
+        (
+            "ICMP echo request, broadcast",
+            frames::icmp_echo(client, vip, CLIENT_MAC, broadcast, 64, 1, 1, b"x", false),
+        ),
+        (
+            "ICMP too big, another host's MAC",
+            frames::icmp_too_big(client, vip, CLIENT_MAC, other, 64, 1400, &quoted),
+        ),
+    ];
+    for (what, frame) in &cases {
+        let r = lab.run(frame).unwrap();
+        assert_eq!(r.action, xdp_action::XDP_PASS, "{what}");
+        assert_eq!(&r.frame, frame, "{what}: untouched");
+    }
+    let c = lab.dp.counters().unwrap();
+    println!(
+        "{} frames for other MACs: {} not_our_mac, {} transmitted",
+        cases.len(),
+        c.reason(Reason::NotOurMac),
+        c.reason(Reason::Forwarded)
+            + c.reason(Reason::IcmpEchoReply)
+            + c.reason(Reason::IcmpForwarded)
+    );
+    assert_eq!(c.reason(Reason::NotOurMac), cases.len() as u64);
+    assert_eq!(c.packets_seen(), cases.len() as u64);
+    // Not to a VIP address: that verdict comes first.
+    let other_addr = flow(&mut rng, false, "198.51.100.1", 80, Protocol::Tcp);
+    assert_eq!(
+        lab.run(&to(other, &other_addr, None)).unwrap().action,
+        xdp_action::XDP_PASS
+    );
+    assert_eq!(lab.dp.counters().unwrap().reason(Reason::NotVip), 1);
+    // A MAC listed in balancer.extra_macs is the balancer's.
+    let mut settings = lb::desired::config::parse(CONFIG, "t").unwrap().balancer;
+    settings.extra_macs = vec![other];
+    lab.dp.set_settings(&settings).unwrap();
+    assert_forwarded(&mut lab, &tcp, &to(other, &tcp, None));
 }

@@ -9,7 +9,8 @@ use lb::{desired::config, desired::vip::Protocol};
 use lb_common::Reason;
 use lb_tests::{
     frames::{
-        self, CLIENT_MAC, Flow, FrameSpec, icmp_echo, icmp_too_big, ip_packet, parse_encapsulated,
+        self, CLIENT_MAC, Flow, FrameSpec, Outer, icmp_echo, icmp_too_big, ip_packet,
+        parse_encapsulated,
     },
     packet_lab::{PacketLab, backend_mac},
 };
@@ -82,16 +83,18 @@ fn run(lab: &mut PacketLab, frame: &[u8], reason: Reason) -> Vec<u8> {
     r.frame
 }
 
-/// The reply we expect to an echo request: built from scratch.
+/// The reply we expect to `request` (from `src` to `dst`): built from
+/// scratch; an IPv4 reply keeps the request's identification and flags.
 fn echo_reply_frame(
     lab: &PacketLab,
+    request: &[u8],
     src: &str,
     dst: &str,
     id: u16,
     seq: u16,
     data: &[u8],
 ) -> Vec<u8> {
-    icmp_echo(
+    let mut want = icmp_echo(
         ip(dst),
         ip(src),
         lab.if_mac,
@@ -101,7 +104,105 @@ fn echo_reply_frame(
         seq,
         data,
         true,
+    );
+    if ip(dst).is_ipv4() {
+        want[14 + 4..14 + 8].copy_from_slice(&request[14 + 4..14 + 8]);
+        let h = Ipv4HeaderSlice::from_slice(&want[14..])
+            .unwrap()
+            .to_header();
+        want[14 + 10..14 + 12].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
+    }
+    want
+}
+
+/// An echo request from `client` to `vip`.
+fn echo_request(
+    lab: &PacketLab,
+    client: &str,
+    vip: &str,
+    id: u16,
+    seq: u16,
+    data: &[u8],
+) -> Vec<u8> {
+    icmp_echo(
+        ip(client),
+        ip(vip),
+        CLIENT_MAC,
+        lab.if_mac,
+        57,
+        id,
+        seq,
+        data,
+        false,
     )
+}
+
+/// The ICMP checksum of an echo frame (no IPv4 options).
+fn icmp_checksum(frame: &[u8]) -> u16 {
+    let at = if frame[14] >> 4 == 4 {
+        14 + 20
+    } else {
+        14 + 40
+    };
+    u16::from_be_bytes([frame[at + 2], frame[at + 3]])
+}
+
+/// Echo replies where the ones' complement sum of what the checksum covers
+/// is zero, the edge RFC 1624 is about: zero has two forms, +0 (0x0000)
+/// and -0 (0xffff), and a checksum of 0x0000 over data that is all zero
+/// does not verify (the client counts it in InCsumErrors and drops it).
+#[test]
+fn echo_replies_verify_at_the_zero_edge_of_the_checksum() {
+    let mut lab = lab();
+    // IPv4, identifier, sequence and payload all zero: the request's
+    // checksum is 0xf7ff, the reply's must be 0xffff.
+    let request = echo_request(&lab, CLIENT4, VIP4, 0, 0, &[]);
+    assert_eq!(icmp_checksum(&request), 0xf7ff);
+    let out = run(&mut lab, &request, Reason::IcmpEchoReply);
+    println!(
+        "IPv4 echo, all zero: request checksum {:#06x}, reply {:#06x}",
+        icmp_checksum(&request),
+        icmp_checksum(&out)
+    );
+    assert!(frames::icmp_checksum_ok(&out), "the reply verifies");
+    assert_eq!(
+        out,
+        echo_reply_frame(&lab, &request, CLIENT4, VIP4, 0, 0, &[]),
+        "the reply built from scratch"
+    );
+    // IPv4, data that is not zero but sums to -0 (identifier 0xffff): built
+    // from scratch the checksum is 0x0000, which the balancer cannot tell
+    // apart from the case above; it writes 0xffff, which verifies as well.
+    let request = echo_request(&lab, CLIENT4, VIP4, 0xffff, 0, &[]);
+    let out = run(&mut lab, &request, Reason::IcmpEchoReply);
+    println!(
+        "IPv4 echo, data summing to -0: request checksum {:#06x}, reply {:#06x}",
+        icmp_checksum(&request),
+        icmp_checksum(&out)
+    );
+    assert!(frames::icmp_checksum_ok(&out), "the reply verifies");
+    assert_eq!(icmp_checksum(&out), 0xffff);
+    // IPv6: the pseudo-header is never zero, so the incremental update is
+    // exact: byte for byte the reply built from scratch, also where its
+    // checksum is 0x0000.
+    let id = (0..=u16::MAX)
+        .find(|id| {
+            let reply = echo_reply_frame(&lab, &[], CLIENT6, VIP6, *id, 0, &[]);
+            icmp_checksum(&reply) == 0
+        })
+        .expect("an identifier whose reply checksum is 0x0000");
+    let request = echo_request(&lab, CLIENT6, VIP6, id, 0, &[]);
+    let out = run(&mut lab, &request, Reason::IcmpEchoReply);
+    println!(
+        "IPv6 echo, identifier {id:#06x}: request checksum {:#06x}, reply {:#06x}",
+        icmp_checksum(&request),
+        icmp_checksum(&out)
+    );
+    assert!(frames::icmp_checksum_ok(&out), "the reply verifies");
+    assert_eq!(
+        out,
+        echo_reply_frame(&lab, &request, CLIENT6, VIP6, id, 0, &[])
+    );
 }
 
 #[test]
@@ -121,15 +222,7 @@ fn echo_requests_to_a_vip_are_answered_byte_by_byte() {
             false,
         );
         let out = run(&mut lab, &request, Reason::IcmpEchoReply);
-        let mut want = echo_reply_frame(&lab, client, vip, 0x1234, 9, &data);
-        if vip == VIP4 {
-            // The reply keeps the request's IPv4 identification and flags.
-            want[14 + 4..14 + 8].copy_from_slice(&request[14 + 4..14 + 8]);
-            let h = Ipv4HeaderSlice::from_slice(&want[14..])
-                .unwrap()
-                .to_header();
-            want[14 + 10..14 + 12].copy_from_slice(&h.calc_header_checksum().to_be_bytes());
-        }
+        let want = echo_reply_frame(&lab, &request, client, vip, 0x1234, 9, &data);
         assert_eq!(out, want, "echo reply from {vip}");
     }
     // Not a VIP address (but one the address filter may let through): passed.
@@ -470,4 +563,198 @@ fn ipv6_extension_headers_are_walked_within_a_bound() {
     let mut cut = with_ipv6_ext(&plain, &[(60, 8)]);
     cut[14 + 40 + 1] = 200;
     run(&mut lab, &cut, Reason::Malformed);
+}
+
+/// For [`checksums_from_scratch_are_right_where_they_come_out_0x0000`]: the
+/// IPv4 source is chosen so that an outer header that fits the MTU can sum
+/// to -0 (for 10.200.0.1 it would take a packet of 9567 bytes).
+const EDGE_CONFIG: &str = r#"
+[balancer]
+source_v4 = "10.200.32.1"
+source_v6 = "fd00:200::1"
+mtu = 1500
+
+[[vip]]
+address = "203.0.113.10"
+port = 80
+protocol = "tcp"
+backends = [ { address = "10.200.0.11" } ]
+
+[[vip]]
+address = "2001:db8:10::1"
+port = 443
+protocol = "tcp"
+backends = [ { address = "fd00:200::31" } ]
+"#;
+
+/// The checksums the balancer computes from scratch (the outer IPv4
+/// header, the "too big" answers) at the edge where they come out 0x0000
+/// (what they cover sums to -0): equal to the ones built independently, and
+/// they verify.
+#[test]
+fn checksums_from_scratch_are_right_where_they_come_out_0x0000() {
+    let mut lab = PacketLab::new(EDGE_CONFIG).unwrap();
+    // The outer IPv4 header: its checksum depends on the inner length only.
+    let f = Flow {
+        src: ip(CLIENT4),
+        dst: ip(VIP4),
+        sport: 40040,
+        dport: 80,
+        protocol: Protocol::Tcp,
+    };
+    let frame = (0..=1440)
+        .map(|n| {
+            lab.frame(
+                &f,
+                FrameSpec {
+                    payload: vec![0x11; n],
+                    ..Default::default()
+                },
+            )
+        })
+        .find(|frame| {
+            let tot_len = (20 + ip_packet(frame).len() as u16).to_be_bytes();
+            let header = [
+                0x45, 0, tot_len[0], tot_len[1], 0, 0, 0x40, 0, 64, 4, 0, 0, 10, 200, 32, 1, 10,
+                200, 0, 11,
+            ];
+            frames::ones_sum(&header) == 0xffff
+        })
+        .expect("an inner length whose outer header sums to -0");
+    let out = run(&mut lab, &frame, Reason::Forwarded);
+    let e = parse_encapsulated(&out).unwrap();
+    let checksum = u16::from_be_bytes([out[14 + 10], out[14 + 11]]);
+    println!(
+        "outer IPv4 header of a {}-byte packet: checksum {checksum:#06x}",
+        ip_packet(&frame).len()
+    );
+    assert_eq!(checksum, 0);
+    assert!(matches!(
+        e.outer,
+        Outer::V4 {
+            checksum_ok: true,
+            ..
+        }
+    ));
+    assert_eq!(
+        frames::ones_sum(&out[14..34]),
+        0xffff,
+        "the header verifies"
+    );
+
+    // The "too big" answers: the quote's sum moves with the TCP checksum,
+    // which moves with the payload beyond the quote.
+    for (client, vip, port, overhead, header) in
+        [(CLIENT4, VIP4, 80, 20, 40), (CLIENT6, VIP6, 443, 40, 60)]
+    {
+        let f = Flow {
+            src: ip(client),
+            dst: ip(vip),
+            sport: 40041,
+            dport: port,
+            protocol: Protocol::Tcp,
+        };
+        let mtu = (1500 - overhead) as u32;
+        let if_mac = lab.if_mac;
+        let too_big = |k: u16| {
+            let mut payload = vec![0x5a; 1500 - overhead + 1 - header];
+            let n = payload.len();
+            payload[n - 2..].copy_from_slice(&k.to_be_bytes());
+            lab.frame(
+                &f,
+                FrameSpec {
+                    payload,
+                    ..Default::default()
+                },
+            )
+        };
+        let answer = |frame: &[u8]| {
+            icmp_too_big(
+                ip(vip),
+                ip(client),
+                if_mac,
+                CLIENT_MAC,
+                64,
+                mtu,
+                &ip_packet(frame)[..512],
+            )
+        };
+        let at = 14 + header - 20 + 2;
+        let frame = (0..=u16::MAX)
+            .map(too_big)
+            .find(|frame| answer(frame)[at..at + 2] == [0, 0])
+            .expect("a payload whose answer's checksum is 0x0000");
+        let out = run(&mut lab, &frame, Reason::TooBigIcmpSent);
+        println!(
+            "too big to {client}: ICMP checksum {:#06x}",
+            u16::from_be_bytes([out[at], out[at + 1]])
+        );
+        assert_eq!(out, answer(&frame), "{vip}: the answer, byte for byte");
+        assert!(frames::icmp_checksum_ok(&out), "{vip}: the answer verifies");
+    }
+}
+
+/// `frame` (IPv4) with its header checksum broken.
+fn with_bad_ipv4_checksum(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[14 + 10] ^= 0x5a;
+    f
+}
+
+/// The balancer answers (echo replies, "too big") only packets a host
+/// would accept: an IPv4 header whose checksum fails gets no answer (it is
+/// dropped as malformed), and a reply never sets the reserved flag bit a
+/// request had.
+#[test]
+fn the_balancer_answers_only_ipv4_headers_that_verify() {
+    let mut lab = lab();
+    let request = echo_request(&lab, CLIENT4, VIP4, 7, 1, b"ping");
+    run(
+        &mut lab,
+        &with_bad_ipv4_checksum(&request),
+        Reason::Malformed,
+    );
+    // The reserved ("evil") bit, with the checksum corrected.
+    let mut evil = request.clone();
+    evil[14 + 6] |= 0x80;
+    evil[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+    let c = !frames::ones_sum(&evil[14..34]);
+    evil[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    let out = run(&mut lab, &evil, Reason::IcmpEchoReply);
+    assert_eq!(
+        out,
+        echo_reply_frame(&lab, &request, CLIENT4, VIP4, 7, 1, b"ping"),
+        "the reply of the same request without the reserved bit"
+    );
+    assert_eq!(out[14 + 6] & 0x80, 0, "reserved bit clear");
+    // Too big to encapsulate: answered only if the header verifies, options
+    // or not.
+    let f = Flow {
+        src: ip(CLIENT4),
+        dst: ip(VIP4),
+        sport: 40050,
+        dport: 80,
+        protocol: Protocol::Tcp,
+    };
+    for options in [vec![], vec![1, 1, 1, 0, 0x94, 4, 0, 0]] {
+        let too_big = lab.frame(
+            &f,
+            FrameSpec {
+                ipv4_options: options.clone(),
+                payload: vec![0x5a; 1461 - options.len()],
+                ..Default::default()
+            },
+        );
+        run(
+            &mut lab,
+            &with_bad_ipv4_checksum(&too_big),
+            Reason::Malformed,
+        );
+        let out = run(&mut lab, &too_big, Reason::TooBigIcmpSent);
+        assert!(frames::icmp_checksum_ok(&out));
+        println!(
+            "too big with {} bytes of options: answered only with a good header checksum",
+            options.len()
+        );
+    }
 }

@@ -1,8 +1,9 @@
-//! Upgrades keep flows: the pinned state of the previous layout (a fixture
-//! of it, tests/fixtures/layout-7, with 10,000 flows in its tables and its
-//! own program attached) is converted by this build's lbd, which swaps its
-//! program in: every flow keeps its backend, no packet sees a
-//! half-converted table, the old maps are gone afterwards.
+//! Upgrades keep flows: the pinned state of earlier layouts (fixtures of
+//! them, tests/fixtures/layout-N, with 10,000 flows in their tables and
+//! their own program attached) is converted by this build's lbd, through
+//! the chain of converters, and lbd swaps its program in: every flow keeps
+//! its backend, no packet sees a half-converted table, the old maps are
+//! gone afterwards.
 
 use std::{
     os::fd::AsFd,
@@ -56,14 +57,22 @@ fn misrouted(
 
 #[test]
 fn the_previous_layouts_state_converts_keeping_every_flow_and_the_old_maps_go() {
+    // The layout before this one, and the one before it: converted through
+    // the chain.
+    for layout in [LAYOUT_VERSION - 1, LAYOUT_VERSION - 2] {
+        converts_keeping_every_flow(layout);
+    }
+}
+
+fn converts_keeping_every_flow(layout: u32) {
     require_root();
-    let fdir = fixture::dir(7);
+    let fdir = fixture::dir(layout);
     let flows = Fixture::flows(&fdir).unwrap();
     assert_eq!(flows.len(), fixture::FLOWS);
     let ns = Netns::new("upgrade").unwrap();
     fixture::balancer_host(&ns).unwrap();
     let (ifindex, mac) = (ns.ifindex("lb0").unwrap(), ns.mac("lb0").unwrap());
-    let instance = format!("lbt-upgrade-{}", std::process::id());
+    let instance = format!("lbt-upgrade-{}-{layout}", std::process::id());
     let dir = pinning::instance_dir(&instance);
     let tmp = std::env::temp_dir().join(&instance);
     std::fs::create_dir_all(&tmp).unwrap();
@@ -72,9 +81,9 @@ fn the_previous_layouts_state_converts_keeping_every_flow_and_the_old_maps_go() 
     // The old data plane, as its lbd left it when it stopped.
     let old = {
         let _inside = ns.enter().unwrap();
-        fixture::restore_v7(&fdir, &dir, "lb0", ifindex).unwrap()
+        fixture::restore(&fdir, &dir, "lb0", ifindex).unwrap()
     };
-    assert_eq!(upgrade::pinned_layout(&dir), Ok(7));
+    assert_eq!(upgrade::pinned_layout(&dir), Ok(layout));
     let link = pinned_fd(&dir.join("link")).unwrap();
     let before = {
         let _inside = ns.enter().unwrap();
@@ -108,7 +117,7 @@ fn the_previous_layouts_state_converts_keeping_every_flow_and_the_old_maps_go() 
         String::from_utf8_lossy(&check.stderr)
     );
     assert!(said.contains("it would be converted to layout"), "{said}");
-    assert_eq!(upgrade::pinned_layout(&dir), Ok(7));
+    assert_eq!(upgrade::pinned_layout(&dir), Ok(layout));
 
     // The new lbd converts while packets of established flows run.
     let log = tmp.join("lbd.log");
@@ -187,7 +196,7 @@ fn the_previous_layouts_state_converts_keeping_every_flow_and_the_old_maps_go() 
     let took = started.elapsed();
     let lbd_log = std::fs::read_to_string(&log).unwrap();
     println!(
-        "upgrade from layout 7 to {LAYOUT_VERSION} in {:.1} s: {} packets of established flows during it, {} misrouted, {} programs seen",
+        "upgrade from layout {layout} to {LAYOUT_VERSION} in {:.1} s: {} packets of established flows during it, {} misrouted, {} programs seen",
         took.as_secs_f64(),
         runs.load(Ordering::Relaxed),
         wrong.load(Ordering::Relaxed),
@@ -242,7 +251,7 @@ fn the_previous_layouts_state_converts_keeping_every_flow_and_the_old_maps_go() 
 fn upgrading_from_the_previous_layout_under_load_breaks_no_connection() {
     lb_tests::raise_fd_limit(4096);
     let spec = lb_tests::lab::LabSpec {
-        legacy: Some(7),
+        legacy: Some(LAYOUT_VERSION - 2),
         ..lb_tests::lab::LabSpec::weights(&[1, 1, 2, 1])
     };
     let lab = lb_tests::lab::Lab::start(&spec).unwrap();
@@ -262,7 +271,8 @@ fn upgrading_from_the_previous_layout_under_load_breaks_no_connection() {
             started.elapsed()
         });
     println!(
-        "upgrade from layout 7 under load (lbd up in {:.1} s): {}",
+        "upgrade from layout {} under load (lbd up in {:.1} s): {}",
+        LAYOUT_VERSION - 2,
         took.as_secs_f64(),
         report.summary()
     );

@@ -14,7 +14,7 @@ use lb_common::{
     VipAddrKey, flow_hash64, maglev_position, source_hash, vip_filter_slot,
 };
 use lb_ebpf::{
-    csum::{fold, ipv4_header_csum},
+    csum::{self, fold, ipv4_header_csum},
     packet::{frame_len, ptr_at, ptr_at_mut, read_addr6, read_u32, write_addr6, write_u32},
     parse::{Icmp, PROTO_ICMP, PROTO_ICMPV6, Packet},
 };
@@ -54,6 +54,7 @@ pub fn handle(ctx: &XdpContext, i: &Icmp, cfg: &DataplaneConfig) -> Result<Reaso
     if !vip_filter_has(word, bit) {
         return Err(Reason::NotTcpUdp);
     }
+    crate::addressed_to_us(ctx)?;
     let v6 = i.family == FAMILY_V6;
     let echo = if v6 {
         i.kind == ICMPV6_ECHO_REQUEST
@@ -79,26 +80,28 @@ pub fn handle(ctx: &XdpContext, i: &Icmp, cfg: &DataplaneConfig) -> Result<Reaso
     Err(Reason::NotTcpUdp)
 }
 
-/// RFC 1624 incremental update of a checksum (all values as stored: the
-/// bytes in wire order read as native words): `old` became `new`.
-#[inline(always)]
-fn csum_replace(check: u16, old: u16, new: u16) -> u16 {
-    !fold((!check) as u64 + (!old) as u64 + new as u64)
-}
-
 /// Sets the type of the ICMP header at `h` (type, code, checksum) and
-/// updates its checksum to match.
+/// updates its checksum to match (`v4`: ICMPv4, whose checksum covers no
+/// pseudo-header, so the data may be all zero; see `csum::replace_no_zero`).
+///
+/// The update carries a bad checksum over: a request that arrived corrupted
+/// gets a reply its sender drops.
 ///
 /// # Safety
 /// `h` points to 4 writable bytes of the packet.
 #[inline(always)]
-unsafe fn set_type(h: *mut [u8; 4], icmp_type: u8) {
+unsafe fn set_type(h: *mut [u8; 4], icmp_type: u8, v4: bool) {
     unsafe {
         let old = u16::from_ne_bytes([(*h)[0], (*h)[1]]);
         (*h)[0] = icmp_type;
         let new = u16::from_ne_bytes([(*h)[0], (*h)[1]]);
         let check = u16::from_ne_bytes([(*h)[2], (*h)[3]]);
-        let c = csum_replace(check, old, new).to_ne_bytes();
+        let c = if v4 {
+            csum::replace_no_zero(check, old, new)
+        } else {
+            csum::replace(check, old, new)
+        }
+        .to_ne_bytes();
         (*h)[2] = c[0];
         (*h)[3] = c[1];
     }
@@ -116,7 +119,17 @@ fn swap_macs(ctx: &XdpContext) -> Result<(), Reason> {
     Ok(())
 }
 
+/// IPv4's reserved flag bit (RFC 791: zero when sent), as it sits in the
+/// first byte of the flags field.
+const IPV4_RESERVED_FLAG: u8 = 0x80;
+
 /// Turns an echo request into its reply, in place.
+///
+/// The balancer answers as a host would: an IPv4 request whose header
+/// checksum does not verify is dropped as malformed (a host or router
+/// drops it too; the reply's header is written anew and would hide the
+/// corruption). The reply keeps the request's identification, DF and TOS,
+/// and sends the reserved flag bit as zero.
 #[inline(always)]
 fn echo_reply(ctx: &XdpContext, i: &Icmp) -> Result<(), Reason> {
     let l3 = i.l2_len;
@@ -128,13 +141,17 @@ fn echo_reply(ctx: &XdpContext, i: &Icmp) -> Result<(), Reason> {
             if (*ip).vihl != 0x45 {
                 return Err(Reason::NotTcpUdp);
             }
+            if csum::ipv4_header_sum(ip as *const u16) != 0xffff {
+                return Err(Reason::Malformed);
+            }
             let (src, dst) = ((*ip).src_addr, (*ip).dst_addr);
             (*ip).src_addr = dst;
             (*ip).dst_addr = src;
             (*ip).ttl = 64;
+            (*ip).frags[0] &= !IPV4_RESERVED_FLAG;
             (*ip).check = [0, 0];
             (*ip).check = ipv4_header_csum(ip as *const u16).to_ne_bytes();
-            set_type(h, ICMP_ECHO_REPLY);
+            set_type(h, ICMP_ECHO_REPLY, true);
         }
     } else {
         let ip: *mut Ipv6Hdr = ptr_at_mut(ctx, l3).ok_or(Reason::Malformed)?;
@@ -144,7 +161,7 @@ fn echo_reply(ctx: &XdpContext, i: &Icmp) -> Result<(), Reason> {
             (*ip).src_addr = dst;
             (*ip).dst_addr = src;
             (*ip).hop_limit = 64;
-            set_type(h, ICMPV6_ECHO_REPLY);
+            set_type(h, ICMPV6_ECHO_REPLY, false);
         }
     }
     swap_macs(ctx)
@@ -300,6 +317,10 @@ pub fn send_too_big(ctx: &XdpContext, pkt: &Packet, mtu: u32, frame: usize) -> R
     if pkt.ip_len < TOO_BIG_QUOTE {
         return Err(Reason::TooBig);
     }
+    // As for echo requests: no answer to a packet whose header is corrupt.
+    if !v6 && !ipv4_header_verifies(ctx, l2)? {
+        return Err(Reason::Malformed);
+    }
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(head as i32)) } != 0 {
         return Err(Reason::TooBig);
     }
@@ -392,6 +413,24 @@ pub fn send_too_big(ctx: &XdpContext, pkt: &Packet, mtu: u32, frame: usize) -> R
         }
     }
     Ok(())
+}
+
+/// Whether the IPv4 header (any length) at `l3`, 14 or 18, of a packet of
+/// at least 60 bytes has a checksum that verifies.
+#[inline(always)]
+fn ipv4_header_verifies(ctx: &XdpContext, l3: usize) -> Result<bool, Reason> {
+    // The verifier needs the offset bounded.
+    let l3 = if l3 == EthHdr::LEN {
+        EthHdr::LEN
+    } else {
+        EthHdr::LEN + 4
+    };
+    let h: *const [u8; 60] = ptr_at(ctx, l3).ok_or(Reason::Malformed)?;
+    // IHL in bytes: a multiple of 4, at most 60 (the mask says so).
+    let len = (unsafe { (*h)[0] } as u32 & 0x0f) << 2;
+    // SAFETY: `len` readable bytes at `h` (checked above).
+    let sum = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, h as *mut u32, len, 0) };
+    Ok(fold(sum as u32 as u64) == 0xffff)
 }
 
 /// Whether a fragment to `dst` goes to a VIP address.

@@ -25,12 +25,12 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use lb_common::{
     BackendInfo, CONFIG_FRAGMENTS_PASS, CONFIG_TOO_BIG_ICMP, DataplaneConfig, FAMILY_V4, FAMILY_V6,
-    MAGLEV_CHUNK, NO_BACKEND, PROTO_IPIP, PROTO_IPV6, REASON_COUNT, Reason, Stats,
+    MAGLEV_CHUNK, NO_BACKEND, PROTO_IPIP, PROTO_IPV6, REASON_SLOTS, Reason, Stats,
     VIP_HASH_SRC_PORT, VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK, VIP_SCHED_WRR,
     VipInfo, VipKey, flow_hash64, maglev_position, second_choice, source_hash, vip_filter_slot,
 };
 use lb_ebpf::{
-    packet::{frame_len, ptr_at, ptr_at_mut, write_u32, write_u64},
+    packet::{frame_len, ptr_at, ptr_at_mut, read_u32, write_u32, write_u64},
     parse::{Packet, Parsed, parse},
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr};
@@ -58,7 +58,7 @@ fn balancer(ctx: &XdpContext) -> u32 {
     // SAFETY: a per-CPU value: only this program run on this CPU uses it.
     let stats = unsafe { &mut *stats };
     let reason = balance(ctx, stats);
-    stats.reasons[reason as usize & (REASON_COUNT as usize - 1)] += 1;
+    stats.reasons[reason as usize & (REASON_SLOTS - 1)] += 1;
     // Diagnosis only: compiled in, but `AYA_LOG_LEVEL` is 0 (off) unless
     // lbd runs at debug level, and then every packet pays for a record.
     debug!(
@@ -93,6 +93,7 @@ fn try_balance(ctx: &XdpContext, stats: &mut Stats) -> Result<Reason, Reason> {
             if !icmp::fragment_to_vip(family, &dst) {
                 return Err(Reason::Fragment);
             }
+            addressed_to_us(ctx)?;
             let cfg = config();
             return Err(if cfg.flags & CONFIG_FRAGMENTS_PASS != 0 {
                 Reason::Fragment
@@ -132,6 +133,7 @@ fn forward<const V6: bool>(
     if !vip_filter_has(word, bit) {
         return Err(Reason::NotVip);
     }
+    addressed_to_us(ctx)?;
     let cfg = config();
     let now = conntrack::now();
     // The packet's one hash: connection-table set and tag, Maglev, and the
@@ -173,6 +175,24 @@ fn forward<const V6: bool>(
     count_traffic(&LB_VIP_STATS, backend.vip_id, bytes, new_flow);
     count_traffic(&LB_BACKEND_STATS, backend_id, bytes, new_flow);
     Ok(Reason::Forwarded)
+}
+
+/// `Err(NotOurMac)` unless the frame's destination MAC is one of the
+/// balancer's (see `maps::is_local_mac`). Checked once a packet is known to
+/// be for a VIP address, before anything acts on it: a frame a switch
+/// flooded, or a broadcast, also reaches the host it is for, and a backend
+/// would get a duplicate.
+#[inline(always)]
+fn addressed_to_us(ctx: &XdpContext) -> Result<(), Reason> {
+    let dst = ptr_at::<[u8; 6]>(ctx, 0).ok_or(Reason::Malformed)? as *const u8;
+    // SAFETY: six readable bytes (packet memory: one load each, at any
+    // alignment, see `read_u32`).
+    let mac = unsafe { read_u32(dst) as u64 | (*(dst.add(4) as *const u16) as u64) << 32 };
+    if is_local_mac(mac) {
+        Ok(())
+    } else {
+        Err(Reason::NotOurMac)
+    }
 }
 
 /// A new flow's backend, by the VIP's scheduler (see `lb_common::VIP_SCHED_*`);

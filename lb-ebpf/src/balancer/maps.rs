@@ -22,7 +22,7 @@ pub static LB_VIPS: HashMap<VipKey, VipInfo> =
 /// `lb_common::GLOBALS_SECTION`.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = ".data.lb_globals")]
-static mut LB_GLOBALS: Globals = Globals::ZERO;
+static mut LB_GLOBALS: Globals = Globals::EMPTY;
 
 /// The settings (`lbd` writes them; see `lb_common::Globals`).
 #[inline(always)]
@@ -39,6 +39,16 @@ pub fn vip_filter_has(word: u32, bit: u64) -> bool {
     // SAFETY: as in `config`; the mask keeps the index in the array.
     let filter = unsafe { &(*(&raw const LB_GLOBALS)).vip_filter };
     filter[word as usize & (VIP_FILTER_WORDS as usize - 1)] & bit != 0
+}
+
+/// Whether `mac` (a destination MAC as `lb_common::mac_word`) is one of
+/// the balancer's (`lb_common::Globals::local_macs`; the interface's is the
+/// first compared).
+#[inline(always)]
+pub fn is_local_mac(mac: u64) -> bool {
+    // SAFETY: as in `config`.
+    let macs = unsafe { &(*(&raw const LB_GLOBALS)).local_macs };
+    macs.iter().any(|m| *m == mac)
 }
 
 /// The connection table: one cache-line set per entry (see

@@ -34,9 +34,9 @@ use aya::{
 use lb_common::{
     BackendInfo, CONFIG_ATTACHED_SKB, CONFIG_FRAGMENTS_PASS, CONFIG_ICMP_ECHO,
     CONFIG_NO_NEXTHOP_CACHE, CONFIG_TOO_BIG_ICMP, DataplaneConfig, FLOW_WAYS, GLOBALS_SECTION,
-    Globals, LAYOUT_VERSION, MaglevChunk, Stats, TrafficCounters, VipAddrKey, VipInfo, VipKey,
-    addr_words, chunks_per_table, flow_sets, idle_jiffies, map_name, program_name, renew_after,
-    syn_slots,
+    Globals, LAYOUT_VERSION, LOCAL_MACS, MaglevChunk, NO_MAC, Stats, TrafficCounters, VipAddrKey,
+    VipInfo, VipKey, addr_words, chunks_per_table, flow_sets, idle_jiffies, mac_word, map_name,
+    program_name, renew_after, syn_slots,
 };
 
 pub use bench::{BenchMaps, BenchTarget};
@@ -137,6 +137,8 @@ pub enum DataplaneError {
     TooManyAddresses { count: usize, max: u32 },
     #[error("upgrading the pinned state in {dir}: {what}")]
     Upgrade { dir: String, what: String },
+    #[error(transparent)]
+    Interface(#[from] crate::host::interface::InterfaceError),
     #[error("enabling forwarding on {iface} ({path})")]
     Forwarding {
         iface: String,
@@ -284,6 +286,9 @@ pub struct Dataplane {
     upgrade: Option<upgrade::Upgrade>,
     /// Marks the backends' next hops managed, once attached.
     neighbours: Option<crate::host::neighbours::Neighbours>,
+    /// The MAC of the interface the frames arrive on (see
+    /// [`Dataplane::set_local_mac`]).
+    local_mac: Option<[u8; 6]>,
 }
 
 /// Turns on forwarding on `iface` for each family the balancer sends outer
@@ -573,7 +578,8 @@ impl Dataplane {
             nexthop_gen: 1,
             nexthop_cache: true,
             hz,
-            globals: Box::new(Globals::ZERO),
+            globals: Box::new(Globals::EMPTY),
+            local_mac: None,
             pin_dir: pin_dir.map(Path::to_path_buf),
             pinned_link: None,
             adopted: adopt,
@@ -741,7 +747,22 @@ impl Dataplane {
             .set(0, cfg, 0)
             .map_err(map_err(map_name::CONFIG))?;
         self.globals.config = cfg;
+        let macs = self.local_mac.iter().chain(&s.extra_macs);
+        self.globals.local_macs = [NO_MAC; LOCAL_MACS];
+        for (slot, mac) in self.globals.local_macs.iter_mut().zip(macs) {
+            *slot = mac_word(*mac);
+        }
         self.write_globals()
+    }
+
+    /// Takes `mac` as the MAC of the interface the frames arrive on: the
+    /// data plane acts only on frames addressed to it (or to
+    /// `balancer.extra_macs`) and passes the others (`not_our_mac`).
+    /// [`Dataplane::attach`] sets it from the interface; before that no
+    /// frame is the balancer's.
+    pub fn set_local_mac(&mut self, mac: [u8; 6]) -> Result<(), DataplaneError> {
+        self.local_mac = Some(mac);
+        self.write_config()
     }
 
     /// Writes the data path's copy of the settings and the VIP filter.
@@ -768,16 +789,31 @@ impl Dataplane {
     }
 
     /// Attaches the balancer to `iface`; returns the mode in effect.
-    /// Enables forwarding on `iface` first (see [`enable_forwarding`]).
+    /// Prepares the host first: forwarding on `iface` (see
+    /// [`enable_forwarding`]), no transit routing on it, VLAN tags kept in
+    /// the frames XDP sees, and the interface's MAC for the program (see
+    /// [`crate::host::interface`]).
     ///
     /// Pinned: a pinned link (from a previous `lbd`) gets this process's
     /// program in one atomic replace, keeping its mode; there is no moment
     /// without a program. Otherwise the new link is pinned.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachMode, DataplaneError> {
+        use crate::host::interface;
         let ifindex = interface_index(iface)?;
         self.check_attach(iface)?;
         self.take_over()?;
         enable_forwarding(iface, &self.settings)?;
+        interface::refuse_transit(iface)?;
+        for offload in interface::keep_vlan_tags(iface)? {
+            tracing::info!(
+                iface,
+                offload,
+                "turned off (it would hide VLAN tags from XDP)"
+            );
+        }
+        // Before the program runs (or replaces the running one): until it
+        // knows the interface's MAC it treats every frame as another's.
+        self.set_local_mac(interface::mac(iface)?)?;
         let link_pin = self.pin_dir.as_ref().map(|d| d.join(pinning::LINK_PIN));
         let prog = xdp_program(&mut self.ebpf, program_name::BALANCER)?;
         let used = match &link_pin {
@@ -888,13 +924,18 @@ impl Dataplane {
     }
 
     /// Detaches the balancer (also happens when an unpinned `Dataplane` is
-    /// dropped). A pinned balancer is removed with [`pinning::cleanup`].
+    /// dropped) and lets the host route what arrives on the interface again
+    /// (see [`crate::host::interface`]). A pinned balancer is removed with
+    /// [`pinning::cleanup`].
     pub fn detach(&mut self) -> Result<(), DataplaneError> {
         let name = program_name::BALANCER;
         if let Some(link) = self.link.take() {
             xdp_program(&mut self.ebpf, name)?
                 .detach(link)
                 .map_err(|source| DataplaneError::Program { name, source })?;
+            if let Some(iface) = &self.iface {
+                crate::host::interface::allow_transit(iface)?;
+            }
         }
         Ok(())
     }

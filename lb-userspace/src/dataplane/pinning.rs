@@ -167,6 +167,42 @@ pub(crate) fn expected(settings: &BalancerSettings) -> [Shape; 14] {
     ]
 }
 
+/// Checks an image of an older layout (`layout`) against the shapes this
+/// build expects for `settings`, but for the value sizes `older` gives for
+/// the maps that changed since.
+pub(crate) fn check_image(
+    image: &super::image::StateImage,
+    settings: &BalancerSettings,
+    layout: u32,
+    older: impl Fn(&str) -> Option<usize>,
+) -> Result<(), String> {
+    for shape in expected(settings) {
+        let value = older(shape.name).unwrap_or(shape.value);
+        let m = image
+            .maps
+            .get(shape.name)
+            .ok_or_else(|| format!("map {} is missing", shape.name))?;
+        if m.kind != shape.kind as u32
+            || m.key_size != shape.key
+            || m.value_size != value
+            || m.flags != shape.flags
+        {
+            return Err(format!(
+                "map {} (kind {}, {}-byte keys, {}-byte values, flags {:#x}) is not layout {layout}'s",
+                shape.name, m.kind, m.key_size, m.value_size, m.flags
+            ));
+        }
+        if m.max_entries != shape.max {
+            return Err(format!(
+                "map {} holds {} entries, the config asks for {} (capacities and \
+                 maglev_table_size cannot change in an upgrade either)",
+                shape.name, m.max_entries, shape.max
+            ));
+        }
+    }
+    Ok(())
+}
+
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Makes sure a BPF filesystem is mounted on [`BPFFS_ROOT`], mounting one if
@@ -284,19 +320,46 @@ pub fn cleanup_instance(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Removes instance directory `dir` and everything pinned in it; the XDP
-/// program detaches once no process holds its link. Returns what it removed.
+/// program detaches once no process holds its link. Then lets the host
+/// route what arrives on the interface it was attached to again (see
+/// [`crate::host::interface`]; a failure there is logged). Returns what it
+/// removed.
 pub fn cleanup(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     if !dir.exists() {
         return Ok(removed);
     }
+    let iface = read_config(dir)
+        .ok()
+        .and_then(|c| interface_name(c.ifindex));
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
         fs::remove_file(&path)?;
         removed.push(path);
     }
     fs::remove_dir(dir)?;
+    if let Some(iface) = iface
+        && let Err(e) = crate::host::interface::allow_transit(&iface)
+    {
+        tracing::warn!(iface, error = %format!("{e:#}"), "cannot remove the no-transit rule");
+    }
     Ok(removed)
+}
+
+/// The name of interface `index` (`None` for 0 or an interface that is gone).
+fn interface_name(index: u32) -> Option<String> {
+    if index == 0 {
+        return None;
+    }
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: a buffer of IF_NAMESIZE bytes, as if_indextoname needs.
+    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 impl Dataplane {

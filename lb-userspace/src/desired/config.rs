@@ -70,6 +70,9 @@ pub struct BalancerSettings {
     /// Pass fragments to VIP addresses to the host (`fragments = "pass"`),
     /// else drop them.
     pub fragments_pass: bool,
+    /// MACs besides the interface's whose frames are the balancer's
+    /// (`extra_macs`).
+    pub extra_macs: Vec<[u8; 6]>,
 }
 
 /// Default TCP idle timeout of the connection table, seconds.
@@ -97,6 +100,7 @@ impl Default for BalancerSettings {
             icmp_echo: true,
             too_big_icmp: true,
             fragments_pass: false,
+            extra_macs: Vec::new(),
         }
     }
 }
@@ -373,6 +377,7 @@ struct RawBalancer {
     maglev_table_size: Option<i64>,
     max_vips: Option<i64>,
     max_backends: Option<i64>,
+    extra_macs: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -1714,8 +1719,35 @@ impl Validator {
             icmp_echo: raw.icmp_echo.unwrap_or(true),
             too_big_icmp,
             fragments_pass,
+            extra_macs: self.extra_macs(raw.extra_macs.as_deref().unwrap_or_default()),
             ..BalancerSettings::default()
         }
+    }
+
+    /// `balancer.extra_macs`: unicast, not zero, no repeats, at most
+    /// `MAX_EXTRA_MACS`.
+    fn extra_macs(&mut self, raw: &[String]) -> Vec<[u8; 6]> {
+        if raw.len() > lb_common::MAX_EXTRA_MACS {
+            self.problem(
+                "balancer.extra_macs",
+                format!("{} MACs; at most {}", raw.len(), lb_common::MAX_EXTRA_MACS),
+            );
+        }
+        let mut macs = Vec::new();
+        for (i, s) in raw.iter().enumerate() {
+            let field = format!("balancer.extra_macs[{i}]");
+            match crate::host::interface::parse_mac(s) {
+                None => self.problem(field, format!("{s:?} is not a MAC address (aa:bb:cc:dd:ee:ff)")),
+                Some(m) if m[0] & 1 != 0 => self.problem(
+                    field,
+                    format!("{s:?} is a multicast or broadcast address; only unicast frames are the balancer's"),
+                ),
+                Some([0, 0, 0, 0, 0, 0]) => self.problem(field, format!("{s:?} is not an address")),
+                Some(m) if macs.contains(&m) => self.problem(field, format!("{s:?} is listed twice")),
+                Some(m) => macs.push(m),
+            }
+        }
+        macs
     }
 
     fn vip(&mut self, path: &str, raw: &RawVip, balancer: &BalancerSettings) -> Option<Vip> {
@@ -2482,5 +2514,48 @@ mod tests {
         let p = reload_problems(&now, &parse(&t, "t").unwrap());
         assert_eq!(p[0].field, "balancer.max_backends");
         assert!(p[0].message.contains("lbd --cleanup"), "{p:?}");
+    }
+
+    #[test]
+    fn extra_macs_are_unicast_addresses_listed_once() {
+        let c = parse(
+            &with(
+                "mtu = 1500",
+                "mtu = 1500\nextra_macs = [\"02:00:5E:00:01:0a\"]",
+            ),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.balancer.extra_macs, vec![[2, 0, 0x5e, 0, 1, 10]]);
+        assert!(parse(GOOD, "t").unwrap().balancer.extra_macs.is_empty());
+        let bad = |list: &str| with("mtu = 1500", &format!("mtu = 1500\nextra_macs = {list}"));
+        assert_problem(
+            &bad("[\"02:00:5e:00:01\"]"),
+            "balancer.extra_macs[0]",
+            "not a MAC address",
+        );
+        assert_problem(
+            &bad("[\"02:00:00:00:00:01\", \"ff:ff:ff:ff:ff:ff\"]"),
+            "balancer.extra_macs[1]",
+            "broadcast",
+        );
+        assert_problem(
+            &bad("[\"00:00:00:00:00:00\"]"),
+            "balancer.extra_macs[0]",
+            "not an address",
+        );
+        assert_problem(
+            &bad("[\"02:00:00:00:00:01\", \"02:00:00:00:00:01\"]"),
+            "balancer.extra_macs[1]",
+            "twice",
+        );
+        let five: Vec<String> = (1..=5)
+            .map(|i| format!("\"02:00:00:00:00:0{i}\""))
+            .collect();
+        assert_problem(
+            &bad(&format!("[{}]", five.join(", "))),
+            "balancer.extra_macs",
+            "at most 4",
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! The host `lbd` runs on: its addresses and tick rate; [`neighbours`]
+//! The host `lbd` runs on: its addresses and tick rate; [`interface`] is
+//! what `lbd` reads and sets on the attached interface; [`neighbours`]
 //! keeps the kernel's neighbour entries towards backends resolved; [`bgp`]
 //! announces the VIPs over BGP through BIRD 2, [`bgp_status`] reads BIRD's
 //! sessions and announcements back for `/metrics`, and [`bird_guard`]
@@ -9,10 +10,58 @@ pub mod bgp;
 pub mod bgp_status;
 pub mod bird_guard;
 pub mod checks;
+pub mod interface;
 pub mod lock;
 pub mod neighbours;
 
-use std::net::IpAddr;
+use std::{net::IpAddr, process::Command};
+
+/// A command `lbd` runs on the host (`ip`, `ethtool`) that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("running `{command}` (is it installed?)")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {stderr}")]
+    Failed { command: String, stderr: String },
+    #[error("`{command}` printed JSON lbd cannot read")]
+    Json {
+        command: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Runs `program args` and returns its standard output. `ok_stderr`: a
+/// failure whose message contains it counts as success (a change that was
+/// already made).
+fn run(program: &str, args: &[&str], ok_stderr: Option<&str>) -> Result<String, CommandError> {
+    let command = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|source| CommandError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if !out.status.success() && !ok_stderr.is_some_and(|ok| stderr.contains(ok)) {
+        return Err(CommandError::Failed { command, stderr });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip ARGS` (with `-j` among them), its JSON output read as a `T`.
+fn ip_json<T: for<'de> serde::Deserialize<'de>>(args: &[&str]) -> Result<T, CommandError> {
+    let text = run("ip", args, None)?;
+    serde_json::from_str(&text).map_err(|source| CommandError::Json {
+        command: format!("ip {}", args.join(" ")),
+        source,
+    })
+}
 
 /// Every unicast address configured on this host's interfaces (loopback
 /// addresses excluded), as `getifaddrs(3)` reports them.

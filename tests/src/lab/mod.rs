@@ -881,7 +881,7 @@ fn legacy_dataplane(
     let ifindex = ns.ifindex("eth0")?;
     let dir = pinning::instance_dir(instance);
     in_ns(ns, || {
-        crate::fixture::restore_v7(&crate::fixture::dir(layout), &dir, "eth0", ifindex)
+        crate::fixture::restore(&crate::fixture::dir(layout), &dir, "eth0", ifindex)
     })??;
     for b in backends {
         for a in [b.v4.to_string(), b.v6.to_string()] {

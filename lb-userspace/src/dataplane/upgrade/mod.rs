@@ -35,6 +35,7 @@
 //! and the conversion runs again from the old state.
 
 mod v7;
+mod v8;
 
 use std::{
     collections::BTreeMap,
@@ -75,7 +76,7 @@ struct Converter {
 }
 
 /// Every layout this build converts from, oldest first.
-const CONVERTERS: &[Converter] = &[v7::CONVERTER];
+const CONVERTERS: &[Converter] = &[v7::CONVERTER, v8::CONVERTER];
 
 /// The layouts this build converts from.
 pub fn known_layouts() -> Vec<u32> {
@@ -159,10 +160,26 @@ impl Upgrade {
                 .collect(),
         };
         (chain[0].check)(&image, settings)?;
-        let mut notes = Vec::new();
+        // Per map, what each step did; a map no step changed is "carried".
+        let mut steps: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for c in &chain {
-            image = (c.convert)(image, &mut notes)?;
+            let mut step = Vec::new();
+            image = (c.convert)(image, &mut step)?;
+            for n in step {
+                let what = steps.entry(n.map).or_default();
+                if what.is_empty() || !n.what.contains("carried as they are") {
+                    what.retain(|w| !w.contains("carried as they are"));
+                    what.push(n.what);
+                }
+            }
         }
+        let notes = steps
+            .into_iter()
+            .map(|(map, what)| MapNote {
+                map,
+                what: what.join("; then "),
+            })
+            .collect();
         Ok(Upgrade {
             dir: dir.to_path_buf(),
             from,

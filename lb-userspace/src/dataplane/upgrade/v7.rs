@@ -10,8 +10,6 @@
 //! Everything this module knows of layout 7 is written out here, frozen,
 //! so later changes of the shared types cannot change what it reads.
 
-use lb_common::{FLOW_EVENT_SLOTS, REASON_COUNT};
-
 use super::{Converter, MapNote};
 use crate::{
     dataplane::{image::StateImage, pinning},
@@ -38,41 +36,21 @@ const ID_BITS: u32 = 20;
 const INCARNATION_BITS: u32 = 12;
 /// One slot: key (8), ports (4), expires (4); four per set.
 const SLOT: usize = 16;
-// Layout 8 has room for every layout-7 event (and reason).
-const _: () = assert!(FLOW_EVENT_SLOTS >= STATS_EVENTS && REASON_COUNT as usize >= STATS_REASONS);
+/// Layout 8's `DataplaneConfig` size and `Stats`: 16 reasons, then 16 event
+/// slots.
+const V8_CONFIG_SIZE: usize = 80;
+const V8_STATS_REASONS: usize = 16;
+const V8_STATS_EVENTS: usize = 16;
+const V8_STATS_SIZE: usize = (V8_STATS_REASONS + V8_STATS_EVENTS) * 8;
 
 /// The old maps have layout 7's shapes and the config's capacities (the
 /// shapes of this build's, but for the two maps that changed).
 fn check(image: &StateImage, settings: &BalancerSettings) -> Result<(), String> {
-    for shape in pinning::expected(settings) {
-        let value = match shape.name {
-            n if n == lb_common::map_name::CONFIG => CONFIG_SIZE,
-            n if n == lb_common::map_name::STATS => STATS_SIZE,
-            _ => shape.value,
-        };
-        let m = image
-            .maps
-            .get(shape.name)
-            .ok_or_else(|| format!("map {} is missing", shape.name))?;
-        if m.kind != shape.kind as u32
-            || m.key_size != shape.key
-            || m.value_size != value
-            || m.flags != shape.flags
-        {
-            return Err(format!(
-                "map {} (kind {}, {}-byte keys, {}-byte values, flags {:#x}) is not layout 7's",
-                shape.name, m.kind, m.key_size, m.value_size, m.flags
-            ));
-        }
-        if m.max_entries != shape.max {
-            return Err(format!(
-                "map {} holds {} entries, the config asks for {} (capacities and \
-                 maglev_table_size cannot change in an upgrade either)",
-                shape.name, m.max_entries, shape.max
-            ));
-        }
-    }
-    Ok(())
+    pinning::check_image(image, settings, 7, |name| match name {
+        lb_common::map_name::CONFIG => Some(CONFIG_SIZE),
+        lb_common::map_name::STATS => Some(STATS_SIZE),
+        _ => None,
+    })
 }
 
 /// A layout-7 connection-table key in layout 8: the incarnation's low 11
@@ -116,33 +94,32 @@ fn convert(mut image: StateImage, notes: &mut Vec<MapNote>) -> Result<StateImage
             }
             lb_common::map_name::CONFIG => {
                 for (_, v) in m.entries.iter_mut() {
-                    let mut new = vec![0u8; size_of::<lb_common::DataplaneConfig>()];
+                    let mut new = vec![0u8; V8_CONFIG_SIZE];
                     new[..CONFIG_KEPT].copy_from_slice(&v[..CONFIG_KEPT]);
                     new[lb_common::LAYOUT_VERSION_OFFSET..lb_common::LAYOUT_VERSION_OFFSET + 4]
                         .copy_from_slice(&8u32.to_ne_bytes());
                     *v = new;
                 }
-                m.value_size = size_of::<lb_common::DataplaneConfig>();
+                m.value_size = V8_CONFIG_SIZE;
                 note(
                     name,
                     "settings carried (the closing timeout is written at start)".into(),
                 );
             }
             lb_common::map_name::STATS => {
-                let new_size = size_of::<lb_common::Stats>();
                 for (_, v) in m.entries.iter_mut() {
-                    let mut new = Vec::with_capacity(new_size * m.per_cpu);
+                    let mut new = Vec::with_capacity(V8_STATS_SIZE * m.per_cpu);
                     for cpu in v.chunks_exact(STATS_SIZE) {
-                        let mut s = vec![0u8; new_size];
+                        let mut s = [0u8; V8_STATS_SIZE];
                         s[..STATS_REASONS * 8].copy_from_slice(&cpu[..STATS_REASONS * 8]);
-                        let events = REASON_COUNT as usize * 8;
+                        let events = V8_STATS_REASONS * 8;
                         s[events..events + STATS_EVENTS * 8]
                             .copy_from_slice(&cpu[STATS_REASONS * 8..]);
                         new.extend(s);
                     }
                     *v = new;
                 }
-                m.value_size = new_size;
+                m.value_size = V8_STATS_SIZE;
                 note(name, "counters carried (the new events start at 0)".into());
             }
             _ => note(
