@@ -93,6 +93,9 @@ enum Command {
     /// operators to run.
     #[command(hide = true)]
     BirdGuard(BirdGuardArgs),
+    /// Print the control API's OpenAPI 3.1 document (what /v1/openapi.json
+    /// serves; docs/openapi.json in the repository).
+    Openapi,
 }
 
 #[derive(Args)]
@@ -190,6 +193,13 @@ fn main() -> ExitCode {
         Some(Command::Decap(args)) => {
             init_logging(None, args.log_format.into());
             run_decap(args)
+        }
+        Some(Command::Openapi) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&api::openapi()).expect("the document serializes")
+            );
+            Ok(())
         }
         Some(Command::BirdGuard(args)) => {
             init_logging(None, LogFormat::Text);

@@ -1460,7 +1460,7 @@ async fn not_found() -> ApiError {
 #[openapi(
     info(
         title = "lbd control API",
-        description = "The control API of lbd, the XDP layer-4 load balancer: VIPs, backends, load reports, status. Served on lbd's Unix socket and, with bearer tokens, on TCP."
+        description = "The control API of lbd, the XDP layer-4 load balancer: VIPs, backends, load reports, status. Served on lbd's Unix socket and, with bearer tokens, on TCP; this document is at /v1/openapi.json (and `lbd openapi` prints it)."
     ),
     components(schemas(ErrorBody, ProblemItem, ShareMoveView))
 )]
