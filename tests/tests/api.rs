@@ -523,7 +523,8 @@ fn the_openapi_document_matches_the_routes_and_the_copy_in_the_repository() {
     let lab = Lab::start(&LabSpec::weights(&[1, 1])).unwrap();
     let e = api(&lab);
     let served = get(&e, "/v1/openapi.json");
-    let file: Value = serde_json::from_str(&std::fs::read_to_string(OPENAPI_FILE).unwrap()).unwrap();
+    let file: Value =
+        serde_json::from_str(&std::fs::read_to_string(OPENAPI_FILE).unwrap()).unwrap();
     assert!(
         served == file,
         "docs/openapi.json is not what lbd serves: regenerate it with `target/debug/lbd openapi > docs/openapi.json`"
@@ -534,9 +535,7 @@ fn the_openapi_document_matches_the_routes_and_the_copy_in_the_repository() {
     let before = state(&lab);
     let mut checked = 0;
     for (path, methods) in served["paths"].as_object().unwrap() {
-        let path = path
-            .replace("{vip}", VIP)
-            .replace("{addr}", "10.201.0.11");
+        let path = path.replace("{vip}", VIP).replace("{addr}", "10.201.0.11");
         for method in methods.as_object().unwrap().keys() {
             let method = method.to_uppercase();
             let r = e
@@ -550,7 +549,11 @@ fn the_openapi_document_matches_the_routes_and_the_copy_in_the_repository() {
                 r.error_message()
             );
             if method != "GET" {
-                assert!((400..500).contains(&r.status), "{method} {path}: {}", r.status);
+                assert!(
+                    (400..500).contains(&r.status),
+                    "{method} {path}: {}",
+                    r.status
+                );
             }
             checked += 1;
         }
@@ -558,10 +561,22 @@ fn the_openapi_document_matches_the_routes_and_the_copy_in_the_repository() {
     println!("{checked} documented routes answered");
     assert!(checked >= 18);
     // And what is not documented is not routed.
-    for (method, path) in [("DELETE", "/v1/status"), ("PUT", "/v1/stats"), ("GET", "/v1/vips/x/y/z")] {
+    for (method, path) in [
+        ("DELETE", "/v1/status"),
+        ("PUT", "/v1/stats"),
+        ("GET", "/v1/vips/x/y/z"),
+    ] {
         let r = e.request(method, path, None).unwrap();
-        assert!(r.status == 404 || r.status == 405, "{method} {path}: {}", r.status);
-        assert_eq!(r.header("content-type"), Some("application/problem+json"), "{method} {path}");
+        assert!(
+            r.status == 404 || r.status == 405,
+            "{method} {path}: {}",
+            r.status
+        );
+        assert_eq!(
+            r.header("content-type"),
+            Some("application/problem+json"),
+            "{method} {path}"
+        );
     }
     assert_eq!(state(&lab), before, "the probes changed nothing");
 }
