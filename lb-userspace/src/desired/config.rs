@@ -738,41 +738,37 @@ fn with_vips(text: &str, vips: &[Vip]) -> std::io::Result<String> {
     Ok(out)
 }
 
-/// `vips` as `[[vip]]` tables, made in one document (so that every
-/// table's place in it is its own: sub-tables stay under their VIP).
+/// `vips` as `[[vip]]` tables: each VIP's keys (serialized as a one-VIP
+/// document, so its `[vip.health]` and `[vip.load]` tables come out under
+/// it), its backends an inline table a line between its keys and its
+/// tables. Written as text: thousands of backends are a line each, not a
+/// document to parse again.
 fn vip_tables(vips: &[Vip]) -> Result<String, String> {
-    use toml_edit::{DocumentMut, Item, value};
-    if vips.is_empty() {
-        return Ok(String::new());
+    #[derive(Serialize)]
+    struct One {
+        vip: [RawVip; 1],
     }
-    let raw = RawDocument {
-        revision: None,
-        vip: vips.iter().map(RawVip::of).collect(),
-    };
-    let text = toml::to_string(&raw).map_err(|e| e.to_string())?;
-    let mut doc: DocumentMut = text
-        .parse()
-        .map_err(|e: toml_edit::TomlError| e.to_string())?;
-    let Some(Item::ArrayOfTables(list)) = doc.get_mut("vip") else {
-        return Err("the VIPs did not serialize as [[vip]] tables".into());
-    };
-    for t in list.iter_mut() {
-        let backends = match t.remove("backends") {
-            Some(Item::ArrayOfTables(list)) => {
-                let mut backends = list.into_array();
-                for item in backends.iter_mut() {
-                    item.decor_mut().set_prefix("\n  ");
-                }
-                backends.set_trailing("\n");
-                backends.set_trailing_comma(true);
-                backends
-            }
-            _ => toml_edit::Array::new(),
-        };
-        // After the VIP's own keys, before its sub-tables.
-        t.insert("backends", value(backends));
+    let mut out = String::new();
+    for v in vips {
+        let mut raw = RawVip::of(v);
+        let backends = std::mem::take(&mut raw.backends);
+        let text = toml::to_string(&One { vip: [raw] }).map_err(|e| e.to_string())?;
+        // `[[vip]]` and its keys, then its sub-tables (if any).
+        let split = text.find("\n[vip.").map_or(text.len(), |i| i + 1);
+        let (keys, tables) = text.split_at(split);
+        out += keys.trim_end();
+        out += "\nbackends = [";
+        for b in &backends {
+            let line = toml::Value::try_from(b).map_err(|e| e.to_string())?;
+            out += &format!("\n  {line},");
+        }
+        out += if backends.is_empty() { "]\n" } else { "\n]\n" };
+        if !tables.is_empty() {
+            out += tables;
+        }
+        out += "\n";
     }
-    Ok(doc.to_string())
+    Ok(out)
 }
 
 /// Replaces the file at `path` with `text` atomically: a temp file in the
