@@ -397,9 +397,10 @@ fn bad_pushed_reports_are_refused_and_change_nothing_and_stale_ones_decay() {
     let path = format!("/v1/backends/{b2}/load");
     thread::sleep(Duration::from_millis(1500));
     let before = rebuilds(&lab);
+    // Over the API's body limit.
     let big = format!(
         "{{\"named_metrics\": {{\"queue\": 1}}, \"pad\": \"{}\"}}",
-        "x".repeat(70_000)
+        "x".repeat(lb::control::api::BODY_LIMIT)
     );
     let cases: Vec<(&str, String, u16, &str)> = vec![
         (
