@@ -735,7 +735,9 @@ async fn delete_backend(
 /// `named_metrics.kv_cache` (or `kv_cache_usage`): KV-cache use, 0..=1;
 /// `application_utilization`: 1 = saturated. `named_metrics.running` (or
 /// `num_requests_running`), `rps_fractional`, `eps` and the other ORCA
-/// fields are accepted and shown, not steered by. `ttl` (seconds): how long
+/// fields are accepted and shown, not steered by. `named_metrics.progress`:
+/// a count that grows while the node makes progress (tokens, say), for
+/// stall detection (`stall_after`). `ttl` (seconds): how long
 /// the report counts (default: the VIP's `load.stale_after`).
 #[derive(serde::Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
@@ -829,6 +831,7 @@ pub fn load_report_from_json(
         running: pick(["running", "num_requests_running"]),
         kv,
         utilization: b.application_utilization,
+        progress: named.get("progress").copied(),
         source: crate::steering::LoadSource::Push,
         reporter: "orca",
         at: now,

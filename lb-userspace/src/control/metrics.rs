@@ -942,6 +942,7 @@ mod tests {
                 running: Some(2.0),
                 kv: Some(0.5),
                 utilization: None,
+                progress: None,
                 source: LoadSource::Scrape,
                 reporter: "vllm",
                 at: now,

@@ -463,6 +463,9 @@ struct RawLoad {
     min_factor: Option<RawNumber>,
     recovery: Option<RawNumber>,
     stale_after: Option<RawNumber>,
+    stall_after: Option<RawNumber>,
+    engine: Option<String>,
+    on_saturated: Option<String>,
 }
 
 /// Validates a config as a whole (the checks that span VIPs: duplicates,
@@ -757,10 +760,20 @@ fn load_table(l: &LoadConfig) -> toml_edit::InlineTable {
             t.insert(name, x.into());
         }
     }
-    for (name, d) in [("recovery", l.recovery), ("stale_after", l.stale_after)] {
+    for (name, d) in [
+        ("recovery", l.recovery),
+        ("stale_after", l.stale_after),
+        ("stall_after", l.stall_after),
+    ] {
         if let Some(d) = d {
             t.insert(name, seconds_value(d));
         }
+    }
+    if let Some(e) = l.engine {
+        t.insert("engine", e.map_or("auto", |e| e.name()).into());
+    }
+    if let Some(p) = l.on_saturated {
+        t.insert("on_saturated", p.to_string().into());
     }
     t
 }
@@ -1138,6 +1151,20 @@ impl Validator {
             min_factor: self.number(&join(path, "min_factor"), raw.min_factor, (0.05, 1.0)),
             recovery: self.seconds(&join(path, "recovery"), raw.recovery, (0.0, 3600.0)),
             stale_after: self.seconds(&join(path, "stale_after"), raw.stale_after, (0.1, 86400.0)),
+            stall_after: self.seconds(&join(path, "stall_after"), raw.stall_after, (0.0, 3600.0)),
+            engine: raw.engine.as_deref().and_then(|e| match e {
+                "auto" => Some(None),
+                name => name
+                    .parse()
+                    .map(Some)
+                    .map_err(|m| self.problem(join(path, "engine"), m))
+                    .ok(),
+            }),
+            on_saturated: raw.on_saturated.as_deref().and_then(|p| {
+                p.parse()
+                    .map_err(|m| self.problem(join(path, "on_saturated"), m))
+                    .ok()
+            }),
         }
     }
 
@@ -1871,6 +1898,12 @@ impl Validator {
             .as_ref()
             .map(|l| self.load(&join(path, "load"), l))
             .unwrap_or_default();
+        if load.on_saturated.is_some() {
+            self.problem(
+                join(path, "load.on_saturated"),
+                "a setting of the whole VIP: set it in the VIP's [vip.load] table",
+            );
+        }
         Some(Backend {
             addr: addr?,
             weight,
@@ -2279,6 +2312,7 @@ mod tests {
                 http: Default::default(),
                 interval: Duration::from_secs(1),
                 timeout: Duration::from_millis(800),
+                engine: None,
             })
         );
         // Without the tables: no checks, static weights.
