@@ -1120,4 +1120,123 @@ mod tests {
             assert!(s.vip_view(&v.addr).all_down, "{policy}");
         }
     }
+
+    fn working(progress: f64, at: Instant) -> LoadReport {
+        LoadReport {
+            running: Some(4.0),
+            progress: Some(progress),
+            ..report(1.0, at)
+        }
+    }
+
+    #[test]
+    fn a_node_with_work_and_no_progress_is_stalled_and_returns_when_it_moves() {
+        let v = vip(&format!("{LOAD}stall_after = 5\n"), 3);
+        let t0 = Instant::now();
+        let mut s = start(&v, t0);
+        let mut now = t0;
+        // Node 1 makes progress; node 2 has work and a frozen counter;
+        // node 3 is idle with a frozen counter.
+        for i in 0..=6 {
+            now = t0 + Duration::from_secs(i);
+            s.load_report(addr(1), working(100.0 * i as f64, now));
+            s.load_report(addr(2), working(7.0, now));
+            s.load_report(
+                addr(3),
+                LoadReport {
+                    running: Some(0.0),
+                    progress: Some(7.0),
+                    ..report(0.0, now)
+                },
+            );
+            let t = step(&mut s, &v, now);
+            if i < 5 {
+                assert!(
+                    s.backend_view(&v, addr(2)).unwrap().stalled.is_none(),
+                    "not yet at {i} s"
+                );
+            } else if i == 5 {
+                let t = t.expect("a stall is applied at once");
+                assert_eq!(t[&addr(2)].weight, 0, "out of the table");
+                assert!(!t[&addr(2)].down, "not down: its flows stay");
+            }
+        }
+        let b2 = s.backend_view(&v, addr(2)).unwrap();
+        assert!(b2.stalled.is_some());
+        assert_eq!(b2.still_for, Some(Duration::from_secs(6)));
+        assert!(s.backend_view(&v, addr(3)).unwrap().stalled.is_none(), "idle is never stalled");
+        assert!(s.backend_view(&v, addr(1)).unwrap().stalled.is_none());
+        assert_eq!(s.healthy_backends(&v), 2);
+        let changes = s.take_stall_changes(&v.addr);
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert!(changes[0].stalled && changes[0].backend == addr(2));
+        // Its counter moves: it is back at once.
+        now += Duration::from_millis(250);
+        s.load_report(addr(2), working(8.0, now));
+        let t = step(&mut s, &v, now).expect("back at once");
+        assert!(t[&addr(2)].weight > 0);
+        let b2 = s.backend_view(&v, addr(2)).unwrap();
+        assert!(b2.stalled.is_none());
+        assert_eq!(b2.stall_transitions, 2);
+        assert!(!s.take_stall_changes(&v.addr)[0].stalled);
+    }
+
+    #[test]
+    fn stall_detection_is_off_with_zero_and_without_a_progress_count() {
+        let v = vip(&format!("{LOAD}stall_after = 0\n"), 2);
+        let t0 = Instant::now();
+        let mut s = start(&v, t0);
+        for i in 0..100 {
+            let now = t0 + Duration::from_secs(i);
+            s.load_report(addr(1), working(7.0, now));
+            // No progress count at all (a push without one, TGI before it
+            // had one): never stalled either.
+            s.load_report(addr(2), report(3.0, now));
+            step(&mut s, &v, now);
+        }
+        assert!(s.backend_view(&v, addr(1)).unwrap().stalled.is_none());
+        let v = vip(LOAD, 2);
+        let mut s = start(&v, t0);
+        for i in 0..100 {
+            let now = t0 + Duration::from_secs(i);
+            s.load_report(addr(2), report(3.0, now));
+            step(&mut s, &v, now);
+        }
+        assert!(s.backend_view(&v, addr(2)).unwrap().stalled.is_none());
+    }
+
+    #[test]
+    fn shed_share_follows_the_documented_formula() {
+        assert_eq!(shed_share(0.5), 0.0);
+        assert_eq!(shed_share(1.0), 0.0);
+        assert_eq!(shed_share(f64::NAN), 0.0);
+        assert_eq!(shed_share(2.0), 0.5);
+        assert_eq!(shed_share(4.0), 0.75);
+        assert_eq!(shed_share(3.0), 0.66, "rounded down to a percent");
+        assert_eq!(shed_share(1000.0), MAX_SHED);
+    }
+
+    #[test]
+    fn a_saturated_pool_sheds_only_with_shed_and_stops_with_the_report_that_ends_it() {
+        let t0 = Instant::now();
+        for (policy, want) in [("spread", 0.0), ("shed", 0.5)] {
+            let v = vip(&format!("{LOAD}on_saturated = \"{policy}\"\n"), 2);
+            let mut s = start(&v, t0);
+            // Queues twice their limit (5): p = 2.
+            for i in 1..=2 {
+                s.load_report(addr(i), report(10.0, t0));
+            }
+            step(&mut s, &v, t0);
+            let view = s.vip_view(&v.addr);
+            assert!(view.saturated, "{policy}");
+            assert_eq!(view.shed, want, "{policy}");
+            // One node's queue empties: no shedding with the next plan,
+            // although smoothing keeps the pool saturated a while.
+            let now = t0 + Duration::from_millis(250);
+            s.load_report(addr(1), report(0.0, now));
+            step(&mut s, &v, now);
+            let view = s.vip_view(&v.addr);
+            assert_eq!(view.shed, 0.0, "{policy}: {view:?}");
+        }
+    }
 }
