@@ -907,6 +907,7 @@ fn load_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
         http: Default::default(),
         interval: std::time::Duration::from_secs(1),
         timeout: std::time::Duration::from_secs(2),
+        engine: None,
     };
     let vips: Vec<Vip> = lb::desired::config::parse(&toml, "bench config")?
         .vips
