@@ -1113,4 +1113,126 @@ tgi_request_duration_count 12
         // `used` is not looked at while `fraction` is there.
         assert_eq!(load(&text).unwrap().kv, Some(0.9));
     }
+
+    #[test]
+    fn wanted_is_every_family_of_every_spec() {
+        for spec in &SPECS {
+            for f in spec.families() {
+                assert!(wanted(f.name), "{} of {}", f.name, spec.engine);
+            }
+        }
+        assert!(!wanted("vllm:num_requests_waiting_by_reason"));
+    }
+
+    #[test]
+    fn nim_ray_and_trtllm_serve_pages_are_read_with_progress() {
+        let nim = "# TYPE num_requests_waiting gauge\n\
+                   num_requests_waiting{model_name=\"meta/llama-3.1-8b-instruct\"} 4\n\
+                   num_requests_running{model_name=\"meta/llama-3.1-8b-instruct\"} 2\n\
+                   gpu_cache_usage_perc{model_name=\"meta/llama-3.1-8b-instruct\"} 0.3\n\
+                   prompt_tokens_total{model_name=\"meta/llama-3.1-8b-instruct\"} 100\n\
+                   generation_tokens_total{model_name=\"meta/llama-3.1-8b-instruct\"} 50\n";
+        let r = load(nim).unwrap();
+        assert_eq!(
+            (r.engine, r.queue, r.running, r.kv, r.progress),
+            (Engine::Nim, 4.0, Some(2.0), Some(0.3), Some(150.0))
+        );
+        for prefix in ["ray_vllm:", "ray_vllm_"] {
+            let ray = format!(
+                "{prefix}num_requests_waiting{{model_name=\"m\",ReplicaId=\"r1\"}} 3\n\
+                 {prefix}num_requests_running{{model_name=\"m\",ReplicaId=\"r1\"}} 1\n\
+                 {prefix}kv_cache_usage_perc{{model_name=\"m\",ReplicaId=\"r1\"}} 0.5\n\
+                 {prefix}generation_tokens_total{{model_name=\"m\",ReplicaId=\"r1\"}} 9\n"
+            );
+            let r = load(&ray).unwrap();
+            assert_eq!(
+                (r.engine, r.queue, r.kv, r.progress),
+                (Engine::Ray, 3.0, Some(0.5), Some(9.0)),
+                "{prefix}"
+            );
+        }
+        let trt = "trtllm_num_requests_waiting{model_name=\"m\",engine_type=\"trtllm\"} 6\n\
+                   trtllm_num_requests_running{model_name=\"m\",engine_type=\"trtllm\"} 2\n\
+                   trtllm_kv_cache_utilization{model_name=\"m\",engine_type=\"trtllm\"} 0.25\n\
+                   trtllm_request_success_total{model_name=\"m\",finished_reason=\"stop\"} 12\n";
+        let r = load(trt).unwrap();
+        assert_eq!(
+            (r.engine, r.queue, r.running, r.kv, r.progress),
+            (Engine::Trtllm, 6.0, Some(2.0), Some(0.25), Some(12.0))
+        );
+        // A vLLM page is vLLM, not NIM, though it has no unprefixed names.
+        assert_eq!(load(VLLM).unwrap().engine, Engine::Vllm);
+    }
+
+    #[test]
+    fn trtllm_serve_json_statistics_are_read_from_the_last_iteration() {
+        let json = r#"[{"iter": 1, "numQueuedRequests": 9, "numActiveRequests": 1,
+                        "kvCacheStats": {"usedNumBlocks": 10, "maxNumBlocks": 100}},
+                       {"iter": 2, "numQueuedRequests": 3, "numActiveRequests": 4,
+                        "kvCacheStats": {"usedNumBlocks": 40, "maxNumBlocks": 100}}]"#;
+        let r = load(json).unwrap();
+        assert_eq!(
+            (r.engine, r.queue, r.running, r.kv, r.progress),
+            (Engine::Trtllm, 3.0, Some(4.0), Some(0.4), None)
+        );
+        let idle = load("[]").unwrap();
+        assert_eq!((idle.queue, idle.running), (0.0, Some(0.0)));
+        let e = load(r#"[{"numActiveRequests": 1}]"#).unwrap_err();
+        assert!(e.to_string().contains("numQueuedRequests"), "{e}");
+        let e = load(r#"[{"numQueuedRequests": -1}]"#).unwrap_err();
+        assert!(e.to_string().contains("negative"), "{e}");
+        let e = load("[1, 2").unwrap_err();
+        assert!(matches!(e, ExtractError::Malformed(_)), "{e}");
+    }
+
+    #[test]
+    fn declared_families_without_samples_say_what_is_missing() {
+        let starting = "# HELP vllm:num_requests_waiting Number of requests waiting.\n\
+                        # TYPE vllm:num_requests_waiting gauge\n\
+                        # TYPE vllm:num_requests_running gauge\n";
+        let e = load(starting).unwrap_err();
+        assert_eq!(
+            e,
+            ExtractError::Missing {
+                engine: Engine::Vllm,
+                family: "vllm:num_requests_waiting",
+                declared: true
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "vllm:num_requests_waiting is declared but has no sample yet (vllm is starting up, or has not set it)"
+        );
+        // The VIP says SGLang; the page is vLLM's.
+        let e = read(VLLM, Some(Engine::Sglang)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no sglang:num_queue_reqs on the page (the VIP reads it as sglang's)"
+        );
+        assert_eq!(read(VLLM, Some(Engine::Vllm)).unwrap().engine, Engine::Vllm);
+    }
+
+    #[test]
+    fn ranks_that_share_a_scheduler_are_counted_once_data_parallel_ranks_summed() {
+        // SGLang with context parallelism: every rank reports the global
+        // queue; two data-parallel ranks have queues of their own.
+        let mut text = String::new();
+        for dp in 0..2 {
+            for cp in 0..4 {
+                text += &format!(
+                    "sglang:num_queue_reqs{{dp_rank=\"{dp}\",attn_cp_rank=\"{cp}\",tp_rank=\"{cp}\"}} {}\n",
+                    5 + dp
+                );
+            }
+        }
+        assert_eq!(load(&text).unwrap().queue, 11.0, "5 + 6, not 4 x (5 + 6)");
+    }
+
+    #[test]
+    fn waiting_by_reason_is_not_added_to_the_queue() {
+        let text = format!(
+            "{VLLM}vllm:num_requests_waiting_by_reason{{engine=\"0\",model_name=\"m\",reason=\"capacity\"}} 6\n"
+        );
+        assert_eq!(load(&text).unwrap().queue, load(VLLM).unwrap().queue);
+    }
 }
