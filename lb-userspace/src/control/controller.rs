@@ -77,7 +77,7 @@ pub struct ProbeStats {
     pub checks_ok: u64,
     pub checks_failed: u64,
     /// Load reports by (source, outcome): `accepted`, `invalid`,
-    /// `unknown_format`, `failed` (no answer), `unknown_backend`,
+    /// `unknown_format`, `no_samples`, `failed` (no answer), `unknown_backend`,
     /// `no_policy`, and `stale` (accepted, then too old before a newer one).
     pub reports: BTreeMap<(&'static str, &'static str), u64>,
     /// How long the health checks of each VIP's backends took.

@@ -601,7 +601,7 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
     m.push(counter(&[("result", "failed")], p.checks_failed));
     let m = f.counters(
         "lb_load_reports_total",
-        "Load reports by source (scrape, push) and outcome: accepted; invalid, unknown_format, failed (no answer), unknown_backend, no_policy (ignored, weights unchanged); stale (accepted, then too old before a newer one came).",
+        "Load reports by source (scrape, push) and outcome: accepted; invalid, unknown_format, no_samples (families declared, no samples yet), failed (no answer), unknown_backend, no_policy (ignored, weights unchanged); stale (accepted, then too old before a newer one came).",
     );
     for ((source, outcome), n) in &p.reports {
         m.push(counter(&[("outcome", outcome), ("source", source)], *n));

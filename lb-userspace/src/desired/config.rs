@@ -1922,6 +1922,8 @@ impl Validator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::policy::SaturatedPolicy;
+    use crate::steering::engines::Engine;
 
     const GOOD: &str = r#"
         [balancer]
@@ -2327,6 +2329,32 @@ mod tests {
     }
 
     #[test]
+    fn engine_stall_and_shed_settings_are_read_and_saved_back() {
+        let text = POLICIES.replace(
+            "recovery = 2.5",
+            "recovery = 2.5\nengine = \"sglang\"\nstall_after = 0.5\non_saturated = \"shed\"",
+        );
+        let c = parse(&text, "t").unwrap();
+        let v = &c.vips[0];
+        assert_eq!(v.on_saturated(), SaturatedPolicy::Shed);
+        let p = v.load_policy(&v.backends[0]).unwrap();
+        assert_eq!(p.stall_after, Duration::from_millis(500));
+        assert_eq!(p.scrape.unwrap().engine, Some(Engine::Sglang));
+        let dir = std::env::temp_dir().join(format!("lb-config-engine-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lbd.toml");
+        std::fs::write(&path, &text).unwrap();
+        save_vips(&path, &c.vips).unwrap();
+        let saved = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(parse(&saved, "t").unwrap(), c, "{saved}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        // "auto" is detection, as when unset.
+        let auto = parse(&POLICIES.replace("recovery = 2.5", "engine = \"auto\""), "t").unwrap();
+        let v = &auto.vips[0];
+        assert_eq!(v.load_policy(&v.backends[0]).unwrap().scrape.unwrap().engine, None);
+    }
+
+    #[test]
     fn bad_health_and_load_settings_are_named() {
         let bad = |from: &str, to: &str, field: &str, needle: &str| {
             assert!(POLICIES.contains(from), "{from}");
@@ -2374,6 +2402,30 @@ mod tests {
             "queue_limit = -1",
             "vip[0].load.queue_limit",
             "out of range",
+        );
+        bad(
+            "recovery = 2.5",
+            "recovery = 2.5\nengine = \"vllm2\"",
+            "vip[0].load.engine",
+            "unknown engine \"vllm2\"",
+        );
+        bad(
+            "recovery = 2.5",
+            "recovery = 2.5\non_saturated = \"drop\"",
+            "vip[0].load.on_saturated",
+            "\"spread\" or \"shed\"",
+        );
+        bad(
+            "recovery = 2.5",
+            "recovery = 2.5\nstall_after = -1",
+            "vip[0].load.stall_after",
+            "out of range",
+        );
+        bad(
+            "load = { metrics_port = 9001 }",
+            "load = { on_saturated = \"shed\" }",
+            "vip[0].backends[1].load.on_saturated",
+            "a setting of the whole VIP",
         );
         bad(
             "on_all_down = \"drop\"",

@@ -38,7 +38,8 @@
 //!   `trtllm_num_requests_waiting`, `trtllm_num_requests_running`,
 //!   `trtllm_kv_cache_utilization` (a fraction), progress
 //!   `trtllm_prompt_tokens_total` + `trtllm_generation_tokens_total` +
-//!   `trtllm_request_success_total` (newer builds, on
+//!   `trtllm_request_success_total` + `trtllm_num_requests_completed_total`
+//!   (newer builds, on
 //!   `/prometheus/metrics`); or its JSON `/metrics`, a list of iteration
 //!   statistics since the previous request, of which the last counts:
 //!   `numQueuedRequests`, `numActiveRequests`, KV `kvCacheStats.usedNumBlocks
@@ -320,6 +321,7 @@ pub const SPECS: [Spec; 8] = [
             Family::all("trtllm_prompt_tokens_total"),
             Family::all("trtllm_generation_tokens_total"),
             Family::all("trtllm_request_success_total"),
+            Family::all("trtllm_num_requests_completed_total"),
         ],
     },
     vllm_like!(Engine::Nim, ""),
@@ -377,6 +379,7 @@ pub fn wanted(name: &str) -> bool {
             | "trtllm_prompt_tokens_total"
             | "trtllm_generation_tokens_total"
             | "trtllm_request_success_total"
+            | "trtllm_num_requests_completed_total"
     )
 }
 

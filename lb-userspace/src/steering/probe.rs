@@ -111,7 +111,7 @@ impl Scraper {
             )));
         }
         let body = a
-            .decoded(MAX_SCRAPE)
+            .into_decoded(MAX_SCRAPE)
             .map_err(|e| ScrapeError::Fetch(format!("{}: {e}", t.path)))?;
         load_from_text(&body, t.engine, Instant::now()).map_err(|e| match e {
             ScrapeError::Invalid(m) => ScrapeError::Invalid(format!("{}: {m}", t.path)),

@@ -893,7 +893,7 @@ fn serve_pages(pages: Pages, bind: IpAddr) -> Result<std::net::SocketAddr> {
 
 /// [`scale_config`] with `extra` after each VIP's backends.
 fn scale_config_with(vips: usize, backends: usize, extra: &str) -> String {
-    scale_config(vips, backends).replace("]\n", &format!("]\n{extra}"))
+    scale_config(vips, backends).replace("\n]\n", &format!("\n]\n{extra}"))
 }
 
 /// One load cycle for 1,000 backends (10 VIPs x 100) as lbd runs it: a
@@ -979,7 +979,7 @@ fn load_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
                     .block_on(clients[n].get("/metrics", timeout, lb::steering::probe::MAX_SCRAPE))
                     .map_err(anyhow::Error::msg)?;
                 let body = answer
-                    .decoded(lb::steering::probe::MAX_SCRAPE)
+                    .into_decoded(lb::steering::probe::MAX_SCRAPE)
                     .map_err(anyhow::Error::msg)?;
                 let c2 = thread_cpu();
                 f += c2 - c;
