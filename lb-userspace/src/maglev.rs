@@ -184,7 +184,12 @@ impl MaglevTable {
     pub fn counts(&self) -> std::collections::HashMap<u32, usize> {
         // Ids are small (backend ids are handed out lowest first): counted
         // in an array, then hashed once per id rather than once per entry.
-        let max = self.entries.iter().copied().filter(|e| *e != NO_BACKEND).max();
+        let max = self
+            .entries
+            .iter()
+            .copied()
+            .filter(|e| *e != NO_BACKEND)
+            .max();
         match max {
             Some(max) if max < 1 << 20 => {
                 let mut by_id = vec![0usize; max as usize + 1];

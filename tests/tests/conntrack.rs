@@ -759,10 +759,17 @@ fn a_shedding_vip_drops_its_share_of_new_syns_and_nothing_else() {
         }
     }
     let share = dropped as f64 / new.len() as f64;
-    println!("shed share 0.5: {dropped} of {} new SYNs dropped ({share:.3})", new.len());
+    println!(
+        "shed share 0.5: {dropped} of {} new SYNs dropped ({share:.3})",
+        new.len()
+    );
     assert!((0.45..=0.55).contains(&share), "{share}");
     assert_eq!(shed_count(&lab), dropped, "each counted as shed");
-    assert_eq!(route(&mut lab, &established), first, "established flows untouched");
+    assert_eq!(
+        route(&mut lab, &established),
+        first,
+        "established flows untouched"
+    );
     // Other packets of unknown TCP flows, and UDP: scheduled, never shed.
     route(&mut lab, &flows(23, 200, "203.0.113.10", 80, Protocol::Tcp));
     route(&mut lab, &flows(24, 200, "203.0.113.10", 53, Protocol::Udp));

@@ -648,7 +648,9 @@ fn a_stuck_engine_leaves_the_table_in_time_keeps_its_streams_and_returns() {
         let v = backend(lab, victim);
         v["stalled"] == Value::Bool(true) && v["table_share"].as_f64() == Some(0.0)
     });
-    eprintln!("the stuck backend was out of the table after {took:?} (stall_after {STALL_AFTER} s, scrapes every 1 s)");
+    eprintln!(
+        "the stuck backend was out of the table after {took:?} (stall_after {STALL_AFTER} s, scrapes every 1 s)"
+    );
     assert!(
         took <= Duration::from_millis(STALL_AFTER * 1000 + 1000 + 500),
         "out after {took:?}: more than stall_after + one scrape"
@@ -750,7 +752,11 @@ fn a_saturated_pool_sheds_new_syns_only_and_stops_within_a_scrape() {
     });
     let (_, stop, keeper) = keep_streaming(&lab);
     let addr = lab.vip_http(false);
-    assert_eq!(unanswered_syns(&lab, addr, 40, Duration::from_millis(10)), 0, "not saturated");
+    assert_eq!(
+        unanswered_syns(&lab, addr, 40, Duration::from_millis(10)),
+        0,
+        "not saturated"
+    );
 
     // Queues of 20, four times their limit of 5: the pool sheds 1 - 1/4.
     for i in 0..2 {
@@ -758,12 +764,19 @@ fn a_saturated_pool_sheds_new_syns_only_and_stops_within_a_scrape() {
     }
     wait_for(&lab, 10, "shedding", |lab| shed_share(lab) > 0.0);
     assert_eq!(shed_share(&lab), 0.75);
-    let shed_before = lab.metric("lb_packets_total", &[("reason", "shed")]).unwrap();
+    let shed_before = lab
+        .metric("lb_packets_total", &[("reason", "shed")])
+        .unwrap();
     const N: usize = 200;
     let lost = unanswered_syns(&lab, addr, N, Duration::from_millis(20));
-    let shed = lab.metric("lb_packets_total", &[("reason", "shed")]).unwrap() - shed_before;
+    let shed = lab
+        .metric("lb_packets_total", &[("reason", "shed")])
+        .unwrap()
+        - shed_before;
     let share = lost as f64 / N as f64;
-    eprintln!("while shedding 0.75: {lost} of {N} SYNs unanswered at the client ({share:.2}); {shed} counted as shed");
+    eprintln!(
+        "while shedding 0.75: {lost} of {N} SYNs unanswered at the client ({share:.2}); {shed} counted as shed"
+    );
     assert!((0.62..=0.88).contains(&share), "{share}");
     assert_eq!(shed, lost as u64, "each unanswered SYN was shed");
     let m = lab.metrics().unwrap();
@@ -783,7 +796,11 @@ fn a_saturated_pool_sheds_new_syns_only_and_stops_within_a_scrape() {
     let took = fell.elapsed();
     eprintln!("shedding stopped {took:?} after the load fell");
     assert!(took <= Duration::from_millis(1500), "{took:?}");
-    assert_eq!(unanswered_syns(&lab, addr, 60, Duration::from_millis(10)), 0, "every SYN answered again");
+    assert_eq!(
+        unanswered_syns(&lab, addr, 60, Duration::from_millis(10)),
+        0,
+        "every SYN answered again"
+    );
     assert!(lab.lbd_log().contains("shedding"), "logged");
     stop.send(()).unwrap();
     let (n, longest) = keeper
@@ -792,7 +809,10 @@ fn a_saturated_pool_sheds_new_syns_only_and_stops_within_a_scrape() {
         .expect("the established stream was not shed");
     eprintln!("the established stream: {n} requests, longest answer {longest:?}");
     assert!(n > 40, "{n} requests");
-    assert!(longest < Duration::from_millis(500), "{longest:?}: never held back");
+    assert!(
+        longest < Duration::from_millis(500),
+        "{longest:?}: never held back"
+    );
 }
 
 fn lbctl(lab: &Lab, args: &[&str]) -> String {

@@ -614,7 +614,10 @@ impl Controller {
     /// that no rate limit held back.
     fn react(&mut self, node: IpAddr, at: Instant, source: &'static str) {
         let vips = std::mem::take(&mut self.config.vips);
-        for v in vips.iter().filter(|v| v.backends.iter().any(|b| b.addr == node)) {
+        for v in vips
+            .iter()
+            .filter(|v| v.backends.iter().any(|b| b.addr == node))
+        {
             let held = self.steering.rate_limited(&v.addr, Instant::now());
             if let Some(plan) = self.steer(v, "load", false)
                 && !held

@@ -517,7 +517,11 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
             }
             if let Some(x) = r.steer.filter(|x| x.pressure.is_some()) {
                 m.push(counter(
-                    &[("backend", &r.backend), ("cause", "stalled"), ("vip", &r.vip)],
+                    &[
+                        ("backend", &r.backend),
+                        ("cause", "stalled"),
+                        ("vip", &r.vip),
+                    ],
                     x.stall_transitions,
                 ));
             }

@@ -13,10 +13,10 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, MAGLEV_CHUNK, MaglevChunk, VIP_HASH_SRC_PORT,
-    VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK, VIP_SCHED_WRR,
-    SHED_ONE, VIP_STICK_WHEN_DOWN, VipAddrKey, VipInfo, addr_words, chunks_per_table, map_name,
-    vip_filter_slot,
+    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, MAGLEV_CHUNK, MaglevChunk, SHED_ONE,
+    VIP_HASH_SRC_PORT, VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV, VIP_SCHED_MAGLEV_SRC,
+    VIP_SCHED_MASK, VIP_SCHED_WRR, VIP_STICK_WHEN_DOWN, VipAddrKey, VipInfo, addr_words,
+    chunks_per_table, map_name, vip_filter_slot,
 };
 
 use super::{BackendState, Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
@@ -640,6 +640,10 @@ impl Dataplane {
 /// `VipInfo::shed` for a share of new connections (clamped to
 /// 0..=[`MAX_SHED`]).
 pub fn shed_word(share: f64) -> u32 {
-    let share = if share.is_nan() { 0.0 } else { share.clamp(0.0, MAX_SHED) };
+    let share = if share.is_nan() {
+        0.0
+    } else {
+        share.clamp(0.0, MAX_SHED)
+    };
     (share * f64::from(SHED_ONE)).round() as u32
 }

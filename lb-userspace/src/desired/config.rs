@@ -494,9 +494,7 @@ impl RawLoad {
             recovery: l.recovery.map(RawNumber::seconds),
             stale_after: l.stale_after.map(RawNumber::seconds),
             stall_after: l.stall_after.map(RawNumber::seconds),
-            engine: l
-                .engine
-                .map(|e| e.map_or("auto", |e| e.name()).to_string()),
+            engine: l.engine.map(|e| e.map_or("auto", |e| e.name()).to_string()),
             on_saturated: l.on_saturated.map(|p| p.to_string()),
         }
     }
@@ -779,9 +777,6 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()
 }
-
-
-
 
 /// A JSON request body into `T`; a syntax or type error names the field
 /// it happened at (`body` when it is the document itself).
@@ -2349,9 +2344,20 @@ mod tests {
         assert_eq!(parse(&saved, "t").unwrap(), c, "{saved}");
         std::fs::remove_dir_all(&dir).unwrap();
         // "auto" is detection, as when unset.
-        let auto = parse(&POLICIES.replace("recovery = 2.5", "engine = \"auto\""), "t").unwrap();
+        let auto = parse(
+            &POLICIES.replace("recovery = 2.5", "engine = \"auto\""),
+            "t",
+        )
+        .unwrap();
         let v = &auto.vips[0];
-        assert_eq!(v.load_policy(&v.backends[0]).unwrap().scrape.unwrap().engine, None);
+        assert_eq!(
+            v.load_policy(&v.backends[0])
+                .unwrap()
+                .scrape
+                .unwrap()
+                .engine,
+            None
+        );
     }
 
     #[test]

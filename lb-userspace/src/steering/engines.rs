@@ -396,7 +396,9 @@ pub fn read(text: &str, engine: Option<Engine>) -> Result<EngineLoad, ExtractErr
         }),
     }
     .map_err(|e| ExtractError::Malformed(e.to_string()))?;
-    let specs = SPECS.iter().filter(|s| engine.is_none_or(|e| s.engine == e));
+    let specs = SPECS
+        .iter()
+        .filter(|s| engine.is_none_or(|e| s.engine == e));
     let mut declared = None;
     for spec in specs {
         if spec.queue.iter().any(|f| f.present(&page.samples)) {
@@ -505,9 +507,9 @@ fn trtllm_json(text: &str) -> Result<EngineLoad, ExtractError> {
             return Ok(None);
         };
         let family = format!("trtllm-serve {}", &path[1..].replace('/', "."));
-        let value = v.as_f64().ok_or_else(|| {
-            ExtractError::Malformed(format!("{family}: {v} is not a number"))
-        })?;
+        let value = v
+            .as_f64()
+            .ok_or_else(|| ExtractError::Malformed(format!("{family}: {v} is not a number")))?;
         if value < 0.0 {
             return Err(ExtractError::Invalid {
                 family,
@@ -518,7 +520,9 @@ fn trtllm_json(text: &str) -> Result<EngineLoad, ExtractError> {
         Ok(Some(value))
     };
     let queue = count("/numQueuedRequests")?.ok_or_else(|| {
-        ExtractError::Malformed("trtllm-serve iteration statistics without numQueuedRequests".into())
+        ExtractError::Malformed(
+            "trtllm-serve iteration statistics without numQueuedRequests".into(),
+        )
     })?;
     let kv = match (
         count("/kvCacheStats/usedNumBlocks")?,
@@ -812,7 +816,10 @@ tgi_request_duration_count 12
             assert_eq!(e.name().parse::<Engine>(), Ok(e));
         }
         let err = "vllm2".parse::<Engine>().unwrap_err();
-        assert!(err.contains("\"auto\"") && err.contains("\"trtllm\""), "{err}");
+        assert!(
+            err.contains("\"auto\"") && err.contains("\"trtllm\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -478,9 +478,10 @@ impl Steering {
     /// Whether `vip`'s table changed for load less than
     /// [`MIN_REBUILD_INTERVAL`] ago: a load change would wait.
     pub fn rate_limited(&self, vip: &VipAddr, now: Instant) -> bool {
-        self.vips.get(vip).and_then(|s| s.last_change).is_some_and(|t| {
-            now.saturating_duration_since(t) < MIN_REBUILD_INTERVAL
-        })
+        self.vips
+            .get(vip)
+            .and_then(|s| s.last_change)
+            .is_some_and(|t| now.saturating_duration_since(t) < MIN_REBUILD_INTERVAL)
     }
 
     /// The targets `vip` should have now, if they differ from what was
@@ -522,8 +523,8 @@ impl Steering {
             s.updated = Some(now);
             // A stale report says nothing about progress either.
             let still = fresh.and_then(Node::still_for);
-            let stalled = !policy.stall_after.is_zero()
-                && still.is_some_and(|d| d >= policy.stall_after);
+            let stalled =
+                !policy.stall_after.is_zero() && still.is_some_and(|d| d >= policy.stall_after);
             if stalled != s.stalled.is_some() {
                 s.stalled = stalled.then_some(now);
                 s.stall_transitions += 1;
@@ -1164,7 +1165,10 @@ mod tests {
         let b2 = s.backend_view(&v, addr(2)).unwrap();
         assert!(b2.stalled.is_some());
         assert_eq!(b2.still_for, Some(Duration::from_secs(6)));
-        assert!(s.backend_view(&v, addr(3)).unwrap().stalled.is_none(), "idle is never stalled");
+        assert!(
+            s.backend_view(&v, addr(3)).unwrap().stalled.is_none(),
+            "idle is never stalled"
+        );
         assert!(s.backend_view(&v, addr(1)).unwrap().stalled.is_none());
         assert_eq!(s.healthy_backends(&v), 2);
         let changes = s.take_stall_changes(&v.addr);

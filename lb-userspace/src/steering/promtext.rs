@@ -578,7 +578,10 @@ impl<'a> Cursor<'a> {
     fn skip_blanks(&mut self) -> bool {
         let bytes = self.line.as_bytes();
         let begin = self.pos;
-        while bytes.get(self.pos).is_some_and(|b| *b == b' ' || *b == b'\t') {
+        while bytes
+            .get(self.pos)
+            .is_some_and(|b| *b == b' ' || *b == b'\t')
+        {
             self.pos += 1;
         }
         self.pos > begin
@@ -600,7 +603,9 @@ impl<'a> Cursor<'a> {
         // what a filtered parse reads.
         let bytes = self.line.as_bytes();
         let ascii = |i: usize, f: &dyn Fn(char) -> bool| {
-            bytes.get(i).is_some_and(|b| b.is_ascii() && f(char::from(*b)))
+            bytes
+                .get(i)
+                .is_some_and(|b| b.is_ascii() && f(char::from(*b)))
         };
         let begin = self.pos;
         if ascii(begin, &start) {
@@ -1135,7 +1140,8 @@ python_gc_objects_collected_total{generation="0"} 8731.0
 
     #[test]
     fn a_page_names_the_kept_families_it_declares() {
-        let text = "# HELP a An a.\n# TYPE a gauge\n# TYPE b counter\n# HELP c\n# TYPE d gauge\nd 1\n";
+        let text =
+            "# HELP a An a.\n# TYPE a gauge\n# TYPE b counter\n# HELP c\n# TYPE d gauge\nd 1\n";
         let page = parse_page(text, |n| n == "a" || n == "d").unwrap();
         assert_eq!(page.declared, ["a", "d"], "each once, kept names only");
         assert_eq!(page.samples.len(), 1);
