@@ -694,8 +694,9 @@ impl Controller {
                 *self.stats.reports.entry(("push", outcome)).or_default() += 1;
                 if result.is_ok() {
                     let at = report.at;
-                    self.steering.load_report(node, *report);
-                    self.react(node, at, "push");
+                    if self.steering.load_report(node, *report) {
+                        self.react(node, at, "push");
+                    }
                 }
                 let _ = reply.send(result.map_err(|(_, e)| e));
             }
@@ -782,8 +783,9 @@ impl Controller {
                     tracing::info!(%node, "load scrapes work again");
                 }
                 let at = report.at;
-                self.steering.load_report(node, report);
-                self.react(node, at, "scrape");
+                if self.steering.load_report(node, report) {
+                    self.react(node, at, "scrape");
+                }
             }
             Err(e) if was_ok != Some(false) => tracing::warn!(
                 %node, outcome, error = e.message(),

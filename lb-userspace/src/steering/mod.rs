@@ -446,14 +446,28 @@ impl Steering {
     /// whether it made progress since its previous report: a report with
     /// work (requests waiting or running) and the same progress count as
     /// the one before continues a run of still reports; any other ends it.
-    pub fn load_report(&mut self, node: IpAddr, report: LoadReport) {
+    ///
+    /// Returns whether the report may change a steering decision: its
+    /// node's first, one after a stale one, one whose queue, KV-cache use
+    /// or utilization differ from the previous report's, or one in (or
+    /// ending) a run of still reports. A report like the one before changes
+    /// nothing a plan would not also find at the next tick.
+    pub fn load_report(&mut self, node: IpAddr, report: LoadReport) -> bool {
         let work = report.queue + report.running.unwrap_or(0.0) > 0.0;
-        let still_since = match (self.nodes.get(&node), report.progress) {
+        let prev = self.nodes.get(&node);
+        let still_since = match (prev, report.progress) {
             (Some(prev), Some(p)) if work && prev.report.progress == Some(p) => {
                 Some(prev.still_since.unwrap_or(prev.report.at))
             }
             _ => None,
         };
+        let matters = self.stale_nodes.remove(&node)
+            || still_since.is_some()
+            || prev.is_none_or(|p| {
+                p.still_since.is_some()
+                    || (p.report.queue, p.report.kv, p.report.utilization)
+                        != (report.queue, report.kv, report.utilization)
+            });
         self.nodes.insert(
             node,
             Node {
@@ -461,7 +475,7 @@ impl Steering {
                 still_since,
             },
         );
-        self.stale_nodes.remove(&node);
+        matters
     }
 
     /// Load reports that went stale (their node sent no newer one in

@@ -985,21 +985,22 @@ fn load_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
                 f += c2 - c;
                 let report = lb::steering::probe::load_from_text(&body, None, now)
                     .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-                steering.load_report(backend.addr, report);
-                p += thread_cpu() - c2;
+                // As lbd's controller: a report that may change a decision
+                // is steered at once (the rate limit holds all but the
+                // first rebuild of a VIP back, to the next cycle).
+                let plan = steering
+                    .load_report(backend.addr, report)
+                    .then(|| steering.plan(v, now, false))
+                    .flatten();
+                let c3 = thread_cpu();
+                p += c3 - c2;
+                if let Some(plan) = plan {
+                    lab.dp.set_vip_targets(v, &plan.targets)?;
+                    steering.applied(&v.addr, &plan, now);
+                    b += thread_cpu() - c3;
+                    rebuilt += 1;
+                }
                 n += 1;
-            }
-        }
-        for v in &vips {
-            let c = thread_cpu();
-            let plan = steering.plan(v, now, false);
-            let c2 = thread_cpu();
-            p += c2 - c;
-            if let Some(plan) = plan {
-                lab.dp.set_vip_targets(v, &plan.targets)?;
-                steering.applied(&v.addr, &plan, now);
-                b += thread_cpu() - c2;
-                rebuilt += 1;
             }
         }
         // The first cycle opens the connections: not measured.
