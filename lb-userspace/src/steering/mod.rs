@@ -489,6 +489,28 @@ impl Steering {
         self.vips.values().any(|v| v.backends.contains_key(&node))
     }
 
+    /// Whether a report of `node` just recorded should be steered at once
+    /// in `vip`: unless the rate limit holds a load change back anyway (the
+    /// tick applies it once the limit allows), or the report may start or
+    /// end a stall, or the VIP is saturated (its shed share follows every
+    /// report).
+    pub fn react_due(&self, vip: &VipAddr, node: IpAddr, now: Instant) -> bool {
+        let Some(state) = self.vips.get(vip) else {
+            return false;
+        };
+        !self.rate_limited(vip, now)
+            || state.saturated
+            || state.shed > 0.0
+            || self
+                .nodes
+                .get(&node)
+                .is_some_and(|n| n.still_since.is_some())
+            || state
+                .backends
+                .get(&node)
+                .is_some_and(|b| b.stalled.is_some())
+    }
+
     /// Whether `vip`'s table changed for load less than
     /// [`MIN_REBUILD_INTERVAL`] ago: a load change would wait.
     pub fn rate_limited(&self, vip: &VipAddr, now: Instant) -> bool {
