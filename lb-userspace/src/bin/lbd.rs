@@ -16,6 +16,7 @@ use lb::{
     },
     dataplane::{AttachMode, Dataplane, Decapsulator, LoadOptions, pinning},
     desired::config::{self, ConfigFile, LogFormat},
+    desired::state_file::StateFile,
     host::{self, bgp, bird_guard, lock::InstanceLock},
 };
 use lb_common::DecapReason;
@@ -92,6 +93,9 @@ enum Command {
     /// operators to run.
     #[command(hide = true)]
     BirdGuard(BirdGuardArgs),
+    /// Print the control API's OpenAPI 3.1 document (what /v1/openapi.json
+    /// serves; docs/openapi.json in the repository).
+    Openapi,
 }
 
 #[derive(Args)]
@@ -190,6 +194,13 @@ fn main() -> ExitCode {
             init_logging(None, args.log_format.into());
             run_decap(args)
         }
+        Some(Command::Openapi) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&api::openapi()).expect("the document serializes")
+            );
+            Ok(())
+        }
         Some(Command::BirdGuard(args)) => {
             init_logging(None, LogFormat::Text);
             runtime().and_then(|rt| {
@@ -286,9 +297,40 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
     let Some(path) = args.config else {
         bail!("--config FILE is required (see lbd --help)");
     };
-    let (file, config) = ConfigFile::load(&path)?;
+    let (file, mut config) = ConfigFile::load(&path)?;
     init_logging(config.log_level.as_deref(), config.log_format);
     reloads::loaded();
+    // The VIPs: the state file's when there is one (api.state_file), else
+    // the config file's; and the revision the API counts from.
+    let state_file = config.api.state_file.as_deref().map(StateFile::new);
+    let (revision, seed_state) = match &state_file {
+        Some(state) => match state.load(&config.balancer)? {
+            Some((revision, vips)) => {
+                config.vips = vips;
+                if let Err(problems) = config::validate(&config) {
+                    let list: Vec<String> = problems
+                        .iter()
+                        .map(|p| format!("\n  {}: {}", p.field, p.message))
+                        .collect();
+                    bail!(
+                        "the state file {} does not fit the config file {}:{}",
+                        state.path().display(),
+                        path.display(),
+                        list.concat()
+                    );
+                }
+                (revision, false)
+            }
+            None => (1, true),
+        },
+        // Not stored: start above any revision an earlier lbd handed out.
+        None => (
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_micros() as u64),
+            false,
+        ),
+    };
     if args.check {
         println!(
             "{}: ok ({} VIPs, {} backends)",
@@ -343,7 +385,14 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             ),
             _ => None,
         };
-        let (mut controller, handle) = Controller::new(dp, config.clone(), Some(file), Some(audit.clone()));
+        if seed_state && let Some(state) = &state_file {
+            state
+                .save(revision, &config.vips)
+                .with_context(|| format!("writing the state file {} (api.state_file)", state.path().display()))?;
+            info!(state_file = %state.path().display(), vips = config.vips.len(), "state file seeded from the config file's [[vip]] tables");
+        }
+        let (controller, handle) = Controller::new(dp, config.clone(), Some(file), Some(audit.clone()));
+        let mut controller = controller.with_revision(revision, state_file.clone());
         // Bind every listener before the maps are touched, so a bad address
         // changes nothing.
         let metrics_server = match config.metrics.listen {
@@ -422,7 +471,14 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             }
             bgp::spawn(announcer, controller.announcements())
         });
-        let mut dp = controller.run(signals.recv()).await;
+        handle.set_ready(true);
+        let stopping = handle.clone();
+        let mut dp = controller
+            .run(async move {
+                signals.recv().await;
+                stopping.set_ready(false);
+            })
+            .await;
         if let Some(announcer) = announcer {
             announcer.stop(dp.pin_dir().is_none()).await;
         }

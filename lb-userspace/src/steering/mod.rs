@@ -342,7 +342,7 @@ pub fn shed_share(p: f64) -> f64 {
 }
 
 /// Health checks and load reports of every VIP's backends.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Steering {
     vips: BTreeMap<VipAddr, VipSteer>,
     nodes: HashMap<IpAddr, Node>,
