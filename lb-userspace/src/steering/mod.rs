@@ -501,14 +501,14 @@ impl Steering {
         !self.rate_limited(vip, now)
             || state.saturated
             || state.shed > 0.0
-            || self
-                .nodes
-                .get(&node)
-                .is_some_and(|n| n.still_since.is_some())
-            || state
-                .backends
-                .get(&node)
-                .is_some_and(|b| b.stalled.is_some())
+            || state.backends.get(&node).is_some_and(|b| {
+                // A stall that would start or end with this report.
+                let still = self.nodes.get(&node).and_then(Node::still_for);
+                let stalls = b.load.as_ref().is_some_and(|p| {
+                    !p.stall_after.is_zero() && still.is_some_and(|d| d >= p.stall_after)
+                });
+                stalls != b.stalled.is_some()
+            })
     }
 
     /// Whether `vip`'s table changed for load less than

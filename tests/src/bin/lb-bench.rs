@@ -891,7 +891,12 @@ fn scrape_during_change(results: &mut BTreeMap<String, f64>) -> Result<()> {
 /// A vLLM `/metrics` page as a busy server shows it: the families lbd
 /// reads and the histograms it skips (about 40 KB).
 fn vllm_page(waiting: f64) -> String {
-    let mut page = lb_tests::lab::servers::vllm_metrics(waiting, 0.4);
+    vllm_page_at(waiting, 123456.0)
+}
+
+/// [`vllm_page`] with `tokens` processed so far.
+fn vllm_page_at(waiting: f64, tokens: f64) -> String {
+    let mut page = lb_tests::lab::servers::vllm_page(waiting, 8.0, 0.4, tokens);
     for family in [
         "vllm:time_to_first_token_seconds",
         "vllm:time_per_output_token_seconds",
@@ -995,10 +1000,15 @@ fn load_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
     const PER_VIP: usize = 100;
     const CYCLES: usize = 7;
     let page_sizes = vllm_page(1.0).len();
-    let loaded = [
-        std::sync::Arc::new(vllm_page(1.0)),
-        std::sync::Arc::new(vllm_page(20.0)),
-    ];
+    // The engines make progress: their token counters move every cycle.
+    let pages_at = |cycle: usize| {
+        let tokens = 1000.0 * (cycle + 1) as f64;
+        [
+            std::sync::Arc::new(vllm_page_at(1.0, tokens)),
+            std::sync::Arc::new(vllm_page_at(20.0, tokens)),
+        ]
+    };
+    let mut loaded = pages_at(0);
     let pages: Pages = Default::default();
     pages.write().unwrap().insert(None, loaded[0].clone());
 
@@ -1046,6 +1056,7 @@ fn load_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
     let mut rebuilt = 0;
     for cycle in 0..=CYCLES {
         let now = t0 + std::time::Duration::from_secs(2 * (cycle as u64 + 1));
+        loaded = pages_at(cycle);
         let (mut f, mut p, mut b) = Default::default();
         let mut n = 0;
         for v in &vips {
@@ -1272,8 +1283,9 @@ fn reaction_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
                 }
                 ensure!(
                     waited.elapsed() < Duration::from_secs(2),
-                    "a scrape of {backend} moved it (reports so far: {:?})",
-                    snap.probes.reports
+                    "a scrape of {backend} moved it (reports so far: {:?}; the VIP: {:?})",
+                    snap.probes.reports,
+                    snap.steering.get(&vip.addr)
                 );
             }
             tokio::time::sleep(spacing).await;
