@@ -398,9 +398,10 @@ fn bad_pushed_reports_are_refused_and_change_nothing_and_stale_ones_decay() {
     let path = format!("/v1/backends/{b2}/load");
     thread::sleep(Duration::from_millis(1500));
     let before = rebuilds(&lab);
+    // Over the API's body limit.
     let big = format!(
         "{{\"named_metrics\": {{\"queue\": 1}}, \"pad\": \"{}\"}}",
-        "x".repeat(70_000)
+        "x".repeat(lb::control::api::BODY_LIMIT)
     );
     let cases: Vec<(&str, String, u16, &str)> = vec![
         (
@@ -571,17 +572,14 @@ fn least_load_sends_new_connections_away_from_a_busy_node() {
     assert!(prom::value(&m, "lb_backend_least_load_score", &label).unwrap() >= 200_000.0);
 }
 
+/// A stream's thread: its requests and the longest wait for an answer.
+type Keeper = thread::JoinHandle<Result<(usize, Duration), String>>;
+
 /// A kept-alive connection to the HTTP VIP in the client's namespace,
 /// requesting every 50 ms until told to stop; returns the backend it
 /// landed on at once, and then (joined) the requests made and the longest
 /// wait for an answer.
-fn keep_streaming(
-    lab: &Lab,
-) -> (
-    String,
-    std::sync::mpsc::Sender<()>,
-    thread::JoinHandle<Result<(usize, Duration), String>>,
-) {
+fn keep_streaming(lab: &Lab) -> (String, std::sync::mpsc::Sender<()>, Keeper) {
     let addr = lab.vip_http(false);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let (first_tx, first_rx) = std::sync::mpsc::channel::<String>();

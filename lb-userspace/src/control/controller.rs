@@ -89,8 +89,8 @@ pub struct ProbeStats {
     /// steering decision it caused being in the maps (reports that changed
     /// a backend's level while no rate limit held the rebuild back).
     pub reaction: BTreeMap<&'static str, DurationHistogram>,
-    /// Scrapes that took longer than their node's scrape interval (the
-    /// next one started late).
+    /// Scrapes that started more than half an interval late (the node's
+    /// scrapes fall behind their interval).
     pub scrapes_late: u64,
 }
 
@@ -229,8 +229,8 @@ enum Request {
         result: Result<(), String>,
         took: Duration,
     },
-    /// A load scrape's result, and whether it took longer than the
-    /// scrape interval.
+    /// A load scrape's result, and whether it started late (the scrapes
+    /// of its node fall behind their interval).
     Scraped {
         node: IpAddr,
         result: Box<Result<LoadReport, ScrapeError>>,
@@ -942,7 +942,7 @@ impl Controller {
             if self.scrapes_behind.insert(node) {
                 tracing::warn!(
                     %node,
-                    "load scrapes fall behind their interval: a scrape took longer than scrape_interval (raise it, or lower scrape_timeout); counted in lb_load_scrapes_late_total"
+                    "load scrapes fall behind their interval: a scrape started more than half an interval late (scrapes, or lbd, take longer than scrape_interval: raise it); counted in lb_load_scrapes_late_total"
                 );
             }
         } else if self.scrapes_behind.remove(&node) {
@@ -1257,12 +1257,16 @@ async fn scrape_task(tx: mpsc::Sender<Request>, node: IpAddr, target: ScrapeTarg
     let mut tick = tokio::time::interval(target.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut scraper = probe::Scraper::new(node, &target);
+    let mut last: Option<Instant> = None;
     loop {
         tick.tick().await;
         let started = Instant::now();
+        // Behind: this scrape starts half an interval or more after it was
+        // due (the one before, its hand-over to the controller, or the
+        // runtime took longer than the interval).
+        let late = last.is_some_and(|l| started - l > target.interval.mul_f64(1.5));
+        last = Some(started);
         let result = Box::new(scraper.scrape().await);
-        // The next tick is already due: this scrape delays it.
-        let late = started.elapsed() > target.interval;
         if tx
             .send(Request::Scraped { node, result, late })
             .await

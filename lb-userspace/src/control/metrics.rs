@@ -612,7 +612,7 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
     }
     f.counters(
         "lb_load_scrapes_late_total",
-        "Load scrapes that took longer than their scrape_interval (the next one started late).",
+        "Load scrapes that started more than half a scrape_interval late: the node's scrapes fall behind their interval.",
     )
     .push(counter(&[], p.scrapes_late));
     let m = f.histograms(

@@ -335,7 +335,7 @@ pub const MAX_SHED: f64 = 0.9;
 /// their limits back to the limits; 0 at `p = 1` (at the limits, nothing
 /// to hold back yet), a half at `p = 2`, three quarters at `p = 4`.
 pub fn shed_share(p: f64) -> f64 {
-    if !(p > 1.0) {
+    if p.is_nan() || p <= 1.0 {
         return 0.0;
     }
     ((1.0 - 1.0 / p) * 100.0).floor().min(MAX_SHED * 100.0) / 100.0
