@@ -105,18 +105,18 @@ impl MaglevTable {
                     continue;
                 }
                 w.credit -= max_weight;
-                // Claim the next free position of this backend's permutation.
-                // `pos + skip < 2m`: one conditional subtraction instead
-                // of a division (the probes are most of a build).
-                let next = |pos: u64| {
-                    let p = pos + w.skip;
-                    if p >= m { p - m } else { p }
+                // Claim the next free position of this backend's permutation
+                // (pos + skip < 2m: a subtraction, not a division, per step;
+                // the probing is most of the build).
+                let step = |pos: u64| {
+                    let next = pos + w.skip;
+                    if next >= m { next - m } else { next }
                 };
                 while entries[w.pos as usize] != NO_BACKEND {
-                    w.pos = next(w.pos);
+                    w.pos = step(w.pos);
                 }
                 entries[w.pos as usize] = w.id;
-                w.pos = next(w.pos);
+                w.pos = step(w.pos);
                 filled += 1;
                 if filled == m {
                     return MaglevTable { entries };
@@ -182,43 +182,32 @@ impl MaglevTable {
 
     /// Number of positions each backend id owns (one pass over the table).
     pub fn counts(&self) -> std::collections::HashMap<u32, usize> {
-        // Ids are small (backend ids are handed out lowest first): counted
-        // in an array, then hashed once per id rather than once per entry.
+        // Counted in a vector indexed by id (ids are below 2^20), then
+        // collected: hashing every entry was most of a table's rebuild.
         let max = self
             .entries
             .iter()
-            .copied()
-            .filter(|e| *e != NO_BACKEND)
-            .max();
-        match max {
-            Some(max) if max < 1 << 20 => {
-                let mut by_id = vec![0usize; max as usize + 1];
-                let mut none = 0;
-                for &e in &self.entries {
-                    match by_id.get_mut(e as usize) {
-                        Some(n) => *n += 1,
-                        None => none += 1,
-                    }
-                }
-                let mut out: std::collections::HashMap<u32, usize> = by_id
-                    .into_iter()
-                    .enumerate()
-                    .filter(|(_, n)| *n > 0)
-                    .map(|(id, n)| (id as u32, n))
-                    .collect();
-                if none > 0 {
-                    out.insert(NO_BACKEND, none);
-                }
-                out
-            }
-            _ => {
-                let mut out = std::collections::HashMap::new();
-                for e in &self.entries {
-                    *out.entry(*e).or_default() += 1;
-                }
-                out
+            .filter(|&&e| e != NO_BACKEND)
+            .max()
+            .copied();
+        let mut by_id = vec![0usize; max.map_or(0, |m| m as usize + 1)];
+        let mut none = 0;
+        for &e in &self.entries {
+            match by_id.get_mut(e as usize) {
+                Some(n) if e != NO_BACKEND => *n += 1,
+                _ => none += 1,
             }
         }
+        let mut out: std::collections::HashMap<u32, usize> = by_id
+            .into_iter()
+            .enumerate()
+            .filter(|(_, n)| *n > 0)
+            .map(|(id, n)| (id as u32, n))
+            .collect();
+        if none > 0 {
+            out.insert(NO_BACKEND, none);
+        }
+        out
     }
 }
 
