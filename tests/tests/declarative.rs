@@ -803,3 +803,124 @@ fn a_vips_whole_backend_set_is_replaced_under_load_and_no_request_fails() {
         "{new:?}"
     );
 }
+
+#[test]
+fn health_load_slow_start_and_backend_overrides_change_through_a_put_of_one_vip() {
+    let lab = Lab::start(&LabSpec::weights(&[1, 1])).unwrap();
+    let e = api(&lab);
+    let path = "/v1/vips/203.0.113.10-80-tcp";
+    let (doc, revision) = spec(&e);
+    let mut v = doc["vip"][0].clone();
+    v["slow_start"] = json!(5);
+    v["on_all_down"] = json!("drop");
+    v["health"] = json!({"check": "tcp", "interval": 1, "fall": 2, "rise": 1});
+    v["load"] = json!({"metrics_port": 9400});
+    v["backends"][1]["health"] = json!({"check": "http", "port": 8080, "path": "/healthz"});
+    v["backends"][1]["weight"] = json!(3);
+    let r = put(&e, path, &v, Some(revision));
+    assert_eq!(r.status, 200, "{}", r.error_message());
+    let out = json_of(&r);
+    let texts: Vec<&str> = out["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["text"].as_str().unwrap())
+        .collect();
+    println!("{texts:#?}");
+    for needle in [
+        "on_all_down",
+        "slow_start",
+        "health",
+        "load",
+        "weight 1 -> 3",
+    ] {
+        assert!(
+            texts.iter().any(|t| t.contains(needle)),
+            "{needle}: {texts:?}"
+        );
+    }
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.contains("backend 10.201.0.12 health")),
+        "{texts:?}"
+    );
+    let view = json_of(&e.request("GET", path, None).unwrap());
+    assert_eq!(
+        (
+            view["slow_start_seconds"].clone(),
+            view["on_all_down"].clone()
+        ),
+        (json!(5.0), json!("drop"))
+    );
+    assert_eq!(
+        (view["health_checks"].clone(), view["load_aware"].clone()),
+        (json!(true), json!(true))
+    );
+    // What lbd keeps is what was put: the document reads back the same.
+    let (after, _) = spec(&e);
+    let kept = &after["vip"][0];
+    assert_eq!(kept["health"]["check"], "tcp");
+    assert_eq!(kept["backends"][1]["health"]["path"], "/healthz");
+    assert_eq!(kept["backends"][1]["weight"], 3);
+    let file = lb::desired::config::load(lab.config_path()).unwrap();
+    assert_eq!(file.vips[0].slow_start, Duration::from_secs(5));
+    // The same again: nothing to do.
+    let again = json_of(&put(&e, path, &v, None));
+    assert_eq!(again["changed"], false, "{again}");
+}
+
+#[test]
+fn with_a_state_file_the_api_never_writes_the_config_file_and_a_restart_reads_the_state() {
+    let lab = Lab::start(&LabSpec::weights(&[1, 1, 1])).unwrap();
+    let state = lab.config_path().with_file_name("state.toml");
+    let text = std::fs::read_to_string(lab.config_path()).unwrap().replace(
+        "[api]\n",
+        &format!("[api]\nstate_file = \"{}\"\n", state.display()),
+    );
+    std::fs::write(lab.config_path(), &text).unwrap();
+    lab.restart_lbd().unwrap();
+    let e = api(&lab);
+    // Seeded from the config file's VIPs.
+    let (doc, revision) = spec(&e);
+    let seeded = std::fs::read_to_string(&state).unwrap();
+    assert!(
+        seeded.contains(&format!("revision = {revision}")),
+        "{seeded}"
+    );
+    assert_eq!(revision, 1);
+    // A change goes to the state file only.
+    let mut v = doc["vip"][0].clone();
+    v["backends"] = json!([{"address": "10.201.0.13", "weight": 1}]);
+    let r = put(&e, "/v1/vips/203.0.113.10-80-tcp", &v, Some(revision));
+    assert_eq!(r.status, 200, "{}", r.error_message());
+    assert_eq!(
+        std::fs::read_to_string(lab.config_path()).unwrap(),
+        text,
+        "lbd wrote the config file"
+    );
+    let saved = std::fs::read_to_string(&state).unwrap();
+    println!("{saved}");
+    assert!(
+        saved.contains("revision = 2") && saved.contains("10.201.0.13"),
+        "{saved}"
+    );
+    // A restart reads the state file: the change and its revision stay.
+    lab.restart_lbd().unwrap();
+    let (after, rev) = spec(&e);
+    assert_eq!(
+        (rev, after["vip"][0]["backends"].clone()),
+        (2, json!([{"address": "10.201.0.13", "weight": 1}]))
+    );
+    // A reload takes the config file's other settings and keeps the
+    // state file's VIPs (and says so).
+    lab.sighup();
+    std::thread::sleep(Duration::from_secs(1));
+    let (reloaded, rev) = spec(&e);
+    assert_eq!((rev, &reloaded["vip"]), (2, &after["vip"]));
+    assert!(
+        lab.lbd_log().contains("the state file's VIPs stay"),
+        "{}",
+        lab.lbd_log()
+    );
+}

@@ -723,43 +723,61 @@ pub fn save_vips(path: &Path, vips: &[Vip]) -> std::io::Result<()> {
     write_atomically(path, &with_vips(&text, vips)?)
 }
 
-/// Config text `text` with `vips` in place of its `[[vip]]` tables: each one
-/// as [`RawVip::of`] writes it, its backends an inline table a line.
+/// Config text `text` with `vips` in place of its `[[vip]]` tables: the
+/// rest of the file as it was (its `[[vip]]` tables taken out), then the
+/// VIPs, each as [`RawVip::of`] writes it, its backends an inline table a
+/// line, its `[vip.health]` and `[vip.load]` tables after its keys.
 fn with_vips(text: &str, vips: &[Vip]) -> std::io::Result<String> {
-    use toml_edit::{ArrayOfTables, DocumentMut, Item, Table, value};
+    use toml_edit::DocumentMut;
     let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
     let mut doc: DocumentMut = text
         .parse()
         .map_err(|e: toml_edit::TomlError| invalid(e.to_string()))?;
-    let mut tables = ArrayOfTables::new();
-    for v in vips {
-        let raw = toml::to_string(&RawVip::of(v)).map_err(|e| invalid(e.to_string()))?;
-        let mut t: Table = raw
-            .parse::<DocumentMut>()
-            .map_err(|e| invalid(e.to_string()))?
-            .as_table()
-            .clone();
-        if let Some(Item::ArrayOfTables(list)) = t.remove("backends") {
-            let mut backends = list.into_array();
-            for item in backends.iter_mut() {
-                item.decor_mut().set_prefix("\n  ");
-            }
-            backends.set_trailing("\n");
-            backends.set_trailing_comma(true);
-            t["backends"] = value(backends);
-        } else {
-            t["backends"] = value(toml_edit::Array::new());
-        }
-        // The VIP's own keys first, then its `[vip.health]` and `[vip.load]`.
-        for key in ["health", "load"] {
-            if let Some(item) = t.remove(key) {
-                t.insert(key, item);
+    doc.remove("vip");
+    let mut out = doc.to_string();
+    let tables = vip_tables(vips).map_err(invalid)?;
+    if !tables.is_empty() {
+        if !out.is_empty() {
+            while !out.ends_with("\n\n") {
+                out.push('\n');
             }
         }
-        tables.push(t);
+        out += &tables;
     }
-    doc["vip"] = Item::ArrayOfTables(tables);
-    Ok(doc.to_string())
+    Ok(out)
+}
+
+/// `vips` as `[[vip]]` tables: each VIP's keys (serialized as a one-VIP
+/// document, so its `[vip.health]` and `[vip.load]` tables come out under
+/// it), its backends an inline table a line between its keys and its
+/// tables. Written as text: thousands of backends are a line each, not a
+/// document to parse again.
+fn vip_tables(vips: &[Vip]) -> Result<String, String> {
+    #[derive(Serialize)]
+    struct One {
+        vip: [RawVip; 1],
+    }
+    let mut out = String::new();
+    for v in vips {
+        let mut raw = RawVip::of(v);
+        let backends = std::mem::take(&mut raw.backends);
+        let text = toml::to_string(&One { vip: [raw] }).map_err(|e| e.to_string())?;
+        // `[[vip]]` and its keys, then its sub-tables (if any).
+        let split = text.find("\n[vip.").map_or(text.len(), |i| i + 1);
+        let (keys, tables) = text.split_at(split);
+        out += keys.trim_end();
+        out += "\nbackends = [";
+        for b in &backends {
+            let line = toml::Value::try_from(b).map_err(|e| e.to_string())?;
+            out += &format!("\n  {line},");
+        }
+        out += if backends.is_empty() { "]\n" } else { "\n]\n" };
+        if !tables.is_empty() {
+            out += tables;
+        }
+        out += "\n";
+    }
+    Ok(out)
 }
 
 /// Replaces the file at `path` with `text` atomically: a temp file in the
@@ -939,7 +957,7 @@ impl VipsDocument {
     /// file).
     pub fn to_toml(&self) -> String {
         let mut out = match self.revision {
-            Some(r) => format!("revision = {r}\n"),
+            Some(r) => format!("revision = {r}\n\n"),
             None => String::new(),
         };
         out += &with_vips("", &self.vips).expect("a document lbd holds writes as TOML");
@@ -2418,6 +2436,30 @@ mod tests {
         let saved = std::fs::read_to_string(&path).unwrap();
         assert!(saved.starts_with("# operator's comment"), "{saved}");
         assert_eq!(parse(&saved, "t").unwrap(), c, "{saved}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn vips_with_health_and_load_tables_save_as_valid_toml() {
+        let dir = std::env::temp_dir().join(format!("lb-config-test-p-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lbd.toml");
+        // Two VIPs with tables, after other sections.
+        let text = format!("{POLICIES}\n[metrics]\nlisten = \"127.0.0.1:9180\"\n");
+        std::fs::write(&path, &text).unwrap();
+        let mut c = parse(&text, "t").unwrap();
+        let mut second = c.vips[0].clone();
+        second.addr.port = 8001;
+        c.vips.push(second);
+        save_vips(&path, &c.vips).unwrap();
+        let saved = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(parse(&saved, "t").unwrap(), c, "{saved}");
+        let doc = VipsDocument {
+            revision: Some(3),
+            vips: c.vips.clone(),
+        };
+        let back = VipsDocument::from_toml(doc.to_toml().as_bytes(), &c.balancer).unwrap();
+        assert_eq!(back, doc, "{}", doc.to_toml());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
