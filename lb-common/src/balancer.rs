@@ -144,9 +144,18 @@ pub struct VipInfo {
     pub table_chunk: u32,
     /// `VIP_*` flags.
     pub flags: u32,
-    pub _pad: u32,
+    /// Share of new connections to drop while the VIP's pool is saturated
+    /// (`on_saturated = "shed"`), in [`SHED_ONE`]ths: a TCP SYN of a flow
+    /// neither flow table knows is dropped (`Reason::Shed`) when a random
+    /// draw below [`SHED_ONE`] is less than it. 0: never (every lbd before
+    /// this field wrote 0 into its place, so no layout change).
+    pub shed: u32,
 }
 const _: () = assert!(size_of::<VipInfo>() == 16);
+
+/// [`VipInfo::shed`] of a VIP that drops every new connection (never
+/// written: userspace caps the share below it).
+pub const SHED_ONE: u32 = 1 << 16;
 
 /// `BackendInfo::flags`: the id belongs to a backend (freed ids have 0).
 pub const BACKEND_ALLOCATED: u8 = 1;

@@ -63,10 +63,16 @@ pub enum Reason {
     /// flooded, broadcast, multicast): `XDP_PASS` (the stack drops what is
     /// not its own). Never sent to a backend, which would get a duplicate.
     NotOurMac = 16,
+    /// A TCP SYN of a new connection to a VIP whose backends are all past
+    /// their load limits, dropped by `on_saturated = "shed"` (its share of
+    /// SYNs, see `VipInfo::shed`): `XDP_DROP`. The client's TCP sends it
+    /// again, so the connection waits at the client instead of in a
+    /// backend's queue.
+    Shed = 17,
 }
 
 /// Number of [`Reason`]s (see `REASON_SLOTS` for their counters).
-pub const REASON_COUNT: u32 = 17;
+pub const REASON_COUNT: u32 = 18;
 
 impl Reason {
     /// Every reason, in index order.
@@ -88,6 +94,7 @@ impl Reason {
         Reason::FragmentDropped,
         Reason::IcmpUnmatched,
         Reason::NotOurMac,
+        Reason::Shed,
     ];
 
     /// The verdict the balancer returns for a packet with this reason.
@@ -110,7 +117,8 @@ impl Reason {
             | Reason::FibFailed
             | Reason::EncapFailed
             | Reason::FragmentDropped
-            | Reason::IcmpUnmatched => xdp_action::XDP_DROP,
+            | Reason::IcmpUnmatched
+            | Reason::Shed => xdp_action::XDP_DROP,
         }
     }
 
@@ -134,6 +142,7 @@ impl Reason {
             Reason::FragmentDropped => "fragment_dropped",
             Reason::IcmpUnmatched => "icmp_unmatched",
             Reason::NotOurMac => "not_our_mac",
+            Reason::Shed => "shed",
         }
     }
 }

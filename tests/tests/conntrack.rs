@@ -729,3 +729,93 @@ fn ack_and_udp_floods_leave_100000_established_flows_in_place() {
         "established flows lost their entries"
     );
 }
+
+/// `on_saturated = "shed"` in the data plane: while a VIP sheds a share,
+/// that share of SYNs of new connections is dropped (`shed`), drawn anew
+/// for each SYN; established flows, a SYN sent again during its handshake,
+/// a TCP VIP's other packets and UDP are never shed; the share survives a
+/// table rebuild and 0 stops it.
+#[test]
+fn a_shedding_vip_drops_its_share_of_new_syns_and_nothing_else() {
+    let mut lab = lab();
+    let tcp = VipAddr {
+        addr: "203.0.113.10".parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let udp = VipAddr {
+        protocol: Protocol::Udp,
+        port: 53,
+        ..tcp
+    };
+    let established = flows(20, 100, "203.0.113.10", 80, Protocol::Tcp);
+    let first = establish(&mut lab, &established);
+    // Handshakes in progress: their SYN admitted before shedding starts.
+    let handshakes = flows(21, 100, "203.0.113.10", 80, Protocol::Tcp);
+    let admitted: Vec<IpAddr> = handshakes.iter().map(|f| syn(&mut lab, f)).collect();
+
+    assert!(lab.dp.set_vip_shed(&tcp, 0.5).unwrap());
+    assert!(lab.dp.set_vip_shed(&udp, 0.5).unwrap());
+    assert_eq!(lab.dp.vip_shed(&tcp), Some(0.5));
+    let syn_frame = |lab: &PacketLab, f: &Flow| {
+        let mut frame = lab.frame(f, FrameSpec::default());
+        frame[14 + 20 + 13] = 0x02;
+        frame
+    };
+    let shed_count = |lab: &PacketLab| lab.dp.counters().unwrap().reason(lb_common::Reason::Shed);
+    // (Before the flood of new SYNs below, which overflows the lab's small
+    // handshake table.)
+    for (f, b) in handshakes.iter().zip(&admitted) {
+        assert_eq!(syn(&mut lab, f), *b, "a SYN sent again keeps its handshake");
+    }
+    let new = flows(22, 2000, "203.0.113.10", 80, Protocol::Tcp);
+    let mut dropped = 0;
+    for f in &new {
+        let r = lab.run(&syn_frame(&lab, f)).unwrap();
+        if r.action == xdp_action::XDP_DROP {
+            dropped += 1;
+        } else {
+            assert_eq!(r.action, xdp_action::XDP_TX);
+        }
+    }
+    let share = dropped as f64 / new.len() as f64;
+    println!(
+        "shed share 0.5: {dropped} of {} new SYNs dropped ({share:.3})",
+        new.len()
+    );
+    assert!((0.45..=0.55).contains(&share), "{share}");
+    assert_eq!(shed_count(&lab), dropped, "each counted as shed");
+    assert_eq!(
+        route(&mut lab, &established),
+        first,
+        "established flows untouched"
+    );
+    // Other packets of unknown TCP flows, and UDP: scheduled, never shed.
+    route(&mut lab, &flows(23, 200, "203.0.113.10", 80, Protocol::Tcp));
+    route(&mut lab, &flows(24, 200, "203.0.113.10", 53, Protocol::Udp));
+    assert_eq!(shed_count(&lab), dropped);
+    // A SYN that was shed and is sent again is drawn anew: retransmissions
+    // get through.
+    let retried = flows(25, 200, "203.0.113.10", 80, Protocol::Tcp);
+    let mut tries = 0;
+    for f in &retried {
+        loop {
+            tries += 1;
+            if lab.run(&syn_frame(&lab, f)).unwrap().action == xdp_action::XDP_TX {
+                break;
+            }
+            assert!(tries < 2000, "retransmitted SYNs get through");
+        }
+    }
+    println!("200 connections took {tries} SYNs at share 0.5");
+    // A table rebuild keeps the share; 0 ends it.
+    reweigh(&mut lab);
+    assert_eq!(lab.dp.vip_shed(&tcp), Some(0.5));
+    assert!(!lab.dp.set_vip_shed(&tcp, 0.5).unwrap(), "unchanged");
+    lab.dp.set_vip_shed(&tcp, 0.0).unwrap();
+    let before = shed_count(&lab);
+    for f in &flows(26, 300, "203.0.113.10", 80, Protocol::Tcp) {
+        syn(&mut lab, f);
+    }
+    assert_eq!(shed_count(&lab), before, "nothing shed at 0");
+}

@@ -320,6 +320,31 @@ fn scraped_counters_equal_the_packets_and_bytes_sent_under_their_labels() {
         new_flows += 1;
     }
 
+    // Shed: SYNs of new connections to a VIP shedding 90 % of them; the
+    // others reach its (empty) table. Until 18 were shed.
+    let no_backends = VipAddr {
+        addr: "203.0.113.40".parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    lab.dp.set_vip_shed(&no_backends, 0.9).unwrap();
+    let mut shed = 0;
+    while shed < 18 {
+        let f = flow(&mut rng, "203.0.113.40", 80, Protocol::Tcp);
+        let mut frame = lab.frame(&f, payload(0));
+        frame[14 + 20 + 13] = 0x02; // SYN
+        let r = lab.run(&frame).unwrap();
+        assert_eq!(r.action, lb_common::xdp_action::XDP_DROP);
+        let reason = if lab.dp.counters().unwrap().reason(Reason::Shed) > shed {
+            shed += 1;
+            Reason::Shed
+        } else {
+            Reason::NoBackend
+        };
+        *want.entry(reason).or_default() += 1;
+        new_flows += 1;
+    }
+    lab.dp.set_vip_shed(&no_backends, 0.0).unwrap();
     let text = scrape(&lab);
     for reason in Reason::ALL {
         assert_eq!(

@@ -173,6 +173,7 @@ async fn odd_but_valid_http_answers_pass_health_checks() {
         http: HttpOptions::default(),
         interval: Duration::from_secs(1),
         timeout: Duration::from_secs(1),
+        engine: None,
     };
     let report = probe::scrape(local, &target).await.unwrap();
     println!(
@@ -224,6 +225,7 @@ async fn load_scrapes_keep_their_connection() {
         http: HttpOptions::default(),
         interval: Duration::from_secs(1),
         timeout: Duration::from_secs(1),
+        engine: None,
     };
     let mut scraper = probe::Scraper::new([127, 0, 0, 1].into(), &target);
     for _ in 0..3 {

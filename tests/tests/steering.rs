@@ -11,7 +11,7 @@ use std::{
 use lb::control::client::Endpoint;
 use lb_tests::{
     lab::{
-        Lab, LabSpec,
+        Lab, LabSpec, binary_path,
         client::{HttpConn, http_get},
         servers::HealthMode,
     },
@@ -297,6 +297,7 @@ fn a_stopped_backend_leaves_the_table_in_time_and_others_are_unaffected() {
     let m = lab.metrics().unwrap();
     let label = [
         ("backend", victim_addr.to_string()),
+        ("cause", "check".to_string()),
         ("vip", VIP_LABEL.to_string()),
     ];
     let label: Vec<(&str, &str)> = label.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -569,4 +570,260 @@ fn least_load_sends_new_connections_away_from_a_busy_node() {
     let m = lab.metrics().unwrap();
     let label = [("backend", b2.as_str()), ("vip", VIP_LABEL)];
     assert!(prom::value(&m, "lb_backend_least_load_score", &label).unwrap() >= 200_000.0);
+}
+
+/// A stream's thread: its requests and the longest wait for an answer.
+type Keeper = thread::JoinHandle<Result<(usize, Duration), String>>;
+
+/// A kept-alive connection to the HTTP VIP in the client's namespace,
+/// requesting every 50 ms until told to stop; returns the backend it
+/// landed on at once, and then (joined) the requests made and the longest
+/// wait for an answer.
+fn keep_streaming(lab: &Lab) -> (String, std::sync::mpsc::Sender<()>, Keeper) {
+    let addr = lab.vip_http(false);
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (first_tx, first_rx) = std::sync::mpsc::channel::<String>();
+    let client = lab.client.name().to_string();
+    let keeper = thread::spawn(move || -> Result<(usize, Duration), String> {
+        let ns = std::fs::File::open(format!("/run/netns/{client}")).unwrap();
+        // SAFETY: this thread enters the client's namespace for good.
+        assert_eq!(
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) },
+            0
+        );
+        let mut conn = HttpConn::connect(addr).map_err(|e| e.to_string())?;
+        let (name, _) = conn.get("/").map_err(|e| e.to_string())?;
+        first_tx.send(name.clone()).unwrap();
+        let (mut n, mut longest) = (0, Duration::ZERO);
+        while rx.try_recv().is_err() {
+            let t = Instant::now();
+            let (again, _) = conn.get("/").map_err(|e| format!("request {n}: {e}"))?;
+            longest = longest.max(t.elapsed());
+            if again != name {
+                return Err(format!("moved from {name} to {again}"));
+            }
+            n += 1;
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok((n, longest))
+    });
+    (first_rx.recv().unwrap(), tx, keeper)
+}
+
+fn stall_transitions(lab: &Lab, i: usize) -> Option<f64> {
+    prom::value(
+        &lab.metrics().unwrap(),
+        "lb_backend_health_transitions_total",
+        &[
+            ("backend", &lab.backends[i].v4.to_string()),
+            ("cause", "stalled"),
+            ("vip", VIP_LABEL),
+        ],
+    )
+}
+
+#[test]
+fn a_stuck_engine_leaves_the_table_in_time_keeps_its_streams_and_returns() {
+    const STALL_AFTER: u64 = 2;
+    let lab = lab(&[1, 1, 1], &format!("{LOAD}stall_after = {STALL_AFTER}\n"));
+    for i in 0..3 {
+        lab.control(i).set_vllm(1.0, 0.2);
+    }
+    wait_for(&lab, 10, "every node's first report", |lab| {
+        (0..3).all(|i| backend(lab, i)["load"].is_object())
+    });
+    let (kept, stop, keeper) = keep_streaming(&lab);
+    let victim = lab.backends.iter().position(|b| b.name == kept).unwrap();
+    let idle = (victim + 1) % 3;
+    // An idle node (nothing waiting or running) whose counters do not
+    // move either: never stalled.
+    lab.control(idle).set_vllm_running(0.0, 0.0, 0.1);
+    lab.control(idle).set_stuck(true);
+
+    // The victim hangs: requests wait and run, its token counters stop.
+    lab.control(victim).set_stuck(true);
+    let took = wait_for(&lab, 15, "the stuck backend to be stalled", |lab| {
+        let v = backend(lab, victim);
+        v["stalled"] == Value::Bool(true) && v["table_share"].as_f64() == Some(0.0)
+    });
+    eprintln!(
+        "the stuck backend was out of the table after {took:?} (stall_after {STALL_AFTER} s, scrapes every 1 s)"
+    );
+    assert!(
+        took <= Duration::from_millis(STALL_AFTER * 1000 + 1000 + 500),
+        "out after {took:?}: more than stall_after + one scrape"
+    );
+    let v = backend(&lab, victim);
+    assert_eq!(v["health"], "up", "its /health answers: {v}");
+    let answers = spread(&lab, 150);
+    eprintln!("new connections while stalled: {answers:?}");
+    assert!(
+        !answers.contains_key(&lab.backends[victim].name),
+        "no new connection to the stalled backend: {answers:?}"
+    );
+    assert_eq!(answers.values().sum::<usize>(), 150, "all answered");
+    let m = lab.metrics().unwrap();
+    let victim_label = lab.backends[victim].v4.to_string();
+    assert_eq!(
+        prom::value(
+            &m,
+            "lb_backend_stalled",
+            &[("backend", &victim_label), ("vip", VIP_LABEL)]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(stall_transitions(&lab, victim), Some(1.0));
+    let out = lbctl(&lab, &["vip", "show", "203.0.113.10:80/tcp"]);
+    println!("{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains(&victim_label) && l.contains("stalled")),
+        "lbctl vip show says it is stalled:\n{out}"
+    );
+    let log = lab.lbd_log();
+    assert!(
+        log.lines().any(|l| l.contains("backend stalled")
+            && l.contains(&victim_label)
+            && l.contains("cause=\"stalled\"")),
+        "{log}"
+    );
+    let i = backend(&lab, idle);
+    assert_eq!(i["stalled"], Value::Bool(false), "idle is not stalled: {i}");
+    assert_eq!(stall_transitions(&lab, idle), Some(0.0));
+
+    // Its counters move again: it returns within a scrape.
+    lab.control(victim).set_stuck(false);
+    let back = wait_for(&lab, 10, "the backend to return", |lab| {
+        let v = backend(lab, victim);
+        v["stalled"] == Value::Bool(false) && v["table_share"].as_f64().unwrap() > 0.2
+    });
+    eprintln!("back in the table after {back:?}");
+    assert!(back <= Duration::from_millis(1500), "back after {back:?}");
+    assert_eq!(stall_transitions(&lab, victim), Some(2.0));
+    stop.send(()).unwrap();
+    let (n, longest) = keeper
+        .join()
+        .unwrap()
+        .expect("the stream on the stalled backend never broke");
+    eprintln!("the kept stream: {n} requests, longest answer {longest:?}");
+    assert!(n > 20, "{n} requests on the kept connection");
+}
+
+/// Opens `n` connections to `addr` from the client, one every `every`;
+/// each waits `wait` (below TCP's 1 s initial retransmission timeout, so
+/// only its first SYN counts) for the handshake. Returns how many got no
+/// answer.
+fn unanswered_syns(lab: &Lab, addr: std::net::SocketAddr, n: usize, every: Duration) -> usize {
+    let wait = Duration::from_millis(700);
+    lab.in_client(move || {
+        let start = Instant::now();
+        let tries: Vec<thread::JoinHandle<bool>> = (0..n)
+            .map(|i| {
+                let due = start + every * i as u32;
+                thread::sleep(due.saturating_duration_since(Instant::now()));
+                thread::spawn(move || std::net::TcpStream::connect_timeout(&addr, wait).is_err())
+            })
+            .collect();
+        tries
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .filter(|failed| *failed)
+            .count()
+    })
+    .unwrap()
+}
+
+fn shed_share(lab: &Lab) -> f64 {
+    api(lab, "GET", &format!("/v1/vips/{VIP}"), None).1["shed"]
+        .as_f64()
+        .unwrap()
+}
+
+#[test]
+fn a_saturated_pool_sheds_new_syns_only_and_stops_within_a_scrape() {
+    let lab = lab(&[1, 1], &format!("{LOAD}on_saturated = \"shed\"\n"));
+    for i in 0..2 {
+        lab.control(i).set_vllm(1.0, 0.2);
+    }
+    wait_for(&lab, 10, "every node's first report", |lab| {
+        (0..2).all(|i| backend(lab, i)["load"].is_object())
+    });
+    let (_, stop, keeper) = keep_streaming(&lab);
+    let addr = lab.vip_http(false);
+    assert_eq!(
+        unanswered_syns(&lab, addr, 40, Duration::from_millis(10)),
+        0,
+        "not saturated"
+    );
+
+    // Queues of 20, four times their limit of 5: the pool sheds 1 - 1/4.
+    for i in 0..2 {
+        lab.control(i).set_vllm(20.0, 0.5);
+    }
+    wait_for(&lab, 10, "shedding", |lab| shed_share(lab) > 0.0);
+    assert_eq!(shed_share(&lab), 0.75);
+    let shed_before = lab
+        .metric("lb_packets_total", &[("reason", "shed")])
+        .unwrap();
+    const N: usize = 200;
+    let lost = unanswered_syns(&lab, addr, N, Duration::from_millis(20));
+    let shed = lab
+        .metric("lb_packets_total", &[("reason", "shed")])
+        .unwrap()
+        - shed_before;
+    let share = lost as f64 / N as f64;
+    eprintln!(
+        "while shedding 0.75: {lost} of {N} SYNs unanswered at the client ({share:.2}); {shed} counted as shed"
+    );
+    assert!((0.62..=0.88).contains(&share), "{share}");
+    assert_eq!(shed, lost as u64, "each unanswered SYN was shed");
+    let m = lab.metrics().unwrap();
+    assert_eq!(
+        prom::value(&m, "lb_vip_shed_ratio", &[("vip", VIP_LABEL)]),
+        Some(0.75)
+    );
+    let out = lbctl(&lab, &["vip", "show", "203.0.113.10:80/tcp"]);
+    assert!(out.contains("SHEDDING: 75%"), "{out}");
+
+    // The load falls: shedding stops within one scrape (1 s).
+    let fell = Instant::now();
+    for i in 0..2 {
+        lab.control(i).set_vllm(0.0, 0.1);
+    }
+    wait_for(&lab, 5, "shedding to stop", |lab| shed_share(lab) == 0.0);
+    let took = fell.elapsed();
+    eprintln!("shedding stopped {took:?} after the load fell");
+    assert!(took <= Duration::from_millis(1500), "{took:?}");
+    assert_eq!(
+        unanswered_syns(&lab, addr, 60, Duration::from_millis(10)),
+        0,
+        "every SYN answered again"
+    );
+    assert!(lab.lbd_log().contains("shedding"), "logged");
+    stop.send(()).unwrap();
+    let (n, longest) = keeper
+        .join()
+        .unwrap()
+        .expect("the established stream was not shed");
+    eprintln!("the established stream: {n} requests, longest answer {longest:?}");
+    assert!(n > 40, "{n} requests");
+    assert!(
+        longest < Duration::from_millis(500),
+        "{longest:?}: never held back"
+    );
+}
+
+fn lbctl(lab: &Lab, args: &[&str]) -> String {
+    let out = std::process::Command::new(binary_path("lbctl").unwrap())
+        .arg("--socket")
+        .arg(lab.api_socket())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

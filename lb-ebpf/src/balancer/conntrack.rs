@@ -32,6 +32,10 @@ pub struct Victim {
     live: bool,
     /// The slot is in the handshake table.
     syn: bool,
+    /// The packet opens a connection neither table knows: a SYN whose
+    /// handshake is not in progress (no entry of its 5-tuple in the
+    /// handshake table). Only such a SYN may be shed.
+    pub opens: bool,
 }
 
 /// What the tables say about a packet's flow.
@@ -165,6 +169,7 @@ impl Scan {
             claim: self.claim,
             live,
             syn,
+            opens: false,
         }
     }
 
@@ -227,7 +232,13 @@ pub fn lookup(
         let Some(set) = handshake_set(hash, cfg) else {
             return untracked(stats);
         };
-        return Lookup::Schedule(Scan::of(set, hash, pkt.flow.ports, now).place(true));
+        let scan = Scan::of(set, hash, pkt.flow.ports, now);
+        // A SYN sent again while its handshake runs keeps its chance.
+        let opens = !scan.found();
+        return Lookup::Schedule(Victim {
+            opens,
+            ..scan.place(true)
+        });
     }
     let Some(set) = LB_FLOWS.get_ptr_mut(flow_set(hash, cfg.flow_set_mask)) else {
         count_event(stats, FlowEvent::Miss);

@@ -20,12 +20,15 @@ mod icmp;
 mod maps;
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
+    bindings::xdp_action,
+    helpers::{bpf_get_prandom_u32, bpf_xdp_adjust_head},
+    macros::xdp,
+    programs::XdpContext,
 };
 use aya_log_ebpf::debug;
 use lb_common::{
     BackendInfo, CONFIG_FRAGMENTS_PASS, CONFIG_TOO_BIG_ICMP, DataplaneConfig, FAMILY_V4, FAMILY_V6,
-    MAGLEV_CHUNK, NO_BACKEND, PROTO_IPIP, PROTO_IPV6, REASON_SLOTS, Reason, Stats,
+    MAGLEV_CHUNK, NO_BACKEND, PROTO_IPIP, PROTO_IPV6, REASON_SLOTS, Reason, SHED_ONE, Stats,
     VIP_HASH_SRC_PORT, VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK, VIP_SCHED_WRR,
     VipInfo, VipKey, flow_hash64, maglev_position, second_choice, source_hash, vip_filter_slot,
 };
@@ -146,7 +149,8 @@ fn forward<const V6: bool>(
         match conntrack::lookup(&pkt, hash, cfg, now, stats, || vip_flags(&pkt)) {
             conntrack::Lookup::Hit(id, backend) => (id, backend, 0),
             other => {
-                let (id, backend) = schedule_consistent(&pkt, cfg, maglev_hash, stats)?;
+                let opens = matches!(&other, conntrack::Lookup::Schedule(v) if v.opens);
+                let (id, backend) = schedule_consistent(&pkt, cfg, maglev_hash, opens, stats)?;
                 if let conntrack::Lookup::Schedule(victim) = other {
                     conntrack::record(&pkt, victim, hash, id, backend, now, cfg, stats);
                 }
@@ -211,15 +215,17 @@ fn schedule_consistent(
     pkt: &Packet,
     cfg: &DataplaneConfig,
     hash: u32,
+    opens: bool,
     stats: &mut Stats,
 ) -> Result<(u32, &'static BackendInfo), Reason> {
     let before = table_gen();
-    let first = schedule(pkt, cfg, hash);
-    if table_gen() == before {
+    let first = schedule(pkt, cfg, hash, opens);
+    // A shed SYN is not looked at again: the draw is made once.
+    if table_gen() == before || matches!(first, Err(Reason::Shed)) {
         return first;
     }
     let before = table_gen();
-    let second = schedule(pkt, cfg, hash);
+    let second = schedule(pkt, cfg, hash, false);
     if table_gen() != before {
         maps::count_event(stats, lb_common::FlowEvent::TableRaced);
     }
@@ -228,14 +234,21 @@ fn schedule_consistent(
 
 /// A new flow's backend, by the VIP's scheduler (see `lb_common::VIP_SCHED_*`);
 /// `hash` is the flow's [`lb_common::flow_hash`]. Returns the backend id and
-/// the backend.
+/// the backend. `opens`: the packet opens a new connection, which the VIP
+/// sheds its share of (`Err(Reason::Shed)`, see `VipInfo::shed`).
 #[inline(always)]
 fn schedule(
     pkt: &Packet,
     cfg: &DataplaneConfig,
     hash: u32,
+    opens: bool,
 ) -> Result<(u32, &'static BackendInfo), Reason> {
     let vip = lookup_vip_key(&pkt.flow).ok_or(Reason::NotVip)?;
+    // A random draw, not the flow hash: a SYN the client sends again is
+    // drawn anew, so every client gets through after a few retransmissions.
+    if opens && vip.shed != 0 && unsafe { bpf_get_prandom_u32() } % SHED_ONE < vip.shed {
+        return Err(Reason::Shed);
+    }
     let sched = vip.flags & VIP_SCHED_MASK;
     let pos = if sched == VIP_SCHED_WRR {
         wrr_position(vip.id, cfg.table_size)

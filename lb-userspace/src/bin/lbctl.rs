@@ -458,7 +458,14 @@ fn down_reasons(backends: &Value) -> String {
 }
 
 /// `up`, `down`, or `-` when not checked; with the transition count.
+/// `stalled` (work and no progress: out of the table) comes first.
 fn health_text(b: &Value) -> String {
+    if b["stalled"] == Value::Bool(true) {
+        return format!(
+            "stalled ({:.0}s no progress)",
+            b["still_seconds"].as_f64().unwrap_or(0.0)
+        );
+    }
     if b["checked"] != Value::Bool(true) {
         return format!("{} (unchecked)", s(b, "health"));
     }
@@ -724,13 +731,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
             ctl.print(&v, |v| {
                 let mut flags = Vec::new();
                 if v["saturated"] == Value::Bool(true) {
-                    flags.push("SATURATED: every healthy backend is at its load limit, base weights in use");
+                    flags.push("SATURATED: every healthy backend is at its load limit, base weights in use".to_string());
                 }
                 if v["all_down"] == Value::Bool(true) {
-                    flags.push("ALL BACKENDS DOWN");
+                    flags.push("ALL BACKENDS DOWN".into());
+                }
+                let shed = v["shed"].as_f64().unwrap_or(0.0);
+                if shed > 0.0 {
+                    flags.push(format!(
+                        "SHEDDING: {:.0}% of new connections dropped at their SYN (on_saturated = shed)",
+                        shed * 100.0
+                    ));
                 }
                 format!(
-                    "VIP {}  revision {}  scheduler {}  on backend down: {}  on all down: {}  slow start: {}s  health checks: {}  load-aware: {}\n{}{}",
+                    "VIP {}  revision {}  scheduler {}  on backend down: {}  on all down: {}  slow start: {}s  health checks: {}  load-aware: {}  on saturated: {}
+{}{}",
                     s(v, "vip"),
                     s(v, "revision"),
                     s(v, "scheduler"),
@@ -739,6 +754,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     s(v, "slow_start_seconds"),
                     if v["health_checks"] == Value::Bool(true) { "yes" } else { "no" },
                     if v["load_aware"] == Value::Bool(true) { "yes" } else { "no" },
+                    s(v, "on_saturated"),
                     flags.iter().map(|f| format!("{f}\n")).collect::<String>(),
                     backends_table(&v["backends"], wide)
                 ) + &down_reasons(&v["backends"])

@@ -421,6 +421,15 @@ pub struct BackendView {
     /// Why the last failed check failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Work and no progress for its `stall_after`: out of the table as if
+    /// down (its established flows untouched), until its counters move.
+    pub stalled: bool,
+    /// Seconds its reports have shown work and no progress (stalled or
+    /// not yet), when they do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub still_seconds: Option<f64>,
+    /// Times it became stalled or stopped being stalled.
+    pub stall_transitions: u64,
     /// The weight its table share is built with, in units of `weight`
     /// (0 while drained or down; less than `weight` while loaded or
     /// ramping up).
@@ -488,6 +497,11 @@ pub struct VipView {
     pub saturated: bool,
     /// Every backend is down.
     pub all_down: bool,
+    /// `[vip.load] on_saturated`: `spread` or `shed`.
+    pub on_saturated: String,
+    /// Share of new connections the data plane drops at their SYN (0
+    /// unless `on_saturated = "shed"` and the pool is saturated).
+    pub shed: f64,
     pub backends: Vec<BackendView>,
 }
 
@@ -511,6 +525,9 @@ fn backend_view(
         health_since_seconds: health.map(|h| now.saturating_duration_since(h.since).as_secs()),
         health_transitions: health.map_or(0, |h| h.transitions),
         last_error: health.and_then(|h| h.last_error.clone()),
+        stalled: steer.is_some_and(|s| s.stalled.is_some()),
+        still_seconds: steer.and_then(|s| s.still_for).map(|d| d.as_secs_f64()),
+        stall_transitions: steer.map_or(0, |s| s.stall_transitions),
         weight_in_effect: state.map_or(0.0, |s| s.weight_in_effect),
         load_factor: steer.map_or(1.0, |s| s.factor),
         ramping: steer.is_some_and(|s| s.ramping),
@@ -551,6 +568,8 @@ fn vip_view(v: &Vip, snap: &Snapshot) -> VipView {
         load_aware: v.backends.iter().any(|b| v.load_policy(b).is_some()),
         saturated: steer.is_some_and(|s| s.vip.saturated),
         all_down: steer.is_some_and(|s| s.vip.all_down),
+        on_saturated: v.on_saturated().to_string(),
+        shed: steer.map_or(0.0, |s| s.vip.shed),
         backends: v
             .backends
             .iter()
@@ -1320,7 +1339,9 @@ async fn live(State(h): State<ControllerHandle>) -> (StatusCode, Json<Health>) {
 /// `named_metrics.kv_cache` (or `kv_cache_usage`): KV-cache use, 0..=1;
 /// `application_utilization`: 1 = saturated. `named_metrics.running` (or
 /// `num_requests_running`), `rps_fractional`, `eps` and the other ORCA
-/// fields are accepted and shown, not steered by. `ttl` (seconds): how long
+/// fields are accepted and shown, not steered by. `named_metrics.progress`:
+/// a count that grows while the node makes progress (tokens, say), for
+/// stall detection (`stall_after`). `ttl` (seconds): how long
 /// the report counts (default: the VIP's `load.stale_after`).
 #[derive(serde::Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
@@ -1414,6 +1435,7 @@ pub fn load_report_from_json(
         running: pick(["running", "num_requests_running"]),
         kv,
         utilization: b.application_utilization,
+        progress: named.get("progress").copied(),
         source: crate::steering::LoadSource::Push,
         reporter: "orca",
         at: now,

@@ -80,11 +80,18 @@ pub struct ProbeStats {
     pub checks_ok: u64,
     pub checks_failed: u64,
     /// Load reports by (source, outcome): `accepted`, `invalid`,
-    /// `unknown_format`, `failed` (no answer), `unknown_backend`,
+    /// `unknown_format`, `no_samples`, `failed` (no answer), `unknown_backend`,
     /// `no_policy`, and `stale` (accepted, then too old before a newer one).
     pub reports: BTreeMap<(&'static str, &'static str), u64>,
     /// How long the health checks of each VIP's backends took.
     pub check_durations: BTreeMap<VipAddr, DurationHistogram>,
+    /// By source (`scrape`, `push`): from a load report's arrival to the
+    /// steering decision it caused being in the maps (reports that changed
+    /// a backend's level while no rate limit held the rebuild back).
+    pub reaction: BTreeMap<&'static str, DurationHistogram>,
+    /// Scrapes that started more than half an interval late (the node's
+    /// scrapes fall behind their interval).
+    pub scrapes_late: u64,
 }
 
 impl Snapshot {
@@ -222,10 +229,12 @@ enum Request {
         result: Result<(), String>,
         took: Duration,
     },
-    /// A load scrape's result.
+    /// A load scrape's result, and whether it started late (the scrapes
+    /// of its node fall behind their interval).
     Scraped {
         node: IpAddr,
         result: Box<Result<LoadReport, ScrapeError>>,
+        late: bool,
     },
     /// The connection table's entries of a VIP (and one client's flow).
     Flows(
@@ -402,6 +411,11 @@ pub struct Controller {
     stats: ProbeStats,
     /// Whether each scraped node's last scrape worked (to log changes once).
     scrape_ok: HashMap<IpAddr, bool>,
+    /// Scraped nodes whose scrapes fall behind their interval (logged once,
+    /// until one is on time again).
+    scrapes_behind: HashSet<IpAddr>,
+    /// A stall change may change what BGP announces.
+    announce_due: bool,
     /// What BGP should announce, once the data plane is attached.
     announce: Option<watch::Sender<Announcement>>,
     /// The host checks' warnings about the desired state (each is logged
@@ -459,6 +473,8 @@ impl Controller {
             probes: Probes::default(),
             stats: ProbeStats::default(),
             scrape_ok: HashMap::new(),
+            scrapes_behind: HashSet::new(),
+            announce_due: false,
             announce: None,
             revision: 0,
             state_file: None,
@@ -604,12 +620,20 @@ impl Controller {
         // `steer` does not read the config: lend the VIPs out, no copy.
         let vips = std::mem::take(&mut self.config.vips);
         for v in &vips {
-            self.steer(v, "load", false);
+            let _ = self.steer(v, "load", false);
             if v.scheduler == Scheduler::LeastLoad {
                 self.update_scores(v);
             }
         }
         self.config.vips = vips;
+        self.announce_if_due();
+    }
+
+    /// Updates what BGP announces if a stall change asked for it.
+    fn announce_if_due(&mut self) {
+        if std::mem::take(&mut self.announce_due) {
+            self.update_announcement();
+        }
     }
 
     /// Writes the least-load scores of `vip` that changed.
@@ -623,12 +647,29 @@ impl Controller {
         }
     }
 
-    /// Applies steering's plan for `vip`, if it has one now.
-    fn steer(&mut self, vip: &Vip, cause: &str, force: bool) {
+    /// Applies steering's plan for `vip`, if it has one now, and its shed
+    /// share; returns the plan applied.
+    fn steer(&mut self, vip: &Vip, cause: &str, force: bool) -> Option<Plan> {
         let now = Instant::now();
         let before = self.steering.vip_view(&vip.addr);
         let plan = self.steering.plan(vip, now, force);
         let after = self.steering.vip_view(&vip.addr);
+        self.stall_changes(vip);
+        if after.shed != before.shed {
+            match self.dp.set_vip_shed(&vip.addr, after.shed) {
+                Ok(_) if after.shed > 0.0 && before.shed == 0.0 => tracing::warn!(
+                    vip = %vip.addr, share = after.shed, pool_pressure = format!("{:.2}", after.pool_pressure),
+                    "shedding: every backend is past its load limit; a share of new connections is dropped at their SYN (on_saturated = shed)"
+                ),
+                Ok(_) if after.shed == 0.0 => {
+                    tracing::info!(vip = %vip.addr, "no longer shedding new connections")
+                }
+                Ok(_) => tracing::debug!(vip = %vip.addr, share = after.shed, "shed share changed"),
+                Err(e) => {
+                    tracing::error!(vip = %vip.addr, error = %format!("{e:#}"), "setting the shed share failed")
+                }
+            }
+        }
         if after.saturated != before.saturated {
             if after.saturated {
                 tracing::warn!(vip = %vip.addr, "saturated: every healthy backend is at its load limit; base weights in use");
@@ -643,7 +684,7 @@ impl Controller {
                 tracing::info!(vip = %vip.addr, "a backend is up again");
             }
         }
-        let Some(plan) = plan else { return };
+        let plan = plan?;
         let _cause = tracing::info_span!("change", cause = %cause).entered();
         match self.dp.set_vip_targets(vip, &plan.targets) {
             Ok(()) => {
@@ -656,11 +697,69 @@ impl Controller {
                         .collect();
                     tracing::info!(vip = %vip.addr, changes = %changes.join(", "), "weights follow load and slow start");
                 }
+                Some(plan)
             }
             Err(e) => {
-                tracing::error!(vip = %vip.addr, error = %format!("{e:#}"), "applying new weights failed")
+                tracing::error!(vip = %vip.addr, error = %format!("{e:#}"), "applying new weights failed");
+                None
             }
         }
+    }
+
+    /// Logs the backends of `vip` that became stalled or stopped being
+    /// stalled (a health transition with cause `stalled`), and updates what
+    /// BGP announces.
+    fn stall_changes(&mut self, vip: &Vip) {
+        let changes = self.steering.take_stall_changes(&vip.addr);
+        if changes.is_empty() {
+            return;
+        }
+        let _cause = tracing::info_span!("change", cause = "stalled").entered();
+        for c in &changes {
+            if c.stalled {
+                tracing::warn!(
+                    vip = %vip.addr, backend = %c.backend, queue = c.queue, running = c.running.unwrap_or(0.0),
+                    "backend stalled: work queued or running and no progress for {:.1} s; out of the table until its counters move",
+                    c.still_for.as_secs_f64()
+                );
+            } else {
+                tracing::info!(vip = %vip.addr, backend = %c.backend, "backend no longer stalled: it makes progress again");
+            }
+        }
+        // Announced once the VIPs are back in the config (the callers lend
+        // them out while steering).
+        self.announce_due = true;
+    }
+
+    /// Steers every VIP `node` is a backend of right away, after a load
+    /// report from `source` that arrived at `at`: a decision due now is in
+    /// the maps within milliseconds, not at the next steering tick. The
+    /// time from `at` is observed when the report moved `node` in a table
+    /// that no rate limit held back.
+    fn react(&mut self, node: IpAddr, at: Instant, source: &'static str) {
+        let vips = std::mem::take(&mut self.config.vips);
+        for v in vips
+            .iter()
+            .filter(|v| v.backends.iter().any(|b| b.addr == node))
+        {
+            let now = Instant::now();
+            if !self.steering.react_due(&v.addr, node, now) {
+                continue;
+            }
+            let held = self.steering.rate_limited(&v.addr, now);
+            if let Some(plan) = self.steer(v, "load", false)
+                && !held
+                && plan.moved.contains(&node)
+            {
+                self.stats
+                    .reaction
+                    .entry(source)
+                    .or_default()
+                    .observe(at.elapsed());
+            }
+        }
+        self.config.vips = vips;
+        self.announce_if_due();
     }
 
     fn handle(&mut self, req: Request) {
@@ -699,7 +798,7 @@ impl Controller {
                 result,
                 took,
             } => self.health_result(backend, &check, result, took),
-            Request::Scraped { node, result } => self.scraped(node, *result),
+            Request::Scraped { node, result, late } => self.scraped(node, *result, late),
             Request::Flows(vip, client, reply) => {
                 let started = Instant::now();
                 let result = (|| {
@@ -761,7 +860,10 @@ impl Controller {
                 let outcome = result.as_ref().map_or_else(|(o, _)| *o, |()| "accepted");
                 *self.stats.reports.entry(("push", outcome)).or_default() += 1;
                 if result.is_ok() {
-                    self.steering.load_report(node, *report);
+                    let at = report.at;
+                    if self.steering.load_report(node, *report) {
+                        self.react(node, at, "push");
+                    }
                 }
                 let _ = reply.send(result.map_err(|(_, e)| e));
             }
@@ -837,7 +939,18 @@ impl Controller {
         snap
     }
 
-    fn scraped(&mut self, node: IpAddr, result: Result<LoadReport, ScrapeError>) {
+    fn scraped(&mut self, node: IpAddr, result: Result<LoadReport, ScrapeError>, late: bool) {
+        if late {
+            self.stats.scrapes_late += 1;
+            if self.scrapes_behind.insert(node) {
+                tracing::warn!(
+                    %node,
+                    "load scrapes fall behind their interval: a scrape started more than half an interval late (scrapes, or lbd, take longer than scrape_interval: raise it); counted in lb_load_scrapes_late_total"
+                );
+            }
+        } else if self.scrapes_behind.remove(&node) {
+            tracing::info!(%node, "load scrapes keep their interval again");
+        }
         let ok = result.is_ok();
         let outcome = match &result {
             Ok(_) => "accepted",
@@ -850,7 +963,10 @@ impl Controller {
                 if was_ok == Some(false) {
                     tracing::info!(%node, "load scrapes work again");
                 }
-                self.steering.load_report(node, report);
+                let at = report.at;
+                if self.steering.load_report(node, report) {
+                    self.react(node, at, "scrape");
+                }
             }
             Err(e) if was_ok != Some(false) => tracing::warn!(
                 %node, outcome, error = e.message(),
@@ -907,10 +1023,11 @@ impl Controller {
                     );
                 }
             }
-            self.steer(v, "health check", false);
+            let _ = self.steer(v, "health check", false);
         }
         // Only a backend going up or down can change what is announced.
-        if changed {
+        if changed || self.announce_due {
+            self.announce_due = false;
             self.update_announcement();
         }
     }
@@ -1112,6 +1229,10 @@ impl Controller {
         for (a, p) in &plans {
             self.steering.applied(a, p, now);
         }
+        for v in vips {
+            self.dp
+                .set_vip_shed(&v.addr, self.steering.vip_view(&v.addr).shed)?;
+        }
         // New backends start with score 0 in the data plane: write all anew.
         self.steering.forget_scores();
         Ok(())
@@ -1150,10 +1271,21 @@ async fn scrape_task(tx: mpsc::Sender<Request>, node: IpAddr, target: ScrapeTarg
     let mut tick = tokio::time::interval(target.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut scraper = probe::Scraper::new(node, &target);
+    let mut last: Option<Instant> = None;
     loop {
         tick.tick().await;
+        let started = Instant::now();
+        // Behind: this scrape starts half an interval or more after it was
+        // due (the one before, its hand-over to the controller, or the
+        // runtime took longer than the interval).
+        let late = last.is_some_and(|l| started - l > target.interval.mul_f64(1.5));
+        last = Some(started);
         let result = Box::new(scraper.scrape().await);
-        if tx.send(Request::Scraped { node, result }).await.is_err() {
+        if tx
+            .send(Request::Scraped { node, result, late })
+            .await
+            .is_err()
+        {
             return;
         }
     }

@@ -17,12 +17,15 @@
 //! - `lb_backend_up`, `lb_backend_drained`, `lb_backend_weight`,
 //!   `lb_backend_weight_in_effect`, `lb_backend_table_share_ratio`,
 //!   `lb_backend_load_factor`, `lb_backend_load_pressure`,
-//!   `lb_backend_health_transitions_total{vip,backend}`.
+//!   `lb_backend_health_transitions_total{vip,backend,cause}` (`check`:
+//!   health checks; `stalled`: became stalled or stopped being stalled),
+//!   `lb_backend_stalled{vip,backend}`.
 //! - `lb_backend_load_queue`, `lb_backend_load_running`,
 //!   `lb_backend_load_kv_cache_ratio`, `lb_backend_load_report_age_seconds{backend}`:
 //!   each node's last load report.
-//! - `lb_vip_saturated`, `lb_vip_all_backends_down{vip}`.
-//! - `lb_health_checks_total{result}`, `lb_load_reports_total{source,outcome}`.
+//! - `lb_vip_saturated`, `lb_vip_shed_ratio`, `lb_vip_all_backends_down{vip}`.
+//! - `lb_health_checks_total{result}`, `lb_load_reports_total{source,outcome}`,
+//!   `lb_load_scrapes_late_total`, `lb_steering_reaction_seconds{source}`.
 //! - `lb_api_requests_total{outcome}`: `ok`, `refused`, `failed`.
 //! - `lb_map_capacity{map}`, `lb_map_entries{map}` (`vips`, `backends`;
 //!   `flows` capacity only, in slots: counting the entries in use would
@@ -95,14 +98,18 @@ pub const FAMILIES: &[&str] = &[
     "lb_backend_least_load_score",
     "lb_backend_load_pressure",
     "lb_backend_health_transitions_total",
+    "lb_backend_stalled",
     "lb_backend_load_queue",
     "lb_backend_load_running",
     "lb_backend_load_kv_cache_ratio",
     "lb_backend_load_report_age_seconds",
     "lb_vip_saturated",
+    "lb_vip_shed_ratio",
     "lb_vip_all_backends_down",
     "lb_health_checks_total",
     "lb_load_reports_total",
+    "lb_load_scrapes_late_total",
+    "lb_steering_reaction_seconds",
     "lb_api_requests_total",
     "lb_map_capacity",
     "lb_map_entries",
@@ -133,6 +140,7 @@ pub const BACKEND_FAMILIES: &[&str] = &[
     "lb_backend_least_load_score",
     "lb_backend_load_pressure",
     "lb_backend_health_transitions_total",
+    "lb_backend_stalled",
     "lb_backend_load_queue",
     "lb_backend_load_running",
     "lb_backend_load_kv_cache_ratio",
@@ -168,6 +176,11 @@ impl DurationHistogram {
     /// Observations so far.
     pub fn count(&self) -> u64 {
         self.buckets.iter().sum()
+    }
+
+    /// The sum of the observations so far, in seconds.
+    pub fn sum(&self) -> f64 {
+        self.sum
     }
 
     fn metric(&self, pairs: &[(&str, &str)]) -> Metric {
@@ -481,6 +494,15 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
         "Smoothed load pressure of the backend (1 = at its queue or KV-cache limit), for VIPs that follow load.",
         &|r| r.steer.and_then(|x| x.pressure),
     );
+    per_backend(
+        "lb_backend_stalled",
+        "1 while the backend is stalled: work queued or running and no progress for its stall_after (out of the table, established flows untouched); VIPs that follow load.",
+        &|r| {
+            r.steer
+                .filter(|x| x.pressure.is_some())
+                .map(|x| if x.stalled.is_some() { 1.0 } else { 0.0 })
+        },
+    );
     if keep.family("lb_backend_health_transitions_total") {
         let m = f.counters(
             "lb_backend_health_transitions_total",
@@ -489,8 +511,18 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
         for r in &rows {
             if let Some(h) = health(r) {
                 m.push(counter(
-                    &[("backend", &r.backend), ("vip", &r.vip)],
+                    &[("backend", &r.backend), ("cause", "check"), ("vip", &r.vip)],
                     h.transitions,
+                ));
+            }
+            if let Some(x) = r.steer.filter(|x| x.pressure.is_some()) {
+                m.push(counter(
+                    &[
+                        ("backend", &r.backend),
+                        ("cause", "stalled"),
+                        ("vip", &r.vip),
+                    ],
+                    x.stall_transitions,
                 ));
             }
         }
@@ -551,6 +583,13 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
         m.push(gauge(&[("vip", vip)], if v.saturated { 1.0 } else { 0.0 }));
     }
     let m = f.gauges(
+        "lb_vip_shed_ratio",
+        "Share of new connections the data plane drops at their SYN while every backend is past its load limit (on_saturated = shed); 0 otherwise.",
+    );
+    for (vip, v) in &steering {
+        m.push(gauge(&[("vip", vip)], v.shed));
+    }
+    let m = f.gauges(
         "lb_vip_all_backends_down",
         "1 while every backend of the VIP is down (see on_all_down).",
     );
@@ -566,10 +605,22 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
     m.push(counter(&[("result", "failed")], p.checks_failed));
     let m = f.counters(
         "lb_load_reports_total",
-        "Load reports by source (scrape, push) and outcome: accepted; invalid, unknown_format, failed (no answer), unknown_backend, no_policy (ignored, weights unchanged); stale (accepted, then too old before a newer one came).",
+        "Load reports by source (scrape, push) and outcome: accepted; invalid, unknown_format, no_samples (families declared, no samples yet), failed (no answer), unknown_backend, no_policy (ignored, weights unchanged); stale (accepted, then too old before a newer one came).",
     );
     for ((source, outcome), n) in &p.reports {
         m.push(counter(&[("outcome", outcome), ("source", source)], *n));
+    }
+    f.counters(
+        "lb_load_scrapes_late_total",
+        "Load scrapes that started more than half a scrape_interval late: the node's scrapes fall behind their interval.",
+    )
+    .push(counter(&[], p.scrapes_late));
+    let m = f.histograms(
+        "lb_steering_reaction_seconds",
+        "From a load report's arrival (scrape finished, push received) to the steering decision it caused being in the maps, by source; reports that moved a backend while no rate limit held the rebuild back.",
+    );
+    for (source, h) in &p.reaction {
+        m.push(h.metric(&[("source", source)]));
     }
     let m = f.histograms(
         "lb_health_check_duration_seconds",
@@ -942,6 +993,7 @@ mod tests {
                 running: Some(2.0),
                 kv: Some(0.5),
                 utilization: None,
+                progress: None,
                 source: LoadSource::Scrape,
                 reporter: "vllm",
                 at: now,
@@ -982,6 +1034,7 @@ mod tests {
             probes: ProbeStats {
                 reports: BTreeMap::from([(("scrape", "accepted"), 1)]),
                 check_durations: BTreeMap::from([(v.addr, DurationHistogram::default())]),
+                reaction: BTreeMap::from([("push", DurationHistogram::default())]),
                 ..Default::default()
             },
         };

@@ -173,6 +173,8 @@ struct ProgrammedVip {
     table_counts: std::collections::HashMap<u32, usize>,
     /// Tables built for this VIP by this process (metrics).
     rebuilds: u64,
+    /// `VipInfo::shed` as written.
+    shed: u32,
 }
 
 /// How to load the balancer.

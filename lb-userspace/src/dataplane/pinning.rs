@@ -456,6 +456,7 @@ impl Dataplane {
                     table_counts: table.counts(),
                     table,
                     rebuilds: 0,
+                    shed: info.shed,
                 },
             );
         }

@@ -13,17 +13,17 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, MAGLEV_CHUNK, MaglevChunk, VIP_HASH_SRC_PORT,
-    VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK, VIP_SCHED_WRR,
-    VIP_STICK_WHEN_DOWN, VipAddrKey, VipInfo, addr_words, chunks_per_table, map_name,
-    vip_filter_slot,
+    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, MAGLEV_CHUNK, MaglevChunk, SHED_ONE,
+    VIP_HASH_SRC_PORT, VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV, VIP_SCHED_MAGLEV_SRC,
+    VIP_SCHED_MASK, VIP_SCHED_WRR, VIP_STICK_WHEN_DOWN, VipAddrKey, VipInfo, addr_words,
+    chunks_per_table, map_name, vip_filter_slot,
 };
 
 use super::{BackendState, Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
 use crate::{
     desired::vip::{DownPolicy, Scheduler, Vip, VipAddr},
     maglev::{MaglevBackend, MaglevTable},
-    steering::{FULL, Target},
+    steering::{FULL, MAX_SHED, Target},
 };
 
 /// Id placeholder of a backend that has none yet.
@@ -223,6 +223,7 @@ impl Dataplane {
         mut wanted: BTreeMap<IpAddr, ProgrammedBackend>,
     ) -> Result<(), DataplaneError> {
         let existing = self.vips.get(&addr);
+        let shed = existing.map_or(0, |p| p.shed);
         let fresh_count = wanted.values().filter(|b| b.id == UNASSIGNED).count();
         // Ids of leaving backends can be taken back (their remaining flows
         // are then scheduled anew).
@@ -274,7 +275,7 @@ impl Dataplane {
             fresh.push(b.id);
         }
         self.table_window(true)?;
-        let result = self.write_vip(addr, vip_id, half, flags, &wanted, &fresh);
+        let result = self.write_vip(addr, vip_id, half, flags, shed, &wanted, &fresh);
         let table = match result {
             Ok(table) => table,
             Err(e) => {
@@ -289,11 +290,11 @@ impl Dataplane {
 
         // Flipped: retire what is gone.
         self.tables_switched += 1;
-        let (previous, rebuilds) = match self.vips.remove(&addr) {
-            Some(p) => (p.backends, p.rebuilds),
+        let (previous, rebuilds, shed) = match self.vips.remove(&addr) {
+            Some(p) => (p.backends, p.rebuilds, p.shed),
             None => {
                 self.free_vip_ids.pop_front();
-                (BTreeMap::new(), 0)
+                (BTreeMap::new(), 0, 0)
             }
         };
         // A removed backend leaves: out of the table now, its established
@@ -325,6 +326,7 @@ impl Dataplane {
                 table_counts: table.counts(),
                 table,
                 rebuilds: rebuilds + 1,
+                shed,
             },
         );
         tracing::info!(
@@ -339,12 +341,14 @@ impl Dataplane {
     }
 
     /// Everything up to and including the flip; returns the new table.
+    #[allow(clippy::too_many_arguments)]
     fn write_vip(
         &mut self,
         addr: VipAddr,
         vip_id: u32,
         half: u32,
         flags: u32,
+        shed: u32,
         wanted: &BTreeMap<IpAddr, ProgrammedBackend>,
         fresh: &[u32],
     ) -> Result<MaglevTable, DataplaneError> {
@@ -399,7 +403,7 @@ impl Dataplane {
             id: vip_id,
             table_chunk: first_chunk,
             flags,
-            _pad: 0,
+            shed,
         };
         // The flip.
         self.maps
@@ -498,6 +502,36 @@ impl Dataplane {
         self.write_vip_filter(&addr.addr, None)?;
         self.write_vip_addr(&addr.addr)?;
         Ok(())
+    }
+
+    /// Sets the share of new connections `vip` sheds (0..=[`MAX_SHED`]; see
+    /// `VipInfo::shed`): one replacement of the VIP's map value, its table
+    /// untouched. Returns whether the value changed.
+    pub fn set_vip_shed(&mut self, vip: &VipAddr, share: f64) -> Result<bool, DataplaneError> {
+        let shed = shed_word(share);
+        let p = self.vips.get(vip).ok_or(DataplaneError::UnknownVip(*vip))?;
+        if p.shed == shed {
+            return Ok(false);
+        }
+        let info = VipInfo {
+            id: p.id,
+            table_chunk: self.table_chunk(p.id, p.active_half),
+            flags: p.flags,
+            shed,
+        };
+        self.maps
+            .vips
+            .insert(vip.key(), info, 0)
+            .map_err(map_err(map_name::VIPS))?;
+        self.vips.get_mut(vip).expect("present").shed = shed;
+        Ok(true)
+    }
+
+    /// The share of new connections `vip` sheds, as the data plane has it.
+    pub fn vip_shed(&self, vip: &VipAddr) -> Option<f64> {
+        self.vips
+            .get(vip)
+            .map(|p| f64::from(p.shed) / f64::from(SHED_ONE))
     }
 
     /// The VIPs as programmed.
@@ -677,4 +711,15 @@ impl Dataplane {
             .set(0, self.table_gen, 0)
             .map_err(map_err(map_name::TABLE_GEN))
     }
+}
+
+/// `VipInfo::shed` for a share of new connections (clamped to
+/// 0..=[`MAX_SHED`]).
+pub fn shed_word(share: f64) -> u32 {
+    let share = if share.is_nan() {
+        0.0
+    } else {
+        share.clamp(0.0, MAX_SHED)
+    };
+    (share * f64::from(SHED_ONE)).round() as u32
 }

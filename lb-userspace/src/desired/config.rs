@@ -501,6 +501,9 @@ impl RawLoad {
             min_factor: l.min_factor.map(RawNumber::Float),
             recovery: l.recovery.map(RawNumber::seconds),
             stale_after: l.stale_after.map(RawNumber::seconds),
+            stall_after: l.stall_after.map(RawNumber::seconds),
+            engine: l.engine.map(|e| e.map_or("auto", |e| e.name()).to_string()),
+            on_saturated: l.on_saturated.map(|p| p.to_string()),
         }
     }
 }
@@ -595,6 +598,12 @@ struct RawLoad {
     recovery: Option<RawNumber>,
     #[serde(skip_serializing_if = "Option::is_none")]
     stale_after: Option<RawNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stall_after: Option<RawNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    engine: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    on_saturated: Option<String>,
 }
 
 /// Validates a config as a whole (the checks that span VIPs: duplicates,
@@ -1328,6 +1337,20 @@ impl Validator {
             min_factor: self.number(&join(path, "min_factor"), raw.min_factor, (0.05, 1.0)),
             recovery: self.seconds(&join(path, "recovery"), raw.recovery, (0.0, 3600.0)),
             stale_after: self.seconds(&join(path, "stale_after"), raw.stale_after, (0.1, 86400.0)),
+            stall_after: self.seconds(&join(path, "stall_after"), raw.stall_after, (0.0, 3600.0)),
+            engine: raw.engine.as_deref().and_then(|e| match e {
+                "auto" => Some(None),
+                name => name
+                    .parse()
+                    .map(Some)
+                    .map_err(|m| self.problem(join(path, "engine"), m))
+                    .ok(),
+            }),
+            on_saturated: raw.on_saturated.as_deref().and_then(|p| {
+                p.parse()
+                    .map_err(|m| self.problem(join(path, "on_saturated"), m))
+                    .ok()
+            }),
         }
     }
 
@@ -2062,6 +2085,12 @@ impl Validator {
             .as_ref()
             .map(|l| self.load(&join(path, "load"), l))
             .unwrap_or_default();
+        if load.on_saturated.is_some() {
+            self.problem(
+                join(path, "load.on_saturated"),
+                "a setting of the whole VIP: set it in the VIP's [vip.load] table",
+            );
+        }
         Some(Backend {
             addr: addr?,
             weight,
@@ -2075,6 +2104,8 @@ impl Validator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::desired::policy::SaturatedPolicy;
+    use crate::steering::engines::Engine;
 
     const GOOD: &str = r#"
         [balancer]
@@ -2494,12 +2525,50 @@ mod tests {
                 http: Default::default(),
                 interval: Duration::from_secs(1),
                 timeout: Duration::from_millis(800),
+                engine: None,
             })
         );
         // Without the tables: no checks, static weights.
         let g = parse(GOOD, "t").unwrap();
         assert!(g.vips[0].health_check(&g.vips[0].backends[0]).is_none());
         assert!(g.vips[0].load_policy(&g.vips[0].backends[0]).is_none());
+    }
+
+    #[test]
+    fn engine_stall_and_shed_settings_are_read_and_saved_back() {
+        let text = POLICIES.replace(
+            "recovery = 2.5",
+            "recovery = 2.5\nengine = \"sglang\"\nstall_after = 0.5\non_saturated = \"shed\"",
+        );
+        let c = parse(&text, "t").unwrap();
+        let v = &c.vips[0];
+        assert_eq!(v.on_saturated(), SaturatedPolicy::Shed);
+        let p = v.load_policy(&v.backends[0]).unwrap();
+        assert_eq!(p.stall_after, Duration::from_millis(500));
+        assert_eq!(p.scrape.unwrap().engine, Some(Engine::Sglang));
+        let dir = std::env::temp_dir().join(format!("lb-config-engine-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("lbd.toml");
+        std::fs::write(&path, &text).unwrap();
+        save_vips(&path, &c.vips).unwrap();
+        let saved = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(parse(&saved, "t").unwrap(), c, "{saved}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        // "auto" is detection, as when unset.
+        let auto = parse(
+            &POLICIES.replace("recovery = 2.5", "engine = \"auto\""),
+            "t",
+        )
+        .unwrap();
+        let v = &auto.vips[0];
+        assert_eq!(
+            v.load_policy(&v.backends[0])
+                .unwrap()
+                .scrape
+                .unwrap()
+                .engine,
+            None
+        );
     }
 
     #[test]
@@ -2550,6 +2619,30 @@ mod tests {
             "queue_limit = -1",
             "vip[0].load.queue_limit",
             "out of range",
+        );
+        bad(
+            "recovery = 2.5",
+            "recovery = 2.5\nengine = \"vllm2\"",
+            "vip[0].load.engine",
+            "unknown engine \"vllm2\"",
+        );
+        bad(
+            "recovery = 2.5",
+            "recovery = 2.5\non_saturated = \"drop\"",
+            "vip[0].load.on_saturated",
+            "\"spread\" or \"shed\"",
+        );
+        bad(
+            "recovery = 2.5",
+            "recovery = 2.5\nstall_after = -1",
+            "vip[0].load.stall_after",
+            "out of range",
+        );
+        bad(
+            "load = { metrics_port = 9001 }",
+            "load = { on_saturated = \"shed\" }",
+            "vip[0].backends[1].load.on_saturated",
+            "a setting of the whole VIP",
         );
         bad(
             "on_all_down = \"drop\"",

@@ -10,6 +10,8 @@
 
 use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
 
+use crate::steering::engines::Engine;
+
 /// Default interval between health checks of one backend.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// Default time a health check may take.
@@ -37,6 +39,43 @@ pub const DEFAULT_MIN_FACTOR: f64 = 0.05;
 pub const DEFAULT_RECOVERY: Duration = Duration::from_secs(5);
 /// Default age after which a load report no longer counts.
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(10);
+/// Default time a node may have work and make no progress before it is
+/// `stalled`.
+pub const DEFAULT_STALL_AFTER: Duration = Duration::from_secs(30);
+
+/// What a VIP does while every backend is past its load limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SaturatedPolicy {
+    /// Spread new flows by the base weights (nowhere is better).
+    #[default]
+    Spread,
+    /// Also drop a share of new connections' SYNs, growing with the
+    /// overload: TCP retransmits them, so they wait at the client instead
+    /// of in the nodes' queues (see `steering::shed_share`).
+    Shed,
+}
+
+impl fmt::Display for SaturatedPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SaturatedPolicy::Spread => "spread",
+            SaturatedPolicy::Shed => "shed",
+        })
+    }
+}
+
+impl FromStr for SaturatedPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "spread" => Ok(SaturatedPolicy::Spread),
+            "shed" => Ok(SaturatedPolicy::Shed),
+            _ => Err(format!(
+                "unknown policy {s:?} (expected \"spread\" or \"shed\")"
+            )),
+        }
+    }
+}
 
 /// How a backend is checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -257,6 +296,13 @@ pub struct LoadConfig {
     pub min_factor: Option<f64>,
     pub recovery: Option<Duration>,
     pub stale_after: Option<Duration>,
+    /// `Some(0)` turns stall detection off.
+    pub stall_after: Option<Duration>,
+    /// The engine the scraped page is read as: `Some(None)` is `"auto"`
+    /// as written (detected, as when unset).
+    pub engine: Option<Option<Engine>>,
+    /// VIP-wide (the validator refuses it in a backend's `load`).
+    pub on_saturated: Option<SaturatedPolicy>,
 }
 
 /// Where and how often a backend's load is scraped.
@@ -267,6 +313,8 @@ pub struct ScrapeTarget {
     pub http: HttpOptions,
     pub interval: Duration,
     pub timeout: Duration,
+    /// How the page is read; `None`: the engine is detected.
+    pub engine: Option<Engine>,
 }
 
 /// How a backend's load turns into its weight, defaults filled in.
@@ -278,6 +326,8 @@ pub struct LoadPolicy {
     pub min_factor: f64,
     pub recovery: Duration,
     pub stale_after: Duration,
+    /// Work and no progress for this long: `stalled`; zero: never.
+    pub stall_after: Duration,
 }
 
 impl LoadConfig {
@@ -310,6 +360,9 @@ impl LoadConfig {
             min_factor: self.min_factor.or(base.min_factor),
             recovery: self.recovery.or(base.recovery),
             stale_after: self.stale_after.or(base.stale_after),
+            stall_after: self.stall_after.or(base.stall_after),
+            engine: self.engine.or(base.engine),
+            on_saturated: self.on_saturated.or(base.on_saturated),
         }
     }
 
@@ -346,6 +399,7 @@ impl LoadConfig {
                     },
                     interval,
                     timeout,
+                    engine: self.engine.flatten(),
                 })
             }
         };
@@ -356,6 +410,7 @@ impl LoadConfig {
             min_factor: self.min_factor.unwrap_or(DEFAULT_MIN_FACTOR),
             recovery: self.recovery.unwrap_or(DEFAULT_RECOVERY),
             stale_after: self.stale_after.unwrap_or(DEFAULT_STALE_AFTER),
+            stall_after: self.stall_after.unwrap_or(DEFAULT_STALL_AFTER),
         })
     }
 }
@@ -460,6 +515,7 @@ mod tests {
         let p = LoadConfig::default().resolve().unwrap();
         assert_eq!(p.scrape, None, "no port, no scraping");
         assert_eq!((p.queue_limit, p.kv_limit), (5.0, 0.8));
+        assert_eq!(p.stall_after, DEFAULT_STALL_AFTER);
         let p = LoadConfig {
             metrics_port: Some(8000),
             ..Default::default()

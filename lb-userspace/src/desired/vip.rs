@@ -289,6 +289,15 @@ impl Vip {
         b.health.over(&base).resolve(self.addr.port).ok()
     }
 
+    /// What the VIP does while every backend is past its load limit
+    /// (`[vip.load] on_saturated`).
+    pub fn on_saturated(&self) -> crate::desired::policy::SaturatedPolicy {
+        self.load
+            .as_ref()
+            .and_then(|l| l.on_saturated)
+            .unwrap_or_default()
+    }
+
     /// The load policy of backend `b`, if its weight follows its load.
     pub fn load_policy(&self, b: &Backend) -> Option<LoadPolicy> {
         if self.load.is_none() && b.load.is_empty() {

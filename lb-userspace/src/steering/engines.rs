@@ -1,33 +1,75 @@
-//! An inference server's load, read from a parsed scrape of its `/metrics`
-//! (see [`crate::steering::promtext`]): how many requests wait (its queue), how many
-//! run, and how full its KV cache is.
+//! An inference server's load, read from its metrics page: how many
+//! requests wait (its queue), how many run, how full its KV cache is, and a
+//! progress count (tokens or forward passes so far) that shows whether it
+//! is getting anywhere. Prometheus text is parsed with
+//! [`crate::steering::promtext`]; TensorRT-LLM's own server may answer JSON.
 //!
-//! Four servers are known, each by its metric families:
+//! The servers and their families (see docs/load-aware-weights.md, whose
+//! table must match [`SPECS`]):
 //! - vLLM: queue `vllm:num_requests_waiting`, running
 //!   `vllm:num_requests_running`, KV `vllm:kv_cache_usage_perc` (a fraction
-//!   0..=1 despite its name), or, when a server lacks that family, the older
-//!   `vllm:gpu_cache_usage_perc`.
+//!   0..=1 despite its name) or, when a server lacks that family, the older
+//!   `vllm:gpu_cache_usage_perc`; progress `vllm:prompt_tokens_total` +
+//!   `vllm:generation_tokens_total` (counted every engine step). vLLM's
+//!   `vllm:num_requests_waiting_by_reason{reason}` splits the same waiting
+//!   requests by why they wait: it is not added (that would count each
+//!   waiting request twice).
+//! - NVIDIA NIM: vLLM's names without the `vllm:` prefix
+//!   (`num_requests_waiting`, ...; NIM serves them on `/v1/metrics`).
+//! - Ray Serve LLM: vLLM's names with the prefix `ray_vllm:`, or, after
+//!   Ray's name sanitising, `ray_vllm_` (`ray_vllm_num_requests_waiting`).
 //! - SGLang: queue `sglang:num_queue_reqs`, running `sglang:num_running_reqs`,
-//!   KV `sglang:token_usage` (a fraction).
+//!   KV `sglang:token_usage` (a fraction); progress
+//!   `sglang:realtime_tokens_total` (every log interval, newer builds) +
+//!   `sglang:prompt_tokens_total` + `sglang:generation_tokens_total` (the
+//!   latter two counted when a request finishes).
 //! - Triton: queue `nv_inference_pending_request_count` plus, for
 //!   TensorRT-LLM, `nv_trt_llm_request_metrics{request_type="waiting"}`;
 //!   running `nv_trt_llm_request_metrics{request_type="active"}`; KV
 //!   `nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type="fraction"}`, or
 //!   else the blocks `used` over the blocks `max` (a `used` and a `max`
 //!   sample are paired by their other labels; a pair whose `max` is 0 gives
-//!   nothing).
+//!   nothing); progress `nv_inference_count` + `nv_inference_exec_count` +
+//!   `nv_trt_llm_general_metrics{general_type="iteration_counter"}`.
 //! - TGI: queue `tgi_queue_size`, running `tgi_batch_current_size`; TGI
-//!   reports no KV-cache use.
+//!   reports no KV-cache use; progress `tgi_batch_inference_success` (one
+//!   per forward pass that worked).
+//! - TensorRT-LLM's server (`trtllm-serve`): Prometheus families
+//!   `trtllm_num_requests_waiting`, `trtllm_num_requests_running`,
+//!   `trtllm_kv_cache_utilization` (a fraction), progress
+//!   `trtllm_prompt_tokens_total` + `trtllm_generation_tokens_total` +
+//!   `trtllm_request_success_total` + `trtllm_num_requests_completed_total`
+//!   (newer builds, on
+//!   `/prometheus/metrics`); or its JSON `/metrics`, a list of iteration
+//!   statistics since the previous request, of which the last counts:
+//!   `numQueuedRequests`, `numActiveRequests`, KV `kvCacheStats.usedNumBlocks
+//!   / maxNumBlocks`. An empty list means no iteration ran since the last
+//!   scrape: nothing queued or running as far as the page says. The JSON
+//!   page has no progress count (a hung engine and an idle one both answer
+//!   `[]`): stall detection needs the Prometheus families.
 //!
 //! Decisions:
-//! - The engine is the first, in the order vLLM, SGLang, Triton, TGI, whose
-//!   queue family has a sample (for Triton, either queue family). A scrape
-//!   with none is [`ExtractError::Unknown`].
+//! - The engine is the one set for the VIP (`[vip.load] engine`), or else
+//!   the first in the order of [`SPECS`] (vLLM, Ray, SGLang, Triton, TGI,
+//!   TensorRT-LLM, NIM: NIM's unprefixed names are the most generic, so
+//!   they come last) whose queue family has a sample (for Triton, either
+//!   queue family). A page that only declares an engine's queue family
+//!   (`# TYPE vllm:num_requests_waiting gauge`, an engine starting up) is
+//!   [`ExtractError::Missing`] naming it; a page with nothing known is
+//!   [`ExtractError::Unknown`].
 //! - One server may report a family under several label sets (engines,
-//!   models, GPUs). Counts (queue, running) are summed across them. The KV
-//!   cache is the maximum across them, not the sum or the mean: a node is as
-//!   full as its fullest cache, since that cache is where a request to it
-//!   may have to wait.
+//!   models, data-parallel ranks). Counts (queue, running) are summed across
+//!   them, except across label sets that differ only in the rank of a
+//!   parallelism whose ranks share one scheduler ([`REPLICA_RANKS`]:
+//!   tensor, pipeline, attention tensor and context, expert ranks): those
+//!   report the same global count (SGLang with context parallelism does on
+//!   every rank), so the largest is taken. Data-parallel ranks (`dp_rank`,
+//!   vLLM's `engine`) have queues of their own and are summed.
+//! - The KV cache is the maximum across label sets, not the sum or the
+//!   mean: a node is as full as its fullest cache, since that cache is where
+//!   a request to it may have to wait.
+//! - Progress is the sum of the engine's progress counters: only whether
+//!   it changed between two reports matters (a counter reset is a change).
 //! - A bad report must never change weights, so a report is taken whole or
 //!   not at all: any value used that is NaN, infinite or negative, a sum
 //!   that overflows to infinity, or a KV fraction above 1 rejects it with
@@ -37,47 +79,110 @@
 //!   values. In `Invalid`, `family` is the metric name, followed by the
 //!   label that selects the samples where there is one (for example
 //!   `nv_trt_llm_request_metrics{request_type="waiting"}`).
-//! - A family absent from the scrape gives `None` for running and KV (the
-//!   node does not report it), never 0.
+//! - A family absent from the page gives `None` for running, KV and
+//!   progress (the node does not report it), never 0.
 
-use std::fmt;
+use std::{fmt, str::FromStr};
 
-use crate::steering::promtext::Sample;
+use crate::steering::promtext::{self, Sample};
 
-/// The inference servers whose metrics are understood.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The inference servers whose metrics pages are understood.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Engine {
     Vllm,
+    /// NVIDIA NIM: vLLM's names without the prefix.
+    Nim,
+    /// Ray Serve LLM: vLLM's names with a `ray_vllm:` or `ray_vllm_` prefix.
+    Ray,
     Sglang,
     Triton,
     Tgi,
+    /// TensorRT-LLM's own server, `trtllm-serve`.
+    Trtllm,
+}
+
+impl Engine {
+    /// Every engine, as `[vip.load] engine` names them.
+    pub const ALL: [Engine; 7] = [
+        Engine::Vllm,
+        Engine::Nim,
+        Engine::Ray,
+        Engine::Sglang,
+        Engine::Triton,
+        Engine::Tgi,
+        Engine::Trtllm,
+    ];
+
+    /// The name in the config, the API and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Engine::Vllm => "vllm",
+            Engine::Nim => "nim",
+            Engine::Ray => "ray",
+            Engine::Sglang => "sglang",
+            Engine::Triton => "triton",
+            Engine::Tgi => "tgi",
+            Engine::Trtllm => "trtllm",
+        }
+    }
 }
 
 impl fmt::Display for Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Engine::Vllm => "vllm",
-            Engine::Sglang => "sglang",
-            Engine::Triton => "triton",
-            Engine::Tgi => "tgi",
-        })
+        f.write_str(self.name())
     }
 }
 
-/// What a node reports: requests waiting (queue), requests running, KV-cache use (0..=1), if it reports them.
+impl FromStr for Engine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Engine::ALL
+            .into_iter()
+            .find(|e| e.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<String> = Engine::ALL
+                    .iter()
+                    .map(|e| format!("\"{}\"", e.name()))
+                    .collect();
+                format!(
+                    "unknown engine {s:?} (expected \"auto\", {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// What a node reports: requests waiting (queue), requests running, KV-cache
+/// use (0..=1) and its progress count, if it reports them.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EngineLoad {
     pub engine: Engine,
     pub queue: f64,
     pub running: Option<f64>,
     pub kv: Option<f64>,
+    /// The sum of the engine's progress counters (see the module docs).
+    pub progress: Option<f64>,
 }
 
-/// Why a scrape gives no load.
+/// Why a page gives no load.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum ExtractError {
-    #[error("no known inference-server metric families (vLLM, SGLang, Triton, TGI)")]
+    #[error(
+        "no known inference-server metric families (vLLM, NIM, Ray Serve, SGLang, Triton, TGI, TensorRT-LLM)"
+    )]
     Unknown,
+    /// The engine's queue family has no sample: the page declares it (an
+    /// engine starting up), or the VIP says the node runs this engine and
+    /// the page lacks it.
+    #[error("{}", missing_message(*engine, family, *declared))]
+    Missing {
+        engine: Engine,
+        family: &'static str,
+        declared: bool,
+    },
+    /// The text is not the format it looks like.
+    #[error("{0}")]
+    Malformed(String),
     #[error("{family}: {value} is not a valid value ({why})")]
     Invalid {
         family: String,
@@ -86,105 +191,368 @@ pub enum ExtractError {
     },
 }
 
-const VLLM_WAITING: Family = Family::all("vllm:num_requests_waiting");
-const VLLM_RUNNING: Family = Family::all("vllm:num_requests_running");
-const VLLM_KV: Family = Family::all("vllm:kv_cache_usage_perc");
-const VLLM_KV_OLD: Family = Family::all("vllm:gpu_cache_usage_perc");
+fn missing_message(engine: Engine, family: &str, declared: bool) -> String {
+    if declared {
+        format!(
+            "{family} is declared but has no sample yet ({engine} is starting up, or has not set it)"
+        )
+    } else {
+        format!("no {family} on the page (the VIP reads it as {engine}'s)")
+    }
+}
 
-const SGLANG_QUEUE: Family = Family::all("sglang:num_queue_reqs");
-const SGLANG_RUNNING: Family = Family::all("sglang:num_running_reqs");
-const SGLANG_KV: Family = Family::all("sglang:token_usage");
+/// Labels naming the rank of a parallelism whose ranks share one scheduler:
+/// samples that differ only in them repeat one count.
+pub const REPLICA_RANKS: [&str; 8] = [
+    "tp_rank",
+    "pp_rank",
+    "attn_tp_rank",
+    "attn_cp_rank",
+    "attn_dcp_rank",
+    "cp_rank",
+    "moe_ep_rank",
+    "moe_tp_rank",
+];
 
-const TRITON_PENDING: Family = Family::all("nv_inference_pending_request_count");
+/// The families an engine's page is read for.
+pub struct Spec {
+    pub engine: Engine,
+    /// Requests waiting: the sum of these (a sample of any identifies the
+    /// engine).
+    queue: &'static [Family],
+    running: &'static [Family],
+    /// KV-cache use as a fraction: the first of these with a sample.
+    kv: &'static [Family],
+    /// Counters that move while the engine works: summed.
+    progress: &'static [Family],
+}
+
+impl Spec {
+    fn families(&self) -> impl Iterator<Item = &Family> {
+        self.queue
+            .iter()
+            .chain(self.running)
+            .chain(self.kv)
+            .chain(self.progress)
+            .chain(if self.engine == Engine::Triton {
+                &[TRT_KV_USED, TRT_KV_MAX][..]
+            } else {
+                &[]
+            })
+    }
+
+    /// Whether a sample named `name` is read.
+    fn reads(&self, name: &str) -> bool {
+        self.families().any(|f| f.name == name)
+    }
+}
+
+/// vLLM's families under a prefix (`vllm:`, NIM's none, Ray's).
+macro_rules! vllm_like {
+    ($engine:expr, $p:literal) => {
+        Spec {
+            engine: $engine,
+            queue: &[Family::all(concat!($p, "num_requests_waiting"))],
+            running: &[Family::all(concat!($p, "num_requests_running"))],
+            kv: &[
+                Family::all(concat!($p, "kv_cache_usage_perc")),
+                Family::all(concat!($p, "gpu_cache_usage_perc")),
+            ],
+            progress: &[
+                Family::all(concat!($p, "prompt_tokens_total")),
+                Family::all(concat!($p, "generation_tokens_total")),
+            ],
+        }
+    };
+}
+
 const TRT_REQUESTS: &str = "nv_trt_llm_request_metrics";
-const TRT_WAITING: Family = Family::with(TRT_REQUESTS, "request_type", "waiting");
-const TRT_ACTIVE: Family = Family::with(TRT_REQUESTS, "request_type", "active");
 const TRT_BLOCKS: &str = "nv_trt_llm_kv_cache_block_metrics";
 const TRT_BLOCK_TYPE: &str = "kv_cache_block_type";
-const TRT_KV_FRACTION: Family = Family::with(TRT_BLOCKS, TRT_BLOCK_TYPE, "fraction");
+const TRITON_PENDING: Family = Family::all("nv_inference_pending_request_count");
+const TRT_WAITING: Family = Family::with(TRT_REQUESTS, "request_type", "waiting");
 const TRT_KV_USED: Family = Family::with(TRT_BLOCKS, TRT_BLOCK_TYPE, "used");
 const TRT_KV_MAX: Family = Family::with(TRT_BLOCKS, TRT_BLOCK_TYPE, "max");
 
-const TGI_QUEUE: Family = Family::all("tgi_queue_size");
-const TGI_RUNNING: Family = Family::all("tgi_batch_current_size");
+/// Every engine's families, in the order engines are detected.
+pub const SPECS: [Spec; 8] = [
+    vllm_like!(Engine::Vllm, "vllm:"),
+    vllm_like!(Engine::Ray, "ray_vllm:"),
+    vllm_like!(Engine::Ray, "ray_vllm_"),
+    Spec {
+        engine: Engine::Sglang,
+        queue: &[Family::all("sglang:num_queue_reqs")],
+        running: &[Family::all("sglang:num_running_reqs")],
+        kv: &[Family::all("sglang:token_usage")],
+        progress: &[
+            Family::all("sglang:realtime_tokens_total"),
+            Family::all("sglang:prompt_tokens_total"),
+            Family::all("sglang:generation_tokens_total"),
+        ],
+    },
+    Spec {
+        engine: Engine::Triton,
+        queue: &[TRITON_PENDING, TRT_WAITING],
+        running: &[Family::with(TRT_REQUESTS, "request_type", "active")],
+        kv: &[Family::with(TRT_BLOCKS, TRT_BLOCK_TYPE, "fraction")],
+        progress: &[
+            Family::all("nv_inference_count"),
+            Family::all("nv_inference_exec_count"),
+            Family::with(
+                "nv_trt_llm_general_metrics",
+                "general_type",
+                "iteration_counter",
+            ),
+        ],
+    },
+    Spec {
+        engine: Engine::Tgi,
+        queue: &[Family::all("tgi_queue_size")],
+        running: &[Family::all("tgi_batch_current_size")],
+        kv: &[],
+        progress: &[Family::all("tgi_batch_inference_success")],
+    },
+    Spec {
+        engine: Engine::Trtllm,
+        queue: &[Family::all("trtllm_num_requests_waiting")],
+        running: &[Family::all("trtllm_num_requests_running")],
+        kv: &[Family::all("trtllm_kv_cache_utilization")],
+        progress: &[
+            Family::all("trtllm_prompt_tokens_total"),
+            Family::all("trtllm_generation_tokens_total"),
+            Family::all("trtllm_request_success_total"),
+            Family::all("trtllm_num_requests_completed_total"),
+        ],
+    },
+    vllm_like!(Engine::Nim, ""),
+];
 
-/// Whether [`extract`] reads samples of metric `name` (for
-/// [`crate::steering::promtext::parse_filtered`]).
+/// Whether any engine's page is read for samples of metric `name`. A
+/// `match`: one length dispatch and a comparison or two per name, which
+/// matters at a thousand pages a second (a unit test keeps it equal to
+/// [`SPECS`]).
 pub fn wanted(name: &str) -> bool {
-    [
-        VLLM_WAITING.name,
-        VLLM_RUNNING.name,
-        VLLM_KV.name,
-        VLLM_KV_OLD.name,
-        SGLANG_QUEUE.name,
-        SGLANG_RUNNING.name,
-        SGLANG_KV.name,
-        TRITON_PENDING.name,
-        TRT_REQUESTS,
-        TRT_BLOCKS,
-        TGI_QUEUE.name,
-        TGI_RUNNING.name,
-    ]
-    .contains(&name)
+    matches!(
+        name,
+        "vllm:num_requests_waiting"
+            | "vllm:num_requests_running"
+            | "vllm:kv_cache_usage_perc"
+            | "vllm:gpu_cache_usage_perc"
+            | "vllm:prompt_tokens_total"
+            | "vllm:generation_tokens_total"
+            | "ray_vllm:num_requests_waiting"
+            | "ray_vllm:num_requests_running"
+            | "ray_vllm:kv_cache_usage_perc"
+            | "ray_vllm:gpu_cache_usage_perc"
+            | "ray_vllm:prompt_tokens_total"
+            | "ray_vllm:generation_tokens_total"
+            | "ray_vllm_num_requests_waiting"
+            | "ray_vllm_num_requests_running"
+            | "ray_vllm_kv_cache_usage_perc"
+            | "ray_vllm_gpu_cache_usage_perc"
+            | "ray_vllm_prompt_tokens_total"
+            | "ray_vllm_generation_tokens_total"
+            | "num_requests_waiting"
+            | "num_requests_running"
+            | "kv_cache_usage_perc"
+            | "gpu_cache_usage_perc"
+            | "prompt_tokens_total"
+            | "generation_tokens_total"
+            | "sglang:num_queue_reqs"
+            | "sglang:num_running_reqs"
+            | "sglang:token_usage"
+            | "sglang:realtime_tokens_total"
+            | "sglang:prompt_tokens_total"
+            | "sglang:generation_tokens_total"
+            | "nv_inference_pending_request_count"
+            | "nv_trt_llm_request_metrics"
+            | "nv_trt_llm_kv_cache_block_metrics"
+            | "nv_inference_count"
+            | "nv_inference_exec_count"
+            | "nv_trt_llm_general_metrics"
+            | "tgi_queue_size"
+            | "tgi_batch_current_size"
+            | "tgi_batch_inference_success"
+            | "trtllm_num_requests_waiting"
+            | "trtllm_num_requests_running"
+            | "trtllm_kv_cache_utilization"
+            | "trtllm_prompt_tokens_total"
+            | "trtllm_generation_tokens_total"
+            | "trtllm_request_success_total"
+            | "trtllm_num_requests_completed_total"
+    )
 }
 
-/// The load an inference server reports in one scrape.
+/// The load a node's page reports: `engine` as the VIP sets it, or
+/// detected (`None`).
+pub fn read(text: &str, engine: Option<Engine>) -> Result<EngineLoad, ExtractError> {
+    if matches!(engine, None | Some(Engine::Trtllm)) && text.trim_start().starts_with('[') {
+        return trtllm_json(text);
+    }
+    let page = match engine {
+        None => promtext::parse_page(text, wanted),
+        Some(e) => promtext::parse_page(text, |name| {
+            wanted(name) && SPECS.iter().any(|s| s.engine == e && s.reads(name))
+        }),
+    }
+    .map_err(|e| ExtractError::Malformed(e.to_string()))?;
+    let specs = SPECS
+        .iter()
+        .filter(|s| engine.is_none_or(|e| s.engine == e));
+    let mut declared = None;
+    for spec in specs {
+        if spec.queue.iter().any(|f| f.present(&page.samples)) {
+            return spec.load(&page.samples);
+        }
+        if declared.is_none() {
+            declared = spec
+                .queue
+                .iter()
+                .find(|f| page.declared.iter().any(|d| d == f.name))
+                .map(|f| (spec.engine, f.name));
+        }
+    }
+    match (declared, engine) {
+        (Some((engine, family)), _) => Err(ExtractError::Missing {
+            engine,
+            family,
+            declared: true,
+        }),
+        (None, Some(e)) => Err(ExtractError::Missing {
+            engine: e,
+            family: SPECS
+                .iter()
+                .find(|s| s.engine == e)
+                .map_or("", |s| s.queue[0].name),
+            declared: false,
+        }),
+        (None, None) => Err(ExtractError::Unknown),
+    }
+}
+
+/// The load in samples of an already parsed page, the engine detected.
 pub fn extract(samples: &[Sample]) -> Result<EngineLoad, ExtractError> {
-    if VLLM_WAITING.present(samples) {
-        let kv = match VLLM_KV.max_fraction(samples)? {
-            Some(kv) => Some(kv),
-            // Only looked at (and so only validated) when the other is absent.
-            None => VLLM_KV_OLD.max_fraction(samples)?,
-        };
-        Ok(EngineLoad {
-            engine: Engine::Vllm,
-            queue: VLLM_WAITING.sum(samples)?.unwrap_or(0.0),
-            running: VLLM_RUNNING.sum(samples)?,
-            kv,
-        })
-    } else if SGLANG_QUEUE.present(samples) {
-        Ok(EngineLoad {
-            engine: Engine::Sglang,
-            queue: SGLANG_QUEUE.sum(samples)?.unwrap_or(0.0),
-            running: SGLANG_RUNNING.sum(samples)?,
-            kv: SGLANG_KV.max_fraction(samples)?,
-        })
-    } else if TRITON_PENDING.present(samples) || TRT_WAITING.present(samples) {
-        let pending = TRITON_PENDING.sum(samples)?.unwrap_or(0.0);
-        let waiting = TRT_WAITING.sum(samples)?.unwrap_or(0.0);
-        let queue = pending + waiting;
-        if queue.is_infinite() {
-            return Err(ExtractError::Invalid {
-                family: format!("{} + {}", TRITON_PENDING.describe(), TRT_WAITING.describe()),
-                value: queue,
-                why: "infinite",
-            });
+    SPECS
+        .iter()
+        .find(|s| s.queue.iter().any(|f| f.present(samples)))
+        .ok_or(ExtractError::Unknown)?
+        .load(samples)
+}
+
+impl Spec {
+    fn load(&self, samples: &[Sample]) -> Result<EngineLoad, ExtractError> {
+        let queue = sum_of(self.queue, samples)?.unwrap_or(0.0);
+        let mut kv = None;
+        for family in self.kv {
+            // Only looked at (and so only validated) while no earlier one
+            // had a sample.
+            kv = family.max_fraction(samples)?;
+            if kv.is_some() {
+                break;
+            }
+        }
+        if kv.is_none() && self.engine == Engine::Triton {
+            kv = triton_kv(samples)?;
         }
         Ok(EngineLoad {
-            engine: Engine::Triton,
+            engine: self.engine,
             queue,
-            running: TRT_ACTIVE.sum(samples)?,
-            kv: triton_kv(samples)?,
+            running: sum_of(self.running, samples)?,
+            kv,
+            progress: sum_of(self.progress, samples)?,
         })
-    } else if TGI_QUEUE.present(samples) {
-        Ok(EngineLoad {
-            engine: Engine::Tgi,
-            queue: TGI_QUEUE.sum(samples)?.unwrap_or(0.0),
-            running: TGI_RUNNING.sum(samples)?,
-            kv: None,
-        })
-    } else {
-        Err(ExtractError::Unknown)
     }
 }
 
-/// Triton's (TensorRT-LLM's) KV-cache use: the largest `fraction`, or else
-/// the largest `used / max` of a `used` and a `max` sample with the same
-/// other labels.
-fn triton_kv(samples: &[Sample]) -> Result<Option<f64>, ExtractError> {
-    if let Some(kv) = TRT_KV_FRACTION.max_fraction(samples)? {
-        return Ok(Some(kv));
+/// The sum of several families' counts (`None` if none has a sample).
+fn sum_of(families: &[Family], samples: &[Sample]) -> Result<Option<f64>, ExtractError> {
+    let mut total: Option<f64> = None;
+    for f in families {
+        if let Some(v) = f.sum(samples)? {
+            total = Some(total.unwrap_or(0.0) + v);
+        }
     }
+    if let Some(t) = total
+        && t.is_infinite()
+    {
+        let names: Vec<String> = families.iter().map(|f| f.describe()).collect();
+        return Err(ExtractError::Invalid {
+            family: names.join(" + "),
+            value: t,
+            why: "infinite",
+        });
+    }
+    Ok(total)
+}
+
+/// `trtllm-serve`'s JSON `/metrics`: iteration statistics, the last counts.
+fn trtllm_json(text: &str) -> Result<EngineLoad, ExtractError> {
+    let stats: Vec<serde_json::Value> = serde_json::from_str(text).map_err(|e| {
+        ExtractError::Malformed(format!(
+            "not a JSON list of TensorRT-LLM iteration statistics: {e}"
+        ))
+    })?;
+    let Some(last) = stats.last() else {
+        // No iteration since the last scrape.
+        return Ok(EngineLoad {
+            engine: Engine::Trtllm,
+            queue: 0.0,
+            running: Some(0.0),
+            kv: None,
+            progress: None,
+        });
+    };
+    let count = |path: &str| -> Result<Option<f64>, ExtractError> {
+        let Some(v) = last.pointer(path) else {
+            return Ok(None);
+        };
+        let family = format!("trtllm-serve {}", &path[1..].replace('/', "."));
+        let value = v
+            .as_f64()
+            .ok_or_else(|| ExtractError::Malformed(format!("{family}: {v} is not a number")))?;
+        if value < 0.0 {
+            return Err(ExtractError::Invalid {
+                family,
+                value,
+                why: "negative",
+            });
+        }
+        Ok(Some(value))
+    };
+    let queue = count("/numQueuedRequests")?.ok_or_else(|| {
+        ExtractError::Malformed(
+            "trtllm-serve iteration statistics without numQueuedRequests".into(),
+        )
+    })?;
+    let kv = match (
+        count("/kvCacheStats/usedNumBlocks")?,
+        count("/kvCacheStats/maxNumBlocks")?,
+    ) {
+        (Some(used), Some(max)) if max > 0.0 => {
+            let ratio = used / max;
+            if ratio > 1.0 {
+                return Err(ExtractError::Invalid {
+                    family: "trtllm-serve kvCacheStats.usedNumBlocks / maxNumBlocks".into(),
+                    value: ratio,
+                    why: "a fraction must be at most 1",
+                });
+            }
+            Some(ratio)
+        }
+        _ => None,
+    };
+    Ok(EngineLoad {
+        engine: Engine::Trtllm,
+        queue,
+        running: count("/numActiveRequests")?,
+        kv,
+        progress: None,
+    })
+}
+
+/// Triton's (TensorRT-LLM's) KV-cache use from blocks: the largest
+/// `used / max` of a `used` and a `max` sample with the same other labels.
+fn triton_kv(samples: &[Sample]) -> Result<Option<f64>, ExtractError> {
     for family in [TRT_KV_USED, TRT_KV_MAX] {
         for sample in family.samples(samples) {
             check_count(family, sample.value)?;
@@ -192,10 +560,10 @@ fn triton_kv(samples: &[Sample]) -> Result<Option<f64>, ExtractError> {
     }
     let mut fullest: Option<f64> = None;
     for used in TRT_KV_USED.samples(samples) {
-        let key = labels_but(used, TRT_BLOCK_TYPE);
+        let key = labels_but(used, &[TRT_BLOCK_TYPE]);
         let Some(max) = TRT_KV_MAX
             .samples(samples)
-            .find(|max| labels_but(max, TRT_BLOCK_TYPE) == key)
+            .find(|max| labels_but(max, &[TRT_BLOCK_TYPE]) == key)
         else {
             continue;
         };
@@ -216,12 +584,12 @@ fn triton_kv(samples: &[Sample]) -> Result<Option<f64>, ExtractError> {
 }
 
 /// A sample's labels other than `except`, sorted, to pair samples that
-/// differ only in that label.
-fn labels_but<'s>(sample: &'s Sample, except: &str) -> Vec<(&'s str, &'s str)> {
+/// differ only in those labels.
+fn labels_but<'s>(sample: &'s Sample, except: &[&str]) -> Vec<(&'s str, &'s str)> {
     let mut labels: Vec<(&str, &str)> = sample
         .labels
         .iter()
-        .filter(|(name, _)| name != except)
+        .filter(|(name, _)| !except.contains(&name.as_str()))
         .map(|(name, value)| (name.as_str(), value.as_str()))
         .collect();
     labels.sort_unstable();
@@ -271,12 +639,30 @@ impl Family {
         }
     }
 
-    /// The sum of a count across label sets; `None` if there is no sample.
+    /// The count across label sets (see the module docs: summed, except
+    /// over [`REPLICA_RANKS`]); `None` if there is no sample.
     fn sum(self, samples: &[Sample]) -> Result<Option<f64>, ExtractError> {
         let mut total: Option<f64> = None;
+        // Label sets but the replica ranks, and the largest count of each.
+        let mut replicas: Vec<(Vec<(&str, &str)>, f64)> = Vec::new();
         for sample in self.samples(samples) {
             check_count(self, sample.value)?;
-            total = Some(total.unwrap_or(0.0) + sample.value);
+            if sample
+                .labels
+                .iter()
+                .any(|(name, _)| REPLICA_RANKS.contains(&name.as_str()))
+            {
+                let key = labels_but(sample, &REPLICA_RANKS);
+                match replicas.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, v)) => *v = v.max(sample.value),
+                    None => replicas.push((key, sample.value)),
+                }
+            } else {
+                total = Some(total.unwrap_or(0.0) + sample.value);
+            }
+        }
+        for (_, v) in replicas {
+            total = Some(total.unwrap_or(0.0) + v);
         }
         if let Some(total) = total {
             // Finite values can still add up to infinity.
@@ -324,10 +710,9 @@ fn check_count(family: Family, value: f64) -> Result<(), ExtractError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::steering::promtext::parse;
 
     fn load(text: &str) -> Result<EngineLoad, ExtractError> {
-        extract(&parse(text).expect("test scrape parses"))
+        read(text, None)
     }
 
     fn invalid(text: &str) -> (String, f64, &'static str) {
@@ -427,6 +812,14 @@ tgi_request_duration_count 12
         assert_eq!(Engine::Sglang.to_string(), "sglang");
         assert_eq!(Engine::Triton.to_string(), "triton");
         assert_eq!(Engine::Tgi.to_string(), "tgi");
+        for e in Engine::ALL {
+            assert_eq!(e.name().parse::<Engine>(), Ok(e));
+        }
+        let err = "vllm2".parse::<Engine>().unwrap_err();
+        assert!(
+            err.contains("\"auto\"") && err.contains("\"trtllm\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -438,6 +831,7 @@ tgi_request_duration_count 12
                 queue: 6.0,
                 running: Some(8.0),
                 kv: Some(0.75),
+                progress: None,
             }
         );
     }
@@ -469,6 +863,7 @@ tgi_request_duration_count 12
                 queue: 2.0,
                 running: None,
                 kv: None,
+                progress: None,
             }
         );
     }
@@ -482,6 +877,7 @@ tgi_request_duration_count 12
                 queue: 5.0,
                 running: Some(13.0),
                 kv: Some(0.62),
+                progress: None,
             }
         );
     }
@@ -496,6 +892,7 @@ tgi_request_duration_count 12
                 queue: 8.0,
                 running: Some(9.0),
                 kv: Some(0.9),
+                progress: None,
             }
         );
     }
@@ -536,6 +933,7 @@ tgi_request_duration_count 12
                 queue: 7.0,
                 running: None,
                 kv: None,
+                progress: None,
             }
         );
         // TensorRT-LLM's waiting count alone is enough to recognise Triton.
@@ -553,6 +951,7 @@ tgi_request_duration_count 12
                 queue: 3.0,
                 running: Some(8.0),
                 kv: None,
+                progress: None,
             }
         );
     }
@@ -580,7 +979,7 @@ tgi_request_duration_count 12
         assert_eq!(err, ExtractError::Unknown);
         assert_eq!(
             err.to_string(),
-            "no known inference-server metric families (vLLM, SGLang, Triton, TGI)"
+            "no known inference-server metric families (vLLM, NIM, Ray Serve, SGLang, Triton, TGI, TensorRT-LLM)"
         );
     }
 
@@ -723,5 +1122,127 @@ tgi_request_duration_count 12
         );
         // `used` is not looked at while `fraction` is there.
         assert_eq!(load(&text).unwrap().kv, Some(0.9));
+    }
+
+    #[test]
+    fn wanted_is_every_family_of_every_spec() {
+        for spec in &SPECS {
+            for f in spec.families() {
+                assert!(wanted(f.name), "{} of {}", f.name, spec.engine);
+            }
+        }
+        assert!(!wanted("vllm:num_requests_waiting_by_reason"));
+    }
+
+    #[test]
+    fn nim_ray_and_trtllm_serve_pages_are_read_with_progress() {
+        let nim = "# TYPE num_requests_waiting gauge\n\
+                   num_requests_waiting{model_name=\"meta/llama-3.1-8b-instruct\"} 4\n\
+                   num_requests_running{model_name=\"meta/llama-3.1-8b-instruct\"} 2\n\
+                   gpu_cache_usage_perc{model_name=\"meta/llama-3.1-8b-instruct\"} 0.3\n\
+                   prompt_tokens_total{model_name=\"meta/llama-3.1-8b-instruct\"} 100\n\
+                   generation_tokens_total{model_name=\"meta/llama-3.1-8b-instruct\"} 50\n";
+        let r = load(nim).unwrap();
+        assert_eq!(
+            (r.engine, r.queue, r.running, r.kv, r.progress),
+            (Engine::Nim, 4.0, Some(2.0), Some(0.3), Some(150.0))
+        );
+        for prefix in ["ray_vllm:", "ray_vllm_"] {
+            let ray = format!(
+                "{prefix}num_requests_waiting{{model_name=\"m\",ReplicaId=\"r1\"}} 3\n\
+                 {prefix}num_requests_running{{model_name=\"m\",ReplicaId=\"r1\"}} 1\n\
+                 {prefix}kv_cache_usage_perc{{model_name=\"m\",ReplicaId=\"r1\"}} 0.5\n\
+                 {prefix}generation_tokens_total{{model_name=\"m\",ReplicaId=\"r1\"}} 9\n"
+            );
+            let r = load(&ray).unwrap();
+            assert_eq!(
+                (r.engine, r.queue, r.kv, r.progress),
+                (Engine::Ray, 3.0, Some(0.5), Some(9.0)),
+                "{prefix}"
+            );
+        }
+        let trt = "trtllm_num_requests_waiting{model_name=\"m\",engine_type=\"trtllm\"} 6\n\
+                   trtllm_num_requests_running{model_name=\"m\",engine_type=\"trtllm\"} 2\n\
+                   trtllm_kv_cache_utilization{model_name=\"m\",engine_type=\"trtllm\"} 0.25\n\
+                   trtllm_request_success_total{model_name=\"m\",finished_reason=\"stop\"} 12\n";
+        let r = load(trt).unwrap();
+        assert_eq!(
+            (r.engine, r.queue, r.running, r.kv, r.progress),
+            (Engine::Trtllm, 6.0, Some(2.0), Some(0.25), Some(12.0))
+        );
+        // A vLLM page is vLLM, not NIM, though it has no unprefixed names.
+        assert_eq!(load(VLLM).unwrap().engine, Engine::Vllm);
+    }
+
+    #[test]
+    fn trtllm_serve_json_statistics_are_read_from_the_last_iteration() {
+        let json = r#"[{"iter": 1, "numQueuedRequests": 9, "numActiveRequests": 1,
+                        "kvCacheStats": {"usedNumBlocks": 10, "maxNumBlocks": 100}},
+                       {"iter": 2, "numQueuedRequests": 3, "numActiveRequests": 4,
+                        "kvCacheStats": {"usedNumBlocks": 40, "maxNumBlocks": 100}}]"#;
+        let r = load(json).unwrap();
+        assert_eq!(
+            (r.engine, r.queue, r.running, r.kv, r.progress),
+            (Engine::Trtllm, 3.0, Some(4.0), Some(0.4), None)
+        );
+        let idle = load("[]").unwrap();
+        assert_eq!((idle.queue, idle.running), (0.0, Some(0.0)));
+        let e = load(r#"[{"numActiveRequests": 1}]"#).unwrap_err();
+        assert!(e.to_string().contains("numQueuedRequests"), "{e}");
+        let e = load(r#"[{"numQueuedRequests": -1}]"#).unwrap_err();
+        assert!(e.to_string().contains("negative"), "{e}");
+        let e = load("[1, 2").unwrap_err();
+        assert!(matches!(e, ExtractError::Malformed(_)), "{e}");
+    }
+
+    #[test]
+    fn declared_families_without_samples_say_what_is_missing() {
+        let starting = "# HELP vllm:num_requests_waiting Number of requests waiting.\n\
+                        # TYPE vllm:num_requests_waiting gauge\n\
+                        # TYPE vllm:num_requests_running gauge\n";
+        let e = load(starting).unwrap_err();
+        assert_eq!(
+            e,
+            ExtractError::Missing {
+                engine: Engine::Vllm,
+                family: "vllm:num_requests_waiting",
+                declared: true
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "vllm:num_requests_waiting is declared but has no sample yet (vllm is starting up, or has not set it)"
+        );
+        // The VIP says SGLang; the page is vLLM's.
+        let e = read(VLLM, Some(Engine::Sglang)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no sglang:num_queue_reqs on the page (the VIP reads it as sglang's)"
+        );
+        assert_eq!(read(VLLM, Some(Engine::Vllm)).unwrap().engine, Engine::Vllm);
+    }
+
+    #[test]
+    fn ranks_that_share_a_scheduler_are_counted_once_data_parallel_ranks_summed() {
+        // SGLang with context parallelism: every rank reports the global
+        // queue; two data-parallel ranks have queues of their own.
+        let mut text = String::new();
+        for dp in 0..2 {
+            for cp in 0..4 {
+                text += &format!(
+                    "sglang:num_queue_reqs{{dp_rank=\"{dp}\",attn_cp_rank=\"{cp}\",tp_rank=\"{cp}\"}} {}\n",
+                    5 + dp
+                );
+            }
+        }
+        assert_eq!(load(&text).unwrap().queue, 11.0, "5 + 6, not 4 x (5 + 6)");
+    }
+
+    #[test]
+    fn waiting_by_reason_is_not_added_to_the_queue() {
+        let text = format!(
+            "{VLLM}vllm:num_requests_waiting_by_reason{{engine=\"0\",model_name=\"m\",reason=\"capacity\"}} 6\n"
+        );
+        assert_eq!(load(&text).unwrap().queue, load(VLLM).unwrap().queue);
     }
 }

@@ -52,6 +52,18 @@ impl Answer {
         if !self.gzip {
             return Ok(self.body.clone());
         }
+        self.gunzip(max)
+    }
+
+    /// [`Answer::decoded`], without copying a body that is not coded.
+    pub fn into_decoded(self, max: usize) -> Result<Vec<u8>, String> {
+        if !self.gzip {
+            return Ok(self.body);
+        }
+        self.gunzip(max)
+    }
+
+    fn gunzip(&self, max: usize) -> Result<Vec<u8>, String> {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&self.body[..])
             .take(max as u64 + 1)

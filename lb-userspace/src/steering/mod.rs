@@ -45,7 +45,7 @@ use std::{
 };
 
 use crate::{
-    desired::policy::AllDownPolicy,
+    desired::policy::{AllDownPolicy, LoadPolicy, SaturatedPolicy},
     desired::vip::{Vip, VipAddr},
 };
 
@@ -102,8 +102,12 @@ pub struct LoadReport {
     pub kv: Option<f64>,
     /// Utilization (ORCA `application_utilization`), 1 = saturated.
     pub utilization: Option<f64>,
+    /// A count that grows while the node makes progress (the engine's
+    /// token or forward-pass counters summed, ORCA
+    /// `named_metrics.progress`), if reported: see `stall_after`.
+    pub progress: Option<f64>,
     pub source: LoadSource,
-    /// What reported it (`vllm`, `sglang`, `triton`, `tgi`, `orca`).
+    /// What reported it (an [`engines::Engine`] name, or `orca`).
     pub reporter: &'static str,
     pub at: Instant,
     /// How long the report counts, if the node said so.
@@ -166,7 +170,13 @@ impl Health {
 struct BackendSteer {
     /// `None`: not checked, always up.
     health: Option<Health>,
-    /// Smoothed pressure and when it was last updated.
+    /// Its weight (0 while drained) and load policy, as of the last
+    /// [`Steering::reconcile`]: read on every plan, resolved once.
+    weight: u32,
+    load: Option<LoadPolicy>,
+    /// Pressure by the latest fresh report, the smoothed pressure and when
+    /// it was last updated.
+    raw: f64,
     smoothed: f64,
     updated: Option<Instant>,
     /// Applied level (see [`FULL`]).
@@ -176,6 +186,11 @@ struct BackendSteer {
     /// A desired level one step from the applied one, and since when it has
     /// been desired: applied once it has settled (see [`SETTLE`]).
     pending: Option<(u32, Instant)>,
+    /// Work and no progress for its `stall_after`: out of the table (as a
+    /// health failure), since then.
+    stalled: Option<Instant>,
+    /// Times it became stalled or stopped being stalled.
+    stall_transitions: u64,
 }
 
 impl BackendSteer {
@@ -183,6 +198,61 @@ impl BackendSteer {
     fn up(&self) -> bool {
         self.health.as_ref().is_none_or(|h| h.up)
     }
+
+    /// May take new flows: up, not stalled, with weight.
+    fn eligible(&self) -> bool {
+        self.weight > 0 && self.up() && self.stalled.is_none()
+    }
+}
+
+/// A node's latest load report, and how long it has had work without
+/// progress.
+#[derive(Clone, Debug)]
+struct Node {
+    report: LoadReport,
+    /// The first of the latest run of reports that all showed work and the
+    /// same progress count (`None`: no work, the count moved, or the node
+    /// reports no progress count).
+    still_since: Option<Instant>,
+}
+
+impl Node {
+    /// Whether the report still counts.
+    fn fresh(&self, now: Instant, policy: &LoadPolicy) -> bool {
+        now.saturating_duration_since(self.report.at)
+            <= self.report.ttl.unwrap_or(policy.stale_after)
+    }
+
+    /// How long its reports have shown work and the same progress count.
+    fn still_for(&self) -> Option<Duration> {
+        self.still_since
+            .map(|t| self.report.at.saturating_duration_since(t))
+    }
+
+    fn pressure(&self, policy: &LoadPolicy) -> f64 {
+        let r = &self.report;
+        let mut p = r.queue / policy.queue_limit;
+        if let Some(kv) = r.kv {
+            p = p.max(kv / policy.kv_limit);
+        }
+        if let Some(u) = r.utilization {
+            p = p.max(u);
+        }
+        p
+    }
+}
+
+/// A backend that became stalled or stopped being stalled, for the log and
+/// the counters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StallChange {
+    pub backend: IpAddr,
+    pub stalled: bool,
+    /// The report that decided it.
+    pub queue: f64,
+    pub running: Option<f64>,
+    /// How long it had work without progress (when it became stalled).
+    pub still_for: Duration,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -190,8 +260,14 @@ struct VipSteer {
     backends: BTreeMap<IpAddr, BackendSteer>,
     saturated: bool,
     all_down: bool,
+    /// Share of new connections the data plane sheds (`on_saturated = "shed"`).
+    shed: f64,
+    /// The pool's pressure while it sheds.
+    pool_pressure: f64,
     last_change: Option<Instant>,
     applied: Option<BTreeMap<IpAddr, Target>>,
+    /// Stall changes not yet taken by [`Steering::take_stall_changes`].
+    stall_changes: Vec<StallChange>,
     /// Least-load: samples of each backend's new-flow counter, oldest first.
     flow_samples: std::collections::VecDeque<(Instant, BTreeMap<IpAddr, u64>)>,
     /// Least-load: the scores last handed out.
@@ -214,15 +290,26 @@ pub struct BackendView {
     pub ramping: bool,
     /// Its least-load score, for VIPs with that scheduler.
     pub score: Option<u32>,
+    /// Stalled (out of the table) since then.
+    pub stalled: Option<Instant>,
+    /// Times it became stalled or stopped being stalled.
+    pub stall_transitions: u64,
+    /// How long its reports have shown work and no progress.
+    pub still_for: Option<Duration>,
 }
 
 /// A VIP as steering sees it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct VipView {
     /// Every healthy backend is saturated: base weights are in use.
     pub saturated: bool,
     /// Every backend is down.
     pub all_down: bool,
+    /// Share of new connections shed (0 unless `on_saturated = "shed"`
+    /// and the pool is past its limits), see [`shed_share`].
+    pub shed: f64,
+    /// The pool's pressure that share follows (0 while not shedding).
+    pub pool_pressure: f64,
 }
 
 /// What changed a VIP's targets, for the log.
@@ -231,13 +318,34 @@ pub struct Plan {
     pub targets: BTreeMap<IpAddr, Target>,
     /// Per backend whose level changed: (old factor, new factor).
     pub factors: Vec<(IpAddr, f64, f64)>,
+    /// The backends whose target differs from what was applied before.
+    pub moved: Vec<IpAddr>,
+}
+
+/// The most of a VIP's new connections shedding drops: a tenth always
+/// reaches the pool, so its load reports keep telling how it copes, and a
+/// client's retransmitted SYNs get through (each is drawn anew).
+pub const MAX_SHED: f64 = 0.9;
+
+/// The share of new connections a saturated VIP with
+/// `on_saturated = "shed"` drops, for a pool pressure `p` (the
+/// weight-weighted mean of its backends' pressures, every one at least 1):
+/// `min(1 − 1/p, MAX_SHED)`, rounded down to a percent. Admitting `1/p` of
+/// the new connections is what brings arrivals that fill queues `p` times
+/// their limits back to the limits; 0 at `p = 1` (at the limits, nothing
+/// to hold back yet), a half at `p = 2`, three quarters at `p = 4`.
+pub fn shed_share(p: f64) -> f64 {
+    if p.is_nan() || p <= 1.0 {
+        return 0.0;
+    }
+    ((1.0 - 1.0 / p) * 100.0).floor().min(MAX_SHED * 100.0) / 100.0
 }
 
 /// Health checks and load reports of every VIP's backends.
 #[derive(Clone, Default)]
 pub struct Steering {
     vips: BTreeMap<VipAddr, VipSteer>,
-    nodes: HashMap<IpAddr, LoadReport>,
+    nodes: HashMap<IpAddr, Node>,
     /// Nodes whose last report went stale (counted once per report).
     stale_nodes: std::collections::HashSet<IpAddr>,
     /// Reports that went stale before a newer one came, by source.
@@ -254,7 +362,8 @@ impl Steering {
     /// are forgotten, new ones start up (health checks assume up, or
     /// `pinned_down` says what the previous lbd had), and backends added to
     /// a running VIP start their slow start. The first call (start-up)
-    /// starts no ramp.
+    /// starts no ramp. Each backend's weight and load policy are resolved
+    /// here, once per config.
     pub fn reconcile(
         &mut self,
         vips: &[Vip],
@@ -275,12 +384,22 @@ impl Steering {
                     .entry(b.addr)
                     .or_insert_with(|| BackendSteer {
                         health: None,
+                        weight: 0,
+                        load: None,
+                        raw: 0.0,
                         smoothed: 0.0,
                         updated: None,
                         level: FULL,
                         ramp_from: (known && !vip.slow_start.is_zero()).then_some(now),
                         pending: None,
+                        stalled: None,
+                        stall_transitions: 0,
                     });
+                s.weight = b.effective_weight();
+                s.load = vip.load_policy(b);
+                if s.load.is_none() {
+                    s.stalled = None;
+                }
                 match (checked, &s.health) {
                     (true, None) => {
                         s.health = Some(Health::new(!pinned_down(&vip.addr, b.addr), now))
@@ -323,10 +442,40 @@ impl Steering {
         changed
     }
 
-    /// Records a node's load (for every VIP it is a backend of).
-    pub fn load_report(&mut self, node: IpAddr, report: LoadReport) {
-        self.nodes.insert(node, report);
-        self.stale_nodes.remove(&node);
+    /// Records a node's load (for every VIP it is a backend of), and
+    /// whether it made progress since its previous report: a report with
+    /// work (requests waiting or running) and the same progress count as
+    /// the one before continues a run of still reports; any other ends it.
+    ///
+    /// Returns whether the report may change a steering decision: its
+    /// node's first, one after a stale one, one whose queue, KV-cache use
+    /// or utilization differ from the previous report's, or one in (or
+    /// ending) a run of still reports. A report like the one before changes
+    /// nothing a plan would not also find at the next tick.
+    pub fn load_report(&mut self, node: IpAddr, report: LoadReport) -> bool {
+        let work = report.queue + report.running.unwrap_or(0.0) > 0.0;
+        let prev = self.nodes.get(&node);
+        let still_since = match (prev, report.progress) {
+            (Some(prev), Some(p)) if work && prev.report.progress == Some(p) => {
+                Some(prev.still_since.unwrap_or(prev.report.at))
+            }
+            _ => None,
+        };
+        let matters = self.stale_nodes.remove(&node)
+            || still_since.is_some()
+            || prev.is_none_or(|p| {
+                p.still_since.is_some()
+                    || (p.report.queue, p.report.kv, p.report.utilization)
+                        != (report.queue, report.kv, report.utilization)
+            });
+        self.nodes.insert(
+            node,
+            Node {
+                report,
+                still_since,
+            },
+        );
+        matters
     }
 
     /// Load reports that went stale (their node sent no newer one in
@@ -340,47 +489,63 @@ impl Steering {
         self.vips.values().any(|v| v.backends.contains_key(&node))
     }
 
+    /// Whether a report of `node` just recorded should be steered at once
+    /// in `vip`: unless the rate limit holds a load change back anyway (the
+    /// tick applies it once the limit allows), or the report may start or
+    /// end a stall, or the VIP is saturated (its shed share follows every
+    /// report).
+    pub fn react_due(&self, vip: &VipAddr, node: IpAddr, now: Instant) -> bool {
+        let Some(state) = self.vips.get(vip) else {
+            return false;
+        };
+        !self.rate_limited(vip, now)
+            || state.saturated
+            || state.shed > 0.0
+            || state.backends.get(&node).is_some_and(|b| {
+                // A stall that would start or end with this report.
+                let still = self.nodes.get(&node).and_then(Node::still_for);
+                let stalls = b.load.as_ref().is_some_and(|p| {
+                    !p.stall_after.is_zero() && still.is_some_and(|d| d >= p.stall_after)
+                });
+                stalls != b.stalled.is_some()
+            })
+    }
+
+    /// Whether `vip`'s table changed for load less than
+    /// [`MIN_REBUILD_INTERVAL`] ago: a load change would wait.
+    pub fn rate_limited(&self, vip: &VipAddr, now: Instant) -> bool {
+        self.vips
+            .get(vip)
+            .and_then(|s| s.last_change)
+            .is_some_and(|t| now.saturating_duration_since(t) < MIN_REBUILD_INTERVAL)
+    }
+
     /// The targets `vip` should have now, if they differ from what was
-    /// applied and may be applied now: health and config changes at once,
-    /// load and slow-start changes at most once per
+    /// applied and may be applied now: health, stall and config changes at
+    /// once, load and slow-start changes at most once per
     /// [`MIN_REBUILD_INTERVAL`]. `force` (a config change) always returns
     /// the plan. Call [`Steering::applied`] once the data plane holds it.
+    /// The VIP's shed share ([`VipView::shed`]) and stall changes
+    /// ([`Steering::take_stall_changes`]) are updated whether or not there
+    /// is a plan.
     pub fn plan(&mut self, vip: &Vip, now: Instant, force: bool) -> Option<Plan> {
-        // Reports that just went stale: counted once, then ignored.
-        for b in &vip.backends {
-            let (Some(policy), Some(r)) = (vip.load_policy(b), self.nodes.get(&b.addr)) else {
-                continue;
-            };
-            if now.saturating_duration_since(r.at) > r.ttl.unwrap_or(policy.stale_after)
-                && self.stale_nodes.insert(b.addr)
-            {
-                *self.stale_reports.entry(r.source).or_default() += 1;
-            }
-        }
-        let nodes = &self.nodes;
         let state = self.vips.get_mut(&vip.addr)?;
-        // Pressure, per backend with a load policy.
-        let mut pressure: BTreeMap<IpAddr, f64> = BTreeMap::new();
-        for b in &vip.backends {
-            let Some(policy) = vip.load_policy(b) else {
+        let nodes = &self.nodes;
+        // Pressure and stalls, per backend with a load policy.
+        for (addr, s) in state.backends.iter_mut() {
+            let Some(policy) = &s.load else {
                 continue;
             };
-            let s = state.backends.get_mut(&b.addr)?;
-            let raw = nodes
-                .get(&b.addr)
-                .filter(|r| {
-                    now.saturating_duration_since(r.at) <= r.ttl.unwrap_or(policy.stale_after)
-                })
-                .map_or(0.0, |r| {
-                    let mut p = r.queue / policy.queue_limit;
-                    if let Some(kv) = r.kv {
-                        p = p.max(kv / policy.kv_limit);
-                    }
-                    if let Some(u) = r.utilization {
-                        p = p.max(u);
-                    }
-                    p
-                });
+            let node = nodes.get(addr);
+            let fresh = node.filter(|n| n.fresh(now, policy));
+            if let Some(n) = node
+                && fresh.is_none()
+                && self.stale_nodes.insert(*addr)
+            {
+                // Just went stale: counted once, then ignored.
+                *self.stale_reports.entry(n.report.source).or_default() += 1;
+            }
+            let raw = fresh.map_or(0.0, |n| n.pressure(policy));
             let dt = s
                 .updated
                 .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
@@ -390,38 +555,62 @@ impl Steering {
                 let k = 1.0 - (-dt.as_secs_f64() / policy.recovery.as_secs_f64()).exp();
                 s.smoothed + (raw - s.smoothed) * k
             };
+            s.raw = raw;
             s.updated = Some(now);
-            pressure.insert(b.addr, s.smoothed);
+            // A stale report says nothing about progress either.
+            let still = fresh.and_then(Node::still_for);
+            let stalled =
+                !policy.stall_after.is_zero() && still.is_some_and(|d| d >= policy.stall_after);
+            if stalled != s.stalled.is_some() {
+                s.stalled = stalled.then_some(now);
+                s.stall_transitions += 1;
+                let r = node.map(|n| &n.report);
+                state.stall_changes.push(StallChange {
+                    backend: *addr,
+                    stalled,
+                    queue: r.map_or(0.0, |r| r.queue),
+                    running: r.and_then(|r| r.running),
+                    still_for: still.unwrap_or_default(),
+                });
+            }
         }
-        let up = |addr: &IpAddr| state.backends[addr].up();
-        let eligible: Vec<&IpAddr> = vip
-            .backends
-            .iter()
-            .filter(|b| b.effective_weight() > 0 && up(&b.addr))
-            .map(|b| &b.addr)
-            .collect();
-        let loaded: Vec<f64> = eligible
-            .iter()
-            .filter_map(|a| pressure.get(*a).copied())
-            .collect();
-        let saturated = !loaded.is_empty()
-            && loaded.len() == eligible.len()
-            && loaded.iter().all(|p| *p >= 1.0);
+        // The pool: saturated by smoothed pressure (base weights), shedding
+        // by the latest reports (it starts and stops with the report that
+        // shows it).
+        let (mut eligible, mut loaded, mut saturated, mut over) = (0, 0, true, true);
+        let (mut weighted, mut weights) = (0.0, 0.0);
+        for s in state.backends.values().filter(|s| s.eligible()) {
+            eligible += 1;
+            if s.load.is_some() {
+                loaded += 1;
+                saturated &= s.smoothed >= 1.0;
+                over &= s.raw >= 1.0;
+                weighted += s.raw * f64::from(s.weight);
+                weights += f64::from(s.weight);
+            }
+        }
+        let saturated = loaded > 0 && loaded == eligible && saturated;
         state.saturated = saturated;
-        let any_weight = vip.backends.iter().any(|b| b.effective_weight() > 0);
-        state.all_down = any_weight && eligible.is_empty();
+        (state.shed, state.pool_pressure) =
+            if saturated && over && vip.on_saturated() == SaturatedPolicy::Shed {
+                let p = weighted / weights;
+                (shed_share(p), p)
+            } else {
+                (0.0, 0.0)
+            };
+        let any_weight = state.backends.values().any(|s| s.weight > 0);
+        state.all_down = any_weight && eligible == 0;
+        let keep_all = state.all_down && vip.on_all_down == AllDownPolicy::KeepLast;
 
         let mut targets = BTreeMap::new();
-        let mut levels = BTreeMap::new();
-        for b in &vip.backends {
-            let s = state.backends.get_mut(&b.addr)?;
+        let mut levels = Vec::with_capacity(state.backends.len());
+        for (addr, s) in state.backends.iter_mut() {
             let down = !s.up();
-            let policy = vip.load_policy(b);
             let mut factor = 1.0;
-            if let (Some(p), Some(policy)) = (pressure.get(&b.addr), &policy)
+            if let Some(policy) = &s.load
                 && !saturated
             {
-                factor = (1.0 - p).clamp(policy.min_factor, 1.0);
+                factor = (1.0 - s.smoothed).clamp(policy.min_factor, 1.0);
             }
             if let Some(from) = s.ramp_from {
                 let done = now.saturating_duration_since(from).as_secs_f64()
@@ -433,7 +622,7 @@ impl Steering {
                 }
             }
             let desired = ((factor * f64::from(FULL)).round() as u32).clamp(1, FULL);
-            let floor = policy.map_or(1, |p| {
+            let floor = s.load.as_ref().map_or(1, |p| {
                 ((p.min_factor * f64::from(FULL)).round() as u32).max(1)
             });
             if desired.abs_diff(s.level) != 1 {
@@ -451,36 +640,32 @@ impl Steering {
             } else {
                 s.level
             };
-            levels.insert(b.addr, level);
+            levels.push((*addr, level));
+            // A stalled backend leaves the table but is not down: its
+            // established flows stay where they are.
+            let in_table = s.stalled.is_none() || (keep_all && force);
             targets.insert(
-                b.addr,
+                *addr,
                 Target {
-                    weight: b.effective_weight() * level,
-                    down,
+                    weight: if in_table { s.weight * level } else { 0 },
+                    down: down && !(keep_all && force),
                 },
             );
         }
-        // Health changes are applied at once; config changes come forced.
+        // Health and stall changes are applied at once; config changes
+        // come forced.
         let urgent = force
             || state.applied.as_ref().is_none_or(|applied| {
                 applied.len() != targets.len()
-                    || targets
-                        .iter()
-                        .any(|(a, t)| applied.get(a).is_none_or(|p| p.down != t.down))
+                    || targets.iter().any(|(a, t)| {
+                        applied
+                            .get(a)
+                            .is_none_or(|p| (p.down, p.weight == 0) != (t.down, t.weight == 0))
+                    })
             });
-        if state.all_down
-            && vip.on_all_down == AllDownPolicy::KeepLast
-            && state.applied.is_some()
-            && !force
-        {
+        if keep_all && state.applied.is_some() && !force {
             // Keep the table of the backends last known good.
             return None;
-        }
-        if state.all_down && vip.on_all_down == AllDownPolicy::KeepLast && force {
-            // A config change while every backend is down: keep them in.
-            for t in targets.values_mut() {
-                t.down = false;
-            }
         }
         if state.applied.as_ref() == Some(&targets) && !force {
             return None;
@@ -491,28 +676,43 @@ impl Steering {
         if !urgent && !rate_ok {
             return None;
         }
-        let factors = vip
-            .backends
+        let moved = targets
             .iter()
-            .filter_map(|b| {
-                let old = state.backends[&b.addr].level;
-                let new = levels[&b.addr];
-                (old != new).then(|| {
-                    (
-                        b.addr,
-                        f64::from(old) / f64::from(FULL),
-                        f64::from(new) / f64::from(FULL),
-                    )
-                })
+            .filter(|(a, t)| {
+                state
+                    .applied
+                    .as_ref()
+                    .is_none_or(|applied| applied.get(*a) != Some(*t))
             })
+            .map(|(a, _)| *a)
             .collect();
+        let mut factors = Vec::new();
         // The levels are committed with the plan (the caller applies it).
         for (addr, level) in levels {
-            if let Some(s) = state.backends.get_mut(&addr) {
+            if let Some(s) = state.backends.get_mut(&addr)
+                && s.level != level
+            {
+                factors.push((
+                    addr,
+                    f64::from(s.level) / f64::from(FULL),
+                    f64::from(level) / f64::from(FULL),
+                ));
                 s.level = level;
             }
         }
-        Some(Plan { targets, factors })
+        Some(Plan {
+            targets,
+            factors,
+            moved,
+        })
+    }
+
+    /// The stall changes of `vip`'s backends since the last call.
+    pub fn take_stall_changes(&mut self, vip: &VipAddr) -> Vec<StallChange> {
+        self.vips
+            .get_mut(vip)
+            .map(|s| std::mem::take(&mut s.stall_changes))
+            .unwrap_or_default()
     }
 
     /// Least-load scores of `vip`'s backends that changed since the last
@@ -546,29 +746,25 @@ impl Steering {
             &state.flow_samples[state.flow_samples.len() - 1].1,
         );
         let mut changed = BTreeMap::new();
-        for b in &vip.backends {
-            let weight = b.effective_weight();
-            if weight == 0 {
+        for (addr, s) in &state.backends {
+            if s.weight == 0 {
                 continue;
             }
             let recent = newest
-                .get(&b.addr)
-                .zip(oldest.get(&b.addr))
+                .get(addr)
+                .zip(oldest.get(addr))
                 .map_or(0, |(n, o)| n.saturating_sub(*o)) as f64;
-            let reported = match (vip.load_policy(b), self.nodes.get(&b.addr)) {
-                (Some(policy), Some(r))
-                    if now.saturating_duration_since(r.at)
-                        <= r.ttl.unwrap_or(policy.stale_after) =>
-                {
-                    r.queue + r.running.unwrap_or(0.0)
+            let reported = match (&s.load, self.nodes.get(addr)) {
+                (Some(policy), Some(n)) if n.fresh(now, policy) => {
+                    n.report.queue + n.report.running.unwrap_or(0.0)
                 }
                 _ => 0.0,
             };
-            let score =
-                (1000.0 * (reported + recent) / f64::from(weight)).min(f64::from(u32::MAX)) as u32;
-            if state.scores.get(&b.addr) != Some(&score) {
-                state.scores.insert(b.addr, score);
-                changed.insert(b.addr, score);
+            let score = (1000.0 * (reported + recent) / f64::from(s.weight))
+                .min(f64::from(u32::MAX)) as u32;
+            if state.scores.get(addr) != Some(&score) {
+                state.scores.insert(*addr, score);
+                changed.insert(*addr, score);
             }
         }
         changed
@@ -594,20 +790,23 @@ impl Steering {
     pub fn backend_view(&self, vip: &Vip, backend: IpAddr) -> Option<BackendView> {
         let state = self.vips.get(&vip.addr)?;
         let s = state.backends.get(&backend)?;
-        let b = vip.backends.iter().find(|b| b.addr == backend)?;
+        let node = self.nodes.get(&backend);
         Some(BackendView {
             health: s.health.clone(),
-            load: self.nodes.get(&backend).cloned(),
-            pressure: vip.load_policy(b).map(|_| s.smoothed),
+            load: node.map(|n| n.report.clone()),
+            pressure: s.load.as_ref().map(|_| s.smoothed),
             factor: f64::from(s.level) / f64::from(FULL),
             ramping: s.ramp_from.is_some(),
             score: state.scores.get(&backend).copied(),
+            stalled: s.stalled,
+            stall_transitions: s.stall_transitions,
+            still_for: node.and_then(Node::still_for),
         })
     }
 
-    /// How many of `vip`'s backends are healthy: up by their health check,
-    /// or not checked. Drained backends count (they still serve their
-    /// flows).
+    /// How many of `vip`'s backends are healthy: up by their health check
+    /// (or not checked) and not stalled. Drained backends count (they
+    /// still serve their flows).
     pub fn healthy_backends(&self, vip: &Vip) -> usize {
         let state = self.vips.get(&vip.addr);
         vip.backends
@@ -615,7 +814,7 @@ impl Steering {
             .filter(|b| {
                 state
                     .and_then(|s| s.backends.get(&b.addr))
-                    .is_none_or(BackendSteer::up)
+                    .is_none_or(|s| s.up() && s.stalled.is_none())
             })
             .count()
     }
@@ -627,6 +826,8 @@ impl Steering {
             .map(|s| VipView {
                 saturated: s.saturated,
                 all_down: s.all_down,
+                shed: s.shed,
+                pool_pressure: s.pool_pressure,
             })
             .unwrap_or_default()
     }
@@ -658,6 +859,7 @@ mod tests {
             running: None,
             kv: None,
             utilization: None,
+            progress: None,
             source: LoadSource::Push,
             reporter: "test",
             at,
@@ -953,6 +1155,128 @@ mod tests {
                 }
             }
             assert!(s.vip_view(&v.addr).all_down, "{policy}");
+        }
+    }
+
+    fn working(progress: f64, at: Instant) -> LoadReport {
+        LoadReport {
+            running: Some(4.0),
+            progress: Some(progress),
+            ..report(1.0, at)
+        }
+    }
+
+    #[test]
+    fn a_node_with_work_and_no_progress_is_stalled_and_returns_when_it_moves() {
+        let v = vip(&format!("{LOAD}stall_after = 5\n"), 3);
+        let t0 = Instant::now();
+        let mut s = start(&v, t0);
+        let mut now = t0;
+        // Node 1 makes progress; node 2 has work and a frozen counter;
+        // node 3 is idle with a frozen counter.
+        for i in 0..=6 {
+            now = t0 + Duration::from_secs(i);
+            s.load_report(addr(1), working(100.0 * i as f64, now));
+            s.load_report(addr(2), working(7.0, now));
+            s.load_report(
+                addr(3),
+                LoadReport {
+                    running: Some(0.0),
+                    progress: Some(7.0),
+                    ..report(0.0, now)
+                },
+            );
+            let t = step(&mut s, &v, now);
+            if i < 5 {
+                assert!(
+                    s.backend_view(&v, addr(2)).unwrap().stalled.is_none(),
+                    "not yet at {i} s"
+                );
+            } else if i == 5 {
+                let t = t.expect("a stall is applied at once");
+                assert_eq!(t[&addr(2)].weight, 0, "out of the table");
+                assert!(!t[&addr(2)].down, "not down: its flows stay");
+            }
+        }
+        let b2 = s.backend_view(&v, addr(2)).unwrap();
+        assert!(b2.stalled.is_some());
+        assert_eq!(b2.still_for, Some(Duration::from_secs(6)));
+        assert!(
+            s.backend_view(&v, addr(3)).unwrap().stalled.is_none(),
+            "idle is never stalled"
+        );
+        assert!(s.backend_view(&v, addr(1)).unwrap().stalled.is_none());
+        assert_eq!(s.healthy_backends(&v), 2);
+        let changes = s.take_stall_changes(&v.addr);
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert!(changes[0].stalled && changes[0].backend == addr(2));
+        // Its counter moves: it is back at once.
+        now += Duration::from_millis(250);
+        s.load_report(addr(2), working(8.0, now));
+        let t = step(&mut s, &v, now).expect("back at once");
+        assert!(t[&addr(2)].weight > 0);
+        let b2 = s.backend_view(&v, addr(2)).unwrap();
+        assert!(b2.stalled.is_none());
+        assert_eq!(b2.stall_transitions, 2);
+        assert!(!s.take_stall_changes(&v.addr)[0].stalled);
+    }
+
+    #[test]
+    fn stall_detection_is_off_with_zero_and_without_a_progress_count() {
+        let v = vip(&format!("{LOAD}stall_after = 0\n"), 2);
+        let t0 = Instant::now();
+        let mut s = start(&v, t0);
+        for i in 0..100 {
+            let now = t0 + Duration::from_secs(i);
+            s.load_report(addr(1), working(7.0, now));
+            // No progress count at all (a push without one, TGI before it
+            // had one): never stalled either.
+            s.load_report(addr(2), report(3.0, now));
+            step(&mut s, &v, now);
+        }
+        assert!(s.backend_view(&v, addr(1)).unwrap().stalled.is_none());
+        let v = vip(LOAD, 2);
+        let mut s = start(&v, t0);
+        for i in 0..100 {
+            let now = t0 + Duration::from_secs(i);
+            s.load_report(addr(2), report(3.0, now));
+            step(&mut s, &v, now);
+        }
+        assert!(s.backend_view(&v, addr(2)).unwrap().stalled.is_none());
+    }
+
+    #[test]
+    fn shed_share_follows_the_documented_formula() {
+        assert_eq!(shed_share(0.5), 0.0);
+        assert_eq!(shed_share(1.0), 0.0);
+        assert_eq!(shed_share(f64::NAN), 0.0);
+        assert_eq!(shed_share(2.0), 0.5);
+        assert_eq!(shed_share(4.0), 0.75);
+        assert_eq!(shed_share(3.0), 0.66, "rounded down to a percent");
+        assert_eq!(shed_share(1000.0), MAX_SHED);
+    }
+
+    #[test]
+    fn a_saturated_pool_sheds_only_with_shed_and_stops_with_the_report_that_ends_it() {
+        let t0 = Instant::now();
+        for (policy, want) in [("spread", 0.0), ("shed", 0.5)] {
+            let v = vip(&format!("{LOAD}on_saturated = \"{policy}\"\n"), 2);
+            let mut s = start(&v, t0);
+            // Queues twice their limit (5): p = 2.
+            for i in 1..=2 {
+                s.load_report(addr(i), report(10.0, t0));
+            }
+            step(&mut s, &v, t0);
+            let view = s.vip_view(&v.addr);
+            assert!(view.saturated, "{policy}");
+            assert_eq!(view.shed, want, "{policy}");
+            // One node's queue empties: no shedding with the next plan,
+            // although smoothing keeps the pool saturated a while.
+            let now = t0 + Duration::from_millis(250);
+            s.load_report(addr(1), report(0.0, now));
+            step(&mut s, &v, now);
+            let view = s.vip_view(&v.addr);
+            assert_eq!(view.shed, 0.0, "{policy}: {view:?}");
         }
     }
 }

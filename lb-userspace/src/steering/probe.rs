@@ -18,9 +18,8 @@ use tokio::net::TcpStream;
 
 use crate::{
     desired::policy::{CheckKind, HealthCheck, ScrapeTarget},
-    steering::engines,
+    steering::engines::{self, Engine},
     steering::http::HttpClient,
-    steering::promtext,
     steering::{LoadReport, LoadSource},
 };
 
@@ -112,11 +111,12 @@ impl Scraper {
             )));
         }
         let body = a
-            .decoded(MAX_SCRAPE)
+            .into_decoded(MAX_SCRAPE)
             .map_err(|e| ScrapeError::Fetch(format!("{}: {e}", t.path)))?;
-        load_from_text(&body, Instant::now()).map_err(|e| match e {
+        load_from_text(&body, t.engine, Instant::now()).map_err(|e| match e {
             ScrapeError::Invalid(m) => ScrapeError::Invalid(format!("{}: {m}", t.path)),
             ScrapeError::UnknownFormat(m) => ScrapeError::UnknownFormat(format!("{}: {m}", t.path)),
+            ScrapeError::NoSamples(m) => ScrapeError::NoSamples(format!("{}: {m}", t.path)),
             other => other,
         })
     }
@@ -129,8 +129,10 @@ pub enum ScrapeError {
     Fetch(String),
     /// The text is not the Prometheus format, or values are invalid.
     Invalid(String),
-    /// No family lbd knows.
+    /// No family lbd knows (or not the VIP's engine's).
     UnknownFormat(String),
+    /// The engine's families are declared but have no samples yet.
+    NoSamples(String),
 }
 
 impl ScrapeError {
@@ -140,12 +142,16 @@ impl ScrapeError {
             ScrapeError::Fetch(_) => "failed",
             ScrapeError::Invalid(_) => "invalid",
             ScrapeError::UnknownFormat(_) => "unknown_format",
+            ScrapeError::NoSamples(_) => "no_samples",
         }
     }
 
     pub fn message(&self) -> &str {
         match self {
-            ScrapeError::Fetch(m) | ScrapeError::Invalid(m) | ScrapeError::UnknownFormat(m) => m,
+            ScrapeError::Fetch(m)
+            | ScrapeError::Invalid(m)
+            | ScrapeError::UnknownFormat(m)
+            | ScrapeError::NoSamples(m) => m,
         }
     }
 }
@@ -155,28 +161,35 @@ pub async fn scrape(addr: IpAddr, t: &ScrapeTarget) -> Result<LoadReport, Scrape
     Scraper::new(addr, t).scrape().await
 }
 
-/// A load report from the text of a scrape.
-pub fn load_from_text(body: &[u8], at: Instant) -> Result<LoadReport, ScrapeError> {
+/// A load report from the text of a scrape; `engine`: the VIP's setting
+/// (`None`: detect it).
+pub fn load_from_text(
+    body: &[u8],
+    engine: Option<Engine>,
+    at: Instant,
+) -> Result<LoadReport, ScrapeError> {
     let text =
         std::str::from_utf8(body).map_err(|e| ScrapeError::Invalid(format!("not UTF-8: {e}")))?;
-    let samples = promtext::parse_filtered(text, engines::wanted)
-        .map_err(|e| ScrapeError::Invalid(e.to_string()))?;
-    let load = engines::extract(&samples).map_err(|e| match e {
-        engines::ExtractError::Unknown => ScrapeError::UnknownFormat(e.to_string()),
-        other => ScrapeError::Invalid(other.to_string()),
+    let load = engines::read(text, engine).map_err(|e| match e {
+        engines::ExtractError::Unknown
+        | engines::ExtractError::Missing {
+            declared: false, ..
+        } => ScrapeError::UnknownFormat(e.to_string()),
+        engines::ExtractError::Missing { declared: true, .. } => {
+            ScrapeError::NoSamples(e.to_string())
+        }
+        engines::ExtractError::Malformed(_) | engines::ExtractError::Invalid { .. } => {
+            ScrapeError::Invalid(e.to_string())
+        }
     })?;
     Ok(LoadReport {
         queue: load.queue,
         running: load.running,
         kv: load.kv,
         utilization: None,
+        progress: load.progress,
         source: LoadSource::Scrape,
-        reporter: match load.engine {
-            engines::Engine::Vllm => "vllm",
-            engines::Engine::Sglang => "sglang",
-            engines::Engine::Triton => "triton",
-            engines::Engine::Tgi => "tgi",
-        },
+        reporter: load.engine.name(),
         at,
         ttl: None,
     })
@@ -192,24 +205,24 @@ mod tests {
                     vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 7\n\
                     vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 3\n\
                     vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"m\"} 0.5\n";
-        let r = load_from_text(text.as_bytes(), Instant::now()).unwrap();
+        let r = load_from_text(text.as_bytes(), None, Instant::now()).unwrap();
         assert_eq!((r.queue, r.running, r.kv), (7.0, Some(3.0), Some(0.5)));
         assert_eq!(r.reporter, "vllm");
         let bad = "vllm:num_requests_waiting NaN\n";
         assert_eq!(
-            load_from_text(bad.as_bytes(), Instant::now())
+            load_from_text(bad.as_bytes(), None, Instant::now())
                 .unwrap_err()
                 .outcome(),
             "invalid"
         );
         assert_eq!(
-            load_from_text(b"node_load1 3\n", Instant::now())
+            load_from_text(b"node_load1 3\n", None, Instant::now())
                 .unwrap_err()
                 .outcome(),
             "unknown_format"
         );
         assert_eq!(
-            load_from_text(b"<html>not prometheus</html>\n", Instant::now())
+            load_from_text(b"<html>not prometheus</html>\n", None, Instant::now())
                 .unwrap_err()
                 .outcome(),
             "invalid"

@@ -100,37 +100,89 @@ pub fn parse(text: &str) -> Result<Vec<Sample>, ParseError> {
 /// read further: a scrape of an inference server is mostly histograms the
 /// caller does not need, and reading them would be most of the cost.
 pub fn parse_filtered(text: &str, keep: impl Fn(&str) -> bool) -> Result<Vec<Sample>, ParseError> {
-    let mut samples = Vec::new();
+    parse_page(text, keep).map(|page| page.samples)
+}
+
+/// What [`parse_page`] read from a text.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Page {
+    /// The kept samples, in order.
+    pub samples: Vec<Sample>,
+    /// The kept metric names a `# HELP` or `# TYPE` line declared, each
+    /// once, in order: a family can be declared before it has samples (an
+    /// exporter that registered it and has not set it yet).
+    pub declared: Vec<String>,
+}
+
+/// Like [`parse_filtered`], and also returns the kept names the text
+/// declares. A run of sample lines of one skipped name (a histogram's
+/// buckets) costs one comparison per line after its first: the name was
+/// checked on the first line of the run.
+pub fn parse_page(text: &str, keep: impl Fn(&str) -> bool) -> Result<Page, ParseError> {
+    let mut page = Page::default();
+    // The name of the last sample line that was skipped.
+    let mut skipped: &str = "";
     for (index, raw) in text.split('\n').enumerate() {
         let line = index + 1;
         let content = raw.strip_suffix('\r').unwrap_or(raw);
-        let sample = parse_line(content, &keep).map_err(|message| ParseError { line, message })?;
-        if let Some(sample) = sample {
-            if samples.len() == MAX_SAMPLES {
-                return Err(ParseError {
-                    line,
-                    message: format!(
-                        "more than {MAX_SAMPLES} samples (the most one text may hold)"
-                    ),
-                });
+        if !skipped.is_empty()
+            && content.starts_with(skipped)
+            && content
+                .as_bytes()
+                .get(skipped.len())
+                .is_none_or(|b| !is_metric_name_char(char::from(*b)))
+        {
+            continue;
+        }
+        let parsed = parse_line(content, &keep).map_err(|message| ParseError { line, message })?;
+        match parsed {
+            Line::Sample(sample) => {
+                if page.samples.len() == MAX_SAMPLES {
+                    return Err(ParseError {
+                        line,
+                        message: format!(
+                            "more than {MAX_SAMPLES} samples (the most one text may hold)"
+                        ),
+                    });
+                }
+                page.samples.push(sample);
             }
-            samples.push(sample);
+            Line::Skipped(name) => skipped = name,
+            Line::Declared(name) => {
+                if !page.declared.iter().any(|d| d == name) {
+                    page.declared.push(name.to_owned());
+                }
+            }
+            Line::Nothing => {}
         }
     }
-    Ok(samples)
+    Ok(page)
 }
 
-/// One line (without its line ending): a sample, or `None` for a blank line
-/// or a comment.
-fn parse_line(line: &str, keep: &impl Fn(&str) -> bool) -> Result<Option<Sample>, String> {
+/// What one line is.
+enum Line<'a> {
+    /// A sample that is kept.
+    Sample(Sample),
+    /// A sample line of a name that is not kept (read up to its name).
+    Skipped(&'a str),
+    /// A `# HELP` or `# TYPE` line of a kept name.
+    Declared(&'a str),
+    /// A blank line or another comment.
+    Nothing,
+}
+
+/// One line (without its line ending).
+fn parse_line<'a>(line: &'a str, keep: &impl Fn(&str) -> bool) -> Result<Line<'a>, String> {
     let mut cur = Cursor::new(line);
     cur.skip_blanks();
     match cur.peek() {
-        None => Ok(None),
+        None => Ok(Line::Nothing),
         Some('#') => {
             cur.bump();
-            parse_comment(&mut cur)?;
-            Ok(None)
+            Ok(match parse_comment(&mut cur)? {
+                Some(name) if keep(name) => Line::Declared(name),
+                _ => Line::Nothing,
+            })
         }
         Some(_) => {
             let mut ahead = Cursor {
@@ -139,24 +191,25 @@ fn parse_line(line: &str, keep: &impl Fn(&str) -> bool) -> Result<Option<Sample>
             };
             let name = ahead.metric_name();
             if !name.is_empty() && !keep(name) {
-                return Ok(None);
+                return Ok(Line::Skipped(name));
             }
-            parse_sample(&mut cur).map(Some)
+            parse_sample(&mut cur).map(Line::Sample)
         }
     }
 }
 
-/// The rest of a comment line, after its `#`.
-fn parse_comment(cur: &mut Cursor<'_>) -> Result<(), String> {
+/// The rest of a comment line, after its `#`: the metric name of a
+/// `# HELP` or `# TYPE` line.
+fn parse_comment<'a>(cur: &mut Cursor<'a>) -> Result<Option<&'a str>, String> {
     cur.skip_blanks();
     let keyword = cur.take_while(|c| !is_blank(c));
     if keyword != "HELP" && keyword != "TYPE" {
-        return Ok(());
+        return Ok(None);
     }
     cur.skip_blanks();
     if cur.at_end() {
         // "# HELP" or "# TYPE" alone: a plain comment, as in Prometheus.
-        return Ok(());
+        return Ok(None);
     }
     let name = cur.metric_name();
     if name.is_empty() {
@@ -173,7 +226,7 @@ fn parse_comment(cur: &mut Cursor<'_>) -> Result<(), String> {
     }
     if keyword == "HELP" {
         // The rest is the help text, free-form.
-        return Ok(());
+        return Ok(Some(name));
     }
     let kind = cur.take_while(|c| !is_blank(c));
     if kind.is_empty() {
@@ -195,7 +248,7 @@ fn parse_comment(cur: &mut Cursor<'_>) -> Result<(), String> {
             found(cur.peek())
         ));
     }
-    Ok(())
+    Ok(Some(name))
 }
 
 /// A sample line, from its metric name on.
@@ -523,7 +576,15 @@ impl<'a> Cursor<'a> {
 
     /// Skips spaces and tabs, returning whether there were any.
     fn skip_blanks(&mut self) -> bool {
-        !self.take_while(is_blank).is_empty()
+        let bytes = self.line.as_bytes();
+        let begin = self.pos;
+        while bytes
+            .get(self.pos)
+            .is_some_and(|b| *b == b' ' || *b == b'\t')
+        {
+            self.pos += 1;
+        }
+        self.pos > begin
     }
 
     /// A metric name, or "" if none starts here.
@@ -537,10 +598,22 @@ impl<'a> Cursor<'a> {
     }
 
     fn name(&mut self, start: impl Fn(char) -> bool, rest: impl Fn(char) -> bool) -> &'a str {
+        // Name characters are ASCII, so the bytes are tested one by one (no
+        // byte of a multi-byte character is ASCII): the names are most of
+        // what a filtered parse reads.
+        let bytes = self.line.as_bytes();
+        let ascii = |i: usize, f: &dyn Fn(char) -> bool| {
+            bytes
+                .get(i)
+                .is_some_and(|b| b.is_ascii() && f(char::from(*b)))
+        };
         let begin = self.pos;
-        if self.peek().is_some_and(start) {
-            self.bump();
-            self.take_while(rest);
+        if ascii(begin, &start) {
+            let mut end = begin + 1;
+            while ascii(end, &rest) {
+                end += 1;
+            }
+            self.pos = end;
         }
         &self.line[begin..self.pos]
     }
@@ -1063,6 +1136,28 @@ python_gc_objects_collected_total{generation="0"} 8731.0
         );
         let e = parse_filtered("a{y=} 1\n", |n| n == "a").unwrap_err();
         assert_eq!(e.line, 1, "kept lines are read in full");
+    }
+
+    #[test]
+    fn a_page_names_the_kept_families_it_declares() {
+        let text =
+            "# HELP a An a.\n# TYPE a gauge\n# TYPE b counter\n# HELP c\n# TYPE d gauge\nd 1\n";
+        let page = parse_page(text, |n| n == "a" || n == "d").unwrap();
+        assert_eq!(page.declared, ["a", "d"], "each once, kept names only");
+        assert_eq!(page.samples.len(), 1);
+    }
+
+    #[test]
+    fn runs_of_a_skipped_name_are_skipped_and_a_longer_name_is_not_mistaken_for_it() {
+        // `hx` starts with the skipped `h` but is another name: it is kept;
+        // `h{{{` is a skipped name's line and is not read further.
+        let text = "h_bucket{le=\"1\"} 1\nh_bucket{{{\nh_bucket\nh_bucketx 2\nh_bucket 3\n!h 4\n";
+        let keep = |n: &str| n == "h_bucketx";
+        let e = parse_filtered(text, keep).unwrap_err();
+        assert_eq!(e.line, 6, "a line without a metric name is an error: {e}");
+        let text = &text[..text.find("!h").unwrap()];
+        let s = parse_filtered(text, keep).unwrap();
+        assert_eq!(s.iter().map(|s| s.value).collect::<Vec<_>>(), [2.0]);
     }
 
     #[test]

@@ -5,15 +5,17 @@
 //!
 //! What health checks and load scrapes see is up to the test ([`Control`]):
 //! `/health` answers 200, 503, or each in turn; `/metrics` answers a text
-//! the test sets (vLLM's format, say) or an error status; and the HTTP
-//! service can be stopped (its port closed) and started again.
+//! the test sets, a vLLM page whose token counters advance with every
+//! scrape (or stay frozen in "stuck" mode: an engine that hangs with work
+//! queued), or an error status; and the HTTP service can be stopped (its
+//! port closed) and started again.
 
 use std::{
     io::{BufRead, BufReader, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread::{self, JoinHandle},
     time::Duration,
@@ -50,7 +52,17 @@ pub struct Control {
     health: Mutex<(HealthMode, std::collections::HashMap<IpAddr, bool>)>,
     /// `/metrics`: `Ok(text)` answers 200 with it, `Err(status)` that status.
     metrics: Mutex<Result<String, u16>>,
+    /// `/metrics` as a vLLM server: (waiting, running, KV-cache use); its
+    /// token counters are `tokens`. Overrides `metrics` while set.
+    vllm: Mutex<Option<(f64, f64, f64)>>,
+    /// The vLLM page's prompt and generation tokens so far: advanced by
+    /// every `/metrics` request, unless `stuck`.
+    tokens: AtomicU64,
+    stuck: AtomicBool,
 }
+
+/// Tokens a vLLM page's counters advance by per scrape.
+const TOKENS_PER_SCRAPE: u64 = 128;
 
 impl Control {
     fn new() -> Control {
@@ -58,6 +70,9 @@ impl Control {
             http_up: AtomicBool::new(true),
             health: Mutex::new((HealthMode::Up, Default::default())),
             metrics: Mutex::new(Err(404)),
+            vllm: Mutex::new(None),
+            tokens: AtomicU64::new(1000),
+            stuck: AtomicBool::new(false),
         }
     }
 
@@ -72,18 +87,51 @@ impl Control {
 
     /// `/metrics` answers `text`.
     pub fn set_metrics(&self, text: &str) {
+        *self.vllm.lock().unwrap() = None;
         *self.metrics.lock().unwrap() = Ok(text.to_string());
     }
 
     /// `/metrics` answers `status` without a body.
     pub fn set_metrics_status(&self, status: u16) {
+        *self.vllm.lock().unwrap() = None;
         *self.metrics.lock().unwrap() = Err(status);
     }
 
     /// `/metrics` answers as a vLLM server with `waiting` requests queued
-    /// (split over two engines) and KV-cache use `kv`.
+    /// (split over two engines), 8 running and KV-cache use `kv`; its token
+    /// counters advance with every scrape unless [`Control::set_stuck`].
     pub fn set_vllm(&self, waiting: f64, kv: f64) {
-        self.set_metrics(&vllm_metrics(waiting, kv));
+        self.set_vllm_running(waiting, 8.0, kv);
+    }
+
+    /// [`Control::set_vllm`] with `running` requests running.
+    pub fn set_vllm_running(&self, waiting: f64, running: f64, kv: f64) {
+        *self.vllm.lock().unwrap() = Some((waiting, running, kv));
+    }
+
+    /// "Stuck" mode: the vLLM page's token counters stop (an engine that
+    /// hangs with `/health` still fine); `false`: they advance again.
+    pub fn set_stuck(&self, stuck: bool) {
+        self.stuck.store(stuck, Ordering::SeqCst);
+    }
+
+    /// What `/metrics` answers now.
+    fn metrics_answer(&self) -> (u16, Vec<u8>) {
+        if let Some((waiting, running, kv)) = *self.vllm.lock().unwrap() {
+            let tokens = if self.stuck.load(Ordering::SeqCst) {
+                self.tokens.load(Ordering::SeqCst)
+            } else {
+                self.tokens.fetch_add(TOKENS_PER_SCRAPE, Ordering::SeqCst) + TOKENS_PER_SCRAPE
+            };
+            return (
+                200,
+                vllm_page(waiting, running, kv, tokens as f64).into_bytes(),
+            );
+        }
+        match &*self.metrics.lock().unwrap() {
+            Ok(text) => (200, text.clone().into_bytes()),
+            Err(status) => (*status, Vec::new()),
+        }
     }
 
     /// The status of `/health` for a request from `client`.
@@ -101,25 +149,38 @@ impl Control {
     }
 }
 
-/// A vLLM `/metrics` page (v0.10-style names, two engines).
+/// A vLLM `/metrics` page (v0.10-style names, two engines), its token
+/// counters at a fixed count.
 pub fn vllm_metrics(waiting: f64, kv: f64) -> String {
-    let half = waiting / 2.0;
+    vllm_page(waiting, 8.0, kv, 123456.0)
+}
+
+/// A vLLM `/metrics` page: `waiting` and `running` requests (each split
+/// over two engines), KV-cache use `kv`, `tokens` prompt and generation
+/// tokens so far.
+pub fn vllm_page(waiting: f64, running: f64, kv: f64, tokens: f64) -> String {
+    let (half, run) = (waiting / 2.0, running / 2.0);
+    let model = "model_name=\"meta-llama/Llama-3.1-8B-Instruct\"";
+    let (prompt, generated) = ((tokens / 4.0).floor(), tokens - (tokens / 4.0).floor());
     format!(
         "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
          # TYPE vllm:num_requests_waiting gauge\n\
-         vllm:num_requests_waiting{{engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"}} {half}\n\
-         vllm:num_requests_waiting{{engine=\"1\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"}} {half}\n\
+         vllm:num_requests_waiting{{engine=\"0\",{model}}} {half}\n\
+         vllm:num_requests_waiting{{engine=\"1\",{model}}} {half}\n\
          # HELP vllm:num_requests_running Number of requests in model execution batches.\n\
          # TYPE vllm:num_requests_running gauge\n\
-         vllm:num_requests_running{{engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"}} 4\n\
-         vllm:num_requests_running{{engine=\"1\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"}} 4\n\
+         vllm:num_requests_running{{engine=\"0\",{model}}} {run}\n\
+         vllm:num_requests_running{{engine=\"1\",{model}}} {run}\n\
          # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n\
          # TYPE vllm:kv_cache_usage_perc gauge\n\
-         vllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"}} {kv}\n\
-         vllm:kv_cache_usage_perc{{engine=\"1\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"}} {kv}\n\
+         vllm:kv_cache_usage_perc{{engine=\"0\",{model}}} {kv}\n\
+         vllm:kv_cache_usage_perc{{engine=\"1\",{model}}} {kv}\n\
          # HELP vllm:prompt_tokens_total Number of prefill tokens processed.\n\
          # TYPE vllm:prompt_tokens_total counter\n\
-         vllm:prompt_tokens_total{{engine=\"0\",model_name=\"meta-llama/Llama-3.1-8B-Instruct\"}} 123456\n"
+         vllm:prompt_tokens_total{{engine=\"0\",{model}}} {prompt}\n\
+         # HELP vllm:generation_tokens_total Number of generation tokens processed.\n\
+         # TYPE vllm:generation_tokens_total counter\n\
+         vllm:generation_tokens_total{{engine=\"0\",{model}}} {generated}\n"
     )
 }
 
@@ -349,10 +410,7 @@ fn http_serve(
                 control.health_status(peer),
                 format!("{name}\n").into_bytes(),
             ),
-            "/metrics" => match &*control.metrics.lock().unwrap() {
-                Ok(text) => (200, text.clone().into_bytes()),
-                Err(status) => (*status, Vec::new()),
-            },
+            "/metrics" => control.metrics_answer(),
             _ => match path
                 .strip_prefix("/bytes/")
                 .and_then(|n| n.parse::<usize>().ok())
