@@ -108,20 +108,7 @@ impl Dataplane {
     /// table), read from the kernel now. For diagnosis and tests: the
     /// connection table is large (64 MiB at the default size).
     pub fn flow_table(&self, handshake: bool) -> Result<Vec<FlowSet>, DataplaneError> {
-        let name = if handshake {
-            map_name::SYN_FLOWS
-        } else {
-            map_name::FLOWS
-        };
-        let map = self
-            .ebpf
-            .map(name)
-            .ok_or(DataplaneError::Missing { kind: "map", name })?;
-        let table: aya::maps::Array<&aya::maps::MapData, FlowSet> =
-            aya::maps::Array::try_from(map).map_err(map_err(name))?;
-        (0..table.len())
-            .map(|i| table.get(&i, 0).map_err(map_err(name)))
-            .collect()
+        self.flow_sets_batched(handshake)
     }
 }
 

@@ -832,6 +832,27 @@ pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, 
     })
 }
 
+/// A TOML request body into `T`, as [`from_json`] does JSON.
+fn from_toml<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Vec<Problem>> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        vec![Problem {
+            field: "body".into(),
+            message: format!("not UTF-8 text: {e}"),
+        }]
+    })?;
+    serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+        let path = e.path().to_string();
+        vec![Problem {
+            field: if path == "." || path.contains('?') {
+                "body".into()
+            } else {
+                path
+            },
+            message: e.into_inner().to_string().trim().to_string(),
+        }]
+    })
+}
+
 /// A VIP from an API request body (the fields of a `[[vip]]` table, as
 /// JSON), checked like a config file's; field names have no `vip[i].`.
 pub fn vip_from_json(body: &[u8], balancer: &BalancerSettings) -> Result<Vip, Vec<Problem>> {
@@ -888,25 +909,7 @@ impl VipsDocument {
         body: &[u8],
         balancer: &BalancerSettings,
     ) -> Result<VipsDocument, Vec<Problem>> {
-        let text = std::str::from_utf8(body).map_err(|e| {
-            vec![Problem {
-                field: "body".into(),
-                message: format!("not UTF-8 text: {e}"),
-            }]
-        })?;
-        let de = toml::Deserializer::new(text);
-        let raw: RawDocument = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            vec![Problem {
-                field: if path == "." || path.contains('?') {
-                    "body".into()
-                } else {
-                    path
-                },
-                message: e.into_inner().to_string().trim().to_string(),
-            }]
-        })?;
-        Self::from_raw(raw, balancer)
+        Self::from_raw(from_toml(body)?, balancer)
     }
 
     fn from_raw(
@@ -968,24 +971,7 @@ impl VipsDocument {
 /// A VIP from a TOML request body (the keys of one `[[vip]]` table, at
 /// the top level).
 pub fn vip_from_toml(body: &[u8], balancer: &BalancerSettings) -> Result<Vip, Vec<Problem>> {
-    let text = std::str::from_utf8(body).map_err(|e| {
-        vec![Problem {
-            field: "body".into(),
-            message: format!("not UTF-8 text: {e}"),
-        }]
-    })?;
-    let raw: RawVip =
-        serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
-            let path = e.path().to_string();
-            vec![Problem {
-                field: if path == "." || path.contains('?') {
-                    "body".into()
-                } else {
-                    path
-                },
-                message: e.into_inner().to_string().trim().to_string(),
-            }]
-        })?;
+    let raw: RawVip = from_toml(body)?;
     let mut v = Validator::default();
     let vip = v.vip("", &raw, balancer);
     match vip {
