@@ -2,6 +2,7 @@
 //! the tests and benchmarks as root, and runs the balancer.
 
 mod lab;
+mod package;
 mod setup;
 
 use std::{
@@ -23,12 +24,20 @@ struct Cli {
 enum Task {
     /// Install what the build and the tests need (idempotent).
     Setup,
-    /// Set up, then run every test (needs root).
+    /// Set up, then run every test (needs root); last, build the Debian
+    /// package and run the package test (a clean Debian 12 root made with
+    /// debootstrap, cached in /var/cache/lb-package-test). With arguments,
+    /// only `cargo test ARGS`.
     Test {
+        /// Only build the package and run the package test.
+        #[arg(long)]
+        package_test: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the Debian package target/package/lb_VERSION_amd64.deb.
+    Package,
     /// Set up and build; with no arguments run the demo lab, with arguments
     /// run `lbd` with them (needs root).
     Run {
@@ -118,12 +127,44 @@ fn main() -> Result<()> {
             require_root("cargo xtask setup")?;
             setup::setup()
         }
-        Task::Test { args } => {
+        Task::Test { package_test, args } => {
             require_root("cargo xtask test")?;
             setup::setup()?;
-            // The end-to-end tests run the real lbd binary.
-            run(cargo().args(["build", "-p", "lb-userspace", "--bins"]))?;
-            run(cargo().args(["test", "--no-fail-fast"]).args(&args))
+            let suite = if package_test {
+                Ok(())
+            } else {
+                // The end-to-end tests run the real lbd binary.
+                run(cargo().args(["build", "-p", "lb-userspace", "--bins"]))?;
+                run(cargo().args(["test", "--no-fail-fast"]).args(&args))
+            };
+            if !args.is_empty() {
+                return suite;
+            }
+            // Last (it takes minutes on a cold cache): the package on a
+            // clean Debian 12, whatever the suite said.
+            let started = std::time::Instant::now();
+            let deb = package::package()?;
+            let tested = run(cargo()
+                .args([
+                    "test",
+                    "-p",
+                    "lb-tests",
+                    "--test",
+                    "package",
+                    "--",
+                    "--ignored",
+                    "--nocapture",
+                ])
+                .env("LB_PACKAGE", &deb));
+            println!(
+                "package test: {:.0} s (package build included)",
+                started.elapsed().as_secs_f64()
+            );
+            suite.and(tested)
+        }
+        Task::Package => {
+            package::package()?;
+            Ok(())
         }
         Task::Run { args } => {
             require_root("cargo xtask run")?;

@@ -44,12 +44,78 @@ struct Target {
     /// The API's Unix socket (overrides --instance).
     #[arg(long, global = true, env = "LBCTL_SOCKET")]
     socket: Option<PathBuf>,
-    /// Use the TCP API at HOST:PORT instead (needs --token-file).
-    #[arg(long, global = true, env = "LBCTL_URL", requires = "token_file")]
+    /// Use the TCP API instead: https://HOST:PORT (TLS; HOST:PORT alone
+    /// means the same) or http://HOST:PORT (plain TCP, for an lbd whose
+    /// config says plaintext = true). Needs --token-file or --cert.
+    #[arg(long, global = true, env = "LBCTL_URL")]
     url: Option<String>,
     /// File holding the bearer token for --url.
     #[arg(long, global = true, env = "LBCTL_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// CA certificates (PEM) that sign lbd's TLS certificate (default: the
+    /// system's trust store).
+    #[arg(long, global = true, env = "LBCTL_CA")]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM) to present to lbd's TLS API (with --key).
+    #[arg(long, global = true, env = "LBCTL_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "LBCTL_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+}
+
+impl Target {
+    /// The API to talk to: the Unix socket, or the TCP API at `--url`.
+    fn endpoint(&self) -> Result<Endpoint, Failure> {
+        let Some(url) = &self.url else {
+            return Ok(Endpoint::Unix(self.socket.clone().unwrap_or_else(|| {
+                PathBuf::from(format!("/run/lb/{}.sock", self.instance))
+            })));
+        };
+        let token = match &self.token_file {
+            Some(file) => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| Failure::Other(format!("reading {}: {e}", file.display())))?
+                    .trim()
+                    .to_string(),
+            ),
+            None if self.cert.is_none() => {
+                return Err(Failure::Usage(
+                    "--url needs --token-file or --cert/--key (or LBCTL_TOKEN_FILE, LBCTL_CERT)"
+                        .into(),
+                ));
+            }
+            None => None,
+        };
+        let (plain, addr) = match url.split_once("://") {
+            Some(("http", rest)) => (true, rest),
+            Some(("https", rest)) => (false, rest),
+            Some((scheme, _)) => {
+                return Err(Failure::Usage(format!(
+                    "--url {url}: {scheme}:// is not https:// or http://"
+                )));
+            }
+            None => (false, url.as_str()),
+        };
+        let addr = addr.trim_end_matches('/').to_string();
+        if plain {
+            let token = token.ok_or_else(|| {
+                Failure::Usage(
+                    "plain TCP (http://) needs --token-file: no client certificates without TLS"
+                        .into(),
+                )
+            })?;
+            return Ok(Endpoint::Tcp { addr, token });
+        }
+        let cert_and_key = self.cert.as_deref().zip(self.key.as_deref());
+        let config = lb::control::tls::client_config(self.ca.as_deref(), cert_and_key)
+            .map_err(|e| Failure::Usage(e.to_string()))?;
+        Ok(Endpoint::Tls {
+            addr,
+            token,
+            config,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -177,6 +243,7 @@ fn parse_backend(s: &str) -> Result<(IpAddr, u32), String> {
 
 /// How a command ended.
 enum Failure {
+    Usage(String),
     Refused(String),
     Unreachable(String),
     DaemonFailed(String),
@@ -186,6 +253,7 @@ enum Failure {
 impl Failure {
     fn code(&self) -> u8 {
         match self {
+            Failure::Usage(_) => 2,
             Failure::Refused(_) => 3,
             Failure::Unreachable(_) => 4,
             Failure::DaemonFailed(_) => 5,
@@ -206,7 +274,9 @@ impl Ctl {
             .endpoint
             .request(method, path, body.as_deref())
             .map_err(|e| match e {
-                ClientError::Unreachable { .. } => Failure::Unreachable(e.to_string()),
+                ClientError::Unreachable { .. } | ClientError::Tls { .. } => {
+                    Failure::Unreachable(e.to_string())
+                }
                 ClientError::Protocol(_) => Failure::Other(e.to_string()),
             })?;
         match r.status {
@@ -409,25 +479,7 @@ fn stats_text(v: &Value, previous: Option<(&Value, f64)>) -> String {
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
-    let endpoint = match (&cli.target.url, &cli.target.token_file) {
-        (Some(url), Some(file)) => {
-            let token = std::fs::read_to_string(file)
-                .map_err(|e| Failure::Other(format!("reading {}: {e}", file.display())))?;
-            Endpoint::Tcp {
-                addr: url
-                    .trim_start_matches("http://")
-                    .trim_end_matches('/')
-                    .to_string(),
-                token: token.trim().to_string(),
-            }
-        }
-        _ => Endpoint::Unix(
-            cli.target
-                .socket
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(format!("/run/lb/{}.sock", cli.target.instance))),
-        ),
-    };
+    let endpoint = cli.target.endpoint()?;
     let ctl = Ctl {
         endpoint,
         json: cli.json,
@@ -656,7 +708,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            let (Failure::Refused(m)
+            let (Failure::Usage(m)
+            | Failure::Refused(m)
             | Failure::Unreachable(m)
             | Failure::DaemonFailed(m)
             | Failure::Other(m)) = &f;

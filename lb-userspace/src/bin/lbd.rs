@@ -1,6 +1,10 @@
 //! `lbd`: the balancer daemon. Loads the XDP balancer, attaches it to an
 //! interface, programs the VIPs of the config file and runs until SIGINT or
-//! SIGTERM, then detaches. `lbd decap` runs the decapsulator on a backend.
+//! SIGTERM, then leaves the balancer running from its pinned state (or
+//! detaches, with `--no-pin`). `lbd decap` runs the decapsulator on a
+//! backend. Under systemd (`lbd@.service`, `Type=notify`) it says READY
+//! once it forwards, RELOADING on SIGHUP and STOPPING on shutdown
+//! ([`lb::host::service_manager`]).
 
 use std::{io::IsTerminal, net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -8,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb::{
     control::{
-        api,
+        access, api,
         audit::AuditLog,
         controller::{Controller, ControllerError, ControllerHandle},
         metrics,
@@ -16,7 +20,7 @@ use lb::{
     },
     dataplane::{AttachMode, Dataplane, Decapsulator, LoadOptions, pinning},
     desired::config::{self, ConfigFile, LogFormat},
-    host::{self, bgp, bird_guard, lock::InstanceLock},
+    host::{self, bgp, bird_guard, lock::InstanceLock, service_manager},
 };
 use lb_common::DecapReason;
 use tokio::signal::unix::{SignalKind, signal};
@@ -45,10 +49,10 @@ struct BalancerArgs {
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// Interface to attach the balancer to (required unless --check).
-    #[arg(long, short)]
+    #[arg(long, short, env = "LBD_IFACE")]
     iface: Option<String>,
     /// XDP attach mode.
-    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto, env = "LBD_XDP_MODE")]
     xdp_mode: XdpModeArg,
     /// Validate the config, print a summary and exit.
     #[arg(long)]
@@ -92,6 +96,9 @@ enum Command {
     /// operators to run.
     #[command(hide = true)]
     BirdGuard(BirdGuardArgs),
+    /// Print the man page (roff), for packaging.
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Args)]
@@ -199,6 +206,13 @@ fn main() -> ExitCode {
                     dead_after: Duration::from_secs(args.dead_after),
                 }))
             })
+        }
+        Some(Command::Man) => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command())
+                .section("8")
+                .render(&mut std::io::stdout())
+                .context("writing the man page")
         }
         None => run_balancer(cli.balancer),
     };
@@ -339,7 +353,7 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             .with_context(|| format!("opening the audit log {}", audit_path.display()))?;
         let tokens = match &config.api.token_file {
             Some(tokens) if config.api.tcp_listen.is_some() => Some(
-                api::Tokens::load(tokens).map_err(anyhow::Error::msg).context("loading api.token_file")?,
+                access::Tokens::load(tokens).map_err(anyhow::Error::msg).context("loading api.token_file")?,
             ),
             _ => None,
         };
@@ -349,24 +363,24 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
         let metrics_server = match config.metrics.listen {
             Some(listen) => Some((
                 listen,
-                metrics::serve(listen, handle.clone(), config.bgp.as_ref().map(|s| bgp::BirdPaths::new(&args.instance, s)))
+                metrics::serve(listen, &config.metrics.transport, handle.clone(), config.bgp.as_ref().map(|s| bgp::BirdPaths::new(&args.instance, s)))
                     .await
                     .with_context(|| format!("serving /metrics on {listen} (metrics.listen)"))?,
             )),
             None => None,
         };
         let socket = config.api.socket.clone().unwrap_or_else(|| api::default_socket(&args.instance));
-        let unix_api = api::serve_unix(&socket, handle.clone(), audit.clone())
+        let unix_api = api::serve_unix(&socket, config.api.socket_group.as_deref(), handle.clone(), audit.clone())
             .await
             .with_context(|| format!("serving the API on {} (api.socket)", socket.display()))?;
-        let tcp_api = match (config.api.tcp_listen, tokens) {
-            (Some(listen), Some(tokens)) => Some((
+        let tcp_api = match config.api.tcp_listen {
+            Some(listen) => Some((
                 listen,
-                api::serve_tcp(listen, tokens, handle.clone(), audit.clone())
+                api::serve_tcp(listen, &config.api.tcp_transport, tokens, handle.clone(), audit.clone())
                     .await
-                    .with_context(|| format!("serving the API on {listen} (api.tcp_listen)"))?,
+                    .with_context(|| format!("serving the API on {listen} (api.tcp_listen, api.tls)"))?,
             )),
-            _ => None,
+            None => None,
         };
         // Now change the running balancer: program the config, then swap
         // the program in.
@@ -391,21 +405,27 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             if adopted { "balancer program replaced on the existing attachment" } else { "balancer attached" }
         );
         if let Some((listen, server)) = metrics_server {
-            info!(%listen, "serving /metrics");
+            lb::control::tls::log_transport("serving /metrics", listen, &config.metrics.transport);
             tokio::spawn(async move {
                 if let Err(e) = server.await {
                     tracing::error!(error = %e, "the metrics endpoint failed");
                 }
             });
         }
-        info!(socket = %socket.display(), audit_log = %audit_path.display(), "serving the API");
+        info!(
+            socket = %socket.display(),
+            mode = if config.api.socket_group.is_some() { "0660" } else { "0600" },
+            group = config.api.socket_group.as_deref().unwrap_or("-"),
+            audit_log = %audit_path.display(),
+            "serving the API"
+        );
         tokio::spawn(async move {
             if let Err(e) = unix_api.await {
                 tracing::error!(error = %e, "the API socket failed");
             }
         });
         if let Some((listen, server)) = tcp_api {
-            info!(%listen, "serving the API over TCP (bearer tokens)");
+            lb::control::tls::log_transport("serving the API on TCP", listen, &config.api.tcp_transport);
             tokio::spawn(async move {
                 if let Err(e) = server.await {
                     tracing::error!(error = %e, "the TCP API failed");
@@ -422,7 +442,18 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             }
             bgp::spawn(announcer, controller.announcements())
         });
-        let mut dp = controller.run(signals.recv()).await;
+        // Attached, the config applied, every listener serving: ready.
+        service_manager::ready(&format!(
+            "forwarding {} VIPs on {iface}{}",
+            config.vips.len(),
+            if adopted { " (adopted the running balancer)" } else { "" }
+        ));
+        let mut dp = controller
+            .run(async {
+                signals.recv().await;
+                service_manager::stopping();
+            })
+            .await;
         if let Some(announcer) = announcer {
             announcer.stop(dp.pin_dir().is_none()).await;
         }
@@ -507,6 +538,7 @@ async fn reload_on_sighup(path: PathBuf, handle: ControllerHandle) {
         return;
     };
     while hup.recv().await.is_some() {
+        service_manager::reloading();
         let outcome = match ConfigFile::load(&path) {
             Ok((file, config)) => match handle.reload(file, config, "signal:SIGHUP").await {
                 Ok(()) => {
@@ -529,6 +561,11 @@ async fn reload_on_sighup(path: PathBuf, handle: ControllerHandle) {
             }
         };
         reloads::record(outcome);
+        service_manager::ready(match outcome {
+            ReloadOutcome::Applied => "config reloaded and applied",
+            ReloadOutcome::Rejected => "config reload rejected: the previous config stays",
+            ReloadOutcome::Failed => "config reload failed: the previous config stays",
+        });
     }
 }
 
