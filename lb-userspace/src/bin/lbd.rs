@@ -365,7 +365,7 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
                 listen,
                 metrics::serve(listen, &config.metrics.transport, handle.clone(), config.bgp.as_ref().map(|s| bgp::BirdPaths::new(&args.instance, s)))
                     .await
-                    .with_context(|| format!("serving /metrics on {listen} (metrics.listen)"))?,
+                    .with_context(|| format!("serving /metrics on {listen} (metrics.listen, metrics.tls)"))?,
             )),
             None => None,
         };

@@ -2583,6 +2583,100 @@ mod tests {
     }
 
     #[test]
+    fn listeners_off_loopback_need_tls_or_an_explicit_plaintext() {
+        let api = |extra: &str| format!("[api]\ntoken_file = \"/t\"\n{extra}\n{GOOD}");
+        assert_problem(
+            &api("tcp_listen = \"192.0.2.1:9443\""),
+            "api.tls",
+            "192.0.2.1:9443 is not a loopback address, so it needs TLS",
+        );
+        let c = parse(
+            &api("tcp_listen = \"192.0.2.1:9443\"\nplaintext = true"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.api.tcp_transport, Transport::Plain { explicit: true });
+        let c = parse(&api("tcp_listen = \"127.0.0.1:9443\""), "t").unwrap();
+        assert_eq!(c.api.tcp_transport, Transport::Plain { explicit: false });
+        let tls = "tcp_listen = \"192.0.2.1:9443\"\n[api.tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"";
+        let c = parse(&api(tls), "t").unwrap();
+        assert_eq!(
+            c.api.tcp_transport,
+            Transport::Tls(TlsSettings {
+                cert: "/c.pem".into(),
+                key: "/k.pem".into(),
+                client_ca: None,
+                client_cert_required: false,
+            })
+        );
+        // Client certificates: required unless said otherwise; they may
+        // replace the token file.
+        let certs = "[api]\ntcp_listen = \"192.0.2.1:9443\"\n[api.tls]\ncert = \"/c\"\nkey = \"/k\"\nclient_ca = \"/ca\"\n";
+        let c = parse(&format!("{certs}{GOOD}"), "t").unwrap();
+        assert!(matches!(c.api.tcp_transport, Transport::Tls(t) if t.client_cert_required));
+        let c = parse(&format!("{certs}client_auth = \"optional\"\n{GOOD}"), "t").unwrap();
+        assert!(matches!(c.api.tcp_transport, Transport::Tls(t) if !t.client_cert_required));
+        for (extra, field, says) in [
+            (
+                "tcp_listen = \"192.0.2.1:1\"\n[api.tls]\ncert = \"/c\"",
+                "api.tls.key",
+                "missing",
+            ),
+            (
+                "tcp_listen = \"192.0.2.1:1\"\nplaintext = true\n[api.tls]\ncert = \"/c\"\nkey = \"/k\"",
+                "api.plaintext",
+                "choose one",
+            ),
+            (
+                "tcp_listen = \"192.0.2.1:1\"\n[api.tls]\ncert = \"c\"\nkey = \"/k\"",
+                "api.tls.cert",
+                "not an absolute path",
+            ),
+            (
+                "tcp_listen = \"192.0.2.1:1\"\n[api.tls]\ncert = \"/c\"\nkey = \"/k\"\nclient_auth = \"optional\"",
+                "api.tls.client_auth",
+                "client_ca is not",
+            ),
+            (
+                "tcp_listen = \"192.0.2.1:1\"\n[api.tls]\ncert = \"/c\"\nkey = \"/k\"\nclient_ca = \"/ca\"\nclient_auth = \"sometimes\"",
+                "api.tls.client_auth",
+                "\"sometimes\" is not",
+            ),
+            (
+                "[api.tls]\ncert = \"/c\"\nkey = \"/k\"",
+                "api.tls",
+                "api.tcp_listen is not set",
+            ),
+            (
+                "socket_group = \"no group!\"",
+                "api.socket_group",
+                "is not a group name",
+            ),
+        ] {
+            assert_problem(&api(extra), field, says);
+        }
+        assert_problem(
+            &format!("[metrics]\nlisten = \"0.0.0.0:9180\"\n{GOOD}"),
+            "metrics.tls",
+            "metrics.listen 0.0.0.0:9180 is not a loopback address",
+        );
+        let c = parse(
+            &format!("[metrics]\nlisten = \"0.0.0.0:9180\"\nplaintext = true\n{GOOD}"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.metrics.transport, Transport::Plain { explicit: true });
+        // A reload cannot change them.
+        let now = parse(&api("tcp_listen = \"127.0.0.1:9443\""), "t").unwrap();
+        let next = parse(&api(tls), "t").unwrap();
+        assert!(
+            reload_problems(&now, &next)
+                .iter()
+                .any(|p| p.field == "api.tls")
+        );
+    }
+
+    #[test]
     fn api_settings_need_a_token_file_for_tcp() {
         let c = parse(&format!("[api]\nsocket = \"/run/x.sock\"\n{GOOD}"), "t").unwrap();
         assert_eq!(c.api.socket, Some(PathBuf::from("/run/x.sock")));
