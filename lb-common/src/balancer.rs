@@ -15,8 +15,29 @@ use crate::REASON_COUNT;
 /// admission of every new flow through the handshake table, the `raced`,
 /// `syn_raced` and `closing` events (16 event slots), the closing timeout in
 /// [`DataplaneConfig`]. Version 9: 32 reason slots in [`Stats`] (for
-/// `not_our_mac` and later reasons).
-pub const LAYOUT_VERSION: u32 = 9;
+/// `not_our_mac` and later reasons). Version 10: the table-write generation
+/// (`LB_TABLE_GEN`, see [`TABLE_GEN_DOC`]).
+pub const LAYOUT_VERSION: u32 = 10;
+
+/// How a packet never uses a half-written Maglev table without `lbd`
+/// waiting (`LB_TABLE_GEN`, one `u64`).
+///
+/// `lbd` writes a VIP's new table into the half the VIP does not use, then
+/// flips the VIP to it, and it may rewrite the other half right after: the
+/// next change starts at once, it does not wait for packets that read the
+/// old `VipInfo` to finish. Instead every write of tables, backend entries
+/// or `VipInfo`s happens inside a *window*: `lbd` makes the generation odd
+/// before it writes and even again after the flip. A new flow reads the
+/// generation, looks its VIP and table entry (and backend) up, and reads the
+/// generation again: if both reads agree, no window began or ended while it
+/// looked, and what it read is one table's (if a window was open all along,
+/// the VIP was not flipped meanwhile, so the half it read was not the one
+/// being written). If they differ it looks again, once; a second overlap
+/// (two windows opening or closing within the ~100 ns of a lookup) is
+/// counted (`table_raced`) and the second answer used: its entry is that
+/// of the table before or after the change, a backend the VIP has or just
+/// had. Established flows never look at tables.
+pub const TABLE_GEN_DOC: () = ();
 
 /// Creation flags of the VIP map: `BPF_F_NO_PREALLOC` (see [`VipInfo`]).
 pub const VIPS_MAP_FLAGS: u32 = 1;

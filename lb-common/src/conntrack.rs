@@ -264,10 +264,13 @@ pub enum FlowEvent {
     SynRaced = 8,
     /// A client FIN put its flow's entry in the closing state.
     Closing = 9,
+    /// A new flow's table lookup overlapped `lbd`'s table writes twice in a
+    /// row (see `crate::TABLE_GEN_DOC`).
+    TableRaced = 10,
 }
 
 /// Number of [`FlowEvent`]s.
-pub const FLOW_EVENT_COUNT: u32 = 10;
+pub const FLOW_EVENT_COUNT: u32 = 11;
 
 impl FlowEvent {
     /// Every event, in index order.
@@ -282,6 +285,7 @@ impl FlowEvent {
         FlowEvent::Raced,
         FlowEvent::SynRaced,
         FlowEvent::Closing,
+        FlowEvent::TableRaced,
     ];
 
     /// Label value used in metrics.
@@ -297,6 +301,7 @@ impl FlowEvent {
             FlowEvent::Raced => "raced",
             FlowEvent::SynRaced => "syn_raced",
             FlowEvent::Closing => "closing",
+            FlowEvent::TableRaced => "table_raced",
         }
     }
 }

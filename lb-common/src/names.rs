@@ -36,6 +36,9 @@ pub mod map_name {
     /// `Array<u32>` indexed by backend id: load scores for least-load (lower
     /// is less loaded).
     pub const SCORES: &str = "LB_SCORES";
+    /// `Array<u64>` with one entry: the table-write generation, odd while
+    /// `lbd` writes tables (see `crate::TABLE_GEN_DOC`).
+    pub const TABLE_GEN: &str = "LB_TABLE_GEN";
     /// Benchmark only: the `BenchControl` in the object's global data (its
     /// section, a one-value array map).
     pub const BENCH_CONTROL: &str = ".data.lb_bench";
@@ -44,7 +47,7 @@ pub mod map_name {
 
     /// The maps that hold the balancer's state: pinned, so a restarted `lbd`
     /// adopts them (the benchmark's maps are not state).
-    pub const STATE: [&str; 14] = [
+    pub const STATE: [&str; 15] = [
         VIPS,
         BACKENDS,
         MAGLEV,
@@ -59,6 +62,7 @@ pub mod map_name {
         WRR_POS,
         SCORES,
         VIP_ADDRS,
+        TABLE_GEN,
     ];
 }
 

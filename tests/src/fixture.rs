@@ -166,25 +166,49 @@ pub fn balancer_host(ns: &Netns) -> Result<()> {
     Ok(())
 }
 
-/// `Globals` of layouts 7 and 8 (the old program's global data, not
-/// pinned: its lbd filled it at start): the `N`-byte `DataplaneConfig`,
-/// then the VIP address filter.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct OldGlobals<const N: usize> {
-    config: [u8; N],
-    vip_filter: [u64; 1024],
-}
-// SAFETY: `repr(C)`, integers only, no padding (N is 72 or 80: a multiple
-// of 8).
-unsafe impl<const N: usize> aya::Pod for OldGlobals<N> {}
-
 /// The VIP filter slot of layouts 7 and 8: an xor-fold of the address
 /// words.
-fn old_filter_slot(addr: &[u32; 4]) -> (usize, u64) {
+fn xor_filter_slot(addr: &[u32; 4]) -> (usize, u64) {
     let w = addr[0] ^ addr[1] ^ addr[2] ^ addr[3];
     let slot = (w ^ (w >> 16)) & 0xffff;
     ((slot >> 6) as usize, 1u64 << (slot & 63))
+}
+
+/// The VIP filter slot of layout 9: a multiply-shift of the address.
+fn mul_filter_slot(addr: &[u32; 4]) -> (usize, u64) {
+    const K1: u64 = 0x9E37_79B9_7F4A_7C15;
+    const K2: u64 = 0xC2B2_AE3D_27D4_EB4F;
+    let hi = (addr[0] as u64) | ((addr[1] as u64) << 32);
+    let lo = (addr[2] as u64) | ((addr[3] as u64) << 32);
+    let slot = ((lo.wrapping_mul(K1) ^ hi).wrapping_mul(K2) >> 48) as u32;
+    ((slot >> 6) as usize, 1u64 << (slot & 63))
+}
+
+/// The old program's global data (`Globals`, not pinned: its lbd filled
+/// it at start), as layout `layout` has it: the `DataplaneConfig`, the VIP
+/// address filter and, from layout 9, the interface's MAC (and four unused
+/// extra MACs).
+fn old_globals(layout: u32, config: &[u8], vips: &[[u32; 4]], mac: [u8; 6]) -> Vec<u8> {
+    let slot = if layout >= 9 {
+        mul_filter_slot
+    } else {
+        xor_filter_slot
+    };
+    let mut filter = [0u64; 1024];
+    for a in vips {
+        let (w, bit) = slot(a);
+        filter[w] |= bit;
+    }
+    let mut out = config.to_vec();
+    out.extend(filter.iter().flat_map(|w| w.to_ne_bytes()));
+    if layout >= 9 {
+        let word = u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]) as u64
+            | (u16::from_ne_bytes([mac[4], mac[5]]) as u64) << 32;
+        for w in [word, u64::MAX, u64::MAX, u64::MAX, u64::MAX] {
+            out.extend(w.to_ne_bytes());
+        }
+    }
+    out
 }
 
 /// A restored old data plane: its maps pinned in an instance
@@ -196,16 +220,22 @@ pub struct OldDataplane {
     pub map_ids: Vec<u32>,
 }
 
-/// Restores the fixture in `fixture_dir` (layout 7 or 8) into instance
-/// directory `dir` and attaches its program to `iface` (index `ifindex`)
-/// in native mode, in the calling thread's network namespace. Connection
-/// table entries keep the time they had left; the config points at
-/// `iface`, with a new next-hop generation.
-pub fn restore(fixture_dir: &Path, dir: &Path, iface: &str, ifindex: u32) -> Result<OldDataplane> {
+/// Restores the fixture in `fixture_dir` (layout 7, 8 or 9) into instance
+/// directory `dir` and attaches its program to `iface` (index `ifindex`,
+/// MAC `mac`) in native mode, in the calling thread's network namespace.
+/// Connection table entries keep the time they had left; the config
+/// points at `iface`, with a new next-hop generation.
+pub fn restore(
+    fixture_dir: &Path,
+    dir: &Path,
+    iface: &str,
+    ifindex: u32,
+    mac: [u8; 6],
+) -> Result<OldDataplane> {
     let fx = Fixture::load(fixture_dir)?;
     match fx.layout {
-        7 => restore_with::<72>(fx, fixture_dir, dir, iface, ifindex),
-        8 => restore_with::<80>(fx, fixture_dir, dir, iface, ifindex),
+        7 => restore_with::<72>(fx, fixture_dir, dir, iface, ifindex, mac),
+        8 | 9 => restore_with::<80>(fx, fixture_dir, dir, iface, ifindex, mac),
         n => bail!(
             "no restore for the layout-{n} fixture in {}",
             fixture_dir.display()
@@ -214,17 +244,17 @@ pub fn restore(fixture_dir: &Path, dir: &Path, iface: &str, ifindex: u32) -> Res
 }
 
 /// [`restore`] of a layout whose `DataplaneConfig` has `N` bytes (the
-/// fields used here sit at the same offsets in layouts 7 and 8).
+/// fields used here sit at the same offsets in layouts 7 to 9).
 fn restore_with<const N: usize>(
     fx: Fixture,
     fixture_dir: &Path,
     dir: &Path,
     iface: &str,
     ifindex: u32,
+    mac: [u8; 6],
 ) -> Result<OldDataplane> {
     use aya::{
         EbpfLoader,
-        maps::Array,
         programs::{Xdp, XdpMode, links::FdLink},
     };
     use lb::dataplane::raw::RawMap;
@@ -242,7 +272,7 @@ fn restore_with<const N: usize>(
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
     let mut map_ids = Vec::new();
     let mut config = [0u8; N];
-    let mut filter = [0u64; 1024];
+    let mut vips = Vec::new();
     for (name, m) in &fx.image.maps {
         let path = dir.join(name);
         map_ids.push(aya::maps::MapInfo::from_pin(&path)?.id());
@@ -275,8 +305,7 @@ fn restore_with<const N: usize>(
                 let words: [u32; 4] = std::array::from_fn(|i| {
                     u32::from_ne_bytes(k[i * 4..i * 4 + 4].try_into().unwrap())
                 });
-                let (w, bit) = old_filter_slot(&words);
-                filter[w] |= bit;
+                vips.push(words);
             }
             if m.per_cpu > 1 && m.per_cpu != cpus {
                 // Another CPU count than when it was made: the first CPU's
@@ -289,18 +318,21 @@ fn restore_with<const N: usize>(
             map.set(k, &v)?;
         }
     }
+    // The globals map is not pinned: pinned for a moment to write it as
+    // bytes.
     let globals = ebpf
-        .map_mut(lb_common::GLOBALS_SECTION)
+        .map(lb_common::GLOBALS_SECTION)
         .context("the old object has no globals")?;
-    let mut globals: Array<_, OldGlobals<N>> = Array::try_from(globals)?;
-    globals.set(
-        0,
-        OldGlobals {
-            config,
-            vip_filter: filter,
-        },
-        0,
-    )?;
+    let tmp = lb::dataplane::pinning::instance_dir(&format!("lbt-globals-{}", std::process::id()));
+    globals.pin(&tmp)?;
+    let written = RawMap::open(&tmp).and_then(|m| {
+        m.set(
+            &0u32.to_ne_bytes(),
+            &old_globals(fx.layout, &config, &vips, mac),
+        )
+    });
+    std::fs::remove_file(&tmp)?;
+    written.context("writing the old program's globals")?;
     let prog: &mut Xdp = ebpf
         .program_mut(lb_common::program_name::BALANCER)
         .context("the old object has no balancer program")?

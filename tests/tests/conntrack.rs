@@ -667,7 +667,13 @@ fn a_client_fin_ends_the_entry_after_the_closing_timeout() {
 fn ack_and_udp_floods_leave_100000_established_flows_in_place() {
     // The default size (4M slots: 64 MiB; its handshake table 65,536 slots),
     // so that establishing 100,000 flows overflows no set.
-    let mut lab = lab_with(&CONFIG.replace("size = 65536", "size = 4194304"));
+    // (A minute of UDP idle time: every flood entry stays live, so each one
+    // pushing another out counts, however slowly this machine runs.)
+    let mut lab = lab_with(
+        &CONFIG
+            .replace("size = 65536", "size = 4194304")
+            .replace("udp_idle_timeout = 1", "udp_idle_timeout = 60"),
+    );
     let established = flows(50, 100_000, "203.0.113.10", 80, Protocol::Tcp);
     let first = establish(&mut lab, &established);
     let before = lab.dp.counters().unwrap();

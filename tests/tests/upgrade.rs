@@ -57,9 +57,9 @@ fn misrouted(
 
 #[test]
 fn the_previous_layouts_state_converts_keeping_every_flow_and_the_old_maps_go() {
-    // The layout before this one, and the one before it: converted through
-    // the chain.
-    for layout in [LAYOUT_VERSION - 1, LAYOUT_VERSION - 2] {
+    // Every layout with a fixture: the one before this one and the older
+    // ones, converted through the chain.
+    for layout in [LAYOUT_VERSION - 1, LAYOUT_VERSION - 2, LAYOUT_VERSION - 3] {
         converts_keeping_every_flow(layout);
     }
 }
@@ -81,7 +81,7 @@ fn converts_keeping_every_flow(layout: u32) {
     // The old data plane, as its lbd left it when it stopped.
     let old = {
         let _inside = ns.enter().unwrap();
-        fixture::restore(&fdir, &dir, "lb0", ifindex).unwrap()
+        fixture::restore(&fdir, &dir, "lb0", ifindex, mac).unwrap()
     };
     assert_eq!(upgrade::pinned_layout(&dir), Ok(layout));
     let link = pinned_fd(&dir.join("link")).unwrap();
@@ -251,7 +251,7 @@ fn converts_keeping_every_flow(layout: u32) {
 fn upgrading_from_the_previous_layout_under_load_breaks_no_connection() {
     lb_tests::raise_fd_limit(4096);
     let spec = lb_tests::lab::LabSpec {
-        legacy: Some(LAYOUT_VERSION - 2),
+        legacy: Some(LAYOUT_VERSION - 3),
         ..lb_tests::lab::LabSpec::weights(&[1, 1, 2, 1])
     };
     let lab = lb_tests::lab::Lab::start(&spec).unwrap();
@@ -272,7 +272,7 @@ fn upgrading_from_the_previous_layout_under_load_breaks_no_connection() {
         });
     println!(
         "upgrade from layout {} under load (lbd up in {:.1} s): {}",
-        LAYOUT_VERSION - 2,
+        LAYOUT_VERSION - 3,
         took.as_secs_f64(),
         report.summary()
     );

@@ -145,13 +145,11 @@ fn forward<const V6: bool>(
     let (backend_id, backend, new_flow) =
         match conntrack::lookup(&pkt, hash, cfg, now, stats, || vip_flags(&pkt)) {
             conntrack::Lookup::Hit(id, backend) => (id, backend, 0),
-            conntrack::Lookup::Schedule(victim) => {
-                let (id, backend) = schedule(&pkt, cfg, maglev_hash)?;
-                conntrack::record(&pkt, victim, hash, id, backend, now, cfg, stats);
-                (id, backend, 1)
-            }
-            conntrack::Lookup::Untracked => {
-                let (id, backend) = schedule(&pkt, cfg, maglev_hash)?;
+            other => {
+                let (id, backend) = schedule_consistent(&pkt, cfg, maglev_hash, stats)?;
+                if let conntrack::Lookup::Schedule(victim) = other {
+                    conntrack::record(&pkt, victim, hash, id, backend, now, cfg, stats);
+                }
                 (id, backend, 1)
             }
         };
@@ -193,6 +191,39 @@ fn addressed_to_us(ctx: &XdpContext) -> Result<(), Reason> {
     } else {
         Err(Reason::NotOurMac)
     }
+}
+
+/// The table-write generation (see `lb_common::TABLE_GEN_DOC`).
+#[inline(always)]
+fn table_gen() -> u64 {
+    match LB_TABLE_GEN.get_ptr(0) {
+        // Volatile: each read must happen where it is written.
+        Some(p) => unsafe { core::ptr::read_volatile(p) },
+        None => 0,
+    }
+}
+
+/// [`schedule`] from a consistent view of the tables: looked up again if
+/// `lbd` began or ended a table write meanwhile (see
+/// `lb_common::TABLE_GEN_DOC`).
+#[inline(always)]
+fn schedule_consistent(
+    pkt: &Packet,
+    cfg: &DataplaneConfig,
+    hash: u32,
+    stats: &mut Stats,
+) -> Result<(u32, &'static BackendInfo), Reason> {
+    let before = table_gen();
+    let first = schedule(pkt, cfg, hash);
+    if table_gen() == before {
+        return first;
+    }
+    let before = table_gen();
+    let second = schedule(pkt, cfg, hash);
+    if table_gen() != before {
+        maps::count_event(stats, lb_common::FlowEvent::TableRaced);
+    }
+    second
 }
 
 /// A new flow's backend, by the VIP's scheduler (see `lb_common::VIP_SCHED_*`);

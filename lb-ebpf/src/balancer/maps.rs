@@ -112,6 +112,10 @@ pub static LB_WRR_POS: PerCpuArray<u32> = PerCpuArray::with_max_entries(DEFAULT_
 #[map(name = "LB_SCORES")]
 pub static LB_SCORES: Array<u32> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
 
+/// The table-write generation (see `lb_common::TABLE_GEN_DOC`).
+#[map(name = "LB_TABLE_GEN")]
+pub static LB_TABLE_GEN: Array<u64> = Array::with_max_entries(1, 0);
+
 /// Benchmark only: what the restore step writes back (global data, like
 /// `LB_GLOBALS`, so the harness adds no map lookup to what it measures).
 /// The section name must equal `lb_common::map_name::BENCH_CONTROL`.

@@ -166,8 +166,6 @@ struct ProgrammedVip {
     flags: u32,
     /// Which half of the VIP's two table slots is active (0 or 1).
     active_half: u32,
-    /// When the active half last changed (see `vips::TABLE_GRACE`).
-    flipped_at: std::time::Instant,
     backends: BTreeMap<IpAddr, ProgrammedBackend>,
     table: MaglevTable,
     /// Positions of `table` per backend id, counted once per table (views
@@ -238,6 +236,7 @@ struct Maps {
     backend_stats: PerCpuArray<MapData, TrafficCounters>,
     wrr_pos: PerCpuArray<MapData, u32>,
     scores: Array<MapData, u32>,
+    table_gen: Array<MapData, u64>,
     vip_addrs: HashMap<MapData, VipAddrKey, u32>,
 }
 
@@ -284,6 +283,9 @@ pub struct Dataplane {
     /// A conversion of older state, finished once this program replaced
     /// the old one on the pinned link (see [`upgrade`]).
     upgrade: Option<upgrade::Upgrade>,
+    /// The table-write generation as last written (see
+    /// `Dataplane::table_window`).
+    table_gen: u64,
     /// Marks the backends' next hops managed, once attached.
     neighbours: Option<crate::host::neighbours::Neighbours>,
     /// The MAC of the interface the frames arrive on (see
@@ -555,6 +557,7 @@ impl Dataplane {
             backend_stats: typed!(map_name::BACKEND_STATS),
             wrr_pos: typed!(map_name::WRR_POS),
             scores: typed!(map_name::SCORES),
+            table_gen: typed!(map_name::TABLE_GEN),
             vip_addrs: typed!(map_name::VIP_ADDRS),
         };
         let nr_cpus = aya::util::nr_cpus()
@@ -588,6 +591,7 @@ impl Dataplane {
             taken_over: !adopt,
             orphans: Vec::new(),
             upgrade: converting,
+            table_gen: 0,
         };
         if adopt {
             dp.recover()?;

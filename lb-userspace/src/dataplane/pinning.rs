@@ -59,7 +59,7 @@ pub(crate) struct Shape {
 }
 
 /// The maps a state directory must hold, shaped for these settings.
-pub(crate) fn expected(settings: &BalancerSettings) -> [Shape; 14] {
+pub(crate) fn expected(settings: &BalancerSettings) -> [Shape; 15] {
     use std::mem::size_of;
     let shape = |name, kind, key, value, max, flags| Shape {
         name,
@@ -164,19 +164,24 @@ pub(crate) fn expected(settings: &BalancerSettings) -> [Shape; 14] {
             vips,
             0,
         ),
+        shape(map_name::TABLE_GEN, MapType::Array, 4, 8, 1, 0),
     ]
 }
 
 /// Checks an image of an older layout (`layout`) against the shapes this
 /// build expects for `settings`, but for the value sizes `older` gives for
-/// the maps that changed since.
+/// the maps that changed since and the maps `absent` it did not have.
 pub(crate) fn check_image(
     image: &super::image::StateImage,
     settings: &BalancerSettings,
     layout: u32,
     older: impl Fn(&str) -> Option<usize>,
+    absent: &[&str],
 ) -> Result<(), String> {
     for shape in expected(settings) {
+        if absent.contains(&shape.name) {
+            continue;
+        }
         let value = older(shape.name).unwrap_or(shape.value);
         let m = image
             .maps
@@ -378,6 +383,13 @@ impl Dataplane {
             .get(&0, 0)
             .map_err(map_err(map_name::CONFIG))?;
         self.nexthop_gen = cfg.nexthop_gen.max(1);
+        // Carry on counting from the pinned generation (an odd one, left by
+        // an lbd that died in a window, is closed by the next window).
+        self.table_gen = self
+            .maps
+            .table_gen
+            .get(&0, 0)
+            .map_err(map_err(map_name::TABLE_GEN))?;
         self.nexthop_cache = cfg.flags & lb_common::CONFIG_NO_NEXTHOP_CACHE == 0;
         self.attached_skb = cfg.flags & lb_common::CONFIG_ATTACHED_SKB != 0;
         self.ifindex = cfg.ifindex;
@@ -440,7 +452,6 @@ impl Dataplane {
                     id: info.id,
                     flags: info.flags,
                     active_half,
-                    flipped_at: std::time::Instant::now(),
                     backends: by_vip.remove(&info.id).unwrap_or_default(),
                     table_counts: table.counts(),
                     table,

@@ -45,10 +45,13 @@ fn vip_flags(vip: &Vip) -> u32 {
     down | sched
 }
 
-/// How long a table slot stays untouched after it stopped being active, and
-/// a freed backend id unused. A packet that read the old `VipInfo` just
-/// before the flip finishes with the old table within microseconds (XDP
-/// runs to completion under RCU); 10 ms is a wide margin.
+/// How long a freed backend id stays unused. A packet that picked the id
+/// just before it was freed goes on to read its `BackendInfo` (the outer
+/// header's address) after its table lookup, outside what the table-write
+/// window protects; it finishes within microseconds (XDP runs to
+/// completion under RCU), so 10 ms is a wide margin. Ids are reused oldest
+/// freed first, so this waits only when nearly every id was freed within
+/// the last 10 ms. (Table halves need no such wait: see `table_window`.)
 pub(super) const TABLE_GRACE: Duration = Duration::from_millis(10);
 
 impl Dataplane {
@@ -189,13 +192,9 @@ impl Dataplane {
             });
         }
         let (vip_id, half) = match existing {
-            Some(p) => {
-                let since = p.flipped_at.elapsed();
-                if since < TABLE_GRACE {
-                    thread::sleep(TABLE_GRACE - since);
-                }
-                (p.id, 1 - p.active_half)
-            }
+            // The inactive half is rewritten at once: new flows' lookups see
+            // the write window and look again (see `table_window`).
+            Some(p) => (p.id, 1 - p.active_half),
             None => {
                 let id = *self.free_vip_ids.front().expect("checked above");
                 Self::zero_per_cpu(
@@ -225,6 +224,7 @@ impl Dataplane {
             self.incarnations[b.id as usize] = self.incarnations[b.id as usize].wrapping_add(1);
             fresh.push(b.id);
         }
+        self.table_window(true)?;
         let result = self.write_vip(addr, vip_id, half, flags, &wanted, &fresh);
         let table = match result {
             Ok(table) => table,
@@ -233,6 +233,7 @@ impl Dataplane {
                     self.free_backend_ids
                         .push_front((id, Instant::now() - TABLE_GRACE));
                 }
+                let _ = self.table_window(false);
                 return Err(e);
             }
         };
@@ -250,6 +251,7 @@ impl Dataplane {
                 self.retire_backend(b.id);
             }
         }
+        self.table_window(false)?;
         let added: Vec<IpAddr> = wanted
             .iter()
             .filter(|(_, b)| fresh.contains(&b.id))
@@ -262,7 +264,6 @@ impl Dataplane {
                 id: vip_id,
                 flags,
                 active_half: half,
-                flipped_at: Instant::now(),
                 backends: wanted,
                 table_counts: table.counts(),
                 table,
@@ -404,17 +405,22 @@ impl Dataplane {
         if !self.vips.contains_key(addr) {
             return Ok(());
         }
+        self.table_window(true)?;
         match self.maps.vips.remove(&addr.key()) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_err(map_name::VIPS)(e)),
+            Err(e) => {
+                let _ = self.table_window(false);
+                return Err(map_err(map_name::VIPS)(e));
+            }
         }
         let p = self.vips.remove(addr).expect("present");
-        self.write_vip_filter(&addr.addr, None)?;
-        self.write_vip_addr(&addr.addr)?;
         self.free_vip_ids.push_back(p.id);
         for b in p.backends.values() {
             self.retire_backend(b.id);
         }
+        self.table_window(false)?;
+        self.write_vip_filter(&addr.addr, None)?;
+        self.write_vip_addr(&addr.addr)?;
         Ok(())
     }
 
@@ -555,15 +561,44 @@ impl Dataplane {
         (vip_id * 2 + half) * chunks_per_table(self.settings.table_size)
     }
 
+    /// Writes `table` at chunk `first_chunk` on, in one syscall.
     fn write_table(&mut self, first_chunk: u32, table: &MaglevTable) -> Result<(), DataplaneError> {
-        for (i, entries) in table.entries().chunks(MAGLEV_CHUNK as usize).enumerate() {
+        let mut bytes = Vec::with_capacity(
+            table.entries().len().div_ceil(MAGLEV_CHUNK as usize)
+                * std::mem::size_of::<MaglevChunk>(),
+        );
+        for entries in table.entries().chunks(MAGLEV_CHUNK as usize) {
             let mut chunk = MaglevChunk::default();
             chunk.backends[..entries.len()].copy_from_slice(entries);
-            self.maps
-                .maglev
-                .set(first_chunk + i as u32, chunk, 0)
-                .map_err(map_err(map_name::MAGLEV))?;
+            for id in chunk.backends {
+                bytes.extend(id.to_ne_bytes());
+            }
         }
-        Ok(())
+        use std::os::fd::AsFd;
+
+        use aya::maps::IterableMap;
+        let fd = self.maps.maglev.map().fd().as_fd();
+        super::raw::update_array_batch(fd, first_chunk, &bytes, std::mem::size_of::<MaglevChunk>())
+            .map_err(|e| DataplaneError::Map {
+                name: map_name::MAGLEV,
+                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_batch",
+                    io_error: e,
+                }),
+            })
+    }
+
+    /// Opens (`open`) or closes a table-write window: the generation odd
+    /// while tables, backend entries and `VipInfo`s are written (see
+    /// `lb_common::TABLE_GEN_DOC`).
+    pub(super) fn table_window(&mut self, open: bool) -> Result<(), DataplaneError> {
+        if (self.table_gen & 1 == 1) == open {
+            return Ok(());
+        }
+        self.table_gen = self.table_gen.wrapping_add(1);
+        self.maps
+            .table_gen
+            .set(0, self.table_gen, 0)
+            .map_err(map_err(map_name::TABLE_GEN))
     }
 }

@@ -18,7 +18,7 @@ use lb_common::{
     DEFAULT_FLOWS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE, FLOW_WAYS,
     MaglevChunk, chunks_per_table,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     control::audit::AuditFailure,
@@ -446,36 +446,125 @@ struct RawBalancer {
     extra_macs: Option<Vec<String>>,
 }
 
-#[derive(Deserialize)]
+/// A `[[vip]]` table as written (TOML or JSON); also what lbd writes back
+/// (config file, documents), with `None`s and defaults left out.
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawVip {
+pub(crate) struct RawVip {
     address: String,
     port: i64,
     protocol: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     scheduler: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     hash_fields: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     on_backend_down: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     on_all_down: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     slow_start: Option<RawNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     health: Option<RawHealth>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     load: Option<RawLoad>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     backends: Vec<RawBackend>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawBackend {
+pub(crate) struct RawBackend {
     address: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     weight: Option<i64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     drained: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
     health: Option<RawHealth>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     load: Option<RawLoad>,
 }
 
+impl RawVip {
+    /// `v` as a `[[vip]]` table: what was set, defaults left out (the
+    /// inverse of parsing).
+    pub(crate) fn of(v: &Vip) -> RawVip {
+        let with_port = v.scheduler == (Scheduler::MaglevSrc { with_port: true });
+        RawVip {
+            address: v.addr.addr.to_string(),
+            port: i64::from(v.addr.port),
+            protocol: v.addr.protocol.to_string(),
+            scheduler: (v.scheduler != Scheduler::default()).then(|| v.scheduler.to_string()),
+            hash_fields: with_port.then(|| "address-port".to_string()),
+            on_backend_down: (v.on_backend_down != DownPolicy::default())
+                .then(|| v.on_backend_down.to_string()),
+            on_all_down: (v.on_all_down != AllDownPolicy::default())
+                .then(|| v.on_all_down.to_string()),
+            slow_start: (!v.slow_start.is_zero()).then(|| RawNumber::seconds(v.slow_start)),
+            health: v.health.as_ref().map(RawHealth::of),
+            load: v.load.as_ref().map(RawLoad::of),
+            backends: v
+                .backends
+                .iter()
+                .map(|b| RawBackend {
+                    address: b.addr.to_string(),
+                    weight: Some(i64::from(b.weight)),
+                    drained: b.drained,
+                    health: (!b.health.is_empty()).then(|| RawHealth::of(&b.health)),
+                    load: (!b.load.is_empty()).then(|| RawLoad::of(&b.load)),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl RawHealth {
+    fn of(h: &HealthConfig) -> RawHealth {
+        RawHealth {
+            check: h.check.map(|c| c.to_string()),
+            port: h.port.map(i64::from),
+            path: h.path.clone(),
+            expect_status: h.expect_status.map(|r| {
+                if r.lo == r.hi {
+                    RawStatus::Code(i64::from(r.lo))
+                } else {
+                    RawStatus::Range(r.to_string())
+                }
+            }),
+            host: h.host.clone(),
+            ca_file: h.ca_file.as_ref().map(|p| p.display().to_string()),
+            interval: h.interval.map(RawNumber::seconds),
+            timeout: h.timeout.map(RawNumber::seconds),
+            rise: h.rise.map(i64::from),
+            fall: h.fall.map(i64::from),
+        }
+    }
+}
+
+impl RawLoad {
+    fn of(l: &LoadConfig) -> RawLoad {
+        RawLoad {
+            metrics_port: l.metrics_port.map(i64::from),
+            metrics_path: l.metrics_path.clone(),
+            metrics_scheme: l
+                .metrics_tls
+                .map(|tls| if tls { "https" } else { "http" }.to_string()),
+            metrics_host: l.metrics_host.clone(),
+            metrics_ca_file: l.metrics_ca_file.as_ref().map(|p| p.display().to_string()),
+            scrape_interval: l.scrape_interval.map(RawNumber::seconds),
+            scrape_timeout: l.scrape_timeout.map(RawNumber::seconds),
+            queue_limit: l.queue_limit.map(RawNumber::Float),
+            kv_limit: l.kv_limit.map(RawNumber::Float),
+            min_factor: l.min_factor.map(RawNumber::Float),
+            recovery: l.recovery.map(RawNumber::seconds),
+            stale_after: l.stale_after.map(RawNumber::seconds),
+        }
+    }
+}
+
 /// A number as TOML or JSON has it: `5` or `0.5`.
-#[derive(Deserialize, Clone, Copy)]
+#[derive(Deserialize, Serialize, Clone, Copy)]
 #[serde(untagged)]
 enum RawNumber {
     Int(i64),
@@ -483,6 +572,15 @@ enum RawNumber {
 }
 
 impl RawNumber {
+    /// Seconds as written: `2`, or `0.5` when fractional.
+    fn seconds(d: Duration) -> RawNumber {
+        if d.subsec_nanos() == 0 {
+            RawNumber::Int(d.as_secs() as i64)
+        } else {
+            RawNumber::Float(d.as_secs_f64())
+        }
+    }
+
     fn get(self) -> f64 {
         match self {
             RawNumber::Int(i) => i as f64,
@@ -492,42 +590,64 @@ impl RawNumber {
 }
 
 /// An HTTP status (`200`) or range (`"200-399"`).
-#[derive(Deserialize, Clone)]
+#[derive(Deserialize, Serialize, Clone)]
 #[serde(untagged)]
 enum RawStatus {
     Code(i64),
     Range(String),
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawHealth {
+    #[serde(skip_serializing_if = "Option::is_none")]
     check: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     port: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     expect_status: Option<RawStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     ca_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     interval: Option<RawNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     timeout: Option<RawNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     rise: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     fall: Option<i64>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLoad {
+    #[serde(skip_serializing_if = "Option::is_none")]
     metrics_port: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     metrics_path: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     metrics_scheme: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     metrics_host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     metrics_ca_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     scrape_interval: Option<RawNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     scrape_timeout: Option<RawNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     queue_limit: Option<RawNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     kv_limit: Option<RawNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     min_factor: Option<RawNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     recovery: Option<RawNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     stale_after: Option<RawNumber>,
 }
 
@@ -648,61 +768,38 @@ pub fn save_vips(path: &Path, vips: &[Vip]) -> std::io::Result<()> {
     write_atomically(path, &with_vips(&text, vips)?)
 }
 
-/// Config text `text` with `vips` in place of its `[[vip]]` tables.
+/// Config text `text` with `vips` in place of its `[[vip]]` tables: each one
+/// as [`RawVip::of`] writes it, its backends an inline table a line.
 fn with_vips(text: &str, vips: &[Vip]) -> std::io::Result<String> {
-    use toml_edit::{Array, ArrayOfTables, DocumentMut, InlineTable, Item, Table, value};
+    use toml_edit::{ArrayOfTables, DocumentMut, Item, Table, value};
     let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
     let mut doc: DocumentMut = text
         .parse()
         .map_err(|e: toml_edit::TomlError| invalid(e.to_string()))?;
     let mut tables = ArrayOfTables::new();
     for v in vips {
-        let mut t = Table::new();
-        t["address"] = value(v.addr.addr.to_string());
-        t["port"] = value(i64::from(v.addr.port));
-        t["protocol"] = value(v.addr.protocol.to_string());
-        if v.scheduler != Scheduler::default() {
-            t["scheduler"] = value(v.scheduler.to_string());
-        }
-        if v.scheduler == (Scheduler::MaglevSrc { with_port: true }) {
-            t["hash_fields"] = value("address-port");
-        }
-        if v.on_backend_down != DownPolicy::default() {
-            t["on_backend_down"] = value(v.on_backend_down.to_string());
-        }
-        if v.on_all_down != AllDownPolicy::default() {
-            t["on_all_down"] = value(v.on_all_down.to_string());
-        }
-        if !v.slow_start.is_zero() {
-            t["slow_start"] = value(seconds_value(v.slow_start));
-        }
-        let mut backends = Array::new();
-        for b in &v.backends {
-            let mut it = InlineTable::new();
-            it.insert("address", b.addr.to_string().into());
-            it.insert("weight", i64::from(b.weight).into());
-            if b.drained {
-                it.insert("drained", true.into());
+        let raw = toml::to_string(&RawVip::of(v)).map_err(|e| invalid(e.to_string()))?;
+        let mut t: Table = raw
+            .parse::<DocumentMut>()
+            .map_err(|e| invalid(e.to_string()))?
+            .as_table()
+            .clone();
+        if let Some(Item::ArrayOfTables(list)) = t.remove("backends") {
+            let mut backends = list.into_array();
+            for item in backends.iter_mut() {
+                item.decor_mut().set_prefix("\n  ");
             }
-            if !b.health.is_empty() {
-                it.insert("health", health_table(&b.health).into());
+            backends.set_trailing("\n");
+            backends.set_trailing_comma(true);
+            t["backends"] = value(backends);
+        } else {
+            t["backends"] = value(toml_edit::Array::new());
+        }
+        // The VIP's own keys first, then its `[vip.health]` and `[vip.load]`.
+        for key in ["health", "load"] {
+            if let Some(item) = t.remove(key) {
+                t.insert(key, item);
             }
-            if !b.load.is_empty() {
-                it.insert("load", load_table(&b.load).into());
-            }
-            backends.push(it);
-        }
-        for item in backends.iter_mut() {
-            item.decor_mut().set_prefix("\n  ");
-        }
-        backends.set_trailing("\n");
-        backends.set_trailing_comma(true);
-        t["backends"] = value(backends);
-        if let Some(h) = &v.health {
-            t["health"] = Item::Table(health_table(h).into_table());
-        }
-        if let Some(l) = &v.load {
-            t["load"] = Item::Table(load_table(l).into_table());
         }
         tables.push(t);
     }
@@ -738,98 +835,8 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Seconds as TOML writes them: `2`, or `0.5` when fractional.
-fn seconds_value(d: Duration) -> toml_edit::Value {
-    if d.subsec_nanos() == 0 {
-        (d.as_secs() as i64).into()
-    } else {
-        d.as_secs_f64().into()
-    }
-}
 
-fn health_table(h: &HealthConfig) -> toml_edit::InlineTable {
-    let mut t = toml_edit::InlineTable::new();
-    if let Some(c) = h.check {
-        t.insert("check", c.to_string().into());
-    }
-    if let Some(p) = h.port {
-        t.insert("port", i64::from(p).into());
-    }
-    if let Some(p) = &h.path {
-        t.insert("path", p.as_str().into());
-    }
-    if let Some(r) = h.expect_status {
-        t.insert(
-            "expect_status",
-            if r.lo == r.hi {
-                i64::from(r.lo).into()
-            } else {
-                r.to_string().into()
-            },
-        );
-    }
-    if let Some(x) = &h.host {
-        t.insert("host", x.as_str().into());
-    }
-    if let Some(x) = &h.ca_file {
-        t.insert("ca_file", x.display().to_string().into());
-    }
-    if let Some(d) = h.interval {
-        t.insert("interval", seconds_value(d));
-    }
-    if let Some(d) = h.timeout {
-        t.insert("timeout", seconds_value(d));
-    }
-    if let Some(n) = h.rise {
-        t.insert("rise", i64::from(n).into());
-    }
-    if let Some(n) = h.fall {
-        t.insert("fall", i64::from(n).into());
-    }
-    t
-}
 
-fn load_table(l: &LoadConfig) -> toml_edit::InlineTable {
-    let mut t = toml_edit::InlineTable::new();
-    if let Some(p) = l.metrics_port {
-        t.insert("metrics_port", i64::from(p).into());
-    }
-    if let Some(p) = &l.metrics_path {
-        t.insert("metrics_path", p.as_str().into());
-    }
-    if let Some(tls) = l.metrics_tls {
-        t.insert("metrics_scheme", if tls { "https" } else { "http" }.into());
-    }
-    if let Some(x) = &l.metrics_host {
-        t.insert("metrics_host", x.as_str().into());
-    }
-    if let Some(x) = &l.metrics_ca_file {
-        t.insert("metrics_ca_file", x.display().to_string().into());
-    }
-    for (name, d) in [
-        ("scrape_interval", l.scrape_interval),
-        ("scrape_timeout", l.scrape_timeout),
-    ] {
-        if let Some(d) = d {
-            t.insert(name, seconds_value(d));
-        }
-    }
-    for (name, x) in [
-        ("queue_limit", l.queue_limit),
-        ("kv_limit", l.kv_limit),
-        ("min_factor", l.min_factor),
-    ] {
-        if let Some(x) = x {
-            t.insert(name, x.into());
-        }
-    }
-    for (name, d) in [("recovery", l.recovery), ("stale_after", l.stale_after)] {
-        if let Some(d) = d {
-            t.insert(name, seconds_value(d));
-        }
-    }
-    t
-}
 
 /// A JSON request body into `T`; a syntax or type error names the field
 /// it happened at (`body` when it is the document itself).

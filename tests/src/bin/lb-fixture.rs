@@ -62,6 +62,8 @@ fn make(dir: &Path, pin: &Path, ifindex: u32, if_mac: [u8; 6]) -> Result<()> {
     let last = config::parse(&last_text, "final config")?;
     lb::dataplane::enable_forwarding("lb0", &initial.balancer)?;
     let mut dp = Dataplane::load_pinned(&initial.balancer, pin)?;
+    // As attaching would (layouts 9 and later check the destination MAC).
+    dp.set_local_mac(if_mac)?;
     dp.sync(&initial.vips)?;
     let mut flows = Vec::new();
     for i in 0..fixture::FLOWS {

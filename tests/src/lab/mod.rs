@@ -878,10 +878,10 @@ fn legacy_dataplane(
     layout: u32,
     backends: &[LabBackend],
 ) -> Result<()> {
-    let ifindex = ns.ifindex("eth0")?;
+    let (ifindex, mac) = (ns.ifindex("eth0")?, ns.mac("eth0")?);
     let dir = pinning::instance_dir(instance);
     in_ns(ns, || {
-        crate::fixture::restore(&crate::fixture::dir(layout), &dir, "eth0", ifindex)
+        crate::fixture::restore(&crate::fixture::dir(layout), &dir, "eth0", ifindex, mac)
     })??;
     for b in backends {
         for a in [b.v4.to_string(), b.v6.to_string()] {

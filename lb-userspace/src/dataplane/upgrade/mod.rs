@@ -36,6 +36,7 @@
 
 mod v7;
 mod v8;
+mod v9;
 
 use std::{
     collections::BTreeMap,
@@ -76,7 +77,7 @@ struct Converter {
 }
 
 /// Every layout this build converts from, oldest first.
-const CONVERTERS: &[Converter] = &[v7::CONVERTER, v8::CONVERTER];
+const CONVERTERS: &[Converter] = &[v7::CONVERTER, v8::CONVERTER, v9::CONVERTER];
 
 /// The layouts this build converts from.
 pub fn known_layouts() -> Vec<u32> {

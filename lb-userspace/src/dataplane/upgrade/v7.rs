@@ -46,11 +46,17 @@ const V8_STATS_SIZE: usize = (V8_STATS_REASONS + V8_STATS_EVENTS) * 8;
 /// The old maps have layout 7's shapes and the config's capacities (the
 /// shapes of this build's, but for the two maps that changed).
 fn check(image: &StateImage, settings: &BalancerSettings) -> Result<(), String> {
-    pinning::check_image(image, settings, 7, |name| match name {
-        lb_common::map_name::CONFIG => Some(CONFIG_SIZE),
-        lb_common::map_name::STATS => Some(STATS_SIZE),
-        _ => None,
-    })
+    pinning::check_image(
+        image,
+        settings,
+        7,
+        |name| match name {
+            lb_common::map_name::CONFIG => Some(CONFIG_SIZE),
+            lb_common::map_name::STATS => Some(STATS_SIZE),
+            _ => None,
+        },
+        &[lb_common::map_name::TABLE_GEN],
+    )
 }
 
 /// A layout-7 connection-table key in layout 8: the incarnation's low 11

@@ -29,9 +29,13 @@ const V9_STATS_SIZE: usize = (V9_STATS_REASONS + STATS_EVENTS) * 8;
 
 /// The old maps have layout 8's shapes and the config's capacities.
 fn check(image: &StateImage, settings: &BalancerSettings) -> Result<(), String> {
-    pinning::check_image(image, settings, 8, |name| {
-        (name == lb_common::map_name::STATS).then_some(STATS_SIZE)
-    })
+    pinning::check_image(
+        image,
+        settings,
+        8,
+        |name| (name == lb_common::map_name::STATS).then_some(STATS_SIZE),
+        &[lb_common::map_name::TABLE_GEN],
+    )
 }
 
 fn convert(mut image: StateImage, notes: &mut Vec<MapNote>) -> Result<StateImage, String> {
