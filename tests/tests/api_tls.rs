@@ -458,3 +458,170 @@ fn roles_are_enforced_on_every_route_and_every_change_is_audited_with_its_role()
         && r["request"]["method"] == "POST"
         && r["request"]["body"]["address"] == "203.0.113.20"));
 }
+
+/// `lbctl --socket SOCKET ARGS` as the user `uid` with the supplementary
+/// groups `groups` (a copy of lbctl in lbd's temp dir: the build directory
+/// may be private to root).
+fn lbctl_as(lbd: &Solo, uid: u32, groups: &[u32], args: &[&str]) -> Output {
+    let lbctl = lbd.dir.join("lbctl");
+    if !lbctl.exists() {
+        std::fs::copy(binary_path("lbctl").unwrap(), &lbctl).unwrap();
+    }
+    let groups = match groups {
+        [] => "--clear-groups".to_string(),
+        g => format!(
+            "--groups={}",
+            g.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+        ),
+    };
+    let (uid, gid) = (format!("--reuid={uid}"), format!("--regid={uid}"));
+    // Another test thread may fork while the copy is open for writing: the
+    // child holds it until it execs ("text file busy"); try again then.
+    let out = (0..50)
+        .find_map(|_| {
+            let o = Command::new("setpriv")
+                .args([uid.as_str(), gid.as_str(), groups.as_str()])
+                .arg(&lbctl)
+                .arg("--socket")
+                .arg(lbd.socket())
+                .args(args)
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&o.stderr).contains("Text file busy") {
+                std::thread::sleep(Duration::from_millis(20));
+                return None;
+            }
+            Some(o)
+        })
+        .expect("lbctl stays busy");
+    println!(
+        "uid {uid} {groups}: lbctl {args:?}: {}\n  stdout: {}\n  stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    out
+}
+
+/// The socket's mode and owner, as `ls -l` would say (mode, gid).
+fn socket_mode(lbd: &Solo) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(lbd.socket()).unwrap();
+    (m.mode() & 0o777, m.gid())
+}
+
+/// The group every Debian system has (base-passwd), for `socket_group`.
+const GROUP: (&str, u32) = ("users", 100);
+
+#[test]
+fn unix_socket_is_0600_or_0660_for_its_group_and_audits_the_peer_uid() {
+    require_root();
+    // Without socket_group: 0600, root's only; a member of any group is
+    // refused by the kernel.
+    let mut lbd = Solo::start(Solo::dir("sock0600").unwrap(), "", &[]).unwrap();
+    lbd.wait_log("serving the API", Duration::from_secs(30))
+        .unwrap();
+    let (mode, gid) = socket_mode(&lbd);
+    println!("without socket_group: mode {mode:o}, gid {gid}");
+    assert_eq!((mode, gid), (0o600, 0));
+    let o = lbctl_as(&lbd, 4242, &[GROUP.1], &["status"]);
+    assert_eq!(o.status.code(), Some(4));
+    assert!(stderr(&o).contains("Permission denied"), "{}", stderr(&o));
+    assert!(lbd.stop().unwrap().success());
+
+    // With socket_group: 0660 for that group; its members are admins,
+    // audited by their uid; anyone else is refused.
+    let config = format!(
+        "[api]\nsocket = \"@DIR@/api.sock\"\naudit_log = \"@DIR@/audit.log\"\nsocket_group = \"{}\"\n",
+        GROUP.0
+    );
+    let mut lbd = Solo::start(Solo::dir("sock0660").unwrap(), &config, &[]).unwrap();
+    lbd.wait_log("serving the API", Duration::from_secs(30))
+        .unwrap();
+    let (mode, gid) = socket_mode(&lbd);
+    println!("socket_group = {:?}: mode {mode:o}, gid {gid}", GROUP.0);
+    assert_eq!((mode, gid), (0o660, GROUP.1));
+    let o = lbctl_as(
+        &lbd,
+        4242,
+        &[GROUP.1],
+        &["backend", "add", "203.0.113.10:80/tcp", "10.204.0.3"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = lbctl_as(&lbd, 4343, &[], &["status"]);
+    assert_eq!(o.status.code(), Some(4));
+    assert!(stderr(&o).contains("Permission denied"), "{}", stderr(&o));
+    let audit = lbd.audit();
+    let outcome: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["phase"] == "outcome")
+        .collect();
+    println!("audit outcomes: {outcome:?}");
+    assert_eq!(outcome.len(), 1, "{audit}");
+    assert!(
+        outcome[0]["caller"]
+            .as_str()
+            .unwrap()
+            .starts_with("uid=4242 pid="),
+        "{audit}"
+    );
+    assert_eq!(outcome[0]["role"], "admin");
+    assert_eq!(outcome[0]["outcome"], "applied");
+    assert!(lbd.stop().unwrap().success());
+
+    // A group the host does not have: lbd --check says so, and lbd does
+    // not start.
+    let config = "[api]\nsocket = \"@DIR@/api.sock\"\naudit_log = \"@DIR@/audit.log\"\nsocket_group = \"lbt-no-such-group\"\n";
+    let dir = Solo::dir("sockgroup").unwrap();
+    let mut lbd = Solo::start(dir, config, &[]).unwrap();
+    let status = lbd.child.wait().unwrap();
+    let log = lbd.log();
+    println!(
+        "socket_group = \"lbt-no-such-group\": lbd {status}: {}",
+        log.trim()
+    );
+    assert!(!status.success());
+    assert!(
+        log.contains("no group \"lbt-no-such-group\" on this host (api.socket_group)"),
+        "{log}"
+    );
+    assert!(!lbd.socket().exists());
+    // `lbd --check` reads what a start reads: the group, and the TLS
+    // and token files, every problem named by its field.
+    let d = lbd.dir.display();
+    std::fs::write(
+        lbd.config_path(),
+        format!(
+            "{}\n{config}tcp_listen = \"127.0.0.1:9443\"\ntoken_file = \"{d}/no-tokens\"\n[api.tls]\ncert = \"{d}/no-cert.pem\"\nkey = \"{d}/no-key.pem\"\n",
+            lb_tests::solo::BASE_CONFIG
+        )
+        .replace("@DIR@", &d.to_string()),
+    )
+    .unwrap();
+    let o = Command::new(lb_tests::lab::lbd_path().unwrap())
+        .args(["--check", "--instance", "lbt-check-listeners", "--config"])
+        .arg(lbd.config_path())
+        .output()
+        .unwrap();
+    println!(
+        "lbd --check: {}: {}{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout).trim(),
+        stderr(&o).trim()
+    );
+    assert!(!o.status.success());
+    for says in [
+        "api.socket_group: no group \"lbt-no-such-group\"",
+        "api.tls: ",
+        "no-cert.pem",
+        "api.token_file: ",
+        "no-tokens",
+    ] {
+        assert!(
+            stderr(&o).contains(says),
+            "{says:?} missing: {}",
+            stderr(&o)
+        );
+    }
+}

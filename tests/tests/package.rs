@@ -12,9 +12,10 @@
 //! The root comes from `debootstrap --variant=minbase bookworm`, made once
 //! and kept in [`CACHE`] (with the .debs apt fetched), copied afresh for
 //! every run. The first run needs the Debian mirror (a few minutes); later
-//! ones copy the cache. These tests need the package, so `cargo test`
-//! skips them; `cargo xtask test` builds it and runs them last (`cargo
-//! xtask test --package-test` runs only them).
+//! ones copy the cache. These tests need the package: `cargo xtask test`
+//! builds it first and names it in `LB_PACKAGE` (`cargo xtask test
+//! --package-test` runs only these); a plain `cargo test` without a
+//! package fails them, saying to run `cargo xtask package`.
 
 use std::{
     path::{Path, PathBuf},
@@ -36,20 +37,30 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// The package to test: `LB_PACKAGE`, else the one in target/package.
+/// The package to test: `LB_PACKAGE`, else this version's in
+/// target/package.
 fn package() -> PathBuf {
-    if let Ok(p) = std::env::var("LB_PACKAGE") {
-        return PathBuf::from(p);
-    }
-    let dir = workspace().join("target/package");
-    std::fs::read_dir(&dir)
-        .ok()
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .unwrap_or_else(|| panic!("no .deb in {}: run cargo xtask package", dir.display()))
+    let deb = match std::env::var_os("LB_PACKAGE") {
+        Some(p) => PathBuf::from(p),
+        None => workspace().join(format!(
+            "target/package/lb_{}_amd64.deb",
+            env!("CARGO_PKG_VERSION")
+        )),
+    };
+    let meta = std::fs::metadata(&deb).unwrap_or_else(|e| {
+        panic!(
+            "the package {}: {e}: run `cargo xtask package` first (`cargo xtask test` does)",
+            deb.display()
+        )
+    });
+    let age = meta.modified().unwrap().elapsed().unwrap_or_default();
+    println!(
+        "package: {} ({:.1} MiB, built {:.0} s ago)",
+        deb.display(),
+        meta.len() as f64 / (1024.0 * 1024.0),
+        age.as_secs_f64()
+    );
+    deb
 }
 
 /// Runs `cmd`, printing its output; returns (success, stdout + stderr).
@@ -72,7 +83,6 @@ fn run(cmd: &mut Command) -> (bool, String) {
 }
 
 #[test]
-#[ignore = "needs the package: cargo xtask test runs it last"]
 fn lintian_reports_no_errors() {
     let deb = package();
     let (_, text) = run(Command::new("lintian")
@@ -218,7 +228,6 @@ backends = [ { address = "10.203.0.2" } ]
 "#;
 
 #[test]
-#[ignore = "needs the package: cargo xtask test runs it last"]
 fn the_package_installs_and_runs_on_a_clean_debian_12() {
     require_root();
     let started = Instant::now();
@@ -252,7 +261,13 @@ ls -l /usr/sbin/lbd /usr/bin/lbctl /lib/systemd/system/lbd@.service /etc/lb/lbd.
 # checked above).
 apt-get install -y --no-install-recommends systemd > /dev/null
 if systemd-analyze verify --man=no lbd@pkgtest.service > /tmp/verify.txt 2>&1; then echo "systemd-analyze verify: ok"; else echo "systemd-analyze verify: FAILED"; fi
+echo "systemd-analyze verify said $(wc -l < /tmp/verify.txt) lines:"
 cat /tmp/verify.txt
+# The verifier does refuse a broken copy (a bad value, a missing binary).
+sed -e 's/^Type=notify/Type=notifyy/' -e 's|^ExecStart=/usr/sbin/lbd |ExecStart=/usr/sbin/lbt-missing |' /lib/systemd/system/lbd@.service > /etc/systemd/system/lbt-broken@.service
+if systemd-analyze verify --man=no lbt-broken@pkgtest.service > /tmp/broken.txt 2>&1; then echo "broken unit: passed"; else echo "broken unit: refused"; fi
+cat /tmp/broken.txt
+rm /etc/systemd/system/lbt-broken@.service
 "#,
     );
     assert!(ok, "installing the package failed");
@@ -264,6 +279,10 @@ cat /tmp/verify.txt
         "bird2: install ok installed",
         "after: rustc none, LLVM none",
         "systemd-analyze verify: ok",
+        "systemd-analyze verify said 0 lines:",
+        "broken unit: refused",
+        "notifyy",
+        "lbt-missing",
     ] {
         assert!(text.contains(needle), "{needle:?} missing");
     }

@@ -24,10 +24,10 @@ struct Cli {
 enum Task {
     /// Install what the build and the tests need (idempotent).
     Setup,
-    /// Set up, then run every test (needs root); last, build the Debian
-    /// package and run the package test (a clean Debian 12 root made with
-    /// debootstrap, cached in /var/cache/lb-package-test). With arguments,
-    /// only `cargo test ARGS`.
+    /// Set up, build the binaries and the Debian package, then run every
+    /// test (needs root), the package test among them (a clean Debian 12
+    /// root made with debootstrap, cached in /var/cache/lb-package-test).
+    /// With arguments, `cargo test ARGS`.
     Test {
         /// Only build the package and run the package test.
         #[arg(long)]
@@ -130,37 +130,31 @@ fn main() -> Result<()> {
         Task::Test { package_test, args } => {
             require_root("cargo xtask test")?;
             setup::setup()?;
-            let suite = if package_test {
-                Ok(())
+            // The end-to-end tests run the real lbd binary.
+            run(cargo().args(["build", "-p", "lb-userspace", "--bins"]))?;
+            // The package tests (tests/package.rs) install the package on a
+            // clean Debian 12; with a test filter, the package is built only
+            // if none is there yet.
+            let deb = package::out_dir().join(format!("lb_{}_amd64.deb", package::VERSION));
+            let deb = if args.is_empty() || !deb.exists() {
+                let started = std::time::Instant::now();
+                let deb = package::package()?;
+                println!("package built in {:.0} s", started.elapsed().as_secs_f64());
+                deb
             } else {
-                // The end-to-end tests run the real lbd binary.
-                run(cargo().args(["build", "-p", "lb-userspace", "--bins"]))?;
-                run(cargo().args(["test", "--no-fail-fast"]).args(&args))
+                println!(
+                    "package: {} (as built before; `cargo xtask package` rebuilds it)",
+                    deb.display()
+                );
+                deb
             };
-            if !args.is_empty() {
-                return suite;
+            let mut test = cargo();
+            test.args(["test", "--no-fail-fast"])
+                .env("LB_PACKAGE", &deb);
+            if package_test {
+                test.args(["-p", "lb-tests", "--test", "package", "--", "--nocapture"]);
             }
-            // Last (it takes minutes on a cold cache): the package on a
-            // clean Debian 12, whatever the suite said.
-            let started = std::time::Instant::now();
-            let deb = package::package()?;
-            let tested = run(cargo()
-                .args([
-                    "test",
-                    "-p",
-                    "lb-tests",
-                    "--test",
-                    "package",
-                    "--",
-                    "--ignored",
-                    "--nocapture",
-                ])
-                .env("LB_PACKAGE", &deb));
-            println!(
-                "package test: {:.0} s (package build included)",
-                started.elapsed().as_secs_f64()
-            );
-            suite.and(tested)
+            run(test.args(&args))
         }
         Task::Package => {
             package::package()?;

@@ -483,7 +483,9 @@ fn check_host_and_state(
     dir: &std::path::Path,
     config: &config::Config,
 ) -> Result<()> {
-    let host = host::checks::check(config).context("reading the host's addresses and routes")?;
+    let mut host =
+        host::checks::check(config).context("reading the host's addresses and routes")?;
+    host.problems.extend(listener_problems(config));
     for w in &host.warnings {
         println!("warning: {w}");
     }
@@ -508,6 +510,43 @@ fn check_host_and_state(
         problems.push(format!("\n  pinned state in {}: {e}", dir.display()));
     }
     bail!("the config cannot run on this host:{}", problems.concat())
+}
+
+/// What a start would refuse in the listeners' files on this host, read
+/// as a start reads them: the socket's group, the TLS certificates and keys
+/// (`api.tls`, `metrics.tls`) and the token file.
+fn listener_problems(config: &config::Config) -> Vec<config::Problem> {
+    let mut problems = Vec::new();
+    let mut problem = |field: &str, message: String| {
+        problems.push(config::Problem {
+            field: field.into(),
+            message,
+        })
+    };
+    if let Some(group) = &config.api.socket_group
+        && let Err(e) = host::group_id(group)
+    {
+        problem("api.socket_group", e.to_string());
+    }
+    if config.api.tcp_listen.is_some() {
+        if let config::Transport::Tls(tls) = &config.api.tcp_transport
+            && let Err(e) = lb::control::tls::server_config(tls)
+        {
+            problem("api.tls", e.to_string());
+        }
+        if let Some(tokens) = &config.api.token_file
+            && let Err(e) = access::Tokens::load(tokens)
+        {
+            problem("api.token_file", e);
+        }
+    }
+    if config.metrics.listen.is_some()
+        && let config::Transport::Tls(tls) = &config.metrics.transport
+        && let Err(e) = lb::control::tls::server_config(tls)
+    {
+        problem("metrics.tls", e.to_string());
+    }
+    problems
 }
 
 /// Hands the XDP program's log records to the log (as they arrive).

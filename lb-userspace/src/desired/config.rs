@@ -835,9 +835,6 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-
-
-
 /// A JSON request body into `T`; a syntax or type error names the field
 /// it happened at (`body` when it is the document itself).
 pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Vec<Problem>> {
