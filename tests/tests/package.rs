@@ -41,7 +41,8 @@ fn workspace() -> PathBuf {
 /// target/package.
 fn package() -> PathBuf {
     let deb = match std::env::var_os("LB_PACKAGE") {
-        Some(p) => PathBuf::from(p),
+        // A relative path is the workspace's (tests run in tests/).
+        Some(p) => workspace().join(p),
         None => workspace().join(format!(
             "target/package/lb_{}_amd64.deb",
             env!("CARGO_PKG_VERSION")
@@ -255,7 +256,13 @@ lbctl --version
 lbd --version
 echo "group: $(getent group lb)"
 echo "after: rustc $(command -v rustc || echo none), LLVM $(ls -d /usr/lib/llvm-* 2>/dev/null || echo none)"
-ls -l /usr/sbin/lbd /usr/bin/lbctl /lib/systemd/system/lbd@.service /etc/lb/lbd.toml /usr/share/man/man8/lbd.8.gz /usr/share/man/man1/lbctl.1.gz /usr/share/bash-completion/completions/lbctl
+ls -l /usr/sbin/lbd /usr/bin/lbctl /lib/systemd/system/lbd@.service /etc/lb/lbd.toml /usr/share/man/man8/lbd.8.gz /usr/share/man/man1/lbctl.1.gz /usr/share/man/man8/lbd-decap.8.gz /usr/share/man/man1/lbctl-vip-add.1.gz /usr/share/bash-completion/completions/lbctl /usr/share/zsh/vendor-completions/_lbctl /usr/share/fish/vendor_completions.d/lbctl.fish
+echo "man pages: $(ls /usr/share/man/man1/lbctl*.1.gz | wc -l) of lbctl, $(ls /usr/share/man/man8/lbd*.8.gz | wc -l) of lbd"
+# Every subcommand lbctl(1) lists has its page.
+for page in $(zcat /usr/share/man/man1/lbctl.1.gz | sed -n 's/^lbctl\\-\([a-z]*\)(1)$/\1/p'); do
+    test -e "/usr/share/man/man1/lbctl-$page.1.gz" || echo "missing man page lbctl-$page(1)"
+done
+bash -c '. /usr/share/bash-completion/completions/lbctl && complete -p lbctl'
 # The unit, checked by systemd's own verifier on the installed system
 # (offline: systemd is installed for it, not started; man pages are
 # checked above).
@@ -271,6 +278,10 @@ rm /etc/systemd/system/lbt-broken@.service
 "#,
     );
     assert!(ok, "installing the package failed");
+    assert!(
+        !text.contains("missing man page"),
+        "a subcommand without its man page"
+    );
     for needle in [
         "install ok installed",
         "lbctl 0.",
@@ -279,6 +290,7 @@ rm /etc/systemd/system/lbt-broken@.service
         "bird2: install ok installed",
         "after: rustc none, LLVM none",
         "systemd-analyze verify: ok",
+        "-F _lbctl lbctl",
         "systemd-analyze verify said 0 lines:",
         "broken unit: refused",
         "notifyy",

@@ -125,3 +125,24 @@ fn without_notify_socket_lbd_says_nothing_and_runs() {
     assert!(!lbd.log().contains("NOTIFY_SOCKET"), "{}", lbd.log());
     assert!(lbd.stop().unwrap().success());
 }
+
+#[test]
+fn a_start_that_fails_never_says_ready() {
+    require_root();
+    let dir = Solo::dir("notifyfail").unwrap();
+    let path = dir.join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    // Everything but the API socket's group is fine: lbd gets as far as
+    // binding its listeners, then stops.
+    let config = "[api]\nsocket = \"@DIR@/api.sock\"\naudit_log = \"@DIR@/audit.log\"\nsocket_group = \"lbt-no-such-group\"\n";
+    let mut lbd = Solo::start(dir, config, &[("NOTIFY_SOCKET", path.to_str().unwrap())]).unwrap();
+    let status = lbd.child.wait().unwrap();
+    let said = next(&socket, Duration::from_millis(500));
+    println!("lbd {status}, said {said:?}: {}", lbd.log().trim());
+    assert!(!status.success());
+    assert_eq!(
+        said, None,
+        "a failed start told the service manager something"
+    );
+    assert!(!lbd.attached(), "a failed start left the program attached");
+}

@@ -3,7 +3,7 @@
 //!
 //! What goes in: `lbd` (`/usr/sbin`) and `lbctl` (`/usr/bin`), release
 //! builds, stripped, the XDP objects embedded in them; their man pages
-//! (`lbd man`, `lbctl man`); shell completions for bash, zsh and fish
+//! (`lbd man --dir`, `lbctl man --dir`: one per command and subcommand); shell completions for bash, zsh and fish
 //! (`lbctl completions`); the `lbd@.service` unit; `examples/lbd.toml` as
 //! the example config `/etc/lb/lbd.toml` (a conffile); the maintainer
 //! scripts (the `lb` group, restarts on upgrade, clean-up on removal); the
@@ -44,11 +44,33 @@ pub fn package() -> Result<PathBuf> {
         let to = install(&release.join(bin), &stage, &format!("{dir}/{bin}"), 0o755)?;
         run(Command::new("strip").arg("--strip-unneeded").arg(&to))?;
     }
-    // Man pages: lbd(8), a daemon; lbctl(1), for anyone in group lb.
-    let man_lbd = output(Command::new(release.join("lbd")).arg("man"))?;
-    write_gz(&stage, "usr/share/man/man8/lbd.8.gz", &man_lbd)?;
-    let man_lbctl = output(Command::new(release.join("lbctl")).arg("man"))?;
-    write_gz(&stage, "usr/share/man/man1/lbctl.1.gz", &man_lbctl)?;
+    // Man pages: lbd(8), a daemon; lbctl(1), for anyone in group lb; and
+    // a page for every subcommand (lbd-decap(8), lbctl-vip-add(1), ...),
+    // as the commands' own pages list them.
+    let pages = out_dir().join("man");
+    for (bin, section) in [("lbd", "8"), ("lbctl", "1")] {
+        let dir = pages.join(section);
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+        run(Command::new(release.join(bin))
+            .args(["man", "--dir"])
+            .arg(&dir))?;
+        for entry in fs::read_dir(&dir)? {
+            let page = entry?.path();
+            let name = page
+                .file_name()
+                .expect("a file")
+                .to_string_lossy()
+                .into_owned();
+            write_gz(
+                &stage,
+                &format!("usr/share/man/man{section}/{name}.gz"),
+                &fs::read(&page)?,
+            )?;
+        }
+    }
+    fs::remove_dir_all(&pages)?;
     for (shell, path) in [
         ("bash", "usr/share/bash-completion/completions/lbctl"),
         ("zsh", "usr/share/zsh/vendor-completions/_lbctl"),

@@ -24,7 +24,16 @@ use serde_json::{Value, json};
 #[command(
     name = "lbctl",
     version,
-    about = "Control a running lbd: VIPs, backends, status, counters"
+    about = "Control a running lbd: VIPs, backends, status, counters",
+    after_long_help = "\
+Exit status: 0 done, 2 usage error, 3 refused by lbd (bad input, unknown \
+or duplicate VIP or backend, a change the config cannot take, no valid \
+token or certificate, not allowed \
+for the caller's role), 4 lbd not reachable (no socket, permission \
+denied, a refused TLS handshake), 5 lbd failed to apply it, 1 anything else.
+
+Members of the group of lbd's api.socket_group (the package's `lb`) may \
+use the Unix socket without root."
 )]
 struct Cli {
     #[command(flatten)]
@@ -139,8 +148,13 @@ enum Command {
     Backend(BackendCommand),
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff).
-    Man,
+    /// Print the man page (roff), or write it and every subcommand's page
+    /// (lbctl-vip-add.1, ...) to a directory.
+    Man {
+        /// Write the pages here instead.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -488,11 +502,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "lbctl", &mut std::io::stdout());
         }
-        Command::Man => {
-            clap_mangen::Man::new(Cli::command())
+        Command::Man { dir } => match dir {
+            Some(dir) => {
+                let files = lb::man_pages::write_all(Cli::command(), "1", &dir).map_err(|e| {
+                    Failure::Other(format!("writing the man pages to {}: {e}", dir.display()))
+                })?;
+                for f in files {
+                    println!("{}", f.display());
+                }
+            }
+            None => clap_mangen::Man::new(Cli::command())
                 .render(&mut std::io::stdout())
-                .map_err(|e| Failure::Other(e.to_string()))?;
-        }
+                .map_err(|e| Failure::Other(e.to_string()))?,
+        },
         Command::Status => {
             let v = ctl.call("GET", "/v1/status", None)?;
             ctl.print(&v, |v| {

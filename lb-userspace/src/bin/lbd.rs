@@ -34,7 +34,17 @@ const ADDRESS_REFRESH: Duration = Duration::from_secs(5);
     name = "lbd",
     version,
     about = "XDP Maglev layer-4 load balancer daemon",
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    after_long_help = "\
+Signals: SIGHUP re-reads the config file and applies it (or rejects it \
+whole); SIGTERM and SIGINT stop lbd, and the balancer keeps forwarding \
+from its pinned state until an lbd of the same instance adopts it.
+
+Files of instance NAME: /run/lb/NAME.sock (the API), /run/lb/NAME.lock, \
+/sys/fs/bpf/NAME/ (pinned maps and the XDP link), \
+/var/log/lb/NAME-audit.log; under systemd (lbd@NAME.service) the config \
+/etc/lb/NAME.toml and the interface in /etc/lb/NAME.env (LBD_IFACE). \
+The config reference is the README in /usr/share/doc/lb/."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -96,9 +106,14 @@ enum Command {
     /// operators to run.
     #[command(hide = true)]
     BirdGuard(BirdGuardArgs),
-    /// Print the man page (roff), for packaging.
+    /// Print the man page (roff), or write every page to a directory; for
+    /// packaging.
     #[command(hide = true)]
-    Man,
+    Man {
+        /// Write lbd.8 and a page per subcommand (lbd-decap.8) here.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -207,12 +222,21 @@ fn main() -> ExitCode {
                 }))
             })
         }
-        Some(Command::Man) => {
+        Some(Command::Man { dir }) => {
             use clap::CommandFactory;
-            clap_mangen::Man::new(Cli::command())
-                .section("8")
-                .render(&mut std::io::stdout())
-                .context("writing the man page")
+            match dir {
+                Some(dir) => lb::man_pages::write_all(Cli::command(), "8", &dir)
+                    .map(|files| {
+                        for f in files {
+                            println!("{}", f.display());
+                        }
+                    })
+                    .with_context(|| format!("writing the man pages to {}", dir.display())),
+                None => clap_mangen::Man::new(Cli::command())
+                    .section("8")
+                    .render(&mut std::io::stdout())
+                    .context("writing the man page"),
+            }
         }
         None => run_balancer(cli.balancer),
     };
