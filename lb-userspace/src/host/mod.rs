@@ -138,23 +138,6 @@ fn hz_from_tick_ns(ns: u64) -> Option<u32> {
     Some(((1_000_000_000 + ns / 2) / ns) as u32)
 }
 
-#[cfg(test)]
-mod clock_tests {
-    use super::*;
-
-    #[test]
-    fn hz_from_the_tick_length() {
-        // TICK_NSEC for the HZ choices of x86 and arm64 kernels.
-        assert_eq!(hz_from_tick_ns(10_000_000), Some(100));
-        assert_eq!(hz_from_tick_ns(4_000_000), Some(250));
-        assert_eq!(hz_from_tick_ns(3_333_333), Some(300));
-        assert_eq!(hz_from_tick_ns(1_000_000), Some(1000));
-        assert_eq!(hz_from_tick_ns(1), None, "a high-resolution clock");
-        let hz = kernel_hz().expect("this kernel's HZ");
-        assert!((100..=1000).contains(&hz), "{hz}");
-    }
-}
-
 /// The id of the group `name` (for `api.socket_group`).
 pub fn group_id(name: &str) -> std::io::Result<u32> {
     let c_name = std::ffi::CString::new(name)
@@ -182,5 +165,42 @@ pub fn group_id(name: &str) -> std::io::Result<u32> {
             ));
         }
         Ok(group.gr_gid)
+    }
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use super::*;
+
+    #[test]
+    fn hz_from_the_tick_length() {
+        // TICK_NSEC for the HZ choices of x86 and arm64 kernels.
+        assert_eq!(hz_from_tick_ns(10_000_000), Some(100));
+        assert_eq!(hz_from_tick_ns(4_000_000), Some(250));
+        assert_eq!(hz_from_tick_ns(3_333_333), Some(300));
+        assert_eq!(hz_from_tick_ns(1_000_000), Some(1000));
+        assert_eq!(hz_from_tick_ns(1), None, "a high-resolution clock");
+        let hz = kernel_hz().expect("this kernel's HZ");
+        assert!((100..=1000).contains(&hz), "{hz}");
+    }
+}
+
+#[cfg(test)]
+mod group_tests {
+    use super::*;
+
+    #[test]
+    fn group_ids_come_from_the_group_database() {
+        assert_eq!(group_id("root").unwrap(), 0);
+        let e = group_id("lbt-no-such-group").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+        assert!(
+            e.to_string().contains("no group \"lbt-no-such-group\""),
+            "{e}"
+        );
+        assert_eq!(
+            group_id("a\0b").unwrap_err().kind(),
+            std::io::ErrorKind::InvalidInput
+        );
     }
 }
