@@ -6,7 +6,8 @@
 //! mode on a veth of the test's own namespace, with exactly the
 //! capabilities `lbd@.service` leaves it, its API socket 0660 for the `lb`
 //! group the package made (a member may change things and is audited by
-//! uid; anyone else is refused), adopted by a second start, and taken out
+//! uid; anyone else is refused), adopted by a second start, left alone by
+//! an upgrade of the package (and adopted by the new lbd), and taken out
 //! by `apt-get remove` (the prerm's `lbd --cleanup`).
 //!
 //! The root comes from `debootstrap --variant=minbase bookworm`, made once
@@ -266,7 +267,7 @@ bash -c '. /usr/share/bash-completion/completions/lbctl && complete -p lbctl'
 # The unit, checked by systemd's own verifier on the installed system
 # (offline: systemd is installed for it, not started; man pages are
 # checked above).
-apt-get install -y --no-install-recommends systemd > /dev/null
+apt-get install -y --no-install-recommends systemd > /dev/null || { apt-get update > /dev/null && apt-get install -y --no-install-recommends systemd > /dev/null; }
 if systemd-analyze verify --man=no lbd@pkgtest.service > /tmp/verify.txt 2>&1; then echo "systemd-analyze verify: ok"; else echo "systemd-analyze verify: FAILED"; fi
 echo "systemd-analyze verify said $(wc -l < /tmp/verify.txt) lines:"
 cat /tmp/verify.txt
@@ -310,12 +311,40 @@ rm /etc/systemd/system/lbt-broken@.service
     std::fs::write(root.0.join("etc/lb/pkgtest.toml"), TEST_CONFIG).unwrap();
     let unit = std::fs::read_to_string(root.0.join("lib/systemd/system/lbd@.service")).unwrap();
     let caps = unit_capabilities(&unit);
+    // The same package as a newer version, to upgrade to.
+    let tree = Tree::new("upgrade-tree");
+    let (ok, _) = run(Command::new("dpkg-deb").arg("-R").arg(&deb).arg(&tree.0));
+    assert!(ok, "unpacking the package");
+    let control = tree.0.join("DEBIAN/control");
+    let text = std::fs::read_to_string(&control).unwrap();
+    let version = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Version: "))
+        .expect("a Version")
+        .to_string();
+    let newer = format!("{version}+upgradetest1");
+    std::fs::write(
+        &control,
+        text.replace(
+            &format!("Version: {version}\n"),
+            &format!("Version: {newer}\n"),
+        ),
+    )
+    .unwrap();
+    let (ok, _) = run(Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-b"])
+        .arg(&tree.0)
+        .arg(root.0.join("root/lb_upgrade.deb")));
+    assert!(ok, "building the newer package");
     let script = format!(
         r#"
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t bpf bpf /sys/fs/bpf
 mount -t tmpfs tmpfs /run
+# Whatever fails below, no lbd outlives the script.
+pid=""
+trap '[ -z "$pid" ] || kill -9 $pid 2>/dev/null || true' EXIT
 lbd --check --config /etc/lb/lbd.toml
 start_lbd() {{
     {caps} lbd --config /etc/lb/pkgtest.toml --instance pkgtest --iface lb0 --xdp-mode skb >> /var/log/lbd-test.log 2>&1 &
@@ -343,10 +372,26 @@ grep -o '"caller":"uid=4242[^"]*","role":"admin"' /var/log/lb/pkgtest-audit.log 
 stop_lbd
 echo "after stop: $(ip -d link show lb0 | grep -o 'xdpgeneric' | head -1) pinned $(ls /sys/fs/bpf/pkgtest | wc -l)"
 start_lbd
-grep -c 'balancer program replaced on the existing attachment' /var/log/lbd-test.log
+echo "adopted: $(grep -c 'balancer program replaced on the existing attachment' /var/log/lbd-test.log)"
 lbctl --instance pkgtest backend list 203.0.113.10:80/tcp
-stop_lbd
+# An upgrade while lbd runs: the package's scripts leave the running
+# instance and its data plane alone (prerm cleans up on removal only), and
+# the new lbd adopts the state.
 export DEBIAN_FRONTEND=noninteractive
+apt-get install -y /root/lb_upgrade.deb
+echo "upgraded to $(dpkg-query -W -f='${{Version}}' lb); lbd runs: $(kill -0 $pid && echo yes); $(ip -d link show lb0 | grep -o 'xdpgeneric' | head -1) pinned $(ls /sys/fs/bpf/pkgtest | wc -l)"
+stop_lbd
+start_lbd
+echo "adopted: $(grep -c 'balancer program replaced on the existing attachment' /var/log/lbd-test.log)"
+lbctl --instance pkgtest backend list 203.0.113.10:80/tcp | grep -c '^10.203.0' | sed 's/^/backends after the upgrade: /'
+# A rollback to the first package, of the same layout: the older lbd
+# adopts the state too.
+stop_lbd
+apt-get install -y --allow-downgrades /root/{name}
+echo "rolled back to $(dpkg-query -W -f='${{Version}}' lb)"
+start_lbd
+echo "adopted: $(grep -c 'balancer program replaced on the existing attachment' /var/log/lbd-test.log)"
+stop_lbd
 apt-get remove -y lb
 echo "after remove: pinned $(ls /sys/fs/bpf | grep -c pkgtest || true), xdp $(ip -d link show lb0 | grep -c xdpgeneric || true)"
 apt-get purge -y lb
@@ -355,6 +400,8 @@ echo "after purge: $(ls -d /var/log/lb 2>/dev/null || echo 'no /var/log/lb'), $(
     );
     let (ok, text) = in_root(&root.0, Some(&ns), &script);
     assert!(ok, "running the installed package failed");
+    let upgraded = format!("upgraded to {newer}; lbd runs: yes; xdpgeneric pinned");
+    let rolled_back = format!("rolled back to {version}\n");
     for needle in [
         "/etc/lb/lbd.toml: ok (2 VIPs, 5 backends)",
         "socket 660 root:lb",
@@ -364,7 +411,13 @@ echo "after purge: $(ls -d /var/log/lb 2>/dev/null || echo 'no /var/log/lb'), $(
         "\"caller\":\"uid=4242",
         "lbd exited 0 on SIGTERM",
         "after stop: xdpgeneric pinned",
+        "adopted: 1",
         "10.203.0.3",
+        upgraded.as_str(),
+        "adopted: 2",
+        "backends after the upgrade: 2",
+        rolled_back.as_str(),
+        "adopted: 3",
         "taking balancer instance pkgtest out: lbd --cleanup",
         "after remove: pinned 0, xdp 0",
         "after purge: no /var/log/lb",
