@@ -120,6 +120,29 @@ impl Drop for Tree {
     }
 }
 
+/// An exclusive hold on [`CACHE`] (its clean root, apt's archives there)
+/// for as long as the returned file is open: the package test of another
+/// worktree on this host waits for it.
+fn lock_cache() -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(CACHE).unwrap();
+    let file = std::fs::File::create(Path::new(CACHE).join("lock")).unwrap();
+    let started = Instant::now();
+    // SAFETY: flock on a file we own; released when the file closes.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(
+        rc,
+        0,
+        "locking {CACHE}: {}",
+        std::io::Error::last_os_error()
+    );
+    println!(
+        "{CACHE}: locked after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    file
+}
+
 /// The cached clean Debian 12 root, made with debootstrap if missing.
 fn clean_root() -> PathBuf {
     let base = Path::new(CACHE).join("bookworm-minbase");
@@ -234,6 +257,7 @@ fn the_package_installs_and_runs_on_a_clean_debian_12() {
     require_root();
     let started = Instant::now();
     let deb = package();
+    let _cache = lock_cache();
     let root = fresh_root();
     let name = deb.file_name().unwrap().to_string_lossy().into_owned();
     std::fs::copy(&deb, root.0.join("root").join(&name)).unwrap();
