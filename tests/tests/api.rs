@@ -180,7 +180,8 @@ fn bad_input_is_refused_with_the_field_named_and_changes_nothing() {
     let vips = "/v1/vips";
     let backends = format!("/v1/vips/{VIP}/backends");
     let one = format!("/v1/vips/{VIP}/backends/10.201.0.11");
-    let big = format!(r#"{{"address": "{}"}}"#, "x".repeat(70_000));
+    // Over the 8 MiB limit.
+    let big = format!(r#"{{"address": "{}"}}"#, "x".repeat(10_000_000));
     let cases: Vec<(&str, String, Option<String>, u16, &str)> = vec![
         ("POST", vips.into(), Some("{not json".into()), 400, "body"),
         ("POST", vips.into(), Some(r#"{"address": "203.0.113.60", "port": 80, "protocol": "tcp", "colour": "red"}"#.into()), 400, "colour"),
@@ -512,4 +513,70 @@ fn vip_settings_change_and_established_connections_stay() {
         n >= before + 3,
         "{n} requests on the kept connection, {before} of them before the last change"
     );
+}
+
+/// The repository's copy of the OpenAPI document.
+const OPENAPI_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
+
+#[test]
+fn the_openapi_document_matches_the_routes_and_the_copy_in_the_repository() {
+    let lab = Lab::start(&LabSpec::weights(&[1, 1])).unwrap();
+    let e = api(&lab);
+    let served = get(&e, "/v1/openapi.json");
+    let file: Value =
+        serde_json::from_str(&std::fs::read_to_string(OPENAPI_FILE).unwrap()).unwrap();
+    assert!(
+        served == file,
+        "docs/openapi.json is not what lbd serves: regenerate it with `target/debug/lbd openapi > docs/openapi.json`"
+    );
+    // Every documented route answers (never 404 or 405); changes carry an
+    // If-Match no revision has, so they are refused before they change
+    // anything.
+    let before = state(&lab);
+    let mut checked = 0;
+    for (path, methods) in served["paths"].as_object().unwrap() {
+        let path = path.replace("{vip}", VIP).replace("{addr}", "10.201.0.11");
+        for method in methods.as_object().unwrap().keys() {
+            let method = method.to_uppercase();
+            let r = e
+                .request_with(&method, &path, Some(b"{}"), &[("If-Match", "\"0\"")])
+                .unwrap();
+            println!("{method} {path}: {}", r.status);
+            assert!(
+                r.status != 404 && r.status != 405,
+                "{method} {path} is documented but not routed: {} {}",
+                r.status,
+                r.error_message()
+            );
+            if method != "GET" {
+                assert!(
+                    (400..500).contains(&r.status),
+                    "{method} {path}: {}",
+                    r.status
+                );
+            }
+            checked += 1;
+        }
+    }
+    println!("{checked} documented routes answered");
+    assert!(checked >= 18);
+    // And what is not documented is not routed.
+    for (method, path) in [
+        ("DELETE", "/v1/status"),
+        ("PUT", "/v1/stats"),
+        ("GET", "/v1/vips/x/y/z"),
+    ] {
+        let r = e.request(method, path, None).unwrap();
+        assert!(
+            r.status == 404 || r.status == 405,
+            "{method} {path}: {}",
+            r.status
+        );
+        assert_eq!(
+            r.header("content-type"),
+            Some("application/problem+json"),
+            "{method} {path}"
+        );
+    }
+    assert_eq!(state(&lab), before, "the probes changed nothing");
 }

@@ -1,9 +1,12 @@
 //! `lbctl`: the command line for a running `lbd`, over its control API.
 //!
-//! Tables for people by default, `--json` for scripts. Exit codes: 0 done,
-//! 2 usage error, 3 request refused by lbd (bad input, unknown VIP or
-//! backend, ...), 4 lbd not reachable, 5 lbd failed to apply the change,
-//! 1 anything else. Failures print one line on stderr.
+//! Tables for people by default (`-o wide` for more columns,
+//! `--no-headers` without the header line), `-o json` (or `--json`) and
+//! `-o yaml` for scripts. Exit codes: 0 done, 2 usage error, 3 request
+//! refused by lbd (bad input, unknown VIP or backend, a stale revision,
+//! ...), 4 lbd not reachable, 5 lbd failed to apply the change, 6 `lbctl
+//! diff` found changes to make, 1 anything else. Failures print one line
+//! on stderr.
 
 use std::{
     io::IsTerminal,
@@ -30,7 +33,8 @@ Exit status: 0 done, 2 usage error, 3 refused by lbd (bad input, unknown \
 or duplicate VIP or backend, a change the config cannot take, no valid \
 token or certificate, not allowed \
 for the caller's role), 4 lbd not reachable (no socket, permission \
-denied, a refused TLS handshake), 5 lbd failed to apply it, 1 anything else.
+denied, a refused TLS handshake), 5 lbd failed to apply it, 6 `lbctl diff` \
+found changes, 1 anything else.
 
 Members of the group of lbd's api.socket_group (the package's `lb`) may \
 use the Unix socket without root."
@@ -38,11 +42,26 @@ use the Unix socket without root."
 struct Cli {
     #[command(flatten)]
     target: Target,
-    /// Print JSON (the API's answer) instead of tables.
+    /// Print JSON (the API's answer) instead of tables: `-o json`.
     #[arg(long, global = true)]
     json: bool,
+    /// Output: `table` (default), `wide` (more columns), `json` or `yaml`
+    /// (the API's answer).
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Tables without their header line.
+    #[arg(long, global = true)]
+    no_headers: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Table,
+    Wide,
+    Json,
+    Yaml,
 }
 
 #[derive(Args)]
@@ -146,6 +165,38 @@ enum Command {
     /// Backends of a VIP: list, add, remove, weight, drain, undrain.
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// Make the VIPs what a file says (a document: `[[vip]]` tables as in
+    /// the config file, TOML, or JSON `{"vip": [...]}`): shows the changes,
+    /// then applies them in one step. VIPs not in the file are removed.
+    Apply {
+        /// The document (`.json`: JSON; anything else: TOML).
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Only show what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show what `apply -f FILE` would change (exit 6 when there is
+    /// something to change, 0 when not).
+    Diff {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Print the VIPs as a document (what `apply -f` takes), with the
+    /// revision it was read at.
+    Export {
+        /// `toml` (default) or `json`.
+        #[arg(long, default_value = "toml")]
+        format: String,
+    },
+    /// A VIP's entries in the connection table, per backend; with
+    /// `--client`, that client's flow's entry and backend.
+    Flows {
+        vip: VipAddr,
+        /// ADDRESS:PORT of a client ([ADDRESS]:PORT for IPv6).
+        #[arg(long)]
+        client: Option<std::net::SocketAddr>,
+    },
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), or write it and every subcommand's page
@@ -257,20 +308,23 @@ fn parse_backend(s: &str) -> Result<(IpAddr, u32), String> {
 
 /// How a command ended.
 enum Failure {
-    Usage(String),
     Refused(String),
     Unreachable(String),
     DaemonFailed(String),
+    Usage(String),
+    /// `lbctl diff` found changes (printed already).
+    Changes,
     Other(String),
 }
 
 impl Failure {
     fn code(&self) -> u8 {
         match self {
-            Failure::Usage(_) => 2,
             Failure::Refused(_) => 3,
             Failure::Unreachable(_) => 4,
             Failure::DaemonFailed(_) => 5,
+            Failure::Usage(_) => 2,
+            Failure::Changes => 6,
             Failure::Other(_) => 1,
         }
     }
@@ -278,15 +332,31 @@ impl Failure {
 
 struct Ctl {
     endpoint: Endpoint,
-    json: bool,
+    output: Output,
 }
+
+/// `--no-headers` (read by [`table`]).
+static NO_HEADERS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 impl Ctl {
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, Failure> {
         let body = body.map(|b| serde_json::to_vec(&b).expect("JSON"));
+        self.call_raw(method, path, body.as_deref(), &[])
+            .map(|(v, _)| v)
+    }
+
+    /// A request with a raw body and extra headers; the answer's JSON and
+    /// its revision (`ETag`).
+    fn call_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> Result<(Value, Option<u64>), Failure> {
         let r: Response = self
             .endpoint
-            .request(method, path, body.as_deref())
+            .request_with(method, path, body, headers)
             .map_err(|e| match e {
                 ClientError::Unreachable { .. } | ClientError::Tls { .. } => {
                     Failure::Unreachable(e.to_string())
@@ -294,24 +364,93 @@ impl Ctl {
                 ClientError::Protocol(_) => Failure::Other(e.to_string()),
             })?;
         match r.status {
-            200..=299 => Ok(if r.body.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&r.body)
-                    .map_err(|e| Failure::Other(format!("lbd answered with bad JSON: {e}")))?
-            }),
+            200..=299 => Ok((
+                if r.body.is_empty() {
+                    Value::Null
+                } else if r.header("content-type") == Some("application/toml") {
+                    Value::String(String::from_utf8_lossy(&r.body).into_owned())
+                } else {
+                    serde_json::from_slice(&r.body)
+                        .map_err(|e| Failure::Other(format!("lbd answered with bad JSON: {e}")))?
+                },
+                r.revision(),
+            )),
             400..=499 => Err(Failure::Refused(r.error_message())),
             _ => Err(Failure::DaemonFailed(r.error_message())),
         }
     }
 
+    fn wide(&self) -> bool {
+        self.output == Output::Wide
+    }
+
     fn print(&self, v: &Value, human: impl FnOnce(&Value) -> String) {
-        if self.json {
-            println!("{}", serde_json::to_string_pretty(v).expect("JSON"));
-        } else {
-            print!("{}", human(v));
+        match self.output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(v).expect("JSON")),
+            Output::Yaml => print!("{}", serde_yaml::to_string(v).expect("YAML")),
+            Output::Table | Output::Wide => print!("{}", human(v)),
         }
     }
+}
+
+/// A document file for `apply` / `diff`: its bytes and content type.
+fn document_file(path: &std::path::Path) -> Result<(Vec<u8>, &'static str), Failure> {
+    let body = std::fs::read(path)
+        .map_err(|e| Failure::Other(format!("reading {}: {e}", path.display())))?;
+    let json = path.extension().is_some_and(|e| e == "json");
+    Ok((
+        body,
+        if json {
+            "application/json"
+        } else {
+            "application/toml"
+        },
+    ))
+}
+
+/// A PUT's answer (the changes) for people.
+fn changes_text(v: &Value) -> String {
+    let mut out = String::new();
+    for c in v["changes"].as_array().into_iter().flatten() {
+        let kind = c["change"].as_str().unwrap_or("");
+        let mark = if kind.ends_with("_added") {
+            "+"
+        } else if kind.ends_with("_removed") {
+            "-"
+        } else {
+            "~"
+        };
+        out += &format!("{mark} {}\n", s(c, "text"));
+    }
+    let shares: Vec<Vec<String>> = v["table_shares"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            let pct = |k: &str| format!("{:.1}%", m[k].as_f64().unwrap_or(0.0) * 100.0);
+            vec![s(m, "vip"), s(m, "backend"), pct("from"), pct("to")]
+        })
+        .collect();
+    if !shares.is_empty() {
+        out += "\n";
+        out += &table(&["VIP", "BACKEND", "TABLE SHARE", "AFTER"], shares);
+    }
+    let n = v["changes"].as_array().map_or(0, Vec::len);
+    out += &if n == 0 {
+        format!("nothing to change (revision {})\n", s(v, "revision"))
+    } else if v["dry_run"] == Value::Bool(true) {
+        format!(
+            "dry run: {n} changes, nothing applied (revision {})\n",
+            s(v, "revision")
+        )
+    } else {
+        format!(
+            "applied {n} changes: revision {}, {} tables switched\n",
+            s(v, "revision"),
+            s(v, "tables_switched")
+        )
+    };
+    out
 }
 
 fn vip_path(v: &VipAddr) -> String {
@@ -340,7 +479,11 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
         l.truncate(l.trim_end().len());
         l + "\n"
     };
-    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    let mut out = if NO_HEADERS.load(std::sync::atomic::Ordering::Relaxed) {
+        String::new()
+    } else {
+        line(header.iter().map(|h| h.to_string()).collect())
+    };
     for r in rows {
         out += &line(r);
     }
@@ -444,6 +587,34 @@ const BACKEND_HEADER: [&str; 7] = [
     "TABLE SHARE",
 ];
 
+fn yes_no(v: &Value) -> String {
+    if *v == Value::Bool(true) { "yes" } else { "no" }.to_string()
+}
+
+/// The backends as a table; `wide` adds table entries, score and the last
+/// health-check error.
+fn backends_table(backends: &Value, wide: bool) -> String {
+    let mut rows = backend_rows(backends);
+    let mut header = BACKEND_HEADER.to_vec();
+    if wide {
+        header.extend(["TABLE ENTRIES", "SCORE", "HEALTH SINCE", "LAST ERROR"]);
+        for (row, b) in rows
+            .iter_mut()
+            .zip(backends.as_array().into_iter().flatten())
+        {
+            row.extend([
+                s(b, "table_entries"),
+                s(b, "score"),
+                b["health_since_seconds"]
+                    .as_u64()
+                    .map_or("-".into(), |x| format!("{x}s")),
+                s(b, "last_error"),
+            ]);
+        }
+    }
+    table(&header, rows)
+}
+
 fn stats_text(v: &Value, previous: Option<(&Value, f64)>) -> String {
     let rate = |path: &dyn Fn(&Value) -> u64| match previous {
         Some((p, secs)) => format!("{:.0}/s", path(v).saturating_sub(path(p)) as f64 / secs),
@@ -496,8 +667,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let endpoint = cli.target.endpoint()?;
     let ctl = Ctl {
         endpoint,
-        json: cli.json,
+        output: if cli.json { Output::Json } else { cli.output },
     };
+    NO_HEADERS.store(cli.no_headers, std::sync::atomic::Ordering::Relaxed);
     match cli.command {
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "lbctl", &mut std::io::stdout());
@@ -553,8 +725,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let mut previous: Option<(Value, Instant)> = None;
             loop {
                 let v = ctl.call("GET", "/v1/stats", None)?;
-                if ctl.json {
+                if ctl.output == Output::Json {
                     println!("{}", serde_json::to_string(&v).expect("JSON"));
+                } else if ctl.output == Output::Yaml {
+                    print!("---\n{}", serde_yaml::to_string(&v).expect("YAML"));
                 } else {
                     let prev = previous
                         .as_ref()
@@ -573,25 +747,52 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Vip(VipCommand::List) => {
             let v = ctl.call("GET", "/v1/vips", None)?;
+            let wide = ctl.wide();
             ctl.print(&v, |v| {
                 let rows = v
                     .as_array()
                     .into_iter()
                     .flatten()
                     .map(|x| {
-                        vec![
+                        let mut row = vec![
                             s(x, "vip"),
                             s(x, "scheduler"),
                             x["backends"].as_array().map_or(0, Vec::len).to_string(),
                             s(x, "on_backend_down"),
-                        ]
+                        ];
+                        if wide {
+                            row.extend([
+                                s(x, "hash_fields"),
+                                s(x, "on_all_down"),
+                                format!("{}s", s(x, "slow_start_seconds")),
+                                yes_no(&x["health_checks"]),
+                                yes_no(&x["load_aware"]),
+                                yes_no(&x["saturated"]),
+                            ]);
+                        }
+                        row
                     })
                     .collect();
-                table(&["VIP", "SCHEDULER", "BACKENDS", "ON BACKEND DOWN"], rows)
+                let mut header = vec!["VIP", "SCHEDULER", "BACKENDS", "ON BACKEND DOWN"];
+                if wide {
+                    header.extend([
+                        "HASH FIELDS",
+                        "ON ALL DOWN",
+                        "SLOW START",
+                        "HEALTH CHECKS",
+                        "LOAD-AWARE",
+                        "SATURATED",
+                    ]);
+                }
+                table(&header, rows)
             });
         }
         Command::Vip(VipCommand::Show { vip }) => {
-            let v = ctl.call("GET", &vip_path(&vip), None)?;
+            let (mut v, revision) = ctl.call_raw("GET", &vip_path(&vip), None, &[])?;
+            if let Some(r) = revision {
+                v["revision"] = json!(r);
+            }
+            let wide = ctl.wide();
             ctl.print(&v, |v| {
                 let mut flags = Vec::new();
                 if v["saturated"] == Value::Bool(true) {
@@ -601,8 +802,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     flags.push("ALL BACKENDS DOWN");
                 }
                 format!(
-                    "VIP {}  scheduler {}  on backend down: {}  on all down: {}  slow start: {}s  health checks: {}  load-aware: {}\n{}{}",
+                    "VIP {}  revision {}  scheduler {}  on backend down: {}  on all down: {}  slow start: {}s  health checks: {}  load-aware: {}\n{}{}",
                     s(v, "vip"),
+                    s(v, "revision"),
                     s(v, "scheduler"),
                     s(v, "on_backend_down"),
                     s(v, "on_all_down"),
@@ -610,7 +812,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     if v["health_checks"] == Value::Bool(true) { "yes" } else { "no" },
                     if v["load_aware"] == Value::Bool(true) { "yes" } else { "no" },
                     flags.iter().map(|f| format!("{f}\n")).collect::<String>(),
-                    table(&BACKEND_HEADER, backend_rows(&v["backends"]))
+                    backends_table(&v["backends"], wide)
                 ) + &down_reasons(&v["backends"])
             });
         }
@@ -670,9 +872,102 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 format!("removed VIP {vip}\n")
             });
         }
+        Command::Apply { file, dry_run } => {
+            let (body, content_type) = document_file(&file)?;
+            let ct = [("Content-Type", content_type)];
+            // What would change, at the revision read now...
+            let (plan, revision) =
+                ctl.call_raw("PUT", "/v1/vips?dry_run=true", Some(&body), &ct)?;
+            let nothing = plan["changed"] != Value::Bool(true);
+            if dry_run || nothing {
+                ctl.print(&plan, changes_text);
+                return Ok(());
+            }
+            // ...and exactly that, or nothing if the state moved meanwhile.
+            let tag = revision.map(|r| format!("\"{r}\""));
+            let mut headers = ct.to_vec();
+            if let Some(t) = &tag {
+                headers.push(("If-Match", t.as_str()));
+            }
+            let (v, _) = ctl.call_raw("PUT", "/v1/vips", Some(&body), &headers)?;
+            ctl.print(&v, changes_text);
+        }
+        Command::Diff { file } => {
+            let (body, content_type) = document_file(&file)?;
+            let (plan, _) = ctl.call_raw(
+                "PUT",
+                "/v1/vips?dry_run=true",
+                Some(&body),
+                &[("Content-Type", content_type)],
+            )?;
+            ctl.print(&plan, changes_text);
+            if plan["changed"] == Value::Bool(true) {
+                return Err(Failure::Changes);
+            }
+        }
+        Command::Export { format } => {
+            let path = match format.as_str() {
+                "toml" => "/v1/vips?spec=true&format=toml",
+                "json" => "/v1/vips?spec=true",
+                other => {
+                    return Err(Failure::Usage(format!("--format {other:?}: toml or json")));
+                }
+            };
+            let (v, _) = ctl.call_raw("GET", path, None, &[])?;
+            match v {
+                Value::String(text) => print!("{text}"),
+                v => println!("{}", serde_json::to_string_pretty(&v).expect("JSON")),
+            }
+        }
+        Command::Flows { vip, client } => {
+            let mut path = format!("{}/flows", vip_path(&vip));
+            if let Some(c) = client {
+                let c = c.to_string().replace('[', "%5B").replace(']', "%5D");
+                path += &format!("?client={c}");
+            }
+            let v = ctl.call("GET", &path, None)?;
+            ctl.print(&v, |v| {
+                let rows = v["backends"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(b, c)| {
+                        vec![
+                            b.clone(),
+                            s(c, "established"),
+                            s(c, "closing"),
+                            s(c, "handshakes"),
+                        ]
+                    })
+                    .collect();
+                let mut out = table(&["BACKEND", "ESTABLISHED", "CLOSING", "HANDSHAKES"], rows);
+                if let Some(c) = client {
+                    out += &match &v["client"] {
+                        Value::Null => format!(
+                            "client {c}: no entry (a new flow from it would be scheduled anew)\n"
+                        ),
+                        e => format!(
+                            "client {c}: {} table, backend {}{}, expires in {}s\n",
+                            s(e, "table"),
+                            s(e, "backend"),
+                            if e["closing"] == Value::Bool(true) {
+                                " (closing)"
+                            } else {
+                                ""
+                            },
+                            e["expires_in_seconds"]
+                                .as_f64()
+                                .map_or("-".into(), |x| format!("{x:.0}"))
+                        ),
+                    };
+                }
+                out
+            });
+        }
         Command::Backend(BackendCommand::List { vip }) => {
             let v = ctl.call("GET", &format!("{}/backends", vip_path(&vip)), None)?;
-            ctl.print(&v, |v| table(&BACKEND_HEADER, backend_rows(v)));
+            let wide = ctl.wide();
+            ctl.print(&v, |v| backends_table(v, wide));
         }
         Command::Backend(BackendCommand::Add {
             vip,
@@ -730,12 +1025,14 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            let (Failure::Usage(m)
-            | Failure::Refused(m)
+            if let Failure::Refused(m)
             | Failure::Unreachable(m)
             | Failure::DaemonFailed(m)
-            | Failure::Other(m)) = &f;
-            eprintln!("lbctl: {m}");
+            | Failure::Usage(m)
+            | Failure::Other(m) = &f
+            {
+                eprintln!("lbctl: {m}");
+            }
             ExitCode::from(f.code())
         }
     }

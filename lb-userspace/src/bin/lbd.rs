@@ -20,6 +20,7 @@ use lb::{
     },
     dataplane::{AttachMode, Dataplane, Decapsulator, LoadOptions, pinning},
     desired::config::{self, ConfigFile, LogFormat},
+    desired::state_file::StateFile,
     host::{self, bgp, bird_guard, lock::InstanceLock, service_manager},
 };
 use lb_common::DecapReason;
@@ -114,6 +115,9 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Print the control API's OpenAPI 3.1 document (what /v1/openapi.json
+    /// serves; docs/openapi.json in the repository).
+    Openapi,
 }
 
 #[derive(Args)]
@@ -211,6 +215,13 @@ fn main() -> ExitCode {
         Some(Command::Decap(args)) => {
             init_logging(None, args.log_format.into());
             run_decap(args)
+        }
+        Some(Command::Openapi) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&api::openapi()).expect("the document serializes")
+            );
+            Ok(())
         }
         Some(Command::BirdGuard(args)) => {
             init_logging(None, LogFormat::Text);
@@ -324,9 +335,40 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
     let Some(path) = args.config else {
         bail!("--config FILE is required (see lbd --help)");
     };
-    let (file, config) = ConfigFile::load(&path)?;
+    let (file, mut config) = ConfigFile::load(&path)?;
     init_logging(config.log_level.as_deref(), config.log_format);
     reloads::loaded();
+    // The VIPs: the state file's when there is one (api.state_file), else
+    // the config file's; and the revision the API counts from.
+    let state_file = config.api.state_file.as_deref().map(StateFile::new);
+    let (revision, seed_state) = match &state_file {
+        Some(state) => match state.load(&config.balancer)? {
+            Some((revision, vips)) => {
+                config.vips = vips;
+                if let Err(problems) = config::validate(&config) {
+                    let list: Vec<String> = problems
+                        .iter()
+                        .map(|p| format!("\n  {}: {}", p.field, p.message))
+                        .collect();
+                    bail!(
+                        "the state file {} does not fit the config file {}:{}",
+                        state.path().display(),
+                        path.display(),
+                        list.concat()
+                    );
+                }
+                (revision, false)
+            }
+            None => (1, true),
+        },
+        // Not stored: start above any revision an earlier lbd handed out.
+        None => (
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_micros() as u64),
+            false,
+        ),
+    };
     if args.check {
         println!(
             "{}: ok ({} VIPs, {} backends)",
@@ -381,7 +423,14 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             ),
             _ => None,
         };
-        let (mut controller, handle) = Controller::new(dp, config.clone(), Some(file), Some(audit.clone()));
+        if seed_state && let Some(state) = &state_file {
+            state
+                .save(revision, &config.vips)
+                .with_context(|| format!("writing the state file {} (api.state_file)", state.path().display()))?;
+            info!(state_file = %state.path().display(), vips = config.vips.len(), "state file seeded from the config file's [[vip]] tables");
+        }
+        let (controller, handle) = Controller::new(dp, config.clone(), Some(file), Some(audit.clone()));
+        let mut controller = controller.with_revision(revision, state_file.clone());
         // Bind every listener before the maps are touched, so a bad address
         // changes nothing.
         let metrics_server = match config.metrics.listen {
@@ -467,15 +516,18 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             bgp::spawn(announcer, controller.announcements())
         });
         // Attached, the config applied, every listener serving: ready.
+        handle.set_ready(true);
         service_manager::ready(&format!(
             "forwarding {} VIPs on {iface}{}",
             config.vips.len(),
             if adopted { " (adopted the running balancer)" } else { "" }
         ));
+        let stopping = handle.clone();
         let mut dp = controller
-            .run(async {
+            .run(async move {
                 signals.recv().await;
                 service_manager::stopping();
+                stopping.set_ready(false);
             })
             .await;
         if let Some(announcer) = announcer {

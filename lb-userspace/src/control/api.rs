@@ -17,20 +17,41 @@
 //! | GET, PATCH, DELETE | /v1/vips/VIP | show; change `scheduler`, `hash_fields`, `on_backend_down`, `on_all_down`, `slow_start`; delete |
 //! | GET, POST | /v1/vips/VIP/backends | list; add (`address`, `weight`, `drained`) |
 //! | GET, PATCH, DELETE | /v1/vips/VIP/backends/ADDR | show; change `weight` / `drained`; remove |
+//! | PUT | /v1/vips | replace the whole set of VIPs (a [`VipsDocument`](crate::desired::config::VipsDocument), JSON or TOML) |
+//! | PUT | /v1/vips/VIP | replace (or add) one VIP with its backends and settings |
+//! | GET | /v1/vips?spec=true | the desired state as a document (`&format=toml` for TOML) |
+//! | GET | /v1/vips/VIP/flows | the connection table's entries per backend (`?client=ADDR:PORT`: that flow's entry) |
 //! | POST | /v1/backends/ADDR/load | a node's load report (ORCA-shaped JSON, see [`LoadBody`]) |
+//! | GET | /v1/ready, /v1/live | readiness (data plane attached, config applied), liveness |
+//! | GET | /v1/openapi.json | the OpenAPI 3.1 document of all this |
 //!
-//! Errors are JSON `{"error": "...", "problems": [{"field", "message"}]}`:
-//! 400 for bad input (the field is named), 401 without a valid token or
-//! certificate, 403 for a change by a `read` caller, 404
-//! for an unknown VIP, backend or endpoint, 409 for a duplicate (or a load
-//! report for a backend whose VIPs do not follow load, or a config file
-//! edited and not reloaded), 413 for a body over 64 KiB, 422 for a change
-//! the config cannot take (capacity, missing source address, an address
-//! that cannot work here), 500 if persisting or programming failed (then
-//! nothing changed), 503 if the audit log cannot record the request.
+//! Every read of the desired state answers with its revision as `ETag`
+//! (`"N"`); every change accepts `If-Match: "N"` and is refused with 412,
+//! changing nothing, unless N is still the current revision. The PUTs
+//! take `?dry_run=true`: they answer what would change (VIPs and backends
+//! added, removed, changed; each backend's table share before and after)
+//! and change nothing. A PUT is one step: the whole result is validated
+//! first, then persisted once, then each VIP whose table changes gets its
+//! new table switched in once (VIP after VIP); a PUT that changes nothing
+//! switches no table and keeps the revision.
+//!
+//! Errors are RFC 9457 problem details (`application/problem+json`):
+//! `type`, `title`, `status`, `detail`, and lbd's own `error` (the same
+//! text as `detail`) and `problems` (`[{"field", "message"}]`, the field
+//! path of each problem): 400 for bad input (the field is named), 401
+//! without a valid token or certificate, 403 for a change by a `read`
+//! caller, 404 for an unknown VIP, backend or endpoint, 409
+//! for a duplicate (or a load report for a backend whose VIPs do not
+//! follow load, or a config file edited and not reloaded), 412 when
+//! `If-Match` no longer matches, 413 for a body over [`BODY_LIMIT`], 422
+//! for a change the config cannot take (capacity, missing source address,
+//! an address that cannot work here), 500 if persisting or programming
+//! failed (then nothing changed), 503 if the audit log cannot record the
+//! request.
 //!
 //! Every change request is recorded in the audit log before it is handled
-//! and its outcome after (see [`crate::control::audit`]).
+//! and its outcome after (see [`crate::control::audit`]): `applied`, `dry
+//! run`, or the error.
 
 use std::{
     collections::BTreeMap,
@@ -39,7 +60,7 @@ use std::{
 };
 
 use axum::{
-    Extension, Json, Router,
+    Json, Router,
     body::Bytes,
     extract::{
         ConnectInfo, DefaultBodyLimit, Path as UrlPath, Request, State, rejection::BytesRejection,
@@ -57,16 +78,19 @@ use tokio::net::UnixListener;
 use crate::{
     control::access::{Role, Tokens},
     control::audit::AuditLog,
-    control::controller::{ControllerError, ControllerHandle, Snapshot},
+    control::controller::{
+        ChangeOutcome, ChangeRequest, ControllerError, ControllerHandle, Flows, ShareMove, Snapshot,
+    },
     control::tls::{self, TcpPeer},
     dataplane::BackendState,
     desired::change::{Change, ChangeError},
-    desired::config::{self, Problem, Transport},
+    desired::config::{self, Problem, Transport, VipsDocument},
     desired::vip::{Backend, Vip, VipAddr},
 };
 
-/// Largest request body.
-pub const BODY_LIMIT: usize = 64 * 1024;
+/// Largest request body: 8 MiB, room for a document of 50 VIPs with
+/// 20,000 backends each (a backend takes about 40 bytes of JSON).
+pub const BODY_LIMIT: usize = 8 * 1024 * 1024;
 
 /// API requests answered, by outcome: 2xx, 4xx, 5xx (for metrics).
 static REQUESTS: [std::sync::atomic::AtomicU64; 3] =
@@ -146,6 +170,7 @@ async fn audit_requests(State(audit): State<AuditLog>, req: Request, next: Next)
     let role = req.extensions().get::<Role>().copied();
     let (parts, body) = req.into_parts();
     let (method, path) = (parts.method.to_string(), parts.uri.to_string());
+    let uri = parts.uri.clone();
     let bytes = match axum::body::to_bytes(body, BODY_LIMIT).await {
         Ok(b) => b,
         Err(e) => {
@@ -166,7 +191,11 @@ async fn audit_requests(State(audit): State<AuditLog>, req: Request, next: Next)
         .await;
     let status = response.status();
     if status.is_success() {
-        audit.outcome(pending, "applied");
+        let dry_run = uri.query().is_some_and(|q| {
+            q.split('&')
+                .any(|kv| kv == "dry_run=true" || kv == "dry_run=1")
+        });
+        audit.outcome(pending, if dry_run { "dry run" } else { "applied" });
         return response;
     }
     // The error the caller gets, for the record (error bodies are small).
@@ -205,11 +234,90 @@ struct ProblemView<'a> {
     message: &'a str,
 }
 
-#[derive(Serialize)]
+/// An error as the API answers it: RFC 9457 problem details, plus lbd's
+/// `error` (the same as `detail`) and `problems`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = Problem)]
 struct ErrorBody<'a> {
+    /// Always `about:blank`: the status says what kind of error it is.
+    #[serde(rename = "type")]
+    kind: &'a str,
+    /// The status's reason phrase.
+    title: &'a str,
+    status: u16,
+    /// What was wrong.
+    detail: &'a str,
+    /// The same as `detail`.
     error: &'a str,
+    /// Each problem with its field path, e.g. `vip[0].backends[2].address`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<ProblemItem>)]
     problems: Vec<ProblemView<'a>>,
+}
+
+/// One problem of a request, with the path of its field.
+#[derive(Serialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+struct ProblemItem {
+    field: String,
+    message: String,
+}
+
+/// The content type of errors.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+fn problem_response(status: StatusCode, message: &str, problems: &[Problem]) -> Response {
+    let body = ErrorBody {
+        kind: "about:blank",
+        title: status.canonical_reason().unwrap_or("Error"),
+        status: status.as_u16(),
+        detail: message,
+        error: message,
+        problems: problems
+            .iter()
+            .map(|p| ProblemView {
+                field: &p.field,
+                message: &p.message,
+            })
+            .collect(),
+    };
+    let mut r = (status, Json(body)).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(PROBLEM_JSON),
+    );
+    r
+}
+
+/// Errors that did not come from a handler (an unknown method, a body
+/// the framework refused) as problem details too.
+async fn problem_errors(req: Request, next: Next) -> Response {
+    let r = next.run(req).await;
+    let status = r.status();
+    let is_problem = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == PROBLEM_JSON.as_bytes());
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return r;
+    }
+    let (parts, body) = r.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let mut out = problem_response(status, &message, &[]);
+    for (k, v) in &parts.headers {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 impl ApiError {
@@ -237,18 +345,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: &self.message,
-            problems: self
-                .problems
-                .iter()
-                .map(|p| ProblemView {
-                    field: &p.field,
-                    message: &p.message,
-                })
-                .collect(),
-        };
-        (self.status, Json(body)).into_response()
+        problem_response(self.status, &self.message, &self.problems)
     }
 }
 
@@ -269,6 +366,7 @@ impl From<ControllerError> for ApiError {
                 };
             }
             ControllerError::NotFound(_) => StatusCode::NOT_FOUND,
+            ControllerError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             ControllerError::Refused(_) | ControllerError::ConfigChanged(_) => StatusCode::CONFLICT,
             ControllerError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
             ControllerError::Persist { .. } | ControllerError::Dataplane(_) => {
@@ -309,8 +407,9 @@ fn backend_param(s: &str) -> ApiResult<IpAddr> {
 }
 
 /// A backend as the API shows it.
-#[derive(Serialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
 pub struct BackendView {
+    #[schema(value_type = String)]
     pub address: IpAddr,
     /// Configured weight.
     pub weight: u32,
@@ -347,7 +446,7 @@ pub struct BackendView {
 }
 
 /// A node's load as the API shows it.
-#[derive(Serialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
 pub struct LoadView {
     /// Requests waiting.
     pub queue: f64,
@@ -369,12 +468,13 @@ pub struct LoadView {
 }
 
 /// A VIP as the API shows it.
-#[derive(Serialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
 pub struct VipView {
     /// `ADDRESS:PORT/PROTOCOL`.
     pub vip: String,
     /// The VIP in URL paths.
     pub id: String,
+    #[schema(value_type = String)]
     pub address: IpAddr,
     pub port: u16,
     pub protocol: String,
@@ -471,9 +571,11 @@ fn vip_view(v: &Vip, snap: &Snapshot) -> VipView {
 }
 
 /// `GET /v1/status`.
-#[derive(Serialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
 pub struct StatusView {
     pub version: &'static str,
+    /// The desired state's revision (also the `ETag`).
+    pub revision: u64,
     pub uptime_seconds: u64,
     pub adopted: bool,
     pub vips: usize,
@@ -485,6 +587,7 @@ pub struct StatusView {
     pub vips_all_down: usize,
     /// VIP addresses with a healthy backend (up or not checked): what lbd
     /// announces over BGP when `[bgp]` is set.
+    #[schema(value_type = Vec<String>)]
     pub serving_addresses: Vec<IpAddr>,
     /// Whether lbd announces them over BGP (`[bgp]`).
     pub bgp: bool,
@@ -494,27 +597,225 @@ pub struct StatusView {
 }
 
 /// `GET /v1/stats`.
-#[derive(Serialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
 pub struct StatsView {
     /// Packets per reason.
+    #[schema(value_type = BTreeMap<String, u64>)]
     pub reasons: BTreeMap<&'static str, u64>,
     /// Connection-table events.
+    #[schema(value_type = BTreeMap<String, u64>)]
     pub conntrack: BTreeMap<&'static str, u64>,
     pub vips: Vec<TrafficView>,
     pub backends: Vec<TrafficView>,
 }
 
 /// Forwarded packets and bytes of a VIP, or of a VIP's backend.
-#[derive(Serialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
 pub struct TrafficView {
     pub vip: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub backend: Option<IpAddr>,
     pub packets: u64,
     pub bytes: u64,
 }
 
-async fn status(State(h): State<ControllerHandle>) -> ApiResult<Json<StatusView>> {
+/// The revision as an `ETag`.
+fn etag(revision: u64) -> [(header::HeaderName, String); 1] {
+    [(header::ETAG, format!("\"{revision}\""))]
+}
+
+/// What every change request carries besides its body: who asks, the
+/// revision it is based on (`If-Match`) and whether it is a dry run
+/// (`?dry_run=true`).
+pub struct Write {
+    caller: String,
+    if_match: Option<u64>,
+    dry_run: bool,
+}
+
+impl Write {
+    fn request(&self, change: Change) -> ChangeRequest {
+        ChangeRequest {
+            change,
+            caller: self.caller.clone(),
+            if_match: self.if_match,
+            dry_run: self.dry_run,
+        }
+    }
+}
+
+/// An `If-Match` value: `"N"` (or `W/"N"`, or bare `N`) for revision N;
+/// `*` is no precondition.
+fn parse_if_match(v: &header::HeaderValue) -> ApiResult<Option<u64>> {
+    let bad = || {
+        ApiError::input(vec![Problem {
+            field: "If-Match".into(),
+            message: format!(
+                "{:?} is not a revision: give the ETag a read answered with, e.g. \"42\"",
+                String::from_utf8_lossy(v.as_bytes())
+            ),
+        }])
+    };
+    let text = v.to_str().map_err(|_| bad())?.trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    let text = text.strip_prefix("W/").unwrap_or(text);
+    let text = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(text);
+    text.parse().map(Some).map_err(|_| bad())
+}
+
+/// Percent-decodes a query component (`+` is a space).
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The query parameters of `uri`, each one of `allowed`.
+fn query(uri: &axum::http::Uri, allowed: &[&str]) -> ApiResult<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for kv in uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+    {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let (Some(k), Some(v)) = (percent_decode(k), percent_decode(v)) else {
+            return Err(ApiError::input(vec![Problem {
+                field: "query".into(),
+                message: format!("{kv:?} is not percent-encoded UTF-8"),
+            }]));
+        };
+        if !allowed.contains(&k.as_str()) {
+            return Err(ApiError::input(vec![Problem {
+                field: format!("query.{k}"),
+                message: if allowed.is_empty() {
+                    "unknown parameter: this endpoint takes none".to_string()
+                } else {
+                    format!(
+                        "unknown parameter; this endpoint takes {}",
+                        allowed.join(", ")
+                    )
+                },
+            }]));
+        }
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+/// A boolean query parameter.
+fn flag(q: &BTreeMap<String, String>, name: &str) -> ApiResult<bool> {
+    match q.get(name).map(String::as_str) {
+        None | Some("false" | "0") => Ok(false),
+        Some("true" | "1" | "") => Ok(true),
+        Some(other) => Err(ApiError::input(vec![Problem {
+            field: format!("query.{name}"),
+            message: format!("{other:?} is not true or false"),
+        }])),
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Write {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Write, ApiError> {
+        let caller = parts
+            .extensions
+            .get::<Caller>()
+            .map_or_else(|| "unknown".to_string(), |c| c.0.clone());
+        let if_match = match parts.headers.get(header::IF_MATCH) {
+            Some(v) => parse_if_match(v)?,
+            None => None,
+        };
+        // Only the PUTs take a dry run; other changes take no parameter.
+        let allowed: &[&str] = if parts.method == axum::http::Method::PUT {
+            &["dry_run"]
+        } else {
+            &[]
+        };
+        let q = query(&parts.uri, allowed)?;
+        Ok(Write {
+            caller,
+            if_match,
+            dry_run: flag(&q, "dry_run")?,
+        })
+    }
+}
+
+/// What a change did, as the PUTs answer it.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ChangeView {
+    /// The revision now (also the `ETag`); unchanged for a dry run and
+    /// for a change that changed nothing.
+    pub revision: u64,
+    pub dry_run: bool,
+    /// Whether anything changes.
+    pub changed: bool,
+    /// Each change, VIPs in address order: `change` names its kind
+    /// (`vip_added`, `vip_removed`, `vip_setting`, `backend_added`,
+    /// `backend_removed`, `weight_changed`, `drained`, `undrained`,
+    /// `backend_setting`), `text` says it in words.
+    #[schema(value_type = Vec<Object>)]
+    pub changes: Vec<serde_json::Value>,
+    /// Each backend whose share of its VIP's Maglev table moves.
+    #[schema(value_type = Vec<ShareMoveView>)]
+    pub table_shares: Vec<ShareMove>,
+    /// Maglev tables switched in (each changed VIP once; 0 for a dry run).
+    pub tables_switched: u64,
+}
+
+/// A backend's share of its VIP's table, before and after.
+#[derive(Serialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct ShareMoveView {
+    vip: String,
+    backend: String,
+    from: f64,
+    to: f64,
+}
+
+fn change_view(o: ChangeOutcome) -> ChangeView {
+    ChangeView {
+        revision: o.revision,
+        dry_run: o.dry_run,
+        changed: !o.changes.is_empty(),
+        changes: o.changes.iter().map(|c| c.to_json()).collect(),
+        table_shares: o.shares,
+        tables_switched: o.tables_flipped,
+    }
+}
+
+#[utoipa::path(get, path = "/v1/status", tag = "status",
+    responses((status = 200, description = "Summary", body = StatusView)))]
+async fn status(State(h): State<ControllerHandle>) -> ApiResult<impl IntoResponse> {
     let snap = h.snapshot().await?;
     let c = h.counters().await?;
     let sum = |action: u32| {
@@ -524,28 +825,34 @@ async fn status(State(h): State<ControllerHandle>) -> ApiResult<Json<StatusView>
             .map(|r| c.reason(*r))
             .sum()
     };
-    Ok(Json(StatusView {
-        version: env!("CARGO_PKG_VERSION"),
-        uptime_seconds: snap.uptime.as_secs(),
-        adopted: snap.adopted,
-        vips: snap.config.vips.len(),
-        backends: snap.config.vips.iter().map(|v| v.backends.len()).sum(),
-        backends_down: snap
-            .steering
-            .values()
-            .flat_map(|v| v.backends.values())
-            .filter(|b| b.health.as_ref().is_some_and(|h| !h.up))
-            .count(),
-        vips_saturated: snap.steering.values().filter(|v| v.vip.saturated).count(),
-        vips_all_down: snap.steering.values().filter(|v| v.vip.all_down).count(),
-        serving_addresses: snap.serving.iter().copied().collect(),
-        bgp: snap.config.bgp.is_some(),
-        packets_forwarded: sum(lb_common::xdp_action::XDP_TX),
-        packets_passed: sum(lb_common::xdp_action::XDP_PASS),
-        packets_dropped: sum(lb_common::xdp_action::XDP_DROP),
-    }))
+    Ok((
+        etag(snap.revision),
+        Json(StatusView {
+            version: env!("CARGO_PKG_VERSION"),
+            revision: snap.revision,
+            uptime_seconds: snap.uptime.as_secs(),
+            adopted: snap.adopted,
+            vips: snap.config.vips.len(),
+            backends: snap.config.vips.iter().map(|v| v.backends.len()).sum(),
+            backends_down: snap
+                .steering
+                .values()
+                .flat_map(|v| v.backends.values())
+                .filter(|b| b.health.as_ref().is_some_and(|h| !h.up))
+                .count(),
+            vips_saturated: snap.steering.values().filter(|v| v.vip.saturated).count(),
+            vips_all_down: snap.steering.values().filter(|v| v.vip.all_down).count(),
+            serving_addresses: snap.serving.iter().copied().collect(),
+            bgp: snap.config.bgp.is_some(),
+            packets_forwarded: sum(lb_common::xdp_action::XDP_TX),
+            packets_passed: sum(lb_common::xdp_action::XDP_PASS),
+            packets_dropped: sum(lb_common::xdp_action::XDP_DROP),
+        }),
+    ))
 }
 
+#[utoipa::path(get, path = "/v1/stats", tag = "status",
+    responses((status = 200, description = "Every counter", body = StatsView)))]
 async fn stats(State(h): State<ControllerHandle>) -> ApiResult<Json<StatsView>> {
     let c = h.counters().await?;
     Ok(Json(StatsView {
@@ -580,31 +887,188 @@ async fn stats(State(h): State<ControllerHandle>) -> ApiResult<Json<StatsView>> 
     }))
 }
 
-async fn list_vips(State(h): State<ControllerHandle>) -> ApiResult<Json<Vec<VipView>>> {
-    let snap = h.snapshot().await?;
-    Ok(Json(
-        snap.config
-            .vips
-            .iter()
-            .map(|v| vip_view(v, &snap))
-            .collect(),
-    ))
+/// `GET /v1/vips` parameters.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct ListParams {
+    /// `true`: the desired state as a document (what `PUT /v1/vips` takes)
+    /// instead of the VIPs' views.
+    spec: Option<bool>,
+    /// With `spec`: `json` (default) or `toml`.
+    format: Option<String>,
 }
 
+#[utoipa::path(get, path = "/v1/vips", tag = "vips", params(ListParams),
+    responses(
+        (status = 200, description = "The VIPs (or, with spec=true, the desired state as a document); ETag: the revision",
+         body = Vec<VipView>,
+         headers(("ETag" = String, description = "The revision, \"N\""))),
+        (status = 400, description = "A bad parameter", body = ErrorBody, content_type = "application/problem+json")))]
+async fn list_vips(State(h): State<ControllerHandle>, uri: axum::http::Uri) -> ApiResult<Response> {
+    let q = query(&uri, &["spec", "format"])?;
+    let snap = h.snapshot().await?;
+    if flag(&q, "spec")? {
+        let doc = VipsDocument {
+            revision: Some(snap.revision),
+            vips: snap.config.vips.clone(),
+        };
+        return match q.get("format").map(String::as_str) {
+            None | Some("json") => Ok((etag(snap.revision), Json(doc.to_json())).into_response()),
+            Some("toml") => Ok((
+                etag(snap.revision),
+                [(header::CONTENT_TYPE, "application/toml")],
+                doc.to_toml(),
+            )
+                .into_response()),
+            Some(other) => Err(ApiError::input(vec![Problem {
+                field: "query.format".into(),
+                message: format!("{other:?} is not json or toml"),
+            }])),
+        };
+    }
+    if q.contains_key("format") {
+        return Err(ApiError::input(vec![Problem {
+            field: "query.format".into(),
+            message: "only with spec=true".into(),
+        }]));
+    }
+    let views: Vec<VipView> = snap
+        .config
+        .vips
+        .iter()
+        .map(|v| vip_view(v, &snap))
+        .collect();
+    Ok((etag(snap.revision), Json(views)).into_response())
+}
+
+/// Whether a body is TOML (`Content-Type: application/toml`) rather than
+/// JSON (anything else).
+fn is_toml(headers: &header::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.trim().starts_with("application/toml"))
+}
+
+/// `If-Match` and a document's own `revision` together: the document's
+/// applies when there is no header; both must agree when both are given.
+fn precondition(header: Option<u64>, doc: Option<u64>) -> ApiResult<Option<u64>> {
+    match (header, doc) {
+        (Some(h), Some(d)) if h != d => Err(ApiError::input(vec![Problem {
+            field: "revision".into(),
+            message: format!(
+                "the document's revision {d} and If-Match's {h} differ: give one, or the same"
+            ),
+        }])),
+        (h, d) => Ok(h.or(d)),
+    }
+}
+
+#[utoipa::path(put, path = "/v1/vips", tag = "vips",
+    params(("dry_run" = Option<bool>, Query, description = "Answer what would change, change nothing"),
+           ("If-Match" = Option<String>, Header, description = "Apply only at this revision (\"N\")")),
+    request_body(description = "The whole desired state of the VIPs (JSON, or TOML with Content-Type: application/toml)",
+        content((config::RawDocument = "application/json"), (config::RawDocument = "application/toml"))),
+    responses(
+        (status = 200, description = "Applied (or, dry run, what would be); ETag: the revision", body = ChangeView),
+        (status = 400, description = "A bad document: every problem with its field", body = ErrorBody, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match no longer matches; nothing changed", body = ErrorBody, content_type = "application/problem+json"),
+        (status = 413, description = "Body over the limit", body = ErrorBody, content_type = "application/problem+json"),
+        (status = 422, description = "The state the config cannot take", body = ErrorBody, content_type = "application/problem+json")))]
+async fn replace_vips(
+    State(h): State<ControllerHandle>,
+    w: Write,
+    headers: header::HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let b = body(b)?;
+    let snap = h.snapshot().await?;
+    let balancer = &snap.config.balancer;
+    let doc = if is_toml(&headers) {
+        VipsDocument::from_toml(&b, balancer)
+    } else {
+        VipsDocument::from_json(&b, balancer)
+    }
+    .map_err(ApiError::input)?;
+    let mut req = w.request(Change::ReplaceAll { vips: doc.vips });
+    req.if_match = precondition(w.if_match, doc.revision)?;
+    let outcome = h.submit(req).await?;
+    Ok((etag(outcome.revision), Json(change_view(outcome))).into_response())
+}
+
+#[utoipa::path(put, path = "/v1/vips/{vip}", tag = "vips",
+    params(("vip" = String, Path, description = "ADDRESS-PORT-PROTOCOL"),
+           ("dry_run" = Option<bool>, Query, description = "Answer what would change, change nothing"),
+           ("If-Match" = Option<String>, Header, description = "Apply only at this revision (\"N\")")),
+    request_body(description = "The VIP as a [[vip]] table (JSON, or TOML with Content-Type: application/toml)",
+        content((config::RawVip = "application/json"), (config::RawVip = "application/toml"))),
+    responses(
+        (status = 200, description = "Replaced (or, dry run, what would be)", body = ChangeView),
+        (status = 201, description = "Added", body = ChangeView),
+        (status = 400, description = "A bad VIP: every problem with its field", body = ErrorBody, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match no longer matches; nothing changed", body = ErrorBody, content_type = "application/problem+json"),
+        (status = 422, description = "The state the config cannot take", body = ErrorBody, content_type = "application/problem+json")))]
+async fn replace_vip(
+    State(h): State<ControllerHandle>,
+    w: Write,
+    UrlPath(vip): UrlPath<String>,
+    headers: header::HeaderMap,
+    b: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let addr = vip_param(&vip)?;
+    let b = body(b)?;
+    let snap = h.snapshot().await?;
+    let spec = if is_toml(&headers) {
+        config::vip_from_toml(&b, &snap.config.balancer)
+    } else {
+        config::vip_from_json(&b, &snap.config.balancer)
+    }
+    .map_err(ApiError::input)?;
+    if spec.addr != addr {
+        return Err(ApiError::input(vec![Problem {
+            field: "address".into(),
+            message: format!("the body is VIP {}, the path VIP {addr}", spec.addr),
+        }]));
+    }
+    let added = !snap.config.vips.iter().any(|v| v.addr == addr);
+    let outcome = h
+        .submit(w.request(Change::ReplaceVip {
+            vip: addr,
+            spec: Box::new(spec),
+        }))
+        .await?;
+    let status = if added && !outcome.dry_run {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, etag(outcome.revision), Json(change_view(outcome))).into_response())
+}
+
+#[utoipa::path(post, path = "/v1/vips", tag = "vips",
+    request_body(content = config::RawVip, description = "A VIP as a [[vip]] table"),
+    responses(
+        (status = 201, description = "Added", body = VipView),
+        (status = 400, description = "A bad VIP", body = ErrorBody, content_type = "application/problem+json"),
+        (status = 409, description = "The VIP exists", body = ErrorBody, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match no longer matches", body = ErrorBody, content_type = "application/problem+json")))]
 async fn create_vip(
     State(h): State<ControllerHandle>,
-    Extension(caller): Extension<Caller>,
+    w: Write,
     b: Result<Bytes, BytesRejection>,
-) -> ApiResult<(StatusCode, Json<VipView>)> {
+) -> ApiResult<Response> {
     let b = body(b)?;
     let snap = h.snapshot().await?;
     let vip = config::vip_from_json(&b, &snap.config.balancer).map_err(ApiError::input)?;
     let addr = vip.addr;
-    h.change(Change::add_vip(vip), &caller.0).await?;
-    Ok((StatusCode::CREATED, Json(show(&h, &addr).await?)))
+    h.submit(w.request(Change::add_vip(vip))).await?;
+    let (revision, view) = show(&h, &addr).await?;
+    Ok((StatusCode::CREATED, etag(revision), Json(view)).into_response())
 }
 
-async fn show(h: &ControllerHandle, addr: &VipAddr) -> ApiResult<VipView> {
+/// The VIP's view and the revision it was read at.
+async fn show(h: &ControllerHandle, addr: &VipAddr) -> ApiResult<(u64, VipView)> {
     let snap = h.snapshot().await?;
     let v = snap
         .config
@@ -612,77 +1076,105 @@ async fn show(h: &ControllerHandle, addr: &VipAddr) -> ApiResult<VipView> {
         .iter()
         .find(|v| v.addr == *addr)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no VIP {addr}")))?;
-    Ok(vip_view(v, &snap))
+    Ok((snap.revision, vip_view(v, &snap)))
 }
 
+#[utoipa::path(get, path = "/v1/vips/{vip}", tag = "vips",
+    params(("vip" = String, Path, description = "ADDRESS-PORT-PROTOCOL")),
+    responses((status = 200, description = "The VIP; ETag: the revision", body = VipView),
+              (status = 404, description = "No such VIP", body = ErrorBody, content_type = "application/problem+json")))]
 async fn get_vip(
     State(h): State<ControllerHandle>,
     UrlPath(vip): UrlPath<String>,
-) -> ApiResult<Json<VipView>> {
-    Ok(Json(show(&h, &vip_param(&vip)?).await?))
+) -> ApiResult<Response> {
+    let (revision, view) = show(&h, &vip_param(&vip)?).await?;
+    Ok((etag(revision), Json(view)).into_response())
 }
 
+#[utoipa::path(patch, path = "/v1/vips/{vip}", tag = "vips",
+    params(("vip" = String, Path, description = "ADDRESS-PORT-PROTOCOL")),
+    request_body(content = Object, description = "scheduler, hash_fields, on_backend_down, on_all_down, slow_start"),
+    responses((status = 200, description = "Changed", body = VipView),
+              (status = 400, description = "Bad input", body = ErrorBody, content_type = "application/problem+json"),
+              (status = 404, description = "No such VIP", body = ErrorBody, content_type = "application/problem+json"),
+              (status = 412, description = "If-Match no longer matches", body = ErrorBody, content_type = "application/problem+json")))]
 async fn update_vip(
     State(h): State<ControllerHandle>,
-    Extension(caller): Extension<Caller>,
+    w: Write,
     UrlPath(vip): UrlPath<String>,
     b: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<VipView>> {
+) -> ApiResult<Response> {
     let vip = vip_param(&vip)?;
     let patch = config::vip_patch_from_json(&body(b)?).map_err(ApiError::input)?;
-    h.change(
-        Change::UpdateVip {
-            vip,
-            patch: crate::desired::change::Patch(patch),
-        },
-        &caller.0,
-    )
+    h.submit(w.request(Change::UpdateVip {
+        vip,
+        patch: crate::desired::change::Patch(patch),
+    }))
     .await?;
-    Ok(Json(show(&h, &vip).await?))
+    let (revision, view) = show(&h, &vip).await?;
+    Ok((etag(revision), Json(view)).into_response())
 }
 
+#[utoipa::path(delete, path = "/v1/vips/{vip}", tag = "vips",
+    params(("vip" = String, Path, description = "ADDRESS-PORT-PROTOCOL")),
+    responses((status = 204, description = "Removed"),
+              (status = 404, description = "No such VIP", body = ErrorBody, content_type = "application/problem+json"),
+              (status = 412, description = "If-Match no longer matches", body = ErrorBody, content_type = "application/problem+json")))]
 async fn delete_vip(
     State(h): State<ControllerHandle>,
-    Extension(caller): Extension<Caller>,
+    w: Write,
     UrlPath(vip): UrlPath<String>,
-) -> ApiResult<StatusCode> {
-    h.change(
-        Change::RemoveVip {
+) -> ApiResult<Response> {
+    let o = h
+        .submit(w.request(Change::RemoveVip {
             vip: vip_param(&vip)?,
-        },
-        &caller.0,
-    )
-    .await?;
-    Ok(StatusCode::NO_CONTENT)
+        }))
+        .await?;
+    Ok((StatusCode::NO_CONTENT, etag(o.revision)).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/vips/{vip}/backends", tag = "backends",
+    params(("vip" = String, Path, description = "ADDRESS-PORT-PROTOCOL")),
+    responses((status = 200, description = "The VIP's backends", body = Vec<BackendView>),
+              (status = 404, description = "No such VIP", body = ErrorBody, content_type = "application/problem+json")))]
 async fn list_backends(
     State(h): State<ControllerHandle>,
     UrlPath(vip): UrlPath<String>,
-) -> ApiResult<Json<Vec<BackendView>>> {
-    Ok(Json(show(&h, &vip_param(&vip)?).await?.backends))
+) -> ApiResult<Response> {
+    let (revision, view) = show(&h, &vip_param(&vip)?).await?;
+    Ok((etag(revision), Json(view.backends)).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/vips/{vip}/backends", tag = "backends",
+    params(("vip" = String, Path, description = "ADDRESS-PORT-PROTOCOL")),
+    request_body(content = config::RawBackend, description = "address, weight, drained, health, load"),
+    responses((status = 201, description = "Added", body = BackendView),
+              (status = 400, description = "Bad input", body = ErrorBody, content_type = "application/problem+json"),
+              (status = 404, description = "No such VIP", body = ErrorBody, content_type = "application/problem+json"),
+              (status = 409, description = "The backend exists", body = ErrorBody, content_type = "application/problem+json"),
+              (status = 412, description = "If-Match no longer matches", body = ErrorBody, content_type = "application/problem+json")))]
 async fn add_backend(
     State(h): State<ControllerHandle>,
-    Extension(caller): Extension<Caller>,
+    w: Write,
     UrlPath(vip): UrlPath<String>,
     b: Result<Bytes, BytesRejection>,
-) -> ApiResult<(StatusCode, Json<BackendView>)> {
+) -> ApiResult<Response> {
     let vip = vip_param(&vip)?;
     let backend = config::backend_from_json(&body(b)?).map_err(ApiError::input)?;
     let addr = backend.addr;
-    h.change(Change::add_backend(vip, backend), &caller.0)
+    h.submit(w.request(Change::add_backend(vip, backend)))
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(find_backend(&h, &vip, addr).await?),
-    ))
+    let (revision, view) = find_backend(&h, &vip, addr).await?;
+    Ok((StatusCode::CREATED, etag(revision), Json(view)).into_response())
 }
 
-async fn find_backend(h: &ControllerHandle, vip: &VipAddr, addr: IpAddr) -> ApiResult<BackendView> {
-    show(h, vip)
-        .await?
+async fn find_backend(
+    h: &ControllerHandle,
+    vip: &VipAddr,
+    addr: IpAddr,
+) -> ApiResult<(u64, BackendView)> {
+    let (revision, view) = show(h, vip).await?;
+    let b = view
         .backends
         .into_iter()
         .find(|b| b.address == addr)
@@ -691,24 +1183,35 @@ async fn find_backend(h: &ControllerHandle, vip: &VipAddr, addr: IpAddr) -> ApiR
                 StatusCode::NOT_FOUND,
                 format!("VIP {vip} has no backend {addr}"),
             )
-        })
+        })?;
+    Ok((revision, b))
 }
 
+#[utoipa::path(get, path = "/v1/vips/{vip}/backends/{addr}", tag = "backends",
+    params(("vip" = String, Path, description = "ADDRESS-PORT-PROTOCOL"), ("addr" = String, Path, description = "The backend's address")),
+    responses((status = 200, description = "The backend", body = BackendView),
+              (status = 404, description = "No such VIP or backend", body = ErrorBody, content_type = "application/problem+json")))]
 async fn get_backend(
     State(h): State<ControllerHandle>,
     UrlPath((vip, addr)): UrlPath<(String, String)>,
-) -> ApiResult<Json<BackendView>> {
-    Ok(Json(
-        find_backend(&h, &vip_param(&vip)?, backend_param(&addr)?).await?,
-    ))
+) -> ApiResult<Response> {
+    let (revision, view) = find_backend(&h, &vip_param(&vip)?, backend_param(&addr)?).await?;
+    Ok((etag(revision), Json(view)).into_response())
 }
 
+#[utoipa::path(patch, path = "/v1/vips/{vip}/backends/{addr}", tag = "backends",
+    params(("vip" = String, Path, description = "ADDRESS-PORT-PROTOCOL"), ("addr" = String, Path, description = "The backend's address")),
+    request_body(content = Object, description = "weight and/or drained"),
+    responses((status = 200, description = "Changed", body = BackendView),
+              (status = 400, description = "Bad input", body = ErrorBody, content_type = "application/problem+json"),
+              (status = 404, description = "No such VIP or backend", body = ErrorBody, content_type = "application/problem+json"),
+              (status = 412, description = "If-Match no longer matches", body = ErrorBody, content_type = "application/problem+json")))]
 async fn update_backend(
     State(h): State<ControllerHandle>,
-    Extension(caller): Extension<Caller>,
+    w: Write,
     UrlPath((vip, addr)): UrlPath<(String, String)>,
     b: Result<Bytes, BytesRejection>,
-) -> ApiResult<Json<BackendView>> {
+) -> ApiResult<Response> {
     let (vip, addr) = (vip_param(&vip)?, backend_param(&addr)?);
     let patch = config::backend_patch_from_json(&body(b)?).map_err(ApiError::input)?;
     let change = Change::UpdateBackend {
@@ -717,21 +1220,103 @@ async fn update_backend(
         weight: patch.weight,
         drained: patch.drained,
     };
-    h.change(change, &caller.0).await?;
-    Ok(Json(find_backend(&h, &vip, addr).await?))
+    h.submit(w.request(change)).await?;
+    let (revision, view) = find_backend(&h, &vip, addr).await?;
+    Ok((etag(revision), Json(view)).into_response())
 }
 
+#[utoipa::path(delete, path = "/v1/vips/{vip}/backends/{addr}", tag = "backends",
+    params(("vip" = String, Path, description = "ADDRESS-PORT-PROTOCOL"), ("addr" = String, Path, description = "The backend's address")),
+    responses((status = 204, description = "Removed"),
+              (status = 404, description = "No such VIP or backend", body = ErrorBody, content_type = "application/problem+json"),
+              (status = 412, description = "If-Match no longer matches", body = ErrorBody, content_type = "application/problem+json")))]
 async fn delete_backend(
     State(h): State<ControllerHandle>,
-    Extension(caller): Extension<Caller>,
+    w: Write,
     UrlPath((vip, addr)): UrlPath<(String, String)>,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Response> {
     let change = Change::RemoveBackend {
         vip: vip_param(&vip)?,
         backend: backend_param(&addr)?,
     };
-    h.change(change, &caller.0).await?;
-    Ok(StatusCode::NO_CONTENT)
+    let o = h.submit(w.request(change)).await?;
+    Ok((StatusCode::NO_CONTENT, etag(o.revision)).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/vips/{vip}/flows", tag = "vips",
+    params(("vip" = String, Path, description = "ADDRESS-PORT-PROTOCOL"),
+           ("client" = Option<String>, Query, description = "ADDRESS:PORT ([ADDRESS]:PORT for IPv6): that client's flow's entry")),
+    responses((status = 200, description = "The VIP's live entries per backend", body = Flows),
+              (status = 404, description = "No such VIP", body = ErrorBody, content_type = "application/problem+json")))]
+async fn vip_flows(
+    State(h): State<ControllerHandle>,
+    UrlPath(vip): UrlPath<String>,
+    uri: axum::http::Uri,
+) -> ApiResult<Json<Flows>> {
+    let vip = vip_param(&vip)?;
+    let q = query(&uri, &["client"])?;
+    let client = match q.get("client") {
+        None => None,
+        Some(c) => Some(c.parse::<SocketAddr>().map_err(|_| {
+            ApiError::input(vec![Problem {
+                field: "query.client".into(),
+                message: format!("{c:?} is not ADDRESS:PORT (IPv6: [ADDRESS]:PORT)"),
+            }])
+        })?),
+    };
+    Ok(Json(h.flows(vip, client).await?))
+}
+
+/// `GET /v1/ready`, `GET /v1/live`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Health {
+    pub ok: bool,
+    pub detail: &'static str,
+}
+
+#[utoipa::path(get, path = "/v1/ready", tag = "status",
+    responses((status = 200, description = "Ready: the data plane is attached and the config applied", body = Health),
+              (status = 503, description = "Not ready (starting, or stopping)", body = Health)))]
+async fn ready(State(h): State<ControllerHandle>) -> (StatusCode, Json<Health>) {
+    if h.ready() {
+        (
+            StatusCode::OK,
+            Json(Health {
+                ok: true,
+                detail: "the data plane is attached and the config applied",
+            }),
+        )
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                ok: false,
+                detail: "not ready: starting (data plane not attached or config not applied yet) or stopping",
+            }),
+        )
+    }
+}
+
+#[utoipa::path(get, path = "/v1/live", tag = "status",
+    responses((status = 200, description = "Alive: the controller answers", body = Health),
+              (status = 503, description = "The controller does not answer within 2 s", body = Health)))]
+async fn live(State(h): State<ControllerHandle>) -> (StatusCode, Json<Health>) {
+    match tokio::time::timeout(std::time::Duration::from_secs(2), h.snapshot()).await {
+        Ok(Ok(_)) => (
+            StatusCode::OK,
+            Json(Health {
+                ok: true,
+                detail: "the controller answers",
+            }),
+        ),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                ok: false,
+                detail: "the controller does not answer",
+            }),
+        ),
+    }
 }
 
 /// `POST /v1/backends/ADDR/load`: a node's load, shaped like an ORCA load
@@ -841,6 +1426,13 @@ pub fn load_report_from_json(
     })
 }
 
+#[utoipa::path(post, path = "/v1/backends/{addr}/load", tag = "load",
+    params(("addr" = String, Path, description = "The node's address (a backend of a VIP that follows load)")),
+    request_body(content = Object, description = "An ORCA-shaped load report (see LoadBody in the docs)"),
+    responses((status = 204, description = "Taken"),
+              (status = 400, description = "A bad report", body = ErrorBody, content_type = "application/problem+json"),
+              (status = 404, description = "No backend of any VIP", body = ErrorBody, content_type = "application/problem+json"),
+              (status = 409, description = "No VIP of the backend follows load", body = ErrorBody, content_type = "application/problem+json")))]
 async fn push_load(
     State(h): State<ControllerHandle>,
     UrlPath(addr): UrlPath<String>,
@@ -868,27 +1460,56 @@ async fn not_found() -> ApiError {
     )
 }
 
+/// The OpenAPI document's frame; the paths come from the handlers.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "lbd control API",
+        description = "The control API of lbd, the XDP layer-4 load balancer: VIPs, backends, load reports, status. Served on lbd's Unix socket (every caller an admin) and, over TLS with bearer tokens or client certificates, on TCP, where a caller of role read may only GET (anything else: 403); this document is at /v1/openapi.json (and `lbd openapi` prints it)."
+    ),
+    components(schemas(ErrorBody, ProblemItem, ShareMoveView))
+)]
+struct ApiDoc;
+
+/// The routes and their OpenAPI document, from the same handlers: a
+/// route without a document entry cannot be added here.
+fn documented_routes() -> (Router<ControllerHandle>, utoipa::openapi::OpenApi) {
+    use utoipa::OpenApi;
+    use utoipa_axum::{router::OpenApiRouter, routes};
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(status))
+        .routes(routes!(stats))
+        .routes(routes!(ready))
+        .routes(routes!(live))
+        .routes(routes!(list_vips, create_vip, replace_vips))
+        .routes(routes!(get_vip, update_vip, delete_vip, replace_vip))
+        .routes(routes!(list_backends, add_backend))
+        .routes(routes!(get_backend, update_backend, delete_backend))
+        .routes(routes!(vip_flows))
+        .routes(routes!(push_load))
+        .split_for_parts()
+}
+
+/// The OpenAPI 3.1 document of `/v1` (what `/v1/openapi.json` serves and
+/// docs/openapi.json holds).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let mut doc = documented_routes().1;
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc
+}
+
 /// The routes, without authentication (each listener adds its own).
 fn routes(handle: ControllerHandle) -> Router {
-    Router::new()
-        .route("/v1/status", get(status))
-        .route("/v1/stats", get(stats))
-        .route("/v1/vips", get(list_vips).post(create_vip))
+    let (router, _) = documented_routes();
+    let document = serde_json::to_value(openapi()).expect("the document serializes");
+    router
         .route(
-            "/v1/vips/{vip}",
-            get(get_vip).patch(update_vip).delete(delete_vip),
+            "/v1/openapi.json",
+            get(move || {
+                let document = document.clone();
+                async move { Json(document) }
+            }),
         )
-        .route(
-            "/v1/vips/{vip}/backends",
-            get(list_backends).post(add_backend),
-        )
-        .route(
-            "/v1/vips/{vip}/backends/{addr}",
-            get(get_backend)
-                .patch(update_backend)
-                .delete(delete_backend),
-        )
-        .route("/v1/backends/{addr}/load", axum::routing::post(push_load))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(handle)
@@ -1049,6 +1670,7 @@ pub async fn serve_unix(
     let app = routes(handle)
         .layer(middleware::from_fn_with_state(audit, audit_requests))
         .layer(middleware::from_fn(unix_caller))
+        .layer(middleware::from_fn(problem_errors))
         .layer(middleware::from_fn(count_requests));
     Ok(async move {
         axum::serve(
@@ -1076,6 +1698,7 @@ pub async fn serve_tcp(
     let app = routes(handle)
         .layer(middleware::from_fn_with_state(audit, audit_requests))
         .layer(middleware::from_fn_with_state(auth, bearer_caller))
+        .layer(middleware::from_fn(problem_errors))
         .layer(middleware::from_fn(count_requests));
     Ok(async move {
         axum::serve(

@@ -84,10 +84,26 @@ fn tls_hint(e: &rustls::Error) -> &'static str {
 #[derive(Clone, Debug)]
 pub struct Response {
     pub status: u16,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
 
 impl Response {
+    /// The first header named `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The revision of an `ETag: "N"`.
+    pub fn revision(&self) -> Option<u64> {
+        self.header("etag")?.trim_matches('"').parse().ok()
+    }
+
     /// The `error` of an error body, or the body as text.
     pub fn error_message(&self) -> String {
         serde_json::from_slice::<serde_json::Value>(&self.body)
@@ -153,6 +169,18 @@ impl Endpoint {
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<Response, ClientError> {
+        self.request_with(method, path, body, &[])
+    }
+
+    /// Sends `method path` with an optional body and extra headers (a
+    /// `Content-Type` there replaces `application/json`).
+    pub fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        headers: &[(&str, &str)],
+    ) -> Result<Response, ClientError> {
         let unreachable = |source: std::io::Error| {
             let tls = source
                 .get_ref()
@@ -174,19 +202,29 @@ impl Endpoint {
             head += &format!("Authorization: Bearer {token}\r\n");
         }
         let body = body.unwrap_or_default();
-        head += &format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
+        if !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
+            head += "Content-Type: application/json\r\n";
+        }
+        for (k, v) in headers {
+            head += &format!("{k}: {v}\r\n");
+        }
+        head += &format!("Content-Length: {}\r\n\r\n", body.len());
         s.write_all(head.as_bytes()).map_err(unreachable)?;
-        s.write_all(body).map_err(unreachable)?;
+        // lbd may answer (413) and close before the whole body is sent:
+        // read its answer all the same.
+        let sent = s.write_all(body);
         let mut raw = Vec::new();
-        match s.read_to_end(&mut raw) {
-            Ok(_) => {}
-            // lbd closes without TLS close_notify after `Connection: close`
-            // answers; the answer is complete all the same.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
-            Err(e) => return Err(unreachable(e)),
+        let read = s.read_to_end(&mut raw);
+        // lbd closes without TLS close_notify after `Connection: close`
+        // answers, and may close before reading a body it refuses: an
+        // answer read is complete all the same. Without one, the read's
+        // error first (a refused TLS handshake shows there, as the alert).
+        if raw.is_empty() {
+            read.map_err(unreachable)?;
+            sent.map_err(unreachable)?;
         }
         parse_response(&raw)
     }
@@ -205,17 +243,24 @@ fn parse_response(raw: &[u8]) -> Result<Response, ClientError> {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| bad("no status line"))?;
-    let chunked = lines.any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
     let rest = &raw[split + 4..];
     let body = if chunked {
         dechunk(rest).ok_or_else(|| bad("bad chunked body"))?
     } else {
         rest.to_vec()
     };
-    Ok(Response { status, body })
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
 }
 
 fn dechunk(mut data: &[u8]) -> Option<Vec<u8>> {

@@ -33,8 +33,9 @@ use crate::{
     dataplane::{BackendState, Counters, Dataplane, DataplaneError, MapUsage},
     desired::change::{Change, ChangeError},
     desired::config::{self, Config, ConfigFile, SaveError},
-    desired::diff,
+    desired::diff::{self, StateChange},
     desired::policy::{HealthCheck, ScrapeTarget},
+    desired::state_file::StateFile,
     desired::vip::{Scheduler, Vip, VipAddr},
     host::bgp::Announcement,
     host::bgp_status::BgpStatus,
@@ -63,6 +64,8 @@ pub struct Snapshot {
     pub probes: ProbeStats,
     /// VIP addresses with a healthy backend: what `[bgp]` announces.
     pub serving: std::collections::BTreeSet<IpAddr>,
+    /// The desired state's revision (see [`Controller::with_revision`]).
+    pub revision: u64,
 }
 
 /// A VIP's health and load, for views.
@@ -101,8 +104,46 @@ impl Snapshot {
             steering: BTreeMap::new(),
             probes: ProbeStats::default(),
             serving: Default::default(),
+            revision: 0,
         }
     }
+}
+
+/// A change as the API asks for it.
+#[derive(Clone, Debug)]
+pub struct ChangeRequest {
+    pub change: Change,
+    /// Who asks (for the log).
+    pub caller: String,
+    /// The revision the change is based on (`If-Match`): refused with
+    /// [`ControllerError::PreconditionFailed`] unless it is the current one.
+    pub if_match: Option<u64>,
+    /// Only work out what would change; change nothing.
+    pub dry_run: bool,
+}
+
+/// What a change did or, in a dry run, would do.
+#[derive(Clone, Debug, Default)]
+pub struct ChangeOutcome {
+    /// The revision after the change: the same as before for a dry run
+    /// and for a change that changed nothing.
+    pub revision: u64,
+    pub dry_run: bool,
+    /// Every change of the desired state, VIPs in address order.
+    pub changes: Vec<StateChange>,
+    /// Every backend whose share of its VIP's table moves.
+    pub shares: Vec<ShareMove>,
+    /// Maglev tables switched in (0 for a dry run, or when nothing changed).
+    pub tables_flipped: u64,
+}
+
+/// A backend's share of its VIP's table before and after a change.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ShareMove {
+    pub vip: String,
+    pub backend: IpAddr,
+    pub from: f64,
+    pub to: f64,
 }
 
 /// Why a change failed.
@@ -123,6 +164,11 @@ pub enum ControllerError {
     NotFound(String),
     #[error("{0}")]
     Refused(String),
+    #[error(
+        "If-Match: revision {given} is not the current revision {current} (the state changed \
+         since it was read); read it again and retry; nothing changed"
+    )]
+    PreconditionFailed { given: u64, current: u64 },
 }
 
 /// Everything the metrics endpoint exports, read in one request.
@@ -160,9 +206,8 @@ enum Request {
     Scrape(oneshot::Sender<Result<Scrape, String>>),
     Snapshot(oneshot::Sender<Snapshot>),
     Change(
-        Box<Change>,
-        String,
-        oneshot::Sender<Result<(), ControllerError>>,
+        Box<ChangeRequest>,
+        oneshot::Sender<Result<ChangeOutcome, ControllerError>>,
     ),
     /// A reloaded config file (SIGHUP), and who asked.
     Reload(
@@ -183,6 +228,12 @@ enum Request {
         node: IpAddr,
         result: Box<Result<LoadReport, ScrapeError>>,
     },
+    /// The connection table's entries of a VIP (and one client's flow).
+    Flows(
+        VipAddr,
+        Option<std::net::SocketAddr>,
+        oneshot::Sender<Result<Flows, ControllerError>>,
+    ),
     /// A load report pushed to the API.
     Push(
         IpAddr,
@@ -191,10 +242,26 @@ enum Request {
     ),
 }
 
+/// A VIP's entries in the connection table.
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
+pub struct Flows {
+    pub vip: String,
+    /// Per backend address: its live entries.
+    #[schema(value_type = BTreeMap<String, crate::dataplane::FlowCounts>)]
+    pub backends: BTreeMap<IpAddr, crate::dataplane::FlowCounts>,
+    /// With `client`: that flow's entry, `null` when it has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<Option<crate::dataplane::FlowEntry>>,
+    /// How long reading the tables took.
+    pub read_ms: f64,
+}
+
 /// A cheap, cloneable way to ask the controller for things.
 #[derive(Clone)]
 pub struct ControllerHandle {
     tx: mpsc::Sender<Request>,
+    /// Set once the data plane is attached and the config applied.
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ControllerHandle {
@@ -208,6 +275,27 @@ impl ControllerHandle {
             .await
             .map_err(|_| ControllerError::Stopped)?;
         rx.await.map_err(|_| ControllerError::Stopped)
+    }
+
+    /// Whether lbd is ready: the data plane attached, the config applied.
+    pub fn ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Says lbd is ready (or, shutting down, no longer).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready
+            .store(ready, std::sync::atomic::Ordering::Release);
+    }
+
+    /// VIP `vip`'s entries in the connection table, per backend; with
+    /// `client`, that client's flow's entry.
+    pub async fn flows(
+        &self,
+        vip: VipAddr,
+        client: Option<std::net::SocketAddr>,
+    ) -> Result<Flows, ControllerError> {
+        self.ask(|tx| Request::Flows(vip, client, tx)).await?
     }
 
     /// A snapshot of the data plane's counters.
@@ -231,8 +319,20 @@ impl ControllerHandle {
 
     /// Makes `change` on behalf of `caller` (recorded in the audit log).
     pub async fn change(&self, change: Change, caller: &str) -> Result<(), ControllerError> {
-        self.ask(|tx| Request::Change(Box::new(change), caller.to_string(), tx))
-            .await?
+        self.submit(ChangeRequest {
+            change,
+            caller: caller.to_string(),
+            if_match: None,
+            dry_run: false,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Makes (or, with `dry_run`, works out) a change; one step, however
+    /// many VIPs and backends it touches.
+    pub async fn submit(&self, req: ChangeRequest) -> Result<ChangeOutcome, ControllerError> {
+        self.ask(|tx| Request::Change(Box::new(req), tx)).await?
     }
 
     /// Applies a reloaded config file as a diff (SIGHUP): settings that
@@ -308,6 +408,10 @@ pub struct Controller {
     /// The host checks' warnings about the desired state (each is logged
     /// once, when it first appears).
     host_warnings: Vec<String>,
+    /// The desired state's revision: one more with every change of it.
+    revision: u64,
+    /// Where API changes are persisted instead of the config file.
+    state_file: Option<StateFile>,
 }
 
 /// A reload as the audit log records it.
@@ -357,8 +461,25 @@ impl Controller {
             stats: ProbeStats::default(),
             scrape_ok: HashMap::new(),
             announce: None,
+            revision: 0,
+            state_file: None,
         };
-        (controller, ControllerHandle { tx })
+        (
+            controller,
+            ControllerHandle {
+                tx,
+                ready: Default::default(),
+            },
+        )
+    }
+
+    /// Starts counting revisions at `revision`; with `state_file`, changes
+    /// (and the revision) are persisted there and never to the config file
+    /// (see [`crate::desired::state_file`]).
+    pub fn with_revision(mut self, revision: u64, state_file: Option<StateFile>) -> Controller {
+        self.revision = revision;
+        self.state_file = state_file;
+        self
     }
 
     /// Starts following the VIPs' health with BGP announcements (call it
@@ -552,16 +673,21 @@ impl Controller {
                 let result = Scrape::read(&self.dp, self.snapshot());
                 let _ = reply.send(result.map_err(|e| format!("{e:#}")));
             }
-            Request::Change(change, caller, reply) => {
-                let _cause = tracing::info_span!("change", cause = ?caller).entered();
-                let result = change
-                    .apply_to(&self.config)
-                    .map_err(ControllerError::from)
-                    .and_then(|next| self.commit(next, true));
-                if let Err(e) = &result {
-                    tracing::info!(error = %e, "change refused");
-                } else {
-                    tracing::info!(change = ?change_summary(&change), "change applied");
+            Request::Change(req, reply) => {
+                let _cause = tracing::info_span!("change", cause = ?req.caller).entered();
+                let result = self.change(&req);
+                match &result {
+                    Err(e) => tracing::info!(error = %e, "change refused"),
+                    Ok(o) if o.dry_run => {
+                        tracing::debug!(change = ?change_summary(&req.change), "dry run")
+                    }
+                    Ok(o) if o.changes.is_empty() => {
+                        tracing::debug!(change = ?change_summary(&req.change), "nothing to change")
+                    }
+                    Ok(o) => tracing::info!(
+                        change = ?change_summary(&req.change), revision = o.revision,
+                        tables = o.tables_flipped, "change applied"
+                    ),
                 }
                 let _ = reply.send(result);
             }
@@ -572,6 +698,40 @@ impl Controller {
                 took,
             } => self.health_result(backend, &check, result, took),
             Request::Scraped { node, result } => self.scraped(node, *result),
+            Request::Flows(vip, client, reply) => {
+                let started = Instant::now();
+                let result = (|| {
+                    if !self.config.vips.iter().any(|v| v.addr == vip) {
+                        return Err(ControllerError::NotFound(format!("no VIP {vip}")));
+                    }
+                    let dp_err = |e: DataplaneError| {
+                        let mut text = e.to_string();
+                        let mut source = std::error::Error::source(&e);
+                        while let Some(s) = source {
+                            text += &format!(": {s}");
+                            source = s.source();
+                        }
+                        ControllerError::Dataplane(text)
+                    };
+                    let client = match client {
+                        Some(c) if vip.port == 0 => {
+                            return Err(ControllerError::Refused(format!(
+                                "VIP {vip} takes every port: a client's flow cannot be looked up without its \
+                                 destination port (client {c})"
+                            )));
+                        }
+                        Some(c) => Some(self.dp.client_flow(&vip, c).map_err(dp_err)?),
+                        None => None,
+                    };
+                    Ok(Flows {
+                        vip: vip.to_string(),
+                        backends: self.dp.vip_flows(&vip).map_err(dp_err)?,
+                        client,
+                        read_ms: started.elapsed().as_secs_f64() * 1000.0,
+                    })
+                })();
+                let _ = reply.send(result);
+            }
             Request::Push(_, None, reply) => {
                 *self.stats.reports.entry(("push", "invalid")).or_default() += 1;
                 let _ = reply.send(Ok(()));
@@ -622,6 +782,19 @@ impl Controller {
                     Some(Ok(p)) => Some(p),
                     None => None,
                 };
+                let mut config = config;
+                if let Some(state) = &self.state_file {
+                    // The state file holds the VIPs; the config file's are
+                    // only its seed.
+                    if !diff::diff(&self.config.vips, &config.vips).is_empty() {
+                        tracing::warn!(
+                            state_file = %state.path().display(),
+                            "the reloaded config file's [[vip]] tables differ from the state file's; \
+                             the state file's VIPs stay (api.state_file: change VIPs through the API)"
+                        );
+                    }
+                    config.vips = self.config.vips.clone();
+                }
                 let problems = config::reload_problems(&self.config, &config);
                 let result = if problems.is_empty() {
                     self.dp
@@ -659,6 +832,7 @@ impl Controller {
         }
         snap.probes = self.stats.clone();
         snap.serving = self.announcement().prefixes;
+        snap.revision = self.revision;
         for (source, n) in self.steering.stale_reports() {
             snap.probes.reports.insert((source.name(), "stale"), *n);
         }
@@ -743,37 +917,157 @@ impl Controller {
         }
     }
 
-    /// Makes `next` the desired state: persisted first (if `persist`), then
-    /// programmed; a failure to program puts the file back.
-    fn commit(&mut self, next: Config, persist: bool) -> Result<(), ControllerError> {
-        let warnings = match crate::host::checks::check(&next) {
-            Ok(report) if !report.problems.is_empty() => {
-                return Err(ControllerError::Rejected(ChangeError::Invalid {
-                    problems: report.problems,
-                }));
+    /// Handles a change request: the precondition, the change made to a
+    /// copy of the desired state and validated whole, then (unless a dry
+    /// run, or nothing changes) committed in one step.
+    fn change(&mut self, req: &ChangeRequest) -> Result<ChangeOutcome, ControllerError> {
+        if let Some(given) = req.if_match
+            && given != self.revision
+        {
+            return Err(ControllerError::PreconditionFailed {
+                given,
+                current: self.revision,
+            });
+        }
+        let started = Instant::now();
+        let next = req.change.apply_to(&self.config)?;
+        let changes = diff::diff(&self.config.vips, &next.vips);
+        let validated = started.elapsed();
+        let mut outcome = ChangeOutcome {
+            revision: self.revision,
+            dry_run: req.dry_run,
+            ..ChangeOutcome::default()
+        };
+        if changes.is_empty() {
+            return Ok(outcome);
+        }
+        let touched: Vec<VipAddr> = {
+            let mut t: Vec<VipAddr> = changes.iter().map(StateChange::vip).collect();
+            t.dedup();
+            t
+        };
+        let before = self.table_shares(&touched);
+        if req.dry_run {
+            self.host_check(&next)?;
+            let after = self.preview_shares(&next, &touched);
+            outcome.shares = share_moves(&before, &after);
+            outcome.changes = changes;
+            return Ok(outcome);
+        }
+        let flips_before = self.dp.tables_switched();
+        self.commit(next, true)?;
+        outcome.tables_flipped = self.dp.tables_switched() - flips_before;
+        tracing::debug!(
+            validate_ms = validated.as_secs_f64() * 1000.0,
+            total_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "change committed"
+        );
+        outcome.shares = share_moves(&before, &self.table_shares(&touched));
+        outcome.revision = self.revision;
+        outcome.changes = changes;
+        Ok(outcome)
+    }
+
+    /// Each backend's share of its VIP's table, for the VIPs `vips`, as
+    /// programmed.
+    fn table_shares(&self, vips: &[VipAddr]) -> BTreeMap<(VipAddr, IpAddr), f64> {
+        vips.iter()
+            .flat_map(|v| {
+                self.dp
+                    .backend_states(v)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |b| ((*v, b.addr), b.table_share))
+            })
+            .collect()
+    }
+
+    /// What [`Controller::table_shares`] would be with `next`, for a dry
+    /// run: the weights steering would give (health and load as they are
+    /// now), tables built and written nowhere.
+    fn preview_shares(&self, next: &Config, vips: &[VipAddr]) -> BTreeMap<(VipAddr, IpAddr), f64> {
+        let now = Instant::now();
+        let mut steering = self.steering.clone();
+        steering.reconcile(&next.vips, now, |_, _| false);
+        let mut out = BTreeMap::new();
+        for v in next.vips.iter().filter(|v| vips.contains(&v.addr)) {
+            let targets = steering
+                .plan(v, now, true)
+                .map(|p| p.targets)
+                .unwrap_or_default();
+            for (b, share) in self.dp.preview_shares(v, &targets) {
+                out.insert((v.addr, b), share);
             }
-            Ok(report) => report.warnings,
+        }
+        out
+    }
+
+    /// The host checks of a desired state: its problems refuse it, its
+    /// warnings are returned.
+    fn host_check(&self, next: &Config) -> Result<Vec<String>, ControllerError> {
+        match crate::host::checks::check(next) {
+            Ok(report) if !report.problems.is_empty() => {
+                Err(ControllerError::Rejected(ChangeError::Invalid {
+                    problems: report.problems,
+                }))
+            }
+            Ok(report) => Ok(report.warnings),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the host's addresses and routes: VIPs and backends not checked against them");
-                Vec::new()
+                Ok(Vec::new())
             }
-        };
-        let persist = persist && self.file.is_some();
-        if persist && let Some(file) = &mut self.file {
-            file.save_vips(&next.vips).map_err(|e| match e {
-                SaveError::ChangedOnDisk(_) => ControllerError::ConfigChanged(e.to_string()),
-                SaveError::Io { file, source } => ControllerError::Persist {
-                    path: file,
-                    message: source.to_string(),
-                },
-            })?;
         }
-        if let Err(e) = self.program(&next.vips) {
-            if persist
-                && let Some(file) = &mut self.file
-                && let Err(undo) = file.save_vips(&self.config.vips)
-            {
-                tracing::error!(error = %undo, "putting the config file back failed");
+    }
+
+    /// Persists `vips` at `revision` where changes go: the state file, or
+    /// the config file.
+    fn persist(&mut self, revision: u64, vips: &[Vip]) -> Result<(), ControllerError> {
+        if let Some(state) = &self.state_file {
+            return state
+                .save(revision, vips)
+                .map_err(|e| ControllerError::Persist {
+                    path: state.path().display().to_string(),
+                    message: e.to_string(),
+                });
+        }
+        let Some(file) = &mut self.file else {
+            return Ok(());
+        };
+        file.save_vips(vips).map_err(|e| match e {
+            SaveError::ChangedOnDisk(_) => ControllerError::ConfigChanged(e.to_string()),
+            SaveError::Io { file, source } => ControllerError::Persist {
+                path: file,
+                message: source.to_string(),
+            },
+        })
+    }
+
+    /// Makes `next` the desired state: persisted first (if `persist`), then
+    /// programmed; a failure to program puts the file back. The revision
+    /// grows by one when the VIPs change.
+    fn commit(&mut self, next: Config, persist: bool) -> Result<(), ControllerError> {
+        let t0 = Instant::now();
+        let warnings = self.host_check(&next)?;
+        let changes = diff::diff(&self.config.vips, &next.vips);
+        let revision = self.revision + u64::from(!changes.is_empty());
+        let t1 = Instant::now();
+        if persist && !changes.is_empty() {
+            self.persist(revision, &next.vips)?;
+        }
+        let t2 = Instant::now();
+        let programmed = self.program(&next.vips);
+        tracing::debug!(
+            check_ms = (t1 - t0).as_secs_f64() * 1000.0,
+            persist_ms = (t2 - t1).as_secs_f64() * 1000.0,
+            program_ms = t2.elapsed().as_secs_f64() * 1000.0,
+            "commit phases"
+        );
+        if let Err(e) = programmed {
+            if persist && !changes.is_empty() {
+                let old = self.config.vips.clone();
+                if let Err(undo) = self.persist(self.revision, &old) {
+                    tracing::error!(error = %undo, "putting the persisted state back failed");
+                }
             }
             // Bring the data plane back to the previous desired state.
             let old = self.config.vips.clone();
@@ -782,9 +1076,10 @@ impl Controller {
             }
             return Err(ControllerError::Dataplane(format!("{e:#}")));
         }
-        for change in diff::diff(&self.config.vips, &next.vips) {
+        for change in changes {
             change.log();
         }
+        self.revision = revision;
         for w in warnings.iter().filter(|w| !self.host_warnings.contains(w)) {
             tracing::warn!("{w}");
         }
@@ -869,6 +1164,28 @@ fn outcome(result: &Result<(), ControllerError>) -> String {
         Ok(()) => "applied".to_string(),
         Err(e) => format!("refused: {e}"),
     }
+}
+
+/// The backends whose share moves from `before` to `after` (a backend
+/// missing on one side has 0 there).
+fn share_moves(
+    before: &BTreeMap<(VipAddr, IpAddr), f64>,
+    after: &BTreeMap<(VipAddr, IpAddr), f64>,
+) -> Vec<ShareMove> {
+    let keys: std::collections::BTreeSet<&(VipAddr, IpAddr)> =
+        before.keys().chain(after.keys()).collect();
+    keys.into_iter()
+        .filter_map(|k| {
+            let from = before.get(k).copied().unwrap_or(0.0);
+            let to = after.get(k).copied().unwrap_or(0.0);
+            (from != to).then(|| ShareMove {
+                vip: k.0.to_string(),
+                backend: k.1,
+                from,
+                to,
+            })
+        })
+        .collect()
 }
 
 fn change_summary(change: &Change) -> String {

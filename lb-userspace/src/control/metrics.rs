@@ -960,6 +960,7 @@ mod tests {
             .backends
             .insert((v.addr, b), TrafficCounters::default());
         let snapshot = Snapshot {
+            revision: 0,
             config: config.clone(),
             backends: BTreeMap::from([(
                 v.addr,

@@ -124,3 +124,206 @@ impl Dataplane {
             .collect()
     }
 }
+
+/// A VIP's entries in the connection and handshake tables, per backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct FlowCounts {
+    /// Established flows (connection table, not closing).
+    pub established: u64,
+    /// Flows whose client sent a FIN (connection table, closing timeout).
+    pub closing: u64,
+    /// Handshakes in progress (handshake table).
+    pub handshakes: u64,
+}
+
+/// One flow's entry.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct FlowEntry {
+    /// `connection` or `handshake`.
+    pub table: &'static str,
+    #[schema(value_type = String)]
+    pub backend: IpAddr,
+    pub closing: bool,
+    /// Seconds until the entry expires unless a packet renews it.
+    pub expires_in_seconds: Option<f64>,
+}
+
+/// The kernel's jiffies counter now (from /proc/timer_list), if readable.
+fn jiffies_now() -> Option<u32> {
+    let text = std::fs::read_to_string("/proc/timer_list").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("jiffies: "))
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .map(|j| j as u32)
+}
+
+/// Sets read per `BPF_MAP_LOOKUP_BATCH`.
+const FLOW_BATCH: u32 = 4096;
+
+impl Dataplane {
+    /// Every set of a flow table, read in batches of [`FLOW_BATCH`].
+    fn flow_sets_batched(&self, handshake: bool) -> Result<Vec<FlowSet>, DataplaneError> {
+        use std::os::fd::AsFd;
+
+        use aya::maps::IterableMap;
+        let name = if handshake {
+            map_name::SYN_FLOWS
+        } else {
+            map_name::FLOWS
+        };
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(DataplaneError::Missing { kind: "map", name })?;
+        let table: aya::maps::Array<&aya::maps::MapData, FlowSet> =
+            aya::maps::Array::try_from(map).map_err(map_err(name))?;
+        let len = table.len();
+        let fd = table.map().fd().as_fd();
+        let size = std::mem::size_of::<FlowSet>();
+        let mut sets = Vec::with_capacity(len as usize);
+        let mut buf = Vec::new();
+        let mut first = 0;
+        while first < len {
+            let count = FLOW_BATCH.min(len - first);
+            super::raw::lookup_array_batch(fd, first, count, size, &mut buf).map_err(|e| {
+                DataplaneError::Map {
+                    name,
+                    source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_lookup_batch",
+                        io_error: e,
+                    }),
+                }
+            })?;
+            for chunk in buf.chunks_exact(size) {
+                // SAFETY: FlowSet is plain data (`repr(C)`, integers only)
+                // and `chunk` is exactly its size.
+                sets.push(unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<FlowSet>()) });
+            }
+            first += count;
+        }
+        Ok(sets)
+    }
+
+    /// Live entries of VIP `addr`'s backends in the connection and
+    /// handshake tables (expired ones and those of removed backends left
+    /// out). Reads both tables whole: for diagnosis, not for every second.
+    pub fn vip_flows(
+        &self,
+        addr: &VipAddr,
+    ) -> Result<BTreeMap<IpAddr, FlowCounts>, DataplaneError> {
+        let p = self
+            .vips
+            .get(addr)
+            .ok_or(DataplaneError::UnknownVip(*addr))?;
+        let by_id: std::collections::HashMap<u32, IpAddr> =
+            p.backends.iter().map(|(a, b)| (b.id, *a)).collect();
+        let mut out: BTreeMap<IpAddr, FlowCounts> = p
+            .backends
+            .keys()
+            .map(|a| (*a, FlowCounts::default()))
+            .collect();
+        let now = jiffies_now();
+        for handshake in [false, true] {
+            for set in self.flow_sets_batched(handshake)? {
+                for slot in set.slots {
+                    let Some(backend) = self.live_backend(&slot, &by_id, now) else {
+                        continue;
+                    };
+                    let c = out.entry(backend).or_default();
+                    if handshake {
+                        c.handshakes += 1;
+                    } else if lb_common::FlowSlot::closing(slot.key) {
+                        c.closing += 1;
+                    } else {
+                        c.established += 1;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The backend of a live slot among `by_id` (id → address).
+    fn live_backend(
+        &self,
+        slot: &lb_common::FlowSlot,
+        by_id: &std::collections::HashMap<u32, IpAddr>,
+        now: Option<u32>,
+    ) -> Option<IpAddr> {
+        use lb_common::FlowSlot;
+        if slot.key == 0 || FlowSlot::is_busy(slot.key) {
+            return None;
+        }
+        if now.is_some_and(|n| (slot.expires.wrapping_sub(n) as i32) <= 0) {
+            return None;
+        }
+        let id = FlowSlot::backend_id(slot.key);
+        let backend = by_id.get(&id)?;
+        FlowSlot::same_incarnation(slot.key, self.incarnations[id as usize]).then_some(*backend)
+    }
+
+    /// The entry of the flow from `client` to VIP `addr`, if it has one:
+    /// looked up by the flow's hash, as the data plane does (a slot keeps
+    /// the hash's tag and the ports, not the client's address).
+    pub fn client_flow(
+        &self,
+        addr: &VipAddr,
+        client: std::net::SocketAddr,
+    ) -> Result<Option<FlowEntry>, DataplaneError> {
+        use lb_common::{FlowKey, FlowSlot, flow_hash64, flow_set, flow_sets, syn_slots};
+        let p = self
+            .vips
+            .get(addr)
+            .ok_or(DataplaneError::UnknownVip(*addr))?;
+        let (family, src) = lb_common::addr_words(client.ip());
+        let (_, dst) = lb_common::addr_words(addr.addr);
+        let key = FlowKey {
+            src,
+            dst,
+            ports: FlowKey::ports(client.port(), addr.port),
+            proto: addr.protocol.number(),
+            family,
+            _pad: [0; 2],
+        };
+        let hash = flow_hash64(&key);
+        let by_id: std::collections::HashMap<u32, IpAddr> =
+            p.backends.iter().map(|(a, b)| (b.id, *a)).collect();
+        let now = jiffies_now();
+        for (table, name, sets) in [
+            (
+                "connection",
+                map_name::FLOWS,
+                flow_sets(self.settings.flows),
+            ),
+            (
+                "handshake",
+                map_name::SYN_FLOWS,
+                flow_sets(syn_slots(self.settings.flows)),
+            ),
+        ] {
+            let map = self
+                .ebpf
+                .map(name)
+                .ok_or(DataplaneError::Missing { kind: "map", name })?;
+            let t: aya::maps::Array<&aya::maps::MapData, FlowSet> =
+                aya::maps::Array::try_from(map).map_err(map_err(name))?;
+            let set = t.get(&flow_set(hash, sets - 1), 0).map_err(map_err(name))?;
+            for slot in set.slots {
+                if !FlowSlot::tagged(slot.key, hash) || slot.ports != key.ports {
+                    continue;
+                }
+                let Some(backend) = self.live_backend(&slot, &by_id, now) else {
+                    continue;
+                };
+                return Ok(Some(FlowEntry {
+                    table,
+                    backend,
+                    closing: FlowSlot::closing(slot.key),
+                    expires_in_seconds: now
+                        .map(|n| f64::from(slot.expires.wrapping_sub(n)) / f64::from(self.hz)),
+                }));
+            }
+        }
+        Ok(None)
+    }
+}

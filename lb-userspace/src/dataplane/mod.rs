@@ -40,7 +40,7 @@ use lb_common::{
 };
 
 pub use bench::{BenchMaps, BenchTarget};
-pub use counters::Counters;
+pub use counters::{Counters, FlowCounts, FlowEntry};
 pub use decap::{DECAP_OBJECT, Decapsulator, PassProgram};
 
 use crate::{desired::config::BalancerSettings, desired::vip::VipAddr, maglev::MaglevTable};
@@ -286,6 +286,8 @@ pub struct Dataplane {
     /// The table-write generation as last written (see
     /// `Dataplane::table_window`).
     table_gen: u64,
+    /// Maglev tables switched in since this process started (every VIP).
+    tables_switched: u64,
     /// Marks the backends' next hops managed, once attached.
     neighbours: Option<crate::host::neighbours::Neighbours>,
     /// The MAC of the interface the frames arrive on (see
@@ -592,6 +594,7 @@ impl Dataplane {
             orphans: Vec::new(),
             upgrade: converting,
             table_gen: 0,
+            tables_switched: 0,
         };
         if adopt {
             dp.recover()?;
@@ -673,6 +676,12 @@ impl Dataplane {
     }
 
     /// Tables built per VIP since this process started.
+    /// Maglev tables switched in since this process started, every VIP's
+    /// (a VIP's removal included).
+    pub fn tables_switched(&self) -> u64 {
+        self.tables_switched
+    }
+
     pub fn rebuilds(&self) -> BTreeMap<VipAddr, u64> {
         self.vips.iter().map(|(a, p)| (*a, p.rebuilds)).collect()
     }

@@ -15,6 +15,7 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// `union bpf_attr` for the batch commands.
@@ -55,6 +56,50 @@ pub fn update_array_batch(
     if attr.count as usize != count {
         return Err(std::io::Error::other(format!(
             "the kernel wrote {} of {count} values",
+            attr.count
+        )));
+    }
+    Ok(())
+}
+
+/// Reads values `first..first + count` of the array map behind `fd`
+/// (`value_size` bytes each) into `out`, in one `BPF_MAP_LOOKUP_BATCH`
+/// call (Linux 5.6 and later).
+pub fn lookup_array_batch(
+    fd: std::os::fd::BorrowedFd<'_>,
+    first: u32,
+    count: u32,
+    value_size: usize,
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    out.resize(count as usize * value_size, 0);
+    let mut keys = vec![0u32; count as usize];
+    // The batch position: the kernel starts after the key `in_batch`
+    // points at (none: at the first key) and says where it stopped.
+    let mut in_batch = first.wrapping_sub(1);
+    let mut out_batch = 0u32;
+    let mut attr = BatchAttr {
+        in_batch: if first == 0 {
+            0
+        } else {
+            &mut in_batch as *mut u32 as u64
+        },
+        out_batch: &mut out_batch as *mut u32 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: out.as_mut_ptr() as u64,
+        count,
+        map_fd: fd.as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+        Ok(_) => {}
+        // ENOENT: the end of the map was reached; `count` says how far.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(e) => return Err(e),
+    }
+    if attr.count != count {
+        return Err(std::io::Error::other(format!(
+            "the kernel read {} of {count} values",
             attr.count
         )));
     }

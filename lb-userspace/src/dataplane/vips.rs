@@ -143,6 +143,52 @@ impl Dataplane {
         self.apply(vip.addr, flags, wanted)
     }
 
+    /// The share of the table each backend of `vip` would have with
+    /// `targets` (backends missing there: full weight, health as they have
+    /// it), built as a change would build it and written nowhere: what a
+    /// dry run shows.
+    pub fn preview_shares(
+        &self,
+        vip: &Vip,
+        targets: &BTreeMap<IpAddr, Target>,
+    ) -> BTreeMap<IpAddr, f64> {
+        let existing = self.vips.get(&vip.addr);
+        let inputs: Vec<MaglevBackend> = vip
+            .backends
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                let down = existing
+                    .and_then(|p| p.backends.get(&b.addr))
+                    .is_some_and(|c| c.down);
+                let t = targets.get(&b.addr).copied().unwrap_or(Target {
+                    weight: b.effective_weight() * FULL,
+                    down,
+                });
+                (!t.down).then_some(MaglevBackend {
+                    addr: b.addr,
+                    weight: t.weight,
+                    id: i as u32,
+                })
+            })
+            .collect();
+        let table = if vip_flags(vip) & VIP_SCHED_MASK == VIP_SCHED_WRR {
+            MaglevTable::smooth_wrr(&inputs, self.settings.table_size)
+        } else {
+            MaglevTable::build(&inputs, self.settings.table_size)
+        };
+        let size = f64::from(self.settings.table_size);
+        let counts = table.counts();
+        vip.backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let n = counts.get(&(i as u32)).copied().unwrap_or(0);
+                (b.addr, n as f64 / size)
+            })
+            .collect()
+    }
+
     /// Marks a backend of a VIP down (health checks failed) or up again. A
     /// down backend leaves the Maglev table, so new flows avoid it; its
     /// established flows follow the VIP's `on_backend_down` policy.
@@ -239,6 +285,7 @@ impl Dataplane {
         };
 
         // Flipped: retire what is gone.
+        self.tables_switched += 1;
         let (previous, rebuilds) = match self.vips.remove(&addr) {
             Some(p) => (p.backends, p.rebuilds),
             None => {
@@ -414,6 +461,7 @@ impl Dataplane {
             }
         }
         let p = self.vips.remove(addr).expect("present");
+        self.tables_switched += 1;
         self.free_vip_ids.push_back(p.id);
         for b in p.backends.values() {
             self.retire_backend(b.id);

@@ -55,6 +55,23 @@ pub enum Change {
         weight: Option<u32>,
         drained: Option<bool>,
     },
+    /// The whole set of VIPs (`PUT /v1/vips`): VIPs not in it are removed.
+    ReplaceAll {
+        #[serde(serialize_with = "count")]
+        vips: Vec<Vip>,
+    },
+    /// One VIP with its backends and settings (`PUT /v1/vips/VIP`); added
+    /// if it is not there.
+    ReplaceVip {
+        #[serde(serialize_with = "display")]
+        vip: VipAddr,
+        #[serde(skip)]
+        spec: Box<Vip>,
+    },
+}
+
+fn count<S: serde::Serializer>(v: &[Vip], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(v.len() as u64)
 }
 
 /// Indexes of VIP `vip` and its backend `backend` in `c`.
@@ -153,6 +170,13 @@ impl Change {
                 .ok_or(ChangeError::UnknownVip(*vip))
         };
         match self {
+            Change::ReplaceAll { vips } => next.vips = vips.clone(),
+            Change::ReplaceVip { vip, spec } => {
+                match next.vips.iter().position(|v| v.addr == *vip) {
+                    Some(i) => next.vips[i] = (**spec).clone(),
+                    None => next.vips.push((**spec).clone()),
+                }
+            }
             Change::AddVip { vip, spec } => {
                 if next.vips.iter().any(|v| v.addr == *vip) {
                     return Err(ChangeError::DuplicateVip(*vip));

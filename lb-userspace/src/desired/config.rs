@@ -157,6 +157,7 @@ pub fn reload_problems(now: &Config, next: &Config) -> Vec<Problem> {
         ("api.tls", now.api.tcp_transport != next.api.tcp_transport),
         ("api.token_file", now.api.token_file != next.api.token_file),
         ("api.audit_log", now.api.audit_log != next.api.audit_log),
+        ("api.state_file", now.api.state_file != next.api.state_file),
         (
             "api.audit_failure",
             now.api.audit_failure != next.api.audit_failure,
@@ -274,6 +275,10 @@ pub struct ApiSettings {
     pub audit_log: Option<PathBuf>,
     /// What happens to a change whose audit record cannot be written.
     pub audit_failure: AuditFailure,
+    /// Where API changes to the VIPs are persisted, with the revision,
+    /// instead of the config file (which lbd then never writes); see
+    /// [`crate::desired::state_file`].
+    pub state_file: Option<PathBuf>,
 }
 
 /// A validated config.
@@ -400,6 +405,7 @@ struct RawApi {
     token_file: Option<String>,
     audit_log: Option<String>,
     audit_failure: Option<String>,
+    state_file: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -448,7 +454,8 @@ struct RawBalancer {
 
 /// A `[[vip]]` table as written (TOML or JSON); also what lbd writes back
 /// (config file, documents), with `None`s and defaults left out.
-#[derive(Deserialize, Serialize)]
+#[derive(Deserialize, Serialize, utoipa::ToSchema)]
+#[schema(as = VipSpec)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawVip {
     address: String,
@@ -472,7 +479,8 @@ pub(crate) struct RawVip {
     backends: Vec<RawBackend>,
 }
 
-#[derive(Deserialize, Serialize)]
+#[derive(Deserialize, Serialize, utoipa::ToSchema)]
+#[schema(as = BackendSpec)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawBackend {
     address: String,
@@ -564,7 +572,8 @@ impl RawLoad {
 }
 
 /// A number as TOML or JSON has it: `5` or `0.5`.
-#[derive(Deserialize, Serialize, Clone, Copy)]
+#[derive(Deserialize, Serialize, Clone, Copy, utoipa::ToSchema)]
+#[schema(as = Number)]
 #[serde(untagged)]
 enum RawNumber {
     Int(i64),
@@ -590,14 +599,16 @@ impl RawNumber {
 }
 
 /// An HTTP status (`200`) or range (`"200-399"`).
-#[derive(Deserialize, Serialize, Clone)]
+#[derive(Deserialize, Serialize, Clone, utoipa::ToSchema)]
+#[schema(as = StatusCodes)]
 #[serde(untagged)]
 enum RawStatus {
     Code(i64),
     Range(String),
 }
 
-#[derive(Deserialize, Serialize, Default)]
+#[derive(Deserialize, Serialize, Default, utoipa::ToSchema)]
+#[schema(as = HealthSpec)]
 #[serde(deny_unknown_fields)]
 struct RawHealth {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -622,7 +633,8 @@ struct RawHealth {
     fall: Option<i64>,
 }
 
-#[derive(Deserialize, Serialize, Default)]
+#[derive(Deserialize, Serialize, Default, utoipa::ToSchema)]
+#[schema(as = LoadSpec)]
 #[serde(deny_unknown_fields)]
 struct RawLoad {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -809,8 +821,8 @@ fn with_vips(text: &str, vips: &[Vip]) -> std::io::Result<String> {
 
 /// Replaces the file at `path` with `text` atomically: a temp file in the
 /// same directory, fsync, rename, fsync of the directory. The file's
-/// permissions are kept.
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+/// permissions are kept (a new file is 0600).
+pub(crate) fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
     let dir = path
@@ -825,7 +837,13 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
         name.to_string_lossy(),
         std::process::id()
     ));
-    let perms = std::fs::metadata(path)?.permissions();
+    let perms = match std::fs::metadata(path) {
+        Ok(m) => m.permissions(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::os::unix::fs::PermissionsExt::from_mode(0o600)
+        }
+        Err(e) => return Err(e),
+    };
     let mut f = std::fs::File::create(&tmp)?;
     f.set_permissions(perms)?;
     f.write_all(text.as_bytes())?;
@@ -857,6 +875,156 @@ pub(crate) fn from_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, 
 /// JSON), checked like a config file's; field names have no `vip[i].`.
 pub fn vip_from_json(body: &[u8], balancer: &BalancerSettings) -> Result<Vip, Vec<Problem>> {
     let raw: RawVip = from_json(body)?;
+    let mut v = Validator::default();
+    let vip = v.vip("", &raw, balancer);
+    match vip {
+        Some(vip) if v.problems.is_empty() => Ok(vip),
+        _ => Err(v.problems),
+    }
+}
+
+/// The desired state of the VIPs as one document: the config file's
+/// `[[vip]]` tables under the key `vip` (TOML: `[[vip]]` tables; JSON:
+/// `{"vip": [...]}`), and the revision it was read at.
+///
+/// As input (`PUT /v1/vips`, `lbctl apply -f`), `revision` is optional; when
+/// given, it is a precondition like `If-Match`: the document only applies
+/// to that revision of the state. A document read from lbd (`GET
+/// /v1/vips?spec=true`, `lbctl export`) carries the revision it shows, so
+/// an edited export cannot overwrite a change made in between.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VipsDocument {
+    pub revision: Option<u64>,
+    pub vips: Vec<Vip>,
+}
+
+#[derive(Deserialize, Serialize, utoipa::ToSchema)]
+#[schema(as = VipsDocument)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDocument {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    revision: Option<u64>,
+    #[serde(default)]
+    vip: Vec<RawVip>,
+}
+
+/// Most VIPs a document may hold (the data plane's own limit is
+/// `balancer.max_vips`, checked when it is applied).
+pub const MAX_DOCUMENT_VIPS: usize = 65_536;
+
+impl VipsDocument {
+    /// A document from JSON (`{"revision": N, "vip": [...]}`).
+    pub fn from_json(
+        body: &[u8],
+        balancer: &BalancerSettings,
+    ) -> Result<VipsDocument, Vec<Problem>> {
+        let raw: RawDocument = from_json(body)?;
+        Self::from_raw(raw, balancer)
+    }
+
+    /// A document from TOML (`revision = N` and `[[vip]]` tables).
+    pub fn from_toml(
+        body: &[u8],
+        balancer: &BalancerSettings,
+    ) -> Result<VipsDocument, Vec<Problem>> {
+        let text = std::str::from_utf8(body).map_err(|e| {
+            vec![Problem {
+                field: "body".into(),
+                message: format!("not UTF-8 text: {e}"),
+            }]
+        })?;
+        let de = toml::Deserializer::new(text);
+        let raw: RawDocument = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            vec![Problem {
+                field: if path == "." || path.contains('?') {
+                    "body".into()
+                } else {
+                    path
+                },
+                message: e.into_inner().to_string().trim().to_string(),
+            }]
+        })?;
+        Self::from_raw(raw, balancer)
+    }
+
+    fn from_raw(
+        raw: RawDocument,
+        balancer: &BalancerSettings,
+    ) -> Result<VipsDocument, Vec<Problem>> {
+        let mut v = Validator::default();
+        if raw.vip.len() > MAX_DOCUMENT_VIPS {
+            v.problem(
+                "vip",
+                format!(
+                    "{} VIPs; a document holds at most {MAX_DOCUMENT_VIPS}",
+                    raw.vip.len()
+                ),
+            );
+            return Err(v.problems);
+        }
+        let vips: Vec<Vip> = raw
+            .vip
+            .iter()
+            .enumerate()
+            .filter_map(|(i, rv)| v.vip(&format!("vip[{i}]"), rv, balancer))
+            .collect();
+        if v.problems.is_empty() {
+            Ok(VipsDocument {
+                revision: raw.revision,
+                vips,
+            })
+        } else {
+            Err(v.problems)
+        }
+    }
+
+    fn raw(&self) -> RawDocument {
+        RawDocument {
+            revision: self.revision,
+            vip: self.vips.iter().map(RawVip::of).collect(),
+        }
+    }
+
+    /// The document as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.raw()).expect("plain data")
+    }
+
+    /// The document as TOML: `revision`, then one `[[vip]]` table per VIP
+    /// with its backends an inline table a line (as lbd writes the config
+    /// file).
+    pub fn to_toml(&self) -> String {
+        let mut out = match self.revision {
+            Some(r) => format!("revision = {r}\n"),
+            None => String::new(),
+        };
+        out += &with_vips("", &self.vips).expect("a document lbd holds writes as TOML");
+        out
+    }
+}
+
+/// A VIP from a TOML request body (the keys of one `[[vip]]` table, at
+/// the top level).
+pub fn vip_from_toml(body: &[u8], balancer: &BalancerSettings) -> Result<Vip, Vec<Problem>> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        vec![Problem {
+            field: "body".into(),
+            message: format!("not UTF-8 text: {e}"),
+        }]
+    })?;
+    let raw: RawVip =
+        serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            let path = e.path().to_string();
+            vec![Problem {
+                field: if path == "." || path.contains('?') {
+                    "body".into()
+                } else {
+                    path
+                },
+                message: e.into_inner().to_string().trim().to_string(),
+            }]
+        })?;
     let mut v = Validator::default();
     let vip = v.vip("", &raw, balancer);
     match vip {
@@ -1484,6 +1652,7 @@ impl Validator {
             tcp_transport,
             token_file: self.absolute_path("api.token_file", &raw.token_file),
             audit_log: self.absolute_path("api.audit_log", &raw.audit_log),
+            state_file: self.absolute_path("api.state_file", &raw.state_file),
             audit_failure: raw
                 .audit_failure
                 .as_deref()

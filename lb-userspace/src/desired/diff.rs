@@ -5,49 +5,99 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
+use serde::Serialize;
+
 use crate::desired::vip::{Backend, Vip, VipAddr};
 
-/// One change of the desired state.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One change of the desired state. As JSON (the API's diffs): `change`
+/// names the kind (`vip_added`, `backend_removed`, ...), the other fields
+/// as below, plus `text`, the change in words.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
 pub enum StateChange {
     VipAdded {
+        #[serde(serialize_with = "display")]
         vip: VipAddr,
         backends: usize,
     },
     VipRemoved {
+        #[serde(serialize_with = "display")]
         vip: VipAddr,
     },
     /// A VIP setting other than its backends (`scheduler`, `on_backend_down`).
     VipSetting {
+        #[serde(serialize_with = "display")]
         vip: VipAddr,
         setting: &'static str,
         from: String,
         to: String,
     },
     BackendAdded {
+        #[serde(serialize_with = "display")]
         vip: VipAddr,
         backend: IpAddr,
         weight: u32,
         drained: bool,
     },
     BackendRemoved {
+        #[serde(serialize_with = "display")]
         vip: VipAddr,
         backend: IpAddr,
     },
     WeightChanged {
+        #[serde(serialize_with = "display")]
         vip: VipAddr,
         backend: IpAddr,
         from: u32,
         to: u32,
     },
     Drained {
+        #[serde(serialize_with = "display")]
         vip: VipAddr,
         backend: IpAddr,
     },
     Undrained {
+        #[serde(serialize_with = "display")]
         vip: VipAddr,
         backend: IpAddr,
     },
+    /// A backend's own `health` or `load` overrides.
+    BackendSetting {
+        #[serde(serialize_with = "display")]
+        vip: VipAddr,
+        backend: IpAddr,
+        setting: &'static str,
+        from: String,
+        to: String,
+    },
+}
+
+fn display<S: serde::Serializer>(v: &VipAddr, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+impl StateChange {
+    /// The VIP it changes.
+    pub fn vip(&self) -> VipAddr {
+        match self {
+            StateChange::VipAdded { vip, .. }
+            | StateChange::VipRemoved { vip }
+            | StateChange::VipSetting { vip, .. }
+            | StateChange::BackendAdded { vip, .. }
+            | StateChange::BackendRemoved { vip, .. }
+            | StateChange::WeightChanged { vip, .. }
+            | StateChange::Drained { vip, .. }
+            | StateChange::Undrained { vip, .. }
+            | StateChange::BackendSetting { vip, .. } => *vip,
+        }
+    }
+
+    /// The change as the API shows it: its fields and `text`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("plain data");
+        v["text"] = serde_json::Value::String(self.to_string());
+        v
+    }
 }
 
 /// Every change from `old` to `new`, VIPs in address order.
@@ -159,6 +209,24 @@ fn backends(vip: VipAddr, old: &[Backend], new: &[Backend], out: &mut Vec<StateC
             }),
             _ => {}
         }
+        for (setting, from, to) in [
+            (
+                "health",
+                format!("{:?}", was.health),
+                format!("{:?}", b.health),
+            ),
+            ("load", format!("{:?}", was.load), format!("{:?}", b.load)),
+        ] {
+            if from != to {
+                out.push(StateChange::BackendSetting {
+                    vip,
+                    backend: *addr,
+                    setting,
+                    from,
+                    to,
+                });
+            }
+        }
     }
 }
 
@@ -197,6 +265,13 @@ impl StateChange {
             StateChange::Undrained { vip, backend } => {
                 tracing::info!(%vip, %backend, "backend undrained (takes new flows)")
             }
+            StateChange::BackendSetting {
+                vip,
+                backend,
+                setting,
+                from,
+                to,
+            } => tracing::info!(%vip, %backend, setting, %from, %to, "backend setting changed"),
         }
     }
 }
@@ -239,6 +314,13 @@ impl fmt::Display for StateChange {
             StateChange::Undrained { vip, backend } => {
                 write!(f, "VIP {vip}: backend {backend} undrained")
             }
+            StateChange::BackendSetting {
+                vip,
+                backend,
+                setting,
+                from,
+                to,
+            } => write!(f, "VIP {vip}: backend {backend} {setting} {from} -> {to}"),
         }
     }
 }

@@ -234,7 +234,7 @@ pub struct Plan {
 }
 
 /// Health checks and load reports of every VIP's backends.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Steering {
     vips: BTreeMap<VipAddr, VipSteer>,
     nodes: HashMap<IpAddr, LoadReport>,

@@ -644,6 +644,88 @@ fn api_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
     Ok(())
 }
 
+/// Control API, batches: one `PUT /v1/vips` that adds 1,000 backends to 10
+/// VIPs (request to answer: the answer comes once every table is switched
+/// in), against the same 1,000 backends added one `POST` at a time, in the
+/// same lab.
+fn api_batch_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
+    const VIPS: usize = 10;
+    const PER: usize = 100;
+    const REPS: usize = 5;
+    let lab = Lab::start(&LabSpec {
+        max_vips: 16,
+        max_backends: 2048,
+        ..LabSpec::weights(&[1, 1])
+    })?;
+    let api = Endpoint::Unix(lab.api_socket());
+    let spec = api.request("GET", "/v1/vips?spec=true", None)?;
+    ensure!(spec.status == 200, "GET spec: {}", spec.error_message());
+    let mut base: serde_json::Value = serde_json::from_slice(&spec.body)?;
+    base.as_object_mut().expect("a document").remove("revision");
+    let vip = |v: usize, backends: usize| {
+        serde_json::json!({
+            "address": format!("198.18.1.{}", v + 1),
+            "port": 443,
+            "protocol": "tcp",
+            "backends": (0..backends).map(|b| serde_json::json!({
+                "address": format!("10.250.{v}.{}", b + 1), "weight": 100
+            })).collect::<Vec<_>>(),
+        })
+    };
+    let doc = |backends: usize| {
+        let mut d = base.clone();
+        d["vip"]
+            .as_array_mut()
+            .expect("vips")
+            .extend((0..VIPS).map(|v| vip(v, backends)));
+        serde_json::to_vec(&d).expect("JSON")
+    };
+    let (empty, full) = (doc(0), doc(PER));
+    let mut batch = Vec::new();
+    for _ in 0..REPS {
+        let r = api.request("PUT", "/v1/vips", Some(&empty))?;
+        ensure!(r.status == 200, "PUT empty: {}", r.error_message());
+        let t = Instant::now();
+        let r = api.request("PUT", "/v1/vips", Some(&full))?;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        ensure!(r.status == 200, "PUT 1,000 backends: {}", r.error_message());
+        let out: serde_json::Value = serde_json::from_slice(&r.body)?;
+        ensure!(out["tables_switched"] == VIPS, "{out}");
+        batch.push(ms);
+    }
+    // The baseline: the same backends, one POST each.
+    let r = api.request("PUT", "/v1/vips", Some(&empty))?;
+    ensure!(r.status == 200, "PUT empty: {}", r.error_message());
+    let t = Instant::now();
+    for v in 0..VIPS {
+        for b in 0..PER {
+            let body = format!(r#"{{"address": "10.250.{v}.{}", "weight": 100}}"#, b + 1);
+            let r = api.request(
+                "POST",
+                &format!("/v1/vips/198.18.1.{}-443-tcp/backends", v + 1),
+                Some(body.as_bytes()),
+            )?;
+            ensure!(r.status == 201, "POST: {}", r.error_message());
+        }
+    }
+    let one_by_one = t.elapsed().as_secs_f64() * 1000.0;
+    let fastest = batch.iter().copied().fold(f64::INFINITY, f64::min);
+    let med = median(batch.clone());
+    println!(
+        "Control API, one PUT adding {} backends to {VIPS} VIPs (request to every table switched in; {REPS} runs)",
+        VIPS * PER
+    );
+    println!(
+        "  median {med:.1} ms, fastest {fastest:.1} ms; baseline (same run): one POST per backend {one_by_one:.0} ms, {:.0}x the batch",
+        one_by_one / med
+    );
+    println!("  target: api.batch_ms.n1000 < 50 ms");
+    results.insert("api.batch_ms.n1000".into(), med);
+    results.insert("api.batch_ms_fastest.n1000".into(), fastest);
+    results.insert("api.one_by_one_ms.n1000".into(), one_by_one);
+    Ok(())
+}
+
 /// A config of `vips` VIPs with `backends` backends each (outside the
 /// packet lab's subnet: no neighbour entries needed, none are used).
 fn scale_config(vips: usize, backends: usize) -> String {
@@ -1031,6 +1113,7 @@ fn main() -> Result<()> {
     }
     if run("api") {
         api_benchmarks(&mut results)?;
+        api_batch_benchmarks(&mut results)?;
     }
     if run("metrics") {
         metrics_benchmarks(&mut results)?;

@@ -210,6 +210,7 @@ impl EcmpLab {
                 vip: vip_extra.to_string(),
                 top: String::new(),
                 max_backends: 64,
+                max_vips: 8,
             };
             let mut text = config(&b.dir, (b.v4, b.v6), &lab.backends, &weights, &extra);
             text += &format!(
@@ -342,6 +343,7 @@ impl EcmpLab {
             vip: self.vip_extra.clone(),
             top: String::new(),
             max_backends: 64,
+            max_vips: 8,
         };
         let new = config(&b.dir, (b.v4, b.v6), &self.backends, weights, &extra) + &text[bgp..];
         fs::write(b.config_path(), new)?;

@@ -81,6 +81,8 @@ pub struct LabSpec {
     pub config_extra: String,
     /// `balancer.max_backends` (64 by default).
     pub max_backends: u32,
+    /// `balancer.max_vips` (8 by default).
+    pub max_vips: u32,
 }
 
 impl LabSpec {
@@ -95,6 +97,7 @@ impl LabSpec {
             legacy: None,
             config_extra: String::new(),
             max_backends: 64,
+            max_vips: 8,
         }
     }
 }
@@ -379,6 +382,7 @@ struct ConfigExtra {
     vip: String,
     top: String,
     max_backends: u32,
+    max_vips: u32,
 }
 
 fn config(
@@ -390,8 +394,8 @@ fn config(
 ) -> String {
     let vip_extra = &extra.vip;
     let mut c = format!(
-        "[balancer]\nsource_v4 = \"{source_v4}\"\nsource_v6 = \"{source_v6}\"\nmtu = 1600\nmax_vips = 8\nmax_backends = {}\n\n",
-        extra.max_backends
+        "[balancer]\nsource_v4 = \"{source_v4}\"\nsource_v6 = \"{source_v6}\"\nmtu = 1600\nmax_vips = {}\nmax_backends = {}\n\n",
+        extra.max_vips, extra.max_backends
     );
     c += "[conntrack]\nsize = 65536\n\n";
     c += &format!("[metrics]\nlisten = \"{METRICS}\"\n{}\n\n", extra.top);
@@ -484,6 +488,7 @@ impl Lab {
             vip: spec.vip_extra.clone(),
             top: spec.config_extra.clone(),
             max_backends: spec.max_backends,
+            max_vips: spec.max_vips,
         };
         let weights: Vec<Option<u32>> = backends.iter().map(|b| Some(b.weight)).collect();
         fs::write(dir.join("tokens"), format!("lab {API_TOKEN}\n"))?;
