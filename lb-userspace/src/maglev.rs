@@ -105,12 +105,18 @@ impl MaglevTable {
                     continue;
                 }
                 w.credit -= max_weight;
-                // Claim the next free position of this backend's permutation.
+                // Claim the next free position of this backend's permutation
+                // (pos + skip < 2m: a subtraction, not a division, per step;
+                // the probing is most of the build).
+                let step = |pos: u64| {
+                    let next = pos + w.skip;
+                    if next >= m { next - m } else { next }
+                };
                 while entries[w.pos as usize] != NO_BACKEND {
-                    w.pos = (w.pos + w.skip) % m;
+                    w.pos = step(w.pos);
                 }
                 entries[w.pos as usize] = w.id;
-                w.pos = (w.pos + w.skip) % m;
+                w.pos = step(w.pos);
                 filled += 1;
                 if filled == m {
                     return MaglevTable { entries };
@@ -176,9 +182,30 @@ impl MaglevTable {
 
     /// Number of positions each backend id owns (one pass over the table).
     pub fn counts(&self) -> std::collections::HashMap<u32, usize> {
-        let mut out = std::collections::HashMap::new();
-        for e in &self.entries {
-            *out.entry(*e).or_default() += 1;
+        // Counted in a vector indexed by id (ids are below 2^20), then
+        // collected: hashing every entry was most of a table's rebuild.
+        let max = self
+            .entries
+            .iter()
+            .filter(|&&e| e != NO_BACKEND)
+            .max()
+            .copied();
+        let mut by_id = vec![0usize; max.map_or(0, |m| m as usize + 1)];
+        let mut none = 0;
+        for &e in &self.entries {
+            match by_id.get_mut(e as usize) {
+                Some(n) if e != NO_BACKEND => *n += 1,
+                _ => none += 1,
+            }
+        }
+        let mut out: std::collections::HashMap<u32, usize> = by_id
+            .into_iter()
+            .enumerate()
+            .filter(|(_, n)| *n > 0)
+            .map(|(id, n)| (id as u32, n))
+            .collect();
+        if none > 0 {
+            out.insert(NO_BACKEND, none);
         }
         out
     }

@@ -218,43 +218,63 @@ fn established_flows_keep_their_backend_through_add_weight_change_and_drain() {
 }
 
 #[test]
-fn removing_a_backend_moves_only_its_own_flows() {
+fn a_removed_backend_keeps_its_established_flows_until_they_end_then_its_id_is_freed() {
     let mut lab = lab();
     let fs = flows(3, 300, "203.0.113.10", 80, Protocol::Tcp);
-    let first = route(&mut lab, &fs);
+    let first = establish(&mut lab, &fs);
+    let on_12 = first
+        .iter()
+        .filter(|b| b.to_string() == "10.200.0.12")
+        .count();
+    assert!(on_12 > 0);
     lab.dp
         .set_vip(&tcp_vip(&[("10.200.0.11", 100), ("10.200.0.13", 100)]))
         .unwrap();
-    let after = route(&mut lab, &fs);
-    for i in 0..fs.len() {
-        if first[i].to_string() == "10.200.0.12" {
-            assert_eq!(
-                Some(after[i]),
-                lab.dp.backend_for(&fs[i].key()),
-                "a flow of the removed backend is scheduled anew"
-            );
-        } else {
-            assert_eq!(after[i], first[i], "a flow of a remaining backend stays");
-        }
-    }
-    // The freed id goes to a new backend: the removed backend's flows must
-    // not follow their old entries to it.
-    lab.dp
-        .set_vip(&tcp_vip(&[
-            ("10.200.0.11", 100),
-            ("10.200.0.13", 100),
-            ("10.200.0.15", 100),
-        ]))
-        .unwrap();
-    let again = route(&mut lab, &fs);
-    for i in 0..fs.len() {
-        if first[i].to_string() == "10.200.0.12" {
-            assert_eq!(
-                again[i], after[i],
-                "rescheduled flows keep their new backend"
-            );
-        }
-    }
+    // Removed: its established flows stay with it (a rollout: the old
+    // backend still serves them), every other flow stays too...
+    assert_eq!(route(&mut lab, &fs), first, "no established flow moved");
+    // ...and no new flow goes to it.
+    let fresh = flows(4, 300, "203.0.113.10", 80, Protocol::Tcp);
+    let new = route(&mut lab, &fresh);
+    assert!(
+        new.iter().all(|b| b.to_string() != "10.200.0.12"),
+        "a new flow went to the removed backend"
+    );
+    assert_eq!(
+        lab.dp.retire_finished(std::time::Duration::ZERO).unwrap(),
+        0,
+        "its flows are alive: its id stays"
+    );
+    println!("{on_12} established flows stayed with the removed backend; 300 new flows avoided it");
+
+    // UDP flows end by their idle timeout (1 s here): then the removed
+    // backend's id is freed, and a flow that comes back is scheduled anew.
+    let udp = flows(5, 100, "203.0.113.10", 53, Protocol::Udp);
+    let before = route(&mut lab, &udp);
+    assert!(before.iter().any(|b| b.to_string() == "10.200.0.12"));
+    let udp_vip = vip(
+        "203.0.113.10",
+        53,
+        Protocol::Udp,
+        &[("10.200.0.11", 100)],
+        DownPolicy::Reschedule,
+    );
+    lab.dp.set_vip(&udp_vip).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let (started, freed) = (
+        std::time::Instant::now(),
+        lab.dp.retire_finished(std::time::Duration::ZERO).unwrap(),
+    );
+    println!(
+        "after the idle timeout: {freed} backend id(s) freed (scan {:?})",
+        started.elapsed()
+    );
+    assert_eq!(freed, 1, "the UDP VIP's removed backend, not the TCP VIP's");
+    assert!(
+        route(&mut lab, &udp)
+            .iter()
+            .all(|b| b.to_string() == "10.200.0.11")
+    );
 }
 
 #[test]

@@ -741,3 +741,65 @@ fn lbctl_exports_diffs_and_applies_documents_and_shows_a_vips_flows() {
     );
     drop(conns);
 }
+
+#[test]
+fn a_vips_whole_backend_set_is_replaced_under_load_and_no_request_fails() {
+    lb_tests::raise_fd_limit(8192);
+    let lab = Lab::start(&LabSpec::weights(&[1, 1, 1, 1])).unwrap();
+    // b1 and b2 serve; b3 and b4 are the new version, outside the config.
+    lab.set_backends(&[Some(1), Some(1), None, None]).unwrap();
+    let e = api(&lab);
+    let path = "/v1/vips/203.0.113.10-80-tcp";
+    let (doc, _) = spec(&e);
+    let mut next = doc["vip"][0].clone();
+    assert_eq!(next["address"], "203.0.113.10");
+    next["backends"] = json!([
+        {"address": "10.201.0.13", "weight": 1},
+        {"address": "10.201.0.14", "weight": 1},
+    ]);
+    let spec_ = lb_tests::lab::traffic::TrafficSpec {
+        long_lived: 200,
+        ..lb_tests::lab::traffic::TrafficSpec::standard(lab.vip_http(false))
+    };
+    let (answer, report) = lb_tests::lab::traffic::run(
+        lab.client.name(),
+        &spec_,
+        Duration::from_millis(700),
+        || {
+            let r = put(&api(&lab), path, &next, None);
+            (r.status, json_of(&r))
+        },
+    );
+    println!(
+        "replace b1, b2 with b3, b4 under load: {}",
+        report.summary()
+    );
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    assert_eq!(
+        answer.1["tables_switched"], 1,
+        "one table switch for the whole set"
+    );
+    assert_eq!(report.broken(), 0, "{:?}", report.failures());
+    assert_eq!(
+        report.moved(),
+        0,
+        "established connections keep their backends: {}",
+        report.summary()
+    );
+    let per = report.per_backend();
+    assert!(per.keys().all(|b| b == "b1" || b == "b2"), "{per:?}");
+    // New connections go to the new set only.
+    let mut new: BTreeMap<String, u32> = BTreeMap::new();
+    lab.in_client(|| {
+        for _ in 0..40 {
+            let who = lb_tests::lab::client::http_get(lab.vip_http(false)).unwrap();
+            *new.entry(who.trim().to_string()).or_default() += 1;
+        }
+    })
+    .unwrap();
+    println!("new connections after the change: {new:?}");
+    assert!(
+        new.keys().all(|b| b == "b3" || b == "b4") && new.len() == 2,
+        "{new:?}"
+    );
+}

@@ -1,8 +1,9 @@
 //! Flows survive change, with real TCP in the lab and traffic flowing
 //! through every change: long-lived connections sending every 100 ms and a
 //! steady stream of new ones, every request counted, while backends are
-//! removed, added and drained (config reloads), and while lbd restarts
-//! (SIGTERM and SIGKILL, with a config change at the restart).
+//! removed (their own established connections go on too), added and
+//! drained (config reloads), and while lbd restarts (SIGTERM and SIGKILL,
+//! with a config change at the restart).
 
 use std::time::Duration;
 
@@ -24,8 +25,8 @@ fn established_connections_survive_remove_add_and_drain() {
     };
     let (drained, report) =
         traffic::run(lab.client.name(), &spec, Duration::from_millis(500), || {
-            // Remove b4: its connections end (its id is gone), every other one
-            // goes on.
+            // Remove b4: it leaves (no new connections), its established
+            // ones go on, as every other one.
             lab.set_backends(&[Some(1), Some(1), Some(1), None, None])
                 .unwrap();
             std::thread::sleep(Duration::from_millis(500));
@@ -58,15 +59,9 @@ fn established_connections_survive_remove_add_and_drain() {
     for b in ["b1", "b2", "b3", "b4"] {
         assert!(per.get(b).copied().unwrap_or(0) > 50, "{per:?}");
     }
-    // Only b4's connections broke, and every one of them did.
-    let broken: Vec<&str> = report
-        .conns
-        .iter()
-        .filter(|c| c.broken.is_some())
-        .map(|c| c.backend.as_str())
-        .collect();
-    assert!(broken.iter().all(|b| *b == "b4"), "{:?}", report.failures());
-    assert_eq!(broken.len(), per["b4"], "{}", report.summary());
+    // No connection broke, b4's neither: a removed backend keeps its
+    // established flows.
+    assert_eq!(report.broken(), 0, "{:?}", report.failures());
     assert_eq!(report.moved(), 0, "{}", report.summary());
     assert_eq!(report.new_failed, 0, "{}", report.summary());
     assert!(

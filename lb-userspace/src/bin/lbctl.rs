@@ -269,7 +269,8 @@ enum BackendCommand {
         #[arg(long)]
         drained: bool,
     },
-    /// Remove a backend (its flows are scheduled anew).
+    /// Remove a backend: no new flows; its established flows go on until
+    /// they end (then its id is freed).
     Remove { vip: VipAddr, address: IpAddr },
     /// Set a backend's weight (0..=65535).
     Weight {

@@ -155,7 +155,7 @@ impl AuditLog {
             request: Some(request),
             outcome: None,
         };
-        let result = append(&mut inner.file, &entry);
+        let result = append(&mut inner.file, &entry, true);
         drop(inner);
         let pending = Pending {
             id,
@@ -194,7 +194,7 @@ impl AuditLog {
             outcome: Some(outcome),
         };
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = append(&mut inner.file, &entry) {
+        if let Err(e) = append(&mut inner.file, &entry, false) {
             WRITE_FAILURES.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, id = pending.id, outcome, "the audit log cannot be written: an outcome is missing from it");
         }
@@ -216,12 +216,21 @@ impl AuditLog {
     }
 }
 
-/// Appends one entry and flushes it to disk.
-fn append<T: Serialize>(file: &mut File, entry: &Entry<'_, T>) -> std::io::Result<()> {
+/// Appends one entry; with `sync`, flushes it (and every entry before it)
+/// to disk before returning. Requests are synced: none is acted on before
+/// its record is on disk. Outcomes are written (a crash of lbd keeps them:
+/// they are in the kernel's page cache) and reach the disk with the next
+/// request's sync; a power loss may take the last outcomes, never a
+/// request. A request without its outcome reads as "cut short" (see the
+/// module docs), and the state says whether it took effect.
+fn append<T: Serialize>(file: &mut File, entry: &Entry<'_, T>, sync: bool) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
     line.push(b'\n');
     file.write_all(&line)?;
-    file.sync_data()
+    if sync {
+        file.sync_data()?;
+    }
+    Ok(())
 }
 
 /// `t` as an RFC 3339 UTC timestamp with milliseconds.

@@ -538,6 +538,9 @@ impl Controller {
                     if let Err(e) = self.dp.refresh_next_hops() {
                         tracing::warn!(error = %e, "refreshing the next-hop cache failed");
                     }
+                    if let Err(e) = self.dp.retire_finished(crate::dataplane::LEAVING_SCAN) {
+                        tracing::warn!(error = %e, "looking for removed backends' flows failed");
+                    }
                 }
                 _ = steer.tick() => self.steer_all(),
                 Some(req) = self.rx.recv() => self.handle(req),
@@ -955,7 +958,7 @@ impl Controller {
             return Ok(outcome);
         }
         let flips_before = self.dp.tables_switched();
-        self.commit(next, true)?;
+        self.commit_changes(next, true, changes.clone())?;
         outcome.tables_flipped = self.dp.tables_switched() - flips_before;
         tracing::debug!(
             validate_ms = validated.as_secs_f64() * 1000.0,
@@ -1046,9 +1049,20 @@ impl Controller {
     /// programmed; a failure to program puts the file back. The revision
     /// grows by one when the VIPs change.
     fn commit(&mut self, next: Config, persist: bool) -> Result<(), ControllerError> {
+        let changes = diff::diff(&self.config.vips, &next.vips);
+        self.commit_changes(next, persist, changes)
+    }
+
+    /// [`Controller::commit`] with the changes from the current state to
+    /// `next` worked out already.
+    fn commit_changes(
+        &mut self,
+        next: Config,
+        persist: bool,
+        changes: Vec<StateChange>,
+    ) -> Result<(), ControllerError> {
         let t0 = Instant::now();
         let warnings = self.host_check(&next)?;
-        let changes = diff::diff(&self.config.vips, &next.vips);
         let revision = self.revision + u64::from(!changes.is_empty());
         let t1 = Instant::now();
         if persist && !changes.is_empty() {

@@ -157,6 +157,10 @@ fn jiffies_now() -> Option<u32> {
         .map(|j| j as u32)
 }
 
+/// How often the connection table is scanned for the flows of removed
+/// backends (while there are any).
+pub const LEAVING_SCAN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Sets read per `BPF_MAP_LOOKUP_BATCH`.
 const FLOW_BATCH: u32 = 4096;
 
@@ -215,8 +219,7 @@ impl Dataplane {
             .vips
             .get(addr)
             .ok_or(DataplaneError::UnknownVip(*addr))?;
-        let by_id: std::collections::HashMap<u32, IpAddr> =
-            p.backends.iter().map(|(a, b)| (b.id, *a)).collect();
+        let by_id = self.flow_owners(addr);
         let mut out: BTreeMap<IpAddr, FlowCounts> = p
             .backends
             .keys()
@@ -241,6 +244,59 @@ impl Dataplane {
             }
         }
         Ok(out)
+    }
+
+    /// The backend ids whose flows are VIP `addr`'s: its backends' and its
+    /// leaving backends' (id → address).
+    fn flow_owners(&self, addr: &VipAddr) -> std::collections::HashMap<u32, IpAddr> {
+        let mut out: std::collections::HashMap<u32, IpAddr> = self
+            .leaving
+            .iter()
+            .filter(|l| l.vip == *addr)
+            .map(|l| (l.id, l.addr))
+            .collect();
+        if let Some(p) = self.vips.get(addr) {
+            out.extend(p.backends.iter().map(|(a, b)| (b.id, *a)));
+        }
+        out
+    }
+
+    /// Retires the leaving backends (removed from their VIP, see
+    /// [`super::Leaving`]) that have no live flow left, so their ids can
+    /// be given out again; returns how many. Scans the connection and
+    /// handshake tables, at most every `every` (the controller:
+    /// [`LEAVING_SCAN`]) and only while a backend is leaving.
+    pub fn retire_finished(&mut self, every: std::time::Duration) -> Result<usize, DataplaneError> {
+        if self.leaving.is_empty() || self.leaving_scanned.is_some_and(|t| t.elapsed() < every) {
+            return Ok(0);
+        }
+        self.leaving_scanned = Some(std::time::Instant::now());
+        let now = jiffies_now();
+        let leaving: std::collections::HashMap<u32, IpAddr> =
+            self.leaving.iter().map(|l| (l.id, l.addr)).collect();
+        let mut live = std::collections::HashSet::new();
+        for handshake in [false, true] {
+            for set in self.flow_sets_batched(handshake)? {
+                for slot in set.slots {
+                    if self.live_backend(&slot, &leaving, now).is_some() {
+                        live.insert(lb_common::FlowSlot::backend_id(slot.key));
+                    }
+                }
+            }
+        }
+        let (done, stay): (Vec<_>, Vec<_>) = std::mem::take(&mut self.leaving)
+            .into_iter()
+            .partition(|l| !live.contains(&l.id));
+        self.leaving = stay.into();
+        for l in &done {
+            tracing::info!(
+                vip = %l.vip, backend = %l.addr,
+                after_s = l.since.elapsed().as_secs(),
+                "a removed backend's last flow ended: its id is free"
+            );
+            self.retire_backend(l.id);
+        }
+        Ok(done.len())
     }
 
     /// The backend of a live slot among `by_id` (id → address).
@@ -271,10 +327,9 @@ impl Dataplane {
         client: std::net::SocketAddr,
     ) -> Result<Option<FlowEntry>, DataplaneError> {
         use lb_common::{FlowKey, FlowSlot, flow_hash64, flow_set, flow_sets, syn_slots};
-        let p = self
-            .vips
-            .get(addr)
-            .ok_or(DataplaneError::UnknownVip(*addr))?;
+        if !self.vips.contains_key(addr) {
+            return Err(DataplaneError::UnknownVip(*addr));
+        }
         let (family, src) = lb_common::addr_words(client.ip());
         let (_, dst) = lb_common::addr_words(addr.addr);
         let key = FlowKey {
@@ -286,8 +341,7 @@ impl Dataplane {
             _pad: [0; 2],
         };
         let hash = flow_hash64(&key);
-        let by_id: std::collections::HashMap<u32, IpAddr> =
-            p.backends.iter().map(|(a, b)| (b.id, *a)).collect();
+        let by_id = self.flow_owners(addr);
         let now = jiffies_now();
         for (table, name, sets) in [
             (

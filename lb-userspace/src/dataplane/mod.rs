@@ -40,7 +40,7 @@ use lb_common::{
 };
 
 pub use bench::{BenchMaps, BenchTarget};
-pub use counters::{Counters, FlowCounts, FlowEntry};
+pub use counters::{Counters, FlowCounts, FlowEntry, LEAVING_SCAN};
 pub use decap::{DECAP_OBJECT, Decapsulator, PassProgram};
 
 use crate::{desired::config::BalancerSettings, desired::vip::VipAddr, maglev::MaglevTable};
@@ -214,6 +214,17 @@ pub struct BackendState {
     pub table_share: f64,
 }
 
+/// A backend removed from its VIP while it may still have established
+/// flows: its id stays allocated (out of every table, so no new flow goes
+/// to it) until its flows have ended.
+#[derive(Clone, Debug)]
+pub(crate) struct Leaving {
+    pub id: u32,
+    pub vip: VipAddr,
+    pub addr: IpAddr,
+    pub since: std::time::Instant,
+}
+
 /// A backend of a VIP as programmed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ProgrammedBackend {
@@ -288,6 +299,12 @@ pub struct Dataplane {
     table_gen: u64,
     /// Maglev tables switched in since this process started (every VIP).
     tables_switched: u64,
+    /// Backends removed from their VIP whose established flows go on (see
+    /// [`Dataplane::retire_finished`]), oldest first.
+    leaving: VecDeque<Leaving>,
+    /// When the connection table was last scanned for leaving backends'
+    /// flows.
+    leaving_scanned: Option<std::time::Instant>,
     /// Marks the backends' next hops managed, once attached.
     neighbours: Option<crate::host::neighbours::Neighbours>,
     /// The MAC of the interface the frames arrive on (see
@@ -595,6 +612,8 @@ impl Dataplane {
             upgrade: converting,
             table_gen: 0,
             tables_switched: 0,
+            leaving: VecDeque::new(),
+            leaving_scanned: None,
         };
         if adopt {
             dp.recover()?;

@@ -224,10 +224,13 @@ impl Dataplane {
     ) -> Result<(), DataplaneError> {
         let existing = self.vips.get(&addr);
         let fresh_count = wanted.values().filter(|b| b.id == UNASSIGNED).count();
-        if fresh_count > self.free_backend_ids.len() {
+        // Ids of leaving backends can be taken back (their remaining flows
+        // are then scheduled anew).
+        let available = self.free_backend_ids.len() + self.leaving.len();
+        if fresh_count > available {
             return Err(DataplaneError::BackendCapacity {
                 needed: fresh_count,
-                free: self.free_backend_ids.len(),
+                free: available,
                 max: self.settings.max_backends,
             });
         }
@@ -293,9 +296,16 @@ impl Dataplane {
                 (BTreeMap::new(), 0)
             }
         };
+        // A removed backend leaves: out of the table now, its established
+        // flows go on until they end (see `retire_finished`).
         for (baddr, b) in &previous {
             if !wanted.contains_key(baddr) {
-                self.retire_backend(b.id);
+                self.leaving.push_back(super::Leaving {
+                    id: b.id,
+                    vip: addr,
+                    addr: *baddr,
+                    since: Instant::now(),
+                });
             }
         }
         self.table_window(false)?;
@@ -425,6 +435,15 @@ impl Dataplane {
     /// The oldest free backend id, once it has been free for `TABLE_GRACE`
     /// (a packet still holding it has finished by then).
     fn take_backend_id(&mut self) -> u32 {
+        if self.free_backend_ids.is_empty()
+            && let Some(l) = self.leaving.pop_front()
+        {
+            tracing::info!(
+                vip = %l.vip, backend = %l.addr,
+                "backend ids are all in use: a removed backend's remaining flows are scheduled anew to free its id"
+            );
+            self.retire_backend(l.id);
+        }
         let (id, freed_at) = self.free_backend_ids.pop_front().expect("capacity checked");
         let since = freed_at.elapsed();
         if since < TABLE_GRACE {
@@ -435,7 +454,7 @@ impl Dataplane {
 
     /// Marks a backend id free in the map (its connection-table entries turn
     /// stale) and queues it for reuse.
-    fn retire_backend(&mut self, id: u32) {
+    pub(super) fn retire_backend(&mut self, id: u32) {
         let info = BackendInfo {
             incarnation: self.incarnations[id as usize],
             ..BackendInfo::default()
@@ -465,6 +484,15 @@ impl Dataplane {
         self.free_vip_ids.push_back(p.id);
         for b in p.backends.values() {
             self.retire_backend(b.id);
+        }
+        // The VIP's packets pass to the host now: its leaving backends'
+        // flows are over too.
+        let (gone, stay): (Vec<_>, Vec<_>) = std::mem::take(&mut self.leaving)
+            .into_iter()
+            .partition(|l| l.vip == *addr);
+        self.leaving = stay.into();
+        for l in gone {
+            self.retire_backend(l.id);
         }
         self.table_window(false)?;
         self.write_vip_filter(&addr.addr, None)?;

@@ -147,12 +147,6 @@ pub fn diff(old: &[Vip], new: &[Vip]) -> Vec<StateChange> {
                 format!("{}s", was.slow_start.as_secs_f64()),
                 format!("{}s", v.slow_start.as_secs_f64()),
             ),
-            (
-                "health",
-                format!("{:?}", was.health),
-                format!("{:?}", v.health),
-            ),
-            ("load", format!("{:?}", was.load), format!("{:?}", v.load)),
         ];
         for (setting, from, to) in settings {
             if from != to {
@@ -163,6 +157,22 @@ pub fn diff(old: &[Vip], new: &[Vip]) -> Vec<StateChange> {
                     to,
                 });
             }
+        }
+        if was.health != v.health {
+            out.push(StateChange::VipSetting {
+                vip: *addr,
+                setting: "health",
+                from: format!("{:?}", was.health),
+                to: format!("{:?}", v.health),
+            });
+        }
+        if was.load != v.load {
+            out.push(StateChange::VipSetting {
+                vip: *addr,
+                setting: "load",
+                from: format!("{:?}", was.load),
+                to: format!("{:?}", v.load),
+            });
         }
         backends(*addr, &was.backends, &v.backends, &mut out);
     }
@@ -209,23 +219,25 @@ fn backends(vip: VipAddr, old: &[Backend], new: &[Backend], out: &mut Vec<StateC
             }),
             _ => {}
         }
-        for (setting, from, to) in [
-            (
-                "health",
-                format!("{:?}", was.health),
-                format!("{:?}", b.health),
-            ),
-            ("load", format!("{:?}", was.load), format!("{:?}", b.load)),
-        ] {
-            if from != to {
-                out.push(StateChange::BackendSetting {
-                    vip,
-                    backend: *addr,
-                    setting,
-                    from,
-                    to,
-                });
-            }
+        // Formatted only when they differ: a diff of thousands of
+        // backends compares, it does not print.
+        if was.health != b.health {
+            out.push(StateChange::BackendSetting {
+                vip,
+                backend: *addr,
+                setting: "health",
+                from: format!("{:?}", was.health),
+                to: format!("{:?}", b.health),
+            });
+        }
+        if was.load != b.load {
+            out.push(StateChange::BackendSetting {
+                vip,
+                backend: *addr,
+                setting: "load",
+                from: format!("{:?}", was.load),
+                to: format!("{:?}", b.load),
+            });
         }
     }
 }

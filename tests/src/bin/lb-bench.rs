@@ -655,6 +655,8 @@ fn api_batch_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
     let lab = Lab::start(&LabSpec {
         max_vips: 16,
         max_backends: 2048,
+        // The controller's commit phases, printed below.
+        log: "info,lb::control::controller=debug",
         ..LabSpec::weights(&[1, 1])
     })?;
     let api = Endpoint::Unix(lab.api_socket());
@@ -693,6 +695,15 @@ fn api_batch_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
         ensure!(out["tables_switched"] == VIPS, "{out}");
         batch.push(ms);
     }
+    let phases = lab
+        .lbd_log()
+        .lines()
+        .rev()
+        .find(|l| l.contains("commit phases"))
+        .and_then(|l| l.split("commit phases").nth(1))
+        .unwrap_or("")
+        .trim()
+        .to_string();
     // The baseline: the same backends, one POST each.
     let r = api.request("PUT", "/v1/vips", Some(&empty))?;
     ensure!(r.status == 200, "PUT empty: {}", r.error_message());
@@ -720,6 +731,7 @@ fn api_batch_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
         one_by_one / med
     );
     println!("  target: api.batch_ms.n1000 < 50 ms");
+    println!("  lbd's phases of the last batch: {phases}");
     results.insert("api.batch_ms.n1000".into(), med);
     results.insert("api.batch_ms_fastest.n1000".into(), fastest);
     results.insert("api.one_by_one_ms.n1000".into(), one_by_one);
