@@ -13,10 +13,12 @@
 //!   entries towards backends, BGP announcements through BIRD.
 //! - [`dataplane`]: the only module that talks to the kernel's BPF objects.
 //! - [`maglev`]: the weighted Maglev table builder (pure).
+//! - [`man_pages`]: the binaries' man pages, from their clap definitions.
 
 pub mod control;
 pub mod dataplane;
 pub mod desired;
 pub mod host;
 pub mod maglev;
+pub mod man_pages;
 pub mod steering;

@@ -13,6 +13,7 @@ pub mod lab;
 pub mod netns;
 pub mod packet_lab;
 pub mod prom;
+pub mod solo;
 pub mod tls;
 pub mod wrk;
 pub mod xdp;

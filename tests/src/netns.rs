@@ -19,11 +19,18 @@ pub struct Netns {
 impl Netns {
     /// Creates `lbt-<prefix>-<pid>-<n>`, unique per process and call.
     pub fn new(prefix: &str) -> Result<Netns> {
-        let name = format!(
-            "lbt-{prefix}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        // A name a killed process of the same (reused) pid left behind is
+        // skipped, not taken over: it is not ours to delete.
+        let name = (0..1000)
+            .map(|_| {
+                format!(
+                    "lbt-{prefix}-{}-{}",
+                    std::process::id(),
+                    NEXT.fetch_add(1, Ordering::Relaxed)
+                )
+            })
+            .find(|name| !std::path::Path::new("/run/netns").join(name).exists())
+            .context("1000 namespace names of this pid are taken")?;
         run(Command::new("ip").args(["netns", "add", &name]))?;
         let ns = Netns { name };
         // Loopback up, as on any host.

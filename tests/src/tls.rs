@@ -45,6 +45,65 @@ impl TestCa {
         Ok(path)
     }
 
+    /// Writes a server certificate for `names` (DNS names or IP addresses)
+    /// and its key, signed by this CA, to `dir/NAME.pem` and
+    /// `dir/NAME.key`; returns both paths.
+    pub fn write_server_cert(
+        &self,
+        dir: &Path,
+        name: &str,
+        names: &[&str],
+    ) -> Result<(PathBuf, PathBuf)> {
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        self.write_signed(dir, name, params)
+    }
+
+    /// Writes a client certificate with subject `CN=cn` (and `O=org`),
+    /// signed by this CA, valid now or `expired` (2020 only), to
+    /// `dir/NAME.pem` and `dir/NAME.key`; returns both paths.
+    pub fn write_client_cert(
+        &self,
+        dir: &Path,
+        name: &str,
+        cn: &str,
+        org: Option<&str>,
+        expired: bool,
+    ) -> Result<(PathBuf, PathBuf)> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        if let Some(org) = org {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::OrganizationName, org);
+        }
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2020, 12, 31);
+        }
+        self.write_signed(dir, name, params)
+    }
+
+    fn write_signed(
+        &self,
+        dir: &Path,
+        name: &str,
+        params: CertificateParams,
+    ) -> Result<(PathBuf, PathBuf)> {
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let (cert_path, key_path) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        Ok((cert_path, key_path))
+    }
+
     /// A server certificate for `names` (DNS names or IP addresses) and
     /// its key, signed by this CA.
     pub fn server_config(&self, names: &[&str]) -> Result<Arc<ServerConfig>> {

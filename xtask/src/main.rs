@@ -2,6 +2,7 @@
 //! the tests and benchmarks as root, and runs the balancer.
 
 mod lab;
+mod package;
 mod setup;
 
 use std::{
@@ -23,12 +24,20 @@ struct Cli {
 enum Task {
     /// Install what the build and the tests need (idempotent).
     Setup,
-    /// Set up, then run every test (needs root).
+    /// Set up, build the binaries and the Debian package, then run every
+    /// test (needs root), the package test among them (a clean Debian 12
+    /// root made with debootstrap, cached in /var/cache/lb-package-test).
+    /// With arguments, `cargo test ARGS`.
     Test {
+        /// Only build the package and run the package test.
+        #[arg(long)]
+        package_test: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the Debian package target/package/lb_VERSION_amd64.deb.
+    Package,
     /// Set up and build; with no arguments run the demo lab, with arguments
     /// run `lbd` with them (needs root).
     Run {
@@ -118,12 +127,38 @@ fn main() -> Result<()> {
             require_root("cargo xtask setup")?;
             setup::setup()
         }
-        Task::Test { args } => {
+        Task::Test { package_test, args } => {
             require_root("cargo xtask test")?;
             setup::setup()?;
             // The end-to-end tests run the real lbd binary.
             run(cargo().args(["build", "-p", "lb-userspace", "--bins"]))?;
-            run(cargo().args(["test", "--no-fail-fast"]).args(&args))
+            // The package tests (tests/package.rs) install the package on a
+            // clean Debian 12; with a test filter, the package is built only
+            // if none is there yet.
+            let deb = package::out_dir().join(format!("lb_{}_amd64.deb", package::VERSION));
+            let deb = if args.is_empty() || !deb.exists() {
+                let started = std::time::Instant::now();
+                let deb = package::package()?;
+                println!("package built in {:.0} s", started.elapsed().as_secs_f64());
+                deb
+            } else {
+                println!(
+                    "package: {} (as built before; `cargo xtask package` rebuilds it)",
+                    deb.display()
+                );
+                deb
+            };
+            let mut test = cargo();
+            test.args(["test", "--no-fail-fast"])
+                .env("LB_PACKAGE", &deb);
+            if package_test {
+                test.args(["-p", "lb-tests", "--test", "package", "--", "--nocapture"]);
+            }
+            run(test.args(&args))
+        }
+        Task::Package => {
+            package::package()?;
+            Ok(())
         }
         Task::Run { args } => {
             require_root("cargo xtask run")?;

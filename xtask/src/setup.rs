@@ -22,6 +22,11 @@ use crate::run;
 /// - nftables: `nft`, for the netfilter NAT balancer that benchmark compares with.
 /// - linux-perf: `perf`, whose profile of the whole host attributes balancer
 ///   CPU to each peer in that benchmark.
+/// - dpkg-dev: `dpkg-shlibdeps` (the package's library dependencies);
+///   binutils: `strip` for the packaged binaries.
+/// - debootstrap: the clean Debian 12 root the package test installs into.
+/// - lintian: the package test's check of the package. (The unit's
+///   `systemd-analyze verify` runs in the test's Debian root.)
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -36,6 +41,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "haproxy",
     "nftables",
     "linux-perf",
+    "dpkg-dev",
+    "binutils",
+    "debootstrap",
+    "lintian",
 ];
 
 fn step(name: &str) {

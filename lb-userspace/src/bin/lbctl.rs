@@ -27,7 +27,17 @@ use serde_json::{Value, json};
 #[command(
     name = "lbctl",
     version,
-    about = "Control a running lbd: VIPs, backends, status, counters"
+    about = "Control a running lbd: VIPs, backends, status, counters",
+    after_long_help = "\
+Exit status: 0 done, 2 usage error, 3 refused by lbd (bad input, unknown \
+or duplicate VIP or backend, a change the config cannot take, no valid \
+token or certificate, not allowed \
+for the caller's role), 4 lbd not reachable (no socket, permission \
+denied, a refused TLS handshake), 5 lbd failed to apply it, 6 `lbctl diff` \
+found changes, 1 anything else.
+
+Members of the group of lbd's api.socket_group (the package's `lb`) may \
+use the Unix socket without root."
 )]
 struct Cli {
     #[command(flatten)]
@@ -62,12 +72,78 @@ struct Target {
     /// The API's Unix socket (overrides --instance).
     #[arg(long, global = true, env = "LBCTL_SOCKET")]
     socket: Option<PathBuf>,
-    /// Use the TCP API at HOST:PORT instead (needs --token-file).
-    #[arg(long, global = true, env = "LBCTL_URL", requires = "token_file")]
+    /// Use the TCP API instead: https://HOST:PORT (TLS; HOST:PORT alone
+    /// means the same) or http://HOST:PORT (plain TCP, for an lbd whose
+    /// config says plaintext = true). Needs --token-file or --cert.
+    #[arg(long, global = true, env = "LBCTL_URL")]
     url: Option<String>,
     /// File holding the bearer token for --url.
     #[arg(long, global = true, env = "LBCTL_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// CA certificates (PEM) that sign lbd's TLS certificate (default: the
+    /// system's trust store).
+    #[arg(long, global = true, env = "LBCTL_CA")]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM) to present to lbd's TLS API (with --key).
+    #[arg(long, global = true, env = "LBCTL_CERT", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, global = true, env = "LBCTL_KEY", requires = "cert")]
+    key: Option<PathBuf>,
+}
+
+impl Target {
+    /// The API to talk to: the Unix socket, or the TCP API at `--url`.
+    fn endpoint(&self) -> Result<Endpoint, Failure> {
+        let Some(url) = &self.url else {
+            return Ok(Endpoint::Unix(self.socket.clone().unwrap_or_else(|| {
+                PathBuf::from(format!("/run/lb/{}.sock", self.instance))
+            })));
+        };
+        let token = match &self.token_file {
+            Some(file) => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| Failure::Other(format!("reading {}: {e}", file.display())))?
+                    .trim()
+                    .to_string(),
+            ),
+            None if self.cert.is_none() => {
+                return Err(Failure::Usage(
+                    "--url needs --token-file or --cert/--key (or LBCTL_TOKEN_FILE, LBCTL_CERT)"
+                        .into(),
+                ));
+            }
+            None => None,
+        };
+        let (plain, addr) = match url.split_once("://") {
+            Some(("http", rest)) => (true, rest),
+            Some(("https", rest)) => (false, rest),
+            Some((scheme, _)) => {
+                return Err(Failure::Usage(format!(
+                    "--url {url}: {scheme}:// is not https:// or http://"
+                )));
+            }
+            None => (false, url.as_str()),
+        };
+        let addr = addr.trim_end_matches('/').to_string();
+        if plain {
+            let token = token.ok_or_else(|| {
+                Failure::Usage(
+                    "plain TCP (http://) needs --token-file: no client certificates without TLS"
+                        .into(),
+                )
+            })?;
+            return Ok(Endpoint::Tcp { addr, token });
+        }
+        let cert_and_key = self.cert.as_deref().zip(self.key.as_deref());
+        let config = lb::control::tls::client_config(self.ca.as_deref(), cert_and_key)
+            .map_err(|e| Failure::Usage(e.to_string()))?;
+        Ok(Endpoint::Tls {
+            addr,
+            token,
+            config,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -123,8 +199,13 @@ enum Command {
     },
     /// Print shell completions (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
-    /// Print the man page (roff).
-    Man,
+    /// Print the man page (roff), or write it and every subcommand's page
+    /// (lbctl-vip-add.1, ...) to a directory.
+    Man {
+        /// Write the pages here instead.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -278,7 +359,9 @@ impl Ctl {
             .endpoint
             .request_with(method, path, body, headers)
             .map_err(|e| match e {
-                ClientError::Unreachable { .. } => Failure::Unreachable(e.to_string()),
+                ClientError::Unreachable { .. } | ClientError::Tls { .. } => {
+                    Failure::Unreachable(e.to_string())
+                }
                 ClientError::Protocol(_) => Failure::Other(e.to_string()),
             })?;
         match r.status {
@@ -589,25 +672,7 @@ fn stats_text(v: &Value, previous: Option<(&Value, f64)>) -> String {
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
-    let endpoint = match (&cli.target.url, &cli.target.token_file) {
-        (Some(url), Some(file)) => {
-            let token = std::fs::read_to_string(file)
-                .map_err(|e| Failure::Other(format!("reading {}: {e}", file.display())))?;
-            Endpoint::Tcp {
-                addr: url
-                    .trim_start_matches("http://")
-                    .trim_end_matches('/')
-                    .to_string(),
-                token: token.trim().to_string(),
-            }
-        }
-        _ => Endpoint::Unix(
-            cli.target
-                .socket
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(format!("/run/lb/{}.sock", cli.target.instance))),
-        ),
-    };
+    let endpoint = cli.target.endpoint()?;
     let ctl = Ctl {
         endpoint,
         output: if cli.json { Output::Json } else { cli.output },
@@ -617,11 +682,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "lbctl", &mut std::io::stdout());
         }
-        Command::Man => {
-            clap_mangen::Man::new(Cli::command())
+        Command::Man { dir } => match dir {
+            Some(dir) => {
+                let files = lb::man_pages::write_all(Cli::command(), "1", &dir).map_err(|e| {
+                    Failure::Other(format!("writing the man pages to {}: {e}", dir.display()))
+                })?;
+                for f in files {
+                    println!("{}", f.display());
+                }
+            }
+            None => clap_mangen::Man::new(Cli::command())
                 .render(&mut std::io::stdout())
-                .map_err(|e| Failure::Other(e.to_string()))?;
-        }
+                .map_err(|e| Failure::Other(e.to_string()))?,
+        },
         Command::Status => {
             let v = ctl.call("GET", "/v1/status", None)?;
             ctl.print(&v, |v| {

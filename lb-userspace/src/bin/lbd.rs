@@ -1,6 +1,10 @@
 //! `lbd`: the balancer daemon. Loads the XDP balancer, attaches it to an
 //! interface, programs the VIPs of the config file and runs until SIGINT or
-//! SIGTERM, then detaches. `lbd decap` runs the decapsulator on a backend.
+//! SIGTERM, then leaves the balancer running from its pinned state (or
+//! detaches, with `--no-pin`). `lbd decap` runs the decapsulator on a
+//! backend. Under systemd (`lbd@.service`, `Type=notify`) it says READY
+//! once it forwards, RELOADING on SIGHUP and STOPPING on shutdown
+//! ([`lb::host::service_manager`]).
 
 use std::{io::IsTerminal, net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -8,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb::{
     control::{
-        api,
+        access, api,
         audit::AuditLog,
         controller::{Controller, ControllerError, ControllerHandle},
         metrics,
@@ -17,7 +21,7 @@ use lb::{
     dataplane::{AttachMode, Dataplane, Decapsulator, LoadOptions, pinning},
     desired::config::{self, ConfigFile, LogFormat},
     desired::state_file::StateFile,
-    host::{self, bgp, bird_guard, lock::InstanceLock},
+    host::{self, bgp, bird_guard, lock::InstanceLock, service_manager},
 };
 use lb_common::DecapReason;
 use tokio::signal::unix::{SignalKind, signal};
@@ -31,7 +35,17 @@ const ADDRESS_REFRESH: Duration = Duration::from_secs(5);
     name = "lbd",
     version,
     about = "XDP Maglev layer-4 load balancer daemon",
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    after_long_help = "\
+Signals: SIGHUP re-reads the config file and applies it (or rejects it \
+whole); SIGTERM and SIGINT stop lbd, and the balancer keeps forwarding \
+from its pinned state until an lbd of the same instance adopts it.
+
+Files of instance NAME: /run/lb/NAME.sock (the API), /run/lb/NAME.lock, \
+/sys/fs/bpf/NAME/ (pinned maps and the XDP link), \
+/var/log/lb/NAME-audit.log; under systemd (lbd@NAME.service) the config \
+/etc/lb/NAME.toml and the interface in /etc/lb/NAME.env (LBD_IFACE). \
+The config reference is the README in /usr/share/doc/lb/."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -46,10 +60,10 @@ struct BalancerArgs {
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// Interface to attach the balancer to (required unless --check).
-    #[arg(long, short)]
+    #[arg(long, short, env = "LBD_IFACE")]
     iface: Option<String>,
     /// XDP attach mode.
-    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto, env = "LBD_XDP_MODE")]
     xdp_mode: XdpModeArg,
     /// Validate the config, print a summary and exit.
     #[arg(long)]
@@ -93,6 +107,14 @@ enum Command {
     /// operators to run.
     #[command(hide = true)]
     BirdGuard(BirdGuardArgs),
+    /// Print the man page (roff), or write every page to a directory; for
+    /// packaging.
+    #[command(hide = true)]
+    Man {
+        /// Write lbd.8 and a page per subcommand (lbd-decap.8) here.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Print the control API's OpenAPI 3.1 document (what /v1/openapi.json
     /// serves; docs/openapi.json in the repository).
     Openapi,
@@ -210,6 +232,22 @@ fn main() -> ExitCode {
                     dead_after: Duration::from_secs(args.dead_after),
                 }))
             })
+        }
+        Some(Command::Man { dir }) => {
+            use clap::CommandFactory;
+            match dir {
+                Some(dir) => lb::man_pages::write_all(Cli::command(), "8", &dir)
+                    .map(|files| {
+                        for f in files {
+                            println!("{}", f.display());
+                        }
+                    })
+                    .with_context(|| format!("writing the man pages to {}", dir.display())),
+                None => clap_mangen::Man::new(Cli::command())
+                    .section("8")
+                    .render(&mut std::io::stdout())
+                    .context("writing the man page"),
+            }
         }
         None => run_balancer(cli.balancer),
     };
@@ -381,7 +419,7 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             .with_context(|| format!("opening the audit log {}", audit_path.display()))?;
         let tokens = match &config.api.token_file {
             Some(tokens) if config.api.tcp_listen.is_some() => Some(
-                api::Tokens::load(tokens).map_err(anyhow::Error::msg).context("loading api.token_file")?,
+                access::Tokens::load(tokens).map_err(anyhow::Error::msg).context("loading api.token_file")?,
             ),
             _ => None,
         };
@@ -398,24 +436,24 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
         let metrics_server = match config.metrics.listen {
             Some(listen) => Some((
                 listen,
-                metrics::serve(listen, handle.clone(), config.bgp.as_ref().map(|s| bgp::BirdPaths::new(&args.instance, s)))
+                metrics::serve(listen, &config.metrics.transport, handle.clone(), config.bgp.as_ref().map(|s| bgp::BirdPaths::new(&args.instance, s)))
                     .await
-                    .with_context(|| format!("serving /metrics on {listen} (metrics.listen)"))?,
+                    .with_context(|| format!("serving /metrics on {listen} (metrics.listen, metrics.tls)"))?,
             )),
             None => None,
         };
         let socket = config.api.socket.clone().unwrap_or_else(|| api::default_socket(&args.instance));
-        let unix_api = api::serve_unix(&socket, handle.clone(), audit.clone())
+        let unix_api = api::serve_unix(&socket, config.api.socket_group.as_deref(), handle.clone(), audit.clone())
             .await
             .with_context(|| format!("serving the API on {} (api.socket)", socket.display()))?;
-        let tcp_api = match (config.api.tcp_listen, tokens) {
-            (Some(listen), Some(tokens)) => Some((
+        let tcp_api = match config.api.tcp_listen {
+            Some(listen) => Some((
                 listen,
-                api::serve_tcp(listen, tokens, handle.clone(), audit.clone())
+                api::serve_tcp(listen, &config.api.tcp_transport, tokens, handle.clone(), audit.clone())
                     .await
-                    .with_context(|| format!("serving the API on {listen} (api.tcp_listen)"))?,
+                    .with_context(|| format!("serving the API on {listen} (api.tcp_listen, api.tls)"))?,
             )),
-            _ => None,
+            None => None,
         };
         // Now change the running balancer: program the config, then swap
         // the program in.
@@ -440,21 +478,27 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             if adopted { "balancer program replaced on the existing attachment" } else { "balancer attached" }
         );
         if let Some((listen, server)) = metrics_server {
-            info!(%listen, "serving /metrics");
+            lb::control::tls::log_transport("serving /metrics", listen, &config.metrics.transport);
             tokio::spawn(async move {
                 if let Err(e) = server.await {
                     tracing::error!(error = %e, "the metrics endpoint failed");
                 }
             });
         }
-        info!(socket = %socket.display(), audit_log = %audit_path.display(), "serving the API");
+        info!(
+            socket = %socket.display(),
+            mode = if config.api.socket_group.is_some() { "0660" } else { "0600" },
+            group = config.api.socket_group.as_deref().unwrap_or("-"),
+            audit_log = %audit_path.display(),
+            "serving the API"
+        );
         tokio::spawn(async move {
             if let Err(e) = unix_api.await {
                 tracing::error!(error = %e, "the API socket failed");
             }
         });
         if let Some((listen, server)) = tcp_api {
-            info!(%listen, "serving the API over TCP (bearer tokens)");
+            lb::control::tls::log_transport("serving the API on TCP", listen, &config.api.tcp_transport);
             tokio::spawn(async move {
                 if let Err(e) = server.await {
                     tracing::error!(error = %e, "the TCP API failed");
@@ -471,11 +515,18 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             }
             bgp::spawn(announcer, controller.announcements())
         });
+        // Attached, the config applied, every listener serving: ready.
         handle.set_ready(true);
+        service_manager::ready(&format!(
+            "forwarding {} VIPs on {iface}{}",
+            config.vips.len(),
+            if adopted { " (adopted the running balancer)" } else { "" }
+        ));
         let stopping = handle.clone();
         let mut dp = controller
             .run(async move {
                 signals.recv().await;
+                service_manager::stopping();
                 stopping.set_ready(false);
             })
             .await;
@@ -508,7 +559,9 @@ fn check_host_and_state(
     dir: &std::path::Path,
     config: &config::Config,
 ) -> Result<()> {
-    let host = host::checks::check(config).context("reading the host's addresses and routes")?;
+    let mut host =
+        host::checks::check(config).context("reading the host's addresses and routes")?;
+    host.problems.extend(listener_problems(config));
     for w in &host.warnings {
         println!("warning: {w}");
     }
@@ -533,6 +586,43 @@ fn check_host_and_state(
         problems.push(format!("\n  pinned state in {}: {e}", dir.display()));
     }
     bail!("the config cannot run on this host:{}", problems.concat())
+}
+
+/// What a start would refuse in the listeners' files on this host, read
+/// as a start reads them: the socket's group, the TLS certificates and keys
+/// (`api.tls`, `metrics.tls`) and the token file.
+fn listener_problems(config: &config::Config) -> Vec<config::Problem> {
+    let mut problems = Vec::new();
+    let mut problem = |field: &str, message: String| {
+        problems.push(config::Problem {
+            field: field.into(),
+            message,
+        })
+    };
+    if let Some(group) = &config.api.socket_group
+        && let Err(e) = host::group_id(group)
+    {
+        problem("api.socket_group", e.to_string());
+    }
+    if config.api.tcp_listen.is_some() {
+        if let config::Transport::Tls(tls) = &config.api.tcp_transport
+            && let Err(e) = lb::control::tls::server_config(tls)
+        {
+            problem("api.tls", e.to_string());
+        }
+        if let Some(tokens) = &config.api.token_file
+            && let Err(e) = access::Tokens::load(tokens)
+        {
+            problem("api.token_file", e);
+        }
+    }
+    if config.metrics.listen.is_some()
+        && let config::Transport::Tls(tls) = &config.metrics.transport
+        && let Err(e) = lb::control::tls::server_config(tls)
+    {
+        problem("metrics.tls", e.to_string());
+    }
+    problems
 }
 
 /// Hands the XDP program's log records to the log (as they arrive).
@@ -563,6 +653,7 @@ async fn reload_on_sighup(path: PathBuf, handle: ControllerHandle) {
         return;
     };
     while hup.recv().await.is_some() {
+        service_manager::reloading();
         let outcome = match ConfigFile::load(&path) {
             Ok((file, config)) => match handle.reload(file, config, "signal:SIGHUP").await {
                 Ok(()) => {
@@ -585,6 +676,11 @@ async fn reload_on_sighup(path: PathBuf, handle: ControllerHandle) {
             }
         };
         reloads::record(outcome);
+        service_manager::ready(match outcome {
+            ReloadOutcome::Applied => "config reloaded and applied",
+            ReloadOutcome::Rejected => "config reload rejected: the previous config stays",
+            ReloadOutcome::Failed => "config reload failed: the previous config stays",
+        });
     }
 }
 

@@ -1,8 +1,10 @@
-//! The control API: HTTP/JSON under `/v1`, on a Unix socket (mode 0600;
-//! the caller is identified by its peer credentials) and, optionally, on a
-//! TCP address where every request needs `Authorization: Bearer TOKEN` (the
-//! caller is the token's name). Every change goes to the controller, which
-//! applies one at a time.
+//! The control API: HTTP/JSON under `/v1`, on a Unix socket (mode 0600,
+//! or 0660 for `api.socket_group`; the caller is identified by its peer
+//! credentials and is an admin) and, optionally, on a TCP address (TLS, see
+//! [`crate::control::tls`]) where every request needs `Authorization:
+//! Bearer TOKEN` or a client certificate (the caller is the token's or the
+//! certificate's name, with its role: see [`crate::control::access`]).
+//! Every change goes to the controller, which applies one at a time.
 //!
 //! Resources (`VIP` in a path is `ADDRESS-PORT-PROTOCOL`, e.g.
 //! `203.0.113.10-443-tcp`; `ADDR` a backend address):
@@ -37,7 +39,8 @@
 //! `type`, `title`, `status`, `detail`, and lbd's own `error` (the same
 //! text as `detail`) and `problems` (`[{"field", "message"}]`, the field
 //! path of each problem): 400 for bad input (the field is named), 401
-//! without a valid token, 404 for an unknown VIP, backend or endpoint, 409
+//! without a valid token or certificate, 403 for a change by a `read`
+//! caller, 404 for an unknown VIP, backend or endpoint, 409
 //! for a duplicate (or a load report for a backend whose VIPs do not
 //! follow load, or a config file edited and not reloaded), 412 when
 //! `If-Match` no longer matches, 413 for a body over [`BODY_LIMIT`], 422
@@ -54,7 +57,6 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    sync::Arc,
 };
 
 use axum::{
@@ -74,13 +76,15 @@ use serde::Serialize;
 use tokio::net::UnixListener;
 
 use crate::{
+    control::access::{Role, Tokens},
     control::audit::AuditLog,
     control::controller::{
         ChangeOutcome, ChangeRequest, ControllerError, ControllerHandle, Flows, ShareMove, Snapshot,
     },
+    control::tls::{self, TcpPeer},
     dataplane::BackendState,
     desired::change::{Change, ChangeError},
-    desired::config::{self, Problem, VipsDocument},
+    desired::config::{self, Problem, Transport, VipsDocument},
     desired::vip::{Backend, Vip, VipAddr},
 };
 
@@ -163,6 +167,7 @@ async fn audit_requests(State(audit): State<AuditLog>, req: Request, next: Next)
         .extensions()
         .get::<Caller>()
         .map_or_else(|| "unknown".to_string(), |c| c.0.clone());
+    let role = req.extensions().get::<Role>().copied();
     let (parts, body) = req.into_parts();
     let (method, path) = (parts.method.to_string(), parts.uri.to_string());
     let uri = parts.uri.clone();
@@ -171,11 +176,11 @@ async fn audit_requests(State(audit): State<AuditLog>, req: Request, next: Next)
         Err(e) => {
             let message = format!("request body: {e} (the limit is {BODY_LIMIT} bytes)");
             let record = AuditedRequest::new(&method, &path, &[]);
-            audit.refused(&caller, &record, &message);
+            audit.refused(&caller, role, &record, &message);
             return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
         }
     };
-    let pending = match audit.request(&caller, &AuditedRequest::new(&method, &path, &bytes)) {
+    let pending = match audit.request(&caller, role, &AuditedRequest::new(&method, &path, &bytes)) {
         Ok(p) => p,
         Err(e) => {
             return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response();
@@ -211,7 +216,7 @@ async fn audit_requests(State(audit): State<AuditLog>, req: Request, next: Next)
     Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
-/// Who made a request.
+/// Who made a request. Its [`Role`] is a request extension of its own.
 #[derive(Clone, Debug)]
 pub struct Caller(pub String);
 
@@ -1482,7 +1487,7 @@ async fn not_found() -> ApiError {
 #[openapi(
     info(
         title = "lbd control API",
-        description = "The control API of lbd, the XDP layer-4 load balancer: VIPs, backends, load reports, status. Served on lbd's Unix socket and, with bearer tokens, on TCP; this document is at /v1/openapi.json (and `lbd openapi` prints it)."
+        description = "The control API of lbd, the XDP layer-4 load balancer: VIPs, backends, load reports, status. Served on lbd's Unix socket (every caller an admin) and, over TLS with bearer tokens or client certificates, on TCP, where a caller of role read may only GET (anything else: 403); this document is at /v1/openapi.json (and `lbd openapi` prints it)."
     ),
     components(schemas(ErrorBody, ProblemItem, ShareMoveView))
 )]
@@ -1551,110 +1556,109 @@ async fn unix_caller(
     next: Next,
 ) -> Response {
     req.extensions_mut().insert(Caller(peer.0));
+    req.extensions_mut().insert(Role::Admin);
     next.run(req).await
 }
 
-/// Bearer tokens of the TCP API: token → name.
-#[derive(Clone, Default)]
-pub struct Tokens(Arc<BTreeMap<String, String>>);
-
-impl Tokens {
-    /// Reads a token file: one `NAME TOKEN` per line; blank lines and lines
-    /// starting with `#` are skipped.
-    pub fn load(path: &Path) -> Result<Tokens, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let mut map = BTreeMap::new();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let mut parts = line.split_whitespace();
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some(name), Some(token), None) if token.len() >= 16 => {
-                    map.insert(token.to_string(), name.to_string());
-                }
-                _ => {
-                    return Err(format!(
-                        "{} line {}: expected NAME TOKEN (a token of at least 16 characters)",
-                        path.display(),
-                        n + 1
-                    ));
-                }
-            }
-        }
-        if map.is_empty() {
-            return Err(format!("{} holds no token", path.display()));
-        }
-        Ok(Tokens(Arc::new(map)))
-    }
-}
-
-/// The TCP API's authentication: who a token is, and what the audit log
-/// records for a change request that has no valid token.
+/// The TCP API's authentication: who a token is (`None`: no token file,
+/// client certificates only), and where refused requests are recorded.
 #[derive(Clone)]
 struct TcpAuth {
-    tokens: Tokens,
+    tokens: Option<Tokens>,
     audit: AuditLog,
 }
 
+/// Who a TCP request is, checked in this one place: the bearer token's
+/// name and role when it carries a token, else the connection's client
+/// certificate's; and whether that role allows the request (a `read`
+/// caller's change gets 403). A refused change request is recorded in the
+/// audit log with the caller as far as it is known.
 async fn bearer_caller(
     State(auth): State<TcpAuth>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<TcpPeer>,
     mut req: Request,
     next: Next,
 ) -> Response {
-    let tokens = &auth.tokens;
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    // Compare against every token, in time independent of where they differ.
-    let name = given.and_then(|g| {
-        tokens.0.iter().fold(None, |found, (token, name)| {
-            if constant_eq(token.as_bytes(), g.as_bytes()) {
-                Some(name)
-            } else {
-                found
-            }
-        })
-    });
-    match name {
-        Some(name) => {
-            req.extensions_mut().insert(Caller(format!("token:{name}")));
-            next.run(req).await
-        }
-        None => {
-            const NO_TOKEN: &str = "a valid bearer token is required";
-            if audited(&req) {
-                let (method, path) = (req.method().to_string(), req.uri().to_string());
-                let record = AuditedRequest::new(&method, &path, &[]);
-                auth.audit.refused(
-                    &format!("unauthenticated tcp:{peer}"),
-                    &record,
-                    &format!("401 {NO_TOKEN}"),
-                );
-            }
-            let mut r = ApiError::new(StatusCode::UNAUTHORIZED, NO_TOKEN).into_response();
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                "Bearer".parse().expect("valid header"),
-            );
-            r
-        }
+    let found = match (given, &peer.certificate) {
+        (Some(g), _) => auth
+            .tokens
+            .as_ref()
+            .and_then(|t| t.find(g))
+            .map(|(name, role)| (format!("token:{name}"), Some(role))),
+        (None, Some(cert)) => Some((format!("cert:{}", cert.name), cert.role)),
+        (None, None) => None,
+    };
+    let refusal = match &found {
+        None => Some((
+            StatusCode::UNAUTHORIZED,
+            format!("unauthenticated tcp:{}", peer.addr),
+            None,
+            "a valid bearer token or client certificate is required".to_string(),
+        )),
+        Some((caller, None)) => Some((
+            StatusCode::FORBIDDEN,
+            caller.clone(),
+            None,
+            format!(
+                "the client certificate of {caller} names no role: its subject needs O=admin or \
+                 O=read"
+            ),
+        )),
+        Some((caller, Some(role))) if !role.allows(req.method()) => Some((
+            StatusCode::FORBIDDEN,
+            caller.clone(),
+            Some(*role),
+            format!(
+                "{caller} has role {role}, which may only read: {} needs role admin",
+                req.method()
+            ),
+        )),
+        Some(_) => None,
+    };
+    let Some((status, caller, role, message)) = refusal else {
+        let (caller, role) = found.expect("an allowed caller");
+        req.extensions_mut().insert(Caller(caller));
+        req.extensions_mut()
+            .insert(role.expect("an allowed caller has a role"));
+        return next.run(req).await;
+    };
+    // Every refused change is recorded; a forbidden request of any method
+    // too (a read caller pushing a load report, a certificate without role).
+    if audited(&req) || status == StatusCode::FORBIDDEN {
+        let (parts, body) = req.into_parts();
+        let bytes = axum::body::to_bytes(body, BODY_LIMIT)
+            .await
+            .unwrap_or_default();
+        let (method, path) = (parts.method.to_string(), parts.uri.to_string());
+        let record = AuditedRequest::new(&method, &path, &bytes);
+        auth.audit.refused(
+            &caller,
+            role,
+            &record,
+            &format!("{} {message}", status.as_u16()),
+        );
     }
+    let mut r = ApiError::new(status, message).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            "Bearer".parse().expect("valid header"),
+        );
+    }
+    r
 }
 
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Binds the Unix socket at `path` (mode 0600; a stale socket file is
-/// replaced, a live one is an error) and returns the server future.
+/// Binds the Unix socket at `path` (mode 0600, or 0660 owned by `group`
+/// when given; a stale socket file is replaced, a live one is an error)
+/// and returns the server future.
 pub async fn serve_unix(
     path: &Path,
+    group: Option<&str>,
     handle: ControllerHandle,
     audit: AuditLog,
 ) -> std::io::Result<impl Future<Output = std::io::Result<()>> + use<>> {
@@ -1674,8 +1678,17 @@ pub async fn serve_unix(
         }
         std::fs::remove_file(path)?;
     }
+    // Resolved before binding: an unknown group leaves no socket behind.
+    let gid = group.map(crate::host::group_id).transpose()?;
     let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let mode = match gid {
+        Some(gid) => {
+            std::os::unix::fs::chown(path, None, Some(gid))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     let app = routes(handle)
         .layer(middleware::from_fn_with_state(audit, audit_requests))
         .layer(middleware::from_fn(unix_caller))
@@ -1690,14 +1703,16 @@ pub async fn serve_unix(
     })
 }
 
-/// Binds `listen` for the token-protected TCP API and returns the server.
+/// Binds `listen` for the TCP API (TLS or plain, as `transport` says;
+/// requests need a token or a client certificate) and returns the server.
 pub async fn serve_tcp(
     listen: SocketAddr,
-    tokens: Tokens,
+    transport: &Transport,
+    tokens: Option<Tokens>,
     handle: ControllerHandle,
     audit: AuditLog,
 ) -> std::io::Result<impl Future<Output = std::io::Result<()>> + use<>> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let listener = tls::Listener::bind(listen, transport, "the API").await?;
     let auth = TcpAuth {
         tokens,
         audit: audit.clone(),
@@ -1710,7 +1725,7 @@ pub async fn serve_tcp(
     Ok(async move {
         axum::serve(
             listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
+            app.into_make_service_with_connect_info::<TcpPeer>(),
         )
         .await
     })

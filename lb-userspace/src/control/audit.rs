@@ -1,6 +1,8 @@
 //! The audit log: one JSON line per change request *before* it is acted
 //! on, and one with its outcome after, both with the time, who asked
-//! (socket peer credentials or token name) and an id that pairs them. A
+//! (socket peer credentials, token name or client certificate), the
+//! caller's role (see [`crate::control::access`]; absent for a caller that
+//! did not authenticate) and an id that pairs them. A
 //! request with no outcome line was cut short (lbd died while applying it):
 //! look at the state to see whether it took effect.
 //!
@@ -26,6 +28,8 @@ use std::{
 };
 
 use serde::Serialize;
+
+use crate::control::access::Role;
 
 /// What happens to a change whose request cannot be recorded
 /// (`api.audit_failure`).
@@ -86,6 +90,7 @@ struct Inner {
 pub struct Pending {
     id: String,
     caller: String,
+    role: Option<Role>,
 }
 
 #[derive(Serialize)]
@@ -94,6 +99,8 @@ struct Entry<'a, T: Serialize> {
     id: &'a str,
     phase: &'static str,
     caller: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<Role>,
     #[serde(skip_serializing_if = "Option::is_none")]
     request: Option<&'a T>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -126,11 +133,16 @@ impl AuditLog {
         })
     }
 
-    /// Records `request` of `caller` before it is acted on. `Err` means
-    /// the record could not be written and the policy is `refuse`: the
-    /// caller must refuse the request. Under `log` a failure is logged and
-    /// the request goes ahead.
-    pub fn request<T: Serialize>(&self, caller: &str, request: &T) -> Result<Pending, Unrecorded> {
+    /// Records `request` of `caller` (with `role`) before it is acted on.
+    /// `Err` means the record could not be written and the policy is
+    /// `refuse`: the caller must refuse the request. Under `log` a failure
+    /// is logged and the request goes ahead.
+    pub fn request<T: Serialize>(
+        &self,
+        caller: &str,
+        role: Option<Role>,
+        request: &T,
+    ) -> Result<Pending, Unrecorded> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.next += 1;
         let id = format!("{}-{}", inner.epoch, inner.next);
@@ -139,6 +151,7 @@ impl AuditLog {
             id: &id,
             phase: "request",
             caller,
+            role,
             request: Some(request),
             outcome: None,
         };
@@ -147,6 +160,7 @@ impl AuditLog {
         let pending = Pending {
             id,
             caller: caller.to_string(),
+            role,
         };
         match result {
             Ok(()) => Ok(pending),
@@ -175,6 +189,7 @@ impl AuditLog {
             id: &pending.id,
             phase: "outcome",
             caller: &pending.caller,
+            role: pending.role,
             request: None,
             outcome: Some(outcome),
         };
@@ -186,9 +201,16 @@ impl AuditLog {
     }
 
     /// Records a request that was refused before it could be acted on
-    /// (malformed, unauthenticated, too large): its request and outcome.
-    pub fn refused<T: Serialize>(&self, caller: &str, request: &T, reason: &str) {
-        if let Ok(p) = self.request(caller, request) {
+    /// (malformed, unauthenticated, not allowed, too large): its request
+    /// and outcome.
+    pub fn refused<T: Serialize>(
+        &self,
+        caller: &str,
+        role: Option<Role>,
+        request: &T,
+        reason: &str,
+    ) {
+        if let Ok(p) = self.request(caller, role, request) {
             self.outcome(p, &format!("refused: {reason}"));
         }
     }

@@ -1,11 +1,18 @@
 //! A small client of the control API (what `lbctl` and the tests use):
-//! one HTTP/1.1 request per connection, over the Unix socket or TCP.
+//! one HTTP/1.1 request per connection, over the Unix socket, TLS or plain
+//! TCP.
 
 use std::{
     io::{Read, Write},
     os::unix::net::UnixStream,
     path::PathBuf,
+    sync::Arc,
     time::Duration,
+};
+
+use tokio_rustls::rustls::{
+    self, AlertDescription, CertificateError, ClientConfig, ClientConnection, StreamOwned,
+    pki_types::ServerName,
 };
 
 /// Where the API is.
@@ -13,8 +20,16 @@ use std::{
 pub enum Endpoint {
     /// The Unix socket (lbd's `api.socket`).
     Unix(PathBuf),
-    /// The TCP API at `HOST:PORT`, with a bearer token.
+    /// The TCP API at `HOST:PORT` in plain TCP, with a bearer token.
     Tcp { addr: String, token: String },
+    /// The TCP API at `HOST:PORT` over TLS (`config`: the CAs trusted and
+    /// the client certificate, if any; see
+    /// [`crate::control::tls::client_config`]), with a bearer token or not.
+    Tls {
+        addr: String,
+        token: Option<String>,
+        config: Arc<ClientConfig>,
+    },
 }
 
 /// Why a request got no answer.
@@ -26,8 +41,43 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// TLS with lbd failed: lbd's certificate was not trusted, or lbd
+    /// refused ours, or one side does not speak TLS.
+    #[error("TLS with lbd at {endpoint} failed: {message}")]
+    Tls { endpoint: String, message: String },
     #[error("lbd's answer was not HTTP: {0}")]
     Protocol(String),
+}
+
+/// What a TLS failure means for the operator.
+fn tls_hint(e: &rustls::Error) -> &'static str {
+    use rustls::Error as E;
+    match e {
+        E::InvalidCertificate(CertificateError::UnknownIssuer) => {
+            "lbd's certificate is not signed by a CA lbctl trusts (--ca, LBCTL_CA)"
+        }
+        E::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "lbd's certificate has expired",
+        E::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => "lbd's certificate is not for the host in --url",
+        E::AlertReceived(AlertDescription::CertificateRequired) => {
+            "lbd requires a client certificate (--cert and --key)"
+        }
+        E::AlertReceived(
+            AlertDescription::BadCertificate
+            | AlertDescription::UnknownCA
+            | AlertDescription::CertificateExpired
+            | AlertDescription::CertificateRevoked
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::UnsupportedCertificate,
+        ) => "lbd refused lbctl's client certificate (see lbd's log)",
+        E::InvalidMessage(_) => {
+            "lbd does not speak TLS there? (a plain-TCP API needs --url http://HOST:PORT)"
+        }
+        _ => "see lbd's log",
+    }
 }
 
 /// An answer.
@@ -70,7 +120,7 @@ impl Endpoint {
     fn describe(&self) -> String {
         match self {
             Endpoint::Unix(p) => p.display().to_string(),
-            Endpoint::Tcp { addr, .. } => addr.clone(),
+            Endpoint::Tcp { addr, .. } | Endpoint::Tls { addr, .. } => addr.clone(),
         }
     }
 
@@ -87,7 +137,29 @@ impl Endpoint {
                 s.set_read_timeout(timeout)?;
                 Box::new(s)
             }
+            Endpoint::Tls { addr, config, .. } => {
+                let host = crate::steering::http::host_name(addr);
+                let name = ServerName::try_from(host.to_string()).map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("{host:?} is not a host name or address"),
+                    )
+                })?;
+                let conn =
+                    ClientConnection::new(config.clone(), name).map_err(std::io::Error::other)?;
+                let s = std::net::TcpStream::connect(addr)?;
+                s.set_read_timeout(timeout)?;
+                Box::new(StreamOwned::new(conn, s))
+            }
         })
+    }
+
+    fn token(&self) -> Option<&str> {
+        match self {
+            Endpoint::Unix(_) => None,
+            Endpoint::Tcp { token, .. } => Some(token),
+            Endpoint::Tls { token, .. } => token.as_deref(),
+        }
     }
 
     /// Sends `method path` with an optional JSON body.
@@ -109,13 +181,24 @@ impl Endpoint {
         body: Option<&[u8]>,
         headers: &[(&str, &str)],
     ) -> Result<Response, ClientError> {
-        let unreachable = |source| ClientError::Unreachable {
-            endpoint: self.describe(),
-            source,
+        let unreachable = |source: std::io::Error| {
+            let tls = source
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>());
+            match tls {
+                Some(e) => ClientError::Tls {
+                    endpoint: self.describe(),
+                    message: format!("{e}: {}", tls_hint(e)),
+                },
+                None => ClientError::Unreachable {
+                    endpoint: self.describe(),
+                    source,
+                },
+            }
         };
         let mut s = self.connect().map_err(unreachable)?;
         let mut head = format!("{method} {path} HTTP/1.1\r\nHost: lbd\r\nConnection: close\r\n");
-        if let Endpoint::Tcp { token, .. } = self {
+        if let Some(token) = self.token() {
             head += &format!("Authorization: Bearer {token}\r\n");
         }
         let body = body.unwrap_or_default();
@@ -135,9 +218,13 @@ impl Endpoint {
         let sent = s.write_all(body);
         let mut raw = Vec::new();
         let read = s.read_to_end(&mut raw);
+        // lbd closes without TLS close_notify after `Connection: close`
+        // answers, and may close before reading a body it refuses: an
+        // answer read is complete all the same. Without one, the read's
+        // error first (a refused TLS handshake shows there, as the alert).
         if raw.is_empty() {
-            sent.map_err(unreachable)?;
             read.map_err(unreachable)?;
+            sent.map_err(unreachable)?;
         }
         parse_response(&raw)
     }

@@ -27,6 +27,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
+    control::access::Role,
     control::audit::AuditLog,
     control::metrics::DurationHistogram,
     dataplane::{BackendState, Counters, Dataplane, DataplaneError, MapUsage},
@@ -874,7 +875,11 @@ impl Controller {
                     change: "reload_config",
                     file: &file.path().display().to_string(),
                 };
-                let pending = match self.audit.as_ref().map(|a| a.request(&caller, &record)) {
+                let pending = match self
+                    .audit
+                    .as_ref()
+                    .map(|a| a.request(&caller, Some(Role::Admin), &record))
+                {
                     Some(Err(e)) => {
                         let _ = reply.send(Err(ControllerError::Refused(e.to_string())));
                         return;

@@ -68,7 +68,7 @@ use prometheus::{
 use crate::{
     control::controller::{ControllerError, ControllerHandle, Scrape},
     control::reloads,
-    desired::config::MetricsSettings,
+    desired::config::{MetricsSettings, Transport},
     desired::vip::VipAddr,
     host::bgp::BirdPaths,
     host::bgp_status::{self, BgpStatus},
@@ -852,24 +852,28 @@ pub fn gzip_bytes(data: &[u8]) -> Vec<u8> {
 
 async fn bind(
     listen: SocketAddr,
+    transport: &Transport,
     app: Router,
-) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>> + use<>> {
+    let listener = crate::control::tls::Listener::bind(listen, transport, "/metrics").await?;
     Ok(async move { axum::serve(listener, app).await })
 }
 
-/// Binds `listen` (so a bad address fails at start-up) and returns the
-/// server future of the balancer's `/metrics`; `bird`: BIRD's files, when
-/// `[bgp]` announces through it.
+/// Binds `listen` (so a bad address or TLS file fails at start-up) and
+/// returns the server future of the balancer's `/metrics`, over TLS when
+/// `transport` says so (with client certificates, any the client CA signed
+/// may read: every role may read); `bird`: BIRD's files, when `[bgp]`
+/// announces through it.
 pub async fn serve(
     listen: SocketAddr,
+    transport: &Transport,
     handle: ControllerHandle,
     bird: Option<BirdPaths>,
-) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
+) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>> + use<>> {
     let app = Router::new()
         .route("/metrics", get(balancer_metrics))
         .with_state(Balancer { handle, bird });
-    bind(listen, app).await
+    bind(listen, transport, app).await
 }
 
 /// What `lbd decap` exports: its packet counters and the addresses it
@@ -936,7 +940,7 @@ pub async fn serve_decap(
     let app = Router::new()
         .route("/metrics", get(decap_metrics))
         .with_state(tx);
-    bind(listen, app).await
+    bind(listen, &Transport::default(), app).await
 }
 
 #[cfg(test)]

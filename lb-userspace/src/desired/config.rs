@@ -149,7 +149,12 @@ pub fn reload_problems(now: &Config, next: &Config) -> Vec<Problem> {
     let mut problems = capacity_problems(&now.balancer, &next.balancer);
     let start_only = [
         ("api.socket", now.api.socket != next.api.socket),
+        (
+            "api.socket_group",
+            now.api.socket_group != next.api.socket_group,
+        ),
         ("api.tcp_listen", now.api.tcp_listen != next.api.tcp_listen),
+        ("api.tls", now.api.tcp_transport != next.api.tcp_transport),
         ("api.token_file", now.api.token_file != next.api.token_file),
         ("api.audit_log", now.api.audit_log != next.api.audit_log),
         ("api.state_file", now.api.state_file != next.api.state_file),
@@ -158,6 +163,10 @@ pub fn reload_problems(now: &Config, next: &Config) -> Vec<Problem> {
             now.api.audit_failure != next.api.audit_failure,
         ),
         ("metrics.listen", now.metrics.listen != next.metrics.listen),
+        (
+            "metrics.tls",
+            now.metrics.transport != next.metrics.transport,
+        ),
         ("log.level", now.log_level != next.log_level),
     ];
     for (field, changed) in start_only {
@@ -181,6 +190,8 @@ pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9180";
 pub struct MetricsSettings {
     /// Where `/metrics` is served; `None` when disabled.
     pub listen: Option<std::net::SocketAddr>,
+    /// How it speaks: TLS, or plain TCP.
+    pub transport: Transport,
     /// The per-backend families exported (`None`: all of
     /// [`crate::control::metrics::BACKEND_FAMILIES`]).
     pub backend_families: Option<Vec<String>>,
@@ -193,6 +204,7 @@ impl Default for MetricsSettings {
     fn default() -> Self {
         MetricsSettings {
             listen: Some(DEFAULT_METRICS_LISTEN.parse().expect("valid default")),
+            transport: Transport::default(),
             backend_families: None,
             backend_min_share: 0.0,
         }
@@ -209,15 +221,55 @@ pub enum LogFormat {
     Json,
 }
 
+/// How a TCP listener (the API's `tcp_listen`, `metrics.listen`) speaks:
+/// TLS (`[api.tls]`, `[metrics.tls]`), or plain TCP, which a listener on a
+/// loopback address may use by default (nothing crosses a network) and any
+/// other only with `plaintext = true`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// TLS with this certificate (and client certificates, if asked).
+    Tls(TlsSettings),
+    /// Plain TCP; `explicit` when the config said `plaintext = true` (lbd
+    /// warns at start).
+    Plain { explicit: bool },
+}
+
+impl Default for Transport {
+    fn default() -> Self {
+        Transport::Plain { explicit: false }
+    }
+}
+
+/// A listener's TLS (`[api.tls]`, `[metrics.tls]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// The server's certificate chain (PEM, leaf first).
+    pub cert: PathBuf,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// CAs whose client certificates are accepted (PEM); `None`: clients
+    /// send none.
+    pub client_ca: Option<PathBuf>,
+    /// Whether a client must present a certificate (`client_auth =
+    /// "required"`, the default with `client_ca`) or may come without one
+    /// and use a bearer token (`"optional"`).
+    pub client_cert_required: bool,
+}
+
 /// The control API (`[api]`). Paths left out get per-instance defaults
 /// from `lbd`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApiSettings {
-    /// Unix socket of the API (mode 0600).
+    /// Unix socket of the API (mode 0600, or 0660 with `socket_group`).
     pub socket: Option<PathBuf>,
-    /// Also serve the API on this TCP address (bearer tokens required).
+    /// A group whose members may use the socket (they are admins).
+    pub socket_group: Option<String>,
+    /// Also serve the API on this TCP address (a token or a client
+    /// certificate required).
     pub tcp_listen: Option<std::net::SocketAddr>,
-    /// Tokens for the TCP API: lines `NAME TOKEN`.
+    /// How `tcp_listen` speaks: TLS, or plain TCP.
+    pub tcp_transport: Transport,
+    /// Tokens for the TCP API: lines `NAME TOKEN [ROLE]`.
     pub token_file: Option<PathBuf>,
     /// Where every change request and its outcome is recorded (JSON lines).
     pub audit_log: Option<PathBuf>,
@@ -346,11 +398,23 @@ struct RawLog {
 #[serde(deny_unknown_fields)]
 struct RawApi {
     socket: Option<String>,
+    socket_group: Option<String>,
     tcp_listen: Option<String>,
+    plaintext: Option<bool>,
+    tls: Option<RawTls>,
     token_file: Option<String>,
     audit_log: Option<String>,
     audit_failure: Option<String>,
     state_file: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<String>,
+    key: Option<String>,
+    client_ca: Option<String>,
+    client_auth: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -367,6 +431,8 @@ struct RawConntrack {
 struct RawMetrics {
     enabled: Option<bool>,
     listen: Option<String>,
+    plaintext: Option<bool>,
+    tls: Option<RawTls>,
     backend_families: Option<Vec<String>>,
     backend_min_share: Option<RawNumber>,
 }
@@ -1426,12 +1492,14 @@ impl Validator {
                 (0.0, 1.0),
             )
             .unwrap_or(0.0);
+        let listen = if raw.enabled == Some(false) {
+            None
+        } else {
+            listen
+        };
         MetricsSettings {
-            listen: if raw.enabled == Some(false) {
-                None
-            } else {
-                listen
-            },
+            listen,
+            transport: self.transport("metrics", listen, raw.plaintext, raw.tls.as_ref()),
             backend_families,
             backend_min_share,
         }
@@ -1479,6 +1547,102 @@ impl Validator {
         );
     }
 
+    fn absolute_path(&mut self, field: &str, s: &Option<String>) -> Option<PathBuf> {
+        s.as_deref().and_then(|p| {
+            if p.is_empty() || !p.starts_with('/') {
+                self.problem(field, format!("{p:?} is not an absolute path"));
+                None
+            } else {
+                Some(PathBuf::from(p))
+            }
+        })
+    }
+
+    /// How the listener of `section` (`api`, `metrics`) on `listen`
+    /// speaks: TLS when `[SECTION.tls]` is given; plain TCP on a loopback
+    /// address, or anywhere with `plaintext = true`; any other address
+    /// without TLS is a problem (bearer tokens and counters would cross the
+    /// network in the clear).
+    fn transport(
+        &mut self,
+        section: &str,
+        listen: Option<std::net::SocketAddr>,
+        plaintext: Option<bool>,
+        tls: Option<&RawTls>,
+    ) -> Transport {
+        let listener = if section == "api" {
+            "api.tcp_listen"
+        } else {
+            "metrics.listen"
+        };
+        let Some(tls) = tls else {
+            if let Some(addr) = listen
+                && !addr.ip().is_loopback()
+                && plaintext != Some(true)
+            {
+                self.problem(
+                    format!("{section}.tls"),
+                    format!(
+                        "missing: {listener} {addr} is not a loopback address, so it needs TLS: \
+                         give [{section}.tls] cert and key (or {section}.plaintext = true for \
+                         plain TCP, not recommended)"
+                    ),
+                );
+            }
+            return Transport::Plain {
+                explicit: plaintext == Some(true),
+            };
+        };
+        if plaintext == Some(true) {
+            self.problem(
+                format!("{section}.plaintext"),
+                format!("true, but [{section}.tls] is given: choose one"),
+            );
+        }
+        if listen.is_none() {
+            self.problem(
+                format!("{section}.tls"),
+                format!("given, but {listener} is not set (or the endpoint is disabled)"),
+            );
+        }
+        let required = |v: &mut Self, key: &str, s: &Option<String>| {
+            let field = format!("{section}.tls.{key}");
+            if s.is_none() {
+                v.problem(
+                    &field,
+                    format!("missing: [{section}.tls] needs cert and key (PEM files)"),
+                );
+            }
+            v.absolute_path(&field, s).unwrap_or_default()
+        };
+        let cert = required(self, "cert", &tls.cert);
+        let key = required(self, "key", &tls.key);
+        let client_ca = self.absolute_path(&format!("{section}.tls.client_ca"), &tls.client_ca);
+        let client_cert_required = match tls.client_auth.as_deref() {
+            None | Some("required") => client_ca.is_some(),
+            Some("optional") => false,
+            Some(other) => {
+                self.problem(
+                    format!("{section}.tls.client_auth"),
+                    format!("{other:?} is not \"required\" or \"optional\""),
+                );
+                false
+            }
+        };
+        if tls.client_auth.is_some() && client_ca.is_none() {
+            self.problem(
+                format!("{section}.tls.client_auth"),
+                "given, but client_ca is not: client certificates need the CA that signs them",
+            );
+        }
+        Transport::Tls(TlsSettings {
+            cert,
+            key,
+            client_ca,
+            client_cert_required,
+        })
+    }
+
     fn api(&mut self, raw: &RawApi) -> ApiSettings {
         let tcp_listen = raw.tcp_listen.as_deref().and_then(|s| match s.parse() {
             Ok(a) => Some(a),
@@ -1487,28 +1651,35 @@ impl Validator {
                 None
             }
         });
-        if raw.tcp_listen.is_some() && raw.token_file.is_none() {
+        let tcp_transport = self.transport("api", tcp_listen, raw.plaintext, raw.tls.as_ref());
+        let client_certs = matches!(&tcp_transport, Transport::Tls(t) if t.client_ca.is_some());
+        if raw.tcp_listen.is_some() && raw.token_file.is_none() && !client_certs {
             self.problem(
                 "api.token_file",
-                "missing: api.tcp_listen is set and the TCP API only serves requests with a bearer token",
+                "missing: api.tcp_listen is set and the TCP API only serves requests with a bearer \
+                 token or a client certificate (api.tls.client_ca)",
             );
         }
-        let path = |v: &mut Self, field: &str, s: &Option<String>| {
-            s.as_deref().and_then(|p| {
-                if p.is_empty() || !p.starts_with('/') {
-                    v.problem(field, format!("{p:?} is not an absolute path"));
-                    None
-                } else {
-                    Some(PathBuf::from(p))
-                }
-            })
-        };
+        if let Some(group) = &raw.socket_group
+            && (group.is_empty()
+                || group.len() > 32
+                || !group
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        {
+            self.problem(
+                "api.socket_group",
+                format!("{group:?} is not a group name (1-32 letters, digits, '-', '_', '.')"),
+            );
+        }
         ApiSettings {
-            socket: path(self, "api.socket", &raw.socket),
+            socket: self.absolute_path("api.socket", &raw.socket),
+            socket_group: raw.socket_group.clone(),
             tcp_listen,
-            token_file: path(self, "api.token_file", &raw.token_file),
-            audit_log: path(self, "api.audit_log", &raw.audit_log),
-            state_file: path(self, "api.state_file", &raw.state_file),
+            tcp_transport,
+            token_file: self.absolute_path("api.token_file", &raw.token_file),
+            audit_log: self.absolute_path("api.audit_log", &raw.audit_log),
+            state_file: self.absolute_path("api.state_file", &raw.state_file),
             audit_failure: raw
                 .audit_failure
                 .as_deref()
@@ -2703,6 +2874,100 @@ mod tests {
         let saved = std::fs::read_to_string(&path).unwrap();
         assert_eq!(parse(&saved, "t").unwrap(), c, "{saved}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn listeners_off_loopback_need_tls_or_an_explicit_plaintext() {
+        let api = |extra: &str| format!("[api]\ntoken_file = \"/t\"\n{extra}\n{GOOD}");
+        assert_problem(
+            &api("tcp_listen = \"192.0.2.1:9443\""),
+            "api.tls",
+            "192.0.2.1:9443 is not a loopback address, so it needs TLS",
+        );
+        let c = parse(
+            &api("tcp_listen = \"192.0.2.1:9443\"\nplaintext = true"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.api.tcp_transport, Transport::Plain { explicit: true });
+        let c = parse(&api("tcp_listen = \"127.0.0.1:9443\""), "t").unwrap();
+        assert_eq!(c.api.tcp_transport, Transport::Plain { explicit: false });
+        let tls = "tcp_listen = \"192.0.2.1:9443\"\n[api.tls]\ncert = \"/c.pem\"\nkey = \"/k.pem\"";
+        let c = parse(&api(tls), "t").unwrap();
+        assert_eq!(
+            c.api.tcp_transport,
+            Transport::Tls(TlsSettings {
+                cert: "/c.pem".into(),
+                key: "/k.pem".into(),
+                client_ca: None,
+                client_cert_required: false,
+            })
+        );
+        // Client certificates: required unless said otherwise; they may
+        // replace the token file.
+        let certs = "[api]\ntcp_listen = \"192.0.2.1:9443\"\n[api.tls]\ncert = \"/c\"\nkey = \"/k\"\nclient_ca = \"/ca\"\n";
+        let c = parse(&format!("{certs}{GOOD}"), "t").unwrap();
+        assert!(matches!(c.api.tcp_transport, Transport::Tls(t) if t.client_cert_required));
+        let c = parse(&format!("{certs}client_auth = \"optional\"\n{GOOD}"), "t").unwrap();
+        assert!(matches!(c.api.tcp_transport, Transport::Tls(t) if !t.client_cert_required));
+        for (extra, field, says) in [
+            (
+                "tcp_listen = \"192.0.2.1:1\"\n[api.tls]\ncert = \"/c\"",
+                "api.tls.key",
+                "missing",
+            ),
+            (
+                "tcp_listen = \"192.0.2.1:1\"\nplaintext = true\n[api.tls]\ncert = \"/c\"\nkey = \"/k\"",
+                "api.plaintext",
+                "choose one",
+            ),
+            (
+                "tcp_listen = \"192.0.2.1:1\"\n[api.tls]\ncert = \"c\"\nkey = \"/k\"",
+                "api.tls.cert",
+                "not an absolute path",
+            ),
+            (
+                "tcp_listen = \"192.0.2.1:1\"\n[api.tls]\ncert = \"/c\"\nkey = \"/k\"\nclient_auth = \"optional\"",
+                "api.tls.client_auth",
+                "client_ca is not",
+            ),
+            (
+                "tcp_listen = \"192.0.2.1:1\"\n[api.tls]\ncert = \"/c\"\nkey = \"/k\"\nclient_ca = \"/ca\"\nclient_auth = \"sometimes\"",
+                "api.tls.client_auth",
+                "\"sometimes\" is not",
+            ),
+            (
+                "[api.tls]\ncert = \"/c\"\nkey = \"/k\"",
+                "api.tls",
+                "api.tcp_listen is not set",
+            ),
+            (
+                "socket_group = \"no group!\"",
+                "api.socket_group",
+                "is not a group name",
+            ),
+        ] {
+            assert_problem(&api(extra), field, says);
+        }
+        assert_problem(
+            &format!("[metrics]\nlisten = \"0.0.0.0:9180\"\n{GOOD}"),
+            "metrics.tls",
+            "metrics.listen 0.0.0.0:9180 is not a loopback address",
+        );
+        let c = parse(
+            &format!("[metrics]\nlisten = \"0.0.0.0:9180\"\nplaintext = true\n{GOOD}"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.metrics.transport, Transport::Plain { explicit: true });
+        // A reload cannot change them.
+        let now = parse(&api("tcp_listen = \"127.0.0.1:9443\""), "t").unwrap();
+        let next = parse(&api(tls), "t").unwrap();
+        assert!(
+            reload_problems(&now, &next)
+                .iter()
+                .any(|p| p.field == "api.tls")
+        );
     }
 
     #[test]

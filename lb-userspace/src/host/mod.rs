@@ -4,7 +4,9 @@
 //! announces the VIPs over BGP through BIRD 2, [`bgp_status`] reads BIRD's
 //! sessions and announcements back for `/metrics`, and [`bird_guard`]
 //! withdraws them when `lbd` dies; [`lock`] keeps one `lbd` per instance;
-//! [`checks`] refuses VIPs and backends that are this host's own addresses.
+//! [`checks`] refuses VIPs and backends that are this host's own addresses;
+//! [`service_manager`] tells systemd (`Type=notify`) when lbd is ready,
+//! reloading and stopping.
 
 pub mod bgp;
 pub mod bgp_status;
@@ -13,6 +15,7 @@ pub mod checks;
 pub mod interface;
 pub mod lock;
 pub mod neighbours;
+pub mod service_manager;
 
 use std::{net::IpAddr, process::Command};
 
@@ -135,6 +138,36 @@ fn hz_from_tick_ns(ns: u64) -> Option<u32> {
     Some(((1_000_000_000 + ns / 2) / ns) as u32)
 }
 
+/// The id of the group `name` (for `api.socket_group`).
+pub fn group_id(name: &str) -> std::io::Result<u32> {
+    let c_name = std::ffi::CString::new(name)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL in the name"))?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: zeroed `group` and a buffer for getgrnam_r to fill; `found`
+    // points into them only while they live.
+    unsafe {
+        let mut group: libc::group = std::mem::zeroed();
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        let rc = libc::getgrnam_r(
+            c_name.as_ptr(),
+            &mut group,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        );
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        if found.is_null() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no group {name:?} on this host (api.socket_group)"),
+            ));
+        }
+        Ok(group.gr_gid)
+    }
+}
+
 #[cfg(test)]
 mod clock_tests {
     use super::*;
@@ -149,5 +182,25 @@ mod clock_tests {
         assert_eq!(hz_from_tick_ns(1), None, "a high-resolution clock");
         let hz = kernel_hz().expect("this kernel's HZ");
         assert!((100..=1000).contains(&hz), "{hz}");
+    }
+}
+
+#[cfg(test)]
+mod group_tests {
+    use super::*;
+
+    #[test]
+    fn group_ids_come_from_the_group_database() {
+        assert_eq!(group_id("root").unwrap(), 0);
+        let e = group_id("lbt-no-such-group").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+        assert!(
+            e.to_string().contains("no group \"lbt-no-such-group\""),
+            "{e}"
+        );
+        assert_eq!(
+            group_id("a\0b").unwrap_err().kind(),
+            std::io::ErrorKind::InvalidInput
+        );
     }
 }

@@ -31,7 +31,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_rustls::{
     TlsConnector,
-    rustls::{self, ClientConfig, RootCertStore, pki_types::ServerName},
+    rustls::{ClientConfig, pki_types::ServerName},
 };
 
 use crate::desired::policy::HttpOptions;
@@ -242,7 +242,7 @@ impl HttpClient {
 }
 
 /// `NAME` of `NAME:PORT`, `[V6]:PORT` or `[V6]`.
-fn host_name(host: &str) -> &str {
+pub(crate) fn host_name(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
     }
@@ -279,39 +279,13 @@ fn tls_config(ca_file: Option<&PathBuf>) -> Result<Arc<ClientConfig>, String> {
     {
         return Ok(c.clone());
     }
-    let mut roots = RootCertStore::empty();
-    match ca_file {
-        Some(path) => {
-            use rustls::pki_types::{CertificateDer, pem::PemObject};
-            let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(path)
-                .and_then(|certs| certs.collect())
-                .map_err(|e| format!("reading the CA file {}: {e}", path.display()))?;
-            if certs.is_empty() {
-                return Err(format!(
-                    "the CA file {} has no PEM certificate",
-                    path.display()
-                ));
-            }
-            for c in certs {
-                roots
-                    .add(c)
-                    .map_err(|e| format!("a certificate of {}: {e}", path.display()))?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(found.certs);
-            if roots.is_empty() {
-                return Err("the system's trust store has no certificate: set ca_file".into());
-            }
-        }
-    }
-    let config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+    let roots = crate::control::tls::root_store(ca_file.map(PathBuf::as_path))
+        .map_err(|e| e.to_string())?;
+    let config = ClientConfig::builder_with_provider(crate::control::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let config = Arc::new(config);
     CONFIGS
         .lock()
