@@ -16,8 +16,10 @@ use crate::REASON_COUNT;
 /// `syn_raced` and `closing` events (16 event slots), the closing timeout in
 /// [`DataplaneConfig`]. Version 9: 32 reason slots in [`Stats`] (for
 /// `not_our_mac` and later reasons). Version 10: the table-write generation
-/// (`LB_TABLE_GEN`, see [`TABLE_GEN_DOC`]).
-pub const LAYOUT_VERSION: u32 = 10;
+/// (`LB_TABLE_GEN`, see [`TABLE_GEN_DOC`]). Version 11: active flows
+/// (`LB_ACTIVE`, `LB_VIP_ACTIVE`, [`crate::BACKEND_COUNTED`], the
+/// `least-conn` scheduler; see `crate::ActiveFlows`).
+pub const LAYOUT_VERSION: u32 = 11;
 
 /// How a packet never uses a half-written Maglev table without `lbd`
 /// waiting (`LB_TABLE_GEN`, one `u64`).
@@ -126,6 +128,14 @@ pub const VIP_SCHED_WRR: u32 = 0x20;
 /// Scheduler: two Maglev positions from the flow hash; the backend with the
 /// lower load score wins.
 pub const VIP_SCHED_LEAST_LOAD: u32 = 0x30;
+/// Scheduler: the fewest active flows per weight among [`crate::ACTIVE_PROBES`]
+/// table positions from the flow hash (see `crate::ActiveFlows`).
+pub const VIP_SCHED_LEAST_CONN: u32 = 0x40;
+/// `VipInfo::flags`, with [`VIP_SCHED_MAGLEV_SRC`]: a load cap. The source's
+/// backend unless it is over its cap ([`crate::over_cap`]), else the next
+/// table position's backend that is not (up to [`crate::ACTIVE_PROBES`]
+/// positions), else `VipActive::spare`.
+pub const VIP_LOAD_CAP: u32 = 0x200;
 /// `VipInfo::flags`, with [`VIP_SCHED_MAGLEV_SRC`]: hash the source port too.
 pub const VIP_HASH_SRC_PORT: u32 = 0x100;
 

@@ -12,6 +12,7 @@
 //! plane never swaps bytes; user space converts once with [`addr_words`].
 #![no_std]
 
+mod active;
 mod balancer;
 mod conntrack;
 mod decap;
@@ -19,6 +20,12 @@ mod flow;
 mod names;
 mod reason;
 
+#[cfg(not(target_arch = "bpf"))]
+pub use active::cap_limit;
+pub use active::{
+    ACTIVE_MAP_FLAGS, ACTIVE_PROBES, ActiveFlows, BACKEND_COUNTED, FLOW_UNIT, VipActive,
+    fewer_per_weight, over_cap,
+};
 pub use balancer::*;
 pub use conntrack::{
     FLOW_BUSY, FLOW_CLOSING, FLOW_EVENT_COUNT, FLOW_ID_BITS, FLOW_INCARNATION_BITS, FLOW_WAYS,

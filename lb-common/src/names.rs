@@ -39,6 +39,12 @@ pub mod map_name {
     /// `Array<u64>` with one entry: the table-write generation, odd while
     /// `lbd` writes tables (see `crate::TABLE_GEN_DOC`).
     pub const TABLE_GEN: &str = "LB_TABLE_GEN";
+    /// `Array<ActiveFlows>` indexed by backend id, shared and mappable
+    /// (`BPF_F_MMAPABLE`): active-flow units of counted backends (see
+    /// `crate::ActiveFlows`).
+    pub const ACTIVE: &str = "LB_ACTIVE";
+    /// `Array<VipActive>` indexed by VIP id, the same per VIP.
+    pub const VIP_ACTIVE: &str = "LB_VIP_ACTIVE";
     /// Benchmark only: the `BenchControl` in the object's global data (its
     /// section, a one-value array map).
     pub const BENCH_CONTROL: &str = ".data.lb_bench";
@@ -47,7 +53,7 @@ pub mod map_name {
 
     /// The maps that hold the balancer's state: pinned, so a restarted `lbd`
     /// adopts them (the benchmark's maps are not state).
-    pub const STATE: [&str; 15] = [
+    pub const STATE: [&str; 17] = [
         VIPS,
         BACKENDS,
         MAGLEV,
@@ -63,6 +69,8 @@ pub mod map_name {
         SCORES,
         VIP_ADDRS,
         TABLE_GEN,
+        ACTIVE,
+        VIP_ACTIVE,
     ];
 }
 

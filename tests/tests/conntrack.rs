@@ -241,7 +241,7 @@ fn a_removed_backend_keeps_its_established_flows_until_they_end_then_its_id_is_f
         "a new flow went to the removed backend"
     );
     assert_eq!(
-        lab.dp.retire_finished(std::time::Duration::ZERO).unwrap(),
+        lab.dp.sweep_now().unwrap(),
         0,
         "its flows are alive: its id stays"
     );
@@ -261,10 +261,7 @@ fn a_removed_backend_keeps_its_established_flows_until_they_end_then_its_id_is_f
     );
     lab.dp.set_vip(&udp_vip).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let (started, freed) = (
-        std::time::Instant::now(),
-        lab.dp.retire_finished(std::time::Duration::ZERO).unwrap(),
-    );
+    let (started, freed) = (std::time::Instant::now(), lab.dp.sweep_now().unwrap());
     println!(
         "after the idle timeout: {freed} backend id(s) freed (scan {:?})",
         started.elapsed()

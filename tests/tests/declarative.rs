@@ -384,7 +384,7 @@ fn a_dry_run_changes_nothing_and_the_audit_log_says_dry_run() {
     assert!((shares["10.201.0.12"].1 - 0.75).abs() < 0.01, "{shares:?}");
     assert!((shares["10.201.0.13"].0 == 0.0) && (shares["10.201.0.13"].1 - 0.25).abs() < 0.01);
     assert_eq!(r.revision(), Some(revision), "a dry run keeps the revision");
-    assert_eq!(everything(&lab), before, "a dry run changed something");
+    assert!(everything(&lab) == before, "a dry run changed something");
     let audit = std::fs::read_to_string(lab.audit_log()).unwrap();
     let last: Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
     assert_eq!(last["outcome"], "dry run", "{last}");
@@ -491,9 +491,8 @@ fn every_bad_document_gets_a_problem_naming_its_field_and_changes_nothing() {
             "{what}: {p} does not name {needle:?}"
         );
     }
-    assert_eq!(
-        everything(&lab),
-        before,
+    assert!(
+        everything(&lab) == before,
         "a refused document changed something"
     );
     assert_eq!(spec(&e).1, revision);

@@ -12,13 +12,13 @@ use core::{
 
 use aya_ebpf::helpers::bpf_jiffies64;
 use lb_common::{
-    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FLOW_CLOSING, FLOW_WAYS,
-    FlowEvent, FlowKey, FlowSet, FlowSlot, PROTO_TCP, Stats, VIP_STICK_WHEN_DOWN, flow_set,
-    syn_seen_slot,
+    BACKEND_ALLOCATED, BACKEND_COUNTED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FLOW_CLOSING,
+    FLOW_UNIT, FLOW_WAYS, FlowEvent, FlowKey, FlowSet, FlowSlot, PROTO_TCP, Stats,
+    VIP_STICK_WHEN_DOWN, flow_set, syn_seen_slot,
 };
 use lb_ebpf::parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
-use crate::maps::{LB_BACKENDS, LB_FLOWS, LB_SYN_FLOWS, LB_SYN_SEEN, count_event};
+use crate::maps::{LB_BACKENDS, LB_FLOWS, LB_SYN_FLOWS, LB_SYN_SEEN, count_active, count_event};
 
 /// Where a new flow's entry goes.
 pub struct Victim {
@@ -36,6 +36,9 @@ pub struct Victim {
     /// handshake is not in progress (no entry of its 5-tuple in the
     /// handshake table). Only such a SYN may be shed.
     pub opens: bool,
+    /// The entry is a new flow for the active-flow counts: anything but a
+    /// SYN sent again while its handshake runs (its flow is counted).
+    pub counts: bool,
 }
 
 /// What the tables say about a packet's flow.
@@ -170,6 +173,7 @@ impl Scan {
             live,
             syn,
             opens: false,
+            counts: true,
         }
     }
 
@@ -199,12 +203,16 @@ impl Scan {
         Some((id, b))
     }
 
-    /// Empties the flow's slot, if it still holds the flow's entry.
+    /// Empties the flow's slot, if it still holds the flow's entry; returns
+    /// the key word it held (0 if nothing was emptied).
     #[inline(always)]
-    fn clear_own(&mut self) {
-        if self.found() && swap_key(unsafe { &mut (*self.slot(self.own)).key }, self.own_key, 0) {
+    fn clear_own(&mut self) -> u64 {
+        let key = self.own_key;
+        if self.found() && swap_key(unsafe { &mut (*self.slot(self.own)).key }, key, 0) {
             self.own_key = 0;
+            return key;
         }
+        0
     }
 }
 
@@ -237,6 +245,7 @@ pub fn lookup(
         let opens = !scan.found();
         return Lookup::Schedule(Victim {
             opens,
+            counts: opens,
             ..scan.place(true)
         });
     }
@@ -264,6 +273,8 @@ pub fn lookup(
                     count_event(stats, FlowEvent::Hit);
                     if pkt.tcp_flags & TCP_RST != 0 {
                         count_event(stats, FlowEvent::Reset);
+                        // The flow was counted when it was scheduled.
+                        counted(id, b, -FLOW_UNIT);
                         // An old connection's entry of the same 5-tuple
                         // ends too.
                         main.clear_own();
@@ -291,7 +302,18 @@ pub fn lookup(
     count_event(stats, FlowEvent::Hit);
     let slot = main.slot(main.own);
     if pkt.tcp_flags & TCP_RST != 0 {
-        main.clear_own();
+        let key = main.clear_own();
+        if key != 0 {
+            counted(
+                id,
+                b,
+                if FlowSlot::closing(key) {
+                    -1
+                } else {
+                    -FLOW_UNIT
+                },
+            );
+        }
         count_event(stats, FlowEvent::Reset);
     } else if tcp && pkt.tcp_flags & TCP_FIN != 0 && !FlowSlot::closing(main.own_key) {
         if swap_key(
@@ -301,6 +323,8 @@ pub fn lookup(
         ) {
             unsafe { write_volatile(&mut (*slot).expires, now.wrapping_add(cfg.tcp_closing)) };
             count_event(stats, FlowEvent::Closing);
+            // Open to closing: a flow unit down to 1.
+            counted(id, b, 1 - FLOW_UNIT);
         }
     } else {
         let (idle, renew) = idle(pkt, main.own_key, cfg);
@@ -310,6 +334,16 @@ pub fn lookup(
         }
     }
     Lookup::Hit(id, b)
+}
+
+/// Adds `units` to backend `id`'s active flows if it is counted (see
+/// `lb_common::ActiveFlows`): a flow unit for a new flow, less for one
+/// that closed or ended.
+#[inline(always)]
+fn counted(id: u32, b: &BackendInfo, units: i64) {
+    if b.flags & BACKEND_COUNTED != 0 {
+        count_active(id, b.vip_id, units);
+    }
 }
 
 #[inline(always)]
@@ -332,7 +366,8 @@ fn syn_seen(hash: u64) -> bool {
 }
 
 /// Remembers that the packet's flow goes to backend `id`, in the slot
-/// [`lookup`] chose. A RST starts no entry.
+/// [`lookup`] chose. A RST starts no entry. A new entry of a counted backend
+/// adds a flow to its active flows (see `lb_common::ActiveFlows`).
 #[inline(always)]
 pub fn record(
     pkt: &Packet,
@@ -359,13 +394,17 @@ pub fn record(
             }
         }
     }
-    write(pkt, v, hash, id, backend, now, cfg, stats);
+    let counts = v.counts;
+    if write(pkt, v, hash, id, backend, now, cfg, stats) && counts {
+        counted(id, backend, FLOW_UNIT);
+    }
 }
 
 /// Claims the victim's slot and writes the flow's entry into it: the
 /// slot's word is swapped for the busy word first (so another CPU that
 /// picked the same slot loses, counted, and nobody reads the half-written
-/// entry), then the ports and expiry, then the final word.
+/// entry), then the ports and expiry, then the final word. `false` if the
+/// slot was lost to another CPU.
 #[inline(always)]
 fn write(
     pkt: &Packet,
@@ -376,7 +415,7 @@ fn write(
     now: u32,
     cfg: &DataplaneConfig,
     stats: &mut Stats,
-) {
+) -> bool {
     let key = unsafe { &mut (*v.slot).key };
     if !swap_key(key, v.observed, v.claim) {
         count_event(
@@ -387,7 +426,7 @@ fn write(
                 FlowEvent::Raced
             },
         );
-        return;
+        return false;
     }
     if v.live {
         count_event(
@@ -409,6 +448,7 @@ fn write(
         // This CPU owns the slot now (busy): a plain store publishes it.
         write_volatile(key, word);
     }
+    true
 }
 
 /// The backend recorded for `flow` (its hash: `hash`), if its entry is in

@@ -21,16 +21,18 @@ mod maps;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_get_prandom_u32, bpf_xdp_adjust_head},
+    helpers::{bpf_get_prandom_u32, bpf_loop, bpf_xdp_adjust_head},
     macros::xdp,
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
 use lb_common::{
-    BackendInfo, CONFIG_FRAGMENTS_PASS, CONFIG_TOO_BIG_ICMP, DataplaneConfig, FAMILY_V4, FAMILY_V6,
-    MAGLEV_CHUNK, NO_BACKEND, PROTO_IPIP, PROTO_IPV6, REASON_SLOTS, Reason, SHED_ONE, Stats,
-    VIP_HASH_SRC_PORT, VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK, VIP_SCHED_WRR,
-    VipInfo, VipKey, flow_hash64, maglev_position, second_choice, source_hash, vip_filter_slot,
+    ACTIVE_PROBES, BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, CONFIG_FRAGMENTS_PASS,
+    CONFIG_TOO_BIG_ICMP, DataplaneConfig, FAMILY_V4, FAMILY_V6, MAGLEV_CHUNK, NO_BACKEND,
+    PROTO_IPIP, PROTO_IPV6, REASON_SLOTS, Reason, SHED_ONE, Stats, VIP_HASH_SRC_PORT, VIP_LOAD_CAP,
+    VIP_SCHED_LEAST_CONN, VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK,
+    VIP_SCHED_WRR, VipInfo, VipKey, fewer_per_weight, flow_hash64, maglev_position, over_cap,
+    second_choice, source_hash, vip_filter_slot,
 };
 use lb_ebpf::{
     packet::{frame_len, ptr_at, ptr_at_mut, read_u32, write_u32, write_u64},
@@ -266,9 +268,153 @@ fn schedule(
         if score(other) < score(backend_id) {
             backend_id = other;
         }
+    } else if sched == VIP_SCHED_LEAST_CONN {
+        backend_id = least_conn(&vip, pos, backend_id);
+    } else if vip.flags & VIP_LOAD_CAP != 0 {
+        backend_id = under_cap(&vip, pos, backend_id);
     }
     let backend = LB_BACKENDS.get(backend_id).ok_or(Reason::NoBackend)?;
     Ok((backend_id, backend))
+}
+
+/// A walk over the [`ACTIVE_PROBES`] − 1 table entries after a flow's
+/// position in its table chunk (wrapping inside the chunk, so they share
+/// its cache line), as `bpf_loop` runs it: the verifier checks the step
+/// once, not once per iteration and path (unrolled, the two walks cost it
+/// more than the rest of the program).
+#[repr(C)]
+struct Walk {
+    /// The VIP's chunk holding the flow's position.
+    chunk: u32,
+    pos: u32,
+    /// The choice so far, its units, weight and (capped walks) whether it
+    /// is under its cap.
+    best: u32,
+    best_units: i64,
+    best_weight: u32,
+    found: u32,
+    /// Capped walks: the VIP's units.
+    vip_units: i64,
+}
+
+impl Walk {
+    /// Entry `k` (0-based) after the flow's position, `NO_BACKEND` if none.
+    #[inline(always)]
+    fn entry(&self, k: u64) -> u32 {
+        match LB_MAGLEV.get(self.chunk) {
+            Some(c) => {
+                c.backends[((self.pos + 1 + k as u32) % MAGLEV_CHUNK) as usize
+                    & (MAGLEV_CHUNK as usize - 1)]
+            }
+            None => NO_BACKEND,
+        }
+    }
+}
+
+/// One `least-conn` step: the entry with fewer units per weight wins.
+extern "C" fn least_conn_step(k: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the caller's `Walk` (see `least_conn`).
+    let w = unsafe { &mut *(ctx as *mut Walk) };
+    let id = w.entry(k);
+    if id != NO_BACKEND && id != w.best {
+        let (units, weight, _) = active(id);
+        if fewer_per_weight((units, weight), (w.best_units, w.best_weight)) {
+            w.best = id;
+            w.best_units = units;
+            w.best_weight = weight;
+        }
+    }
+    0
+}
+
+/// One capped step: the first entry under its cap ends the walk.
+extern "C" fn under_cap_step(k: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the caller's `Walk` (see `under_cap`).
+    let w = unsafe { &mut *(ctx as *mut Walk) };
+    let id = w.entry(k);
+    if id == NO_BACKEND || id == w.best {
+        return 0;
+    }
+    let (units, _, limit) = active(id);
+    if over_cap(units, limit, w.vip_units) {
+        return 0;
+    }
+    w.best = id;
+    w.found = 1;
+    1
+}
+
+/// `least-conn`: of the backends at position `pos` (its entry: `first`)
+/// and the [`ACTIVE_PROBES`] − 1 entries after it in its chunk, the one
+/// with the fewest active-flow units per weight. Ties go to the earliest,
+/// so flows that find equal counts spread as their hashes do.
+#[inline(always)]
+fn least_conn(vip: &VipInfo, pos: u32, first: u32) -> u32 {
+    let (units, weight, _) = active(first);
+    let mut w = Walk {
+        chunk: vip.table_chunk + pos / MAGLEV_CHUNK,
+        pos,
+        best: first,
+        best_units: units,
+        best_weight: weight,
+        found: 0,
+        vip_units: 0,
+    };
+    // SAFETY: the helper calls the step with `w`, on this stack, which
+    // outlives the call.
+    unsafe {
+        bpf_loop(
+            ACTIVE_PROBES - 1,
+            least_conn_step as *const () as *mut core::ffi::c_void,
+            &mut w as *mut Walk as *mut core::ffi::c_void,
+            0,
+        )
+    };
+    w.best
+}
+
+/// `maglev-src` with a load cap: the source's backend `first` (at `pos`)
+/// unless one more flow takes it over its cap; else the first backend
+/// among the [`ACTIVE_PROBES`] − 1 entries after it in its chunk that is
+/// not; else the VIP's spare (the least loaded at the last sweep, if it
+/// still is one of the VIP's backends in service); else `first`.
+#[inline(always)]
+fn under_cap(vip: &VipInfo, pos: u32, first: u32) -> u32 {
+    let (vip_units, spare) = vip_active(vip.id);
+    let (units, _, limit) = active(first);
+    if !over_cap(units, limit, vip_units) {
+        return first;
+    }
+    let mut w = Walk {
+        chunk: vip.table_chunk + pos / MAGLEV_CHUNK,
+        pos,
+        best: first,
+        best_units: 0,
+        best_weight: 0,
+        found: 0,
+        vip_units,
+    };
+    // SAFETY: as in `least_conn`.
+    unsafe {
+        bpf_loop(
+            ACTIVE_PROBES - 1,
+            under_cap_step as *const () as *mut core::ffi::c_void,
+            &mut w as *mut Walk as *mut core::ffi::c_void,
+            0,
+        )
+    };
+    if w.found != 0 {
+        return w.best;
+    }
+    match LB_BACKENDS.get(spare) {
+        Some(b)
+            if b.vip_id == vip.id
+                && b.flags & (BACKEND_ALLOCATED | BACKEND_DOWN) == BACKEND_ALLOCATED =>
+        {
+            spare
+        }
+        _ => first,
+    }
 }
 
 /// The backend id at position `pos` of the VIP's active table.

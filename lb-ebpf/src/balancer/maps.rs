@@ -1,15 +1,17 @@
 //! The balancer's maps. Sizes here are defaults; `lbd` sets the real
 //! capacities from its config before loading (`EbpfLoader::map_max_entries`).
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
 };
 use lb_common::{
-    BackendInfo, BenchControl, DEFAULT_FLOWS, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-    DEFAULT_TABLE_SIZE, DataplaneConfig, FLOW_EVENT_SLOTS, FlowEvent, FlowSet, Globals,
-    MaglevChunk, NextHop, SYN_SEEN_WORDS, Stats, TrafficCounters, VIP_FILTER_WORDS, VIPS_MAP_FLAGS,
-    VipAddrKey, VipInfo, VipKey, chunks_per_table, flow_sets, syn_slots,
+    ACTIVE_MAP_FLAGS, ActiveFlows, BackendInfo, BenchControl, DEFAULT_FLOWS, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE, DataplaneConfig, FLOW_EVENT_SLOTS, FlowEvent, FlowSet,
+    Globals, MaglevChunk, NextHop, SYN_SEEN_WORDS, Stats, TrafficCounters, VIP_FILTER_WORDS,
+    VIPS_MAP_FLAGS, VipActive, VipAddrKey, VipInfo, VipKey, chunks_per_table, flow_sets, syn_slots,
 };
 
 /// No preallocation: replacing a value is an RCU swap (see `VipInfo`).
@@ -115,6 +117,59 @@ pub static LB_SCORES: Array<u32> = Array::with_max_entries(DEFAULT_MAX_BACKENDS,
 /// The table-write generation (see `lb_common::TABLE_GEN_DOC`).
 #[map(name = "LB_TABLE_GEN")]
 pub static LB_TABLE_GEN: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Active-flow units per backend id (see `lb_common::ActiveFlows`): shared
+/// by all CPUs, changed by atomic adds only; `lbd` maps it
+/// (`BPF_F_MMAPABLE`) to correct it after each sweep.
+#[map(name = "LB_ACTIVE")]
+pub static LB_ACTIVE: Array<ActiveFlows> =
+    Array::with_max_entries(DEFAULT_MAX_BACKENDS, ACTIVE_MAP_FLAGS);
+
+/// The same per VIP id.
+#[map(name = "LB_VIP_ACTIVE")]
+pub static LB_VIP_ACTIVE: Array<VipActive> =
+    Array::with_max_entries(DEFAULT_MAX_VIPS, ACTIVE_MAP_FLAGS);
+
+/// Adds `units` to the active flows of backend `backend_id` (a counted one,
+/// `lb_common::BACKEND_COUNTED`) and of its VIP `vip_id`.
+#[inline(always)]
+pub fn count_active(backend_id: u32, vip_id: u32, units: i64) {
+    if let Some(a) = LB_ACTIVE.get_ptr_mut(backend_id) {
+        // SAFETY: an aligned i64 in a map value; every writer (other CPUs,
+        // lbd through its mapping) adds atomically.
+        unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::SeqCst }>(&raw mut (*a).units, units) };
+    }
+    if let Some(v) = LB_VIP_ACTIVE.get_ptr_mut(vip_id) {
+        // SAFETY: as above.
+        unsafe { atomic_xadd::<i64, i64, { AtomicOrdering::SeqCst }>(&raw mut (*v).units, units) };
+    }
+}
+
+/// A backend's active-flow units, weight and cap limit (zeros if the id is
+/// out of range).
+#[inline(always)]
+pub fn active(backend_id: u32) -> (i64, u32, u32) {
+    match LB_ACTIVE.get_ptr(backend_id) {
+        // Volatile: other CPUs change the units under us.
+        Some(a) => unsafe {
+            (
+                core::ptr::read_volatile(&(*a).units),
+                (*a).weight,
+                (*a).limit,
+            )
+        },
+        None => (0, 0, 0),
+    }
+}
+
+/// A VIP's active-flow units and its spare backend (`VipActive`).
+#[inline(always)]
+pub fn vip_active(vip_id: u32) -> (i64, u32) {
+    match LB_VIP_ACTIVE.get_ptr(vip_id) {
+        Some(v) => unsafe { (core::ptr::read_volatile(&(*v).units), (*v).spare) },
+        None => (0, lb_common::NO_BACKEND),
+    }
+}
 
 /// Benchmark only: what the restore step writes back (global data, like
 /// `LB_GLOBALS`, so the harness adds no map lookup to what it measures).

@@ -34,7 +34,8 @@ or duplicate VIP or backend, a change the config cannot take, no valid \
 token or certificate, not allowed \
 for the caller's role), 4 lbd not reachable (no socket, permission \
 denied, a refused TLS handshake), 5 lbd failed to apply it, 6 `lbctl diff` \
-found changes, 1 anything else.
+found changes, 7 `lbctl backend drain --wait` timed out with flows left, 1 \
+anything else.
 
 Members of the group of lbd's api.socket_group (the package's `lb`) may \
 use the Unix socket without root."
@@ -278,10 +279,29 @@ enum BackendCommand {
         address: IpAddr,
         weight: u32,
     },
-    /// Drain: no new flows; established flows continue.
-    Drain { vip: VipAddr, address: IpAddr },
+    /// Drain: no new flows; established flows continue. With `--wait`,
+    /// returns once the backend has no active flow left for the VIP (and,
+    /// if it reports its load, no request waiting or running): exit 0, or
+    /// 7 when `--timeout` passes first.
+    Drain {
+        vip: VipAddr,
+        address: IpAddr,
+        /// Wait for the drain to finish.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds (default 3600).
+        #[arg(long, value_parser = parse_timeout, requires = "wait")]
+        timeout: Option<f64>,
+    },
     /// Undrain: back to its weight.
     Undrain { vip: VipAddr, address: IpAddr },
+}
+
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=7.0 * 86400.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?}: seconds between 0 and 604800 (a week)")),
+    }
 }
 
 fn parse_interval(s: &str) -> Result<f64, String> {
@@ -315,6 +335,8 @@ enum Failure {
     Usage(String),
     /// `lbctl diff` found changes (printed already).
     Changes,
+    /// `lbctl backend drain --wait` timed out (printed already).
+    DrainTimedOut,
     Other(String),
 }
 
@@ -326,6 +348,7 @@ impl Failure {
             Failure::DaemonFailed(_) => 5,
             Failure::Usage(_) => 2,
             Failure::Changes => 6,
+            Failure::DrainTimedOut => 7,
             Failure::Other(_) => 1,
         }
     }
@@ -517,6 +540,7 @@ fn backend_rows(backends: &Value) -> Vec<Vec<String>> {
                 format!("{:.2}", b["weight_in_effect"].as_f64().unwrap_or(0.0)),
                 load_text(b),
                 format!("{:.1}%", b["table_share"].as_f64().unwrap_or(0.0) * 100.0),
+                active_text(b),
             ]
         })
         .collect()
@@ -585,7 +609,7 @@ fn load_text(b: &Value) -> String {
     }
 }
 
-const BACKEND_HEADER: [&str; 7] = [
+const BACKEND_HEADER: [&str; 8] = [
     "BACKEND",
     "WEIGHT",
     "DRAINED",
@@ -593,7 +617,21 @@ const BACKEND_HEADER: [&str; 7] = [
     "IN EFFECT",
     "LOAD",
     "TABLE SHARE",
+    "ACTIVE FLOWS",
 ];
+
+/// Active flows (with the closing ones, and a drain's state).
+fn active_text(b: &Value) -> String {
+    let mut t = b["active_flows"].as_u64().unwrap_or(0).to_string();
+    let closing = b["closing_flows"].as_u64().unwrap_or(0);
+    if closing > 0 {
+        t += &format!(" ({closing} closing)");
+    }
+    if let Some(state) = b["drain"]["state"].as_str() {
+        t += &format!(", {state}");
+    }
+    t
+}
 
 fn yes_no(v: &Value) -> String {
     if *v == Value::Bool(true) { "yes" } else { "no" }.to_string()
@@ -1017,13 +1055,47 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 format!("backend {address} of {vip}: weight {weight}\n")
             });
         }
-        Command::Backend(BackendCommand::Drain { vip, address }) => {
-            let v = ctl.call(
-                "PATCH",
-                &backend_path(&vip, &address),
-                Some(json!({"drained": true})),
-            )?;
-            ctl.print(&v, |_| format!("backend {address} of {vip}: drained\n"));
+        Command::Backend(BackendCommand::Drain {
+            vip,
+            address,
+            wait,
+            timeout,
+        }) => {
+            let path = backend_path(&vip, &address);
+            let v = ctl.call("PATCH", &path, Some(json!({"drained": true})))?;
+            if !wait {
+                ctl.print(&v, |_| format!("backend {address} of {vip}: drained\n"));
+                return Ok(());
+            }
+            let limit = std::time::Duration::from_secs_f64(timeout.unwrap_or(3600.0));
+            let started = std::time::Instant::now();
+            loop {
+                let b = ctl.call("GET", &path, None)?;
+                let drain = &b["drain"];
+                if drain["state"] == "drained" {
+                    ctl.print(&b, |_| {
+                        format!(
+                            "backend {address} of {vip}: drained, no flows left (after {:.1}s)\n",
+                            started.elapsed().as_secs_f64()
+                        )
+                    });
+                    return Ok(());
+                }
+                if started.elapsed() >= limit {
+                    ctl.print(&b, |_| {
+                        let requests = drain["requests"]
+                            .as_f64()
+                            .map_or(String::new(), |r| format!(", {r} requests"));
+                        format!(
+                            "backend {address} of {vip}: still draining after {:.1}s: {} active flows{requests} left\n",
+                            started.elapsed().as_secs_f64(),
+                            drain["active_flows"].as_u64().unwrap_or(0),
+                        )
+                    });
+                    return Err(Failure::DrainTimedOut);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(250));
+            }
         }
         Command::Backend(BackendCommand::Undrain { vip, address }) => {
             let v = ctl.call(

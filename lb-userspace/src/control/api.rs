@@ -452,6 +452,32 @@ pub struct BackendView {
     /// Maglev table entries it owns, and their share of the table.
     pub table_entries: usize,
     pub table_share: f64,
+    /// Flows in the connection table on it (open and closing), as of the
+    /// last sweep (`conntrack.sweep_interval`).
+    pub active_flows: u64,
+    /// Of those, flows whose client sent a FIN (within their closing
+    /// timeout).
+    pub closing_flows: u64,
+    /// While drained: where its drain stands.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain: Option<DrainView>,
+}
+
+/// A drained backend's drain as the API shows it.
+#[derive(Serialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
+pub struct DrainView {
+    /// `draining` (flows or requests left) or `drained` (none: a sweep that
+    /// began after the drain counted no active flow, and its load reports,
+    /// if any, show no request waiting or running).
+    pub state: &'static str,
+    /// When the drain began (Unix time, seconds).
+    pub started_unix_seconds: u64,
+    pub seconds: f64,
+    /// Active flows left, as of the last sweep.
+    pub active_flows: u64,
+    /// Requests waiting and running, if it reports its load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests: Option<f64>,
 }
 
 /// A node's load as the API shows it.
@@ -507,6 +533,9 @@ pub struct VipView {
     /// Share of new connections the data plane drops at their SYN (0
     /// unless `on_saturated = "shed"` and the pool is saturated).
     pub shed: f64,
+    /// `maglev-src` only: the load cap (see the config reference).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_cap: Option<f64>,
     pub backends: Vec<BackendView>,
 }
 
@@ -514,6 +543,8 @@ fn backend_view(
     b: &Backend,
     state: Option<&BackendState>,
     steer: Option<&crate::steering::BackendView>,
+    active: crate::dataplane::ActiveCount,
+    drain: Option<crate::control::controller::DrainState>,
 ) -> BackendView {
     let health = steer.and_then(|s| s.health.as_ref());
     let now = std::time::Instant::now();
@@ -552,6 +583,15 @@ fn backend_view(
         }),
         table_entries: state.map_or(0, |s| s.table_entries),
         table_share: state.map_or(0.0, |s| s.table_share),
+        active_flows: active.total(),
+        closing_flows: active.closing,
+        drain: drain.map(|d| DrainView {
+            state: if d.done { "drained" } else { "draining" },
+            started_unix_seconds: d.started_unix_seconds,
+            seconds: d.seconds,
+            active_flows: d.active_flows,
+            requests: d.requests,
+        }),
     }
 }
 
@@ -575,6 +615,7 @@ fn vip_view(v: &Vip, snap: &Snapshot) -> VipView {
         all_down: steer.is_some_and(|s| s.vip.all_down),
         on_saturated: v.on_saturated().to_string(),
         shed: steer.map_or(0.0, |s| s.vip.shed),
+        load_cap: v.load_cap.map(|c| f64::from(c) / 100.0),
         backends: v
             .backends
             .iter()
@@ -583,6 +624,12 @@ fn vip_view(v: &Vip, snap: &Snapshot) -> VipView {
                     b,
                     states.and_then(|s| s.iter().find(|s| s.addr == b.addr)),
                     steer.and_then(|s| s.backends.get(&b.addr)),
+                    snap.active
+                        .get(&v.addr)
+                        .and_then(|a| a.get(&b.addr))
+                        .copied()
+                        .unwrap_or_default(),
+                    snap.drain_state(&v.addr, b.addr),
                 )
             })
             .collect(),
@@ -613,6 +660,10 @@ pub struct StatusView {
     pub packets_forwarded: u64,
     pub packets_passed: u64,
     pub packets_dropped: u64,
+    /// How old the backends' `active_flows` are: since the last sweep of
+    /// the connection table began (none before the first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active_flows_age_seconds: Option<f64>,
 }
 
 /// `GET /v1/stats`.
@@ -866,6 +917,7 @@ async fn status(State(h): State<ControllerHandle>) -> ApiResult<impl IntoRespons
             packets_forwarded: sum(lb_common::xdp_action::XDP_TX),
             packets_passed: sum(lb_common::xdp_action::XDP_PASS),
             packets_dropped: sum(lb_common::xdp_action::XDP_DROP),
+            active_flows_age_seconds: snap.sweep.age_seconds,
         }),
     ))
 }

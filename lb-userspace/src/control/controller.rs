@@ -46,6 +46,10 @@ use crate::{
 /// How often the data plane's cached next hops are looked up again, and so
 /// the longest a neighbour change takes to reach the data plane.
 pub const NEXTHOP_REFRESH: Duration = Duration::from_secs(1);
+/// How often the controller collects a finished active-flow sweep and
+/// starts the next one when `conntrack.sweep_interval` has passed (the
+/// sweep itself runs on its own thread; see `crate::dataplane`'s `active`).
+const SWEEP_POLL: Duration = Duration::from_millis(100);
 
 /// What the controller knows, for views (API, `lbctl`).
 #[derive(Clone, Debug)]
@@ -66,6 +70,66 @@ pub struct Snapshot {
     pub serving: std::collections::BTreeSet<IpAddr>,
     /// The desired state's revision (see [`Controller::with_revision`]).
     pub revision: u64,
+    /// Per VIP, its backends' active flows as of the last sweep.
+    pub active: BTreeMap<VipAddr, BTreeMap<IpAddr, crate::dataplane::ActiveCount>>,
+    /// The sweeps of the connection table so far.
+    pub sweep: crate::dataplane::SweepStats,
+    /// Drained backends: when their drain began.
+    pub drains: BTreeMap<(VipAddr, IpAddr), Drain>,
+}
+
+/// When a backend's drain began (it became drained, or lbd started with it
+/// drained).
+#[derive(Clone, Copy, Debug)]
+pub struct Drain {
+    pub since: std::time::SystemTime,
+    pub at: Instant,
+}
+
+impl Snapshot {
+    /// Where the drain of `backend` of `vip` stands, if it is drained: it
+    /// is done once a sweep that began after the drain counted no active
+    /// flow on it, and its load reports (if it sends any) show no request
+    /// waiting or running.
+    pub fn drain_state(&self, vip: &VipAddr, backend: IpAddr) -> Option<DrainState> {
+        let d = self.drains.get(&(*vip, backend))?;
+        let active = self
+            .active
+            .get(vip)
+            .and_then(|a| a.get(&backend))
+            .map_or(0, |c| c.total());
+        let age = d.at.elapsed().as_secs_f64();
+        let counted_since = self.sweep.age_seconds.is_some_and(|s| s < age);
+        let running = self
+            .steering
+            .get(vip)
+            .and_then(|s| s.backends.get(&backend))
+            .and_then(|b| b.load.as_ref())
+            .map(|l| l.queue + l.running.unwrap_or(0.0));
+        let done = counted_since && active == 0 && running.is_none_or(|r| r <= 0.0);
+        Some(DrainState {
+            started_unix_seconds: d
+                .since
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |t| t.as_secs()),
+            seconds: age,
+            active_flows: active,
+            requests: running,
+            done,
+        })
+    }
+}
+
+/// A drain as views show it (see [`Snapshot::drain_state`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DrainState {
+    pub started_unix_seconds: u64,
+    pub seconds: f64,
+    /// Active flows left as of the last sweep.
+    pub active_flows: u64,
+    /// Requests waiting and running, if it reports its load.
+    pub requests: Option<f64>,
+    pub done: bool,
 }
 
 /// A VIP's health and load, for views.
@@ -112,6 +176,13 @@ impl Snapshot {
             probes: ProbeStats::default(),
             serving: Default::default(),
             revision: 0,
+            active: config
+                .vips
+                .iter()
+                .map(|v| (v.addr, dp.active_flows(&v.addr)))
+                .collect(),
+            sweep: dp.sweep_stats(),
+            drains: BTreeMap::new(),
         }
     }
 }
@@ -426,6 +497,8 @@ pub struct Controller {
     revision: u64,
     /// Where API changes are persisted instead of the config file.
     state_file: Option<StateFile>,
+    /// Drained backends: when their drain began (see [`Controller::note_drains`]).
+    drains: BTreeMap<(VipAddr, IpAddr), Drain>,
 }
 
 /// A reload as the audit log records it.
@@ -479,7 +552,10 @@ impl Controller {
             announce: None,
             revision: 0,
             state_file: None,
+            drains: BTreeMap::new(),
         };
+        let mut controller = controller;
+        controller.note_drains();
         (
             controller,
             ControllerHandle {
@@ -545,6 +621,8 @@ impl Controller {
         let mut refresh = tokio::time::interval(NEXTHOP_REFRESH);
         let mut steer = tokio::time::interval(STEERING_TICK);
         steer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(SWEEP_POLL);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.start_probes();
         tokio::pin!(shutdown);
         loop {
@@ -554,8 +632,10 @@ impl Controller {
                     if let Err(e) = self.dp.refresh_next_hops() {
                         tracing::warn!(error = %e, "refreshing the next-hop cache failed");
                     }
-                    if let Err(e) = self.dp.retire_finished(crate::dataplane::LEAVING_SCAN) {
-                        tracing::warn!(error = %e, "looking for removed backends' flows failed");
+                }
+                _ = sweep.tick() => {
+                    if let Err(e) = self.dp.poll_sweep(self.config.balancer.sweep_interval) {
+                        tracing::warn!(error = %e, "counting the active flows failed");
                     }
                 }
                 _ = steer.tick() => self.steer_all(),
@@ -612,6 +692,31 @@ impl Controller {
             }
             let task = tokio::spawn(scrape_task(self.tx.clone(), node, target.clone()));
             probes.scrapes.insert(node, (target, task.abort_handle()));
+        }
+    }
+
+    /// Keeps the drains in step with the desired state: a backend that is
+    /// drained now and was not gets its drain's start; one that is no
+    /// longer drained (or gone) loses it. (Backends drained when lbd
+    /// starts count from then.)
+    fn note_drains(&mut self) {
+        let drained: HashSet<(VipAddr, IpAddr)> = self
+            .config
+            .vips
+            .iter()
+            .flat_map(|v| {
+                v.backends
+                    .iter()
+                    .filter(|b| b.drained)
+                    .map(move |b| (v.addr, b.addr))
+            })
+            .collect();
+        self.drains.retain(|k, _| drained.contains(k));
+        for k in drained {
+            self.drains.entry(k).or_insert_with(|| Drain {
+                since: std::time::SystemTime::now(),
+                at: Instant::now(),
+            });
         }
     }
 
@@ -938,6 +1043,7 @@ impl Controller {
         snap.probes = self.stats.clone();
         snap.serving = self.announcement().prefixes;
         snap.revision = self.revision;
+        snap.drains = self.drains.clone();
         for (source, n) in self.steering.stale_reports() {
             snap.probes.reports.insert((source.name(), "stale"), *n);
         }
@@ -1216,6 +1322,7 @@ impl Controller {
         }
         self.host_warnings = warnings;
         self.config = next;
+        self.note_drains();
         self.start_probes();
         self.update_announcement();
         Ok(())

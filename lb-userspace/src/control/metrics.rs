@@ -103,6 +103,8 @@ pub const FAMILIES: &[&str] = &[
     "lb_backend_load_running",
     "lb_backend_load_kv_cache_ratio",
     "lb_backend_load_report_age_seconds",
+    "lb_backend_active_flows",
+    "lb_backend_draining",
     "lb_vip_saturated",
     "lb_vip_shed_ratio",
     "lb_vip_all_backends_down",
@@ -114,6 +116,9 @@ pub const FAMILIES: &[&str] = &[
     "lb_map_capacity",
     "lb_map_entries",
     "lb_exporter_read_seconds",
+    "lb_flow_sweeps_total",
+    "lb_flow_sweep_seconds",
+    "lb_flow_sweep_age_seconds",
     "lb_health_check_duration_seconds",
     "lb_config_reloads_total",
     "lb_config_last_reload_successful",
@@ -145,6 +150,8 @@ pub const BACKEND_FAMILIES: &[&str] = &[
     "lb_backend_load_running",
     "lb_backend_load_kv_cache_ratio",
     "lb_backend_load_report_age_seconds",
+    "lb_backend_active_flows",
+    "lb_backend_draining",
 ];
 
 /// Upper bounds (seconds) of `lb_health_check_duration_seconds`' buckets:
@@ -427,6 +434,14 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
                 config: b,
                 state,
                 steer: view,
+                active: s
+                    .snapshot
+                    .active
+                    .get(&v.addr)
+                    .and_then(|a| a.get(&b.addr))
+                    .copied()
+                    .unwrap_or_default(),
+                drain: s.snapshot.drain_state(&v.addr, b.addr),
             });
         }
     }
@@ -436,6 +451,8 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
         config: &'a crate::desired::vip::Backend,
         state: Option<&'a crate::dataplane::BackendState>,
         steer: Option<&'a crate::steering::BackendView>,
+        active: crate::dataplane::ActiveCount,
+        drain: Option<crate::control::controller::DrainState>,
     }
     let mut per_backend = |name: &str, help: &str, value: &dyn Fn(&Row) -> Option<f64>| {
         if !keep.family(name) {
@@ -463,6 +480,16 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
         "lb_backend_drained",
         "1 if the backend is drained (no new flows).",
         &|r| Some(if r.config.drained { 1.0 } else { 0.0 }),
+    );
+    per_backend(
+        "lb_backend_active_flows",
+        "Flows in the connection table on the backend (open and closing), as of the last sweep.",
+        &|r| Some(r.active.total() as f64),
+    );
+    per_backend(
+        "lb_backend_draining",
+        "For drained backends: 1 while flows or requests are left, 0 once the drain is done.",
+        &|r| r.drain.map(|d| if d.done { 0.0 } else { 1.0 }),
     );
     per_backend(
         "lb_backend_weight",
@@ -660,6 +687,24 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
         "Time this scrape took to read the data plane's maps.",
     )
     .push(gauge(&[], s.read_time.as_secs_f64()));
+    let sweep = &s.snapshot.sweep;
+    f.counters(
+        "lb_flow_sweeps_total",
+        "Sweeps of the connection table that counted the active flows, since lbd started.",
+    )
+    .push(counter(&[], sweep.sweeps));
+    f.gauges(
+        "lb_flow_sweep_seconds",
+        "How long the last sweep of the connection table took.",
+    )
+    .push(gauge(&[], sweep.last_seconds));
+    if let Some(age) = sweep.age_seconds {
+        f.gauges(
+            "lb_flow_sweep_age_seconds",
+            "Age of the active-flow counts: since the last finished sweep began (stays near conntrack.sweep_interval unless sweeps fall behind).",
+        )
+        .push(gauge(&[], age));
+    }
     reload_families(&mut f, &reloads::stats());
     if let (Some(status), Some(settings)) = (&s.bgp, &s.snapshot.config.bgp) {
         bgp_families(&mut f, status, settings);
@@ -1013,6 +1058,28 @@ mod tests {
             .insert((v.addr, b), TrafficCounters::default());
         let snapshot = Snapshot {
             revision: 0,
+            active: BTreeMap::from([(
+                v.addr,
+                BTreeMap::from([(
+                    b,
+                    crate::dataplane::ActiveCount {
+                        open: 3,
+                        closing: 1,
+                    },
+                )]),
+            )]),
+            sweep: crate::dataplane::SweepStats {
+                sweeps: 1,
+                last_seconds: 0.01,
+                age_seconds: Some(0.5),
+            },
+            drains: BTreeMap::from([(
+                (v.addr, b),
+                crate::control::controller::Drain {
+                    since: std::time::SystemTime::now(),
+                    at: std::time::Instant::now(),
+                },
+            )]),
             config: config.clone(),
             backends: BTreeMap::from([(
                 v.addr,

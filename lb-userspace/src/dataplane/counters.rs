@@ -136,7 +136,7 @@ pub struct FlowEntry {
 }
 
 /// The kernel's jiffies counter now (from /proc/timer_list), if readable.
-fn jiffies_now() -> Option<u32> {
+pub(super) fn jiffies_now() -> Option<u32> {
     let text = std::fs::read_to_string("/proc/timer_list").ok()?;
     text.lines()
         .find_map(|l| l.strip_prefix("jiffies: "))
@@ -144,16 +144,14 @@ fn jiffies_now() -> Option<u32> {
         .map(|j| j as u32)
 }
 
-/// How often the connection table is scanned for the flows of removed
-/// backends (while there are any).
-pub const LEAVING_SCAN: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Sets read per `BPF_MAP_LOOKUP_BATCH`.
-const FLOW_BATCH: u32 = 4096;
-
 impl Dataplane {
-    /// Every set of a flow table, read in batches of [`FLOW_BATCH`].
-    fn flow_sets_batched(&self, handshake: bool) -> Result<Vec<FlowSet>, DataplaneError> {
+    /// Calls `f` with every set of a flow table (`handshake`: the
+    /// handshake table), read in batches.
+    fn for_each_flow_set(
+        &self,
+        handshake: bool,
+        f: impl FnMut(&FlowSet),
+    ) -> Result<(), DataplaneError> {
         use std::os::fd::AsFd;
 
         use aya::maps::IterableMap;
@@ -168,30 +166,21 @@ impl Dataplane {
             .ok_or(DataplaneError::Missing { kind: "map", name })?;
         let table: aya::maps::Array<&aya::maps::MapData, FlowSet> =
             aya::maps::Array::try_from(map).map_err(map_err(name))?;
-        let len = table.len();
-        let fd = table.map().fd().as_fd();
-        let size = std::mem::size_of::<FlowSet>();
-        let mut sets = Vec::with_capacity(len as usize);
-        let mut buf = Vec::new();
-        let mut first = 0;
-        while first < len {
-            let count = FLOW_BATCH.min(len - first);
-            super::raw::lookup_array_batch(fd, first, count, size, &mut buf).map_err(|e| {
-                DataplaneError::Map {
-                    name,
-                    source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
-                        call: "bpf_map_lookup_batch",
-                        io_error: e,
-                    }),
-                }
-            })?;
-            for chunk in buf.chunks_exact(size) {
-                // SAFETY: FlowSet is plain data (`repr(C)`, integers only)
-                // and `chunk` is exactly its size.
-                sets.push(unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<FlowSet>()) });
+        super::active::for_each_set(table.map().fd().as_fd(), table.len(), f).map_err(|e| {
+            DataplaneError::Map {
+                name,
+                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_lookup_batch",
+                    io_error: e,
+                }),
             }
-            first += count;
-        }
+        })
+    }
+
+    /// Every set of a flow table, read now (for diagnosis and tests).
+    fn flow_sets_batched(&self, handshake: bool) -> Result<Vec<FlowSet>, DataplaneError> {
+        let mut sets = Vec::new();
+        self.for_each_flow_set(handshake, |s| sets.push(*s))?;
         Ok(sets)
     }
 
@@ -214,9 +203,9 @@ impl Dataplane {
             .collect();
         let now = jiffies_now();
         for handshake in [false, true] {
-            for set in self.flow_sets_batched(handshake)? {
-                for slot in set.slots {
-                    let Some(backend) = self.live_backend(&slot, &by_id, now) else {
+            self.for_each_flow_set(handshake, |set| {
+                for slot in &set.slots {
+                    let Some(backend) = self.live_backend(slot, &by_id, now) else {
                         continue;
                     };
                     let c = out.entry(backend).or_default();
@@ -228,7 +217,7 @@ impl Dataplane {
                         c.established += 1;
                     }
                 }
-            }
+            })?;
         }
         Ok(out)
     }
@@ -248,44 +237,6 @@ impl Dataplane {
         out
     }
 
-    /// Retires the leaving backends (removed from their VIP, see
-    /// [`super::Leaving`]) that have no live flow left, so their ids can
-    /// be given out again; returns how many. Scans the connection and
-    /// handshake tables, at most every `every` (the controller:
-    /// [`LEAVING_SCAN`]) and only while a backend is leaving.
-    pub fn retire_finished(&mut self, every: std::time::Duration) -> Result<usize, DataplaneError> {
-        if self.leaving.is_empty() || self.leaving_scanned.is_some_and(|t| t.elapsed() < every) {
-            return Ok(0);
-        }
-        self.leaving_scanned = Some(std::time::Instant::now());
-        let now = jiffies_now();
-        let leaving: std::collections::HashMap<u32, IpAddr> =
-            self.leaving.iter().map(|l| (l.id, l.addr)).collect();
-        let mut live = std::collections::HashSet::new();
-        for handshake in [false, true] {
-            for set in self.flow_sets_batched(handshake)? {
-                for slot in set.slots {
-                    if self.live_backend(&slot, &leaving, now).is_some() {
-                        live.insert(lb_common::FlowSlot::backend_id(slot.key));
-                    }
-                }
-            }
-        }
-        let (done, stay): (Vec<_>, Vec<_>) = std::mem::take(&mut self.leaving)
-            .into_iter()
-            .partition(|l| !live.contains(&l.id));
-        self.leaving = stay.into();
-        for l in &done {
-            tracing::info!(
-                vip = %l.vip, backend = %l.addr,
-                after_s = l.since.elapsed().as_secs(),
-                "a removed backend's last flow ended: its id is free"
-            );
-            self.retire_backend(l.id);
-        }
-        Ok(done.len())
-    }
-
     /// The backend of a live slot among `by_id` (id → address).
     fn live_backend(
         &self,
@@ -294,10 +245,7 @@ impl Dataplane {
         now: Option<u32>,
     ) -> Option<IpAddr> {
         use lb_common::FlowSlot;
-        if slot.key == 0 || FlowSlot::is_busy(slot.key) {
-            return None;
-        }
-        if now.is_some_and(|n| (slot.expires.wrapping_sub(n) as i32) <= 0) {
+        if !super::active::live(slot, now) {
             return None;
         }
         let id = FlowSlot::backend_id(slot.key);

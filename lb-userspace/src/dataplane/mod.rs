@@ -7,6 +7,7 @@
 //! `pinning` adopts a previous lbd's pinned state; `raw` reads and writes
 //! maps of any layout as bytes, `image` a whole instance's.
 
+mod active;
 mod bench;
 mod counters;
 mod decap;
@@ -39,8 +40,9 @@ use lb_common::{
     program_name, renew_after, syn_slots,
 };
 
+pub use active::{ActiveCount, SweepStats};
 pub use bench::{BenchMaps, BenchTarget};
-pub use counters::{Counters, FlowCounts, FlowEntry, LEAVING_SCAN};
+pub use counters::{Counters, FlowCounts, FlowEntry};
 pub use decap::{DECAP_OBJECT, Decapsulator, PassProgram};
 
 use crate::{desired::config::BalancerSettings, desired::vip::VipAddr, maglev::MaglevTable};
@@ -164,6 +166,10 @@ struct ProgrammedVip {
     id: u32,
     /// `VIP_*` flags as written.
     flags: u32,
+    /// The load cap the limits were written for (hundredths; see
+    /// `Vip::load_cap`). Not in the maps: an adopted VIP has `None` until
+    /// its config is applied.
+    load_cap: Option<u32>,
     /// Which half of the VIP's two table slots is active (0 or 1).
     active_half: u32,
     backends: BTreeMap<IpAddr, ProgrammedBackend>,
@@ -301,12 +307,13 @@ pub struct Dataplane {
     table_gen: u64,
     /// Maglev tables switched in since this process started (every VIP).
     tables_switched: u64,
-    /// Backends removed from their VIP whose established flows go on (see
-    /// [`Dataplane::retire_finished`]), oldest first.
+    /// Backends removed from their VIP whose established flows go on until
+    /// a sweep finds none left (see [`active`]), oldest first.
     leaving: VecDeque<Leaving>,
-    /// When the connection table was last scanned for leaving backends'
-    /// flows.
-    leaving_scanned: Option<std::time::Instant>,
+    /// The mapped active-flow arrays (see `lb_common::ActiveFlows`).
+    active: active::ActiveMaps,
+    /// The active-flow sweep (see [`active`]).
+    sweep: active::SweepState,
     /// Marks the backends' next hops managed, once attached.
     neighbours: Option<crate::host::neighbours::Neighbours>,
     /// The MAC of the interface the frames arrive on (see
@@ -518,6 +525,8 @@ impl Dataplane {
             .map_max_entries(map_name::BACKEND_STATS, settings.max_backends)
             .map_max_entries(map_name::NEXTHOPS, settings.max_backends)
             .map_max_entries(map_name::SCORES, settings.max_backends)
+            .map_max_entries(map_name::ACTIVE, settings.max_backends)
+            .map_max_entries(map_name::VIP_ACTIVE, settings.max_vips)
             .map_max_entries(map_name::WRR_POS, settings.max_vips)
             .map_max_entries(map_name::VIP_ADDRS, settings.max_vips)
             .map_max_entries(map_name::FLOWS, flow_sets(settings.flows))
@@ -581,6 +590,7 @@ impl Dataplane {
             table_gen: typed!(map_name::TABLE_GEN),
             vip_addrs: typed!(map_name::VIP_ADDRS),
         };
+        let active = active::ActiveMaps::map(&ebpf, settings.max_backends, settings.max_vips)?;
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| DataplaneError::Cpus(format!("{what}: {e}")))?;
         let hz = crate::host::kernel_hz().map_err(DataplaneError::Clock)?;
@@ -615,7 +625,8 @@ impl Dataplane {
             table_gen: 0,
             tables_switched: 0,
             leaving: VecDeque::new(),
-            leaving_scanned: None,
+            active,
+            sweep: active::SweepState::default(),
         };
         if adopt {
             dp.recover()?;

@@ -59,7 +59,7 @@ pub(crate) struct Shape {
 }
 
 /// The maps a state directory must hold, shaped for these settings.
-pub(crate) fn expected(settings: &BalancerSettings) -> [Shape; 15] {
+pub(crate) fn expected(settings: &BalancerSettings) -> [Shape; 17] {
     use std::mem::size_of;
     let shape = |name, kind, key, value, max, flags| Shape {
         name,
@@ -165,6 +165,22 @@ pub(crate) fn expected(settings: &BalancerSettings) -> [Shape; 15] {
             0,
         ),
         shape(map_name::TABLE_GEN, MapType::Array, 4, 8, 1, 0),
+        shape(
+            map_name::ACTIVE,
+            MapType::Array,
+            4,
+            size_of::<lb_common::ActiveFlows>(),
+            backends,
+            lb_common::ACTIVE_MAP_FLAGS,
+        ),
+        shape(
+            map_name::VIP_ACTIVE,
+            MapType::Array,
+            4,
+            size_of::<lb_common::VipActive>(),
+            vips,
+            lb_common::ACTIVE_MAP_FLAGS,
+        ),
     ]
 }
 
@@ -451,6 +467,7 @@ impl Dataplane {
                 ProgrammedVip {
                     id: info.id,
                     flags: info.flags,
+                    load_cap: None,
                     active_half,
                     backends: by_vip.remove(&info.id).unwrap_or_default(),
                     table_counts: table.counts(),

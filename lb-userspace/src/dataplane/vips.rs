@@ -13,10 +13,10 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, MAGLEV_CHUNK, MaglevChunk, SHED_ONE,
-    VIP_HASH_SRC_PORT, VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV, VIP_SCHED_MAGLEV_SRC,
-    VIP_SCHED_MASK, VIP_SCHED_WRR, VIP_STICK_WHEN_DOWN, VipAddrKey, VipInfo, addr_words,
-    chunks_per_table, map_name, vip_filter_slot,
+    BACKEND_ALLOCATED, BACKEND_COUNTED, BACKEND_DOWN, BackendInfo, MAGLEV_CHUNK, MaglevChunk,
+    SHED_ONE, VIP_HASH_SRC_PORT, VIP_LOAD_CAP, VIP_SCHED_LEAST_CONN, VIP_SCHED_LEAST_LOAD,
+    VIP_SCHED_MAGLEV, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK, VIP_SCHED_WRR, VIP_STICK_WHEN_DOWN,
+    VipAddrKey, VipInfo, addr_words, chunks_per_table, map_name, vip_filter_slot,
 };
 
 use super::{BackendState, Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
@@ -41,8 +41,20 @@ fn vip_flags(vip: &Vip) -> u32 {
         Scheduler::MaglevSrc { with_port: true } => VIP_SCHED_MAGLEV_SRC | VIP_HASH_SRC_PORT,
         Scheduler::Wrr => VIP_SCHED_WRR,
         Scheduler::LeastLoad => VIP_SCHED_LEAST_LOAD,
+        Scheduler::LeastConn => VIP_SCHED_LEAST_CONN,
     };
-    down | sched
+    let cap = if vip.load_cap.is_some() {
+        VIP_LOAD_CAP
+    } else {
+        0
+    };
+    down | sched | cap
+}
+
+/// Whether a VIP with `VipInfo::flags` `flags` schedules on active flows
+/// (its backends are `BACKEND_COUNTED`; see `lb_common::ActiveFlows`).
+pub(super) fn counts_flows(flags: u32) -> bool {
+    flags & VIP_SCHED_MASK == VIP_SCHED_LEAST_CONN || flags & VIP_LOAD_CAP != 0
 }
 
 /// How long a freed backend id stays unused. A packet that picked the id
@@ -137,10 +149,12 @@ impl Dataplane {
             })
             .collect();
         let flags = vip_flags(vip);
-        if existing.is_some_and(|p| p.backends == wanted && p.flags == flags) {
+        if existing
+            .is_some_and(|p| p.backends == wanted && p.flags == flags && p.load_cap == vip.load_cap)
+        {
             return Ok(());
         }
-        self.apply(vip.addr, flags, wanted)
+        self.apply(vip.addr, flags, vip.load_cap, wanted)
     }
 
     /// The share of the table each backend of `vip` would have with
@@ -207,8 +221,8 @@ impl Dataplane {
             return Ok(());
         }
         b.down = down;
-        let flags = p.flags;
-        self.apply(*vip, flags, wanted)
+        let (flags, cap) = (p.flags, p.load_cap);
+        self.apply(*vip, flags, cap, wanted)
     }
 
     /// Programs one VIP to hold exactly `wanted` (ids of existing backends
@@ -220,6 +234,7 @@ impl Dataplane {
         &mut self,
         addr: VipAddr,
         flags: u32,
+        load_cap: Option<u32>,
         mut wanted: BTreeMap<IpAddr, ProgrammedBackend>,
     ) -> Result<(), DataplaneError> {
         let existing = self.vips.get(&addr);
@@ -247,6 +262,7 @@ impl Dataplane {
             Some(p) => (p.id, 1 - p.active_half),
             None => {
                 let id = *self.free_vip_ids.front().expect("checked above");
+                self.active.vips.reset(id);
                 Self::zero_per_cpu(
                     &mut self.maps.vip_stats,
                     map_name::VIP_STATS,
@@ -275,7 +291,7 @@ impl Dataplane {
             fresh.push(b.id);
         }
         self.table_window(true)?;
-        let result = self.write_vip(addr, vip_id, half, flags, shed, &wanted, &fresh);
+        let result = self.write_vip(addr, vip_id, half, (flags, load_cap), shed, &wanted, &fresh);
         let table = match result {
             Ok(table) => table,
             Err(e) => {
@@ -316,19 +332,18 @@ impl Dataplane {
             .map(|(a, _)| *a)
             .collect();
         let in_table = wanted.values().filter(|b| b.weight > 0 && !b.down).count();
-        self.vips.insert(
-            addr,
-            ProgrammedVip {
-                id: vip_id,
-                flags,
-                active_half: half,
-                backends: wanted,
-                table_counts: table.counts(),
-                table,
-                rebuilds: rebuilds + 1,
-                shed,
-            },
-        );
+        let p = ProgrammedVip {
+            id: vip_id,
+            flags,
+            load_cap,
+            active_half: half,
+            backends: wanted,
+            table_counts: table.counts(),
+            table,
+            rebuilds: rebuilds + 1,
+            shed,
+        };
+        self.vips.insert(addr, p);
         tracing::info!(
             vip = %addr,
             backends = in_table,
@@ -347,22 +362,28 @@ impl Dataplane {
         addr: VipAddr,
         vip_id: u32,
         half: u32,
-        flags: u32,
+        (flags, load_cap): (u32, Option<u32>),
         shed: u32,
         wanted: &BTreeMap<IpAddr, ProgrammedBackend>,
         fresh: &[u32],
     ) -> Result<MaglevTable, DataplaneError> {
-        let old = self
+        let (old, old_flags) = self
             .vips
             .get(&addr)
-            .map(|p| p.backends.clone())
+            .map(|p| (p.backends.clone(), p.flags))
             .unwrap_or_default();
+        let counted = counts_flows(flags);
         for (&baddr, b) in wanted {
-            let changed = old.get(&baddr).is_none_or(|o| o.down != b.down);
+            let changed = old.get(&baddr).is_none_or(|o| o.down != b.down)
+                || counts_flows(old_flags) != counted;
             if !changed && !fresh.contains(&b.id) {
                 continue;
             }
-            self.write_backend(b.id, baddr, vip_id, b.down)?;
+            if fresh.contains(&b.id) {
+                // No flows from the id's previous owner.
+                self.active.backends.reset(b.id);
+            }
+            self.write_backend(b.id, baddr, vip_id, b.down, counted)?;
             if fresh.contains(&b.id) {
                 Self::zero_per_cpu(
                     &mut self.maps.backend_stats,
@@ -399,6 +420,9 @@ impl Dataplane {
         self.write_table(first_chunk, &table)?;
         // The address filter first, so the VIP is never hidden behind it.
         self.write_vip_filter(&addr.addr, Some(addr.addr))?;
+        // Weights before the table that holds the backends is switched in
+        // (the data plane divides by them).
+        self.write_active_weights(vip_id, load_cap, wanted);
         let info = VipInfo {
             id: vip_id,
             table_chunk: first_chunk,
@@ -419,12 +443,15 @@ impl Dataplane {
         addr: IpAddr,
         vip_id: u32,
         down: bool,
+        counted: bool,
     ) -> Result<(), DataplaneError> {
         let (family, words) = addr_words(addr);
         let info = BackendInfo {
             addr: words,
             family,
-            flags: BACKEND_ALLOCATED | if down { BACKEND_DOWN } else { 0 },
+            flags: BACKEND_ALLOCATED
+                | if down { BACKEND_DOWN } else { 0 }
+                | if counted { BACKEND_COUNTED } else { 0 },
             _pad: [0; 2],
             vip_id,
             incarnation: self.incarnations[id as usize],
@@ -434,6 +461,31 @@ impl Dataplane {
             .backends
             .set(id, info, 0)
             .map_err(map_err(map_name::BACKENDS))
+    }
+
+    /// Writes the weights (and with a load cap, the limits) of a VIP's
+    /// backends into the active-flow array, and a capped VIP's spare (see
+    /// `lb_common::ActiveFlows`). Backends out of the table get 0.
+    fn write_active_weights(
+        &self,
+        vip_id: u32,
+        load_cap: Option<u32>,
+        backends: &BTreeMap<IpAddr, ProgrammedBackend>,
+    ) {
+        let in_table = |b: &ProgrammedBackend| if b.down { 0 } else { b.weight };
+        let total: u64 = backends.values().map(|b| u64::from(in_table(b))).sum();
+        for b in backends.values() {
+            let w = in_table(b);
+            let limit = load_cap.map_or(0, |c| {
+                lb_common::cap_limit(f64::from(c) / 100.0, u64::from(w), total)
+            });
+            self.active.backends.set_weight(b.id, w, limit);
+        }
+        if load_cap.is_some() {
+            self.active
+                .vips
+                .set_spare(vip_id, self.least_loaded(backends));
+        }
     }
 
     /// The oldest free backend id, once it has been free for `TABLE_GRACE`

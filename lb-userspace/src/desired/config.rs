@@ -62,6 +62,9 @@ pub struct BalancerSettings {
     pub tcp_closing: Duration,
     /// Idle time after which a UDP flow is scheduled anew.
     pub udp_idle: Duration,
+    /// How often `lbd` counts the active flows in the connection table
+    /// (`conntrack.sweep_interval`; see `lb_common::ActiveFlows`).
+    pub sweep_interval: Duration,
     /// Answer ICMP echo requests to VIP addresses (`icmp_echo`).
     pub icmp_echo: bool,
     /// Answer packets too big to encapsulate with ICMP "fragmentation
@@ -83,6 +86,10 @@ pub const DEFAULT_TCP_IDLE_SECS: u32 = 3600;
 pub const DEFAULT_TCP_CLOSING_SECS: u32 = 10;
 /// Default UDP idle timeout of the connection table, seconds.
 pub const DEFAULT_UDP_IDLE_SECS: u32 = 60;
+/// Default interval of the active-flow sweep, seconds: counts are at most
+/// this old (`least-conn` and load caps see new flows, FINs and RSTs at
+/// once; only flows that end silently wait for a sweep).
+pub const DEFAULT_SWEEP_SECS: u64 = 2;
 
 impl Default for BalancerSettings {
     fn default() -> Self {
@@ -97,6 +104,7 @@ impl Default for BalancerSettings {
             tcp_idle: Duration::from_secs(DEFAULT_TCP_IDLE_SECS.into()),
             tcp_closing: Duration::from_secs(DEFAULT_TCP_CLOSING_SECS.into()),
             udp_idle: Duration::from_secs(DEFAULT_UDP_IDLE_SECS.into()),
+            sweep_interval: Duration::from_secs(DEFAULT_SWEEP_SECS),
             icmp_echo: true,
             too_big_icmp: true,
             fragments_pass: false,
@@ -424,6 +432,7 @@ struct RawConntrack {
     tcp_idle_timeout: Option<i64>,
     tcp_closing_timeout: Option<i64>,
     udp_idle_timeout: Option<i64>,
+    sweep_interval: Option<RawNumber>,
 }
 
 #[derive(Deserialize, Default)]
@@ -466,6 +475,8 @@ pub(crate) struct RawVip {
     #[serde(skip_serializing_if = "Option::is_none")]
     hash_fields: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    load_cap: Option<RawNumber>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     on_backend_down: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     on_all_down: Option<String>,
@@ -505,6 +516,13 @@ impl RawVip {
             protocol: v.addr.protocol.to_string(),
             scheduler: (v.scheduler != Scheduler::default()).then(|| v.scheduler.to_string()),
             hash_fields: with_port.then(|| "address-port".to_string()),
+            load_cap: v.load_cap.map(|c| {
+                if c % 100 == 0 {
+                    RawNumber::Int(i64::from(c / 100))
+                } else {
+                    RawNumber::Float(f64::from(c) / 100.0)
+                }
+            }),
             on_backend_down: (v.on_backend_down != DownPolicy::default())
                 .then(|| v.on_backend_down.to_string()),
             on_all_down: (v.on_all_down != AllDownPolicy::default())
@@ -1545,6 +1563,9 @@ impl Validator {
             raw.udp_idle_timeout,
             DEFAULT_UDP_IDLE_SECS,
         );
+        b.sweep_interval = self
+            .seconds("conntrack.sweep_interval", raw.sweep_interval, (0.1, 60.0))
+            .unwrap_or(Duration::from_secs(DEFAULT_SWEEP_SECS));
     }
 
     fn absolute_path(&mut self, field: &str, s: &Option<String>) -> Option<PathBuf> {
@@ -2153,6 +2174,17 @@ impl Validator {
                 format!("{f:?} is not \"address\" or \"address-port\""),
             ),
         }
+        let load_cap = self
+            .number(&join(path, "load_cap"), raw.load_cap, (1.0, 100.0))
+            .map(|c| (c * 100.0).round() as u32);
+        if load_cap.is_some() && !matches!(scheduler, Scheduler::MaglevSrc { .. }) {
+            self.problem(
+                join(path, "load_cap"),
+                format!(
+                    "only the \"maglev-src\" scheduler takes a load cap, not \"{scheduler}\" (\"least-conn\" balances active flows by itself)"
+                ),
+            );
+        }
         let on_backend_down = match raw.on_backend_down.as_deref().map(str::parse::<DownPolicy>) {
             None => DownPolicy::default(),
             Some(Ok(p)) => p,
@@ -2214,6 +2246,7 @@ impl Validator {
             slow_start,
             health,
             load,
+            load_cap,
         };
         self.vip_policies(path, &vip);
         Some(vip)
@@ -2851,6 +2884,7 @@ mod tests {
             ),
             ("scheduler = \"wrr\"", Scheduler::Wrr),
             ("scheduler = \"least-load\"", Scheduler::LeastLoad),
+            ("scheduler = \"least-conn\"", Scheduler::LeastConn),
         ] {
             let config = GOOD.replacen("port = 80", &format!("port = 80\n{text}"), 1);
             let c = parse(&config, "t").unwrap();
@@ -2861,6 +2895,36 @@ mod tests {
             assert_eq!(saved.vips[0].scheduler, want, "{text}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn load_caps_take_maglev_src_only_and_survive_saving() {
+        let with = |text: &str| GOOD.replacen("port = 80", &format!("port = 80\n{text}"), 1);
+        for (text, want) in [
+            ("scheduler = \"maglev-src\"\nload_cap = 1.25", Some(125)),
+            ("scheduler = \"maglev-src\"\nload_cap = 2", Some(200)),
+            ("scheduler = \"maglev-src\"", None),
+        ] {
+            let c = parse(&with(text), "t").unwrap();
+            assert_eq!(c.vips[0].load_cap, want, "{text}");
+            let saved = toml::to_string(&RawVip::of(&c.vips[0])).unwrap();
+            assert_eq!(saved.contains("load_cap"), want.is_some(), "{saved}");
+        }
+        assert_problem(
+            &with("scheduler = \"least-conn\"\nload_cap = 1.5"),
+            "vip[0].load_cap",
+            "only the \"maglev-src\" scheduler takes a load cap",
+        );
+        assert_problem(
+            &with("scheduler = \"maglev-src\"\nload_cap = 0.5"),
+            "vip[0].load_cap",
+            "out of range",
+        );
+        assert_problem(
+            &format!("{GOOD}\n[conntrack]\nsweep_interval = 0\n"),
+            "conntrack.sweep_interval",
+            "out of range",
+        );
     }
 
     #[test]

@@ -199,11 +199,14 @@ pub enum Scheduler {
     /// Power of two choices: of two Maglev positions of the flow, the
     /// backend with the lower load score.
     LeastLoad,
+    /// The fewest active flows per weight (IPVS `wlc`) among the backends
+    /// at 8 Maglev positions of the flow (see `lb_common::ActiveFlows`).
+    LeastConn,
 }
 
 impl Scheduler {
     /// Every scheduler name, for messages.
-    pub const NAMES: &str = "\"maglev\", \"maglev-src\", \"wrr\", \"least-load\"";
+    pub const NAMES: &str = "\"maglev\", \"maglev-src\", \"wrr\", \"least-load\", \"least-conn\"";
 
     /// What `hash_fields` says for this scheduler (`None`: not hashed by
     /// source).
@@ -223,6 +226,7 @@ impl fmt::Display for Scheduler {
             Scheduler::MaglevSrc { .. } => "maglev-src",
             Scheduler::Wrr => "wrr",
             Scheduler::LeastLoad => "least-load",
+            Scheduler::LeastConn => "least-conn",
         })
     }
 }
@@ -235,6 +239,7 @@ impl FromStr for Scheduler {
             "maglev-src" => Ok(Scheduler::MaglevSrc { with_port: false }),
             "wrr" => Ok(Scheduler::Wrr),
             "least-load" => Ok(Scheduler::LeastLoad),
+            "least-conn" => Ok(Scheduler::LeastConn),
             _ => Err(format!(
                 "unknown scheduler {s:?} (available: {})",
                 Scheduler::NAMES
@@ -263,6 +268,10 @@ pub struct Vip {
     /// `[vip.load]`: load-aware weights (defaults for the backends' own
     /// `load` fields); `None`: static weights unless a backend has some.
     pub load: Option<LoadConfig>,
+    /// `load_cap` (`maglev-src` only): consistent hashing with bounded
+    /// loads, in hundredths (125: no backend above 1.25 × its weighted
+    /// share of the mean active flows, plus one flow).
+    pub load_cap: Option<u32>,
 }
 
 impl Vip {
@@ -277,7 +286,14 @@ impl Vip {
             slow_start: Duration::ZERO,
             health: None,
             load: None,
+            load_cap: None,
         }
+    }
+
+    /// Whether the data plane counts this VIP's active flows as they
+    /// change (its scheduler uses them; see `lb_common::ActiveFlows`).
+    pub fn counts_flows(&self) -> bool {
+        self.scheduler == Scheduler::LeastConn || self.load_cap.is_some()
     }
 
     /// The health check of backend `b`, if it is checked.

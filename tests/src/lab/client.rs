@@ -30,6 +30,29 @@ impl HttpConn {
         })
     }
 
+    /// Connects to `addr` from source address `src` (one of the client's).
+    pub fn connect_from(src: std::net::IpAddr, addr: SocketAddr) -> Result<HttpConn> {
+        use socket2::{Domain, Socket, Type};
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        sock.bind(&SocketAddr::new(src, 0).into())?;
+        sock.connect_timeout(&addr.into(), TIMEOUT)
+            .with_context(|| format!("connecting to {addr} from {src}"))?;
+        let s: TcpStream = sock.into();
+        s.set_read_timeout(Some(TIMEOUT))?;
+        s.set_nodelay(true)?;
+        Ok(HttpConn {
+            reader: BufReader::new(s.try_clone()?),
+            writer: s,
+        })
+    }
+
+    /// Ends the connection with a RST (`SO_LINGER` 0, then close) instead
+    /// of a FIN.
+    pub fn reset(self) -> Result<()> {
+        socket2::SockRef::from(&self.writer).set_linger(Some(Duration::ZERO))?;
+        Ok(())
+    }
+
     /// The local (client) address of the connection.
     pub fn local_addr(&self) -> Result<SocketAddr> {
         Ok(self.writer.local_addr()?)

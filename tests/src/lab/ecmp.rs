@@ -209,6 +209,7 @@ impl EcmpLab {
             let extra = super::ConfigExtra {
                 vip: vip_extra.to_string(),
                 top: String::new(),
+                conntrack: String::new(),
                 max_backends: 64,
                 max_vips: 8,
             };
@@ -248,7 +249,8 @@ impl EcmpLab {
             "info",
         )?);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self.metrics(i).is_err() {
+        while let Err(e) = self.metrics(i) {
+            let last_error = format!("{e:#}");
             if let Some(status) = self.balancers[i]
                 .lbd
                 .as_mut()
@@ -262,7 +264,7 @@ impl EcmpLab {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "lbd on {} did not come up; log:\n{}",
+                    "lbd on {} did not come up (its metrics: {last_error}); log:\n{}",
                     self.balancers[i].name,
                     self.balancers[i].lbd_log()
                 );
@@ -342,6 +344,7 @@ impl EcmpLab {
         let extra = super::ConfigExtra {
             vip: self.vip_extra.clone(),
             top: String::new(),
+            conntrack: String::new(),
             max_backends: 64,
             max_vips: 8,
         };

@@ -90,6 +90,9 @@ pub struct LabSpec {
     pub max_backends: u32,
     /// `balancer.max_vips` (8 by default).
     pub max_vips: u32,
+    /// Keys appended to lbd's `[conntrack]` table (e.g. timeouts, the
+    /// sweep interval).
+    pub conntrack: String,
 }
 
 impl LabSpec {
@@ -105,6 +108,7 @@ impl LabSpec {
             config_extra: String::new(),
             max_backends: 64,
             max_vips: 8,
+            conntrack: String::new(),
         }
     }
 }
@@ -388,6 +392,7 @@ fn start_backends(
 struct ConfigExtra {
     vip: String,
     top: String,
+    conntrack: String,
     max_backends: u32,
     max_vips: u32,
 }
@@ -404,7 +409,7 @@ fn config(
         "[balancer]\nsource_v4 = \"{source_v4}\"\nsource_v6 = \"{source_v6}\"\nmtu = 1600\nmax_vips = {}\nmax_backends = {}\n\n",
         extra.max_vips, extra.max_backends
     );
-    c += "[conntrack]\nsize = 65536\n\n";
+    c += &format!("[conntrack]\nsize = 65536\n{}\n\n", extra.conntrack);
     c += &format!("[metrics]\nlisten = \"{METRICS}\"\n{}\n\n", extra.top);
     c += &format!(
         "[api]\nsocket = \"{}\"\naudit_log = \"{}\"\ntcp_listen = \"{API_TCP}\"\ntoken_file = \"{}\"\n\n",
@@ -494,6 +499,7 @@ impl Lab {
         let extra = ConfigExtra {
             vip: spec.vip_extra.clone(),
             top: spec.config_extra.clone(),
+            conntrack: spec.conntrack.clone(),
             max_backends: spec.max_backends,
             max_vips: spec.max_vips,
         };
@@ -730,12 +736,7 @@ impl Lab {
     }
 
     /// As [`Lab::wait_for`], waiting up to `within`.
-    fn wait_within(
-        &self,
-        within: Duration,
-        done: impl Fn(&Lab) -> bool,
-        what: &str,
-    ) -> Result<()> {
+    fn wait_within(&self, within: Duration, done: impl Fn(&Lab) -> bool, what: &str) -> Result<()> {
         let deadline = Instant::now() + within;
         while !done(self) {
             self.check_alive()?;

@@ -222,9 +222,18 @@ pub fn run<T: Send>(
             thread::sleep(Duration::from_millis(10));
         }
         thread::sleep(settle);
+        // The traffic stops however `during` ends: a panic in it would
+        // otherwise leave the scope waiting for the clients forever.
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let guard = StopOnDrop(&stop);
         let value = during();
         thread::sleep(settle);
-        stop.store(true, Ordering::Relaxed);
+        drop(guard);
         let conns: Vec<ConnReport> = workers
             .into_iter()
             .flat_map(|w| w.join().expect("a traffic thread panicked"))

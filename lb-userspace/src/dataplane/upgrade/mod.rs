@@ -34,6 +34,7 @@
 //! the live state and is moved into place; one without it is discarded,
 //! and the conversion runs again from the old state.
 
+mod v10;
 mod v7;
 mod v8;
 mod v9;
@@ -77,7 +78,7 @@ struct Converter {
 }
 
 /// Every layout this build converts from, oldest first.
-const CONVERTERS: &[Converter] = &[v7::CONVERTER, v8::CONVERTER, v9::CONVERTER];
+const CONVERTERS: &[Converter] = &[v7::CONVERTER, v8::CONVERTER, v9::CONVERTER, v10::CONVERTER];
 
 /// The layouts this build converts from.
 pub fn known_layouts() -> Vec<u32> {

@@ -55,7 +55,11 @@ fn check(image: &StateImage, settings: &BalancerSettings) -> Result<(), String> 
             lb_common::map_name::STATS => Some(STATS_SIZE),
             _ => None,
         },
-        &[lb_common::map_name::TABLE_GEN],
+        &[
+            lb_common::map_name::TABLE_GEN,
+            lb_common::map_name::ACTIVE,
+            lb_common::map_name::VIP_ACTIVE,
+        ],
     )
 }
 

@@ -34,7 +34,11 @@ fn check(image: &StateImage, settings: &BalancerSettings) -> Result<(), String> 
         settings,
         8,
         |name| (name == lb_common::map_name::STATS).then_some(STATS_SIZE),
-        &[lb_common::map_name::TABLE_GEN],
+        &[
+            lb_common::map_name::TABLE_GEN,
+            lb_common::map_name::ACTIVE,
+            lb_common::map_name::VIP_ACTIVE,
+        ],
     )
 }
 

@@ -25,7 +25,11 @@ fn check(image: &StateImage, settings: &BalancerSettings) -> Result<(), String> 
         settings,
         9,
         |_| None,
-        &[lb_common::map_name::TABLE_GEN],
+        &[
+            lb_common::map_name::TABLE_GEN,
+            lb_common::map_name::ACTIVE,
+            lb_common::map_name::VIP_ACTIVE,
+        ],
     )
 }
 
