@@ -129,15 +129,6 @@ fn tally<'a>(names: impl Iterator<Item = &'a String>) -> BTreeMap<String, usize>
     t
 }
 
-fn lbctl(lab: &Lab, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(lb_tests::lab::binary_path("lbctl").unwrap())
-        .arg("--socket")
-        .arg(lab.api_socket())
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn active_flow_counts_follow_held_connections_and_every_way_they_end() {
     let lab = Lab::start(&spec(&[1, 0, 0], "")).unwrap();
@@ -174,7 +165,7 @@ fn active_flow_counts_follow_held_connections_and_every_way_they_end() {
         .unwrap(),
         1000
     );
-    let show = lbctl(&lab, &["vip", "show", &vip]);
+    let show = lab.lbctl(&["vip", "show", &vip]);
     let text = String::from_utf8_lossy(&show.stdout);
     assert!(
         text.lines()
@@ -430,10 +421,7 @@ fn a_drain_waits_for_its_last_stream_and_takes_no_new_flow_meanwhile() {
 
     // A drain that times out: the stream is still there.
     let started = Instant::now();
-    let o = lbctl(
-        &lab,
-        &["backend", "drain", &vip, &b1, "--wait", "--timeout", "1"],
-    );
+    let o = lab.lbctl(&["backend", "drain", &vip, &b1, "--wait", "--timeout", "1"]);
     println!(
         "drain --timeout 1 with a stream held: exit {:?} after {:.2?}: {}",
         o.status.code(),

@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeSet,
     os::unix::{fs::PermissionsExt, process::CommandExt},
-    process::{Command, Output},
+    process::Command,
 };
 
 use lb::control::client::{Endpoint, Response};
@@ -28,15 +28,6 @@ fn get(e: &Endpoint, path: &str) -> Value {
     let r = call(e, "GET", path, None);
     assert_eq!(r.status, 200, "GET {path}: {}", r.error_message());
     serde_json::from_slice(&r.body).unwrap()
-}
-
-fn lbctl(lab: &Lab, args: &[&str]) -> Output {
-    Command::new(binary_path("lbctl").unwrap())
-        .arg("--socket")
-        .arg(lab.api_socket())
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 /// What must not change when a request is refused: the API's view, the
@@ -230,7 +221,7 @@ fn lbctl_drives_every_subcommand_and_changes_reach_packets_and_survive_a_restart
     let lab = Lab::start(&LabSpec::weights(&[1, 1, 1])).unwrap();
     lab.set_backends(&[Some(1), Some(1), None]).unwrap();
     let ok = |args: &[&str]| {
-        let o = lbctl(&lab, args);
+        let o = lab.lbctl(args);
         assert!(
             o.status.success(),
             "lbctl {args:?}: {}",
@@ -263,10 +254,10 @@ fn lbctl_drives_every_subcommand_and_changes_reach_packets_and_survive_a_restart
 
     // Exit codes: usage 2, refused 3, unreachable 4.
     assert_eq!(
-        lbctl(&lab, &["backend", "weight", vip]).status.code(),
+        lab.lbctl(&["backend", "weight", vip]).status.code(),
         Some(2)
     );
-    let refused = lbctl(&lab, &["backend", "remove", vip, "10.201.0.99"]);
+    let refused = lab.lbctl(&["backend", "remove", vip, "10.201.0.99"]);
     assert_eq!(refused.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("no backend 10.201.0.99"));
     let o = Command::new(binary_path("lbctl").unwrap())
@@ -465,16 +456,13 @@ fn vip_settings_change_and_established_connections_stay() {
             r.error_message()
         );
     }
-    let o = lbctl(
-        &lab,
-        &[
-            "vip",
-            "set",
-            "203.0.113.10:80/tcp",
-            "--scheduler",
-            "least-load",
-        ],
-    );
+    let o = lab.lbctl(&[
+        "vip",
+        "set",
+        "203.0.113.10:80/tcp",
+        "--scheduler",
+        "least-load",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(get(&e, &path)["scheduler"], "least-load");
     let saved = std::fs::read_to_string(lab.config_path()).unwrap();

@@ -595,21 +595,12 @@ fn a_crash_in_the_middle_of_an_apply_leaves_the_old_or_the_new_state_never_a_mix
     println!("outcomes: {outcomes:?}");
 }
 
-fn lbctl(lab: &Lab, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(lb_tests::lab::binary_path("lbctl").unwrap())
-        .arg("--socket")
-        .arg(lab.api_socket())
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn lbctl_exports_diffs_and_applies_documents_and_shows_a_vips_flows() {
     let lab = Lab::start(&LabSpec::weights(&[1, 1, 1])).unwrap();
     lab.set_backends(&[Some(1), Some(1), None]).unwrap();
     let run = |args: &[&str], code: i32| {
-        let o = lbctl(&lab, args);
+        let o = lab.lbctl(args);
         assert_eq!(
             o.status.code(),
             Some(code),
@@ -658,7 +649,7 @@ fn lbctl_exports_diffs_and_applies_documents_and_shows_a_vips_flows() {
         "{applied}"
     );
     // The file still says revision N: applying it again is refused.
-    let o = lbctl(&lab, &["apply", "-f", f]);
+    let o = lab.lbctl(&["apply", "-f", f]);
     assert_eq!(
         o.status.code(),
         Some(3),

@@ -85,37 +85,59 @@ impl<T> Drop for Mapped<T> {
     }
 }
 
-/// An atomic view of the `i64` at `p`.
-///
-/// # Safety
-/// `p` points into a live mapping, aligned.
-unsafe fn units<'a>(p: *mut i64) -> &'a AtomicI64 {
-    unsafe { AtomicI64::from_ptr(p) }
+/// The values of the mapped arrays: each has its `units` first.
+pub(super) trait Units {
+    /// The `units` field of the value at `p`.
+    fn units_at(p: *mut Self) -> *mut i64;
+}
+
+impl Units for ActiveFlows {
+    fn units_at(p: *mut Self) -> *mut i64 {
+        // SAFETY: a field of the value `p` points at (no read).
+        unsafe { &raw mut (*p).units }
+    }
+}
+
+impl Units for VipActive {
+    fn units_at(p: *mut Self) -> *mut i64 {
+        // SAFETY: as above.
+        unsafe { &raw mut (*p).units }
+    }
+}
+
+impl<T: Units> Mapped<T> {
+    /// Entry `i`'s units, atomically (0 out of range).
+    fn atomic_units(&self, i: u32) -> Option<&AtomicI64> {
+        // SAFETY: an aligned i64 of a live mapping, which `self` keeps.
+        self.at(i)
+            .map(|p| unsafe { AtomicI64::from_ptr(T::units_at(p)) })
+    }
+
+    /// Entry `i`'s units now.
+    pub(super) fn units(&self, i: u32) -> i64 {
+        self.atomic_units(i)
+            .map_or(0, |u| u.load(Ordering::Relaxed))
+    }
+
+    /// Adds `d` to entry `i`'s units (the data plane adds too).
+    fn add(&self, i: u32, d: i64) {
+        if let Some(u) = self.atomic_units(i) {
+            u.fetch_add(d, Ordering::Relaxed);
+        }
+    }
+
+    /// Starts entry `i` from no flows (a new owner of the id).
+    fn zero(&self, i: u32) {
+        if let Some(u) = self.atomic_units(i) {
+            u.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Mapped<ActiveFlows> {
-    /// Backend `i`'s units now.
-    pub(super) fn units(&self, i: u32) -> i64 {
-        self.at(i).map_or(0, |p| {
-            // SAFETY: see `units`.
-            unsafe { units(&raw mut (*p).units) }.load(Ordering::Relaxed)
-        })
-    }
-
-    /// Adds `d` to backend `i`'s units (the data plane adds too).
-    fn add(&self, i: u32, d: i64) {
-        if let Some(p) = self.at(i) {
-            // SAFETY: see `units`.
-            unsafe { units(&raw mut (*p).units) }.fetch_add(d, Ordering::Relaxed);
-        }
-    }
-
     /// Starts backend `i` from no flows (a new owner of the id).
     pub(super) fn reset(&self, i: u32) {
-        if let Some(p) = self.at(i) {
-            // SAFETY: see `units`.
-            unsafe { units(&raw mut (*p).units) }.store(0, Ordering::Relaxed);
-        }
+        self.zero(i);
     }
 
     /// Sets backend `i`'s weight and cap limit.
@@ -139,26 +161,9 @@ impl Mapped<ActiveFlows> {
 }
 
 impl Mapped<VipActive> {
-    fn units(&self, i: u32) -> i64 {
-        self.at(i).map_or(0, |p| {
-            // SAFETY: see `units`.
-            unsafe { units(&raw mut (*p).units) }.load(Ordering::Relaxed)
-        })
-    }
-
-    fn add(&self, i: u32, d: i64) {
-        if let Some(p) = self.at(i) {
-            // SAFETY: see `units`.
-            unsafe { units(&raw mut (*p).units) }.fetch_add(d, Ordering::Relaxed);
-        }
-    }
-
     /// Starts VIP `i` from no flows and no spare (a new VIP on the id).
     pub(super) fn reset(&self, i: u32) {
-        if let Some(p) = self.at(i) {
-            // SAFETY: see `units`.
-            unsafe { units(&raw mut (*p).units) }.store(0, Ordering::Relaxed);
-        }
+        self.zero(i);
         self.set_spare(i, NO_BACKEND);
     }
 

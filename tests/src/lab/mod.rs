@@ -629,6 +629,16 @@ impl Lab {
         )
     }
 
+    /// Runs `lbctl` against this lab's API socket with `args`; its output.
+    pub fn lbctl(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(binary_path("lbctl").expect("lbctl is built"))
+            .arg("--socket")
+            .arg(self.api_socket())
+            .args(args)
+            .output()
+            .expect("lbctl runs")
+    }
+
     /// The running lbd's pid.
     pub fn lbd_pid(&self) -> u32 {
         self.procs

@@ -77,6 +77,54 @@ struct Converter {
     convert: fn(StateImage, &mut Vec<MapNote>) -> Result<StateImage, String>,
 }
 
+/// A conversion that adds maps and changes none: every map of `image` is
+/// carried as it is but for the layout version in `LB_CONFIG`, which
+/// becomes `to`; each map added in `to` gets a note saying `new`.
+fn carry_unchanged(
+    mut image: StateImage,
+    to: u32,
+    added: &[&str],
+    new: &str,
+    notes: &mut Vec<MapNote>,
+) -> StateImage {
+    for (name, m) in image.maps.iter_mut() {
+        if name == map_name::CONFIG {
+            for (_, v) in m.entries.iter_mut() {
+                v[LAYOUT_VERSION_OFFSET..LAYOUT_VERSION_OFFSET + 4]
+                    .copy_from_slice(&to.to_ne_bytes());
+            }
+            notes.push(MapNote {
+                map: name.clone(),
+                what: "settings carried".into(),
+            });
+        } else {
+            let what = if name == map_name::FLOWS || name == map_name::SYN_FLOWS {
+                // One slot: key (8), ports (4), expires (4).
+                let flows = m
+                    .entries
+                    .iter()
+                    .flat_map(|(_, set)| set.chunks_exact(16))
+                    .filter(|slot| slot[..8] != [0; 8])
+                    .count();
+                format!("{flows} entries carried as they are")
+            } else {
+                format!("{} entries carried as they are", m.entries.len())
+            };
+            notes.push(MapNote {
+                map: name.clone(),
+                what,
+            });
+        }
+    }
+    for map in added {
+        notes.push(MapNote {
+            map: map.to_string(),
+            what: format!("new in layout {to}: {new}"),
+        });
+    }
+    image
+}
+
 /// Every layout this build converts from, oldest first.
 const CONVERTERS: &[Converter] = &[v7::CONVERTER, v8::CONVERTER, v9::CONVERTER, v10::CONVERTER];
 

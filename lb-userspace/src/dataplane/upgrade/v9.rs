@@ -33,40 +33,12 @@ fn check(image: &StateImage, settings: &BalancerSettings) -> Result<(), String> 
     )
 }
 
-fn convert(mut image: StateImage, notes: &mut Vec<MapNote>) -> Result<StateImage, String> {
-    for (name, m) in image.maps.iter_mut() {
-        if name == lb_common::map_name::CONFIG {
-            for (_, v) in m.entries.iter_mut() {
-                v[lb_common::LAYOUT_VERSION_OFFSET..lb_common::LAYOUT_VERSION_OFFSET + 4]
-                    .copy_from_slice(&10u32.to_ne_bytes());
-            }
-            notes.push(MapNote {
-                map: name.clone(),
-                what: "settings carried".into(),
-            });
-        } else {
-            let what =
-                if name == lb_common::map_name::FLOWS || name == lb_common::map_name::SYN_FLOWS {
-                    // One slot: key (8), ports (4), expires (4).
-                    let flows = m
-                        .entries
-                        .iter()
-                        .flat_map(|(_, set)| set.chunks_exact(16))
-                        .filter(|slot| slot[..8] != [0; 8])
-                        .count();
-                    format!("{flows} entries carried as they are")
-                } else {
-                    format!("{} entries carried as they are", m.entries.len())
-                };
-            notes.push(MapNote {
-                map: name.clone(),
-                what,
-            });
-        }
-    }
-    notes.push(MapNote {
-        map: lb_common::map_name::TABLE_GEN.into(),
-        what: "new in layout 10: starts at 0".into(),
-    });
-    Ok(image)
+fn convert(image: StateImage, notes: &mut Vec<MapNote>) -> Result<StateImage, String> {
+    Ok(super::carry_unchanged(
+        image,
+        10,
+        &[lb_common::map_name::TABLE_GEN],
+        "starts at 0",
+        notes,
+    ))
 }
