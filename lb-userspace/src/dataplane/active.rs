@@ -236,11 +236,14 @@ impl ActiveCount {
 
 /// What one sweep counted.
 struct Sweep {
-    /// Per slot key's id and incarnation bits (`key & 0x7FFF_FFFF`): live
-    /// connection-table entries.
-    main: HashMap<u32, ActiveCount>,
-    /// The same keys with a live handshake-table entry.
-    handshakes: std::collections::HashSet<u32>,
+    /// Per backend id: its live connection-table entries of the
+    /// incarnation in `incarnations`.
+    main: Vec<ActiveCount>,
+    /// Per backend id: whether it has a live handshake-table entry.
+    handshakes: Vec<bool>,
+    /// The incarnations the sweep counted (`Dataplane::incarnations` as it
+    /// began).
+    incarnations: Vec<u32>,
     /// `LB_ACTIVE` / `LB_VIP_ACTIVE` units as the sweep began.
     units_before: Vec<i64>,
     vip_units_before: Vec<i64>,
@@ -313,17 +316,23 @@ pub(super) fn live(slot: &FlowSlot, now: Option<u32>) -> bool {
         && now.is_none_or(|n| (slot.expires.wrapping_sub(n) as i32) > 0)
 }
 
-/// The id and incarnation bits of a key word (the closing bit cleared).
-fn owner_bits(key: u64) -> u32 {
-    key as u32 & 0x7FFF_FFFF
+/// The backend id of a live slot's key word, if it belongs to the
+/// incarnation of that id in `incarnations` (one array read per slot: a
+/// sweep of the default table reads four million).
+fn owner(key: u64, incarnations: &[u32]) -> Option<usize> {
+    let id = FlowSlot::backend_id(key) as usize;
+    let inc = incarnations.get(id)?;
+    FlowSlot::same_incarnation(key, *inc).then_some(id)
 }
 
 /// What a sweep reads: its own handles on both flow tables (with their
-/// lengths in sets) and on the mapped arrays.
+/// lengths in sets) and on the mapped arrays, and the backend ids'
+/// incarnations as it begins.
 struct SweepInputs {
     flows: (OwnedFd, u32),
     handshakes: (OwnedFd, u32),
     active: ActiveMaps,
+    incarnations: Vec<u32>,
 }
 
 /// One sweep: both tables counted, the units read first.
@@ -332,6 +341,7 @@ fn sweep(inputs: SweepInputs) -> std::io::Result<Sweep> {
         flows,
         handshakes,
         active,
+        incarnations,
     } = inputs;
     let started = Instant::now();
     let units_before = (0..active.backends.entries)
@@ -341,11 +351,13 @@ fn sweep(inputs: SweepInputs) -> std::io::Result<Sweep> {
         .map(|i| active.vips.units(i))
         .collect();
     let now = super::counters::jiffies_now();
-    let mut main: HashMap<u32, ActiveCount> = HashMap::new();
+    let mut main = vec![ActiveCount::default(); incarnations.len()];
     for_each_set(flows.0.as_fd(), flows.1, |set| {
         for slot in &set.slots {
-            if live(slot, now) {
-                let c = main.entry(owner_bits(slot.key)).or_default();
+            if live(slot, now)
+                && let Some(id) = owner(slot.key, &incarnations)
+            {
+                let c = &mut main[id];
                 if FlowSlot::closing(slot.key) {
                     c.closing += 1;
                 } else {
@@ -354,17 +366,20 @@ fn sweep(inputs: SweepInputs) -> std::io::Result<Sweep> {
             }
         }
     })?;
-    let mut hs = std::collections::HashSet::new();
+    let mut hs = vec![false; incarnations.len()];
     for_each_set(handshakes.0.as_fd(), handshakes.1, |set| {
         for slot in &set.slots {
-            if live(slot, now) {
-                hs.insert(owner_bits(slot.key));
+            if live(slot, now)
+                && let Some(id) = owner(slot.key, &incarnations)
+            {
+                hs[id] = true;
             }
         }
     })?;
     Ok(Sweep {
         main,
         handshakes: hs,
+        incarnations,
         units_before,
         vip_units_before,
         took: started.elapsed(),
@@ -442,6 +457,7 @@ impl Dataplane {
                 backends: self.active.backends.clone(),
                 vips: self.active.vips.clone(),
             },
+            incarnations: self.incarnations.clone(),
         })
     }
 
@@ -462,17 +478,13 @@ impl Dataplane {
                 owners.insert(l.id, (p.id, super::vips::counts_flows(p.flags)));
             }
         }
-        let bits = |id: u32| {
-            FlowSlot::key(
-                0,
-                id,
-                self.incarnations.get(id as usize).copied().unwrap_or(0),
-            ) as u32
-        };
+        // An id given to another backend while the sweep ran was counted
+        // for its old one: it waits for the next sweep.
+        let same = |id: u32| s.incarnations.get(id as usize) == self.incarnations.get(id as usize);
         let mut counts = HashMap::new();
         let mut vip_units: HashMap<u32, i64> = HashMap::new();
-        for (&id, &(vip_id, counted)) in &owners {
-            let c = s.main.get(&bits(id)).copied().unwrap_or_default();
+        for (&id, &(vip_id, counted)) in owners.iter().filter(|(id, _)| same(**id)) {
+            let c = s.main[id as usize];
             counts.insert(id, c);
             if counted {
                 let units = c.open as i64 * FLOW_UNIT + c.closing as i64;
@@ -504,8 +516,7 @@ impl Dataplane {
             .leaving
             .iter()
             .filter(|l| {
-                let b = bits(l.id);
-                counts.get(&l.id).is_none_or(|c| c.total() == 0) && !s.handshakes.contains(&b)
+                counts.get(&l.id).is_some_and(|c| c.total() == 0) && !s.handshakes[l.id as usize]
             })
             .map(|l| l.id)
             .collect();
