@@ -34,10 +34,12 @@
 //! connections the same way): a node that answered 200 short requests in
 //! the last seconds is not "busier" than one holding 20 streams.
 //!
-//! Cost: on the data path, nothing for other VIPs; for counted VIPs, one
-//! atomic add on each new flow (two with a load cap) and on a flow's FIN or
-//! RST; established packets pay nothing. In `lbd`, one read of both tables
-//! per sweep (the connection table is 64 MiB at the default size).
+//! Cost: on the data path, nothing for other VIPs; for counted VIPs, two
+//! atomic adds (the backend's units and its VIP's) on each new flow and on
+//! a flow's FIN or RST, and `least-conn`'s walk over 7 more table entries
+//! on each new flow; established packets pay nothing (see `cargo xtask
+//! bench`, `xdp_x_maglev.*`). In `lbd`, one read of both tables per sweep
+//! (the connection table is 64 MiB at the default size).
 
 use core::mem::size_of;
 
