@@ -77,6 +77,16 @@ struct Converter {
     convert: fn(StateImage, &mut Vec<MapNote>) -> Result<StateImage, String>,
 }
 
+/// The non-empty slots of a flow table's image (one slot: key (8), ports
+/// (4), expires (4); layouts 7 on keep that shape).
+fn flow_entries(m: &super::image::MapImage) -> usize {
+    m.entries
+        .iter()
+        .flat_map(|(_, set)| set.chunks_exact(16))
+        .filter(|slot| slot[..8] != [0; 8])
+        .count()
+}
+
 /// A conversion that adds maps and changes none: every map of `image` is
 /// carried as it is but for the layout version in `LB_CONFIG`, which
 /// becomes `to`; each map added in `to` gets a note saying `new`.
@@ -99,14 +109,7 @@ fn carry_unchanged(
             });
         } else {
             let what = if name == map_name::FLOWS || name == map_name::SYN_FLOWS {
-                // One slot: key (8), ports (4), expires (4).
-                let flows = m
-                    .entries
-                    .iter()
-                    .flat_map(|(_, set)| set.chunks_exact(16))
-                    .filter(|slot| slot[..8] != [0; 8])
-                    .count();
-                format!("{flows} entries carried as they are")
+                format!("{} entries carried as they are", flow_entries(m))
             } else {
                 format!("{} entries carried as they are", m.entries.len())
             };

@@ -73,14 +73,10 @@ fn convert(mut image: StateImage, notes: &mut Vec<MapNote>) -> Result<StateImage
                 note(name, "settings carried".into());
             }
             lb_common::map_name::FLOWS | lb_common::map_name::SYN_FLOWS => {
-                // One slot: key (8), ports (4), expires (4).
-                let flows = m
-                    .entries
-                    .iter()
-                    .flat_map(|(_, set)| set.chunks_exact(16))
-                    .filter(|slot| slot[..8] != [0; 8])
-                    .count();
-                note(name, format!("{flows} entries carried as they are"));
+                note(
+                    name,
+                    format!("{} entries carried as they are", super::flow_entries(m)),
+                );
             }
             _ => note(
                 name,
