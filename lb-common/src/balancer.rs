@@ -18,8 +18,10 @@ use crate::REASON_COUNT;
 /// `not_our_mac` and later reasons). Version 10: the table-write generation
 /// (`LB_TABLE_GEN`, see [`TABLE_GEN_DOC`]). Version 11: active flows
 /// (`LB_ACTIVE`, `LB_VIP_ACTIVE`, [`crate::BACKEND_COUNTED`], the
-/// `least-conn` scheduler; see `crate::ActiveFlows`).
-pub const LAYOUT_VERSION: u32 = 11;
+/// `least-conn` scheduler; see `crate::ActiveFlows`). Version 12: the
+/// previous tables (`LB_PREV`) and [`VIP_SECOND_CHANCE`] (see
+/// `crate::second_chance`).
+pub const LAYOUT_VERSION: u32 = 12;
 
 /// How a packet never uses a half-written Maglev table without `lbd`
 /// waiting (`LB_TABLE_GEN`, one `u64`).
@@ -136,6 +138,11 @@ pub const VIP_SCHED_LEAST_CONN: u32 = 0x40;
 /// table position's backend that is not (up to [`crate::ACTIVE_PROBES`]
 /// positions), else `VipActive::spare`.
 pub const VIP_LOAD_CAP: u32 = 0x200;
+/// `VipInfo::flags`, with [`VIP_SCHED_MAGLEV`] or [`VIP_SCHED_MAGLEV_SRC`]:
+/// a TCP packet that is not a SYN and has no entry names its position's
+/// previous backend (`LB_PREV`) as its candidate when that differs from
+/// the current one (see `crate::second_chance`).
+pub const VIP_SECOND_CHANCE: u32 = 0x400;
 /// `VipInfo::flags`, with [`VIP_SCHED_MAGLEV_SRC`]: hash the source port too.
 pub const VIP_HASH_SRC_PORT: u32 = 0x100;
 

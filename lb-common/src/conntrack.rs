@@ -267,10 +267,14 @@ pub enum FlowEvent {
     /// A new flow's table lookup overlapped `lbd`'s table writes twice in a
     /// row (see `crate::TABLE_GEN_DOC`).
     TableRaced = 10,
+    /// A TCP packet without SYN and without an entry went to its current
+    /// backend with a second-chance candidate (and no entry was written;
+    /// see `crate::second_chance`).
+    SecondChance = 11,
 }
 
 /// Number of [`FlowEvent`]s.
-pub const FLOW_EVENT_COUNT: u32 = 11;
+pub const FLOW_EVENT_COUNT: u32 = 12;
 
 impl FlowEvent {
     /// Every event, in index order.
@@ -286,6 +290,7 @@ impl FlowEvent {
         FlowEvent::SynRaced,
         FlowEvent::Closing,
         FlowEvent::TableRaced,
+        FlowEvent::SecondChance,
     ];
 
     /// Label value used in metrics.
@@ -302,6 +307,7 @@ impl FlowEvent {
             FlowEvent::SynRaced => "syn_raced",
             FlowEvent::Closing => "closing",
             FlowEvent::TableRaced => "table_raced",
+            FlowEvent::SecondChance => "second_chance",
         }
     }
 }

@@ -19,6 +19,7 @@ mod decap;
 mod flow;
 mod names;
 mod reason;
+mod second_chance;
 
 #[cfg(not(target_arch = "bpf"))]
 pub use active::cap_limit;
@@ -32,13 +33,17 @@ pub use conntrack::{
     FlowEvent, FlowSet, FlowSlot, MAX_BACKEND_IDS, SYN_SEEN_WORDS, flow_set, flow_sets,
     idle_jiffies, renew_after, syn_seen_slot, syn_slots,
 };
-pub use decap::{DECAP_MAX_ADDRS, HostAddr};
+pub use decap::{DECAP_MAX_ADDRS, DECAP_MAX_WANTED, DECAP_SECOND_CHANCE, HostAddr};
 pub use flow::{
     FLOW_HASH_VERSION, FlowKey, flow_hash, flow_hash64, maglev_position, mix64, second_choice,
     source_hash,
 };
 pub use names::{decap_map_name, decap_program_name, map_name, program_name};
 pub use reason::{DECAP_REASON_COUNT, DecapReason, REASON_COUNT, Reason, xdp_action};
+pub use second_chance::{
+    DEFAULT_CHURN_HOLD_SECS, PROTO_DSTOPTS, SC_FORWARDED, SC_OPTION_TYPE, SC_V4_LEN, SC_V6_EXT_LEN,
+    SC_V6_LEN, SC_V6_PAD, ScDestOptsV6, ScOptionV4,
+};
 
 use core::net::IpAddr;
 

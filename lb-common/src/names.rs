@@ -36,6 +36,10 @@ pub mod map_name {
     /// `Array<u32>` indexed by backend id: load scores for least-load (lower
     /// is less loaded).
     pub const SCORES: &str = "LB_SCORES";
+    /// `Array<MaglevChunk>`, indexed like `MAGLEV`: at each table
+    /// position, the backend it held before its last move (see
+    /// `crate::second_chance`).
+    pub const PREV: &str = "LB_PREV";
     /// `Array<u64>` with one entry: the table-write generation, odd while
     /// `lbd` writes tables (see `crate::TABLE_GEN_DOC`).
     pub const TABLE_GEN: &str = "LB_TABLE_GEN";
@@ -53,7 +57,7 @@ pub mod map_name {
 
     /// The maps that hold the balancer's state: pinned, so a restarted `lbd`
     /// adopts them (the benchmark's maps are not state).
-    pub const STATE: [&str; 17] = [
+    pub const STATE: [&str; 18] = [
         VIPS,
         BACKENDS,
         MAGLEV,
@@ -71,6 +75,7 @@ pub mod map_name {
         TABLE_GEN,
         ACTIVE,
         VIP_ACTIVE,
+        PREV,
     ];
 }
 
@@ -92,6 +97,12 @@ pub mod decap_map_name {
     pub const ADDRS: &str = "LB_DECAP_ADDRS";
     /// `PerCpuArray<u64>` indexed by `DecapReason`.
     pub const STATS: &str = "LB_DECAP_STATS";
+    /// `Array<u32>` with one entry: the `DECAP_*` flags.
+    pub const CONFIG: &str = "LB_DECAP_CONFIG";
+    /// `LruHashMap<HostAddr, u32>`: candidates whose next hop had no
+    /// resolved neighbour entry (`lbd decap` asks the kernel to resolve
+    /// them, then removes them).
+    pub const WANTED: &str = "LB_DECAP_WANTED";
 }
 
 /// Programs of the decapsulator object.

@@ -179,10 +179,26 @@ pub enum DecapReason {
     /// A tunnel packet to this host with a bad outer or inner header
     /// (lengths, versions, an outer fragment): `XDP_DROP`.
     Malformed = 3,
+    /// A TCP packet with a second-chance candidate (see
+    /// `crate::second_chance`) of a connection this host does not have:
+    /// sent on to the candidate, re-encapsulated, `XDP_TX`.
+    Forwarded = 4,
+    /// A TCP packet with the second-chance option, of a connection this
+    /// host does not have, and no candidate left (the packet was forwarded
+    /// once already, or names this host): decapsulated and passed to the
+    /// stack, which resets it.
+    NoCandidate = 5,
+    /// As [`DecapReason::Forwarded`], but no route to the candidate out of
+    /// the interface the packet came in on: decapsulated and passed.
+    ForwardFailed = 6,
+    /// As [`DecapReason::Forwarded`], but the next hop towards the
+    /// candidate has no resolved neighbour entry yet: `XDP_DROP` (TCP sends
+    /// the packet again), and `lbd decap` asks the kernel to resolve it.
+    NeighbourPending = 7,
 }
 
 /// Number of [`DecapReason`]s.
-pub const DECAP_REASON_COUNT: u32 = 4;
+pub const DECAP_REASON_COUNT: u32 = 8;
 
 impl DecapReason {
     /// Every reason, in index order.
@@ -191,13 +207,18 @@ impl DecapReason {
         DecapReason::NotTunnel,
         DecapReason::NotLocal,
         DecapReason::Malformed,
+        DecapReason::Forwarded,
+        DecapReason::NoCandidate,
+        DecapReason::ForwardFailed,
+        DecapReason::NeighbourPending,
     ];
 
     /// The verdict for a packet with this reason.
     #[inline(always)]
     pub const fn action(self) -> u32 {
         match self {
-            DecapReason::Malformed => xdp_action::XDP_DROP,
+            DecapReason::Malformed | DecapReason::NeighbourPending => xdp_action::XDP_DROP,
+            DecapReason::Forwarded => xdp_action::XDP_TX,
             _ => xdp_action::XDP_PASS,
         }
     }
@@ -209,6 +230,10 @@ impl DecapReason {
             DecapReason::NotTunnel => "not_tunnel",
             DecapReason::NotLocal => "not_local",
             DecapReason::Malformed => "malformed",
+            DecapReason::Forwarded => "forwarded",
+            DecapReason::NoCandidate => "no_candidate",
+            DecapReason::ForwardFailed => "forward_failed",
+            DecapReason::NeighbourPending => "neighbour_pending",
         }
     }
 }

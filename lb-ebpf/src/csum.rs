@@ -55,14 +55,17 @@ pub unsafe fn ipv4_header_sum(hdr: *const u16) -> u16 {
     fold(sum as u64)
 }
 
-/// Checksum of the outer IPv4 header the balancer writes (version 4, IHL 5,
-/// `tos`, total length `tot_len` as on the wire, id 0, flags `frags` as on
+/// Checksum of the outer IPv4 header the balancer writes (version and IHL
+/// `vihl`, `tos`, total length `tot_len` as on the wire, id 0, flags `frags` as on
 /// the wire, `ttl`, `proto`, addresses as network-order words), computed
 /// from the values instead of reading back the header just written (the
-/// mixed-width read-back stalls store forwarding). Store the result with
+/// mixed-width read-back stalls store forwarding); `options`: the sum of
+/// the options' 16-bit words (at most a few, so no overflow). Store the result with
 /// `to_ne_bytes`, like [`ipv4_header_csum`]'s.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub fn outer_ipv4_csum(
+    vihl: u8,
     tos: u8,
     tot_len: [u8; 2],
     frags: [u8; 2],
@@ -70,10 +73,12 @@ pub fn outer_ipv4_csum(
     proto: u8,
     src: u32,
     dst: u32,
+    options: u32,
 ) -> u16 {
     // The ones' complement sum of the header as native 16-bit words; a
     // u32 summed as its two halves is the same in either byte order.
-    let sum = u16::from_ne_bytes([0x45, tos]) as u32
+    let sum = options
+        + u16::from_ne_bytes([vihl, tos]) as u32
         + u16::from_ne_bytes(tot_len) as u32
         + u16::from_ne_bytes(frags) as u32
         + u16::from_ne_bytes([ttl, proto]) as u32

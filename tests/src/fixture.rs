@@ -220,7 +220,7 @@ pub struct OldDataplane {
     pub map_ids: Vec<u32>,
 }
 
-/// Restores the fixture in `fixture_dir` (layout 7 to 10) into instance
+/// Restores the fixture in `fixture_dir` (layout 7 to 11) into instance
 /// directory `dir` and attaches its program to `iface` (index `ifindex`,
 /// MAC `mac`) in native mode, in the calling thread's network namespace.
 /// Connection table entries keep the time they had left; the config
@@ -235,7 +235,7 @@ pub fn restore(
     let fx = Fixture::load(fixture_dir)?;
     match fx.layout {
         7 => restore_with::<72>(fx, fixture_dir, dir, iface, ifindex, mac),
-        8..=10 => restore_with::<80>(fx, fixture_dir, dir, iface, ifindex, mac),
+        8..=11 => restore_with::<80>(fx, fixture_dir, dir, iface, ifindex, mac),
         n => bail!(
             "no restore for the layout-{n} fixture in {}",
             fixture_dir.display()
@@ -244,7 +244,7 @@ pub fn restore(
 }
 
 /// [`restore`] of a layout whose `DataplaneConfig` has `N` bytes (the
-/// fields used here sit at the same offsets in layouts 7 to 10).
+/// fields used here sit at the same offsets in layouts 7 to 11).
 fn restore_with<const N: usize>(
     fx: Fixture,
     fixture_dir: &Path,

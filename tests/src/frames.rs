@@ -364,3 +364,196 @@ pub fn icmp_checksum_ok(frame: &[u8]) -> bool {
         ones_sum(&[&icmpv6_pseudo_header(ip)[..], &ip[40..]].concat()) == 0xffff
     }
 }
+
+/// TCP flags of [`tcp_segment`] (the header's byte 13).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A TCP segment of `flow` (which must be TCP) with `flags` (`TCP_*`),
+/// sequence number `seq` and acknowledgment number `ack`, dressed as
+/// `spec`; checksums correct.
+pub fn tcp_segment(flow: &Flow, spec: &FrameSpec, flags: u8, seq: u32, ack: u32) -> Vec<u8> {
+    assert_eq!(flow.protocol, Protocol::Tcp, "a TCP flow");
+    let mut frame = build(flow, spec);
+    let l3 = l2_len(&frame);
+    let (l4, pseudo) = match frame[l3] >> 4 {
+        4 => {
+            let ihl = usize::from(frame[l3] & 0x0f) * 4;
+            let len = frame.len() - l3 - ihl;
+            let pseudo = [
+                &frame[l3 + 12..l3 + 20],
+                &[0, 6][..],
+                &(len as u16).to_be_bytes()[..],
+            ]
+            .concat();
+            (l3 + ihl, pseudo)
+        }
+        _ => {
+            let len = frame.len() - l3 - 40;
+            let pseudo = [
+                &frame[l3 + 8..l3 + 40],
+                &(len as u32).to_be_bytes()[..],
+                &[0, 0, 0, 6][..],
+            ]
+            .concat();
+            (l3 + 40, pseudo)
+        }
+    };
+    frame[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
+    frame[l4 + 8..l4 + 12].copy_from_slice(&ack.to_be_bytes());
+    frame[l4 + 13] = flags;
+    frame[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
+    let sum = ones_sum(&[&pseudo[..], &frame[l4..]].concat());
+    frame[l4 + 16..l4 + 18].copy_from_slice(&(!sum).to_be_bytes());
+    frame
+}
+
+/// The balancer's second-chance option (`lb_common::second_chance`): the
+/// candidate (of the outer header's family) and the `SC_*` flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SecondChance {
+    pub candidate: IpAddr,
+    pub flags: u8,
+}
+
+/// An outer header for [`encapsulate`].
+#[derive(Clone, Copy, Debug)]
+pub struct OuterSpec {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    /// One 802.1Q tag with this VLAN id.
+    pub vlan: Option<u16>,
+    /// The second-chance option, if any (else a plain tunnel, as the
+    /// balancer sends without a candidate).
+    pub sc: Option<SecondChance>,
+}
+
+/// The IP packet of `inner` (a frame) encapsulated as the balancer does:
+/// IPIP / IPv6-in-IP from `outer.src` to `outer.dst`, with the
+/// second-chance option (IPv4: IHL 7; IPv6: the 24-byte destination
+/// options header) if `outer.sc` says so. Written byte by byte from the
+/// wire format, independent of the code under test.
+pub fn encapsulate(inner: &[u8], outer: &OuterSpec) -> Vec<u8> {
+    let ip = ip_packet(inner);
+    let proto: u8 = if ip[0] >> 4 == 4 { 4 } else { 41 };
+    let mut f = Vec::new();
+    f.extend_from_slice(&outer.dst_mac);
+    f.extend_from_slice(&outer.src_mac);
+    if let Some(v) = outer.vlan {
+        f.extend_from_slice(&[0x81, 0x00]);
+        f.extend_from_slice(&v.to_be_bytes());
+    }
+    match (outer.src, outer.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            f.extend_from_slice(&[0x08, 0x00]);
+            let opt: Vec<u8> = match outer.sc {
+                Some(sc) => {
+                    let IpAddr::V4(c) = sc.candidate else {
+                        panic!("an IPv4 outer header names an IPv4 candidate")
+                    };
+                    [&[0x1e, 8, sc.flags, 0][..], &c.octets()[..]].concat()
+                }
+                None => Vec::new(),
+            };
+            let hl = 20 + opt.len();
+            let tot = (hl + ip.len()) as u16;
+            let mut h = vec![0x40 | (hl / 4) as u8, 0];
+            h.extend_from_slice(&tot.to_be_bytes());
+            h.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
+            h.extend_from_slice(&s.octets());
+            h.extend_from_slice(&d.octets());
+            h.extend_from_slice(&opt);
+            let check = !ones_sum(&h);
+            h[10..12].copy_from_slice(&check.to_be_bytes());
+            f.extend_from_slice(&h);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            f.extend_from_slice(&[0x86, 0xdd]);
+            let ext: Vec<u8> = match outer.sc {
+                Some(sc) => {
+                    let IpAddr::V6(c) = sc.candidate else {
+                        panic!("an IPv6 outer header names an IPv6 candidate")
+                    };
+                    [
+                        &[proto, 2, 1, 0, 0x1e, 18, sc.flags, 0][..],
+                        &c.octets()[..],
+                    ]
+                    .concat()
+                }
+                None => Vec::new(),
+            };
+            let next = if ext.is_empty() { proto } else { 60 };
+            f.extend_from_slice(&[0x60, 0, 0, 0]);
+            f.extend_from_slice(&((ext.len() + ip.len()) as u16).to_be_bytes());
+            f.extend_from_slice(&[next, 64]);
+            f.extend_from_slice(&s.octets());
+            f.extend_from_slice(&d.octets());
+            f.extend_from_slice(&ext);
+        }
+        _ => panic!("outer source and destination of one family"),
+    }
+    f.extend_from_slice(ip);
+    f
+}
+
+/// The second-chance option of an encapsulated frame, if it has one in the
+/// balancer's layout, and the offset of the inner packet.
+pub fn second_chance_of(frame: &[u8]) -> Option<(SecondChance, usize)> {
+    let l3 = l2_len(frame);
+    let ip = frame.get(l3..)?;
+    match *ip.first()? >> 4 {
+        4 if ip.len() >= 28 && ip[0] & 0x0f == 7 && ip[20] == 0x1e && ip[21] == 8 => {
+            let c: [u8; 4] = ip[24..28].try_into().ok()?;
+            Some((
+                SecondChance {
+                    candidate: Ipv4Addr::from(c).into(),
+                    flags: ip[22],
+                },
+                l3 + 28,
+            ))
+        }
+        6 if ip.len() >= 64 && ip[6] == 60 && ip[41] == 2 && ip[44] == 0x1e && ip[45] == 18 => {
+            let c: [u8; 16] = ip[48..64].try_into().ok()?;
+            Some((
+                SecondChance {
+                    candidate: Ipv6Addr::from(c).into(),
+                    flags: ip[46],
+                },
+                l3 + 64,
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// `frame` (an encapsulated frame with the second-chance option, see
+/// [`second_chance_of`]) as the balancer sends it without a candidate: the
+/// option removed, the outer header's lengths (and IPv4 checksum) as for a
+/// plain tunnel. `None` if it has no option.
+pub fn without_second_chance(frame: &[u8]) -> Option<Vec<u8>> {
+    let (_, inner) = second_chance_of(frame)?;
+    let l3 = l2_len(frame);
+    let mut out = frame[..l3].to_vec();
+    if frame[l3] >> 4 == 4 {
+        let mut h = frame[l3..l3 + 20].to_vec();
+        h[0] = 0x45;
+        let tot = u16::from_be_bytes([h[2], h[3]]) - 8;
+        h[2..4].copy_from_slice(&tot.to_be_bytes());
+        h[10..12].copy_from_slice(&[0, 0]);
+        let sum = !ones_sum(&h);
+        h[10..12].copy_from_slice(&sum.to_be_bytes());
+        out.extend_from_slice(&h);
+    } else {
+        let mut h = frame[l3..l3 + 40].to_vec();
+        h[6] = frame[l3 + 40];
+        let len = u16::from_be_bytes([h[4], h[5]]) - 24;
+        h[4..6].copy_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&h);
+    }
+    out.extend_from_slice(&frame[inner..]);
+    Some(out)
+}

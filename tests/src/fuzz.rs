@@ -74,6 +74,33 @@ port = 0
 protocol = "udp"
 scheduler = "maglev-src"
 backends = [ { address = "fd00:200::31" }, { address = "10.200.0.14" } ]
+
+[[vip]]
+address = "2001:db8:10::1"
+port = 80
+protocol = "tcp"
+backends = [ { address = "fd00:200::31" }, { address = "fd00:200::32" }, { address = "fd00:200::33", weight = 0 } ]
+"#;
+
+/// The two `maglev` TCP VIPs after a change that moved every table
+/// position (the old backends drained: still candidates), so TCP packets
+/// without an entry go out with a second-chance candidate.
+const MOVED: &str = r#"
+[balancer]
+source_v4 = "10.200.0.1"
+source_v6 = "fd00:200::1"
+
+[[vip]]
+address = "203.0.113.10"
+port = 80
+protocol = "tcp"
+backends = [ { address = "10.200.0.11", weight = 0 }, { address = "10.200.0.12", weight = 0 }, { address = "fd00:200::33", weight = 0 }, { address = "10.200.0.13" } ]
+
+[[vip]]
+address = "2001:db8:10::1"
+port = 80
+protocol = "tcp"
+backends = [ { address = "fd00:200::31", weight = 0 }, { address = "fd00:200::32", weight = 0 }, { address = "fd00:200::33" } ]
 "#;
 
 /// What a fuzz run found.
@@ -153,6 +180,12 @@ fn templates(lab: &PacketLab, rng: &mut SplitMix) -> Vec<Vec<u8>> {
         (
             "198.18.0.9",
             "198.51.100.1",
+            80,
+            lb::desired::vip::Protocol::Tcp,
+        ),
+        (
+            "2001:db8:99::9",
+            "2001:db8:10::1",
             80,
             lb::desired::vip::Protocol::Tcp,
         ),
@@ -430,6 +463,15 @@ fn judge_echo_reply(input: &[u8], output: &[u8]) -> Option<Result<(), String>> {
 /// Whether the TCP/UDP packet (or ICMP error) inside `input` has headers
 /// that agree with each other, as etherparse sees them: for UDP, the
 /// length is the datagram's.
+/// The TCP flags of `input`, if it is a TCP segment.
+fn tcp_flags(input: &[u8]) -> Option<u8> {
+    use etherparse::{SlicedPacket, TransportSlice};
+    match SlicedPacket::from_ethernet(input).ok()?.transport {
+        Some(TransportSlice::Tcp(t)) => Some(t.slice()[13]),
+        _ => None,
+    }
+}
+
 fn l4_ok(input: &[u8]) -> Result<(), String> {
     use etherparse::{SlicedPacket, TransportSlice};
     let p =
@@ -490,6 +532,30 @@ fn judge_tx(
     if input[..6] != our_mac {
         return Err("transmitted a frame for another MAC".into());
     }
+    // A second-chance candidate: only for a TCP packet without SYN, another
+    // backend of the same family, not yet forwarded; the rest is judged as
+    // the plain tunnel it stands for.
+    let plain;
+    let output = match frames::second_chance_of(output) {
+        Some((sc, _)) => {
+            let tcp_past_syn = tcp_flags(input).is_some_and(|f| f & 0x02 == 0);
+            if !tcp_past_syn {
+                return Err("a candidate on a packet that is not TCP past its SYN".into());
+            }
+            if !backends.contains(&sc.candidate) || sc.flags != 0 {
+                return Err(format!("candidate {} flags {}", sc.candidate, sc.flags));
+            }
+            plain = frames::without_second_chance(output).expect("it has the option");
+            if let Ok(e) = parse_encapsulated(&plain)
+                && (e.outer.dst() == sc.candidate
+                    || e.outer.dst().is_ipv4() != sc.candidate.is_ipv4())
+            {
+                return Err("the candidate is the backend, or of another family".into());
+            }
+            &plain[..]
+        }
+        None => output,
+    };
     if let Ok(e) = parse_encapsulated(output)
         && matches!(
             &e.outer,
@@ -527,7 +593,10 @@ fn judge_tx(
     if let Some(verdict) = judge_echo_reply(input, output) {
         return verdict;
     }
-    for mtu in [1480, 1460] {
+    // The MTU left after the outer header: IPv4 (20 bytes), IPv6 (40), and
+    // each with the second-chance option (28, 64) for packets that carry a
+    // candidate.
+    for mtu in [1480, 1460, 1472, 1436] {
         if Some(output.to_vec()) == expected_too_big(input, mtu) {
             return Ok(());
         }
@@ -538,6 +607,9 @@ fn judge_tx(
 /// Sends `frames` generated frames (seeded by `seed`) through the balancer.
 pub fn balancer(frames: u64, seed: u64) -> Result<Report> {
     let mut lab = PacketLab::new(CONFIG)?;
+    for vip in &config::parse(MOVED, "fuzz config, moved")?.vips {
+        lab.dp.set_vip(vip)?;
+    }
     let cfg = config::parse(CONFIG, "fuzz config")?;
     let backends: BTreeSet<IpAddr> = cfg
         .vips

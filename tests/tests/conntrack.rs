@@ -10,7 +10,7 @@ use std::os::fd::AsFd;
 
 use lb_tests::{
     SplitMix,
-    frames::{Flow, FrameSpec, parse_encapsulated},
+    frames::{Flow, FrameSpec, parse_encapsulated, second_chance_of},
     packet_lab::PacketLab,
     xdp::{program_fd, run_xdp_fd},
 };
@@ -431,8 +431,19 @@ fn a_full_set_evicts_its_oldest_entry_and_counts_it() {
     assert_eq!(c.flow(FlowEvent::Evicted), 1);
     assert_eq!(c.flow(FlowEvent::Miss), 5);
     // After a table change the three survivors and the fifth keep their
-    // backends; the evicted first flow is scheduled on the current table.
-    reweigh(&mut lab);
+    // backends; the evicted first flow is scheduled on the current table
+    // (without the second chance: see the test after this one).
+    lab.dp
+        .set_vip(&Vip {
+            second_chance: Some(false),
+            ..tcp_vip(&[
+                ("10.200.0.11", 100),
+                ("10.200.0.12", 100),
+                ("10.200.0.13", 100),
+                ("10.200.0.14", 300),
+            ])
+        })
+        .unwrap();
     for (f, b) in fs[1..4].iter().zip(&first[1..]) {
         assert_eq!(send(&mut lab, f, FrameSpec::default()), *b, "kept");
     }
@@ -449,6 +460,62 @@ fn a_full_set_evicts_its_oldest_entry_and_counts_it() {
     assert_eq!(c.flow(FlowEvent::Evicted), 1);
     send(&mut lab, &fs[0], FrameSpec::default());
     assert_eq!(lab.dp.counters().unwrap().flow(FlowEvent::Evicted), 2);
+}
+
+/// An evicted flow whose table position moved since it began goes to the
+/// position's current backend and names the one it had as its
+/// second-chance candidate, with every packet: it gets no entry.
+#[test]
+fn an_evicted_flow_whose_position_moved_names_its_old_backend() {
+    let mut lab = lab();
+    let fs = same_set(10, 6, "203.0.113.10", 80, Protocol::Tcp);
+    let first: Vec<IpAddr> = establish(&mut lab, &fs[..5]);
+    assert_eq!(lab.dp.counters().unwrap().flow(FlowEvent::Evicted), 1);
+    // Every position moves: the three backends drain (their flows stay,
+    // they stay candidates), a fourth takes the whole table.
+    lab.dp
+        .set_vip(&tcp_vip(&[
+            ("10.200.0.11", 0),
+            ("10.200.0.12", 0),
+            ("10.200.0.13", 0),
+            ("10.200.0.14", 1),
+        ]))
+        .unwrap();
+    let fourth: IpAddr = "10.200.0.14".parse().unwrap();
+    // The survivors keep their backends (plain tunnels).
+    for (f, b) in fs[1..5].iter().zip(&first[1..]) {
+        let frame = lab.frame(f, FrameSpec::default());
+        let r = lab.run(&frame).unwrap();
+        assert_eq!(parse_encapsulated(&r.frame).unwrap().outer.dst(), *b);
+        assert!(second_chance_of(&r.frame).is_none(), "{f:?}");
+    }
+    let before = lab.dp.counters().unwrap();
+    for _ in 0..3 {
+        let frame = lab.frame(&fs[0], FrameSpec::default());
+        let r = lab.run(&frame).unwrap();
+        assert_eq!(r.action, xdp_action::XDP_TX);
+        let e = parse_encapsulated(&r.frame).unwrap();
+        assert_eq!(e.outer.dst(), fourth, "the current table's backend");
+        let (sc, _) = second_chance_of(&r.frame).expect("a candidate");
+        assert_eq!(sc.candidate, first[0], "the backend the flow had");
+        assert_eq!(sc.flags, 0);
+    }
+    // A SYN of the same 5-tuple is a new connection: no candidate.
+    let mut syn = lab.frame(&fs[0], FrameSpec::default());
+    syn[14 + 20 + 13] = 0x02;
+    let r = lab.run(&syn).unwrap();
+    assert!(second_chance_of(&r.frame).is_none());
+    let c = lab.dp.counters().unwrap();
+    let d = |e: FlowEvent| c.flow(e) - before.flow(e);
+    println!(
+        "evicted flow after the move: second_chance {}, misses {}, evictions {}",
+        d(FlowEvent::SecondChance),
+        d(FlowEvent::Miss),
+        d(FlowEvent::Evicted)
+    );
+    assert_eq!(d(FlowEvent::SecondChance), 3);
+    // No entry was written for it: nothing else was evicted.
+    assert_eq!(d(FlowEvent::Evicted), 0);
 }
 
 #[test]

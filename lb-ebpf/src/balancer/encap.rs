@@ -3,7 +3,9 @@
 //!
 //! Output frame: `[Ethernet][802.1Q tag, if the input had one][outer IP]
 //! [the input's IP packet, untouched]`. The outer family is the backend's;
-//! the outer protocol says what is inside (4 = IPv4, 41 = IPv6).
+//! the outer protocol says what is inside (4 = IPv4, 41 = IPv6). A packet
+//! with a second-chance candidate has the candidate option in its outer
+//! header (see `lb_common::second_chance`).
 
 use core::mem::size_of;
 
@@ -14,8 +16,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BackendInfo, CONFIG_NO_NEXTHOP_CACHE, DataplaneConfig, FAMILY_V4, FAMILY_V6, PROTO_IPIP,
-    PROTO_IPV6, Reason, eth_macs,
+    BackendInfo, CONFIG_NO_NEXTHOP_CACHE, DataplaneConfig, FAMILY_V4, FAMILY_V6, PROTO_DSTOPTS,
+    PROTO_IPIP, PROTO_IPV6, Reason, SC_OPTION_TYPE, SC_V4_LEN, SC_V6_EXT_LEN, SC_V6_LEN, SC_V6_PAD,
+    ScDestOptsV6, ScOptionV4, eth_macs,
 };
 
 use crate::maps::LB_NEXTHOPS;
@@ -37,13 +40,15 @@ const OUTER_TTL: u8 = 64;
 /// before encapsulation, so nothing we send needs fragmenting.
 const IPV4_DF: [u8; 2] = [0x40, 0x00];
 
-/// Length of the outer IP header for a backend of `family`.
+/// Length of the outer IP header for a backend of `family`, with the
+/// second-chance option if `candidate`.
 #[inline(always)]
-pub fn outer_len(backend: &BackendInfo) -> usize {
-    if backend.family == FAMILY_V4 {
-        Ipv4Hdr::LEN
-    } else {
-        Ipv6Hdr::LEN
+pub fn outer_len(backend: &BackendInfo, candidate: bool) -> usize {
+    match (backend.family == FAMILY_V4, candidate) {
+        (true, false) => Ipv4Hdr::LEN,
+        (true, true) => Ipv4Hdr::LEN + size_of::<ScOptionV4>(),
+        (false, false) => Ipv6Hdr::LEN,
+        (false, true) => Ipv6Hdr::LEN + size_of::<ScDestOptsV6>(),
     }
 }
 
@@ -122,8 +127,9 @@ fn next_hop(
     Ok(eth_macs(p.dmac, p.smac))
 }
 
-/// Prepends the outer header. On error the frame is unchanged or about to be
-/// dropped.
+/// Prepends the outer header, with `candidate` in the second-chance option
+/// if there is one (of the backend's family). On error the frame is
+/// unchanged or about to be dropped.
 #[inline(always)]
 pub fn encapsulate(
     ctx: &XdpContext,
@@ -132,8 +138,9 @@ pub fn encapsulate(
     cfg: &DataplaneConfig,
     macs: (u64, u32),
     label: u32,
+    candidate: Option<&BackendInfo>,
 ) -> Result<(), Reason> {
-    let outer = outer_len(backend);
+    let outer = outer_len(backend, candidate.is_some());
     // Keep the VLAN tag (if any) before the headroom moves.
     let tci = if pkt.l2_len == EthHdr::LEN + VlanHdr::LEN {
         let vlan: *mut VlanHdr = ptr_at_mut(ctx, EthHdr::LEN).ok_or(Reason::Malformed)?;
@@ -177,8 +184,31 @@ pub fn encapsulate(
     };
     if backend.family == FAMILY_V4 {
         let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, l3).ok_or(Reason::EncapFailed)?;
-        let tot_len = ((Ipv4Hdr::LEN + pkt.ip_len) as u16).to_be_bytes();
+        let (vihl, options) = match candidate {
+            Some(c) => {
+                let opt: *mut ScOptionV4 =
+                    ptr_at_mut(ctx, l3 + Ipv4Hdr::LEN).ok_or(Reason::EncapFailed)?;
+                let word = c.addr[0];
+                unsafe {
+                    *opt = ScOptionV4 {
+                        kind: SC_OPTION_TYPE,
+                        len: SC_V4_LEN,
+                        flags: 0,
+                        reserved: 0,
+                        candidate: 0,
+                    };
+                    write_u32(&raw mut (*opt).candidate as *mut u8, word);
+                }
+                let sum = u16::from_ne_bytes([SC_OPTION_TYPE, SC_V4_LEN]) as u32
+                    + (word & 0xffff)
+                    + (word >> 16);
+                (0x47, sum)
+            }
+            None => (0x45, 0),
+        };
+        let tot_len = ((outer + pkt.ip_len) as u16).to_be_bytes();
         let check = outer_ipv4_csum(
+            vihl,
             pkt.tos,
             tot_len,
             IPV4_DF,
@@ -186,9 +216,10 @@ pub fn encapsulate(
             inner_proto,
             cfg.src_v4,
             backend.addr[0],
+            options,
         );
         unsafe {
-            (*ip).vihl = 0x45;
+            (*ip).vihl = vihl;
             (*ip).tos = pkt.tos;
             (*ip).tot_len = tot_len;
             (*ip).id = [0, 0];
@@ -204,10 +235,28 @@ pub fn encapsulate(
         // Version 6, the inner traffic class, and a flow label from the flow
         // hash so ECMP and RSS on the way spread flows, not balancers.
         let vcf = (6u32 << 28) | ((pkt.tos as u32) << 20) | (label & 0x000f_ffff);
+        let next = match candidate {
+            Some(c) => {
+                let opts: *mut ScDestOptsV6 =
+                    ptr_at_mut(ctx, l3 + Ipv6Hdr::LEN).ok_or(Reason::EncapFailed)?;
+                unsafe {
+                    (*opts).next_hdr = inner_proto;
+                    (*opts).hdr_ext_len = SC_V6_EXT_LEN;
+                    (*opts).pad = SC_V6_PAD;
+                    (*opts).kind = SC_OPTION_TYPE;
+                    (*opts).len = SC_V6_LEN;
+                    (*opts).flags = 0;
+                    (*opts).reserved = 0;
+                    write_addr6(&raw mut (*opts).candidate as *mut u8, c.addr);
+                }
+                PROTO_DSTOPTS
+            }
+            None => inner_proto,
+        };
         unsafe {
             (*ip).vcf = vcf.to_be_bytes();
-            (*ip).payload_len = (pkt.ip_len as u16).to_be_bytes();
-            (*ip).next_hdr = inner_proto;
+            (*ip).payload_len = ((outer - Ipv6Hdr::LEN + pkt.ip_len) as u16).to_be_bytes();
+            (*ip).next_hdr = next;
             (*ip).hop_limit = OUTER_TTL;
             write_addr6((*ip).src_addr.as_mut_ptr(), cfg.src_v6);
             write_addr6((*ip).dst_addr.as_mut_ptr(), backend.addr);

@@ -273,7 +273,7 @@ fn forward_error(ctx: &XdpContext, i: &Icmp, cfg: &DataplaneConfig) -> Result<()
             _pad: [0; 2],
         },
     };
-    if encap::outer_len(backend) + pkt.ip_len > cfg.mtu as usize {
+    if encap::outer_len(backend, false) + pkt.ip_len > cfg.mtu as usize {
         return Err(Reason::TooBig);
     }
     let macs = encap::cached_next_hop(ctx, id, backend, cfg)?;
@@ -282,7 +282,7 @@ fn forward_error(ctx: &XdpContext, i: &Icmp, cfg: &DataplaneConfig) -> Result<()
     } else {
         0
     };
-    encap::encapsulate(ctx, &pkt, backend, cfg, macs, label)?;
+    encap::encapsulate(ctx, &pkt, backend, cfg, macs, label, None)?;
     count_traffic(&LB_VIP_STATS, backend.vip_id, bytes, 0);
     count_traffic(&LB_BACKEND_STATS, id, bytes, 0);
     Ok(())

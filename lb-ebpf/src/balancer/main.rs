@@ -29,14 +29,14 @@ use aya_log_ebpf::debug;
 use lb_common::{
     ACTIVE_PROBES, BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, CONFIG_FRAGMENTS_PASS,
     CONFIG_TOO_BIG_ICMP, DataplaneConfig, FAMILY_V4, FAMILY_V6, MAGLEV_CHUNK, NO_BACKEND,
-    PROTO_IPIP, PROTO_IPV6, REASON_SLOTS, Reason, SHED_ONE, Stats, VIP_HASH_SRC_PORT, VIP_LOAD_CAP,
-    VIP_SCHED_LEAST_CONN, VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK,
-    VIP_SCHED_WRR, VipInfo, VipKey, fewer_per_weight, flow_hash64, maglev_position, over_cap,
-    second_choice, source_hash, vip_filter_slot,
+    PROTO_IPIP, PROTO_IPV6, PROTO_TCP, REASON_SLOTS, Reason, SHED_ONE, Stats, VIP_HASH_SRC_PORT,
+    VIP_LOAD_CAP, VIP_SCHED_LEAST_CONN, VIP_SCHED_LEAST_LOAD, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK,
+    VIP_SCHED_WRR, VIP_SECOND_CHANCE, VipInfo, VipKey, fewer_per_weight, flow_hash64,
+    maglev_position, over_cap, second_choice, source_hash, vip_filter_slot,
 };
 use lb_ebpf::{
     packet::{frame_len, ptr_at, ptr_at_mut, read_u32, write_u32, write_u64},
-    parse::{Packet, Parsed, parse},
+    parse::{Packet, Parsed, TCP_SYN, parse},
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, ip::Ipv6Hdr};
 
@@ -146,21 +146,32 @@ fn forward<const V6: bool>(
     let hash = flow_hash64(&pkt.flow);
     let maglev_hash = (hash >> 32) as u32;
 
+    // A TCP packet past its SYN: without an entry, a connection that began
+    // elsewhere or earlier (see `lb_common::second_chance`).
+    let mid_flow = pkt.flow.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN == 0;
     // An established flow needs no VIP lookup.
-    let (backend_id, backend, new_flow) =
+    let (backend_id, backend, new_flow, candidate) =
         match conntrack::lookup(&pkt, hash, cfg, now, stats, || vip_flags(&pkt)) {
-            conntrack::Lookup::Hit(id, backend) => (id, backend, 0),
+            conntrack::Lookup::Hit(id, backend) => (id, backend, 0, None),
             other => {
                 let opens = matches!(&other, conntrack::Lookup::Schedule(v) if v.opens);
-                let (id, backend) = schedule_consistent(&pkt, cfg, maglev_hash, opens, stats)?;
+                let (id, backend, candidate) =
+                    schedule_consistent(&pkt, cfg, maglev_hash, opens, mid_flow, stats)?;
                 if let conntrack::Lookup::Schedule(victim) = other {
-                    conntrack::record(&pkt, victim, hash, id, backend, now, cfg, stats);
+                    // A flow with a candidate records no entry: its every
+                    // packet carries the candidate.
+                    if candidate.is_none() {
+                        conntrack::record(&pkt, victim, hash, id, backend, now, cfg, stats);
+                    }
                 }
-                (id, backend, 1)
+                if candidate.is_some() {
+                    maps::count_event(stats, lb_common::FlowEvent::SecondChance);
+                }
+                (id, backend, candidate.is_none() as u64, candidate)
             }
         };
 
-    let outer = encap::outer_len(backend);
+    let outer = encap::outer_len(backend, candidate.is_some());
     if outer + pkt.ip_len > cfg.mtu as usize {
         if cfg.flags & CONFIG_TOO_BIG_ICMP == 0 {
             return Err(Reason::TooBig);
@@ -174,7 +185,7 @@ fn forward<const V6: bool>(
     } else {
         0
     };
-    encap::encapsulate(ctx, &pkt, backend, cfg, macs, label)?;
+    encap::encapsulate(ctx, &pkt, backend, cfg, macs, label, candidate)?;
 
     count_traffic(&LB_VIP_STATS, backend.vip_id, bytes, new_flow);
     count_traffic(&LB_BACKEND_STATS, backend_id, bytes, new_flow);
@@ -218,33 +229,40 @@ fn schedule_consistent(
     cfg: &DataplaneConfig,
     hash: u32,
     opens: bool,
+    mid_flow: bool,
     stats: &mut Stats,
-) -> Result<(u32, &'static BackendInfo), Reason> {
+) -> Result<Scheduled, Reason> {
     let before = table_gen();
-    let first = schedule(pkt, cfg, hash, opens);
+    let first = schedule(pkt, cfg, hash, opens, mid_flow);
     // A shed SYN is not looked at again: the draw is made once.
     if table_gen() == before || matches!(first, Err(Reason::Shed)) {
         return first;
     }
     let before = table_gen();
-    let second = schedule(pkt, cfg, hash, false);
+    let second = schedule(pkt, cfg, hash, false, mid_flow);
     if table_gen() != before {
         maps::count_event(stats, lb_common::FlowEvent::TableRaced);
     }
     second
 }
 
+/// A scheduled packet's backend id, backend, and second-chance candidate.
+type Scheduled = (u32, &'static BackendInfo, Option<&'static BackendInfo>);
+
 /// A new flow's backend, by the VIP's scheduler (see `lb_common::VIP_SCHED_*`);
 /// `hash` is the flow's [`lb_common::flow_hash`]. Returns the backend id and
-/// the backend. `opens`: the packet opens a new connection, which the VIP
-/// sheds its share of (`Err(Reason::Shed)`, see `VipInfo::shed`).
+/// the backend, and with `mid_flow` (a TCP packet without SYN) on a VIP
+/// with [`VIP_SECOND_CHANCE`] its candidate, if it has one. `opens`: the
+/// packet opens a new connection, which the VIP sheds its share of
+/// (`Err(Reason::Shed)`, see `VipInfo::shed`).
 #[inline(always)]
 fn schedule(
     pkt: &Packet,
     cfg: &DataplaneConfig,
     hash: u32,
     opens: bool,
-) -> Result<(u32, &'static BackendInfo), Reason> {
+    mid_flow: bool,
+) -> Result<Scheduled, Reason> {
     let vip = lookup_vip_key(&pkt.flow).ok_or(Reason::NotVip)?;
     // A random draw, not the flow hash: a SYN the client sends again is
     // drawn anew, so every client gets through after a few retransmissions.
@@ -274,7 +292,35 @@ fn schedule(
         backend_id = under_cap(&vip, pos, backend_id);
     }
     let backend = LB_BACKENDS.get(backend_id).ok_or(Reason::NoBackend)?;
-    Ok((backend_id, backend))
+    let candidate = if mid_flow && vip.flags & VIP_SECOND_CHANCE != 0 {
+        candidate(&vip, pos, backend_id, backend)
+    } else {
+        None
+    };
+    Ok((backend_id, backend, candidate))
+}
+
+/// The second-chance candidate of a packet sent to `id` (`backend`) from
+/// position `pos` of the VIP's table: the backend the position held before
+/// (`LB_PREV`), if that is another backend of the VIP, in service, of the
+/// same family (see `lb_common::second_chance`).
+#[inline(always)]
+fn candidate(
+    vip: &VipInfo,
+    pos: u32,
+    id: u32,
+    backend: &BackendInfo,
+) -> Option<&'static BackendInfo> {
+    let chunk = LB_PREV.get(vip.table_chunk + pos / MAGLEV_CHUNK)?;
+    let prev = chunk.backends[(pos % MAGLEV_CHUNK) as usize & (MAGLEV_CHUNK as usize - 1)];
+    if prev == id || prev == NO_BACKEND {
+        return None;
+    }
+    let b = LB_BACKENDS.get(prev)?;
+    (b.vip_id == vip.id
+        && b.flags & (BACKEND_ALLOCATED | BACKEND_DOWN) == BACKEND_ALLOCATED
+        && b.family == backend.family)
+        .then_some(b)
 }
 
 /// A walk over the [`ACTIVE_PROBES`] − 1 table entries after a flow's
@@ -562,18 +608,27 @@ fn restore(ctx: &XdpContext) -> bool {
 }
 
 /// Length of the outer header of a frame the balancer encapsulated, if it is
-/// one: the L3 header after `l2_len` carries IPv4 or IPv6 inside.
+/// one: the L3 header after `l2_len` carries IPv4 or IPv6 inside (after the
+/// second-chance option, if it has one).
 #[inline(always)]
 fn outer_header_len(ctx: &XdpContext, l2_len: usize) -> Option<usize> {
     let first = ptr_at::<u8>(ctx, l2_len)?;
     if unsafe { *first } >> 4 == 6 {
         let ip = ptr_at::<Ipv6Hdr>(ctx, l2_len)?;
         let next = unsafe { (*ip).next_hdr };
+        if next == lb_common::PROTO_DSTOPTS {
+            return Some(Ipv6Hdr::LEN + core::mem::size_of::<lb_common::ScDestOptsV6>());
+        }
         (next == PROTO_IPV6 || next == PROTO_IPIP).then_some(Ipv6Hdr::LEN)
     } else {
         let ip = ptr_at::<Ipv4Hdr>(ctx, l2_len)?;
-        let proto = unsafe { (*ip).proto };
-        (proto == PROTO_IPIP || proto == PROTO_IPV6).then_some(Ipv4Hdr::LEN)
+        let (proto, vihl) = unsafe { ((*ip).proto, (*ip).vihl) };
+        let ihl = if vihl & 0x0f == 7 {
+            Ipv4Hdr::LEN + core::mem::size_of::<lb_common::ScOptionV4>()
+        } else {
+            Ipv4Hdr::LEN
+        };
+        (proto == PROTO_IPIP || proto == PROTO_IPV6).then_some(ihl)
     }
 }
 

@@ -83,6 +83,15 @@ pub static LB_MAGLEV: Array<MaglevChunk> = Array::with_max_entries(
     0,
 );
 
+/// The previous tables (see `lb_common::second_chance`): at each chunk
+/// index of [`LB_MAGLEV`], the entries those positions held before their
+/// last move.
+#[map(name = "LB_PREV")]
+pub static LB_PREV: Array<MaglevChunk> = Array::with_max_entries(
+    DEFAULT_MAX_VIPS * 2 * chunks_per_table(DEFAULT_TABLE_SIZE),
+    0,
+);
+
 /// The settings as `lbd` last wrote them, pinned: the record a restarted
 /// `lbd` checks and adopts. The data path reads its own copy in
 /// [`config`].

@@ -145,6 +145,13 @@ struct DecapArgs {
     /// XDP attach mode.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
     xdp_mode: XdpModeArg,
+    /// Send packets of TCP connections this host does not have on to the
+    /// backend the balancer names as their second-chance candidate (once;
+    /// see the README's "Backends"). Turns forwarding on for IFACE (IPv4
+    /// and IPv6: the XDP FIB lookup needs it; router advertisements stay
+    /// accepted) and has the kernel resolve the neighbours of candidates.
+    #[arg(long)]
+    second_chance: bool,
     /// Serve Prometheus metrics (GET /metrics) on this ADDRESS:PORT.
     #[arg(long, default_value = DEFAULT_DECAP_METRICS)]
     metrics_listen: std::net::SocketAddr,
@@ -155,6 +162,10 @@ struct DecapArgs {
     #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
     log_format: LogFormatArg,
 }
+
+/// How often `lbd decap --second-chance` collects the candidates whose
+/// neighbour entry is missing (their packets are dropped until it exists).
+const WANTED_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Where `lbd decap` serves `/metrics` by default: the balancer's default
 /// port (a backend host runs no balancer).
@@ -693,12 +704,24 @@ fn run_decap(args: DecapArgs) -> Result<()> {
         host::addresses().context("listing this host's addresses")?
     };
     decap.set_addresses(&addresses)?;
+    let neighbours = if args.second_chance {
+        lb::dataplane::enable_forwarding_for(&args.iface, true, true)
+            .context("turning forwarding on for --second-chance")?;
+        let ifindex = lb::dataplane::ifindex(&args.iface)?;
+        let n = lb::host::neighbours::Neighbours::start(&args.iface, ifindex)
+            .context("starting the neighbour manager for --second-chance")?;
+        decap.enable_second_chance()?;
+        Some(n)
+    } else {
+        None
+    };
     let used = decap.attach(&args.iface, args.xdp_mode.into())?;
-    info!(iface = %args.iface, mode = ?used, addresses = ?addresses, "decapsulator attached");
+    info!(iface = %args.iface, mode = ?used, addresses = ?addresses, second_chance = args.second_chance, "decapsulator attached");
     let mut current = addresses;
     runtime()?.block_on(async {
         let mut signals = Signals::install()?;
         let mut timer = tokio::time::interval(ADDRESS_REFRESH);
+        let mut wanted_timer = tokio::time::interval(WANTED_POLL);
         let (scrape_tx, mut scrapes) = tokio::sync::mpsc::channel::<metrics::DecapRequest>(16);
         if !args.no_metrics {
             let listen = args.metrics_listen;
@@ -721,6 +744,13 @@ fn run_decap(args: DecapArgs) -> Result<()> {
                         addresses: current.len(),
                     });
                     let _ = reply.send(scrape.map_err(|e| format!("{e:#}")));
+                }
+                _ = wanted_timer.tick(), if neighbours.is_some() => {
+                    let wanted = decap.take_wanted();
+                    if let (Some(n), false) = (&neighbours, wanted.is_empty()) {
+                        info!(candidates = ?wanted, "resolving the neighbours towards second-chance candidates");
+                        n.manage(&wanted);
+                    }
                 }
                 _ = timer.tick(), if !fixed => match host::addresses() {
                     Ok(now) if now != current => match decap.set_addresses(&now) {

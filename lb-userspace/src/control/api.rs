@@ -536,6 +536,12 @@ pub struct VipView {
     /// `maglev-src` only: the load cap (see the config reference).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub load_cap: Option<f64>,
+    /// Whether a TCP packet without an entry names its table position's
+    /// previous backend (`second_chance`; `maglev` and `maglev-src` only).
+    pub second_chance: bool,
+    /// How long a table position that moved stays before load steering may
+    /// move it again (`[vip.load] churn_hold`; 0 without load steering).
+    pub churn_hold_seconds: u32,
     pub backends: Vec<BackendView>,
 }
 
@@ -616,6 +622,8 @@ fn vip_view(v: &Vip, snap: &Snapshot) -> VipView {
         on_saturated: v.on_saturated().to_string(),
         shed: steer.map_or(0.0, |s| s.vip.shed),
         load_cap: v.load_cap.map(|c| f64::from(c) / 100.0),
+        second_chance: v.second_chance(),
+        churn_hold_seconds: v.churn_hold_secs(),
         backends: v
             .backends
             .iter()

@@ -730,6 +730,11 @@ impl Controller {
             if v.scheduler == Scheduler::LeastLoad {
                 self.update_scores(v);
             }
+            // Table positions the churn hold kept move once it allows.
+            let _cause = tracing::info_span!("change", cause = "churn hold over").entered();
+            if let Err(e) = self.dp.release_held(&v.addr) {
+                tracing::error!(vip = %v.addr, error = %format!("{e:#}"), "moving held table positions failed");
+            }
         }
         self.config.vips = vips;
         self.announce_if_due();

@@ -942,7 +942,7 @@ pub fn render_decap(d: &DecapScrape) -> String {
     let mut f = Families::default();
     let m = f.counters(
         "lb_decap_packets_total",
-        "Packets the decapsulator saw, by reason: decapsulated (passed on without the outer header); passed untouched: not_tunnel, not_local; dropped: malformed.",
+        "Packets the decapsulator saw, by reason: decapsulated (passed on without the outer header); passed untouched: not_tunnel, not_local; dropped: malformed; second chance (--second-chance): forwarded (sent on to the candidate), no_candidate and forward_failed (decapsulated and passed: the stack resets them), neighbour_pending (dropped until the candidate's neighbour is resolved).",
     );
     for r in DecapReason::ALL {
         m.push(counter(&[("reason", r.name())], d.packets[r as usize]));

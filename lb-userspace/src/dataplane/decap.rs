@@ -6,12 +6,12 @@ use std::net::IpAddr;
 
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use lb_common::{
-    DECAP_MAX_ADDRS, DECAP_REASON_COUNT, DecapReason, HostAddr, addr_words, decap_map_name,
-    decap_program_name,
+    DECAP_MAX_ADDRS, DECAP_REASON_COUNT, DECAP_SECOND_CHANCE, DecapReason, HostAddr, addr_words,
+    decap_map_name, decap_program_name, words_addr,
 };
 
 use super::{AttachMode, DataplaneError, attach_xdp, map_err, take_map, xdp_program};
@@ -24,6 +24,8 @@ pub struct Decapsulator {
     ebpf: Ebpf,
     addrs: HashMap<MapData, HostAddr, u8>,
     stats: PerCpuArray<MapData, u64>,
+    config: Array<MapData, u32>,
+    wanted: HashMap<MapData, HostAddr, u32>,
     link: Option<XdpLinkId>,
 }
 
@@ -50,12 +52,39 @@ impl Decapsulator {
         let stats = take_map(&mut ebpf, decap_map_name::STATS)?
             .try_into()
             .map_err(map_err(decap_map_name::STATS))?;
+        let config = take_map(&mut ebpf, decap_map_name::CONFIG)?
+            .try_into()
+            .map_err(map_err(decap_map_name::CONFIG))?;
+        let wanted = take_map(&mut ebpf, decap_map_name::WANTED)?
+            .try_into()
+            .map_err(map_err(decap_map_name::WANTED))?;
         Ok(Decapsulator {
             ebpf,
             addrs,
             stats,
+            config,
+            wanted,
             link: None,
         })
+    }
+
+    /// Sends packets of connections this host does not have on to their
+    /// second-chance candidate (see the object's docs; the interface must
+    /// forward for the FIB lookup to answer).
+    pub fn enable_second_chance(&mut self) -> Result<(), DataplaneError> {
+        self.config
+            .set(0, DECAP_SECOND_CHANCE, 0)
+            .map_err(map_err(decap_map_name::CONFIG))
+    }
+
+    /// The candidates whose next hop had no resolved neighbour entry since
+    /// the last call (removed from the map as they are read).
+    pub fn take_wanted(&mut self) -> Vec<IpAddr> {
+        let keys: Vec<HostAddr> = self.wanted.keys().filter_map(Result::ok).collect();
+        for k in &keys {
+            let _ = self.wanted.remove(k);
+        }
+        keys.iter().map(|k| words_addr(k.family, k.addr)).collect()
     }
 
     /// Sets the outer destinations to decapsulate: this host's addresses.

@@ -14,6 +14,7 @@ mod decap;
 pub mod image;
 pub mod pinning;
 pub mod raw;
+pub mod tables;
 pub mod upgrade;
 mod vips;
 
@@ -181,6 +182,13 @@ struct ProgrammedVip {
     rebuilds: u64,
     /// `VipInfo::shed` as written.
     shed: u32,
+    /// The churn hold the table was written with (seconds; 0: none; see
+    /// [`tables`]).
+    hold: u32,
+    /// The table's previous backends and moves.
+    history: tables::History,
+    /// What the last rebuild moved, held and when the hold releases.
+    moves: tables::Moves,
 }
 
 /// How to load the balancer.
@@ -246,6 +254,8 @@ struct Maps {
     vips: HashMap<MapData, VipKey, VipInfo>,
     backends: Array<MapData, BackendInfo>,
     maglev: Array<MapData, MaglevChunk>,
+    /// The previous tables, indexed like `maglev`.
+    prev: Array<MapData, MaglevChunk>,
     config: Array<MapData, DataplaneConfig>,
     /// The data path's settings and VIP filter (not pinned; see
     /// `lb_common::Globals`).
@@ -307,6 +317,8 @@ pub struct Dataplane {
     table_gen: u64,
     /// Maglev tables switched in since this process started (every VIP).
     tables_switched: u64,
+    /// The clock of the tables' histories.
+    clock: tables::Clock,
     /// Backends removed from their VIP whose established flows go on until
     /// a sweep finds none left (see [`active`]), oldest first.
     leaving: VecDeque<Leaving>,
@@ -334,11 +346,24 @@ pub fn enable_forwarding(
     iface: &str,
     settings: &BalancerSettings,
 ) -> Result<Vec<String>, DataplaneError> {
+    enable_forwarding_for(
+        iface,
+        settings.source_v4.is_some(),
+        settings.source_v6.is_some(),
+    )
+}
+
+/// [`enable_forwarding`] for IPv4 if `v4` and IPv6 if `v6`. When it turns
+/// IPv6 forwarding on, an interface that took router advertisements
+/// (`accept_ra` 1) is set to take them still (2), so the host keeps a
+/// default route it learned from them.
+pub fn enable_forwarding_for(
+    iface: &str,
+    v4: bool,
+    v6: bool,
+) -> Result<Vec<String>, DataplaneError> {
     let mut changed = Vec::new();
-    let families = [
-        (settings.source_v4.is_some(), "ipv4"),
-        (settings.source_v6.is_some(), "ipv6"),
-    ];
+    let families = [(v4, "ipv4"), (v6, "ipv6")];
     for (_, family) in families.iter().filter(|(used, _)| *used) {
         let path = format!("/proc/sys/net/{family}/conf/{iface}/forwarding");
         let err = |source| DataplaneError::Forwarding {
@@ -351,9 +376,24 @@ pub fn enable_forwarding(
             std::fs::write(&path, "1").map_err(err)?;
             tracing::info!(iface, sysctl = %path, "enabled forwarding (the XDP FIB lookup needs it)");
             changed.push(path);
+            let ra = format!("/proc/sys/net/ipv6/conf/{iface}/accept_ra");
+            if *family == "ipv6" && std::fs::read_to_string(&ra).is_ok_and(|v| v.trim() == "1") {
+                std::fs::write(&ra, "2").map_err(|source| DataplaneError::Forwarding {
+                    iface: iface.to_string(),
+                    path: ra.clone(),
+                    source,
+                })?;
+                tracing::info!(iface, sysctl = %ra, "router advertisements still accepted with forwarding on");
+                changed.push(ra);
+            }
         }
     }
     Ok(changed)
+}
+
+/// The index of interface `iface` (for `lbd decap`).
+pub fn ifindex(iface: &str) -> Result<u32, DataplaneError> {
+    interface_index(iface)
 }
 
 /// The index of interface `iface`.
@@ -521,6 +561,7 @@ impl Dataplane {
             .map_max_entries(map_name::VIPS, settings.max_vips)
             .map_max_entries(map_name::VIP_STATS, settings.max_vips)
             .map_max_entries(map_name::MAGLEV, maglev_chunks)
+            .map_max_entries(map_name::PREV, maglev_chunks)
             .map_max_entries(map_name::BACKENDS, settings.max_backends)
             .map_max_entries(map_name::BACKEND_STATS, settings.max_backends)
             .map_max_entries(map_name::NEXTHOPS, settings.max_backends)
@@ -580,6 +621,7 @@ impl Dataplane {
             vips: typed!(map_name::VIPS),
             backends: typed!(map_name::BACKENDS),
             maglev: typed!(map_name::MAGLEV),
+            prev: typed!(map_name::PREV),
             config: typed!(map_name::CONFIG),
             globals: typed!(GLOBALS_SECTION),
             stats: typed!(map_name::STATS),
@@ -624,6 +666,7 @@ impl Dataplane {
             upgrade: converting,
             table_gen: 0,
             tables_switched: 0,
+            clock: tables::Clock::new(),
             leaving: VecDeque::new(),
             active,
             sweep: active::SweepState::default(),

@@ -16,11 +16,13 @@ use aya::maps::{Array, Map, MapData, MapInfo, MapType};
 use lb_common::{
     BACKEND_ALLOCATED, BACKEND_DOWN, BackendInfo, DataplaneConfig, FlowSet, LAYOUT_VERSION,
     MaglevChunk, NextHop, PROTO_TCP, PROTO_UDP, SYN_SEEN_WORDS, Stats, TrafficCounters,
-    VIPS_MAP_FLAGS, VipAddrKey, VipInfo, VipKey, chunks_per_table, flow_sets, map_name, syn_slots,
-    words_addr,
+    VIP_SECOND_CHANCE, VIPS_MAP_FLAGS, VipAddrKey, VipInfo, VipKey, chunks_per_table, flow_sets,
+    map_name, syn_slots, words_addr,
 };
 
-use super::{Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
+use super::{
+    Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err, tables::History,
+};
 use crate::{
     desired::config::BalancerSettings,
     desired::vip::{Protocol, VipAddr},
@@ -59,7 +61,7 @@ pub(crate) struct Shape {
 }
 
 /// The maps a state directory must hold, shaped for these settings.
-pub(crate) fn expected(settings: &BalancerSettings) -> [Shape; 17] {
+pub(crate) fn expected(settings: &BalancerSettings) -> [Shape; 18] {
     use std::mem::size_of;
     let shape = |name, kind, key, value, max, flags| Shape {
         name,
@@ -91,6 +93,14 @@ pub(crate) fn expected(settings: &BalancerSettings) -> [Shape; 17] {
         ),
         shape(
             map_name::MAGLEV,
+            MapType::Array,
+            4,
+            size_of::<MaglevChunk>(),
+            chunks,
+            0,
+        ),
+        shape(
+            map_name::PREV,
             MapType::Array,
             4,
             size_of::<MaglevChunk>(),
@@ -460,6 +470,23 @@ impl Dataplane {
                 entries.extend_from_slice(&chunk.backends);
             }
             entries.truncate(self.settings.table_size as usize);
+            // The previous backends, if this VIP names candidates (older
+            // layouts and other VIPs have none in `LB_PREV`).
+            let history = if info.flags & VIP_SECOND_CHANCE != 0 {
+                let mut previous = Vec::with_capacity(entries.len());
+                for c in 0..per_table {
+                    let chunk = self
+                        .maps
+                        .prev
+                        .get(&(info.table_chunk + c), 0)
+                        .map_err(map_err(map_name::PREV))?;
+                    previous.extend_from_slice(&chunk.backends);
+                }
+                previous.truncate(entries.len());
+                History::adopted(&entries, previous, self.clock.now())
+            } else {
+                History::fresh(&entries)
+            };
             used_vips.push(info.id);
             let table = MaglevTable::from_entries(entries);
             self.vips.insert(
@@ -474,6 +501,10 @@ impl Dataplane {
                     table,
                     rebuilds: 0,
                     shed: info.shed,
+                    // Not in the maps: set when the config is applied.
+                    hold: 0,
+                    history,
+                    moves: Default::default(),
                 },
             );
         }

@@ -15,16 +15,31 @@ use std::{
 use lb_common::{
     BACKEND_ALLOCATED, BACKEND_COUNTED, BACKEND_DOWN, BackendInfo, MAGLEV_CHUNK, MaglevChunk,
     SHED_ONE, VIP_HASH_SRC_PORT, VIP_LOAD_CAP, VIP_SCHED_LEAST_CONN, VIP_SCHED_LEAST_LOAD,
-    VIP_SCHED_MAGLEV, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK, VIP_SCHED_WRR, VIP_STICK_WHEN_DOWN,
-    VipAddrKey, VipInfo, addr_words, chunks_per_table, map_name, vip_filter_slot,
+    VIP_SCHED_MAGLEV, VIP_SCHED_MAGLEV_SRC, VIP_SCHED_MASK, VIP_SCHED_WRR, VIP_SECOND_CHANCE,
+    VIP_STICK_WHEN_DOWN, VipAddrKey, VipInfo, addr_words, chunks_per_table, map_name,
+    vip_filter_slot,
 };
 
-use super::{BackendState, Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err};
+use super::{
+    BackendState, Dataplane, DataplaneError, ProgrammedBackend, ProgrammedVip, map_err,
+    tables::{History, Moves},
+};
 use crate::{
     desired::vip::{DownPolicy, Scheduler, Vip, VipAddr},
     maglev::{MaglevBackend, MaglevTable},
     steering::{FULL, MAX_SHED, Target},
 };
+
+/// How a VIP is programmed besides its backends.
+#[derive(Clone, Copy, Debug)]
+struct Params {
+    /// `VipInfo::flags`.
+    flags: u32,
+    /// See `Vip::load_cap`.
+    load_cap: Option<u32>,
+    /// See `Vip::churn_hold_secs`.
+    hold: u32,
+}
 
 /// Id placeholder of a backend that has none yet.
 const UNASSIGNED: u32 = u32::MAX;
@@ -48,7 +63,12 @@ fn vip_flags(vip: &Vip) -> u32 {
     } else {
         0
     };
-    down | sched | cap
+    let second = if vip.second_chance() {
+        VIP_SECOND_CHANCE
+    } else {
+        0
+    };
+    down | sched | cap | second
 }
 
 /// Whether a VIP with `VipInfo::flags` `flags` schedules on active flows
@@ -149,12 +169,40 @@ impl Dataplane {
             })
             .collect();
         let flags = vip_flags(vip);
-        if existing
-            .is_some_and(|p| p.backends == wanted && p.flags == flags && p.load_cap == vip.load_cap)
-        {
+        let hold = vip.churn_hold_secs();
+        if existing.is_some_and(|p| {
+            p.backends == wanted && p.flags == flags && p.load_cap == vip.load_cap && p.hold == hold
+        }) {
             return Ok(());
         }
-        self.apply(vip.addr, flags, vip.load_cap, wanted)
+        self.apply(
+            vip.addr,
+            Params {
+                flags,
+                load_cap: vip.load_cap,
+                hold,
+            },
+            wanted,
+        )
+    }
+
+    /// Rebuilds `vip`'s table if positions the churn hold kept (see
+    /// [`super::tables`]) may move now; returns whether it did.
+    pub fn release_held(&mut self, vip: &VipAddr) -> Result<bool, DataplaneError> {
+        let Some(p) = self.vips.get(vip) else {
+            return Ok(false);
+        };
+        if p.moves.release_at == 0 || p.moves.release_at > self.clock.now() {
+            return Ok(false);
+        }
+        let params = Params {
+            flags: p.flags,
+            load_cap: p.load_cap,
+            hold: p.hold,
+        };
+        let wanted = p.backends.clone();
+        self.apply(*vip, params, wanted)?;
+        Ok(true)
     }
 
     /// The share of the table each backend of `vip` would have with
@@ -221,8 +269,12 @@ impl Dataplane {
             return Ok(());
         }
         b.down = down;
-        let (flags, cap) = (p.flags, p.load_cap);
-        self.apply(*vip, flags, cap, wanted)
+        let params = Params {
+            flags: p.flags,
+            load_cap: p.load_cap,
+            hold: p.hold,
+        };
+        self.apply(*vip, params, wanted)
     }
 
     /// Programs one VIP to hold exactly `wanted` (ids of existing backends
@@ -233,10 +285,14 @@ impl Dataplane {
     fn apply(
         &mut self,
         addr: VipAddr,
-        flags: u32,
-        load_cap: Option<u32>,
+        params: Params,
         mut wanted: BTreeMap<IpAddr, ProgrammedBackend>,
     ) -> Result<(), DataplaneError> {
+        let Params {
+            flags,
+            load_cap,
+            hold,
+        } = params;
         let existing = self.vips.get(&addr);
         let shed = existing.map_or(0, |p| p.shed);
         let fresh_count = wanted.values().filter(|b| b.id == UNASSIGNED).count();
@@ -291,9 +347,9 @@ impl Dataplane {
             fresh.push(b.id);
         }
         self.table_window(true)?;
-        let result = self.write_vip(addr, vip_id, half, (flags, load_cap), shed, &wanted, &fresh);
-        let table = match result {
-            Ok(table) => table,
+        let result = self.write_vip(addr, vip_id, half, params, shed, &wanted, &fresh);
+        let (table, history, moves) = match result {
+            Ok(written) => written,
             Err(e) => {
                 for id in fresh.into_iter().rev() {
                     self.free_backend_ids
@@ -342,12 +398,17 @@ impl Dataplane {
             table,
             rebuilds: rebuilds + 1,
             shed,
+            hold,
+            history,
+            moves,
         };
         self.vips.insert(addr, p);
         tracing::info!(
             vip = %addr,
             backends = in_table,
             rebuilds = rebuilds + 1,
+            moved = moves.moved,
+            held = moves.held,
             "Maglev table rebuilt and switched in"
         );
         self.write_vip_addr(&addr.addr)?;
@@ -355,18 +416,23 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Everything up to and including the flip; returns the new table.
+    /// Everything up to and including the flip; returns the new table and
+    /// its history.
     #[allow(clippy::too_many_arguments)]
     fn write_vip(
         &mut self,
         addr: VipAddr,
         vip_id: u32,
         half: u32,
-        (flags, load_cap): (u32, Option<u32>),
+        Params {
+            flags,
+            load_cap,
+            hold,
+        }: Params,
         shed: u32,
         wanted: &BTreeMap<IpAddr, ProgrammedBackend>,
         fresh: &[u32],
-    ) -> Result<MaglevTable, DataplaneError> {
+    ) -> Result<(MaglevTable, History, Moves), DataplaneError> {
         let (old, old_flags) = self
             .vips
             .get(&addr)
@@ -411,13 +477,35 @@ impl Dataplane {
                 id: b.id,
             })
             .collect();
-        let table = if flags & VIP_SCHED_MASK == VIP_SCHED_WRR {
+        let built = if flags & VIP_SCHED_MASK == VIP_SCHED_WRR {
             MaglevTable::smooth_wrr(&inputs, self.settings.table_size)
         } else {
             MaglevTable::build(&inputs, self.settings.table_size)
         };
+        // The previous backends and the churn hold (see `super::tables`),
+        // for VIPs that name candidates; the others' tables are the
+        // builder's.
+        let (table, history, moves) = if flags & VIP_SECOND_CHANCE != 0 {
+            let serving: std::collections::HashSet<u32> =
+                wanted.values().filter(|b| !b.down).map(|b| b.id).collect();
+            let (current, mut history) = match self.vips.get(&addr) {
+                Some(p) => (p.table.entries(), p.history.clone()),
+                None => (&[][..], History::fresh(built.entries())),
+            };
+            let (entries, moves) =
+                history.next(current, built.entries(), self.clock.now(), hold, |id| {
+                    serving.contains(&id)
+                });
+            (MaglevTable::from_entries(entries), history, moves)
+        } else {
+            let history = History::fresh(built.entries());
+            (built, history, Moves::default())
+        };
         let first_chunk = self.table_chunk(vip_id, half);
-        self.write_table(first_chunk, &table)?;
+        self.write_table(map_name::MAGLEV, first_chunk, table.entries())?;
+        if flags & VIP_SECOND_CHANCE != 0 {
+            self.write_table(map_name::PREV, first_chunk, &history.previous)?;
+        }
         // The address filter first, so the VIP is never hidden behind it.
         self.write_vip_filter(&addr.addr, Some(addr.addr))?;
         // Weights before the table that holds the backends is switched in
@@ -434,7 +522,7 @@ impl Dataplane {
             .vips
             .insert(addr.key(), info, 0)
             .map_err(map_err(map_name::VIPS))?;
-        Ok(table)
+        Ok((table, history, moves))
     }
 
     fn write_backend(
@@ -723,13 +811,18 @@ impl Dataplane {
         (vip_id * 2 + half) * chunks_per_table(self.settings.table_size)
     }
 
-    /// Writes `table` at chunk `first_chunk` on, in one syscall.
-    fn write_table(&mut self, first_chunk: u32, table: &MaglevTable) -> Result<(), DataplaneError> {
+    /// Writes a table's `entries` into map `map` (`LB_MAGLEV` or
+    /// `LB_PREV`) at chunk `first_chunk` on, in one syscall.
+    fn write_table(
+        &mut self,
+        map: &'static str,
+        first_chunk: u32,
+        entries: &[u32],
+    ) -> Result<(), DataplaneError> {
         let mut bytes = Vec::with_capacity(
-            table.entries().len().div_ceil(MAGLEV_CHUNK as usize)
-                * std::mem::size_of::<MaglevChunk>(),
+            entries.len().div_ceil(MAGLEV_CHUNK as usize) * std::mem::size_of::<MaglevChunk>(),
         );
-        for entries in table.entries().chunks(MAGLEV_CHUNK as usize) {
+        for entries in entries.chunks(MAGLEV_CHUNK as usize) {
             let mut chunk = MaglevChunk::default();
             chunk.backends[..entries.len()].copy_from_slice(entries);
             for id in chunk.backends {
@@ -739,10 +832,15 @@ impl Dataplane {
         use std::os::fd::AsFd;
 
         use aya::maps::IterableMap;
-        let fd = self.maps.maglev.map().fd().as_fd();
+        let target = if map == map_name::PREV {
+            &self.maps.prev
+        } else {
+            &self.maps.maglev
+        };
+        let fd = target.map().fd().as_fd();
         super::raw::update_array_batch(fd, first_chunk, &bytes, std::mem::size_of::<MaglevChunk>())
             .map_err(|e| DataplaneError::Map {
-                name: map_name::MAGLEV,
+                name: map,
                 source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
                     call: "bpf_map_update_batch",
                     io_error: e,

@@ -480,6 +480,8 @@ pub(crate) struct RawVip {
     #[serde(skip_serializing_if = "Option::is_none")]
     load_cap: Option<RawNumber>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    second_chance: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     on_backend_down: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     on_all_down: Option<String>,
@@ -526,6 +528,7 @@ impl RawVip {
                     RawNumber::Float(f64::from(c) / 100.0)
                 }
             }),
+            second_chance: v.second_chance,
             on_backend_down: (v.on_backend_down != DownPolicy::default())
                 .then(|| v.on_backend_down.to_string()),
             on_all_down: (v.on_all_down != AllDownPolicy::default())
@@ -591,6 +594,7 @@ impl RawLoad {
             stall_after: l.stall_after.map(RawNumber::seconds),
             engine: l.engine.map(|e| e.map_or("auto", |e| e.name()).to_string()),
             on_saturated: l.on_saturated.map(|p| p.to_string()),
+            churn_hold: l.churn_hold.map(RawNumber::seconds),
         }
     }
 }
@@ -691,6 +695,8 @@ struct RawLoad {
     engine: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     on_saturated: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    churn_hold: Option<RawNumber>,
 }
 
 /// Validates a config as a whole (the checks that span VIPs: duplicates,
@@ -1424,6 +1430,7 @@ impl Validator {
                     .map_err(|m| self.problem(join(path, "on_saturated"), m))
                     .ok()
             }),
+            churn_hold: self.seconds(&join(path, "churn_hold"), raw.churn_hold, (0.0, 3600.0)),
         }
     }
 
@@ -2188,6 +2195,16 @@ impl Validator {
                 ),
             );
         }
+        if raw.second_chance == Some(true)
+            && !matches!(scheduler, Scheduler::Maglev | Scheduler::MaglevSrc { .. })
+        {
+            self.problem(
+                join(path, "second_chance"),
+                format!(
+                    "only the \"maglev\" and \"maglev-src\" schedulers can name a flow's previous backend, not \"{scheduler}\" (its choices do not follow from the packet)"
+                ),
+            );
+        }
         let on_backend_down = match raw.on_backend_down.as_deref().map(str::parse::<DownPolicy>) {
             None => DownPolicy::default(),
             Some(Ok(p)) => p,
@@ -2250,6 +2267,7 @@ impl Validator {
             health,
             load,
             load_cap,
+            second_chance: raw.second_chance,
         };
         self.vip_policies(path, &vip);
         Some(vip)
@@ -2278,11 +2296,16 @@ impl Validator {
             .as_ref()
             .map(|l| self.load(&join(path, "load"), l))
             .unwrap_or_default();
-        if load.on_saturated.is_some() {
-            self.problem(
-                join(path, "load.on_saturated"),
-                "a setting of the whole VIP: set it in the VIP's [vip.load] table",
-            );
+        for (set, field) in [
+            (load.on_saturated.is_some(), "on_saturated"),
+            (load.churn_hold.is_some(), "churn_hold"),
+        ] {
+            if set {
+                self.problem(
+                    join(path, &format!("load.{field}")),
+                    "a setting of the whole VIP: set it in the VIP's [vip.load] table",
+                );
+            }
         }
         Some(Backend {
             addr: addr?,

@@ -303,6 +303,9 @@ pub struct LoadConfig {
     pub engine: Option<Option<Engine>>,
     /// VIP-wide (the validator refuses it in a backend's `load`).
     pub on_saturated: Option<SaturatedPolicy>,
+    /// VIP-wide: how long a table position that moved stays before load
+    /// steering may move it again (see `lb_common::second_chance`).
+    pub churn_hold: Option<Duration>,
 }
 
 /// Where and how often a backend's load is scraped.
@@ -363,6 +366,7 @@ impl LoadConfig {
             stall_after: self.stall_after.or(base.stall_after),
             engine: self.engine.or(base.engine),
             on_saturated: self.on_saturated.or(base.on_saturated),
+            churn_hold: self.churn_hold.or(base.churn_hold),
         }
     }
 

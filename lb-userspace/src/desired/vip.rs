@@ -272,6 +272,9 @@ pub struct Vip {
     /// loads, in hundredths (125: no backend above 1.25 × its weighted
     /// share of the mean active flows, plus one flow).
     pub load_cap: Option<u32>,
+    /// `second_chance` as written; `None`: on for `maglev` and
+    /// `maglev-src` (see [`Vip::second_chance`]).
+    pub second_chance: Option<bool>,
 }
 
 impl Vip {
@@ -287,7 +290,36 @@ impl Vip {
             health: None,
             load: None,
             load_cap: None,
+            second_chance: None,
         }
+    }
+
+    /// Whether a TCP packet of this VIP without SYN and without an entry
+    /// names its table position's previous backend as a candidate (see
+    /// `lb_common::second_chance`): `second_chance`, on by default for the
+    /// schedulers whose choice follows from the packet.
+    pub fn second_chance(&self) -> bool {
+        matches!(
+            self.scheduler,
+            Scheduler::Maglev | Scheduler::MaglevSrc { .. }
+        ) && self.second_chance != Some(false)
+    }
+
+    /// `[vip.load] churn_hold` in whole seconds if any backend's weight
+    /// follows its load (default `lb_common::DEFAULT_CHURN_HOLD_SECS`), else
+    /// 0: a table position that moved may move again for load only after
+    /// this long; one whose backend leaves service moves at once.
+    pub fn churn_hold_secs(&self) -> u32 {
+        let steered = self.load.is_some() || self.backends.iter().any(|b| !b.load.is_empty());
+        if !steered {
+            return 0;
+        }
+        self.load
+            .as_ref()
+            .and_then(|l| l.churn_hold)
+            .map_or(lb_common::DEFAULT_CHURN_HOLD_SECS, |d| {
+                d.as_secs_f64().ceil() as u32
+            })
     }
 
     /// Whether the data plane counts this VIP's active flows as they

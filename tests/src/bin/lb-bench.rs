@@ -35,7 +35,7 @@ use lb::{
     desired::vip::Protocol,
     maglev::{MaglevBackend, MaglevTable},
 };
-use lb_common::{DEFAULT_TABLE_SIZE, FlowEvent, Reason, program_name, xdp_action};
+use lb_common::{DEFAULT_TABLE_SIZE, DecapReason, FlowEvent, Reason, program_name, xdp_action};
 use lb_tests::{
     frames::{Flow, FrameSpec, l2_len},
     lab::{Lab, LabSpec, servers as lab_servers},
@@ -134,6 +134,33 @@ load_cap = 1.25
 backends = [
   { address = "10.200.0.11" }, { address = "10.200.0.12" }, { address = "10.200.0.13" },
 ]
+
+[[vip]]
+address = "203.0.113.25"
+port = 80
+protocol = "tcp"
+backends = [
+  { address = "10.200.0.11" }, { address = "10.200.0.12" }, { address = "10.200.0.13", weight = 0 },
+]
+"#;
+
+/// The second-chance VIP after its change: every table position moved
+/// from .11 or .12 (drained, still serving: the candidates) to .13.
+const SECOND_CHANCE_VIP: &str = r#"
+[balancer]
+source_v4 = "10.200.0.1"
+source_v6 = "fd00:200::1"
+max_vips = 8
+max_backends = 32
+
+[[vip]]
+address = "203.0.113.25"
+port = 80
+protocol = "tcp"
+backends = [
+  { address = "10.200.0.11", weight = 0 }, { address = "10.200.0.12", weight = 0 },
+  { address = "10.200.0.13" },
+]
 "#;
 
 const REPEAT: u32 = 1_000_000;
@@ -162,6 +189,9 @@ struct Case {
     /// miss, schedule, insert). Otherwise one flow: every packet after the
     /// first hits the table.
     new_flows: Option<usize>,
+    /// Every packet goes out with a second-chance candidate (and records
+    /// no entry: every one misses the table).
+    candidate: bool,
 }
 
 /// One run of `REPEAT` iterations of `case`; checks that every iteration
@@ -199,7 +229,13 @@ fn measure(lab: &mut PacketLab, bench: &mut BenchMaps, case: &Case) -> Result<f6
             "{what}: {seen} reasons counted for {REPEAT} packets"
         );
     }
-    if case.reason == Some(Reason::Forwarded) {
+    if case.candidate {
+        let n = after.flow(FlowEvent::SecondChance) - before.flow(FlowEvent::SecondChance);
+        ensure!(
+            n == all,
+            "{what}: {n} of {REPEAT} iterations went out with a candidate"
+        );
+    } else if case.reason == Some(Reason::Forwarded) {
         let delta = |e: FlowEvent| after.flow(e) - before.flow(e);
         let (hits, misses) = (
             delta(FlowEvent::Hit),
@@ -289,6 +325,7 @@ fn xdp_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
         reason: Some(Reason::Forwarded),
         nexthop_cache: true,
         new_flows: None,
+        candidate: false,
     };
     let mut cases = vec![
         Case {
@@ -436,6 +473,36 @@ fn xdp_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
             ..base(new, leak(format!("{name}, new flow")), &frame)
         });
     }
+    // The second chance: the VIP's every position moved, so a TCP packet
+    // without an entry goes out with its candidate (the backend the
+    // position had) and records nothing; beside it, the same VIP's path
+    // before the move (maglev, new flow).
+    let moved = lb::desired::config::parse(SECOND_CHANCE_VIP, "bench")?;
+    let sc_frame = with_tcp_flags(
+        &lab.frame(
+            &flow("198.18.0.7", "203.0.113.25", 80),
+            FrameSpec::default(),
+        ),
+        v4_l4,
+        ACK,
+    );
+    cases.push(Case {
+        candidate: true,
+        ..base(
+            &["xdp_ns.sched.second_chance.one_flow"],
+            "maglev, candidate, one flow",
+            &sc_frame,
+        )
+    });
+    cases.push(Case {
+        candidate: true,
+        new_flows: Some(v4_src),
+        ..base(
+            &["xdp_ns.sched.second_chance.new"],
+            "maglev, candidate, new flow",
+            &sc_frame,
+        )
+    });
     // LB_BENCH_ONLY=text keeps the floor and the cases whose key contains it
     // (for working on one path; the full set is what `cargo xtask bench` runs).
     let only = std::env::var("LB_BENCH_ONLY").ok();
@@ -454,6 +521,9 @@ fn xdp_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
         .into_iter()
         .filter(wanted)
         .partition(|c| c.new_flows.is_none());
+    lab.dp
+        .set_vip(&moved.vips[0])
+        .context("moving the second-chance VIP's table")?;
     println!(
         "XDP, ns per packet through BPF_PROG_TEST_RUN: median of {RUNS} runs of {REPEAT} packets"
     );
@@ -514,7 +584,7 @@ fn xdp_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
             let Some(maglev) = series(&format!("xdp_ns.sched.maglev.{path}")) else {
                 continue;
             };
-            for name in ["least_conn", "maglev_src_capped"] {
+            for name in ["least_conn", "maglev_src_capped", "second_chance"] {
                 let Some(s) = series(&format!("xdp_ns.sched.{name}.{path}")) else {
                     continue;
                 };
@@ -558,6 +628,129 @@ fn xdp_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
          For reference, quoted in the issues and not run here, Katran on this machine class: established ~90 ns,\n  \
          SYN ~280 ns, new non-SYN flow ~590 ns, new flow without its table write ~140 ns, non-VIP pass ~60 ns, floor ~10 ns."
     );
+    Ok(())
+}
+
+/// What the decapsulator costs per packet with and without a second-chance
+/// candidate. A forwarded packet is rewritten in place, so every
+/// measurement is one `BPF_PROG_TEST_RUN` of one packet (the kernel's clock
+/// around the program: it adds a constant, which the "not a tunnel" run
+/// shows; the figures beside it subtract it).
+fn decap_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
+    use lb::dataplane::Decapsulator;
+    use lb_tests::frames::{OuterSpec, SecondChance, encapsulate, tcp_segment};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    const SINGLE_RUNS: usize = 20_000;
+    const ACK: u8 = 0x10;
+    const SYN: u8 = 0x02;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    lb_tests::pin_to_cpu(cpus - 1);
+    // A namespace with an interface, its FIB and its sockets; the
+    // balancer in it is not used.
+    let lab = PacketLab::new(CONFIG)?;
+    let (local, peer, balancer): (IpAddr, IpAddr, IpAddr) = (
+        "10.200.0.11".parse()?,
+        "10.200.0.12".parse()?,
+        "10.200.0.1".parse()?,
+    );
+    let mut decap = Decapsulator::load()?;
+    decap.enable_second_chance()?;
+    decap.set_addresses(&[local])?;
+    // A connection of this "host" (the lab's namespace, where this thread
+    // is), a listener, and a closed port.
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let client = TcpStream::connect(listener.local_addr()?)?;
+    let (_server, _) = listener.accept()?;
+    let closed = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let segment = |src: SocketAddr, dst: SocketAddr, flags: u8| {
+        let flow = Flow {
+            src: src.ip(),
+            dst: dst.ip(),
+            sport: src.port(),
+            dport: dst.port(),
+            protocol: Protocol::Tcp,
+        };
+        let spec = FrameSpec {
+            payload: vec![0x5a; 100],
+            ..Default::default()
+        };
+        tcp_segment(&flow, &spec, flags, 1000, 2000)
+    };
+    let outer = |inner: &[u8], candidate: Option<IpAddr>| {
+        encapsulate(
+            inner,
+            &OuterSpec {
+                src: balancer,
+                dst: local,
+                src_mac: [0x02, 0xba, 0x1a, 0, 0, 1],
+                dst_mac: lab.if_mac,
+                vlan: None,
+                sc: candidate.map(|c| SecondChance {
+                    candidate: c,
+                    flags: 0,
+                }),
+            },
+        )
+    };
+    let established = segment(client.local_addr()?, listener.local_addr()?, ACK);
+    let stranger = SocketAddr::new(client.local_addr()?.ip(), 1);
+    let cases: Vec<(&str, &str, Vec<u8>, DecapReason)> = vec![
+        (
+            "not_tunnel",
+            "not a tunnel (the timer's floor)",
+            established.clone(),
+            DecapReason::NotTunnel,
+        ),
+        (
+            "plain",
+            "plain tunnel",
+            outer(&established, None),
+            DecapReason::Decapsulated,
+        ),
+        (
+            "candidate_syn",
+            "candidate, SYN (no lookup)",
+            outer(&segment(stranger, listener.local_addr()?, SYN), Some(peer)),
+            DecapReason::Decapsulated,
+        ),
+        (
+            "candidate_here",
+            "candidate, connection here",
+            outer(&established, Some(peer)),
+            DecapReason::Decapsulated,
+        ),
+        (
+            "candidate_forwarded",
+            "candidate, no socket: forwarded",
+            outer(&segment(stranger, closed, ACK), Some(peer)),
+            DecapReason::Forwarded,
+        ),
+    ];
+    let ifindex = lab.ifindex;
+    let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(SINGLE_RUNS); cases.len()];
+    for _ in 0..SINGLE_RUNS {
+        for (i, (key, _, frame, reason)) in cases.iter().enumerate() {
+            let r = run_xdp(decap.program()?, frame, ifindex, 1)?;
+            ensure!(
+                r.action == reason.action(),
+                "decap {key}: verdict {}",
+                r.action
+            );
+            times[i].push(f64::from(r.ns));
+        }
+    }
+    println!(
+        "decapsulator, ns per packet: median of {SINGLE_RUNS} single runs (each includes the test run's timer: see \"not a tunnel\")"
+    );
+    let floor = median(times[0].clone());
+    for ((key, what, _, _), t) in cases.iter().zip(&times) {
+        let ns = median(t.clone());
+        println!(
+            "  {what:<36} {ns:>6.0} ns  ({:+.0} ns over the floor)",
+            ns - floor
+        );
+        results.insert(format!("decap_ns.{key}"), ns);
+    }
     Ok(())
 }
 
@@ -1378,10 +1571,12 @@ fn reaction_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
 fn main() -> Result<()> {
     let mut args = std::env::args_os().skip(1);
     let Some(out) = args.next().map(PathBuf::from) else {
-        bail!("usage: lb-bench RESULTS_JSON [xdp|maglev|e2e|api|metrics|load|peers]...");
+        bail!("usage: lb-bench RESULTS_JSON [xdp|decap|maglev|e2e|api|metrics|load|peers]...");
     };
     let groups: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
-    const GROUPS: [&str; 7] = ["xdp", "maglev", "e2e", "api", "metrics", "load", "peers"];
+    const GROUPS: [&str; 8] = [
+        "xdp", "decap", "maglev", "e2e", "api", "metrics", "load", "peers",
+    ];
     if let Some(unknown) = groups.iter().find(|g| !GROUPS.contains(&g.as_str())) {
         bail!(
             "unknown benchmark group {unknown:?}; groups: {}",
@@ -1393,6 +1588,9 @@ fn main() -> Result<()> {
     let mut results = BTreeMap::new();
     if run("xdp") {
         xdp_benchmarks(&mut results)?;
+    }
+    if run("decap") {
+        decap_benchmarks(&mut results)?;
     }
     if run("maglev") {
         maglev_benchmarks(&mut results);

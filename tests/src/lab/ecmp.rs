@@ -410,6 +410,12 @@ impl EcmpLab {
         &self.services[i].control
     }
 
+    /// Every backend's controls, to hand to a thread that outlives a borrow
+    /// of the lab.
+    pub fn controls(&self) -> Vec<std::sync::Arc<servers::Control>> {
+        self.services.iter().map(|s| s.control.clone()).collect()
+    }
+
     /// Balancer `i`'s `/metrics`.
     pub fn metrics(&self, i: usize) -> Result<String> {
         let b = &self.balancers[i];

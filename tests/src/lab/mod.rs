@@ -121,6 +121,22 @@ pub struct LabBackend {
     pub v6: Ipv6Addr,
     pub weight: u32,
     pub ns: Netns,
+    /// `XDP_PASS` on the switch's end of its link: its decapsulator sends
+    /// second-chance packets on with native `XDP_TX`, which a veth drops
+    /// unless the peer runs XDP.
+    _pass: PassProgram,
+}
+
+impl LabBackend {
+    /// The counter of `lbd decap`'s packets with reason `reason` (a
+    /// `DecapReason` name), from its `/metrics` in the backend's namespace.
+    pub fn decap_packets(&self, reason: &str) -> Result<u64> {
+        let text = in_ns(&self.ns, fetch_metrics)??;
+        Ok(
+            crate::prom::value(&text, "lb_decap_packets_total", &[("reason", reason)])
+                .unwrap_or(0.0) as u64,
+        )
+    }
 }
 
 /// The lab's processes.
@@ -332,12 +348,18 @@ fn make_backends(switch: &Netns, weights: &[u32], routed: bool) -> Result<Vec<La
                 "net.ipv4.conf.eth0.arp_announce=2",
             ],
         )?;
+        let port = format!("v-{name}");
+        let pass = {
+            let _inside = switch.enter()?;
+            PassProgram::attach(&port).with_context(|| format!("attaching XDP_PASS to {port}"))?
+        };
         backends.push(LabBackend {
             name,
             v4,
             v6,
             weight,
             ns,
+            _pass: pass,
         });
     }
     Ok(backends)
@@ -373,7 +395,16 @@ fn start_backends(
     let mut processes: Vec<(String, Child)> = Vec::new();
     for b in backends {
         let log = dir.join(format!("{}-decap.log", b.name));
-        let args = ["decap", "--iface", "eth0", "--xdp-mode", "native"];
+        // As recommended for backends: packets of connections a backend
+        // does not have go on to their second-chance candidate.
+        let args = [
+            "decap",
+            "--iface",
+            "eth0",
+            "--xdp-mode",
+            "native",
+            "--second-chance",
+        ];
         match spawn_in(&b.ns, lbd, &args, &log, "info") {
             Ok(c) => processes.push((format!("{} lbd decap", b.name), c)),
             Err(e) => {
@@ -409,7 +440,17 @@ fn config(
         "[balancer]\nsource_v4 = \"{source_v4}\"\nsource_v6 = \"{source_v6}\"\nmtu = 1600\nmax_vips = {}\nmax_backends = {}\n\n",
         extra.max_vips, extra.max_backends
     );
-    c += &format!("[conntrack]\nsize = 65536\n{}\n\n", extra.conntrack);
+    // 64 Ki slots unless the spec sizes the table itself.
+    let size = if extra
+        .conntrack
+        .lines()
+        .any(|l| l.trim_start().starts_with("size"))
+    {
+        ""
+    } else {
+        "size = 65536\n"
+    };
+    c += &format!("[conntrack]\n{size}{}\n\n", extra.conntrack);
     c += &format!("[metrics]\nlisten = \"{METRICS}\"\n{}\n\n", extra.top);
     c += &format!(
         "[api]\nsocket = \"{}\"\naudit_log = \"{}\"\ntcp_listen = \"{API_TCP}\"\ntoken_file = \"{}\"\n\n",
@@ -834,6 +875,12 @@ impl Lab {
     /// What backend `i`'s HTTP service does (health, metrics, port).
     pub fn control(&self, i: usize) -> &servers::Control {
         &self.services[i].control
+    }
+
+    /// Every backend's controls, to hand to a thread that outlives a borrow
+    /// of the lab.
+    pub fn controls(&self) -> Vec<std::sync::Arc<servers::Control>> {
+        self.services.iter().map(|s| s.control.clone()).collect()
     }
 
     /// lbd's log so far.

@@ -61,6 +61,10 @@ pub struct ConnReport {
     /// Longest time between two answers (or from the last answer to the
     /// end, if it broke).
     pub longest_gap: Duration,
+    /// The client's address and the service's: the connection's 5-tuple
+    /// (TCP), if it opened.
+    pub local: Option<SocketAddr>,
+    pub target: Option<SocketAddr>,
 }
 
 /// What the traffic saw.
@@ -263,8 +267,12 @@ fn long_lived(
     let mut conns: Vec<(Option<HttpConn>, ConnReport, Instant)> = Vec::with_capacity(n);
     for i in first..first + n {
         let target = spec.targets[i % spec.targets.len()];
-        let mut report = ConnReport::default();
+        let mut report = ConnReport {
+            target: Some(target),
+            ..ConnReport::default()
+        };
         let conn = HttpConn::connect(target).and_then(|mut c| {
+            report.local = c.local_addr().ok();
             let (b, _) = c.get("/")?;
             report.backend = b;
             report.answered = 1;

@@ -35,6 +35,7 @@
 //! and the conversion runs again from the old state.
 
 mod v10;
+mod v11;
 mod v7;
 mod v8;
 mod v9;
@@ -129,7 +130,13 @@ fn carry_unchanged(
 }
 
 /// Every layout this build converts from, oldest first.
-const CONVERTERS: &[Converter] = &[v7::CONVERTER, v8::CONVERTER, v9::CONVERTER, v10::CONVERTER];
+const CONVERTERS: &[Converter] = &[
+    v7::CONVERTER,
+    v8::CONVERTER,
+    v9::CONVERTER,
+    v10::CONVERTER,
+    v11::CONVERTER,
+];
 
 /// The layouts this build converts from.
 pub fn known_layouts() -> Vec<u32> {

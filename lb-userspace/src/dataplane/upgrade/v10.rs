@@ -28,7 +28,11 @@ fn check(image: &StateImage, settings: &BalancerSettings) -> Result<(), String> 
         settings,
         10,
         |_| None,
-        &[lb_common::map_name::ACTIVE, lb_common::map_name::VIP_ACTIVE],
+        &[
+            lb_common::map_name::ACTIVE,
+            lb_common::map_name::VIP_ACTIVE,
+            lb_common::map_name::PREV,
+        ],
     )
 }
 

@@ -29,6 +29,7 @@ fn check(image: &StateImage, settings: &BalancerSettings) -> Result<(), String> 
             lb_common::map_name::TABLE_GEN,
             lb_common::map_name::ACTIVE,
             lb_common::map_name::VIP_ACTIVE,
+            lb_common::map_name::PREV,
         ],
     )
 }

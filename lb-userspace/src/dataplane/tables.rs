@@ -1,0 +1,292 @@
+//! A VIP's table history: the previous table (`LB_PREV`) and the churn
+//! hold (see `lb_common::second_chance`).
+//!
+//! Every rebuild of a VIP starts from the table the builder wants (Maglev
+//! of the current weights) and the table the VIP has. Position by
+//! position:
+//!
+//! - unchanged: stays;
+//! - its backend left service (removed, or down): moves at once, whatever
+//!   the hold (its flows are gone with it), and the move starts no hold
+//!   (the backend it leaves has no flows to be found);
+//! - the builder gives it back to its previous backend: moves at once (the
+//!   position still has held only those two);
+//! - its backend is still in service but the builder gives the position to
+//!   a third (weights changed, a backend joined): moves only if the
+//!   position has not moved within the hold (`churn_hold`); else it stays
+//!   where it is until it may.
+//!
+//! A position that moves remembers the backend it had as its *previous*
+//! backend, if that backend still serves (a drained backend, weight 0,
+//! still has its flows); else it keeps the previous backend it had. A
+//! previous backend that leaves service is forgotten (the position's
+//! previous becomes its current: no candidate).
+//!
+//! Hence, with a hold of H: a position has held at most two backends over
+//! any window of H in which no backend left service, the current and the
+//! previous; a connection younger than H that this table (or an identical
+//! one) scheduled is on one of them. Without a hold (H = 0, VIPs whose
+//! weights do not follow load), every rebuild moves what the builder says,
+//! and the previous backend covers one move of the position.
+//!
+//! The hold makes the table lag the builder: a load change that the
+//! builder answers by moving a position that moved less than H ago waits.
+//! What moves at once still moves in the direction the weights ask, so the
+//! shares follow the weights partly at once and wholly within H.
+
+use lb_common::NO_BACKEND;
+
+/// A VIP's previous table and when each position last moved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct History {
+    /// The previous backend id at each position (the current one where
+    /// there is none).
+    pub previous: Vec<u32>,
+    /// When each position last moved, in [`Clock`] seconds; 0: not since
+    /// the history began.
+    pub moved: Vec<u32>,
+}
+
+/// Seconds since the dataplane started, from 1 (0 means "never").
+#[derive(Clone, Copy, Debug)]
+pub struct Clock(std::time::Instant);
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock(std::time::Instant::now())
+    }
+
+    pub fn now(&self) -> u32 {
+        (self.0.elapsed().as_secs() as u32).saturating_add(1)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+/// What one rebuild moved.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moves {
+    /// Positions that moved.
+    pub moved: usize,
+    /// Positions whose backend left service (moved whatever the hold).
+    pub forced: usize,
+    /// Positions the builder wanted moved that the hold kept.
+    pub held: usize,
+    /// When the first held position may move ([`Clock`] seconds; 0: none
+    /// held).
+    pub release_at: u32,
+}
+
+impl History {
+    /// The history of a table that has none: no previous backends.
+    pub fn fresh(table: &[u32]) -> History {
+        History {
+            previous: table.to_vec(),
+            moved: vec![0; table.len()],
+        }
+    }
+
+    /// The history of an adopted table `table` whose previous table, as
+    /// the maps hold it, is `previous`: positions with a previous backend
+    /// count as moved `now` (they may have moved just before the restart).
+    pub fn adopted(table: &[u32], previous: Vec<u32>, now: u32) -> History {
+        let moved = table
+            .iter()
+            .zip(&previous)
+            .map(|(c, p)| if c != p { now } else { 0 })
+            .collect();
+        History { previous, moved }
+    }
+
+    /// The table to write given the one the VIP has (`current`, empty for
+    /// a new VIP) and the one the builder wants, and the history after it.
+    /// `serves(id)`: the backend is one of the VIP's and not down (a
+    /// drained one serves its flows). `hold`: seconds a moved position
+    /// stays before it may move again while its backend serves.
+    pub fn next(
+        &mut self,
+        current: &[u32],
+        wanted: &[u32],
+        now: u32,
+        hold: u32,
+        serves: impl Fn(u32) -> bool,
+    ) -> (Vec<u32>, Moves) {
+        let mut moves = Moves::default();
+        if current.len() != wanted.len() || self.previous.len() != wanted.len() {
+            *self = History::fresh(wanted);
+            return (wanted.to_vec(), moves);
+        }
+        let mut table = Vec::with_capacity(wanted.len());
+        for (pos, (&cur, &want)) in current.iter().zip(wanted).enumerate() {
+            let cur_serves = cur != NO_BACKEND && serves(cur);
+            let entry = if cur == want {
+                cur
+            } else if !cur_serves {
+                moves.forced += 1;
+                moves.moved += 1;
+                want
+            } else if hold == 0
+                || self.moved[pos] == 0
+                || now.saturating_sub(self.moved[pos]) >= hold
+                || want == self.previous[pos]
+            {
+                moves.moved += 1;
+                self.previous[pos] = cur;
+                self.moved[pos] = now;
+                want
+            } else {
+                moves.held += 1;
+                let at = self.moved[pos].saturating_add(hold);
+                if moves.release_at == 0 || at < moves.release_at {
+                    moves.release_at = at;
+                }
+                cur
+            };
+            let prev = self.previous[pos];
+            if prev != entry && (prev == NO_BACKEND || !serves(prev)) {
+                self.previous[pos] = entry;
+            }
+            table.push(entry);
+        }
+        (table, moves)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: u32 = 1;
+    const B: u32 = 2;
+    const C: u32 = 3;
+
+    fn serves(ids: &'static [u32]) -> impl Fn(u32) -> bool {
+        move |id| ids.contains(&id)
+    }
+
+    #[test]
+    fn a_moved_position_remembers_its_backend_and_holds() {
+        let mut h = History::fresh(&[A, A, B]);
+        // t=10: position 0 moves to C; its previous is A.
+        let (t, m) = h.next(&[A, A, B], &[C, A, B], 10, 60, serves(&[A, B, C]));
+        assert_eq!(t, vec![C, A, B]);
+        assert_eq!(h.previous, vec![A, A, B]);
+        assert_eq!(
+            m,
+            Moves {
+                moved: 1,
+                forced: 0,
+                held: 0,
+                release_at: 0
+            }
+        );
+        // t=30: the builder wants it on B, a third backend: held (moved
+        // 20 s ago); position 1 has not moved yet and moves.
+        let (t, m) = h.next(&t, &[B, B, B], 30, 60, serves(&[A, B, C]));
+        assert_eq!(t, vec![C, B, B]);
+        assert_eq!(h.previous, vec![A, A, B]);
+        assert_eq!(
+            m,
+            Moves {
+                moved: 1,
+                forced: 0,
+                held: 1,
+                release_at: 70
+            }
+        );
+        // t=70: the hold is over: position 0 moves, previous C.
+        let (t, _) = h.next(&t, &[B, B, B], 70, 60, serves(&[A, B, C]));
+        assert_eq!(t, vec![B, B, B]);
+        assert_eq!(h.previous, vec![C, A, B]);
+    }
+
+    #[test]
+    fn a_move_back_to_the_previous_backend_is_never_held() {
+        let mut h = History::fresh(&[A]);
+        let (t, _) = h.next(&[A], &[B], 10, 60, serves(&[A, B]));
+        // The load that moved it is gone 5 s later: back at once.
+        let (t, m) = h.next(&t, &[A], 15, 60, serves(&[A, B]));
+        assert_eq!((t, h.previous.clone()), (vec![A], vec![B]));
+        assert_eq!(m.held, 0);
+    }
+
+    #[test]
+    fn a_backend_that_was_down_takes_its_positions_back_at_once() {
+        let mut h = History::fresh(&[A, B]);
+        // A goes down: its position moves (no hold starts) ...
+        let (t, _) = h.next(&[A, B], &[B, B], 10, 60, serves(&[B]));
+        assert_eq!(t, vec![B, B]);
+        // ... and returns to A as soon as A is back, B its previous.
+        let (t, m) = h.next(&t, &[A, B], 12, 60, serves(&[A, B]));
+        assert_eq!((t, h.previous.clone()), (vec![A, B], vec![B, B]));
+        assert_eq!(m.held, 0);
+    }
+
+    #[test]
+    fn a_backend_leaving_service_moves_at_once_and_is_no_candidate() {
+        let mut h = History::fresh(&[A, B]);
+        let (t, _) = h.next(&[A, B], &[C, B], 10, 60, serves(&[A, B, C]));
+        assert_eq!((t.clone(), h.previous.clone()), (vec![C, B], vec![A, B]));
+        // C goes down 5 s later: position 0 moves whatever the hold, and
+        // keeps A (which still serves) as its previous.
+        let (t, m) = h.next(&t, &[A, B], 15, 60, serves(&[A, B]));
+        assert_eq!(t, vec![A, B]);
+        assert_eq!(m.forced, 1);
+        assert_eq!(h.previous, vec![A, B]);
+        // B leaves: position 1 moves to A; B is no candidate.
+        let (t, _) = h.next(&t, &[A, A], 16, 60, serves(&[A]));
+        assert_eq!(t, vec![A, A]);
+        assert_eq!(h.previous, vec![A, A]);
+    }
+
+    #[test]
+    fn without_a_hold_every_move_applies() {
+        let mut h = History::fresh(&[A]);
+        let (t, _) = h.next(&[A], &[B], 1, 0, serves(&[A, B, C]));
+        let (t, _) = h.next(&t, &[C], 1, 0, serves(&[A, B, C]));
+        assert_eq!(t, vec![C]);
+        assert_eq!(h.previous, vec![B]);
+    }
+
+    /// Over any window shorter than the hold, with every backend serving,
+    /// each position holds at most two backends: the one a flow of the
+    /// window got is the current or the previous one at every later time
+    /// of the window.
+    #[test]
+    fn within_the_hold_a_flow_finds_its_backend_as_current_or_previous() {
+        let mut rng = 0x1234_5678_u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let n = 64;
+        let hold = 20;
+        let mut table: Vec<u32> = (0..n).map(|i| i % 4).collect();
+        let mut h = History::fresh(&table);
+        let mut past: Vec<Vec<u32>> = vec![table.clone()];
+        for now in 1..200u32 {
+            let wanted: Vec<u32> = (0..n).map(|_| (next() % 4) as u32).collect();
+            (table, _) = h.next(&table, &wanted, now, hold, |_| true);
+            past.push(table.clone());
+            // Every table of the last `hold` seconds.
+            let from = past.len().saturating_sub(hold as usize);
+            for old in &past[from..] {
+                for pos in 0..n as usize {
+                    assert!(
+                        old[pos] == table[pos] || old[pos] == h.previous[pos],
+                        "t={now} pos {pos}: {} is neither {} nor {}",
+                        old[pos],
+                        table[pos],
+                        h.previous[pos]
+                    );
+                }
+            }
+        }
+    }
+}
