@@ -557,3 +557,25 @@ pub fn without_second_chance(frame: &[u8]) -> Option<Vec<u8>> {
     out.extend_from_slice(&frame[inner..]);
     Some(out)
 }
+
+/// A frame of a TCP segment from `src` to `dst` with `flags` and `payload`
+/// bytes (checksums right; sequence 1000, acknowledgement 2000).
+pub fn tcp_frame(
+    src: std::net::SocketAddr,
+    dst: std::net::SocketAddr,
+    flags: u8,
+    payload: usize,
+) -> Vec<u8> {
+    let flow = Flow {
+        src: src.ip(),
+        dst: dst.ip(),
+        sport: src.port(),
+        dport: dst.port(),
+        protocol: Protocol::Tcp,
+    };
+    let spec = FrameSpec {
+        payload: vec![0x5a; payload],
+        ..Default::default()
+    };
+    tcp_segment(&flow, &spec, flags, 1000, 2000)
+}

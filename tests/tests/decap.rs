@@ -21,7 +21,7 @@ use lb_tests::{
     capture::PacketSocket,
     frames::{
         Flow, FrameSpec, OuterSpec, SecondChance, TCP_ACK, TCP_RST, TCP_SYN, encapsulate,
-        ip_packet, l2_len, ones_sum, parse_encapsulated, second_chance_of, tcp_segment,
+        ip_packet, l2_len, ones_sum, parse_encapsulated, second_chance_of,
     },
     lab::in_ns,
     netns::{Netns, format_mac},
@@ -352,18 +352,7 @@ fn counts(of: &[(DecapReason, u64)]) -> Counts {
 
 /// A frame of a TCP segment from `src` to `dst` with `flags`.
 fn tcp(src: SocketAddr, dst: SocketAddr, flags: u8, payload: usize) -> Vec<u8> {
-    let flow = Flow {
-        src: src.ip(),
-        dst: dst.ip(),
-        sport: src.port(),
-        dport: dst.port(),
-        protocol: Protocol::Tcp,
-    };
-    let spec = FrameSpec {
-        payload: vec![0x5a; payload],
-        ..Default::default()
-    };
-    tcp_segment(&flow, &spec, flags, 1000, 2000)
+    lb_tests::frames::tcp_frame(src, dst, flags, payload)
 }
 
 /// A frame of a UDP datagram from `src` to `dst`.

@@ -9,12 +9,7 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::{
-    EbpfContext,
-    bindings::{BPF_FIB_LOOKUP_OUTPUT, bpf_fib_lookup},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head},
-    programs::XdpContext,
-};
+use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
     BackendInfo, CONFIG_NO_NEXTHOP_CACHE, DataplaneConfig, FAMILY_V4, FAMILY_V6, PROTO_DSTOPTS,
     PROTO_IPIP, PROTO_IPV6, Reason, SC_OPTION_TYPE, SC_V4_LEN, SC_V6_EXT_LEN, SC_V6_LEN, SC_V6_PAD,
@@ -33,8 +28,6 @@ use network_types::{
     vlan::VlanHdr,
 };
 
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
 const OUTER_TTL: u8 = 64;
 /// IPv4 "don't fragment", network order. Oversized packets are dropped
 /// before encapsulation, so nothing we send needs fragmenting.
@@ -86,45 +79,24 @@ pub fn cached_next_hop(
 }
 
 /// The Ethernet addresses towards `backend` (see [`cached_next_hop`]), from
-/// the kernel FIB and neighbour tables.
-///
-/// `BPF_FIB_LOOKUP_OUTPUT` looks the route up as the host itself would send
-/// the outer packet (it is ours: our source address), which also skips the
-/// "forwarding enabled" check of a forwarded lookup, and binds the result to
-/// the ingress interface: we transmit with `XDP_TX`, so a backend must be
-/// reachable through the interface the balancer is attached to.
+/// the kernel FIB and neighbour tables ([`lb_ebpf::fib::next_hop`]: the
+/// route of the outer packet, ours, bound to the ingress interface: we
+/// transmit with `XDP_TX`, so a backend must be reachable through the
+/// interface the balancer is attached to).
 #[inline(always)]
 fn next_hop(
     ctx: &XdpContext,
     backend: &BackendInfo,
     cfg: &DataplaneConfig,
 ) -> Result<(u64, u32), Reason> {
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    if backend.family == FAMILY_V4 {
-        p.family = AF_INET;
-        p.l4_protocol = PROTO_IPIP;
-        p.__bindgen_anon_3.ipv4_src = cfg.src_v4;
-        p.__bindgen_anon_4.ipv4_dst = backend.addr[0];
+    let (proto, src) = if backend.family == FAMILY_V4 {
+        (PROTO_IPIP, [cfg.src_v4, 0, 0, 0])
     } else {
-        p.family = AF_INET6;
-        p.l4_protocol = PROTO_IPV6;
-        p.__bindgen_anon_3.ipv6_src = cfg.src_v6;
-        p.__bindgen_anon_4.ipv6_dst = backend.addr;
-    }
-    let ifindex = ctx.ingress_ifindex() as u32;
-    p.ifindex = ifindex;
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &mut p,
-            size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
+        (PROTO_IPV6, cfg.src_v6)
     };
-    if rc != 0 || p.ifindex != ifindex {
-        return Err(Reason::FibFailed);
-    }
-    Ok(eth_macs(p.dmac, p.smac))
+    let (dmac, smac) = lb_ebpf::fib::next_hop(ctx, backend.family, proto, src, backend.addr)
+        .map_err(|_| Reason::FibFailed)?;
+    Ok(eth_macs(dmac, smac))
 }
 
 /// Prepends the outer header, with `candidate` in the second-chance option

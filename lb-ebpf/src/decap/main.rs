@@ -46,14 +46,11 @@ use core::{ffi::c_void, mem::size_of};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_FIB_LOOKUP_OUTPUT, BPF_TCP_LISTEN, bpf_fib_lookup, bpf_sock_tuple,
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, bpf_sock_tuple,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as SockTupleV4,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as SockTupleV6, tcphdr, xdp_action,
     },
-    helpers::{
-        bpf_fib_lookup as fib_lookup, bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie,
-        bpf_xdp_adjust_head,
-    },
+    helpers::{bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie, bpf_xdp_adjust_head},
     macros::{map, xdp},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
@@ -91,15 +88,8 @@ static LB_DECAP_CONFIG: Array<u32> = Array::with_max_entries(1, 0);
 static LB_DECAP_WANTED: LruHashMap<HostAddr, u32> =
     LruHashMap::with_max_entries(DECAP_MAX_WANTED, 0);
 
-/// `bpf_fib_lookup`'s answer when the next hop has no neighbour entry
-/// (`BPF_FIB_LKUP_RET_NO_NEIGH`).
-const FIB_NO_NEIGH: i64 = 7;
-
 /// IPv4 "more fragments" flag and fragment offset, host order.
 const IPV4_MF_OFFSET_MASK: u16 = 0x3fff;
-
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
 
 /// TCP flags (byte 13 of the header).
 const TCP_SYN: u8 = 0x02;
@@ -532,41 +522,24 @@ unsafe fn has_connection(
 /// the FIB has no next hop out of the ingress interface.
 #[inline(always)]
 fn forward(ctx: &XdpContext, l2: usize, sc: &SecondChance) -> DecapReason {
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.l4_protocol = sc.inner_proto;
-    if sc.family == FAMILY_V4 {
-        p.family = AF_INET;
-        p.__bindgen_anon_3.ipv4_src = sc.local[0];
-        p.__bindgen_anon_4.ipv4_dst = sc.candidate[0];
-    } else {
-        p.family = AF_INET6;
-        p.__bindgen_anon_3.ipv6_src = sc.local;
-        p.__bindgen_anon_4.ipv6_dst = sc.candidate;
-    }
-    let ifindex = ctx.ingress_ifindex() as u32;
-    p.ifindex = ifindex;
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &mut p,
-            size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    };
-    if rc == FIB_NO_NEIGH {
-        // Dropped: the client's TCP sends it again once lbd decap has had
-        // the neighbour resolved (passed, the stack would reset it).
-        let key = HostAddr {
-            addr: sc.candidate,
-            family: sc.family,
-            _pad: [0; 3],
+    // (`inner_proto`: the outer header's protocol, 4 or 41.)
+    let (dmac, smac) =
+        match lb_ebpf::fib::next_hop(ctx, sc.family, sc.inner_proto, sc.local, sc.candidate) {
+            Ok(macs) => macs,
+            Err(lb_ebpf::fib::NO_NEIGH) => {
+                // Dropped: the client's TCP sends it again once lbd decap
+                // has had the neighbour resolved (passed, the stack would
+                // reset it).
+                let key = HostAddr {
+                    addr: sc.candidate,
+                    family: sc.family,
+                    _pad: [0; 3],
+                };
+                let _ = LB_DECAP_WANTED.insert(&key, &1, 0);
+                return DecapReason::NeighbourPending;
+            }
+            Err(_) => return DecapReason::ForwardFailed,
         };
-        let _ = LB_DECAP_WANTED.insert(&key, &1, 0);
-        return DecapReason::NeighbourPending;
-    }
-    if rc != 0 || p.ifindex != ifindex {
-        return DecapReason::ForwardFailed;
-    }
     let new_flags = sc.flags | SC_FORWARDED;
     if sc.family == FAMILY_V4 {
         let Some(ip) = ptr_at_mut::<[u8; SC_V4_HDR_LEN]>(ctx, l2) else {
@@ -609,8 +582,8 @@ fn forward(ctx: &XdpContext, l2: usize, sc: &SecondChance) -> DecapReason {
         return DecapReason::ForwardFailed;
     };
     unsafe {
-        (*eth).dst_addr = p.dmac;
-        (*eth).src_addr = p.smac;
+        (*eth).dst_addr = dmac;
+        (*eth).src_addr = smac;
     }
     DecapReason::Forwarded
 }

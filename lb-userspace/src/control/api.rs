@@ -540,7 +540,8 @@ pub struct VipView {
     /// previous backend (`second_chance`; `maglev` and `maglev-src` only).
     pub second_chance: bool,
     /// How long a table position that moved stays before load steering may
-    /// move it again (`[vip.load] churn_hold`; 0 without load steering).
+    /// move it again (`[vip.load] churn_hold`; 0 without load steering or
+    /// without the second chance).
     pub churn_hold_seconds: u32,
     pub backends: Vec<BackendView>,
 }
@@ -623,7 +624,11 @@ fn vip_view(v: &Vip, snap: &Snapshot) -> VipView {
         shed: steer.map_or(0.0, |s| s.vip.shed),
         load_cap: v.load_cap.map(|c| f64::from(c) / 100.0),
         second_chance: v.second_chance(),
-        churn_hold_seconds: v.churn_hold_secs(),
+        churn_hold_seconds: if v.second_chance() {
+            v.churn_hold_secs()
+        } else {
+            0
+        },
         backends: v
             .backends
             .iter()

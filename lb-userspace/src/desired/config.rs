@@ -2954,6 +2954,58 @@ mod tests {
     }
 
     #[test]
+    fn second_chance_and_the_churn_hold_are_validated_and_survive_saving() {
+        let with = |keys: &str, load: &str| {
+            GOOD.replacen("port = 80", &format!("port = 80\n{keys}"), 1)
+                .replacen(
+                    "        ]\n\n        [[vip]]",
+                    &format!("        ]\n{load}\n        [[vip]]"),
+                    1,
+                )
+        };
+        // On by default for maglev; no hold without load steering.
+        let c = parse(GOOD, "t").unwrap();
+        assert!(c.vips[0].second_chance());
+        assert_eq!(c.vips[0].churn_hold_secs(), 0);
+        let c = parse(&with("", "[vip.load]\nmetrics_port = 80\n"), "t").unwrap();
+        assert_eq!(c.vips[0].churn_hold_secs(), 60);
+        let text = with(
+            "second_chance = false",
+            "[vip.load]\nmetrics_port = 80\nchurn_hold = 12.5\n",
+        );
+        let c = parse(&text, "t").unwrap();
+        assert!(!c.vips[0].second_chance());
+        assert_eq!(c.vips[0].churn_hold_secs(), 13);
+        let saved = toml::to_string(&RawVip::of(&c.vips[0])).unwrap();
+        assert!(
+            saved.contains("second_chance = false") && saved.contains("churn_hold = 12.5"),
+            "{saved}"
+        );
+        // Other schedulers: off, and refused when asked for.
+        let c = parse(&with("scheduler = \"wrr\"", ""), "t").unwrap();
+        assert!(!c.vips[0].second_chance());
+        assert_problem(
+            &with("scheduler = \"least-conn\"\nsecond_chance = true", ""),
+            "vip[0].second_chance",
+            "only the \"maglev\" and \"maglev-src\" schedulers",
+        );
+        assert_problem(
+            &with("", "[vip.load]\nchurn_hold = 4000\n"),
+            "vip[0].load.churn_hold",
+            "out of range",
+        );
+        assert_problem(
+            &GOOD.replacen(
+                "{ address = \"10.0.0.11\", weight = 1 }",
+                "{ address = \"10.0.0.11\", weight = 1, load = { churn_hold = 5 } }",
+                1,
+            ),
+            "vip[0].backends[0].load.churn_hold",
+            "a setting of the whole VIP",
+        );
+    }
+
+    #[test]
     fn policies_survive_saving() {
         let dir = std::env::temp_dir().join(format!("lb-config-policies-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -638,7 +638,7 @@ fn xdp_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
 /// shows; the figures beside it subtract it).
 fn decap_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
     use lb::dataplane::Decapsulator;
-    use lb_tests::frames::{OuterSpec, SecondChance, encapsulate, tcp_segment};
+    use lb_tests::frames::{OuterSpec, SecondChance, encapsulate};
     use std::net::{SocketAddr, TcpListener, TcpStream};
     const SINGLE_RUNS: usize = 20_000;
     const ACK: u8 = 0x10;
@@ -662,20 +662,7 @@ fn decap_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
     let client = TcpStream::connect(listener.local_addr()?)?;
     let (_server, _) = listener.accept()?;
     let closed = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let segment = |src: SocketAddr, dst: SocketAddr, flags: u8| {
-        let flow = Flow {
-            src: src.ip(),
-            dst: dst.ip(),
-            sport: src.port(),
-            dport: dst.port(),
-            protocol: Protocol::Tcp,
-        };
-        let spec = FrameSpec {
-            payload: vec![0x5a; 100],
-            ..Default::default()
-        };
-        tcp_segment(&flow, &spec, flags, 1000, 2000)
-    };
+    let segment = |src, dst, flags| lb_tests::frames::tcp_frame(src, dst, flags, 100);
     let outer = |inner: &[u8], candidate: Option<IpAddr>| {
         encapsulate(
             inner,
