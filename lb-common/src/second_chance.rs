@@ -45,7 +45,9 @@
 //!   (16 bytes)]`.
 //!
 //! The candidate has the family of the outer header (a candidate of the
-//! other family is not named). Routers on the way may take packets with
+//! other family is not named). A packet that would exceed the balancer's
+//! `mtu` with the option goes without it (the MTU check, and an ICMP "too
+//! big" answer, are those of the plain tunnel). Routers on the way may take packets with
 //! IPv4 options or IPv6 extension headers off their fast path; only packets
 //! of flows being saved carry one.
 

@@ -146,32 +146,26 @@ fn forward<const V6: bool>(
     let hash = flow_hash64(&pkt.flow);
     let maglev_hash = (hash >> 32) as u32;
 
-    // A TCP packet past its SYN: without an entry, a connection that began
-    // elsewhere or earlier (see `lb_common::second_chance`).
-    let mid_flow = pkt.flow.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN == 0;
     // An established flow needs no VIP lookup.
-    let (backend_id, backend, new_flow, candidate) =
+    let (backend_id, backend, scheduled, cand) =
         match conntrack::lookup(&pkt, hash, cfg, now, stats, || vip_flags(&pkt)) {
-            conntrack::Lookup::Hit(id, backend) => (id, backend, 0, None),
+            conntrack::Lookup::Hit(id, backend) => (id, backend, 0, NO_BACKEND),
             other => {
                 let opens = matches!(&other, conntrack::Lookup::Schedule(v) if v.opens);
                 let (id, backend, candidate) =
-                    schedule_consistent(&pkt, cfg, maglev_hash, opens, mid_flow, stats)?;
+                    schedule_consistent(&pkt, cfg, maglev_hash, opens, stats)?;
                 if let conntrack::Lookup::Schedule(victim) = other {
                     // A flow with a candidate records no entry: its every
                     // packet carries the candidate.
-                    if candidate.is_none() {
+                    if candidate == NO_BACKEND {
                         conntrack::record(&pkt, victim, hash, id, backend, now, cfg, stats);
                     }
                 }
-                if candidate.is_some() {
-                    maps::count_event(stats, lb_common::FlowEvent::SecondChance);
-                }
-                (id, backend, candidate.is_none() as u64, candidate)
+                (id, backend, 1, candidate)
             }
         };
 
-    let outer = encap::outer_len(backend, candidate.is_some());
+    let outer = encap::outer_len(backend, false);
     if outer + pkt.ip_len > cfg.mtu as usize {
         if cfg.flags & CONFIG_TOO_BIG_ICMP == 0 {
             return Err(Reason::TooBig);
@@ -185,6 +179,12 @@ fn forward<const V6: bool>(
     } else {
         0
     };
+    let candidate = if scheduled != 0 {
+        take_candidate(cand, backend, pkt.ip_len, cfg, stats)
+    } else {
+        None
+    };
+    let new_flow = scheduled & candidate.is_none() as u64;
     encap::encapsulate(ctx, &pkt, backend, cfg, macs, label, candidate)?;
 
     count_traffic(&LB_VIP_STATS, backend.vip_id, bytes, new_flow);
@@ -229,30 +229,52 @@ fn schedule_consistent(
     cfg: &DataplaneConfig,
     hash: u32,
     opens: bool,
-    mid_flow: bool,
     stats: &mut Stats,
 ) -> Result<Scheduled, Reason> {
     let before = table_gen();
-    let first = schedule(pkt, cfg, hash, opens, mid_flow);
+    let first = schedule(pkt, cfg, hash, opens);
     // A shed SYN is not looked at again: the draw is made once.
     if table_gen() == before || matches!(first, Err(Reason::Shed)) {
         return first;
     }
     let before = table_gen();
-    let second = schedule(pkt, cfg, hash, false, mid_flow);
+    let second = schedule(pkt, cfg, hash, false);
     if table_gen() != before {
         maps::count_event(stats, lb_common::FlowEvent::TableRaced);
     }
     second
 }
 
-/// A scheduled packet's backend id, backend, and second-chance candidate.
-type Scheduled = (u32, &'static BackendInfo, Option<&'static BackendInfo>);
+/// A scheduled packet's backend id, backend, and second-chance candidate
+/// (a backend id, `NO_BACKEND` for none).
+type Scheduled = (u32, &'static BackendInfo, u32);
+
+/// The backend of a scheduled packet's candidate `id` (`NO_BACKEND`: none),
+/// if it still fits: with its option the packet must stay within the MTU
+/// (else it goes without one; see `lb_common::second_chance`). Counts the
+/// packets that carry one. (The candidate travels as an id, not a
+/// reference, so the verifier checks the path between the scheduler and
+/// here once rather than once with and once without one.)
+#[inline(always)]
+fn take_candidate(
+    id: u32,
+    backend: &BackendInfo,
+    ip_len: usize,
+    cfg: &DataplaneConfig,
+    stats: &mut Stats,
+) -> Option<&'static BackendInfo> {
+    if id == NO_BACKEND || encap::outer_len(backend, true) + ip_len > cfg.mtu as usize {
+        return None;
+    }
+    let b = LB_BACKENDS.get(id)?;
+    maps::count_event(stats, lb_common::FlowEvent::SecondChance);
+    Some(b)
+}
 
 /// A new flow's backend, by the VIP's scheduler (see `lb_common::VIP_SCHED_*`);
 /// `hash` is the flow's [`lb_common::flow_hash`]. Returns the backend id and
-/// the backend, and with `mid_flow` (a TCP packet without SYN) on a VIP
-/// with [`VIP_SECOND_CHANCE`] its candidate, if it has one. `opens`: the
+/// the backend, and for a TCP packet without SYN on a VIP with
+/// [`VIP_SECOND_CHANCE`] its candidate, if it has one. `opens`: the
 /// packet opens a new connection, which the VIP sheds its share of
 /// (`Err(Reason::Shed)`, see `VipInfo::shed`).
 #[inline(always)]
@@ -261,7 +283,6 @@ fn schedule(
     cfg: &DataplaneConfig,
     hash: u32,
     opens: bool,
-    mid_flow: bool,
 ) -> Result<Scheduled, Reason> {
     let vip = lookup_vip_key(&pkt.flow).ok_or(Reason::NotVip)?;
     // A random draw, not the flow hash: a SYN the client sends again is
@@ -292,10 +313,13 @@ fn schedule(
         backend_id = under_cap(&vip, pos, backend_id);
     }
     let backend = LB_BACKENDS.get(backend_id).ok_or(Reason::NoBackend)?;
+    // A TCP packet past its SYN without an entry: a connection that began
+    // elsewhere or earlier (see `lb_common::second_chance`).
+    let mid_flow = pkt.flow.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN == 0;
     let candidate = if mid_flow && vip.flags & VIP_SECOND_CHANCE != 0 {
         candidate(&vip, pos, backend_id, backend)
     } else {
-        None
+        NO_BACKEND
     };
     Ok((backend_id, backend, candidate))
 }
@@ -303,24 +327,26 @@ fn schedule(
 /// The second-chance candidate of a packet sent to `id` (`backend`) from
 /// position `pos` of the VIP's table: the backend the position held before
 /// (`LB_PREV`), if that is another backend of the VIP, in service, of the
-/// same family (see `lb_common::second_chance`).
+/// same family (see `lb_common::second_chance`); else `NO_BACKEND`.
 #[inline(always)]
-fn candidate(
-    vip: &VipInfo,
-    pos: u32,
-    id: u32,
-    backend: &BackendInfo,
-) -> Option<&'static BackendInfo> {
-    let chunk = LB_PREV.get(vip.table_chunk + pos / MAGLEV_CHUNK)?;
+fn candidate(vip: &VipInfo, pos: u32, id: u32, backend: &BackendInfo) -> u32 {
+    let Some(chunk) = LB_PREV.get(vip.table_chunk + pos / MAGLEV_CHUNK) else {
+        return NO_BACKEND;
+    };
     let prev = chunk.backends[(pos % MAGLEV_CHUNK) as usize & (MAGLEV_CHUNK as usize - 1)];
     if prev == id || prev == NO_BACKEND {
-        return None;
+        return NO_BACKEND;
     }
-    let b = LB_BACKENDS.get(prev)?;
-    (b.vip_id == vip.id
-        && b.flags & (BACKEND_ALLOCATED | BACKEND_DOWN) == BACKEND_ALLOCATED
-        && b.family == backend.family)
-        .then_some(b)
+    match LB_BACKENDS.get(prev) {
+        Some(b)
+            if b.vip_id == vip.id
+                && b.flags & (BACKEND_ALLOCATED | BACKEND_DOWN) == BACKEND_ALLOCATED
+                && b.family == backend.family =>
+        {
+            prev
+        }
+        _ => NO_BACKEND,
+    }
 }
 
 /// A walk over the [`ACTIVE_PROBES`] − 1 table entries after a flow's

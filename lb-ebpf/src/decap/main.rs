@@ -518,8 +518,10 @@ unsafe fn has_connection(
 
 /// Sends the packet on to the candidate: the option marked forwarded, the
 /// outer source this host (the old destination), the outer destination the
-/// candidate, the MACs of the next hop. `ForwardFailed` (frame untouched) if
-/// the FIB has no next hop out of the ingress interface.
+/// candidate, the MACs of the next hop. `NeighbourPending` (frame
+/// untouched, the candidate noted in `LB_DECAP_WANTED`) if the next hop has
+/// no resolved neighbour entry; `ForwardFailed` (frame untouched) if the FIB
+/// has no next hop out of the ingress interface.
 #[inline(always)]
 fn forward(ctx: &XdpContext, l2: usize, sc: &SecondChance) -> DecapReason {
     // (`inner_proto`: the outer header's protocol, 4 or 41.)
