@@ -707,7 +707,7 @@ fn run_decap(args: DecapArgs) -> Result<()> {
     let neighbours = if args.second_chance {
         lb::dataplane::enable_forwarding_for(&args.iface, true, true)
             .context("turning forwarding on for --second-chance")?;
-        let ifindex = lb::dataplane::ifindex(&args.iface)?;
+        let ifindex = lb::dataplane::interface_index(&args.iface)?;
         let n = lb::host::neighbours::Neighbours::start(&args.iface, ifindex)
             .context("starting the neighbour manager for --second-chance")?;
         decap.enable_second_chance()?;

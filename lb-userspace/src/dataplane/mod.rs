@@ -391,13 +391,9 @@ pub fn enable_forwarding_for(
     Ok(changed)
 }
 
-/// The index of interface `iface` (for `lbd decap`).
-pub fn ifindex(iface: &str) -> Result<u32, DataplaneError> {
-    interface_index(iface)
-}
 
 /// The index of interface `iface`.
-fn interface_index(iface: &str) -> Result<u32, DataplaneError> {
+pub fn interface_index(iface: &str) -> Result<u32, DataplaneError> {
     let missing = || DataplaneError::NoInterface(iface.to_string());
     let name = std::ffi::CString::new(iface).map_err(|_| missing())?;
     // SAFETY: a valid NUL-terminated string.

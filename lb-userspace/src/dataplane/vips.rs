@@ -408,6 +408,7 @@ impl Dataplane {
             backends = in_table,
             rebuilds = rebuilds + 1,
             moved = moves.moved,
+            forced = moves.forced,
             held = moves.held,
             "Maglev table rebuilt and switched in"
         );
