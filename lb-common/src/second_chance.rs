@@ -109,5 +109,5 @@ pub const SC_V6_PAD: [u8; 2] = [1, 0];
 
 /// Default `[vip.load] churn_hold`, seconds: how long a table position that
 /// moved stays where it is before load steering may move it again (a
-/// position whose backend left service moves at once).
+/// position whose backend left the table moves at once).
 pub const DEFAULT_CHURN_HOLD_SECS: u32 = 60;

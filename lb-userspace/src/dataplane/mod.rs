@@ -391,7 +391,6 @@ pub fn enable_forwarding_for(
     Ok(changed)
 }
 
-
 /// The index of interface `iface`.
 pub fn interface_index(iface: &str) -> Result<u32, DataplaneError> {
     let missing = || DataplaneError::NoInterface(iface.to_string());

@@ -6,9 +6,11 @@
 //! position:
 //!
 //! - unchanged: stays;
-//! - its backend left service (removed, or down): moves at once, whatever
-//!   the hold (its flows are gone with it), and the move starts no hold
-//!   (the backend it leaves has no flows to be found);
+//! - its backend left the table (removed, down, drained, stalled: the
+//!   builder gave it no position): moves at once, whatever the hold. If the
+//!   backend still serves its flows (drained, stalled), it becomes the
+//!   position's previous backend (an older one is forgotten); if not
+//!   (removed, down), the move starts no hold (its flows are gone);
 //! - the builder gives it back to its previous backend: moves at once (the
 //!   position still has held only those two);
 //! - its backend is still in service but the builder gives the position to
@@ -19,11 +21,11 @@
 //! A position that moves remembers the backend it had as its *previous*
 //! backend, if that backend still serves (a drained backend, weight 0,
 //! still has its flows); else it keeps the previous backend it had. A
-//! previous backend that leaves service is forgotten (the position's
-//! previous becomes its current: no candidate).
+//! previous backend that is removed or goes down is forgotten (the
+//! position's previous becomes its current: no candidate).
 //!
 //! Hence, with a hold of H: a position has held at most two backends over
-//! any window of H in which no backend left service, the current and the
+//! any window of H in which no backend left the table, the current and the
 //! previous; a connection younger than H that this table (or an identical
 //! one) scheduled is on one of them. Without a hold (H = 0, VIPs whose
 //! weights do not follow load), every rebuild moves what the builder says,
@@ -72,7 +74,7 @@ impl Default for Clock {
 pub struct Moves {
     /// Positions that moved.
     pub moved: usize,
-    /// Positions whose backend left service (moved whatever the hold).
+    /// Positions whose backend left the table (moved whatever the hold).
     pub forced: usize,
     /// Positions the builder wanted moved that the hold kept.
     pub held: usize,
@@ -105,8 +107,9 @@ impl History {
     /// The table to write given the one the VIP has (`current`, empty for
     /// a new VIP) and the one the builder wants, and the history after it.
     /// `serves(id)`: the backend is one of the VIP's and not down (a
-    /// drained one serves its flows). `hold`: seconds a moved position
-    /// stays before it may move again while its backend serves.
+    /// drained or stalled one serves its flows, out of the table). `hold`:
+    /// seconds a moved position stays before it may move again while its
+    /// backend is in the table.
     pub fn next(
         &mut self,
         current: &[u32],
@@ -120,14 +123,24 @@ impl History {
             *self = History::fresh(wanted);
             return (wanted.to_vec(), moves);
         }
+        // The backends the builder gave positions: the others (removed,
+        // down, drained, stalled) take no new flows and leave at once.
+        let in_table: std::collections::HashSet<u32> = wanted.iter().copied().collect();
         let mut table = Vec::with_capacity(wanted.len());
         for (pos, (&cur, &want)) in current.iter().zip(wanted).enumerate() {
             let cur_serves = cur != NO_BACKEND && serves(cur);
             let entry = if cur == want {
                 cur
-            } else if !cur_serves {
+            } else if !in_table.contains(&cur) {
                 moves.forced += 1;
                 moves.moved += 1;
+                if cur_serves {
+                    // Drained or stalled: it keeps its flows, which now
+                    // need it as their candidate (an older previous
+                    // backend is forgotten).
+                    self.previous[pos] = cur;
+                    self.moved[pos] = now;
+                }
                 want
             } else if hold == 0
                 || self.moved[pos] == 0
@@ -170,11 +183,12 @@ mod tests {
 
     #[test]
     fn a_moved_position_remembers_its_backend_and_holds() {
-        let mut h = History::fresh(&[A, A, B]);
+        // (Position 3 keeps C in the builder's table throughout.)
+        let mut h = History::fresh(&[A, A, B, C]);
         // t=10: position 0 moves to C; its previous is A.
-        let (t, m) = h.next(&[A, A, B], &[C, A, B], 10, 60, serves(&[A, B, C]));
-        assert_eq!(t, vec![C, A, B]);
-        assert_eq!(h.previous, vec![A, A, B]);
+        let (t, m) = h.next(&[A, A, B, C], &[C, A, B, C], 10, 60, serves(&[A, B, C]));
+        assert_eq!(t, vec![C, A, B, C]);
+        assert_eq!(h.previous, vec![A, A, B, C]);
         assert_eq!(
             m,
             Moves {
@@ -185,23 +199,38 @@ mod tests {
             }
         );
         // t=30: the builder wants it on B, a third backend: held (moved
-        // 20 s ago); position 1 has not moved yet and moves.
-        let (t, m) = h.next(&t, &[B, B, B], 30, 60, serves(&[A, B, C]));
-        assert_eq!(t, vec![C, B, B]);
-        assert_eq!(h.previous, vec![A, A, B]);
+        // 20 s ago); position 1 moves at once (A has no position left in
+        // the builder's table; it keeps serving its flows, as the
+        // position's previous backend).
+        let (t, m) = h.next(&t, &[B, B, B, C], 30, 60, serves(&[A, B, C]));
+        assert_eq!(t, vec![C, B, B, C]);
+        assert_eq!(h.previous, vec![A, A, B, C]);
         assert_eq!(
             m,
             Moves {
                 moved: 1,
-                forced: 0,
+                forced: 1,
                 held: 1,
                 release_at: 70
             }
         );
         // t=70: the hold is over: position 0 moves, previous C.
-        let (t, _) = h.next(&t, &[B, B, B], 70, 60, serves(&[A, B, C]));
-        assert_eq!(t, vec![B, B, B]);
-        assert_eq!(h.previous, vec![C, A, B]);
+        let (t, _) = h.next(&t, &[B, B, B, C], 70, 60, serves(&[A, B, C]));
+        assert_eq!(t, vec![B, B, B, C]);
+        assert_eq!(h.previous, vec![C, A, B, C]);
+    }
+
+    #[test]
+    fn a_drained_backend_leaves_at_once_and_stays_the_candidate() {
+        let mut h = History::fresh(&[A, B]);
+        let (t, _) = h.next(&[A, B], &[C, B], 10, 60, serves(&[A, B, C]));
+        assert_eq!(t, vec![C, B]);
+        // C drained 5 s later (it serves its flows, the builder gives it
+        // no position): it leaves position 0 at once, whatever the hold,
+        // and is the position's previous backend.
+        let (t, m) = h.next(&t, &[B, B], 15, 60, serves(&[A, B, C]));
+        assert_eq!((t, h.previous.clone()), (vec![B, B], vec![C, B]));
+        assert_eq!((m.forced, m.held), (1, 0));
     }
 
     #[test]
@@ -271,7 +300,11 @@ mod tests {
         let mut h = History::fresh(&table);
         let mut past: Vec<Vec<u32>> = vec![table.clone()];
         for now in 1..200u32 {
-            let wanted: Vec<u32> = (0..n).map(|_| (next() % 4) as u32).collect();
+            // Every backend keeps positions (one leaving the table moves
+            // at once: outside the guarantee).
+            let wanted: Vec<u32> = (0..n)
+                .map(|i| if i < 4 { i } else { (next() % 4) as u32 })
+                .collect();
             (table, _) = h.next(&table, &wanted, now, hold, |_| true);
             past.push(table.clone());
             // Every table of the last `hold` seconds.

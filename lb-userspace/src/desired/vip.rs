@@ -308,7 +308,8 @@ impl Vip {
     /// `[vip.load] churn_hold` in whole seconds if any backend's weight
     /// follows its load (default `lb_common::DEFAULT_CHURN_HOLD_SECS`), else
     /// 0: a table position that moved may move again for load only after
-    /// this long; one whose backend leaves service moves at once.
+    /// this long; one whose backend leaves the table (removed, down,
+    /// drained, stalled) moves at once.
     pub fn churn_hold_secs(&self) -> u32 {
         let steered = self.load.is_some() || self.backends.iter().any(|b| !b.load.is_empty());
         if !steered {
