@@ -12,12 +12,14 @@
 //! - [`host`]: the host around the balancer: its addresses, the neighbour
 //!   entries towards backends, BGP announcements through BIRD.
 //! - [`dataplane`]: the only module that talks to the kernel's BPF objects.
+//! - [`fleet`]: balancers sharing one desired state through etcd (`[fleet]`).
 //! - [`maglev`]: the weighted Maglev table builder (pure).
 //! - [`man_pages`]: the binaries' man pages, from their clap definitions.
 
 pub mod control;
 pub mod dataplane;
 pub mod desired;
+pub mod fleet;
 pub mod host;
 pub mod maglev;
 pub mod man_pages;

@@ -27,6 +27,9 @@ use crate::run;
 /// - debootstrap: the clean Debian 12 root the package test installs into.
 /// - lintian: the package test's check of the package. (The unit's
 ///   `systemd-analyze verify` runs in the test's Debian root.)
+/// - etcd-server, etcd-client: the fleet tests' etcd cluster (`etcd`,
+///   started by the tests on loopback, never as a service) and `etcdctl`;
+///   protobuf-compiler: `protoc`, which the etcd-client crate's build runs.
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -45,6 +48,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "binutils",
     "debootstrap",
     "lintian",
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
 ];
 
 fn step(name: &str) {

@@ -5,7 +5,8 @@
 //! `-o yaml` for scripts. Exit codes: 0 done, 2 usage error, 3 request
 //! refused by lbd (bad input, unknown VIP or backend, a stale revision,
 //! ...), 4 lbd not reachable, 5 lbd failed to apply the change, 6 `lbctl
-//! diff` found changes to make, 1 anything else. Failures print one line
+//! diff` found changes to make, 7 a drain timed out, 8 `lbctl fleet
+//! status` found members that disagree or no etcd, 1 anything else. Failures print one line
 //! on stderr.
 
 use std::{
@@ -34,7 +35,8 @@ or duplicate VIP or backend, a change the config cannot take, no valid \
 token or certificate, not allowed \
 for the caller's role), 4 lbd not reachable (no socket, permission \
 denied, a refused TLS handshake), 5 lbd failed to apply it, 6 `lbctl diff` \
-found changes, 7 `lbctl backend drain --wait` timed out with flows left, 1 \
+found changes, 7 `lbctl backend drain --wait` timed out with flows left, 8 \
+`lbctl fleet status` found members that disagree or etcd out of reach, 1 \
 anything else.
 
 Members of the group of lbd's api.socket_group (the package's `lb`) may \
@@ -190,6 +192,10 @@ enum Command {
         #[arg(long, default_value = "toml")]
         format: String,
     },
+    /// The fleet (`[fleet]`): its members, the steering leader, each
+    /// member's revision and whether their tables agree.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
     /// A VIP's entries in the connection table, per backend; with
     /// `--client`, that client's flow's entry and backend.
     Flows {
@@ -206,6 +212,29 @@ enum Command {
         /// Write the pages here instead.
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Members, each one's applied revision and whether its tables agree
+    /// with this member's, and this member's link to etcd (exit 8 when
+    /// the members disagree or etcd is out of reach).
+    Status,
+    /// Make the fleet's desired state what a file says (`apply -f` through
+    /// this member: one etcd transaction that every member applies).
+    Import {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Only show what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the fleet's desired state as a document (`export`).
+    Export {
+        /// `toml` (default) or `json`.
+        #[arg(long, default_value = "toml")]
+        format: String,
     },
 }
 
@@ -337,6 +366,9 @@ enum Failure {
     Changes,
     /// `lbctl backend drain --wait` timed out (printed already).
     DrainTimedOut,
+    /// `lbctl fleet status`: the members disagree, or etcd is out of
+    /// reach (printed already).
+    Disagree,
     Other(String),
 }
 
@@ -349,6 +381,7 @@ impl Failure {
             Failure::Usage(_) => 2,
             Failure::Changes => 6,
             Failure::DrainTimedOut => 7,
+            Failure::Disagree => 8,
             Failure::Other(_) => 1,
         }
     }
@@ -709,6 +742,96 @@ fn stats_text(v: &Value, previous: Option<(&Value, f64)>) -> String {
     out
 }
 
+/// `lbctl apply -f FILE`: shows what would change at the revision read
+/// now, then applies exactly that (`If-Match`), or nothing if the state
+/// moved meanwhile. `always` (`lbctl fleet import`) writes even when the
+/// member has nothing to change: the fleet's newest document may be one
+/// the members refused, which the write replaces.
+fn apply(ctl: &Ctl, file: &std::path::Path, dry_run: bool, always: bool) -> Result<(), Failure> {
+    let (body, content_type) = document_file(file)?;
+    let ct = [("Content-Type", content_type)];
+    let (plan, revision) = ctl.call_raw("PUT", "/v1/vips?dry_run=true", Some(&body), &ct)?;
+    let nothing = plan["changed"] != Value::Bool(true);
+    if dry_run || (nothing && !always) {
+        ctl.print(&plan, changes_text);
+        return Ok(());
+    }
+    let tag = revision.map(|r| format!("\"{r}\""));
+    let mut headers = ct.to_vec();
+    if let Some(t) = &tag {
+        headers.push(("If-Match", t.as_str()));
+    }
+    let (v, _) = ctl.call_raw("PUT", "/v1/vips", Some(&body), &headers)?;
+    ctl.print(&v, changes_text);
+    Ok(())
+}
+
+/// `lbctl fleet status` for people.
+fn fleet_text(v: &Value) -> String {
+    let s = |x: &Value| match x {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        x => x.to_string(),
+    };
+    let mut out = format!(
+        "fleet {} (etcd {}): member {}, revision {}, etcd {}{}\n",
+        s(&v["prefix"]),
+        v["endpoints"]
+            .as_array()
+            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+            .unwrap_or_default(),
+        s(&v["name"]),
+        s(&v["applied_revision"]),
+        if v["connected"] == Value::Bool(true) {
+            "connected".to_string()
+        } else {
+            format!("UNREACHABLE: {}", s(&v["error"]))
+        },
+        v["last_contact_seconds"]
+            .as_f64()
+            .map(|t| format!(" (last answer {t:.1} s ago)"))
+            .unwrap_or_default(),
+    );
+    if let Some(r) = v["refused"].as_object() {
+        out += &format!(
+            "REFUSED revision {}: {}\n",
+            s(&r["revision"]),
+            s(&r["error"])
+        );
+    }
+    let rows = v["members"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| {
+                    vec![
+                        s(&m["name"]),
+                        s(&m["applied_revision"]),
+                        if m["agrees"] == Value::Bool(true) {
+                            "yes".into()
+                        } else {
+                            "NO".into()
+                        },
+                        m["tables"].as_object().map_or(0, |t| t.len()).to_string(),
+                        m["refused"]["revision"]
+                            .as_u64()
+                            .map_or("-".into(), |r| r.to_string()),
+                        format!("{:.1}s", m["age_seconds"].as_f64().unwrap_or(0.0)),
+                        s(&m["version"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out += &table(
+        &[
+            "MEMBER", "REVISION", "AGREES", "TABLES", "REFUSED", "AGE", "VERSION",
+        ],
+        rows,
+    );
+    out
+}
+
 fn run(cli: Cli) -> Result<(), Failure> {
     let endpoint = cli.target.endpoint()?;
     let ctl = Ctl {
@@ -716,7 +839,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
         output: if cli.json { Output::Json } else { cli.output },
     };
     NO_HEADERS.store(cli.no_headers, std::sync::atomic::Ordering::Relaxed);
-    match cli.command {
+    // A fleet member's API writes to the fleet: export is export.
+    let command = match cli.command {
+        Command::Fleet(FleetCommand::Export { format }) => Command::Export { format },
+        c => c,
+    };
+    match command {
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "lbctl", &mut std::io::stdout());
         }
@@ -927,25 +1055,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 format!("removed VIP {vip}\n")
             });
         }
-        Command::Apply { file, dry_run } => {
-            let (body, content_type) = document_file(&file)?;
-            let ct = [("Content-Type", content_type)];
-            // What would change, at the revision read now...
-            let (plan, revision) =
-                ctl.call_raw("PUT", "/v1/vips?dry_run=true", Some(&body), &ct)?;
-            let nothing = plan["changed"] != Value::Bool(true);
-            if dry_run || nothing {
-                ctl.print(&plan, changes_text);
-                return Ok(());
-            }
-            // ...and exactly that, or nothing if the state moved meanwhile.
-            let tag = revision.map(|r| format!("\"{r}\""));
-            let mut headers = ct.to_vec();
-            if let Some(t) = &tag {
-                headers.push(("If-Match", t.as_str()));
-            }
-            let (v, _) = ctl.call_raw("PUT", "/v1/vips", Some(&body), &headers)?;
-            ctl.print(&v, changes_text);
+        Command::Apply { file, dry_run } => apply(&ctl, &file, dry_run, false)?,
+        Command::Fleet(FleetCommand::Import { file, dry_run }) => {
+            apply(&ctl, &file, dry_run, true)?
         }
         Command::Diff { file } => {
             let (body, content_type) = document_file(&file)?;
@@ -958,6 +1070,17 @@ fn run(cli: Cli) -> Result<(), Failure> {
             ctl.print(&plan, changes_text);
             if plan["changed"] == Value::Bool(true) {
                 return Err(Failure::Changes);
+            }
+        }
+        Command::Fleet(FleetCommand::Export { .. }) => {
+            unreachable!("rewritten above")
+        }
+        Command::Fleet(FleetCommand::Status) => {
+            let v = ctl.call("GET", "/v1/fleet", None)?;
+            ctl.print(&v, fleet_text);
+            let ok = v["connected"] == Value::Bool(true) && v["agree"] == Value::Bool(true);
+            if !ok {
+                return Err(Failure::Disagree);
             }
         }
         Command::Export { format } => {

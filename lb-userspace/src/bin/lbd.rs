@@ -306,6 +306,101 @@ impl Signals {
     }
 }
 
+/// Where a fleet member starts: the revision and VIPs, its cache file and
+/// its link to etcd.
+struct FleetStart {
+    revision: u64,
+    vips: Vec<lb::desired::vip::Vip>,
+    cache: StateFile,
+    link: lb::fleet::SharedLink,
+}
+
+/// The fleet's desired state at start-up (see [`lb::fleet`]): read from
+/// etcd (written from the config file's VIPs when the fleet has none);
+/// when etcd does not answer or this member cannot take the fleet's
+/// document, the revision it applied last (its cache file), else the
+/// config file's VIPs at revision 0 (any revision of the fleet is newer).
+async fn fleet_start(
+    settings: &lb::fleet::FleetSettings,
+    instance: &str,
+    config: &config::Config,
+) -> Result<FleetStart> {
+    use lb::fleet::{self, agent};
+    let cache_path = settings.cache_path(instance);
+    if let Some(dir) = cache_path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating {} (fleet.cache_file)", dir.display()))?;
+    }
+    let cache = StateFile::new(&cache_path);
+    let link = agent::new_link();
+    let fits = |vips: Vec<lb::desired::vip::Vip>| {
+        let mut c = config.clone();
+        c.vips = vips;
+        config::validate(&c).map(|()| c.vips)
+    };
+    let seed = fleet::encode(config.balancer.table_size, &config.vips);
+    let refused = match agent::initial(settings, &seed).await {
+        Ok((revision, document, seeded)) => {
+            agent::note_contact(&link);
+            match fleet::decode(&document, &config.balancer).and_then(fits) {
+                Ok(vips) => {
+                    if seeded {
+                        info!(prefix = %settings.prefix, revision, vips = vips.len(), "the fleet had no desired state: seeded it with the config file's [[vip]] tables");
+                    } else {
+                        info!(prefix = %settings.prefix, revision, vips = vips.len(), "starting from the fleet's desired state (the config file's [[vip]] tables are ignored)");
+                    }
+                    return Ok(FleetStart {
+                        revision,
+                        vips,
+                        cache,
+                        link,
+                    });
+                }
+                Err(problems) => {
+                    let error = fleet::problem_text(&problems);
+                    tracing::error!(revision, error = %error, "this member cannot take the fleet's desired state");
+                    link.lock().unwrap().refused = Some(fleet::Refusal { revision, error });
+                    "it cannot take the fleet's desired state"
+                }
+            }
+        }
+        Err(e) => {
+            let error = format!("{e:#}");
+            tracing::warn!(error = %error, "etcd did not answer at start-up; trying again in the background");
+            link.lock().unwrap().error = Some(error);
+            "etcd did not answer"
+        }
+    };
+    match cache.load(&config.balancer) {
+        Ok(Some((revision, vips))) => match fits(vips) {
+            Ok(vips) => {
+                tracing::warn!(cache = %cache_path.display(), revision, "starting from the fleet revision applied last ({refused})");
+                Ok(FleetStart {
+                    revision,
+                    vips,
+                    cache,
+                    link,
+                })
+            }
+            Err(problems) => bail!(
+                "{refused}, and the cache file {} does not fit the config: {}",
+                cache_path.display(),
+                fleet::problem_text(&problems)
+            ),
+        },
+        Ok(None) => {
+            tracing::warn!(cache = %cache_path.display(), "starting from the config file's [[vip]] tables ({refused}, and there is no cache file yet)");
+            Ok(FleetStart {
+                revision: 0,
+                vips: config.vips.clone(),
+                cache,
+                link,
+            })
+        }
+        Err(e) => bail!("{refused}, and {e}"),
+    }
+}
+
 fn run_balancer(args: BalancerArgs) -> Result<()> {
     let dir = pinning::instance_dir(&args.instance);
     if args.cleanup {
@@ -398,6 +493,19 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
     let lock = InstanceLock::acquire(&args.instance)?;
     runtime()?.block_on(async {
         let mut signals = Signals::install()?;
+        // A fleet member starts from the fleet's desired state (or seeds an
+        // empty fleet with the config file's VIPs); without etcd, from the
+        // revision it applied last (its cache file).
+        let mut revision = revision;
+        let fleet = match config.fleet.clone() {
+            Some(settings) => {
+                let start = fleet_start(&settings, &args.instance, &config).await?;
+                config.vips = start.vips;
+                revision = start.revision;
+                Some((settings, start.cache, start.link))
+            }
+            None => None,
+        };
         // Start-up runs every check that can fail before it changes the
         // running balancer: an adopted data plane keeps forwarding exactly
         // as the previous lbd left it until the config is programmed (last
@@ -441,7 +549,17 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             info!(state_file = %state.path().display(), vips = config.vips.len(), "state file seeded from the config file's [[vip]] tables");
         }
         let (controller, handle) = Controller::new(dp, config.clone(), Some(file), Some(audit.clone()));
-        let mut controller = controller.with_revision(revision, state_file.clone());
+        let mut agent = None;
+        let mut controller = match fleet {
+            Some((settings, cache, link)) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(64);
+                agent = Some(lb::fleet::agent::Agent::new(settings.clone(), link.clone(), handle.clone(), rx, revision));
+                controller
+                    .with_revision(revision, Some(cache))
+                    .with_fleet(lb::control::controller::FleetLink { settings, proposals: tx, link })
+            }
+            None => controller.with_revision(revision, state_file.clone()),
+        };
         // Bind every listener before the maps are touched, so a bad address
         // changes nothing.
         let metrics_server = match config.metrics.listen {
@@ -526,6 +644,9 @@ fn run_balancer(args: BalancerArgs) -> Result<()> {
             }
             bgp::spawn(announcer, controller.announcements())
         });
+        if let Some(agent) = agent {
+            tokio::spawn(agent.run());
+        }
         // Attached, the config applied, every listener serving: ready.
         handle.set_ready(true);
         service_manager::ready(&format!(

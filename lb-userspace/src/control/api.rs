@@ -368,7 +368,9 @@ impl From<ControllerError> for ApiError {
             ControllerError::NotFound(_) => StatusCode::NOT_FOUND,
             ControllerError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             ControllerError::Refused(_) | ControllerError::ConfigChanged(_) => StatusCode::CONFLICT,
-            ControllerError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            ControllerError::Stopped | ControllerError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ControllerError::Persist { .. } | ControllerError::Dataplane(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -933,6 +935,38 @@ async fn status(State(h): State<ControllerHandle>) -> ApiResult<impl IntoRespons
             active_flows_age_seconds: snap.sweep.age_seconds,
         }),
     ))
+}
+
+#[utoipa::path(get, path = "/v1/fleet", tag = "status",
+    responses((status = 200, description = "The fleet: this member's link to etcd and every live member's status", body = crate::fleet::FleetView),
+              (status = 404, description = "No [fleet] in the config", body = ErrorBody)))]
+async fn fleet_status(
+    State(h): State<ControllerHandle>,
+) -> ApiResult<Json<crate::fleet::FleetView>> {
+    let Some(info) = h.fleet_info().await? else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "this lbd is standalone: it has no [fleet] in its config",
+        ));
+    };
+    // The members are read from etcd now; without etcd, the list is
+    // empty and `connected` says why.
+    let mut link = info.link;
+    let members = match crate::fleet::agent::members(&info.settings).await {
+        Ok(m) => m,
+        Err(e) => {
+            link.connected = false;
+            link.error = Some(format!("{e:#}"));
+            Vec::new()
+        }
+    };
+    Ok(Json(crate::fleet::view(
+        &info.settings,
+        &link,
+        info.revision,
+        &info.tables,
+        members,
+    )))
 }
 
 #[utoipa::path(get, path = "/v1/stats", tag = "status",
@@ -1574,6 +1608,7 @@ fn documented_routes() -> (Router<ControllerHandle>, utoipa::openapi::OpenApi) {
         .routes(routes!(get_backend, update_backend, delete_backend))
         .routes(routes!(vip_flows))
         .routes(routes!(push_load))
+        .routes(routes!(fleet_status))
         .split_for_parts()
 }
 

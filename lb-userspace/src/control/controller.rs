@@ -247,6 +247,46 @@ pub enum ControllerError {
          since it was read); read it again and retry; nothing changed"
     )]
     PreconditionFailed { given: u64, current: u64 },
+    /// What the change needs cannot be reached now (the fleet's etcd).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// A change of a fleet member on its way through etcd (see
+/// [`crate::fleet`]): worked out and validated here, written by the fleet
+/// agent, and answered once this member applied the revision it became.
+pub struct PendingChange {
+    req: ChangeRequest,
+    reply: oneshot::Sender<Result<ChangeOutcome, ControllerError>>,
+    changes: Vec<StateChange>,
+    touched: Vec<VipAddr>,
+    before: BTreeMap<(VipAddr, IpAddr), f64>,
+}
+
+impl PendingChange {
+    /// Answers the caller with `error`; nothing changed.
+    pub fn fail(self, error: ControllerError) {
+        tracing::info!(error = %error, "change refused");
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+/// The controller's side of the fleet: where proposals go and what the
+/// agent knows of etcd.
+pub struct FleetLink {
+    pub settings: crate::fleet::FleetSettings,
+    pub proposals: mpsc::Sender<crate::fleet::agent::Proposal>,
+    pub link: crate::fleet::SharedLink,
+}
+
+/// What `GET /v1/fleet` starts from: this member's side (the members are
+/// read from etcd by the API).
+#[derive(Clone, Debug)]
+pub struct FleetInfo {
+    pub settings: crate::fleet::FleetSettings,
+    pub link: crate::fleet::LinkState,
+    pub revision: u64,
+    pub tables: BTreeMap<String, String>,
 }
 
 /// Everything the metrics endpoint exports, read in one request.
@@ -262,6 +302,8 @@ pub struct Scrape {
     /// BIRD's view of the announcements (with `[bgp]`; filled in by the
     /// metrics endpoint, which asks BIRD itself).
     pub bgp: Option<BgpStatus>,
+    /// This member's side of the fleet (with `[fleet]`).
+    pub fleet: Option<FleetInfo>,
 }
 
 impl Scrape {
@@ -275,6 +317,7 @@ impl Scrape {
             usage: dp.usage(),
             read_time: started.elapsed(),
             bgp: None,
+            fleet: None,
         })
     }
 }
@@ -320,6 +363,18 @@ enum Request {
         Option<Box<LoadReport>>,
         oneshot::Sender<Result<(), ControllerError>>,
     ),
+    /// A revision of the fleet's desired state, and the change of this
+    /// member that made it, if one did.
+    FleetRevision {
+        revision: u64,
+        document: Vec<u8>,
+        pending: Option<Box<PendingChange>>,
+    },
+    /// A change that lost a race in etcd, to be worked out again.
+    Resubmit(Box<PendingChange>, u32),
+    /// The applied revision and each VIP's table fingerprint.
+    FleetTables(oneshot::Sender<(u64, BTreeMap<String, String>)>),
+    FleetInfo(oneshot::Sender<Option<FleetInfo>>),
 }
 
 /// A VIP's entries in the connection table.
@@ -430,6 +485,48 @@ impl ControllerHandle {
             .await?
     }
 
+    /// Hands the controller a revision of the fleet's desired state (the
+    /// fleet agent does).
+    pub async fn fleet_revision(
+        &self,
+        revision: u64,
+        document: Vec<u8>,
+        pending: Option<PendingChange>,
+    ) -> Result<(), ControllerError> {
+        self.tx
+            .send(Request::FleetRevision {
+                revision,
+                document,
+                pending: pending.map(Box::new),
+            })
+            .await
+            .map_err(|_| ControllerError::Stopped)
+    }
+
+    /// Has a change that lost a race in etcd worked out again.
+    pub async fn resubmit(&self, pending: PendingChange, retries: u32) {
+        if let Err(e) = self
+            .tx
+            .send(Request::Resubmit(Box::new(pending), retries))
+            .await
+        {
+            let Request::Resubmit(p, _) = e.0 else {
+                unreachable!()
+            };
+            p.fail(ControllerError::Stopped);
+        }
+    }
+
+    /// The applied revision and each VIP's table fingerprint.
+    pub async fn fleet_tables(&self) -> Result<(u64, BTreeMap<String, String>), ControllerError> {
+        self.ask(Request::FleetTables).await
+    }
+
+    /// This member's side of the fleet (`None`: no `[fleet]`).
+    pub async fn fleet_info(&self) -> Result<Option<FleetInfo>, ControllerError> {
+        self.ask(Request::FleetInfo).await
+    }
+
     /// Records a load report `node` pushed (validated already; `None`: it
     /// was invalid, only counted). Refused when `node` is no backend, or
     /// none of its VIPs follows load.
@@ -499,6 +596,23 @@ pub struct Controller {
     state_file: Option<StateFile>,
     /// Drained backends: when their drain began (see [`Controller::note_drains`]).
     drains: BTreeMap<(VipAddr, IpAddr), Drain>,
+    /// With `[fleet]`: changes go through etcd (see [`crate::fleet`]).
+    fleet: Option<FleetLink>,
+    /// The newest fleet revision seen, applied or refused: what a change
+    /// must be written over (a refused document is replaced by the next
+    /// change, not raced against forever).
+    fleet_seen: u64,
+    /// The tables' fingerprints, and the count of switched tables they
+    /// were worked out at.
+    fingerprints: Option<(u64, BTreeMap<String, String>)>,
+}
+
+/// A change worked out and validated, not yet committed.
+struct WorkedOut {
+    next: Config,
+    changes: Vec<StateChange>,
+    touched: Vec<VipAddr>,
+    before: BTreeMap<(VipAddr, IpAddr), f64>,
 }
 
 /// A reload as the audit log records it.
@@ -553,6 +667,9 @@ impl Controller {
             revision: 0,
             state_file: None,
             drains: BTreeMap::new(),
+            fleet: None,
+            fleet_seen: 0,
+            fingerprints: None,
         };
         let mut controller = controller;
         controller.note_drains();
@@ -571,6 +688,15 @@ impl Controller {
     pub fn with_revision(mut self, revision: u64, state_file: Option<StateFile>) -> Controller {
         self.revision = revision;
         self.state_file = state_file;
+        self
+    }
+
+    /// Makes this controller a fleet member: changes are proposed to the
+    /// fleet agent, and revisions come from it; the cache file (the
+    /// `state_file` of [`Controller::with_revision`]) keeps the last one
+    /// applied.
+    pub fn with_fleet(mut self, fleet: FleetLink) -> Controller {
+        self.fleet = Some(fleet);
         self
     }
 
@@ -882,26 +1008,25 @@ impl Controller {
                 let _ = reply.send(self.snapshot());
             }
             Request::Scrape(reply) => {
-                let result = Scrape::read(&self.dp, self.snapshot());
+                let fleet = self.fleet_info();
+                let result = Scrape::read(&self.dp, self.snapshot()).map(|s| Scrape { fleet, ..s });
                 let _ = reply.send(result.map_err(|e| format!("{e:#}")));
             }
-            Request::Change(req, reply) => {
-                let _cause = tracing::info_span!("change", cause = ?req.caller).entered();
-                let result = self.change(&req);
-                match &result {
-                    Err(e) => tracing::info!(error = %e, "change refused"),
-                    Ok(o) if o.dry_run => {
-                        tracing::debug!(change = ?change_summary(&req.change), "dry run")
-                    }
-                    Ok(o) if o.changes.is_empty() => {
-                        tracing::debug!(change = ?change_summary(&req.change), "nothing to change")
-                    }
-                    Ok(o) => tracing::info!(
-                        change = ?change_summary(&req.change), revision = o.revision,
-                        tables = o.tables_flipped, "change applied"
-                    ),
-                }
-                let _ = reply.send(result);
+            Request::Change(req, reply) => self.change_request(*req, reply, 0),
+            Request::Resubmit(pending, retries) => {
+                let p = *pending;
+                self.change_request(p.req, p.reply, retries)
+            }
+            Request::FleetRevision {
+                revision,
+                document,
+                pending,
+            } => self.fleet_revision(revision, &document, pending.map(|p| *p)),
+            Request::FleetTables(reply) => {
+                let _ = reply.send((self.revision, self.fingerprints()));
+            }
+            Request::FleetInfo(reply) => {
+                let _ = reply.send(self.fleet_info());
             }
             Request::Health {
                 backend,
@@ -998,7 +1123,17 @@ impl Controller {
                     None => None,
                 };
                 let mut config = config;
-                if let Some(state) = &self.state_file {
+                if self.fleet.is_some() {
+                    // The fleet holds the VIPs; the config file's only
+                    // seeded an empty fleet.
+                    if !diff::diff(&self.config.vips, &config.vips).is_empty() {
+                        tracing::warn!(
+                            "the reloaded config file's [[vip]] tables differ from the fleet's desired state; \
+                             the fleet's VIPs stay ([fleet]: change VIPs through the API of any member, or lbctl fleet import)"
+                        );
+                    }
+                    config.vips = self.config.vips.clone();
+                } else if let Some(state) = &self.state_file {
                     // The state file holds the VIPs; the config file's are
                     // only its seed.
                     if !diff::diff(&self.config.vips, &config.vips).is_empty() {
@@ -1148,10 +1283,214 @@ impl Controller {
         }
     }
 
-    /// Handles a change request: the precondition, the change made to a
-    /// copy of the desired state and validated whole, then (unless a dry
-    /// run, or nothing changes) committed in one step.
-    fn change(&mut self, req: &ChangeRequest) -> Result<ChangeOutcome, ControllerError> {
+    /// Answers a change request: made here, or (a fleet member's change)
+    /// proposed to the fleet agent, which answers once it is written and
+    /// applied.
+    fn change_request(
+        &mut self,
+        req: ChangeRequest,
+        reply: oneshot::Sender<Result<ChangeOutcome, ControllerError>>,
+        retries: u32,
+    ) {
+        let _cause = tracing::info_span!("change", cause = ?req.caller).entered();
+        if let Some(fleet) = &self.fleet
+            && !req.dry_run
+        {
+            let worked = self
+                .work_out(&req)
+                .and_then(|w| w.map(|w| self.host_check(&w.next).map(|_| w)).transpose())
+                .map(|w| {
+                    // The fleet's newest revision is one this member
+                    // refused: a change that changes nothing here still
+                    // replaces it (how `lbctl fleet import` repairs it).
+                    w.or_else(|| {
+                        (self.fleet_seen > self.revision).then(|| WorkedOut {
+                            next: self.config.clone(),
+                            changes: Vec::new(),
+                            touched: Vec::new(),
+                            before: BTreeMap::new(),
+                        })
+                    })
+                });
+            match worked {
+                Err(e) => {
+                    tracing::info!(error = %e, "change refused");
+                    let _ = reply.send(Err(e));
+                }
+                Ok(None) => {
+                    tracing::debug!(change = ?change_summary(&req.change), "nothing to change");
+                    let _ = reply.send(Ok(ChangeOutcome {
+                        revision: self.revision,
+                        ..ChangeOutcome::default()
+                    }));
+                }
+                Ok(Some(w)) => {
+                    let proposal = crate::fleet::agent::Proposal {
+                        base: self.revision.max(self.fleet_seen),
+                        document: crate::fleet::encode(
+                            self.config.balancer.table_size,
+                            &w.next.vips,
+                        ),
+                        if_match: req.if_match.is_some(),
+                        retries,
+                        pending: PendingChange {
+                            req,
+                            reply,
+                            changes: w.changes,
+                            touched: w.touched,
+                            before: w.before,
+                        },
+                    };
+                    if let Err(e) = fleet.proposals.try_send(proposal) {
+                        e.into_inner().pending.fail(ControllerError::Unavailable(
+                            "the fleet agent has too many changes queued (or stopped); try again"
+                                .into(),
+                        ));
+                    }
+                }
+            }
+            return;
+        }
+        let result = self.change(&req);
+        match &result {
+            Err(e) => tracing::info!(error = %e, "change refused"),
+            Ok(o) if o.dry_run => {
+                tracing::debug!(change = ?change_summary(&req.change), "dry run")
+            }
+            Ok(o) if o.changes.is_empty() => {
+                tracing::debug!(change = ?change_summary(&req.change), "nothing to change")
+            }
+            Ok(o) => tracing::info!(
+                change = ?change_summary(&req.change), revision = o.revision,
+                tables = o.tables_flipped, "change applied"
+            ),
+        }
+        let _ = reply.send(result);
+    }
+
+    /// Applies revision `revision` of the fleet's desired state (from
+    /// the fleet agent), or refuses it and keeps the one applied; answers
+    /// the change of this member that made it, if one did.
+    fn fleet_revision(&mut self, revision: u64, document: &[u8], pending: Option<PendingChange>) {
+        let cause = pending
+            .as_ref()
+            .map_or("fleet".to_string(), |p| p.req.caller.clone());
+        let _cause = tracing::info_span!("change", cause = %cause).entered();
+        self.fleet_seen = self.fleet_seen.max(revision);
+        if revision <= self.revision {
+            // Superseded already (a newer revision came first).
+            if let Some(p) = pending {
+                let _ = p.reply.send(Ok(ChangeOutcome {
+                    revision,
+                    changes: p.changes,
+                    ..ChangeOutcome::default()
+                }));
+            }
+            return;
+        }
+        let flips_before = self.dp.tables_switched();
+        let result = (|| {
+            let vips = crate::fleet::decode(document, &self.config.balancer)
+                .map_err(|problems| ChangeError::Invalid { problems })?;
+            let mut next = self.config.clone();
+            next.vips = vips;
+            config::validate(&next).map_err(|problems| ChangeError::Invalid { problems })?;
+            let changes = diff::diff(&self.config.vips, &next.vips);
+            self.commit_changes(next, true, changes.clone(), revision)?;
+            Ok::<_, ControllerError>(changes)
+        })();
+        let Some(fleet) = &self.fleet else {
+            return;
+        };
+        match result {
+            Ok(changes) => {
+                {
+                    let mut l = fleet.link.lock().unwrap();
+                    l.applied_total += 1;
+                    l.refused = None;
+                }
+                tracing::info!(
+                    revision,
+                    changes = changes.len(),
+                    tables = self.dp.tables_switched() - flips_before,
+                    "fleet revision applied"
+                );
+                if let Some(p) = pending {
+                    let shares = share_moves(&p.before, &self.table_shares(&p.touched));
+                    let _ = p.reply.send(Ok(ChangeOutcome {
+                        revision,
+                        dry_run: false,
+                        changes,
+                        shares,
+                        tables_flipped: self.dp.tables_switched() - flips_before,
+                    }));
+                }
+            }
+            Err(e) => {
+                let error = match &e {
+                    ControllerError::Rejected(ChangeError::Invalid { problems }) => {
+                        crate::fleet::problem_text(problems)
+                    }
+                    e => e.to_string(),
+                };
+                {
+                    let mut l = fleet.link.lock().unwrap();
+                    l.refused_total += 1;
+                    l.refused = Some(crate::fleet::Refusal {
+                        revision,
+                        error: error.clone(),
+                    });
+                }
+                tracing::error!(
+                    revision, error = %error,
+                    "fleet revision refused: this member cannot take it and keeps revision {} (fix the document in etcd, e.g. lbctl fleet import -f FILE)",
+                    self.revision
+                );
+                if let Some(p) = pending {
+                    p.fail(e);
+                }
+            }
+        }
+    }
+
+    /// This member's side of the fleet, if it is in one.
+    fn fleet_info(&mut self) -> Option<FleetInfo> {
+        self.fleet.as_ref()?;
+        let tables = self.fingerprints();
+        let f = self.fleet.as_ref()?;
+        Some(FleetInfo {
+            settings: f.settings.clone(),
+            link: f.link.lock().unwrap().clone(),
+            revision: self.revision,
+            tables,
+        })
+    }
+
+    /// Each VIP's table fingerprint ([`crate::fleet::fingerprint`]),
+    /// worked out again only when a table was switched.
+    fn fingerprints(&mut self) -> BTreeMap<String, String> {
+        let switched = self.dp.tables_switched();
+        if let Some((at, prints)) = &self.fingerprints
+            && *at == switched
+        {
+            return prints.clone();
+        }
+        let prints: BTreeMap<String, String> = self
+            .config
+            .vips
+            .iter()
+            .filter_map(|v| {
+                let t = self.dp.table_addresses(&v.addr)?;
+                Some((v.addr.to_string(), crate::fleet::fingerprint(&t)))
+            })
+            .collect();
+        self.fingerprints = Some((switched, prints.clone()));
+        prints
+    }
+
+    /// The precondition, then the change made to a copy of the desired
+    /// state and validated whole; `None` when it changes nothing.
+    fn work_out(&self, req: &ChangeRequest) -> Result<Option<WorkedOut>, ControllerError> {
         if let Some(given) = req.if_match
             && given != self.revision
         {
@@ -1160,17 +1499,10 @@ impl Controller {
                 current: self.revision,
             });
         }
-        let started = Instant::now();
         let next = req.change.apply_to(&self.config)?;
         let changes = diff::diff(&self.config.vips, &next.vips);
-        let validated = started.elapsed();
-        let mut outcome = ChangeOutcome {
-            revision: self.revision,
-            dry_run: req.dry_run,
-            ..ChangeOutcome::default()
-        };
         if changes.is_empty() {
-            return Ok(outcome);
+            return Ok(None);
         }
         let touched: Vec<VipAddr> = {
             let mut t: Vec<VipAddr> = changes.iter().map(StateChange::vip).collect();
@@ -1178,6 +1510,34 @@ impl Controller {
             t
         };
         let before = self.table_shares(&touched);
+        Ok(Some(WorkedOut {
+            next,
+            changes,
+            touched,
+            before,
+        }))
+    }
+
+    /// Handles a change request: [`Controller::work_out`], then (unless a
+    /// dry run, or nothing changes) committed in one step.
+    fn change(&mut self, req: &ChangeRequest) -> Result<ChangeOutcome, ControllerError> {
+        let started = Instant::now();
+        let worked = self.work_out(req)?;
+        let validated = started.elapsed();
+        let mut outcome = ChangeOutcome {
+            revision: self.revision,
+            dry_run: req.dry_run,
+            ..ChangeOutcome::default()
+        };
+        let Some(WorkedOut {
+            next,
+            changes,
+            touched,
+            before,
+        }) = worked
+        else {
+            return Ok(outcome);
+        };
         if req.dry_run {
             self.host_check(&next)?;
             let after = self.preview_shares(&next, &touched);
@@ -1186,7 +1546,8 @@ impl Controller {
             return Ok(outcome);
         }
         let flips_before = self.dp.tables_switched();
-        self.commit_changes(next, true, changes.clone())?;
+        let revision = self.revision + 1;
+        self.commit_changes(next, true, changes.clone(), revision)?;
         outcome.tables_flipped = self.dp.tables_switched() - flips_before;
         tracing::debug!(
             validate_ms = validated.as_secs_f64() * 1000.0,
@@ -1278,22 +1639,24 @@ impl Controller {
     /// grows by one when the VIPs change.
     fn commit(&mut self, next: Config, persist: bool) -> Result<(), ControllerError> {
         let changes = diff::diff(&self.config.vips, &next.vips);
-        self.commit_changes(next, persist, changes)
+        let revision = self.revision + u64::from(!changes.is_empty());
+        self.commit_changes(next, persist, changes, revision)
     }
 
     /// [`Controller::commit`] with the changes from the current state to
-    /// `next` worked out already.
+    /// `next` worked out already, and the revision it becomes.
     fn commit_changes(
         &mut self,
         next: Config,
         persist: bool,
         changes: Vec<StateChange>,
+        revision: u64,
     ) -> Result<(), ControllerError> {
         let t0 = Instant::now();
         let warnings = self.host_check(&next)?;
-        let revision = self.revision + u64::from(!changes.is_empty());
+        let persist = persist && revision != self.revision;
         let t1 = Instant::now();
-        if persist && !changes.is_empty() {
+        if persist {
             self.persist(revision, &next.vips)?;
         }
         let t2 = Instant::now();
@@ -1305,7 +1668,7 @@ impl Controller {
             "commit phases"
         );
         if let Err(e) = programmed {
-            if persist && !changes.is_empty() {
+            if persist {
                 let old = self.config.vips.clone();
                 if let Err(undo) = self.persist(self.revision, &old) {
                     tracing::error!(error = %undo, "putting the persisted state back failed");

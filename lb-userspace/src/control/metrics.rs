@@ -38,6 +38,11 @@
 //! - With `[bgp]`, read from BIRD at each scrape ([`crate::host::bgp_status`]):
 //!   `lb_bgp_bird_up`, `lb_bgp_session_up{neighbor}`,
 //!   `lb_bgp_routes_exported{neighbor}`, `lb_bgp_announced{address}`.
+//! - With `[fleet]` ([`crate::fleet`]): `lb_fleet_connected`,
+//!   `lb_fleet_last_contact_seconds`, `lb_fleet_revision`,
+//!   `lb_fleet_revision_refused`, `lb_fleet_revisions_total{outcome}`,
+//!   `lb_fleet_etcd_writes_total{kind}`, `lb_fleet_conflicts_total`,
+//!   `lb_fleet_table_info{vip,fingerprint}`.
 //! - `lb_build_info{version,commit,layout}` and the process's own
 //!   `process_*` (CPU, memory, file descriptors, threads, start time).
 //!
@@ -127,6 +132,14 @@ pub const FAMILIES: &[&str] = &[
     "lb_bgp_session_up",
     "lb_bgp_routes_exported",
     "lb_bgp_announced",
+    "lb_fleet_connected",
+    "lb_fleet_last_contact_seconds",
+    "lb_fleet_revision",
+    "lb_fleet_revision_refused",
+    "lb_fleet_revisions_total",
+    "lb_fleet_etcd_writes_total",
+    "lb_fleet_conflicts_total",
+    "lb_fleet_table_info",
     "lb_build_info",
 ];
 
@@ -709,6 +722,9 @@ pub fn render(s: &Scrape, api: &[(&str, u64)]) -> String {
     if let (Some(status), Some(settings)) = (&s.bgp, &s.snapshot.config.bgp) {
         bgp_families(&mut f, status, settings);
     }
+    if let Some(fleet) = &s.fleet {
+        fleet_families(&mut f, fleet);
+    }
     f.build_and_process();
     f.encode()
 }
@@ -732,6 +748,60 @@ fn reload_families(f: &mut Families, r: &reloads::ReloadStats) {
     );
     if let Some(t) = r.last_good {
         m.push(gauge(&[], t));
+    }
+}
+
+fn fleet_families(f: &mut Families, info: &crate::control::controller::FleetInfo) {
+    let l = &info.link;
+    f.gauges(
+        "lb_fleet_connected",
+        "1 while the last request to the fleet's etcd worked; 0: cut off (forwarding goes on with lb_fleet_revision, changes are refused).",
+    )
+    .push(gauge(&[], if l.connected { 1.0 } else { 0.0 }));
+    if let Some(t) = l.last_contact {
+        f.gauges(
+            "lb_fleet_last_contact_seconds",
+            "Seconds since etcd last answered this member.",
+        )
+        .push(gauge(&[], t.elapsed().as_secs_f64()));
+    }
+    f.gauges(
+        "lb_fleet_revision",
+        "The fleet revision (etcd mod_revision of the desired state) whose VIPs this member's tables hold.",
+    )
+    .push(gauge(&[], info.revision as f64));
+    f.gauges(
+        "lb_fleet_revision_refused",
+        "1 while the fleet's newest revision is one this member refused (it keeps lb_fleet_revision).",
+    )
+    .push(gauge(&[], if l.refused.is_some() { 1.0 } else { 0.0 }));
+    let m = f.counters(
+        "lb_fleet_revisions_total",
+        "Fleet revisions this member applied or refused (it could not take them) since lbd started.",
+    );
+    m.push(counter(&[("outcome", "applied")], l.applied_total));
+    m.push(counter(&[("outcome", "refused")], l.refused_total));
+    let m = f.counters(
+        "lb_fleet_etcd_writes_total",
+        "Writes to etcd by kind: desired (a change of the desired state), status (this member's status).",
+    );
+    for kind in ["desired", "status"] {
+        m.push(counter(
+            &[("kind", kind)],
+            l.writes.get(kind).copied().unwrap_or(0),
+        ));
+    }
+    f.counters(
+        "lb_fleet_conflicts_total",
+        "Changes through this member that lost a compare-and-swap race in etcd (worked out again, or 412 with If-Match).",
+    )
+    .push(counter(&[], l.conflicts));
+    let m = f.gauges(
+        "lb_fleet_table_info",
+        "1 per VIP with its table's fingerprint (FNV-1a over each entry's backend address): members whose fingerprints agree hold the same table.",
+    );
+    for (vip, print) in &info.tables {
+        m.push(gauge(&[("vip", vip), ("fingerprint", print)], 1.0));
     }
 }
 
@@ -1122,6 +1192,24 @@ mod tests {
                     exported: 1,
                 }],
                 announced: [v.addr.addr].into(),
+            }),
+            fleet: Some(crate::control::controller::FleetInfo {
+                settings: crate::fleet::FleetSettings {
+                    endpoints: vec!["http://127.0.0.1:2379".into()],
+                    prefix: "/lb/t".into(),
+                    name: "t".into(),
+                    lease_ttl: Duration::from_secs(5),
+                    cache_file: None,
+                    ca_file: None,
+                    client_cert: None,
+                    user: None,
+                },
+                link: crate::fleet::LinkState {
+                    last_contact: Some(Instant::now()),
+                    ..Default::default()
+                },
+                revision: 1,
+                tables: BTreeMap::from([(v.addr.to_string(), "0".into())]),
             }),
         };
         crate::control::reloads::loaded();

@@ -179,6 +179,7 @@ pub fn reload_problems(now: &Config, next: &Config) -> Vec<Problem> {
             now.metrics.transport != next.metrics.transport,
         ),
         ("log.level", now.log_level != next.log_level),
+        ("fleet", now.fleet != next.fleet),
     ];
     for (field, changed) in start_only {
         if changed {
@@ -305,6 +306,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `[bgp]`: announce the VIPs through BIRD (off without the section).
     pub bgp: Option<BgpSettings>,
+    /// `[fleet]`: share the desired state with other balancers through
+    /// etcd (standalone without the section).
+    pub fleet: Option<crate::fleet::FleetSettings>,
     pub vips: Vec<Vip>,
 }
 
@@ -369,8 +373,25 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     bgp: Option<RawBgp>,
+    fleet: Option<RawFleet>,
     #[serde(default)]
     vip: Vec<RawVip>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    #[serde(default)]
+    endpoints: Vec<String>,
+    prefix: Option<String>,
+    name: Option<String>,
+    lease_ttl: Option<RawNumber>,
+    cache_file: Option<String>,
+    ca_file: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    user: Option<String>,
+    password_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -1758,6 +1779,13 @@ impl Validator {
             );
         }
         let bgp = raw.bgp.as_ref().and_then(|b| self.bgp(b, &balancer));
+        let fleet = raw.fleet.as_ref().and_then(|f| self.fleet(f));
+        if fleet.is_some() && api.state_file.is_some() {
+            self.problem(
+                "api.state_file",
+                "with [fleet] the fleet holds the VIPs (fleet.cache_file keeps the revision applied last): remove api.state_file",
+            );
+        }
         let config = Config {
             balancer,
             metrics,
@@ -1765,6 +1793,7 @@ impl Validator {
             log_level,
             log_format,
             bgp,
+            fleet,
             vips,
         };
         self.whole(&config, &index);
@@ -1900,6 +1929,103 @@ impl Validator {
                 ),
             );
         }
+    }
+
+    fn fleet(&mut self, raw: &RawFleet) -> Option<crate::fleet::FleetSettings> {
+        use crate::fleet::{self, FleetSettings};
+        let before = self.problems.len();
+        if raw.endpoints.is_empty() {
+            self.problem(
+                "fleet.endpoints",
+                "missing: list the etcd members' client URLs, e.g. [\"https://10.0.0.21:2379\"]",
+            );
+        }
+        let tls = raw.ca_file.is_some() || raw.cert_file.is_some();
+        let mut endpoints = Vec::new();
+        for (i, e) in raw.endpoints.iter().enumerate() {
+            match fleet::endpoint_url(e, tls) {
+                Ok(url) => endpoints.push(url),
+                Err(message) => self.problem(format!("fleet.endpoints[{i}]"), message),
+            }
+        }
+        let prefix = match raw.prefix.as_deref() {
+            None => {
+                self.problem(
+                    "fleet.prefix",
+                    "missing: give the fleet's key prefix in etcd, e.g. \"/lb/edge-1\"",
+                );
+                String::new()
+            }
+            Some(p) => match fleet::check_prefix(p) {
+                Ok(()) => p.to_string(),
+                Err(message) => {
+                    self.problem("fleet.prefix", message);
+                    String::new()
+                }
+            },
+        };
+        let name = match raw.name.clone().or_else(fleet::host_name) {
+            None => {
+                self.problem(
+                    "fleet.name",
+                    "missing: this host has no host name to default to; give the balancer's name",
+                );
+                String::new()
+            }
+            Some(n) => match fleet::check_name(&n) {
+                Ok(()) => n,
+                Err(message) => {
+                    self.problem("fleet.name", message);
+                    String::new()
+                }
+            },
+        };
+        let lease_ttl = self
+            .seconds("fleet.lease_ttl", raw.lease_ttl, (2.0, 60.0))
+            .unwrap_or(fleet::DEFAULT_LEASE_TTL);
+        let cache_file = self.file("fleet.cache_file", &raw.cache_file);
+        let ca_file = self.file("fleet.ca_file", &raw.ca_file);
+        let cert_file = self.file("fleet.cert_file", &raw.cert_file);
+        let key_file = self.file("fleet.key_file", &raw.key_file);
+        if cert_file.is_some() != key_file.is_some() {
+            self.problem(
+                if cert_file.is_some() {
+                    "fleet.key_file"
+                } else {
+                    "fleet.cert_file"
+                },
+                "missing: a client certificate needs both cert_file and key_file",
+            );
+        }
+        let password_file = self.file("fleet.password_file", &raw.password_file);
+        if raw.user.is_some() != password_file.is_some() {
+            self.problem(
+                if raw.user.is_some() {
+                    "fleet.password_file"
+                } else {
+                    "fleet.user"
+                },
+                "missing: etcd authentication needs both user and password_file",
+            );
+        }
+        if let Some(u) = &raw.user
+            && (u.is_empty() || u.chars().any(char::is_control))
+        {
+            self.problem("fleet.user", format!("{u:?} is not an etcd user name"));
+        }
+        if self.problems.len() > before {
+            return None;
+        }
+        Some(FleetSettings {
+            endpoints,
+            prefix,
+            name,
+            lease_ttl,
+            cache_file,
+            ca_file,
+            client_cert: cert_file.zip(key_file),
+            user: raw.user.clone().zip(password_file),
+        })
     }
 
     fn bgp(&mut self, raw: &RawBgp, balancer: &BalancerSettings) -> Option<BgpSettings> {
@@ -2951,6 +3077,77 @@ mod tests {
             "conntrack.sweep_interval",
             "out of range",
         );
+    }
+
+    #[test]
+    fn the_fleet_section_is_validated() {
+        let fleet = |body: &str| {
+            with(
+                "mtu = 1500",
+                &format!("mtu = 1500\n[fleet]\n{body}\n[api]\n"),
+            )
+        };
+        let ok = parse(
+            &fleet("endpoints = [\"10.0.0.21:2379\", \"https://10.0.0.22:2379\"]\nprefix = \"/lb/edge\"\nname = \"lb-1\"\nca_file = \"/etc/lb/etcd-ca.pem\"\nlease_ttl = 3"),
+            "t",
+        )
+        .unwrap();
+        let f = ok.fleet.unwrap();
+        assert_eq!(
+            f.endpoints,
+            ["https://10.0.0.21:2379", "https://10.0.0.22:2379"]
+        );
+        assert_eq!(f.lease_ttl, Duration::from_secs(3));
+        assert_eq!(f.member_key(), "/lb/edge/members/lb-1");
+        assert!(parse(GOOD, "t").unwrap().fleet.is_none());
+        assert_problem(&fleet("prefix = \"/lb\""), "fleet.endpoints", "missing");
+        assert_problem(
+            &fleet("endpoints = [\"x\"]\nprefix = \"/lb\""),
+            "fleet.endpoints[0]",
+            "HOST:PORT",
+        );
+        assert_problem(&fleet("endpoints = [\"x:1\"]"), "fleet.prefix", "missing");
+        assert_problem(
+            &fleet("endpoints = [\"x:1\"]\nprefix = \"lb/\""),
+            "fleet.prefix",
+            "not a key prefix",
+        );
+        assert_problem(
+            &fleet("endpoints = [\"x:1\"]\nprefix = \"/lb\"\nname = \"a b\""),
+            "fleet.name",
+            "not a member name",
+        );
+        assert_problem(
+            &fleet("endpoints = [\"x:1\"]\nprefix = \"/lb\"\nlease_ttl = 1"),
+            "fleet.lease_ttl",
+            "",
+        );
+        assert_problem(
+            &fleet("endpoints = [\"x:1\"]\nprefix = \"/lb\"\ncert_file = \"/c\""),
+            "fleet.key_file",
+            "both",
+        );
+        assert_problem(
+            &fleet("endpoints = [\"x:1\"]\nprefix = \"/lb\"\nuser = \"lb\""),
+            "fleet.password_file",
+            "both",
+        );
+        let unknown = parse(
+            &fleet("endpoints = [\"x:1\"]\nprefix = \"/lb\"\nsecret = 1"),
+            "t",
+        )
+        .unwrap_err();
+        assert!(
+            unknown.to_string().contains("unknown field `secret`"),
+            "{unknown}"
+        );
+        let both = fleet("endpoints = [\"x:1\"]\nprefix = \"/lb\"")
+            .replace("[api]\n", "[api]\nstate_file = \"/var/lib/lb/s.toml\"\n");
+        assert_problem(&both, "api.state_file", "remove api.state_file");
+        // A reload cannot join or leave a fleet.
+        let a = parse(GOOD, "t").unwrap();
+        let b = parse(&fleet("endpoints = [\"x:1\"]\nprefix = \"/lb\""), "t").unwrap();
+        assert!(reload_problems(&a, &b).iter().any(|p| p.field == "fleet"));
     }
 
     #[test]
