@@ -6,6 +6,7 @@
 //! that lacks it fails with a message saying so; it never passes silently.
 
 pub mod capture;
+pub mod etcd;
 pub mod fixture;
 pub mod frames;
 pub mod fuzz;

@@ -48,14 +48,24 @@ pub struct Proposal {
     pub pending: PendingChange,
 }
 
-/// Connects to the fleet's etcd (TLS and authentication as configured).
-/// The connection itself is lazy; the first request tells whether etcd
-/// answers, except with a user, whose token is fetched here.
-pub async fn connect(settings: &FleetSettings) -> Result<Client> {
+/// Connects to one of the fleet's etcd members, `endpoint` (TLS and
+/// authentication as configured). The connection itself is lazy; the
+/// first request tells whether the member answers, except with a user,
+/// whose token is fetched here.
+///
+/// One member at a time, not a client balanced over all of them: such a
+/// client keeps sending some requests to a member that died, and every
+/// one of those fails. A session that fails moves on to the next member
+/// instead ([`Agent::run`]), and a read at start-up or for a status tries
+/// them in turn.
+pub async fn connect(settings: &FleetSettings, endpoint: &str) -> Result<Client> {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(REQUEST_TIMEOUT)
         .with_keep_alive(Duration::from_secs(1), REQUEST_TIMEOUT)
-        .with_keep_alive_while_idle(true);
+        .with_keep_alive_while_idle(true)
+        // A member that lost its quorum answers with an error (and the
+        // session moves on) instead of leaving watches silent.
+        .with_require_leader(true);
     if settings.ca_file.is_some() || settings.client_cert.is_some() {
         let mut tls = TlsOptions::new();
         if let Some(ca) = &settings.ca_file {
@@ -77,13 +87,10 @@ pub async fn connect(settings: &FleetSettings) -> Result<Client> {
             .with_context(|| format!("reading fleet.password_file {}", file.display()))?;
         options = options.with_user(user.clone(), password.trim_end_matches(['\n', '\r']));
     }
-    tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        Client::connect(&settings.endpoints, Some(options)),
-    )
-    .await
-    .map_err(|_| anyhow!("etcd did not answer within {REQUEST_TIMEOUT:?}"))?
-    .with_context(|| format!("connecting to etcd at {}", settings.endpoints.join(", ")))
+    tokio::time::timeout(REQUEST_TIMEOUT, Client::connect([endpoint], Some(options)))
+        .await
+        .map_err(|_| anyhow!("etcd at {endpoint} did not answer within {REQUEST_TIMEOUT:?}"))?
+        .with_context(|| format!("connecting to etcd at {endpoint}"))
 }
 
 /// `f` within [`REQUEST_TIMEOUT`].
@@ -102,7 +109,24 @@ async fn timed<T>(
 /// `seed` with a create-only transaction. An error when etcd does not
 /// answer (the caller falls back to its cache file).
 pub async fn initial(settings: &FleetSettings, seed: &str) -> Result<(u64, Vec<u8>, bool)> {
-    let mut client = connect(settings).await?;
+    let mut last = anyhow!("no etcd endpoint");
+    for e in &settings.endpoints {
+        match connect(settings, e).await {
+            Ok(mut client) => match initial_from(&mut client, settings, seed).await {
+                Ok(v) => return Ok(v),
+                Err(err) => last = err.context(format!("etcd at {e}")),
+            },
+            Err(err) => last = err,
+        }
+    }
+    Err(last)
+}
+
+async fn initial_from(
+    client: &mut Client,
+    settings: &FleetSettings,
+    seed: &str,
+) -> Result<(u64, Vec<u8>, bool)> {
     let key = settings.desired_key();
     let txn = Txn::new()
         .when(vec![Compare::create_revision(
@@ -137,6 +161,8 @@ pub struct Agent {
     delivered: u64,
     /// The status last written.
     published: Option<MemberStatus>,
+    /// The member of `settings.endpoints` the next session talks to.
+    endpoint: usize,
 }
 
 impl Agent {
@@ -156,16 +182,21 @@ impl Agent {
             proposals,
             delivered: revision,
             published: None,
+            endpoint: 0,
         }
     }
 
     /// Runs sessions with etcd until the controller stops.
     pub async fn run(mut self) {
         loop {
-            let error = match self.session().await {
+            let endpoint =
+                self.settings.endpoints[self.endpoint % self.settings.endpoints.len()].clone();
+            let error = match self.session(&endpoint).await {
                 Ok(()) => return,
                 Err(e) => format!("{e:#}"),
             };
+            // The next session tries the next member.
+            self.endpoint += 1;
             let was = {
                 let mut l = self.link.lock().unwrap();
                 let was = l.connected;
@@ -201,7 +232,7 @@ impl Agent {
         if !l.connected {
             l.connected = true;
             l.error = None;
-            tracing::info!(endpoints = %self.settings.endpoints.join(", "), "talking to etcd");
+            tracing::info!("talking to etcd again");
         }
         l.last_contact = Some(Instant::now());
     }
@@ -212,8 +243,8 @@ impl Agent {
 
     /// One session: a lease, the document, a watch; ends with an error
     /// when etcd does not answer (or `Ok` when the controller stopped).
-    async fn session(&mut self) -> Result<()> {
-        let mut client = connect(&self.settings).await?;
+    async fn session(&mut self, endpoint: &str) -> Result<()> {
+        let mut client = connect(&self.settings, endpoint).await?;
         let ttl = self.settings.lease_ttl.as_secs().max(1) as i64;
         let lease = timed("granting the member's lease", client.lease_grant(ttl, None))
             .await?
@@ -418,7 +449,20 @@ fn unreachable(error: &str) -> ControllerError {
 
 /// Every live member's status, read from etcd.
 pub async fn members(settings: &FleetSettings) -> Result<Vec<MemberStatus>> {
-    let mut client = connect(settings).await?;
+    let mut last = anyhow!("no etcd endpoint");
+    for e in &settings.endpoints {
+        match connect(settings, e).await {
+            Ok(mut client) => match members_from(&mut client, settings).await {
+                Ok(v) => return Ok(v),
+                Err(err) => last = err.context(format!("etcd at {e}")),
+            },
+            Err(err) => last = err,
+        }
+    }
+    Err(last)
+}
+
+async fn members_from(client: &mut Client, settings: &FleetSettings) -> Result<Vec<MemberStatus>> {
     let resp = timed(
         "reading the fleet's members",
         client.get(

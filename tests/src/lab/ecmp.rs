@@ -97,9 +97,25 @@ pub struct EcmpLab {
     pub backends: Vec<LabBackend>,
     pub client: Netns,
     pub router: Netns,
+    /// With a fleet ([`EcmpLab::start_fleet`]): its etcd cluster, one
+    /// member per address of [`ETCD_HOSTS`] in a namespace of its own on
+    /// the balancers' switch.
+    pub etcd: Option<crate::etcd::EtcdCluster>,
+    _etcd_ns: Option<Netns>,
     switch: Netns,
     dir: PathBuf,
 }
+
+/// The addresses of the fleet lab's etcd members (in 10.201.0.20/30, which
+/// [`EcmpLab::cut_etcd`] drops).
+pub const ETCD_HOSTS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(10, 201, 0, 21),
+    Ipv4Addr::new(10, 201, 0, 22),
+    Ipv4Addr::new(10, 201, 0, 23),
+];
+
+/// The fleet lab's `fleet.lease_ttl`, seconds.
+pub const FLEET_LEASE_TTL: u64 = 3;
 
 /// Ends (SIGTERM) the process whose pid file is `pid` (a BIRD, or the BIRD
 /// guard), if it runs.
@@ -118,6 +134,29 @@ impl EcmpLab {
     /// weight; `vip_extra` is appended to every `[[vip]]` (e.g. health
     /// checks). Returns once the router has a path through every balancer.
     pub fn start(balancers: usize, weights: &[u32], vip_extra: &str) -> Result<EcmpLab> {
+        Self::start_with(balancers, weights, vip_extra, 0)
+    }
+
+    /// [`EcmpLab::start`] with the balancers in one fleet: an etcd cluster
+    /// of `etcd_members` members (from Debian's package) on the switch,
+    /// and a `[fleet]` section in every balancer's config (prefix
+    /// `/lb/LAB`, member names `lb1`, `lb2`, ..., lease
+    /// [`FLEET_LEASE_TTL`]).
+    pub fn start_fleet(
+        balancers: usize,
+        weights: &[u32],
+        vip_extra: &str,
+        etcd_members: usize,
+    ) -> Result<EcmpLab> {
+        Self::start_with(balancers, weights, vip_extra, etcd_members)
+    }
+
+    fn start_with(
+        balancers: usize,
+        weights: &[u32],
+        vip_extra: &str,
+        etcd_members: usize,
+    ) -> Result<EcmpLab> {
         require_root();
         let lbd = lbd_path()?;
         let switch = Netns::new("lab-sw")?;
@@ -191,6 +230,21 @@ impl EcmpLab {
         )?;
 
         let (services, decaps) = start_backends(&backends, &lbd, &dir)?;
+        let (etcd, etcd_ns) = if etcd_members > 0 {
+            let ns = Netns::new("lab-etcd")?;
+            host_link(&switch, &ns, "v-etcd", BACKEND_MTU)?;
+            ns.ip(&["link", "set", "lo", "up"])?;
+            let hosts = &ETCD_HOSTS[..etcd_members.min(ETCD_HOSTS.len())];
+            for h in hosts {
+                ns.ip(&["addr", "add", &format!("{h}/24"), "dev", "eth0"])?;
+            }
+            (
+                Some(crate::etcd::EtcdCluster::start_in(&ns, hosts)?),
+                Some(ns),
+            )
+        } else {
+            (None, None)
+        };
         let mut lab = EcmpLab {
             lbd_bin: lbd,
             vip_extra: vip_extra.to_string(),
@@ -200,6 +254,8 @@ impl EcmpLab {
             backends,
             client,
             router,
+            etcd,
+            _etcd_ns: etcd_ns,
             switch,
             dir,
         };
@@ -218,6 +274,15 @@ impl EcmpLab {
                 "[bgp]\nlocal_as = {BALANCER_AS}\nhold_time = 3\ndead_after = {DEAD_AFTER_SECS}\nbird_dir = \"{}\"\nneighbors = [\n  {{ address = \"{ROUTER_V4}\", as = {ROUTER_AS} }},\n  {{ address = \"{ROUTER_V6}\", as = {ROUTER_AS} }},\n]\n",
                 b.bird_dir().display()
             );
+            if let Some(etcd) = &lab.etcd {
+                text += &format!(
+                    "[fleet]\nendpoints = {:?}\nprefix = \"/lb/{}\"\nname = \"{}\"\nlease_ttl = {FLEET_LEASE_TTL}\ncache_file = \"{}\"\n",
+                    etcd.endpoints(),
+                    lab.switch.name(),
+                    b.name,
+                    b.dir.join("fleet-cache.toml").display()
+                );
+            }
             fs::write(b.config_path(), text)?;
             fs::write(b.dir.join("tokens"), format!("lab {}\n", super::API_TOKEN))?;
             lab.start_balancer(i)?;
@@ -320,6 +385,19 @@ impl EcmpLab {
     /// Restarts balancer `i`'s lbd: SIGTERM (its data plane and BIRD's
     /// announcements stay), then a new lbd that adopts the state.
     pub fn restart_balancer(&mut self, i: usize) -> Result<()> {
+        self.terminate_balancer(i)?;
+        self.start_balancer(i)
+    }
+
+    /// Balancer `i`'s lbd's pid, while it runs.
+    pub fn lbd_pid(&self, i: usize) -> Option<u32> {
+        self.balancers[i].lbd.as_ref().map(|c| c.id())
+    }
+
+    /// Stops balancer `i`'s lbd with SIGTERM: its data plane keeps
+    /// forwarding from the pinned state (and BIRD keeps announcing) until
+    /// [`EcmpLab::start_balancer`] adopts it.
+    pub fn terminate_balancer(&mut self, i: usize) -> Result<()> {
         let b = &mut self.balancers[i];
         let mut child = b.lbd.take().context("lbd is not running")?;
         // SAFETY: kill(2) on our own child's pid.
@@ -332,7 +410,7 @@ impl EcmpLab {
                 b.lbd_log()
             );
         }
-        self.start_balancer(i)
+        Ok(())
     }
 
     /// Rewrites balancer `i`'s config with these backend weights (`None`:
@@ -367,6 +445,33 @@ impl EcmpLab {
             thread::sleep(Duration::from_millis(20));
         }
         Ok(())
+    }
+
+    /// Drops (`cut`) or lets through again balancer `i`'s traffic to the
+    /// fleet's etcd members, with nftables in its namespace.
+    pub fn cut_etcd(&self, i: usize, cut: bool) -> Result<()> {
+        let ns = &self.balancers[i].ns;
+        if cut {
+            ns.exec(
+                "nft",
+                &[
+                    "add table inet lbt_cut; add chain inet lbt_cut out { type filter hook output priority 0; }; add rule inet lbt_cut out ip daddr 10.201.0.20/30 drop",
+                ],
+            )?;
+        } else {
+            ns.exec("nft", &["delete table inet lbt_cut"])?;
+        }
+        Ok(())
+    }
+
+    /// The fleet's key prefix in etcd.
+    pub fn fleet_prefix(&self) -> String {
+        format!("/lb/{}", self.switch.name())
+    }
+
+    /// Balancer `i`'s API socket.
+    pub fn api_socket(&self, i: usize) -> PathBuf {
+        self.balancers[i].dir.join("api.sock")
     }
 
     /// The router's next hops for `vip` (empty: no route).
