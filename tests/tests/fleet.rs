@@ -428,3 +428,261 @@ fn a_fleet_shares_one_desired_state_through_changes_and_failures() {
     assert!(report.failures().is_empty(), "{:?}", report.failures());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+const LOAD: &str =
+    "[vip.load]\nmetrics_port = 80\nscrape_interval = 1\nrecovery = 1\nstale_after = 3\n";
+const HEALTH: &str = "[vip.health]\ncheck = \"http\"\nport = 80\npath = \"/health\"\ninterval = 0.3\ntimeout = 0.3\nrise = 2\nfall = 2\n";
+
+/// Each balancer's fleet metrics and fleet log lines, for a failure.
+fn fleet_debug(lab: &EcmpLab) -> String {
+    let mut out = String::new();
+    for i in 0..lab.balancers.len() {
+        out += &format!("--- lb{}\n", i + 1);
+        for l in lab.metrics(i).unwrap_or_default().lines() {
+            if l.starts_with("lb_fleet") || l.starts_with("lb_load_reports") {
+                out += &format!("{l}\n");
+            }
+        }
+        for l in lab.balancers[i].lbd_log().lines() {
+            if l.contains("fleet") || l.contains("leader") || l.contains("etcd") {
+                out += &format!("{l}\n");
+            }
+        }
+    }
+    out
+}
+
+/// The fleet's steering leader, as balancer `i` sees it.
+fn leader(lab: &EcmpLab, i: usize) -> Option<String> {
+    fleet_status(lab, i)["leader"].as_str().map(str::to_string)
+}
+
+/// One sample of balancer `i`, from one scrape (lbd answers it in one
+/// step of its controller): the revisions its tables were built from
+/// (desired state, steering view) and each table's fingerprint.
+fn sample(lab: &EcmpLab, i: usize) -> Option<((u64, u64), BTreeMap<String, String>)> {
+    let prefix = lab.fleet_prefix();
+    let fleet = [("fleet", prefix.as_str())];
+    let m = lab.metrics(i).ok()?;
+    let revs = (
+        lb_tests::prom::value(&m, "lb_fleet_revision", &fleet)? as u64,
+        lb_tests::prom::value(&m, "lb_fleet_steering_revision", &fleet)? as u64,
+    );
+    let prints = lb_tests::prom::samples(&m)
+        .into_iter()
+        .filter(|s| s.name == "lb_fleet_table_info")
+        .map(|s| (s.labels["vip"].clone(), s.labels["fingerprint"].clone()))
+        .collect();
+    Some((revs, prints))
+}
+
+/// Each VIP's table fingerprint, from balancer `i`'s kernel maps.
+fn kernel_prints(lab: &EcmpLab, i: usize) -> BTreeMap<String, String> {
+    lab.tables(i)
+        .expect("reading the tables")
+        .into_iter()
+        .map(|(vip, (_, addrs))| (vip, lb::fleet::fingerprint(&addrs)))
+        .collect()
+}
+
+/// Redraws every backend's reported queue and KV-cache use every `every`
+/// until `stop`; returns the redraws.
+fn moving_load(
+    controls: &[std::sync::Arc<servers::Control>],
+    every: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) -> u32 {
+    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut n = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        for c in controls {
+            c.set_vllm(6.0 * next(), 0.05 + 0.7 * next());
+        }
+        n += 1;
+        thread::sleep(every);
+    }
+    n
+}
+
+#[test]
+fn a_fleet_steers_by_one_view_through_moving_load_and_a_leader_dying() {
+    let mut lab =
+        EcmpLab::start_fleet(3, &[1, 1, 1, 1], &format!("{HEALTH}{LOAD}"), 3).expect("lab");
+    let controls = lab.controls();
+    for c in &controls {
+        c.set_vllm(1.0, 0.2);
+    }
+    let first = wait("a steering leader", Duration::from_secs(15), &lab, || {
+        leader(&lab, 0).is_some()
+    });
+    let lead = leader(&lab, 0).unwrap();
+    let li: usize = lead.trim_start_matches("lb").parse::<usize>().unwrap() - 1;
+    println!("steering leader {lead} after {:.1} s", first.as_secs_f64());
+    // Only the leader scrapes the load pages.
+    thread::sleep(Duration::from_secs(3));
+    for i in 0..3 {
+        let scrapes = metric(
+            &lab,
+            i,
+            "lb_load_reports_total",
+            &[("source", "scrape"), ("outcome", "accepted")],
+        );
+        let scrapes = if scrapes.is_nan() { 0.0 } else { scrapes };
+        if i == li {
+            assert!(scrapes > 0.0, "the leader scrapes");
+        } else {
+            assert_eq!(scrapes, 0.0, "lb{} is no leader and scrapes", i + 1);
+        }
+    }
+    wait(
+        "the members' tables agreeing",
+        Duration::from_secs(15),
+        &lab,
+        || agree(&lab, &[0, 1, 2]),
+    );
+
+    // Load moving every second for 20 s, traffic through all three:
+    // every sample of two members at the same revisions agrees.
+    let spec = TrafficSpec {
+        targets: vec![
+            (IpAddr::from(lab::VIP_V4), servers::HTTP_PORT).into(),
+            (IpAddr::from(lab::VIP_V6), servers::HTTP_PORT).into(),
+        ],
+        long_lived: 150,
+        interval: Duration::from_millis(100),
+        new_per_second: 20,
+    };
+    let client = lab.client.name().to_string();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let lab_ref = &lab;
+    let ((redraws, compared, disagreed, steering_revs), report) =
+        traffic::run(&client, &spec, Duration::from_secs(1), || {
+            thread::scope(|s| {
+                let load = s.spawn(|| moving_load(&controls, Duration::from_secs(1), &stop));
+                // Each member sampled on its own thread: per member, the
+                // tables at each pair of revisions it held.
+                let samplers: Vec<_> = (0..3)
+                    .map(|i| {
+                        let stop = &stop;
+                        s.spawn(move || {
+                            let mut seen: BTreeMap<(u64, u64), BTreeMap<String, String>> =
+                                BTreeMap::new();
+                            let mut own_disagree = 0;
+                            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                                if let Some((revs, t)) = sample(lab_ref, i) {
+                                    if seen.get(&revs).is_some_and(|x| *x != t) {
+                                        own_disagree += 1;
+                                    }
+                                    seen.insert(revs, t);
+                                }
+                            }
+                            (seen, own_disagree)
+                        })
+                    })
+                    .collect();
+                thread::sleep(Duration::from_secs(20));
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let redraws = load.join().unwrap();
+                let per_member: Vec<_> = samplers.into_iter().map(|h| h.join().unwrap()).collect();
+                let (mut compared, mut disagreed) = (0, 0);
+                let mut revs = std::collections::BTreeSet::new();
+                for (a, (seen, own)) in per_member.iter().enumerate() {
+                    disagreed += own;
+                    for (r, t) in seen {
+                        revs.insert(*r);
+                        for (other_seen, _) in &per_member[a + 1..] {
+                            if let Some(other) = other_seen.get(r) {
+                                compared += 1;
+                                if other != t {
+                                    disagreed += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+                (redraws, compared, disagreed, revs.len())
+            })
+        });
+    println!(
+        "load redrawn {redraws} times over 20 s: {steering_revs} revisions (desired state, steering view) sampled; {compared} pairs of members at the same revisions compared, {disagreed} disagreed; traffic: {}",
+        report.summary()
+    );
+    assert!(
+        compared >= 20,
+        "too few comparable samples: {compared}\n{}",
+        fleet_debug(&lab)
+    );
+    assert_eq!(
+        disagreed, 0,
+        "members at the same revisions held different tables"
+    );
+    assert!(
+        steering_revs >= 5,
+        "the weights followed the load: {steering_revs} views"
+    );
+    assert!(report.failures().is_empty(), "{:?}", report.failures());
+    // What the members say of their tables is what their kernel maps hold.
+    wait(
+        "the members' kernel tables agreeing",
+        Duration::from_secs(15),
+        &lab,
+        || agree(&lab, &[0, 1, 2]),
+    );
+    for i in 0..3 {
+        let said: BTreeMap<String, String> = sample(&lab, i).expect("a sample").1;
+        let kernel = kernel_prints(&lab, i);
+        // The scrape names VIPs as lbctl does, the maps by protocol number.
+        let said: std::collections::BTreeSet<&String> = said.values().collect();
+        let kernel: std::collections::BTreeSet<&String> = kernel.values().collect();
+        assert_eq!(
+            said,
+            kernel,
+            "lb{}'s fingerprints are its kernel tables'",
+            i + 1
+        );
+    }
+
+    // The leader dies: another member takes over within the lease, and
+    // the takeover itself changes no table.
+    for c in &controls {
+        c.set_vllm(1.0, 0.2);
+    }
+    let others: Vec<usize> = (0..3).filter(|&i| i != li).collect();
+    wait(
+        "the weights settling",
+        Duration::from_secs(20),
+        &lab,
+        || {
+            let a = tables(&lab, others[0]);
+            thread::sleep(Duration::from_secs(2));
+            agree(&lab, &others) && tables(&lab, others[0]) == a
+        },
+    );
+    let before = tables(&lab, others[0]);
+    let t = Instant::now();
+    lab.kill_balancer(li).expect("killing the leader");
+    let takeover = wait(
+        "a new steering leader",
+        Duration::from_secs(15),
+        &lab,
+        || leader(&lab, others[0]).is_some_and(|l| l != lead),
+    );
+    let new_lead = leader(&lab, others[0]).unwrap();
+    // Past the new leader's grace and a few scrapes.
+    thread::sleep(Duration::from_secs(5));
+    let after = tables(&lab, others[0]);
+    println!(
+        "leader {lead} killed: {new_lead} took over after {:.2} s (lease {FLEET_LEASE_TTL} s); tables of the survivors unchanged: {}",
+        takeover.as_secs_f64(),
+        before == after
+    );
+    let _ = t;
+    assert!(agree(&lab, &others));
+    assert_eq!(before, after, "the takeover changed the tables");
+}

@@ -275,7 +275,7 @@ impl PendingChange {
 /// agent knows of etcd.
 pub struct FleetLink {
     pub settings: crate::fleet::FleetSettings,
-    pub proposals: mpsc::Sender<crate::fleet::agent::Proposal>,
+    pub proposals: mpsc::Sender<crate::fleet::agent::ToAgent>,
     pub link: crate::fleet::SharedLink,
 }
 
@@ -287,6 +287,11 @@ pub struct FleetInfo {
     pub link: crate::fleet::LinkState,
     pub revision: u64,
     pub tables: BTreeMap<String, String>,
+    /// The etcd revision of the steering view the tables were built from
+    /// (0: none yet).
+    pub steering_revision: u64,
+    /// Backends the safety net took out since lbd started.
+    pub divergences: u64,
 }
 
 /// Everything the metrics endpoint exports, read in one request.
@@ -372,6 +377,13 @@ enum Request {
     },
     /// A change that lost a race in etcd, to be worked out again.
     Resubmit(Box<PendingChange>, u32),
+    /// The fleet's steering view (JSON), as the leader published it, and
+    /// its etcd revision.
+    FleetSteering(u64, Vec<u8>),
+    /// The members' health verdicts.
+    FleetHealth(BTreeMap<String, crate::fleet::HealthDoc>),
+    /// This member became (or stopped being) the steering leader.
+    FleetLeader(bool),
     /// The applied revision and each VIP's table fingerprint.
     FleetTables(oneshot::Sender<(u64, BTreeMap<String, String>)>),
     FleetInfo(oneshot::Sender<Option<FleetInfo>>),
@@ -517,6 +529,32 @@ impl ControllerHandle {
         }
     }
 
+    /// Hands the controller the fleet's steering view (the agent does).
+    pub async fn fleet_steering(&self, revision: u64, doc: Vec<u8>) -> Result<(), ControllerError> {
+        self.send(Request::FleetSteering(revision, doc)).await
+    }
+
+    /// Hands the controller the members' health verdicts.
+    pub async fn fleet_health(
+        &self,
+        docs: BTreeMap<String, crate::fleet::HealthDoc>,
+    ) -> Result<(), ControllerError> {
+        self.send(Request::FleetHealth(docs)).await
+    }
+
+    /// Tells the controller that this member leads the fleet's steering
+    /// now, or no longer.
+    pub async fn fleet_leader(&self, leads: bool) -> Result<(), ControllerError> {
+        self.send(Request::FleetLeader(leads)).await
+    }
+
+    async fn send(&self, req: Request) -> Result<(), ControllerError> {
+        self.tx
+            .send(req)
+            .await
+            .map_err(|_| ControllerError::Stopped)
+    }
+
     /// The applied revision and each VIP's table fingerprint.
     pub async fn fleet_tables(&self) -> Result<(u64, BTreeMap<String, String>), ControllerError> {
         self.ask(Request::FleetTables).await
@@ -605,7 +643,55 @@ pub struct Controller {
     /// The tables' fingerprints, and the count of switched tables they
     /// were worked out at.
     fingerprints: Option<(u64, BTreeMap<String, String>)>,
+    /// The fleet's steering (see [`FleetSteer`]).
+    fsteer: FleetSteer,
 }
+
+/// How a VIP's weights are decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SteerMode {
+    /// Standalone: by this member's own health checks and load reports.
+    Own,
+    /// The fleet's steering leader: by its own load scrapes and the
+    /// members' combined health verdicts, published for every member.
+    Lead,
+    /// A fleet member: by the leader's published view (and nothing, while
+    /// there is no leader: the tables stay as they are).
+    Follow,
+    /// A fleet member cut off from etcd: the last view, with the backends
+    /// its own health checks see down taken out (the safety net).
+    SafetyNet,
+}
+
+/// The fleet's steering, on one member (see [`crate::fleet`]).
+#[derive(Default)]
+struct FleetSteer {
+    /// The steering view as last received (and applied), and its etcd
+    /// revision.
+    view: Option<crate::fleet::SteeringDoc>,
+    view_revision: u64,
+    /// The members' health verdicts (the leader combines them).
+    health: BTreeMap<String, crate::fleet::HealthDoc>,
+    /// While this member leads: since when.
+    leading: Option<Instant>,
+    /// The leader's own plans, per VIP (what it publishes).
+    plans: BTreeMap<VipAddr, BTreeMap<IpAddr, crate::steering::Target>>,
+    /// Something to publish (a plan changed, a new revision).
+    due: bool,
+    /// The view this member published last, as leader.
+    published: Option<crate::fleet::SteeringDoc>,
+    /// This member's health verdicts as last handed to the agent.
+    health_sent: Option<String>,
+    /// Backends the safety net took out, while cut off from etcd.
+    diverged: std::collections::BTreeSet<(VipAddr, IpAddr)>,
+    /// Backends the safety net took out since lbd started.
+    divergences: u64,
+}
+
+/// How long a new steering leader waits before it publishes load-driven
+/// weights: its load scrapes start when it takes over, and until they
+/// report it would publish full weights.
+const TAKEOVER_GRACE: Duration = Duration::from_secs(3);
 
 /// A change worked out and validated, not yet committed.
 struct WorkedOut {
@@ -670,6 +756,7 @@ impl Controller {
             fleet: None,
             fleet_seen: 0,
             fingerprints: None,
+            fsteer: FleetSteer::default(),
         };
         let mut controller = controller;
         controller.note_drains();
@@ -782,7 +869,10 @@ impl Controller {
                 if let Some(c) = v.health_check(b) {
                     checks.insert((b.addr, c));
                 }
-                if let Some(t) = v.load_policy(b).and_then(|p| p.scrape) {
+                // In a fleet only the steering leader scrapes.
+                if let Some(t) = v.load_policy(b).and_then(|p| p.scrape)
+                    && (self.fleet.is_none() || self.fsteer.leading.is_some())
+                {
                     // One scrape per node: its first VIP's target.
                     scrapes.entry(b.addr).or_insert(t);
                 }
@@ -856,14 +946,280 @@ impl Controller {
             if v.scheduler == Scheduler::LeastLoad {
                 self.update_scores(v);
             }
-            // Table positions the churn hold kept move once it allows.
-            let _cause = tracing::info_span!("change", cause = "churn hold over").entered();
-            if let Err(e) = self.dp.release_held(&v.addr) {
-                tracing::error!(vip = %v.addr, error = %format!("{e:#}"), "moving held table positions failed");
+            // Table positions the churn hold kept move once it allows (in
+            // a fleet, when the leader's clock says so).
+            if self.fleet.is_none() {
+                let _cause = tracing::info_span!("change", cause = "churn hold over").entered();
+                if let Err(e) = self.dp.release_held(&v.addr) {
+                    tracing::error!(vip = %v.addr, error = %format!("{e:#}"), "moving held table positions failed");
+                }
             }
         }
         self.config.vips = vips;
         self.announce_if_due();
+        if self.fleet.is_some() {
+            self.safety_net();
+            self.send_health();
+            self.publish_steering();
+        }
+    }
+
+    /// How this member's weights are decided now.
+    fn steer_mode(&self) -> SteerMode {
+        let Some(f) = &self.fleet else {
+            return SteerMode::Own;
+        };
+        let l = f.link.lock().unwrap();
+        if !l.connected {
+            SteerMode::SafetyNet
+        } else if l.is_leader && self.fsteer.leading.is_some() {
+            SteerMode::Lead
+        } else {
+            SteerMode::Follow
+        }
+    }
+
+    /// The targets of `vip` by the fleet's steering view (backends of the
+    /// VIP only; those the view lacks get the data plane's defaults), with
+    /// the safety net's backends taken out while cut off from etcd.
+    fn view_targets(&self, vip: &Vip) -> BTreeMap<IpAddr, crate::steering::Target> {
+        let key = vip.addr.to_string();
+        let mut targets: BTreeMap<IpAddr, crate::steering::Target> = self
+            .fsteer
+            .view
+            .as_ref()
+            .and_then(|d| d.vips.get(&key))
+            .map(|s| {
+                s.targets
+                    .iter()
+                    .filter(|(b, _)| vip.backends.iter().any(|x| x.addr == **b))
+                    .map(|(b, t)| (*b, *t))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (v, b) in &self.fsteer.diverged {
+            if *v == vip.addr
+                && let Some(t) = targets.get_mut(b)
+            {
+                t.down = true;
+            }
+        }
+        targets
+    }
+
+    /// The VIP's shed share by the fleet's steering view.
+    fn view_shed(&self, vip: &VipAddr) -> f64 {
+        self.fsteer
+            .view
+            .as_ref()
+            .and_then(|d| d.vips.get(&vip.to_string()))
+            .map_or(0.0, |s| s.shed)
+    }
+
+    /// Applies the fleet's steering view, as published by the leader:
+    /// every member builds every table from the same targets with the same
+    /// clock, so that their tables agree entry for entry.
+    fn apply_view(&mut self, doc: crate::fleet::SteeringDoc) {
+        if self.fsteer.view.as_ref() == Some(&doc) {
+            return;
+        }
+        let _cause = tracing::info_span!("change", cause = "fleet steering").entered();
+        self.dp.pin_table_clock(doc.at);
+        self.fsteer.view = Some(doc);
+        let vips = std::mem::take(&mut self.config.vips);
+        for v in &vips {
+            let targets = self.view_targets(v);
+            let result = self
+                .dp
+                .set_vip_targets(v, &targets)
+                .and_then(|()| self.dp.release_held(&v.addr).map(drop))
+                .and_then(|()| {
+                    self.dp
+                        .set_vip_shed(&v.addr, self.view_shed(&v.addr))
+                        .map(drop)
+                });
+            if let Err(e) = result {
+                tracing::error!(vip = %v.addr, error = %format!("{e:#}"), "applying the fleet's steering view failed");
+            }
+        }
+        self.config.vips = vips;
+    }
+
+    /// Cut off from etcd: takes the backends this member's own health
+    /// checks see down out of its table (counted and logged as a
+    /// divergence from the fleet); back with etcd, the leader's view rules
+    /// again.
+    fn safety_net(&mut self) {
+        let cut_off = self.steer_mode() == SteerMode::SafetyNet;
+        let mut now_diverged = std::collections::BTreeSet::new();
+        if cut_off {
+            for v in &self.config.vips {
+                for b in &v.backends {
+                    let down = self
+                        .steering
+                        .backend_view(v, b.addr)
+                        .and_then(|x| x.health)
+                        .is_some_and(|h| !h.up);
+                    if down {
+                        now_diverged.insert((v.addr, b.addr));
+                    }
+                }
+            }
+        }
+        if now_diverged == self.fsteer.diverged {
+            return;
+        }
+        for (v, b) in now_diverged.difference(&self.fsteer.diverged) {
+            self.fsteer.divergences += 1;
+            tracing::warn!(vip = %v, backend = %b, "cut off from etcd, this member's own health check sees the backend down: out of this member's table (a divergence from the fleet until etcd answers again)");
+        }
+        let changed: std::collections::BTreeSet<VipAddr> = now_diverged
+            .symmetric_difference(&self.fsteer.diverged)
+            .map(|(v, _)| *v)
+            .collect();
+        self.fsteer.diverged = now_diverged;
+        let vips = std::mem::take(&mut self.config.vips);
+        for v in vips.iter().filter(|v| changed.contains(&v.addr)) {
+            let targets = self.view_targets(v);
+            let _cause = tracing::info_span!("change", cause = "fleet safety net").entered();
+            if let Err(e) = self.dp.set_vip_targets(v, &targets) {
+                tracing::error!(vip = %v.addr, error = %format!("{e:#}"), "applying the safety net failed");
+            }
+        }
+        self.config.vips = vips;
+    }
+
+    /// Hands the agent this member's health verdicts when they changed.
+    fn send_health(&mut self) {
+        let mut doc = crate::fleet::HealthDoc::new();
+        for v in &self.config.vips {
+            for b in &v.backends {
+                if v.health_check(b).is_none() {
+                    continue;
+                }
+                if let Some(h) = self.steering.backend_view(v, b.addr).and_then(|x| x.health) {
+                    doc.entry(v.addr.to_string())
+                        .or_default()
+                        .insert(b.addr, h.up);
+                }
+            }
+        }
+        let text = serde_json::to_string(&doc).expect("plain data");
+        if self.fsteer.health_sent.as_ref() == Some(&text) {
+            return;
+        }
+        if let Some(f) = &self.fleet
+            && f.proposals
+                .try_send(crate::fleet::agent::ToAgent::Health(text.clone()))
+                .is_ok()
+        {
+            self.fsteer.health_sent = Some(text);
+        }
+    }
+
+    /// As steering leader: publishes the fleet's steering view when a plan
+    /// changed, the desired revision is new, or held table positions may
+    /// move (a new clock for everyone).
+    fn publish_steering(&mut self) {
+        if self.steer_mode() != SteerMode::Lead {
+            return;
+        }
+        let (Some(since), Some(fleet)) = (self.fsteer.leading, &self.fleet) else {
+            return;
+        };
+        let now = crate::dataplane::tables::unix_now();
+        let new_revision = self
+            .fsteer
+            .published
+            .as_ref()
+            .or(self.fsteer.view.as_ref())
+            .is_none_or(|d| d.desired_revision != self.revision);
+        let release = self
+            .config
+            .vips
+            .iter()
+            .any(|v| self.dp.held_until(&v.addr).is_some_and(|t| t <= now));
+        if since.elapsed() < TAKEOVER_GRACE && !new_revision {
+            return;
+        }
+        if !self.fsteer.due && !release && !new_revision {
+            return;
+        }
+        let quorum = fleet.settings.down_quorum;
+        let vips = self
+            .config
+            .vips
+            .iter()
+            .map(|v| {
+                let key = v.addr.to_string();
+                let mut targets = self.fsteer.plans.get(&v.addr).cloned().unwrap_or_default();
+                targets.retain(|b, _| v.backends.iter().any(|x| x.addr == *b));
+                for (b, t) in targets.iter_mut() {
+                    if let Some(down) =
+                        crate::fleet::fleet_down(&self.fsteer.health, &key, *b, quorum)
+                    {
+                        t.down = down;
+                    }
+                }
+                let shed = self.steering.vip_view(&v.addr).shed;
+                (key, crate::fleet::VipSteering { targets, shed })
+            })
+            .collect();
+        let doc = crate::fleet::SteeringDoc {
+            leader: fleet.settings.name.clone(),
+            desired_revision: self.revision,
+            at: now,
+            vips,
+        };
+        self.fsteer.due = false;
+        if !release
+            && self
+                .fsteer
+                .published
+                .as_ref()
+                .is_some_and(|p| p.vips == doc.vips && p.desired_revision == doc.desired_revision)
+        {
+            return;
+        }
+        let text = serde_json::to_string(&doc).expect("plain data");
+        if fleet
+            .proposals
+            .try_send(crate::fleet::agent::ToAgent::Steering(text))
+            .is_ok()
+        {
+            self.fsteer.published = Some(doc);
+        } else {
+            self.fsteer.due = true;
+        }
+    }
+
+    /// This member became (or stopped being) the fleet's steering leader.
+    fn fleet_leader(&mut self, leads: bool) {
+        if leads == self.fsteer.leading.is_some() {
+            return;
+        }
+        if leads {
+            tracing::info!(
+                "this member leads the fleet's steering: it scrapes the backends' load and publishes the fleet's weights"
+            );
+            let now = Instant::now();
+            self.fsteer.leading = Some(now);
+            self.fsteer.published = None;
+            // Go on from the last leader's weights.
+            self.fsteer.plans.clear();
+            let vips = std::mem::take(&mut self.config.vips);
+            for v in &vips {
+                let targets = self.view_targets(v);
+                self.steering.adopt(&v.addr, &targets, now);
+                self.fsteer.plans.insert(v.addr, targets);
+            }
+            self.config.vips = vips;
+            self.fsteer.due = self.fsteer.view.is_none();
+        } else {
+            tracing::info!("this member no longer leads the fleet's steering");
+            self.fsteer.leading = None;
+        }
+        self.start_probes();
     }
 
     /// Updates what BGP announces if a stall change asked for it.
@@ -892,7 +1248,8 @@ impl Controller {
         let plan = self.steering.plan(vip, now, force);
         let after = self.steering.vip_view(&vip.addr);
         self.stall_changes(vip);
-        if after.shed != before.shed {
+        let mode = self.steer_mode();
+        if after.shed != before.shed && mode == SteerMode::Own {
             match self.dp.set_vip_shed(&vip.addr, after.shed) {
                 Ok(_) if after.shed > 0.0 && before.shed == 0.0 => tracing::warn!(
                     vip = %vip.addr, share = after.shed, pool_pressure = format!("{:.2}", after.pool_pressure),
@@ -922,6 +1279,18 @@ impl Controller {
             }
         }
         let plan = plan?;
+        match mode {
+            SteerMode::Own => {}
+            SteerMode::Lead => {
+                // Published for every member (this one applies it when it
+                // comes back through the watch).
+                self.steering.applied(&vip.addr, &plan, now);
+                self.fsteer.plans.insert(vip.addr, plan.targets.clone());
+                self.fsteer.due = true;
+                return Some(plan);
+            }
+            SteerMode::Follow | SteerMode::SafetyNet => return None,
+        }
         let _cause = tracing::info_span!("change", cause = %cause).entered();
         match self.dp.set_vip_targets(vip, &plan.targets) {
             Ok(()) => {
@@ -997,6 +1366,7 @@ impl Controller {
         }
         self.config.vips = vips;
         self.announce_if_due();
+        self.publish_steering();
     }
 
     fn handle(&mut self, req: Request) {
@@ -1022,6 +1392,23 @@ impl Controller {
                 document,
                 pending,
             } => self.fleet_revision(revision, &document, pending.map(|p| *p)),
+            Request::FleetSteering(revision, doc) => {
+                match serde_json::from_slice::<crate::fleet::SteeringDoc>(&doc) {
+                    Ok(doc) => {
+                        self.apply_view(doc);
+                        self.fsteer.view_revision = revision;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the fleet's steering view in etcd does not parse; the tables stay as they are")
+                    }
+                }
+            }
+            Request::FleetHealth(docs) => {
+                self.fsteer.health = docs;
+                self.fsteer.due = true;
+                self.publish_steering();
+            }
+            Request::FleetLeader(leads) => self.fleet_leader(leads),
             Request::FleetTables(reply) => {
                 let _ = reply.send((self.revision, self.fingerprints()));
             }
@@ -1281,6 +1668,10 @@ impl Controller {
             self.announce_due = false;
             self.update_announcement();
         }
+        if changed && self.fleet.is_some() {
+            self.send_health();
+            self.publish_steering();
+        }
     }
 
     /// Answers a change request: made here, or (a fleet member's change)
@@ -1341,8 +1732,12 @@ impl Controller {
                             before: w.before,
                         },
                     };
-                    if let Err(e) = fleet.proposals.try_send(proposal) {
-                        e.into_inner().pending.fail(ControllerError::Unavailable(
+                    if let Err(e) = fleet
+                        .proposals
+                        .try_send(crate::fleet::agent::ToAgent::Propose(Box::new(proposal)))
+                        && let crate::fleet::agent::ToAgent::Propose(p) = e.into_inner()
+                    {
+                        p.pending.fail(ControllerError::Unavailable(
                             "the fleet agent has too many changes queued (or stopped); try again"
                                 .into(),
                         ));
@@ -1415,6 +1810,7 @@ impl Controller {
                     tables = self.dp.tables_switched() - flips_before,
                     "fleet revision applied"
                 );
+                self.publish_steering();
                 if let Some(p) = pending {
                     let shares = share_moves(&p.before, &self.table_shares(&p.touched));
                     let _ = p.reply.send(Ok(ChangeOutcome {
@@ -1463,6 +1859,8 @@ impl Controller {
             link: f.link.lock().unwrap().clone(),
             revision: self.revision,
             tables,
+            steering_revision: self.fsteer.view_revision,
+            divergences: self.fsteer.divergences,
         })
     }
 
@@ -1696,10 +2094,33 @@ impl Controller {
         Ok(())
     }
 
-    /// Programs `vips` with the weights steering wants for them.
+    /// Programs `vips` with the weights steering wants for them (in a
+    /// fleet: the fleet's steering view; the leader works out and
+    /// publishes the view for the new VIPs).
     fn program(&mut self, vips: &[Vip]) -> Result<(), DataplaneError> {
         let now = Instant::now();
         self.steering.reconcile(vips, now, |_, _| false);
+        if self.fleet.is_some() {
+            if self.steer_mode() == SteerMode::Lead {
+                for v in vips {
+                    if let Some(p) = self.steering.plan(v, now, true) {
+                        self.steering.applied(&v.addr, &p, now);
+                        self.fsteer.plans.insert(v.addr, p.targets);
+                    }
+                }
+                self.fsteer.due = true;
+            }
+            let targets = vips
+                .iter()
+                .map(|v| (v.addr, self.view_targets(v)))
+                .collect();
+            self.dp.sync_targets(vips, &targets)?;
+            for v in vips {
+                self.dp.set_vip_shed(&v.addr, self.view_shed(&v.addr))?;
+            }
+            self.steering.forget_scores();
+            return Ok(());
+        }
         let plans: BTreeMap<VipAddr, Plan> = vips
             .iter()
             .filter_map(|v| Some((v.addr, self.steering.plan(v, now, true)?)))

@@ -39,10 +39,12 @@
 //!   `lb_bgp_bird_up`, `lb_bgp_session_up{neighbor}`,
 //!   `lb_bgp_routes_exported{neighbor}`, `lb_bgp_announced{address}`.
 //! - With `[fleet]` ([`crate::fleet`]): `lb_fleet_connected`,
-//!   `lb_fleet_last_contact_seconds`, `lb_fleet_revision`,
+//!   `lb_fleet_last_contact_seconds`, `lb_fleet_revision{fleet}`,
 //!   `lb_fleet_revision_refused`, `lb_fleet_revisions_total{outcome}`,
 //!   `lb_fleet_etcd_writes_total{kind}`, `lb_fleet_conflicts_total`,
-//!   `lb_fleet_table_info{vip,fingerprint}`.
+//!   `lb_fleet_table_info{fleet,vip,fingerprint}` (`fleet`: the prefix),
+//!   `lb_fleet_steering_revision{fleet}`, `lb_fleet_leader{fleet}`,
+//!   `lb_fleet_leader_elections_total`, `lb_fleet_divergences_total`.
 //! - `lb_build_info{version,commit,layout}` and the process's own
 //!   `process_*` (CPU, memory, file descriptors, threads, start time).
 //!
@@ -140,6 +142,10 @@ pub const FAMILIES: &[&str] = &[
     "lb_fleet_etcd_writes_total",
     "lb_fleet_conflicts_total",
     "lb_fleet_table_info",
+    "lb_fleet_steering_revision",
+    "lb_fleet_leader",
+    "lb_fleet_leader_elections_total",
+    "lb_fleet_divergences_total",
     "lb_build_info",
 ];
 
@@ -765,11 +771,12 @@ fn fleet_families(f: &mut Families, info: &crate::control::controller::FleetInfo
         )
         .push(gauge(&[], t.elapsed().as_secs_f64()));
     }
+    let fleet = info.settings.prefix.as_str();
     f.gauges(
         "lb_fleet_revision",
-        "The fleet revision (etcd mod_revision of the desired state) whose VIPs this member's tables hold.",
+        "The fleet revision (etcd mod_revision of the desired state) whose VIPs this member's tables hold; fleet: the fleet's key prefix.",
     )
-    .push(gauge(&[], info.revision as f64));
+    .push(gauge(&[("fleet", fleet)], info.revision as f64));
     f.gauges(
         "lb_fleet_revision_refused",
         "1 while the fleet's newest revision is one this member refused (it keeps lb_fleet_revision).",
@@ -783,9 +790,9 @@ fn fleet_families(f: &mut Families, info: &crate::control::controller::FleetInfo
     m.push(counter(&[("outcome", "refused")], l.refused_total));
     let m = f.counters(
         "lb_fleet_etcd_writes_total",
-        "Writes to etcd by kind: desired (a change of the desired state), status (this member's status).",
+        "Writes to etcd by kind: desired (a change of the desired state), status (this member's status), steering (the leader's view), health (this member's health verdicts), leader (won elections).",
     );
-    for kind in ["desired", "status"] {
+    for kind in ["desired", "status", "steering", "health", "leader"] {
         m.push(counter(
             &[("kind", kind)],
             l.writes.get(kind).copied().unwrap_or(0),
@@ -796,12 +803,35 @@ fn fleet_families(f: &mut Families, info: &crate::control::controller::FleetInfo
         "Changes through this member that lost a compare-and-swap race in etcd (worked out again, or 412 with If-Match).",
     )
     .push(counter(&[], l.conflicts));
+    f.gauges(
+        "lb_fleet_steering_revision",
+        "The etcd revision of the fleet's steering view (the leader's weights) this member's tables were built from; 0: none yet.",
+    )
+    .push(gauge(&[("fleet", fleet)], info.steering_revision as f64));
+    f.gauges(
+        "lb_fleet_leader",
+        "1 while this member is the fleet's steering leader (it scrapes the backends' load and publishes the weights).",
+    )
+    .push(gauge(&[("fleet", fleet)], if l.is_leader { 1.0 } else { 0.0 }));
+    f.counters(
+        "lb_fleet_leader_elections_total",
+        "Times this member became the fleet's steering leader.",
+    )
+    .push(counter(&[], l.elected));
+    f.counters(
+        "lb_fleet_divergences_total",
+        "Backends this member took out of its own table while cut off from etcd, because its own health check saw them down (the safety net).",
+    )
+    .push(counter(&[], info.divergences));
     let m = f.gauges(
         "lb_fleet_table_info",
         "1 per VIP with its table's fingerprint (FNV-1a over each entry's backend address): members whose fingerprints agree hold the same table.",
     );
     for (vip, print) in &info.tables {
-        m.push(gauge(&[("vip", vip), ("fingerprint", print)], 1.0));
+        m.push(gauge(
+            &[("fleet", fleet), ("vip", vip), ("fingerprint", print)],
+            1.0,
+        ));
     }
 }
 
@@ -1203,6 +1233,7 @@ mod tests {
                     ca_file: None,
                     client_cert: None,
                     user: None,
+                    down_quorum: 0.5,
                 },
                 link: crate::fleet::LinkState {
                     last_contact: Some(Instant::now()),
@@ -1210,6 +1241,8 @@ mod tests {
                 },
                 revision: 1,
                 tables: BTreeMap::from([(v.addr.to_string(), "0".into())]),
+                steering_revision: 2,
+                divergences: 0,
             }),
         };
         crate::control::reloads::loaded();

@@ -49,18 +49,40 @@ pub struct History {
     pub moved: Vec<u32>,
 }
 
-/// Seconds since the dataplane started, from 1 (0 means "never").
+/// The table clock, in seconds from 1 (0 means "never"): since the
+/// dataplane started; or, for a fleet member, Unix seconds pinned to the
+/// time the fleet's steering leader published (see
+/// [`Clock::pin`]), so that every member's churn hold decides alike.
 #[derive(Clone, Copy, Debug)]
-pub struct Clock(std::time::Instant);
+pub struct Clock {
+    start: std::time::Instant,
+    pinned: Option<u32>,
+}
 
 impl Clock {
     pub fn new() -> Clock {
-        Clock(std::time::Instant::now())
+        Clock {
+            start: std::time::Instant::now(),
+            pinned: None,
+        }
     }
 
     pub fn now(&self) -> u32 {
-        (self.0.elapsed().as_secs() as u32).saturating_add(1)
+        self.pinned
+            .unwrap_or_else(|| (self.start.elapsed().as_secs() as u32).saturating_add(1))
     }
+
+    /// From now on, the clock reads `at` (until pinned again).
+    pub fn pin(&mut self, at: u32) {
+        self.pinned = Some(at.max(1));
+    }
+}
+
+/// Unix seconds now, as the fleet's table clock counts.
+pub fn unix_now() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_secs() as u32)
 }
 
 impl Default for Clock {

@@ -205,6 +205,21 @@ impl Dataplane {
         Ok(true)
     }
 
+    /// Pins the table clock to `at` (Unix seconds): a fleet member builds
+    /// its tables with the steering leader's clock (see
+    /// [`super::tables::Clock::pin`]). Positions moved before the first pin
+    /// count as moved long ago.
+    pub fn pin_table_clock(&mut self, at: u32) {
+        self.clock.pin(at);
+    }
+
+    /// When positions of `vip` the churn hold kept may move (table clock
+    /// seconds; `None`: none is held).
+    pub fn held_until(&self, vip: &VipAddr) -> Option<u32> {
+        let at = self.vips.get(vip)?.moves.release_at;
+        (at != 0).then_some(at)
+    }
+
     /// The share of the table each backend of `vip` would have with
     /// `targets` (backends missing there: full weight, health as they have
     /// it), built as a change would build it and written nowhere: what a

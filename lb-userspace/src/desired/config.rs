@@ -386,6 +386,7 @@ struct RawFleet {
     prefix: Option<String>,
     name: Option<String>,
     lease_ttl: Option<RawNumber>,
+    down_quorum: Option<RawNumber>,
     cache_file: Option<String>,
     ca_file: Option<String>,
     cert_file: Option<String>,
@@ -1984,6 +1985,9 @@ impl Validator {
             .seconds("fleet.lease_ttl", raw.lease_ttl, (2.0, 60.0))
             .unwrap_or(fleet::DEFAULT_LEASE_TTL);
         let cache_file = self.file("fleet.cache_file", &raw.cache_file);
+        let down_quorum = self
+            .number("fleet.down_quorum", raw.down_quorum, (0.0, 0.99))
+            .unwrap_or(fleet::DEFAULT_DOWN_QUORUM);
         let ca_file = self.file("fleet.ca_file", &raw.ca_file);
         let cert_file = self.file("fleet.cert_file", &raw.cert_file);
         let key_file = self.file("fleet.key_file", &raw.key_file);
@@ -2025,6 +2029,7 @@ impl Validator {
             ca_file,
             client_cert: cert_file.zip(key_file),
             user: raw.user.clone().zip(password_file),
+            down_quorum,
         })
     }
 

@@ -23,14 +23,31 @@ use crate::control::controller::{ControllerError, ControllerHandle, PendingChang
 /// How long one request to etcd may take before the member counts etcd as
 /// unreachable.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long to wait before a new session after one failed.
-pub const RETRY: Duration = Duration::from_secs(1);
+/// How long to wait before a new session after one failed (with the next
+/// etcd member): short, so that a change waiting through an etcd election
+/// goes through soon after it.
+pub const RETRY: Duration = Duration::from_millis(300);
 /// How often the member looks at its own status (applied revision, table
 /// fingerprints) and writes it when it changed.
 const STATUS_POLL: Duration = Duration::from_millis(200);
 /// How often a change that lost a compare-and-swap race is worked out
 /// again on the newer revision before it is refused.
 pub const MAX_RETRIES: u32 = 5;
+/// How long a change that arrives while etcd is out of reach waits for a
+/// new session (etcd electing a leader, the next member) before it is
+/// refused.
+pub const CHANGE_PATIENCE: Duration = Duration::from_secs(5);
+
+/// What the controller hands the agent.
+pub enum ToAgent {
+    /// A change to write.
+    Propose(Box<Proposal>),
+    /// The steering view to publish (JSON [`super::SteeringDoc`]), written
+    /// only while this member leads.
+    Steering(String),
+    /// This member's health verdicts (JSON [`super::HealthDoc`]).
+    Health(String),
+}
 
 /// A change the controller worked out and validated, to be written.
 pub struct Proposal {
@@ -156,13 +173,23 @@ pub struct Agent {
     settings: FleetSettings,
     link: SharedLink,
     handle: ControllerHandle,
-    proposals: mpsc::Receiver<Proposal>,
+    proposals: mpsc::Receiver<ToAgent>,
     /// The newest revision handed to the controller.
     delivered: u64,
     /// The status last written.
     published: Option<MemberStatus>,
     /// The member of `settings.endpoints` the next session talks to.
     endpoint: usize,
+    /// The members' health verdicts, as read.
+    health: std::collections::BTreeMap<String, super::HealthDoc>,
+    /// This member's health verdicts as last written (this session).
+    health_written: Option<String>,
+    /// ...and as the controller last gave them (written when a session
+    /// starts).
+    health_latest: Option<String>,
+    /// Changes that arrived while etcd was out of reach, and until when
+    /// they may wait.
+    waiting: Vec<(tokio::time::Instant, Proposal)>,
 }
 
 impl Agent {
@@ -172,7 +199,7 @@ impl Agent {
         settings: FleetSettings,
         link: SharedLink,
         handle: ControllerHandle,
-        proposals: mpsc::Receiver<Proposal>,
+        proposals: mpsc::Receiver<ToAgent>,
         revision: u64,
     ) -> Agent {
         Agent {
@@ -183,6 +210,10 @@ impl Agent {
             delivered: revision,
             published: None,
             endpoint: 0,
+            health: Default::default(),
+            health_written: None,
+            health_latest: None,
+            waiting: Vec::new(),
         }
     }
 
@@ -197,13 +228,17 @@ impl Agent {
             };
             // The next session tries the next member.
             self.endpoint += 1;
-            let was = {
+            let (was, led) = {
                 let mut l = self.link.lock().unwrap();
                 let was = l.connected;
                 l.connected = false;
                 l.error = Some(error.clone());
-                was
+                l.leader = None;
+                (was, std::mem::take(&mut l.is_leader))
             };
+            if led {
+                let _ = self.handle.fleet_leader(false).await;
+            }
             if was {
                 tracing::error!(
                     error = %error,
@@ -213,13 +248,29 @@ impl Agent {
             } else {
                 tracing::debug!(error = %error, "etcd still unreachable");
             }
-            // Changes cannot be written meanwhile: refuse them at once.
+            // Changes wait for the next session a while, then are refused.
             let until = tokio::time::Instant::now() + RETRY;
             loop {
+                let now = tokio::time::Instant::now();
+                let (late, keep) = std::mem::take(&mut self.waiting)
+                    .into_iter()
+                    .partition(|(d, _)| *d <= now);
+                self.waiting = keep;
+                for (_, p) in late {
+                    p.pending.fail(unreachable(&error));
+                }
+                let next = self
+                    .waiting
+                    .iter()
+                    .map(|(d, _)| *d)
+                    .min()
+                    .map_or(until, |d| d.min(until));
                 tokio::select! {
-                    _ = tokio::time::sleep_until(until) => break,
+                    _ = tokio::time::sleep_until(next) => if next == until { break },
                     p = self.proposals.recv() => match p {
-                        Some(p) => p.pending.fail(unreachable(&error)),
+                        Some(ToAgent::Propose(p)) => self.waiting.push((now + CHANGE_PATIENCE, *p)),
+                        Some(ToAgent::Health(doc)) => self.health_latest = Some(doc),
+                        Some(ToAgent::Steering(_)) => {}
                         None => return,
                     },
                 }
@@ -255,26 +306,53 @@ impl Agent {
         )
         .await?;
         self.contact();
-        let key = self.settings.desired_key();
+        // Everything under the prefix: the desired state, the steering
+        // leader and its view, the members' health verdicts.
+        let prefix = format!("{}/", self.settings.prefix);
         let got = timed(
-            "reading the fleet's desired state",
-            client.get(key.as_str(), None),
+            "reading the fleet's state",
+            client.get(
+                prefix.as_str(),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            ),
         )
         .await?;
         let now = got.header().map_or(0, |h| h.revision());
-        if let Some(kv) = got.kvs().first() {
-            self.deliver(kv.mod_revision() as u64, kv.value().to_vec(), None)
-                .await?;
+        self.health.clear();
+        self.health_written = None;
+        let mut leader_seen = false;
+        for kv in got.kvs() {
+            leader_seen |= kv.key() == self.settings.leader_key().as_bytes();
+            self.dispatch(kv, EventType::Put, lease).await?;
         }
+        if !leader_seen {
+            self.set_leader(None, false).await?;
+        }
+        self.health_changed().await?;
         let mut watch = timed(
-            "watching the fleet's desired state",
+            "watching the fleet's state",
             client.watch(
-                key.as_str(),
-                Some(WatchOptions::new().with_start_revision(now + 1)),
+                prefix.as_str(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(now + 1),
+                ),
             ),
         )
         .await?;
         self.published = None;
+        if let Some(doc) = self.health_latest.clone() {
+            self.publish_health(&mut client, lease, doc).await?;
+        }
+        let mut waiting = std::mem::take(&mut self.waiting).into_iter();
+        while let Some((_, p)) = waiting.next() {
+            if let Err(e) = self.propose(&mut client, p).await {
+                self.waiting.extend(waiting);
+                return Err(e);
+            }
+        }
+        self.campaign(&mut client, lease).await?;
         let mut renew = tokio::time::interval(self.settings.lease_ttl / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut status = tokio::time::interval(STATUS_POLL);
@@ -282,24 +360,23 @@ impl Agent {
         loop {
             tokio::select! {
                 msg = watch.message() => {
-                    let msg = msg.context("watching the fleet's desired state")?
-                        .ok_or_else(|| anyhow!("etcd ended the watch of {key}"))?;
+                    let msg = msg.context("watching the fleet's state")?
+                        .ok_or_else(|| anyhow!("etcd ended the watch of {prefix}"))?;
                     if msg.canceled() {
-                        bail!("etcd cancelled the watch of {key} ({}; compacted at {})", msg.cancel_reason(), msg.compact_revision());
+                        bail!("etcd cancelled the watch of {prefix} ({}; compacted at {})", msg.cancel_reason(), msg.compact_revision());
                     }
                     self.contact();
+                    let mut health = false;
                     for ev in msg.events() {
                         let Some(kv) = ev.kv() else { continue };
-                        match ev.event_type() {
-                            EventType::Put => {
-                                self.deliver(kv.mod_revision() as u64, kv.value().to_vec(), None).await?;
-                            }
-                            EventType::Delete => tracing::error!(
-                                key = %key,
-                                "the fleet's desired state was deleted from etcd; keeping revision {} (write a document, e.g. lbctl fleet import -f FILE)",
-                                self.delivered
-                            ),
-                        }
+                        health |= kv.key().starts_with(self.settings.health_prefix().as_bytes());
+                        self.dispatch(kv, ev.event_type(), lease).await?;
+                    }
+                    if health {
+                        self.health_changed().await?;
+                    }
+                    if self.link.lock().unwrap().leader.is_none() {
+                        self.campaign(&mut client, lease).await?;
                     }
                 }
                 _ = renew.tick() => {
@@ -310,14 +387,184 @@ impl Agent {
                         bail!("the member's lease expired (etcd was out of reach longer than fleet.lease_ttl)");
                     }
                     self.contact();
+                    if self.link.lock().unwrap().leader.is_none() {
+                        self.campaign(&mut client, lease).await?;
+                    }
                 }
                 _ = status.tick() => self.publish(&mut client, lease).await?,
                 p = self.proposals.recv() => match p {
-                    Some(p) => self.propose(&mut client, p).await?,
+                    Some(ToAgent::Propose(p)) => self.propose(&mut client, *p).await?,
+                    Some(ToAgent::Steering(doc)) => self.publish_steering(&mut client, lease, doc).await?,
+                    Some(ToAgent::Health(doc)) => self.publish_health(&mut client, lease, doc).await?,
                     None => return Ok(()),
                 },
             }
         }
+    }
+
+    /// One key of the fleet's state, read or watched.
+    async fn dispatch(
+        &mut self,
+        kv: &etcd_client::KeyValue,
+        kind: EventType,
+        lease: i64,
+    ) -> Result<()> {
+        let key = kv.key();
+        let s = &self.settings;
+        if key == s.desired_key().as_bytes() {
+            match kind {
+                EventType::Put => {
+                    self.deliver(kv.mod_revision() as u64, kv.value().to_vec(), None)
+                        .await?
+                }
+                EventType::Delete => tracing::error!(
+                    key = %s.desired_key(),
+                    "the fleet's desired state was deleted from etcd; keeping revision {} (write a document, e.g. lbctl fleet import -f FILE)",
+                    self.delivered
+                ),
+            }
+        } else if key == s.steering_key().as_bytes() {
+            if kind == EventType::Put {
+                self.handle
+                    .fleet_steering(kv.mod_revision() as u64, kv.value().to_vec())
+                    .await
+                    .map_err(|_| anyhow!("the controller stopped"))?;
+            }
+        } else if key == s.leader_key().as_bytes() {
+            match kind {
+                EventType::Put => {
+                    let name = String::from_utf8_lossy(kv.value()).into_owned();
+                    let mine = name == s.name && kv.lease() == lease;
+                    self.set_leader(Some(name), mine).await?;
+                }
+                EventType::Delete => self.set_leader(None, false).await?,
+            }
+        } else if let Some(member) = key.strip_prefix(s.health_prefix().as_bytes()) {
+            let member = String::from_utf8_lossy(member).into_owned();
+            match kind {
+                EventType::Put => match serde_json::from_slice::<super::HealthDoc>(kv.value()) {
+                    Ok(doc) => {
+                        self.health.insert(member, doc);
+                    }
+                    Err(e) => {
+                        tracing::warn!(member = %member, error = %e, "a member's health verdicts in etcd do not parse; left out");
+                        self.health.remove(&member);
+                    }
+                },
+                EventType::Delete => {
+                    self.health.remove(&member);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands the controller the members' health verdicts.
+    async fn health_changed(&mut self) -> Result<()> {
+        self.handle
+            .fleet_health(self.health.clone())
+            .await
+            .map_err(|_| anyhow!("the controller stopped"))
+    }
+
+    /// Records who leads; tells the controller when this member starts or
+    /// stops leading.
+    async fn set_leader(&mut self, leader: Option<String>, mine: bool) -> Result<()> {
+        let was = {
+            let mut l = self.link.lock().unwrap();
+            if l.leader != leader {
+                match &leader {
+                    Some(n) => tracing::info!(leader = %n, "steering leader"),
+                    None => tracing::info!(
+                        "the fleet has no steering leader (the last one's lease ended)"
+                    ),
+                }
+            }
+            l.leader = leader;
+            let was = l.is_leader;
+            l.is_leader = mine;
+            if mine && !was {
+                l.elected += 1;
+            }
+            was
+        };
+        if was != mine {
+            self.handle
+                .fleet_leader(mine)
+                .await
+                .map_err(|_| anyhow!("the controller stopped"))?;
+        }
+        Ok(())
+    }
+
+    /// Tries to become the steering leader: a create-only write of the
+    /// leader key under this member's lease (it is gone when the lease
+    /// ends, and the next member takes over).
+    async fn campaign(&mut self, client: &mut Client, lease: i64) -> Result<()> {
+        let key = self.settings.leader_key();
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::put(
+                key.as_str(),
+                self.settings.name.as_str(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let resp = timed("campaigning for steering leader", client.txn(txn)).await?;
+        if resp.succeeded() {
+            self.count_write("leader");
+            // The watch sees the key too; do not wait for it.
+            self.set_leader(Some(self.settings.name.clone()), true)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the steering view while this member leads (fenced: only if
+    /// the leader key is still this member's, under its lease).
+    async fn publish_steering(
+        &mut self,
+        client: &mut Client,
+        lease: i64,
+        doc: String,
+    ) -> Result<()> {
+        if !self.link.lock().unwrap().is_leader {
+            return Ok(());
+        }
+        let key = self.settings.leader_key();
+        let txn = Txn::new()
+            .when(vec![
+                Compare::value(key.as_str(), CompareOp::Equal, self.settings.name.as_str()),
+                Compare::lease(key.as_str(), CompareOp::Equal, lease),
+            ])
+            .and_then(vec![TxnOp::put(self.settings.steering_key(), doc, None)]);
+        let resp = timed("publishing the fleet's steering view", client.txn(txn)).await?;
+        self.count_write("steering");
+        if !resp.succeeded() {
+            tracing::warn!("not the steering leader any more: the steering view was not published");
+            self.set_leader(None, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes this member's health verdicts when they changed.
+    async fn publish_health(&mut self, client: &mut Client, lease: i64, doc: String) -> Result<()> {
+        self.health_latest = Some(doc.clone());
+        if self.health_written.as_ref() == Some(&doc) {
+            return Ok(());
+        }
+        let key = format!("{}{}", self.settings.health_prefix(), self.settings.name);
+        timed(
+            "publishing the member's health verdicts",
+            client.put(key, doc.as_str(), Some(PutOptions::new().with_lease(lease))),
+        )
+        .await?;
+        self.count_write("health");
+        self.health_written = Some(doc);
+        Ok(())
     }
 
     /// Hands revision `revision` to the controller unless it has a newer

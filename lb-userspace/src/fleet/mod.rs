@@ -81,7 +81,14 @@ pub struct FleetSettings {
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// An etcd user and the file with its password.
     pub user: Option<(String, PathBuf)>,
+    /// A backend is down for the fleet when more than this share of the
+    /// members that check it see it down (`fleet.down_quorum`, default a
+    /// half: a majority).
+    pub down_quorum: f64,
 }
+
+/// Default `fleet.down_quorum`.
+pub const DEFAULT_DOWN_QUORUM: f64 = 0.5;
 
 impl FleetSettings {
     /// The cache file of instance `instance`.
@@ -105,6 +112,71 @@ impl FleetSettings {
     pub fn member_key(&self) -> String {
         format!("{}{}", self.members_prefix(), self.name)
     }
+
+    /// The steering leader's key (its name, under its lease).
+    pub fn leader_key(&self) -> String {
+        format!("{}/leader", self.prefix)
+    }
+
+    /// The steering view the leader publishes ([`SteeringDoc`]).
+    pub fn steering_key(&self) -> String {
+        format!("{}/steering", self.prefix)
+    }
+
+    /// The prefix of the members' health verdicts ([`HealthDoc`]).
+    pub fn health_prefix(&self) -> String {
+        format!("{}/health/", self.prefix)
+    }
+}
+
+/// The fleet's steering view, as the steering leader publishes it
+/// (`PREFIX/steering`): every VIP's table targets (the quantised weight of
+/// each backend, whether it is down for the fleet) and shed share, and the
+/// clock every member builds its tables with, so that the churn hold
+/// decides alike everywhere.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SteeringDoc {
+    /// The leader that wrote it.
+    pub leader: String,
+    /// The desired-state revision it was worked out for.
+    pub desired_revision: u64,
+    /// The table clock (Unix seconds at the leader) to build with.
+    pub at: u32,
+    /// Per VIP (`ADDRESS:PORT/PROTOCOL`).
+    pub vips: BTreeMap<String, VipSteering>,
+}
+
+/// One VIP's part of a [`SteeringDoc`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VipSteering {
+    /// Per backend address.
+    pub targets: BTreeMap<IpAddr, crate::steering::Target>,
+    /// The share of new connections shed (`on_saturated = "shed"`).
+    #[serde(default)]
+    pub shed: f64,
+}
+
+/// A member's health verdicts (`PREFIX/health/NAME`, under its lease): per
+/// VIP, each checked backend and whether this member sees it up.
+pub type HealthDoc = BTreeMap<String, BTreeMap<IpAddr, bool>>;
+
+/// Whether `backend` of `vip` is down for the fleet, by the verdicts of
+/// the members that check it (`docs`), or `None` if none does.
+pub fn fleet_down(
+    docs: &BTreeMap<String, HealthDoc>,
+    vip: &str,
+    backend: IpAddr,
+    quorum: f64,
+) -> Option<bool> {
+    let verdicts: Vec<bool> = docs
+        .values()
+        .filter_map(|d| d.get(vip)?.get(&backend).copied())
+        .collect();
+    if verdicts.is_empty() {
+        return None;
+    }
+    let down = verdicts.iter().filter(|up| !**up).count();
+    Some(down as f64 > quorum * verdicts.len() as f64)
 }
 
 /// An endpoint as a URL: `host:port` gets `http://` (`https://` with TLS);
@@ -323,6 +395,12 @@ pub struct LinkState {
     /// Changes that lost a compare-and-swap race (worked out again, or
     /// refused with `If-Match`).
     pub conflicts: u64,
+    /// The steering leader, as this member last heard.
+    pub leader: Option<String>,
+    /// Whether this member is the steering leader.
+    pub is_leader: bool,
+    /// Times this member became the steering leader.
+    pub elected: u64,
 }
 
 /// Shared between the agent (writer) and the controller and the API
@@ -345,6 +423,9 @@ pub struct FleetView {
     pub applied_revision: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused: Option<Refusal>,
+    /// The steering leader (the member that scrapes the backends' load
+    /// and publishes the fleet's weights), if there is one.
+    pub leader: Option<String>,
     /// Every live member (this one included), read from etcd now.
     pub members: Vec<MemberView>,
     /// Whether every live member holds the same revision and the same
@@ -391,6 +472,7 @@ pub fn view(
         error: link.error.clone(),
         applied_revision: revision,
         refused: link.refused.clone(),
+        leader: link.leader.clone(),
         agree: !members.is_empty() && members.iter().all(|m| m.agrees),
         members,
     }
@@ -470,6 +552,35 @@ mod tests {
         let bad = text.replace("10.2.0.1", "10.2.0.300");
         let p = decode(bad.as_bytes(), &balancer).unwrap_err();
         assert!(p[0].field.starts_with("vip[0]"), "{p:?}");
+    }
+
+    #[test]
+    fn a_backend_is_down_for_the_fleet_by_quorum() {
+        let b: IpAddr = "10.0.0.1".parse().unwrap();
+        let doc = |up: bool| HealthDoc::from([("v".to_string(), BTreeMap::from([(b, up)]))]);
+        let docs = |ups: &[bool]| -> BTreeMap<String, HealthDoc> {
+            ups.iter()
+                .enumerate()
+                .map(|(i, u)| (format!("m{i}"), doc(*u)))
+                .collect()
+        };
+        assert_eq!(fleet_down(&docs(&[]), "v", b, 0.5), None);
+        assert_eq!(
+            fleet_down(&docs(&[false, true, true]), "v", b, 0.5),
+            Some(false)
+        );
+        assert_eq!(
+            fleet_down(&docs(&[false, false, true]), "v", b, 0.5),
+            Some(true)
+        );
+        // A half is no majority.
+        assert_eq!(fleet_down(&docs(&[false, true]), "v", b, 0.5), Some(false));
+        // 0: any member that sees it down takes it out.
+        assert_eq!(
+            fleet_down(&docs(&[false, true, true]), "v", b, 0.0),
+            Some(true)
+        );
+        assert_eq!(fleet_down(&docs(&[true]), "w", b, 0.5), None);
     }
 
     #[test]

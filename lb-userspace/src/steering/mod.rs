@@ -63,7 +63,7 @@ pub const HYSTERESIS: u32 = 2;
 pub const SETTLE: Duration = Duration::from_secs(5);
 
 /// What the data plane should hold for one backend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Target {
     /// Weight in the Maglev table (configured weight × level).
     pub weight: u32,
@@ -776,6 +776,28 @@ impl Steering {
         for v in self.vips.values_mut() {
             v.scores.clear();
         }
+    }
+
+    /// Takes `targets` (what another balancer decided: the fleet's last
+    /// steering view) as applied for `vip`: each backend's level from its
+    /// target weight, so that a new steering leader goes on from the old
+    /// one's weights (hysteresis and settling from there) instead of from
+    /// full weights.
+    pub fn adopt(&mut self, vip: &VipAddr, targets: &BTreeMap<IpAddr, Target>, now: Instant) {
+        let Some(state) = self.vips.get_mut(vip) else {
+            return;
+        };
+        for (addr, s) in state.backends.iter_mut() {
+            if let Some(t) = targets.get(addr)
+                && s.weight > 0
+                && t.weight > 0
+            {
+                s.level = (t.weight / s.weight).clamp(1, FULL);
+                s.pending = None;
+            }
+        }
+        state.applied = Some(targets.clone());
+        state.last_change = Some(now);
     }
 
     /// Records that the data plane holds `plan` for `vip` since `now`.
