@@ -774,13 +774,14 @@ fn fleet_text(v: &Value) -> String {
         x => x.to_string(),
     };
     let mut out = format!(
-        "fleet {} (etcd {}): member {}, revision {}, etcd {}{}\n",
+        "fleet {} (etcd {}): member {}, steering leader {}, revision {}, etcd {}{}\n",
         s(&v["prefix"]),
         v["endpoints"]
             .as_array()
             .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
             .unwrap_or_default(),
         s(&v["name"]),
+        s(&v["leader"]),
         s(&v["applied_revision"]),
         if v["connected"] == Value::Bool(true) {
             "connected".to_string()
@@ -804,8 +805,13 @@ fn fleet_text(v: &Value) -> String {
         .map(|a| {
             a.iter()
                 .map(|m| {
+                    let lead = m["name"] == v["leader"];
                     vec![
-                        s(&m["name"]),
+                        if lead {
+                            format!("{} (leader)", s(&m["name"]))
+                        } else {
+                            s(&m["name"])
+                        },
                         s(&m["applied_revision"]),
                         if m["agrees"] == Value::Bool(true) {
                             "yes".into()

@@ -1560,10 +1560,11 @@ async fn push_load(
     b: Result<Bytes, BytesRejection>,
 ) -> ApiResult<StatusCode> {
     let node = backend_param(&addr)?;
-    let report = load_report_from_json(&body(b)?, std::time::Instant::now());
+    let raw = body(b)?;
+    let report = load_report_from_json(&raw, std::time::Instant::now());
     match report {
         Ok(r) => {
-            h.push_load(node, Some(r)).await?;
+            h.push_load_from(node, Some(r), Some(raw.to_vec())).await?;
             Ok(StatusCode::NO_CONTENT)
         }
         Err(problems) => {

@@ -362,10 +362,11 @@ enum Request {
         Option<std::net::SocketAddr>,
         oneshot::Sender<Result<Flows, ControllerError>>,
     ),
-    /// A load report pushed to the API.
+    /// A load report pushed to the API (and its body, to forward it).
     Push(
         IpAddr,
         Option<Box<LoadReport>>,
+        Option<Vec<u8>>,
         oneshot::Sender<Result<(), ControllerError>>,
     ),
     /// A revision of the fleet's desired state, and the change of this
@@ -573,7 +574,19 @@ impl ControllerHandle {
         node: IpAddr,
         report: Option<LoadReport>,
     ) -> Result<(), ControllerError> {
-        self.ask(|tx| Request::Push(node, report.map(Box::new), tx))
+        self.push_load_from(node, report, None).await
+    }
+
+    /// [`ControllerHandle::push_load`] with the report as it came (`body`):
+    /// a fleet member that does not lead the steering forwards it to the
+    /// leader through etcd.
+    pub async fn push_load_from(
+        &self,
+        node: IpAddr,
+        report: Option<LoadReport>,
+        body: Option<Vec<u8>>,
+    ) -> Result<(), ControllerError> {
+        self.ask(|tx| Request::Push(node, report.map(Box::new), body, tx))
             .await?
     }
 }
@@ -970,7 +983,14 @@ impl Controller {
             return SteerMode::Own;
         };
         let l = f.link.lock().unwrap();
-        if !l.connected {
+        // A hiccup (one renewal late on a loaded host) is no cut: the
+        // safety net, which makes this member's tables its own until the
+        // churn hold has passed, waits for as long as etcd would wait to
+        // drop this member (its lease).
+        let cut = !l.connected
+            && l.last_contact
+                .is_none_or(|t| t.elapsed() >= f.settings.lease_ttl);
+        if cut {
             SteerMode::SafetyNet
         } else if l.is_leader && self.fsteer.leading.is_some() {
             SteerMode::Lead
@@ -1456,11 +1476,11 @@ impl Controller {
                 })();
                 let _ = reply.send(result);
             }
-            Request::Push(_, None, reply) => {
+            Request::Push(_, None, _, reply) => {
                 *self.stats.reports.entry(("push", "invalid")).or_default() += 1;
                 let _ = reply.send(Ok(()));
             }
-            Request::Push(node, Some(report), reply) => {
+            Request::Push(node, Some(report), body, reply) => {
                 let result = if !self.steering.knows(node) {
                     Err((
                         "unknown_backend",
@@ -1480,9 +1500,23 @@ impl Controller {
                 } else {
                     Ok(())
                 };
-                let outcome = result.as_ref().map_or_else(|(o, _)| *o, |()| "accepted");
+                // A fleet member that follows forwards it to the leader.
+                let forward = match (&self.fleet, body) {
+                    (Some(f), Some(body))
+                        if result.is_ok() && self.steer_mode() == SteerMode::Follow =>
+                    {
+                        f.proposals
+                            .try_send(crate::fleet::agent::ToAgent::Load(node, body))
+                            .is_ok()
+                    }
+                    _ => false,
+                };
+                let outcome = result.as_ref().map_or_else(
+                    |(o, _)| *o,
+                    |()| if forward { "forwarded" } else { "accepted" },
+                );
                 *self.stats.reports.entry(("push", outcome)).or_default() += 1;
-                if result.is_ok() {
+                if result.is_ok() && !forward {
                     let at = report.at;
                     if self.steering.load_report(node, *report) {
                         self.react(node, at, "push");

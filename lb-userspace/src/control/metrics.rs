@@ -790,9 +790,9 @@ fn fleet_families(f: &mut Families, info: &crate::control::controller::FleetInfo
     m.push(counter(&[("outcome", "refused")], l.refused_total));
     let m = f.counters(
         "lb_fleet_etcd_writes_total",
-        "Writes to etcd by kind: desired (a change of the desired state), status (this member's status), steering (the leader's view), health (this member's health verdicts), leader (won elections).",
+        "Writes to etcd by kind: desired (a change of the desired state), status (this member's status), steering (the leader's view), health (this member's health verdicts), leader (won elections), load (pushed load reports forwarded to the leader).",
     );
-    for kind in ["desired", "status", "steering", "health", "leader"] {
+    for kind in ["desired", "status", "steering", "health", "leader", "load"] {
         m.push(counter(
             &[("kind", kind)],
             l.writes.get(kind).copied().unwrap_or(0),

@@ -47,6 +47,8 @@ pub enum ToAgent {
     Steering(String),
     /// This member's health verdicts (JSON [`super::HealthDoc`]).
     Health(String),
+    /// A load report pushed to this member (as it came), for the leader.
+    Load(std::net::IpAddr, Vec<u8>),
 }
 
 /// A change the controller worked out and validated, to be written.
@@ -270,7 +272,7 @@ impl Agent {
                     p = self.proposals.recv() => match p {
                         Some(ToAgent::Propose(p)) => self.waiting.push((now + CHANGE_PATIENCE, *p)),
                         Some(ToAgent::Health(doc)) => self.health_latest = Some(doc),
-                        Some(ToAgent::Steering(_)) => {}
+                        Some(ToAgent::Steering(_) | ToAgent::Load(..)) => {}
                         None => return,
                     },
                 }
@@ -323,7 +325,7 @@ impl Agent {
         let mut leader_seen = false;
         for kv in got.kvs() {
             leader_seen |= kv.key() == self.settings.leader_key().as_bytes();
-            self.dispatch(kv, EventType::Put, lease).await?;
+            self.dispatch(kv, EventType::Put, lease, false).await?;
         }
         if !leader_seen {
             self.set_leader(None, false).await?;
@@ -370,7 +372,7 @@ impl Agent {
                     for ev in msg.events() {
                         let Some(kv) = ev.kv() else { continue };
                         health |= kv.key().starts_with(self.settings.health_prefix().as_bytes());
-                        self.dispatch(kv, ev.event_type(), lease).await?;
+                        self.dispatch(kv, ev.event_type(), lease, true).await?;
                     }
                     if health {
                         self.health_changed().await?;
@@ -396,18 +398,33 @@ impl Agent {
                     Some(ToAgent::Propose(p)) => self.propose(&mut client, *p).await?,
                     Some(ToAgent::Steering(doc)) => self.publish_steering(&mut client, lease, doc).await?,
                     Some(ToAgent::Health(doc)) => self.publish_health(&mut client, lease, doc).await?,
+                    Some(ToAgent::Load(node, body)) => {
+                        // The leader reads it from its watch; the key
+                        // goes with this member's lease.
+                        timed(
+                            "forwarding a load report",
+                            client.put(
+                                format!("{}{node}", self.settings.load_prefix()),
+                                body,
+                                Some(PutOptions::new().with_lease(lease)),
+                            ),
+                        )
+                        .await?;
+                        self.count_write("load");
+                    }
                     None => return Ok(()),
                 },
             }
         }
     }
 
-    /// One key of the fleet's state, read or watched.
+    /// One key of the fleet's state, read (`live`: watched as it changed).
     async fn dispatch(
         &mut self,
         kv: &etcd_client::KeyValue,
         kind: EventType,
         lease: i64,
+        live: bool,
     ) -> Result<()> {
         let key = kv.key();
         let s = &self.settings;
@@ -438,6 +455,19 @@ impl Agent {
                     self.set_leader(Some(name), mine).await?;
                 }
                 EventType::Delete => self.set_leader(None, false).await?,
+            }
+        } else if let Some(node) = key.strip_prefix(s.load_prefix().as_bytes()) {
+            // A load report another member forwarded: the leader takes it
+            // as pushed now (one read at start-up would be old news).
+            let node = String::from_utf8_lossy(node).parse::<std::net::IpAddr>();
+            if live
+                && kind == EventType::Put
+                && self.link.lock().unwrap().is_leader
+                && let Ok(node) = node
+            {
+                let report =
+                    crate::control::api::load_report_from_json(kv.value(), Instant::now()).ok();
+                let _ = self.handle.push_load(node, report).await;
             }
         } else if let Some(member) = key.strip_prefix(s.health_prefix().as_bytes()) {
             let member = String::from_utf8_lossy(member).into_owned();

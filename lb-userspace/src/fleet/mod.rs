@@ -123,6 +123,12 @@ impl FleetSettings {
         format!("{}/steering", self.prefix)
     }
 
+    /// The prefix of load reports pushed to followers, forwarded to the
+    /// leader (`PREFIX/load/NODE`).
+    pub fn load_prefix(&self) -> String {
+        format!("{}/load/", self.prefix)
+    }
+
     /// The prefix of the members' health verdicts ([`HealthDoc`]).
     pub fn health_prefix(&self) -> String {
         format!("{}/health/", self.prefix)
