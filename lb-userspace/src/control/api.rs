@@ -939,13 +939,13 @@ async fn status(State(h): State<ControllerHandle>) -> ApiResult<impl IntoRespons
 
 #[utoipa::path(get, path = "/v1/fleet", tag = "status",
     responses((status = 200, description = "The fleet: this member's link to etcd and every live member's status", body = crate::fleet::FleetView),
-              (status = 404, description = "No [fleet] in the config", body = ErrorBody)))]
+              (status = 409, description = "A standalone lbd: no [fleet] in its config", body = ErrorBody, content_type = "application/problem+json")))]
 async fn fleet_status(
     State(h): State<ControllerHandle>,
 ) -> ApiResult<Json<crate::fleet::FleetView>> {
     let Some(info) = h.fleet_info().await? else {
         return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
+            StatusCode::CONFLICT,
             "this lbd is standalone: it has no [fleet] in its config",
         ));
     };

@@ -302,11 +302,22 @@ impl Agent {
         let lease = timed("granting the member's lease", client.lease_grant(ttl, None))
             .await?
             .id();
-        let (mut keeper, mut keep_stream) = timed(
+        let (keeper, keep_stream) = timed(
             "renewing the member's lease",
             client.lease_keep_alive(lease),
         )
         .await?;
+        // The renewals run on their own, so that a busy controller (a large
+        // table rebuild that the session waits on) never lets the lease
+        // lapse.
+        let (lost_tx, mut lost) = tokio::sync::oneshot::channel::<String>();
+        let _renewer = AbortOnDrop(tokio::spawn(renew(
+            keeper,
+            keep_stream,
+            self.settings.lease_ttl / 3,
+            self.link.clone(),
+            lost_tx,
+        )));
         self.contact();
         // Everything under the prefix: the desired state, the steering
         // leader and its view, the members' health verdicts.
@@ -381,14 +392,8 @@ impl Agent {
                         self.campaign(&mut client, lease).await?;
                     }
                 }
+                e = &mut lost => bail!("{}", e.unwrap_or_else(|_| "the lease renewals stopped".into())),
                 _ = renew.tick() => {
-                    timed("renewing the member's lease", keeper.keep_alive()).await?;
-                    let resp = timed("renewing the member's lease", keep_stream.message()).await?
-                        .ok_or_else(|| anyhow!("etcd ended the lease renewals"))?;
-                    if resp.ttl() <= 0 {
-                        bail!("the member's lease expired (etcd was out of reach longer than fleet.lease_ttl)");
-                    }
-                    self.contact();
                     if self.link.lock().unwrap().leader.is_none() {
                         self.campaign(&mut client, lease).await?;
                     }
@@ -683,7 +688,9 @@ impl Agent {
 
     /// Writes this member's status when it changed.
     async fn publish(&mut self, client: &mut Client, lease: i64) -> Result<()> {
-        let Ok((revision, tables)) = self.handle.fleet_tables().await else {
+        // A busy controller answers later; the next poll asks again.
+        let asked = tokio::time::timeout(Duration::from_millis(100), self.handle.fleet_tables());
+        let Ok(Ok((revision, tables))) = asked.await else {
             return Ok(());
         };
         let refused = self.link.lock().unwrap().refused.clone();
@@ -714,6 +721,50 @@ impl Agent {
         self.contact();
         self.published = Some(status);
         Ok(())
+    }
+}
+
+/// Aborts a task when dropped (a session's lease renewals).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Renews the member's lease every `every` until a renewal fails, then
+/// says why on `lost`.
+async fn renew(
+    mut keeper: etcd_client::LeaseKeeper,
+    mut stream: etcd_client::LeaseKeepAliveStream,
+    every: Duration,
+    link: SharedLink,
+    lost: tokio::sync::oneshot::Sender<String>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let renewed = async {
+            timed("renewing the member's lease", keeper.keep_alive()).await?;
+            let resp = timed("renewing the member's lease", stream.message())
+                .await?
+                .ok_or_else(|| anyhow!("etcd ended the lease renewals"))?;
+            if resp.ttl() <= 0 {
+                bail!(
+                    "the member's lease expired (etcd was out of reach longer than fleet.lease_ttl)"
+                );
+            }
+            Ok(())
+        };
+        match renewed.await {
+            Ok(()) => link.lock().unwrap().last_contact = Some(Instant::now()),
+            Err(e) => {
+                let _ = lost.send(format!("{e:#}"));
+                return;
+            }
+        }
     }
 }
 

@@ -10,11 +10,13 @@
 //! path (a frame left unrestored would count `not_tcp_udp`), or the
 //! benchmark fails.
 //!
-//! Usage: lb-bench RESULTS_JSON [xdp|maglev|e2e|api|metrics|load|peers]... —
+//! Usage: lb-bench RESULTS_JSON [xdp|decap|maglev|e2e|api|metrics|load|fleet|peers]... —
 //! runs the groups named (all but `peers` by default: the comparison with
 //! nftables and HAProxy takes several minutes), prints a table and merges
 //! the figures into RESULTS_JSON (a flat object of dotted keys).
 
+#[path = "lb-bench/fleet.rs"]
+mod fleet;
 #[path = "lb-bench/peers.rs"]
 mod peers;
 
@@ -1558,11 +1560,13 @@ fn reaction_benchmarks(results: &mut BTreeMap<String, f64>) -> Result<()> {
 fn main() -> Result<()> {
     let mut args = std::env::args_os().skip(1);
     let Some(out) = args.next().map(PathBuf::from) else {
-        bail!("usage: lb-bench RESULTS_JSON [xdp|decap|maglev|e2e|api|metrics|load|peers]...");
+        bail!(
+            "usage: lb-bench RESULTS_JSON [xdp|decap|maglev|e2e|api|metrics|load|fleet|peers]..."
+        );
     };
     let groups: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
-    const GROUPS: [&str; 8] = [
-        "xdp", "decap", "maglev", "e2e", "api", "metrics", "load", "peers",
+    const GROUPS: [&str; 9] = [
+        "xdp", "decap", "maglev", "e2e", "api", "metrics", "load", "fleet", "peers",
     ];
     if let Some(unknown) = groups.iter().find(|g| !GROUPS.contains(&g.as_str())) {
         bail!(
@@ -1594,6 +1598,9 @@ fn main() -> Result<()> {
     }
     if run("load") {
         load_benchmarks(&mut results)?;
+    }
+    if run("fleet") {
+        fleet::fleet_benchmarks(&mut results)?;
     }
     if run("peers") {
         peers::peers_benchmarks(&mut results)?;

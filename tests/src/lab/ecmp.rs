@@ -541,6 +541,20 @@ impl EcmpLab {
     /// VIP: the raw chunks (backend ids) and the backend address of each
     /// entry.
     pub fn tables(&self, i: usize) -> Result<BTreeMap<String, Table>> {
+        self.tables_where(i, |_| true)
+    }
+
+    /// The active Maglev table of one VIP (`ADDRESS:PORT/PROTO-NUMBER`, as
+    /// [`EcmpLab::tables`] names them) in balancer `i`'s pinned maps.
+    pub fn vip_table(&self, i: usize, vip: &str) -> Result<Option<Table>> {
+        Ok(self.tables_where(i, |v| v == vip)?.remove(vip))
+    }
+
+    fn tables_where(
+        &self,
+        i: usize,
+        want: impl Fn(&str) -> bool,
+    ) -> Result<BTreeMap<String, Table>> {
         let dir = pinning::instance_dir(&self.balancers[i].instance);
         let open = |name: &str| -> Result<Map> {
             let kind = if name == map_name::VIPS {
@@ -566,6 +580,15 @@ impl EcmpLab {
         let mut out = BTreeMap::new();
         for item in vips.iter() {
             let (key, info) = item?;
+            let name = format!(
+                "{}:{}/{}",
+                words_addr(key.family, key.addr),
+                u16::from_be(key.port),
+                key.proto
+            );
+            if !want(&name) {
+                continue;
+            }
             let mut raw = Vec::new();
             let mut addrs = Vec::new();
             for c in 0..chunks_per_table(size) {
@@ -577,12 +600,6 @@ impl EcmpLab {
                     }
                 }
             }
-            let name = format!(
-                "{}:{}/{}",
-                words_addr(key.family, key.addr),
-                u16::from_be(key.port),
-                key.proto
-            );
             out.insert(name, (raw, addrs));
         }
         Ok(out)

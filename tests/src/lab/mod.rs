@@ -989,6 +989,19 @@ fn fetch_metrics() -> Result<String> {
 }
 
 /// Runs `f` on a thread inside `ns`.
+/// The `/metrics` of the lbd in the namespace named `ns` (for threads that
+/// cannot borrow the lab while it changes).
+pub fn metrics_in(ns: &str) -> Result<String> {
+    thread::scope(|s| {
+        s.spawn(|| -> Result<String> {
+            let _inside = crate::netns::enter(ns)?;
+            fetch_metrics()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))?
+    })
+}
+
 pub fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> Result<T> {
     thread::scope(|s| {
         s.spawn(|| -> Result<T> {
