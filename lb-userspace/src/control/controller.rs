@@ -960,6 +960,11 @@ impl Controller {
     /// Applies steering's plan for `vip`, if it has one now, and its shed
     /// share; returns the plan applied.
     fn steer(&mut self, vip: &Vip, cause: &str, force: bool) -> Option<Plan> {
+        // A new steering leader keeps the last leader's levels until its
+        // own scrapes have come in (see the fleet module's takeover grace).
+        if !force && self.in_takeover_grace() {
+            return None;
+        }
         let now = Instant::now();
         let before = self.steering.vip_view(&vip.addr);
         let plan = self.steering.plan(vip, now, force);

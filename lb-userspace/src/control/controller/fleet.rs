@@ -52,9 +52,9 @@ pub(super) struct FleetSteer {
     pub(super) divergences: u64,
 }
 
-/// How long a new steering leader waits before it publishes load-driven
-/// weights: its load scrapes start when it takes over, and until they
-/// report it would publish full weights.
+/// How long a new steering leader goes on with the last leader's weights
+/// before it plans from load: its load scrapes start when it takes over,
+/// and until they report it would plan full weights.
 const TAKEOVER_GRACE: Duration = Duration::from_secs(3);
 
 impl Controller {
@@ -240,10 +240,14 @@ impl Controller {
             .vips
             .iter()
             .any(|v| self.dp.held_until(&v.addr).is_some_and(|t| t <= now));
-        if since.elapsed() < TAKEOVER_GRACE && !new_revision {
+        // Taking over, the new leader publishes the last view at once (it
+        // names the new leader; no target changes), then nothing new until
+        // its grace is over.
+        let first = self.fsteer.published.is_none();
+        if since.elapsed() < TAKEOVER_GRACE && !new_revision && !first {
             return;
         }
-        if !self.fsteer.due && !release && !new_revision {
+        if !self.fsteer.due && !release && !new_revision && !first {
             return;
         }
         let quorum = fleet.settings.down_quorum;
@@ -292,6 +296,16 @@ impl Controller {
         } else {
             self.fsteer.due = true;
         }
+    }
+
+    /// Whether this member took over the steering less than
+    /// [`TAKEOVER_GRACE`] ago: it plans nothing from load until its own
+    /// scrapes have reported, so that leadership moving changes no table.
+    pub(super) fn in_takeover_grace(&self) -> bool {
+        self.fsteer
+            .leading
+            .is_some_and(|t| t.elapsed() < TAKEOVER_GRACE)
+            && self.fsteer.view.is_some()
     }
 
     /// This member became (or stopped being) the fleet's steering leader.
