@@ -16,6 +16,15 @@
 //! - `PREFIX/members/NAME`: each member's status (see [`MemberStatus`]),
 //!   attached to the member's lease: it disappears `lease_ttl` after the
 //!   member stops renewing it (stopped, dead, cut off from etcd).
+//! - `PREFIX/leader`: the steering leader's name, under its lease (a
+//!   create-only write: one leader at a time).
+//! - `PREFIX/steering`: the leader's steering view ([`SteeringDoc`]),
+//!   written only while its leader key is still its own; every member
+//!   builds its tables from it.
+//! - `PREFIX/health/NAME`: each member's health verdicts ([`HealthDoc`]),
+//!   under its lease; the leader combines them ([`fleet_down`]).
+//! - `PREFIX/load/NODE`: a load report pushed to a member that does not
+//!   lead, for the leader to take.
 //!
 //! The config file's `[[vip]]` tables only seed an empty fleet (the first
 //! member to start with no document writes its own; a create-only
