@@ -818,22 +818,35 @@ fn a_fleet_steers_by_one_view_through_moving_load_and_a_leader_dying() {
     }
 
     let before = tables(&lab, others[0]);
-    lab.kill_balancer(li).expect("killing the leader");
-    let takeover = wait(
-        "a new steering leader",
-        Duration::from_secs(15),
-        &lab,
-        || leader(&lab, others[0]).is_some_and(|l| l != lead),
-    );
-    let new_lead = leader(&lab, others[0]).unwrap();
-    // Past the new leader's grace and a few scrapes.
-    thread::sleep(Duration::from_secs(5));
-    let after = tables(&lab, others[0]);
+    let spec = TrafficSpec {
+        targets: vec![(IpAddr::from(lab::VIP_V4), servers::HTTP_PORT).into()],
+        long_lived: 100,
+        interval: Duration::from_millis(100),
+        new_per_second: 20,
+    };
+    let client = lab.client.name().to_string();
+    let lab_ref = &mut lab;
+    let ((takeover, new_lead, after), report) =
+        traffic::run(&client, &spec, Duration::from_secs(1), || {
+            lab_ref.kill_balancer(li).expect("killing the leader");
+            let takeover = wait(
+                "a new steering leader",
+                Duration::from_secs(15),
+                lab_ref,
+                || leader(lab_ref, others[0]).is_some_and(|l| l != lead),
+            );
+            let new_lead = leader(lab_ref, others[0]).unwrap();
+            // Past the new leader's grace and a few scrapes.
+            thread::sleep(Duration::from_secs(5));
+            (takeover, new_lead, tables(lab_ref, others[0]))
+        });
     println!(
-        "leader {lead} killed: {new_lead} took over after {:.2} s (lease {FLEET_LEASE_TTL} s); tables of the survivors unchanged: {}",
+        "leader {lead} killed: {new_lead} took over after {:.2} s (lease {FLEET_LEASE_TTL} s); tables of the survivors unchanged: {}; traffic meanwhile: {}",
         takeover.as_secs_f64(),
-        before == after
+        before == after,
+        report.summary()
     );
+    assert!(report.failures().is_empty(), "{:?}", report.failures());
     assert!(agree(&lab, &others));
     assert_eq!(before, after, "the takeover changed the tables");
 }

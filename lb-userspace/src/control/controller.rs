@@ -393,8 +393,6 @@ enum Request {
     FleetHealth(BTreeMap<String, crate::fleet::HealthDoc>),
     /// This member became (or stopped being) the steering leader.
     FleetLeader(bool),
-    /// The applied revision and each VIP's table fingerprint.
-    FleetTables(oneshot::Sender<(u64, BTreeMap<String, String>)>),
     FleetInfo(oneshot::Sender<Option<FleetInfo>>),
 }
 
@@ -562,11 +560,6 @@ impl ControllerHandle {
             .send(req)
             .await
             .map_err(|_| ControllerError::Stopped)
-    }
-
-    /// The applied revision and each VIP's table fingerprint.
-    pub async fn fleet_tables(&self) -> Result<(u64, BTreeMap<String, String>), ControllerError> {
-        self.ask(Request::FleetTables).await
     }
 
     /// This member's side of the fleet (`None`: no `[fleet]`).
@@ -1131,9 +1124,6 @@ impl Controller {
                 self.publish_steering();
             }
             Request::FleetLeader(leads) => self.fleet_leader(leads),
-            Request::FleetTables(reply) => {
-                let _ = reply.send((self.revision, self.fingerprints()));
-            }
             Request::FleetInfo(reply) => {
                 let _ = reply.send(self.fleet_info());
             }

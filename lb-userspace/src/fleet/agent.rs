@@ -689,17 +689,16 @@ impl Agent {
     /// Writes this member's status when it changed.
     async fn publish(&mut self, client: &mut Client, lease: i64) -> Result<()> {
         // A busy controller answers later; the next poll asks again.
-        let asked = tokio::time::timeout(Duration::from_millis(100), self.handle.fleet_tables());
-        let Ok(Ok((revision, tables))) = asked.await else {
+        let asked = tokio::time::timeout(Duration::from_millis(100), self.handle.fleet_info());
+        let Ok(Ok(Some(info))) = asked.await else {
             return Ok(());
         };
-        let refused = self.link.lock().unwrap().refused.clone();
         let status = MemberStatus {
             name: self.settings.name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
-            applied_revision: revision,
-            refused,
-            tables,
+            applied_revision: info.revision,
+            refused: info.link.refused,
+            tables: info.tables,
             updated_unix_ms: 0,
         };
         if self.published.as_ref() == Some(&status) {
