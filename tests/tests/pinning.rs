@@ -8,7 +8,7 @@ use std::{
 
 use aya::maps::{Array, Map, MapData};
 use lb::{
-    dataplane::{Dataplane, DataplaneError, pinning},
+    dataplane::{Dataplane, DataplaneError, pinning, upgrade},
     desired::config,
 };
 use lb_common::{DataplaneConfig, map_name};
@@ -84,9 +84,16 @@ fn a_different_layout_is_refused_and_left_alone() {
     let mut dp = Dataplane::load_pinned(&c.balancer, &dir.0).unwrap();
     dp.sync(&c.vips).unwrap();
     drop(dp);
+    // What `lbd --check` says of it (it reads only).
+    let said = upgrade::describe(&dir.0, &c.balancer).unwrap().join("\n");
+    println!("lbd --check of this build's state: {said}");
+    assert!(said.contains("it would be adopted"), "{said}");
 
     // Other capacities.
     let bigger = config::parse(&CONFIG.replace("max_vips = 4", "max_vips = 8"), "test").unwrap();
+    let said = upgrade::describe(&dir.0, &bigger.balancer).unwrap_err();
+    println!("lbd --check with other capacities: {said}");
+    assert!(said.contains("LB_VIPS"), "{said}");
     let err = Dataplane::load_pinned(&bigger.balancer, &dir.0)
         .err()
         .expect("refused");
@@ -108,6 +115,9 @@ fn a_different_layout_is_refused_and_left_alone() {
         .expect("refused");
     let msg = format!("{err:#}");
     assert!(msg.contains("layout version"), "{msg}");
+    let said = upgrade::describe(&dir.0, &c.balancer).unwrap_err();
+    println!("lbd --check of an unknown layout: {said}");
+    assert!(said.contains("converts from"), "{said}");
 
     // Nothing was touched: the maps are still there.
     for m in map_name::STATE {

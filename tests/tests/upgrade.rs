@@ -251,7 +251,7 @@ fn converts_keeping_every_flow(layout: u32) {
 fn upgrading_from_the_previous_layout_under_load_breaks_no_connection() {
     lb_tests::raise_fd_limit(4096);
     let spec = lb_tests::lab::LabSpec {
-        legacy: Some(LAYOUT_VERSION - 3),
+        legacy: Some(LAYOUT_VERSION - 1),
         ..lb_tests::lab::LabSpec::weights(&[1, 1, 2, 1])
     };
     let lab = lb_tests::lab::Lab::start(&spec).unwrap();
@@ -272,7 +272,7 @@ fn upgrading_from_the_previous_layout_under_load_breaks_no_connection() {
         });
     println!(
         "upgrade from layout {} under load (lbd up in {:.1} s): {}",
-        LAYOUT_VERSION - 3,
+        LAYOUT_VERSION - 1,
         took.as_secs_f64(),
         report.summary()
     );
