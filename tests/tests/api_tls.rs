@@ -278,6 +278,8 @@ const ROUTES: &[(&str, &str, Option<&str>)] = &[
     ("GET", "/v1/ready", None),
     ("GET", "/v1/live", None),
     ("GET", "/v1/openapi.json", None),
+    // A standalone lbd answers 409 (no [fleet]).
+    ("GET", "/v1/fleet", None),
     ("GET", "/v1/vips", None),
     ("POST", "/v1/vips", Some(VIP_20)),
     ("GET", "/v1/vips/203.0.113.20-80-tcp", None),
@@ -334,6 +336,29 @@ fn roles_are_enforced_on_every_route_and_every_change_is_audited_with_its_role()
         String::from_utf8_lossy(&r.body).into_owned()
     };
     let before = vips(&s);
+    // ROUTES covers every route of the API's document.
+    let doc: Value = serde_json::from_str(include_str!("../../docs/openapi.json")).unwrap();
+    let matches = |template: &str, path: &str| {
+        let (t, p): (Vec<_>, Vec<_>) = (
+            template.split('/').collect(),
+            path.split('?').next().unwrap().split('/').collect(),
+        );
+        t.len() == p.len()
+            && t.iter()
+                .zip(p.iter())
+                .all(|(t, p)| t.starts_with('{') || t == p)
+    };
+    for (template, methods) in doc["paths"].as_object().unwrap() {
+        for method in methods.as_object().unwrap().keys() {
+            let method = method.to_uppercase();
+            assert!(
+                ROUTES
+                    .iter()
+                    .any(|(m, p, _)| *m == method && matches(template, p)),
+                "{method} {template} is not in ROUTES"
+            );
+        }
+    }
     let changes = ROUTES.iter().filter(|(m, ..)| *m != "GET").count();
 
     // Callers that may read but not change, or not even that.
@@ -397,7 +422,7 @@ fn roles_are_enforced_on_every_route_and_every_change_is_audited_with_its_role()
             seen.push(format!("{method} {path} {}", r.status));
             let expected = match *method {
                 _ if path.contains("no-such-route") => 404,
-                _ if path.ends_with("/load") => 409,
+                _ if path.ends_with("/load") || *path == "/v1/fleet" => 409,
                 "POST" => 201,
                 "DELETE" => 204,
                 _ => 200,

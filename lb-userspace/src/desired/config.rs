@@ -155,7 +155,8 @@ pub fn capacity_problems(now: &BalancerSettings, asked: &BalancerSettings) -> Ve
 /// What a reload (SIGHUP) of `next` over the running `now` cannot do: change
 /// a capacity (see [`capacity_problems`]), or a setting `lbd` uses only at
 /// start (the API's socket, TCP listener, tokens and audit log, the metrics
-/// listener, the log level). A reload with any of them is refused whole.
+/// listener, the log level and format, `[fleet]`, `[bgp]` itself and its
+/// BIRD directory and guard). A reload with any of them is refused whole.
 pub fn reload_problems(now: &Config, next: &Config) -> Vec<Problem> {
     let mut problems = capacity_problems(&now.balancer, &next.balancer);
     let start_only = [
@@ -179,7 +180,20 @@ pub fn reload_problems(now: &Config, next: &Config) -> Vec<Problem> {
             now.metrics.transport != next.metrics.transport,
         ),
         ("log.level", now.log_level != next.log_level),
+        ("log.format", now.log_format != next.log_format),
         ("fleet", now.fleet != next.fleet),
+        // BIRD's announcer and its guard start with lbd: [bgp] itself, its
+        // directory and the guard's time are fixed then (the neighbours,
+        // communities and the rest are reloaded).
+        ("bgp", now.bgp.is_some() != next.bgp.is_some()),
+        (
+            "bgp.bird_dir",
+            matches!((&now.bgp, &next.bgp), (Some(a), Some(b)) if a.bird_dir != b.bird_dir),
+        ),
+        (
+            "bgp.dead_after",
+            matches!((&now.bgp, &next.bgp), (Some(a), Some(b)) if a.dead_after != b.dead_after),
+        ),
     ];
     for (field, changed) in start_only {
         if changed {
@@ -3417,6 +3431,30 @@ mod tests {
         let p = reload_problems(&now, &parse(&t, "t").unwrap());
         assert_eq!(p[0].field, "balancer.max_backends");
         assert!(p[0].message.contains("lbd --cleanup"), "{p:?}");
+        // The log format, [bgp] itself, its BIRD directory and guard time
+        // are start-only; its neighbours and the rest are reloaded.
+        let fields = |now: &str, next: &str| -> Vec<String> {
+            let (now, next) = (parse(now, "t").unwrap(), parse(next, "t").unwrap());
+            reload_problems(&now, &next)
+                .into_iter()
+                .map(|p| p.field)
+                .collect()
+        };
+        let bgp = format!("{BGP}{GOOD}");
+        assert_eq!(
+            fields(GOOD, &format!("[log]\nformat = \"json\"\n{GOOD}")),
+            ["log.format"]
+        );
+        assert_eq!(fields(GOOD, &bgp), ["bgp"]);
+        assert_eq!(fields(&bgp, GOOD), ["bgp"]);
+        assert_eq!(
+            fields(
+                &bgp,
+                &bgp.replace("[bgp]\n", "[bgp]\ndead_after = 20\nbird_dir = \"/run/b\"\n")
+            ),
+            ["bgp.bird_dir", "bgp.dead_after"]
+        );
+        assert!(fields(&bgp, &bgp.replace("local_as = 65010", "local_as = 65011")).is_empty());
     }
 
     #[test]
