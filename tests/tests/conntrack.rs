@@ -633,29 +633,113 @@ fn used(table: &[lb_common::FlowSet], sets: u32) -> u64 {
 /// Runs `flows` (each `per_flow` packets in a row) through the lab's
 /// program on CPU 0 and CPU 1 at once, half the flows each.
 fn on_two_cpus(lab: &mut PacketLab, halves: [&[Flow]; 2], per_flow: usize) {
+    let spec = FrameSpec {
+        dst_mac: lab.if_mac,
+        ..Default::default()
+    };
+    let frames = halves.map(|half| {
+        half.iter()
+            .flat_map(|f| std::iter::repeat_n(lb_tests::frames::build(f, &spec), per_flow))
+            .collect::<Vec<_>>()
+    });
+    frames_on_two_cpus(lab, [&frames[0], &frames[1]]);
+}
+
+/// Runs `frames[0]` on CPU 0 and `frames[1]` on CPU 1 at once, each in
+/// its order; every frame must be sent on (XDP_TX).
+fn frames_on_two_cpus(lab: &mut PacketLab, frames: [&[Vec<u8>]; 2]) {
     let fd = program_fd(lab.dp.balancer().unwrap()).unwrap();
-    let (ifindex, mac) = (lab.ifindex, lab.if_mac);
+    let ifindex = lab.ifindex;
     let ns = &lab.ns;
     let fd = &fd;
     thread::scope(|s| {
-        for (cpu, half) in halves.into_iter().enumerate() {
+        for (cpu, frames) in frames.into_iter().enumerate() {
             s.spawn(move || {
                 lb_tests::pin_to_cpu(cpu);
                 let _inside = ns.enter().unwrap();
-                let spec = FrameSpec {
-                    dst_mac: mac,
-                    ..Default::default()
-                };
-                for f in half {
-                    let frame = lb_tests::frames::build(f, &spec);
-                    for _ in 0..per_flow {
-                        let r = run_xdp_fd(fd.as_fd(), &frame, ifindex, 1).unwrap();
-                        assert_eq!(r.action, xdp_action::XDP_TX, "{f:?}");
-                    }
+                for frame in frames {
+                    let r = run_xdp_fd(fd.as_fd(), frame, ifindex, 1).unwrap();
+                    assert_eq!(r.action, xdp_action::XDP_TX);
                 }
             });
         }
     });
+}
+
+/// FINs and RSTs change a slot only if it still holds their own flow:
+/// CPU 0 opens flows, sends each a client FIN, then a RST, while CPU 1
+/// opens other flows into the same four sets (16 slots), pushing entries
+/// out. Afterwards every entry in those sets is one flow's own (its tag
+/// with its ports), none of CPU 1's is marked closing, and none of CPU 0's
+/// is left (each was reset or pushed out).
+#[test]
+fn fins_and_resets_on_one_cpu_never_touch_entries_another_cpu_wrote() {
+    let mut lab = lab();
+    let mask = lb_common::flow_sets(65536) - 1;
+    let flows = in_sets(33, 12_000, mask, 4, 80, Protocol::Tcp);
+    let (closed, opened) = flows.split_at(6_000);
+    let spec = FrameSpec {
+        dst_mac: lab.if_mac,
+        ..Default::default()
+    };
+    let with_flags = |f: &Flow, flags: u8| {
+        let mut frame = lb_tests::frames::build(f, &spec);
+        frame[14 + 20 + 13] = flags;
+        frame
+    };
+    let cpu0: Vec<Vec<u8>> = closed
+        .iter()
+        .flat_map(|f| {
+            let data = lb_tests::frames::build(f, &spec);
+            [data.clone(), data, with_flags(f, 0x11), with_flags(f, 0x14)]
+        })
+        .collect();
+    let cpu1: Vec<Vec<u8>> = opened
+        .iter()
+        .flat_map(|f| {
+            let data = lb_tests::frames::build(f, &spec);
+            [data.clone(), data]
+        })
+        .collect();
+    frames_on_two_cpus(&mut lab, [&cpu0, &cpu1]);
+
+    let own = |fs: &[Flow]| -> std::collections::HashSet<(u64, u32)> {
+        fs.iter()
+            .map(|f| {
+                let key = f.key();
+                (lb_common::flow_hash64(&key) >> 32, key.ports)
+            })
+            .collect()
+    };
+    let (closed_own, opened_own) = (own(closed), own(opened));
+    let table = lab.dp.flow_table(false).unwrap();
+    let (mut of_closed, mut of_opened, mut opened_closing) = (0, 0, 0);
+    for slot in table[..4].iter().flat_map(|s| s.slots.iter()) {
+        if slot.key == 0 {
+            continue;
+        }
+        let id = (slot.key >> 32, slot.ports);
+        if closed_own.contains(&id) {
+            of_closed += 1;
+        } else if opened_own.contains(&id) {
+            of_opened += 1;
+            opened_closing += lb_common::FlowSlot::closing(slot.key) as u32;
+        } else {
+            panic!("slot {slot:?} is no flow's own entry (a tag with another flow's ports)");
+        }
+    }
+    let c = lab.dp.counters().unwrap();
+    println!(
+        "CPU 0: 6,000 flows opened, closed (FIN) and reset; CPU 1: 6,000 flows opened, same 16 slots: \
+         closing {}, reset {}, evicted {}, raced {}; left: {of_opened} of CPU 1's entries ({opened_closing} marked closing), {of_closed} of CPU 0's",
+        c.flow(FlowEvent::Closing),
+        c.flow(FlowEvent::Reset),
+        c.flow(FlowEvent::Evicted),
+        c.flow(FlowEvent::Raced),
+    );
+    assert_eq!(opened_closing, 0, "a FIN marked another flow's entry");
+    assert_eq!(of_closed, 0, "a reset flow kept its entry");
+    assert!(c.flow(FlowEvent::Reset) > 0 && c.flow(FlowEvent::Evicted) > 0);
 }
 
 /// Two CPUs that pick the same slot at once cannot both write it: every
