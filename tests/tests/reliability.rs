@@ -290,11 +290,25 @@ fn every_change_request_is_recorded_before_it_is_applied_and_refusals_too() {
         .0,
         404
     );
+    assert_eq!(
+        call(
+            &lab,
+            "POST",
+            &format!("/v1/vips/{VIP}/backends"),
+            Some(r#"{"address": "255.255.255.255"}"#)
+        )
+        .0,
+        422
+    );
+    // A body over the 8 MiB limit.
+    let big = format!("{{\"vip\": [], \"pad\": \"{}\"}}", "x".repeat(9 << 20));
+    assert_eq!(call(&lab, "PUT", "/v1/vips", Some(&big)).0, 413);
     let entries = audit(&lab)[start..].to_vec();
     for e in &entries {
-        println!("audit: {e}");
+        let line = e.to_string();
+        println!("audit: {}", &line[..line.len().min(300)]);
     }
-    assert_eq!(entries.len(), 6, "a request and an outcome each");
+    assert_eq!(entries.len(), 10, "a request and an outcome each");
     for pair in entries.chunks(2) {
         assert_eq!(pair[0]["phase"], "request");
         assert_eq!(pair[1]["phase"], "outcome");
@@ -318,14 +332,15 @@ fn every_change_request_is_recorded_before_it_is_applied_and_refusals_too() {
         "{}",
         entries[3]
     );
-    assert!(
-        entries[5]["outcome"]
-            .as_str()
-            .unwrap()
-            .starts_with("refused: 404"),
-        "{}",
-        entries[5]
-    );
+    for (i, refused) in [
+        (5, "refused: 404"),
+        (7, "refused: 422"),
+        (9, "refused: 413"),
+    ] {
+        let outcome = entries[i]["outcome"].as_str().unwrap();
+        assert!(outcome.starts_with(refused), "{}", entries[i]);
+    }
+    assert_eq!(entries[8]["request"]["path"], "/v1/vips");
     // Over TCP, a request without a valid token is recorded too.
     in_ns(&lab.balancer, || {
         let tcp = Endpoint::Tcp {

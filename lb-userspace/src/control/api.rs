@@ -176,7 +176,13 @@ async fn audit_requests(State(audit): State<AuditLog>, req: Request, next: Next)
         Err(e) => {
             let message = format!("request body: {e} (the limit is {BODY_LIMIT} bytes)");
             let record = AuditedRequest::new(&method, &path, &[]);
-            audit.refused(&caller, role, &record, &message);
+            let status = StatusCode::PAYLOAD_TOO_LARGE;
+            audit.refused(
+                &caller,
+                role,
+                &record,
+                &format!("{} {message}", status.as_u16()),
+            );
             return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
         }
     };
