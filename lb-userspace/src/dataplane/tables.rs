@@ -38,6 +38,35 @@
 
 use lb_common::NO_BACKEND;
 
+/// A set of backend ids, one bit per id: a rebuild asks it once or twice
+/// per table position (65,537 and more), where a hashed set cost more
+/// than the table build itself. Ids beyond the highest inserted one (and
+/// [`NO_BACKEND`]) are not in it.
+#[derive(Clone, Debug, Default)]
+pub struct IdSet(Vec<u64>);
+
+impl IdSet {
+    pub fn contains(&self, id: u32) -> bool {
+        self.0
+            .get(id as usize / 64)
+            .is_some_and(|w| w & (1 << (id % 64)) != 0)
+    }
+}
+
+impl FromIterator<u32> for IdSet {
+    fn from_iter<I: IntoIterator<Item = u32>>(ids: I) -> Self {
+        let mut words = Vec::new();
+        for id in ids.into_iter().filter(|&id| id != NO_BACKEND) {
+            let w = id as usize / 64;
+            if w >= words.len() {
+                words.resize(w + 1, 0);
+            }
+            words[w] |= 1u64 << (id % 64);
+        }
+        IdSet(words)
+    }
+}
+
 /// A VIP's previous table and when each position last moved.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct History {
@@ -147,13 +176,13 @@ impl History {
         }
         // The backends the builder gave positions: the others (removed,
         // down, drained, stalled) take no new flows and leave at once.
-        let in_table: std::collections::HashSet<u32> = wanted.iter().copied().collect();
+        let in_table: IdSet = wanted.iter().copied().collect();
         let mut table = Vec::with_capacity(wanted.len());
         for (pos, (&cur, &want)) in current.iter().zip(wanted).enumerate() {
             let cur_serves = cur != NO_BACKEND && serves(cur);
             let entry = if cur == want {
                 cur
-            } else if !in_table.contains(&cur) {
+            } else if !in_table.contains(cur) {
                 moves.forced += 1;
                 moves.moved += 1;
                 if cur_serves {
@@ -201,6 +230,18 @@ mod tests {
 
     fn serves(ids: &'static [u32]) -> impl Fn(u32) -> bool {
         move |id| ids.contains(&id)
+    }
+
+    #[test]
+    fn id_sets_hold_what_was_put_in_and_nothing_else() {
+        let s: IdSet = [3, 64, 1000, NO_BACKEND].into_iter().collect();
+        for id in [3, 64, 1000] {
+            assert!(s.contains(id), "{id}");
+        }
+        for id in [0, 2, 4, 63, 65, 999, 1001, 1 << 20, NO_BACKEND] {
+            assert!(!s.contains(id), "{id}");
+        }
+        assert!(!IdSet::default().contains(0));
     }
 
     #[test]

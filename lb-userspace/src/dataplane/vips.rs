@@ -502,7 +502,7 @@ impl Dataplane {
         // for VIPs that name candidates; the others' tables are the
         // builder's.
         let (table, history, moves) = if flags & VIP_SECOND_CHANCE != 0 {
-            let serving: std::collections::HashSet<u32> =
+            let serving: super::tables::IdSet =
                 wanted.values().filter(|b| !b.down).map(|b| b.id).collect();
             let (current, mut history) = match self.vips.get(&addr) {
                 Some(p) => (p.table.entries(), p.history.clone()),
@@ -510,7 +510,7 @@ impl Dataplane {
             };
             let (entries, moves) =
                 history.next(current, built.entries(), self.clock.now(), hold, |id| {
-                    serving.contains(&id)
+                    serving.contains(id)
                 });
             (MaglevTable::from_entries(entries), history, moves)
         } else {
@@ -751,12 +751,23 @@ impl Dataplane {
     /// balancer with the same config must agree on).
     pub fn table_addresses(&self, addr: &VipAddr) -> Option<Vec<IpAddr>> {
         let p = self.vips.get(addr)?;
-        let by_id: std::collections::HashMap<u32, IpAddr> =
-            p.backends.iter().map(|(a, b)| (b.id, *a)).collect();
+        // Indexed by id: one lookup per table entry.
+        let mut by_id = Vec::new();
+        for (a, b) in p
+            .backends
+            .iter()
+            .filter(|(_, b)| b.id < lb_common::MAX_BACKEND_IDS)
+        {
+            let i = b.id as usize;
+            if i >= by_id.len() {
+                by_id.resize(i + 1, None);
+            }
+            by_id[i] = Some(*a);
+        }
         p.table
             .entries()
             .iter()
-            .map(|id| by_id.get(id).copied())
+            .map(|&id| by_id.get(id as usize).copied().flatten())
             .collect()
     }
 
