@@ -183,7 +183,7 @@ async fn audit_requests(State(audit): State<AuditLog>, req: Request, next: Next)
                 &record,
                 &format!("{} {message}", status.as_u16()),
             );
-            return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message).into_response();
+            return ApiError::new(status, message).into_response();
         }
     };
     let pending = match audit.request(&caller, role, &AuditedRequest::new(&method, &path, &bytes)) {
