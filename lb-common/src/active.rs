@@ -92,6 +92,8 @@ const _: () = assert!(size_of::<VipActive>() == 16);
 /// share (its weight); with 8, a VIP of two equal halves sends a new flow to
 /// the busier half only when all 8 fall there, 1 in 256.
 pub const ACTIVE_PROBES: u32 = 8;
+// The data plane masks probe indices with it, inside one table chunk.
+const _: () = assert!(ACTIVE_PROBES.is_power_of_two() && ACTIVE_PROBES <= crate::MAGLEV_CHUNK);
 
 /// `limit` for a backend of weight `weight` out of `total_weight`, with a
 /// load cap of `cap` (e.g. 1.25): cap × weight / total in 1/65536ths, at

@@ -352,13 +352,17 @@ fn candidate(vip: &VipInfo, pos: u32, id: u32, backend: &BackendInfo) -> u32 {
 /// A walk over the [`ACTIVE_PROBES`] − 1 table entries after a flow's
 /// position in its table chunk (wrapping inside the chunk, so they share
 /// its cache line), as `bpf_loop` runs it: the verifier checks the step
-/// once, not once per iteration and path (unrolled, the two walks cost it
-/// more than the rest of the program).
+/// once, not once per iteration and path (unrolled in the program, the
+/// walk took it 4.5 s and more stack than BPF allows).
 #[repr(C)]
 struct Walk {
-    /// The VIP's chunk holding the flow's position.
-    chunk: u32,
-    pos: u32,
+    /// The [`ACTIVE_PROBES`] − 1 table entries after the flow's position
+    /// in its chunk, copied with one map lookup for the walk, not one per
+    /// step (`NO_BACKEND` past them).
+    entries: [u32; ACTIVE_PROBES as usize],
+    /// `least-conn`: the last id looked at (a run of one backend in the
+    /// chunk is looked at once).
+    last: u32,
     /// The choice so far, its units, weight and (capped walks) whether it
     /// is under its cap.
     best: u32,
@@ -370,31 +374,63 @@ struct Walk {
 }
 
 impl Walk {
-    /// Entry `k` (0-based) after the flow's position, `NO_BACKEND` if none.
+    /// A walk from position `pos` of the VIP's table (its entry: `first`);
+    /// `None` if the chunk is out of the map.
+    #[inline(always)]
+    fn new(vip: &VipInfo, pos: u32, first: u32) -> Option<Walk> {
+        let c = LB_MAGLEV.get(vip.table_chunk + pos / MAGLEV_CHUNK)?;
+        let mut entries = [NO_BACKEND; ACTIVE_PROBES as usize];
+        for (k, e) in entries
+            .iter_mut()
+            .take(ACTIVE_PROBES as usize - 1)
+            .enumerate()
+        {
+            *e = c.backends
+                [((pos + 1 + k as u32) % MAGLEV_CHUNK) as usize & (MAGLEV_CHUNK as usize - 1)];
+        }
+        Some(Walk {
+            entries,
+            last: first,
+            best: first,
+            best_units: 0,
+            best_weight: 0,
+            found: 0,
+            vip_units: 0,
+        })
+    }
+
+    /// `least-conn`: entry `k` becomes the choice if it holds fewer units
+    /// per weight than the choice so far.
+    #[inline(always)]
+    fn least_conn_probe(&mut self, k: u64) {
+        let id = self.entry(k);
+        if id != NO_BACKEND && id != self.best && id != self.last {
+            self.last = id;
+            let (units, weight, _) = active(id);
+            if fewer_per_weight((units, weight), (self.best_units, self.best_weight)) {
+                self.best = id;
+                self.best_units = units;
+                self.best_weight = weight;
+            }
+        }
+    }
+
+    /// Entry `k` (0-based) after the flow's position.
     #[inline(always)]
     fn entry(&self, k: u64) -> u32 {
-        match LB_MAGLEV.get(self.chunk) {
-            Some(c) => {
-                c.backends[((self.pos + 1 + k as u32) % MAGLEV_CHUNK) as usize
-                    & (MAGLEV_CHUNK as usize - 1)]
-            }
-            None => NO_BACKEND,
-        }
+        self.entries[k as usize & (ACTIVE_PROBES as usize - 1)]
     }
 }
 
-/// One `least-conn` step: the entry with fewer units per weight wins.
+/// One `least-conn` step: of entries 4k to 4k + 3, the one with fewer
+/// units per weight than the choice so far wins (four entries a step: a
+/// call per entry cost more than the entry; the last step's last entry is
+/// the `NO_BACKEND` padding).
 extern "C" fn least_conn_step(k: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `ctx` is the caller's `Walk` (see `least_conn`).
     let w = unsafe { &mut *(ctx as *mut Walk) };
-    let id = w.entry(k);
-    if id != NO_BACKEND && id != w.best {
-        let (units, weight, _) = active(id);
-        if fewer_per_weight((units, weight), (w.best_units, w.best_weight)) {
-            w.best = id;
-            w.best_units = units;
-            w.best_weight = weight;
-        }
+    for j in 0..4 {
+        w.least_conn_probe(4 * k + j);
     }
     0
 }
@@ -422,21 +458,15 @@ extern "C" fn under_cap_step(k: u64, ctx: *mut core::ffi::c_void) -> i64 {
 /// so flows that find equal counts spread as their hashes do.
 #[inline(always)]
 fn least_conn(vip: &VipInfo, pos: u32, first: u32) -> u32 {
-    let (units, weight, _) = active(first);
-    let mut w = Walk {
-        chunk: vip.table_chunk + pos / MAGLEV_CHUNK,
-        pos,
-        best: first,
-        best_units: units,
-        best_weight: weight,
-        found: 0,
-        vip_units: 0,
+    let Some(mut w) = Walk::new(vip, pos, first) else {
+        return first;
     };
+    (w.best_units, w.best_weight, _) = active(first);
     // SAFETY: the helper calls the step with `w`, on this stack, which
     // outlives the call.
     unsafe {
         bpf_loop(
-            ACTIVE_PROBES - 1,
+            ACTIVE_PROBES / 4,
             least_conn_step as *const () as *mut core::ffi::c_void,
             &mut w as *mut Walk as *mut core::ffi::c_void,
             0,
@@ -457,15 +487,10 @@ fn under_cap(vip: &VipInfo, pos: u32, first: u32) -> u32 {
     if !over_cap(units, limit, vip_units) {
         return first;
     }
-    let mut w = Walk {
-        chunk: vip.table_chunk + pos / MAGLEV_CHUNK,
-        pos,
-        best: first,
-        best_units: 0,
-        best_weight: 0,
-        found: 0,
-        vip_units,
+    let Some(mut w) = Walk::new(vip, pos, first) else {
+        return first;
     };
+    w.vip_units = vip_units;
     // SAFETY: as in `least_conn`.
     unsafe {
         bpf_loop(
