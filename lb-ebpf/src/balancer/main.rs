@@ -429,11 +429,15 @@ impl Walk {
 extern "C" fn least_conn_step(k: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `ctx` is the caller's `Walk` (see `least_conn`).
     let w = unsafe { &mut *(ctx as *mut Walk) };
-    for j in 0..4 {
-        w.least_conn_probe(4 * k + j);
+    for j in 0..LEAST_CONN_PER_STEP {
+        w.least_conn_probe(LEAST_CONN_PER_STEP * k + j);
     }
     0
 }
+
+/// Entries a `least-conn` step looks at.
+const LEAST_CONN_PER_STEP: u64 = 4;
+const _: () = assert!(ACTIVE_PROBES as u64 % LEAST_CONN_PER_STEP == 0);
 
 /// One capped step: the first entry under its cap ends the walk.
 extern "C" fn under_cap_step(k: u64, ctx: *mut core::ffi::c_void) -> i64 {
@@ -466,7 +470,7 @@ fn least_conn(vip: &VipInfo, pos: u32, first: u32) -> u32 {
     // outlives the call.
     unsafe {
         bpf_loop(
-            ACTIVE_PROBES / 4,
+            ACTIVE_PROBES / LEAST_CONN_PER_STEP as u32,
             least_conn_step as *const () as *mut core::ffi::c_void,
             &mut w as *mut Walk as *mut core::ffi::c_void,
             0,
